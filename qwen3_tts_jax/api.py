@@ -1,0 +1,305 @@
+"""`Qwen3TTS`: the official-style API (qwen_tts.Qwen3TTSModel names, arguments and defaults) over
+the pure JAX core. This layer validates input, tokenizes, builds and buckets prompts, and turns the
+device results into numpy; everything per frame happens in `generate.py`.
+
+    from qwen3_tts_jax import Qwen3TTS
+    tts = Qwen3TTS.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+    wavs, sr = tts.generate_custom_voice("Hello there.", speaker="ryan", language="english")
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint, generate as gen, prompts, sampling, text as text_mod
+from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
+
+log = logging.getLogger("qwen3_tts_jax")
+
+GEN_KWARGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty",
+              "subtalker_dosample", "subtalker_top_k", "subtalker_top_p", "subtalker_temperature",
+              "max_new_tokens", "seed")
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so that a new process
+    does not compile the same shape buckets again. Default folder: ~/.cache/qwen3-tts-jax/xla."""
+    path = path or os.path.join(os.path.expanduser("~"), ".cache", "qwen3-tts-jax", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+def _as_list(x, n: int, name: str) -> list:
+    """A scalar for every item, or one value per item (the official broadcasting rules)."""
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(xs) == 1 and n > 1:
+        xs = xs * n
+    if len(xs) != n:
+        raise ValueError(f"batch size mismatch: {n} text(s) but {len(xs)} {name} value(s)")
+    return xs
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Validated generation settings for one call (per-row values allowed for `seed`)."""
+    do_sample: bool
+    top_k: int
+    top_p: float
+    temperature: float
+    repetition_penalty: float
+    subtalker_dosample: bool
+    subtalker_top_k: int
+    subtalker_top_p: float
+    subtalker_temperature: float
+    max_new_tokens: int
+    seed: Any = None
+
+    @classmethod
+    def merge(cls, defaults: GenerationDefaults, **kw) -> "GenerationSettings":
+        """User value > generation_config.json value > official hard default; then validate."""
+        unknown = sorted(set(kw) - set(GEN_KWARGS))
+        if unknown:
+            raise TypeError(f"unknown generation argument(s) {unknown}; valid: {list(GEN_KWARGS)}")
+        vals = dataclasses.asdict(defaults)
+        vals.update({k: v for k, v in kw.items() if v is not None})
+        s = cls(**{k: vals.get(k) for k in GEN_KWARGS})
+        s.validate()
+        return s
+
+    def validate(self):
+        for prefix, do_sample in (("", self.do_sample), ("subtalker_", self.subtalker_dosample)):
+            t, k, p = (getattr(self, prefix + n) for n in ("temperature", "top_k", "top_p"))
+            if do_sample and not t > 0:
+                raise ValueError(f"{prefix}temperature must be > 0 when sampling (got {t}); "
+                                 f"use {prefix or ''}{'do_sample' if not prefix else 'dosample'}"
+                                 "=False for greedy decoding")
+            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+                raise ValueError(f"{prefix}top_k must be an integer >= 0 (0 = off), got {k!r}")
+            if not 0 < p <= 1:
+                raise ValueError(f"{prefix}top_p must be in (0, 1], got {p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        m = self.max_new_tokens
+        if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {m!r}")
+
+
+class Qwen3TTS:
+    """A loaded Qwen3-TTS checkpoint (CustomVoice, VoiceDesign or Base)."""
+
+    def __init__(self, cfg: Qwen3TTSConfig, params, tokenizer: text_mod.TextTokenizer,
+                 defaults: GenerationDefaults, folder: str):
+        self.config = cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.generate_defaults = defaults
+        self.folder = folder
+        self._speech_tokenizer = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, dtype=None) -> "Qwen3TTS":
+        """Load a local checkpoint folder (released layout, or converted by `python -m convert`)
+        or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU."""
+        folder = checkpoint.resolve(path_or_id)
+        cfg = load_config(folder)
+        params = checkpoint.load_params(folder, cfg, dtype)
+        tok = text_mod.TextTokenizer.from_dir(folder)
+        return cls(cfg, params, tok, load_generation_defaults(folder), folder)
+
+    @property
+    def speech_tokenizer(self):
+        """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""
+        if self._speech_tokenizer is None:
+            from .codec import SpeechTokenizer
+
+            sub = os.path.join(self.folder, "speech_tokenizer")
+            if not os.path.isdir(sub):
+                raise FileNotFoundError(
+                    f"{self.folder} has no speech_tokenizer/ folder: audio output needs the codec "
+                    "(the released checkpoints ship it; the *_codes methods work without it)")
+            self._speech_tokenizer = SpeechTokenizer.from_pretrained(sub)
+        return self._speech_tokenizer
+
+    @property
+    def tts_model_type(self) -> str:
+        return self.config.tts_model_type
+
+    def get_supported_speakers(self) -> list[str]:
+        return sorted(self.config.speakers)
+
+    def get_supported_languages(self) -> list[str]:
+        return sorted(self.config.languages)
+
+    # ------------------------------------------------------------------ validation
+    def _require(self, kind: str, method: str):
+        if self.config.tts_model_type != kind:
+            have = self.config.tts_model_type
+            hint = {"custom_voice": "generate_custom_voice(text, speaker=...)",
+                    "voice_design": "generate_voice_design(text, instruct=...)",
+                    "base": "generate_voice_clone(text, ref_audio=..., ...)"}[have]
+            raise ValueError(f"{method} needs a {kind} checkpoint, but {self.folder} is a {have} "
+                             f"checkpoint (tts_model_type={have!r}); use {hint} instead")
+
+    def _check_texts(self, texts: list) -> None:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text[{i}] must be a str, got {type(t).__name__}")
+            if not t.strip():
+                raise ValueError(f"text[{i}] is empty or whitespace only: nothing to say")
+
+    def _check_languages(self, languages: list) -> list[str]:
+        supported = set(self.config.languages)
+        bad = [lang for lang in languages if lang is None or str(lang).lower() not in supported]
+        if bad:
+            raise ValueError(f"unsupported language(s) {bad}; supported: {sorted(supported)}")
+        return [str(lang).lower() for lang in languages]
+
+    def _check_speakers(self, speakers: list) -> None:
+        supported = self.config.speakers
+        bad = [s for s in speakers if s and str(s).lower() not in supported]
+        if bad:
+            raise ValueError(f"unknown speaker(s) {bad}; this checkpoint has: {sorted(supported)}")
+
+    # ------------------------------------------------------------------ prompts + generation
+    def _input_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text_mod.assistant_text(text))
+
+    def _instruct_ids(self, instruct) -> list[int] | None:
+        if instruct is None or instruct == "":
+            return None
+        if not isinstance(instruct, str):
+            raise TypeError(f"instruct must be a str, got {type(instruct).__name__}")
+        return self.tokenizer.encode(text_mod.instruct_text(instruct))
+
+    def _run(self, items: list[prompts.Prompt], settings: GenerationSettings) -> list[np.ndarray]:
+        """Generate codes for built prompts: one padded, bucketed batch on device."""
+        cfg = self.config
+        n = len(items)
+        longest = max(len(p) for p in items)
+        limit = cfg.talker.max_position_embeddings
+        if longest + settings.max_new_tokens > limit:
+            raise ValueError(
+                f"the prompt is {longest} tokens and max_new_tokens is {settings.max_new_tokens}: "
+                f"together more than the model's {limit} positions; split the text or lower "
+                "max_new_tokens")
+        B = gen.bucket(n, 1)
+        # Pad the batch with copies of the first item that stop at once (budget 1 token).
+        items = items + [items[0]] * (B - n)
+        batch = prompts.batch_prompts(cfg, items, length=gen.bucket(longest),
+                                      trailing_length=gen.bucket(max(len(p.trailing)
+                                                                     for p in items)))
+        budget = np.array([settings.max_new_tokens] * n + [1] * (B - n), np.int32)
+        talker = sampling.SamplingParams.create(
+            B, do_sample=settings.do_sample, temperature=settings.temperature,
+            top_k=settings.top_k, top_p=settings.top_p)
+        predictor = sampling.SamplingParams.create(
+            B, do_sample=settings.subtalker_dosample, temperature=settings.subtalker_temperature,
+            top_k=settings.subtalker_top_k, top_p=settings.subtalker_top_p)
+        run_settings = gen.Settings(talker, predictor,
+                                    jnp.full((B,), settings.repetition_penalty, jnp.float32),
+                                    jnp.asarray(budget))
+        state = gen.generate(self.params, cfg, batch, run_settings, self._keys(settings.seed, n, B),
+                             max_frames=settings.max_new_tokens - 1)
+        codes = np.asarray(state.codes_BxFxG)
+        lengths = np.asarray(state.length_B)
+        return [codes[b, :lengths[b]] for b in range(n)]
+
+    @staticmethod
+    def _keys(seed, n: int, B: int):
+        """Per-row PRNG keys: `seed` an int (row b gets fold_in(key(seed), b)), a list of ints
+        (one per row), or None (fresh random)."""
+        if isinstance(seed, (list, tuple)):
+            seeds = _as_list(seed, n, "seed")
+            keys = [jax.random.PRNGKey(int(s)) for s in seeds]
+        else:
+            base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else int(seed))
+            keys = [jax.random.fold_in(base, b) for b in range(n)]
+        keys += [keys[0]] * (B - n)
+        return jnp.stack(keys)
+
+    # ------------------------------------------------------------------ custom voice
+    def _custom_voice_prompts(self, text, speaker, language, instruct, non_streaming_mode):
+        self._require("custom_voice", "generate_custom_voice")
+        texts = text if isinstance(text, list) else [text]
+        self._check_texts(texts)
+        n = len(texts)
+        languages = self._check_languages(_as_list("auto" if language is None else language, n,
+                                                   "language"))
+        speakers = _as_list(speaker, n, "speaker")
+        if any(s is None or s == "" for s in speakers):
+            raise ValueError(f"a speaker is required; this checkpoint has: "
+                             f"{self.get_supported_speakers()}")
+        self._check_speakers(speakers)
+        instructs = _as_list(instruct if instruct is not None else "", n, "instruct")
+        if self.config.tts_model_size in "0b6" and any(instructs):
+            log.warning("the 0.6B CustomVoice model ignores `instruct` (like the official "
+                        "qwen-tts); use a 1.7B CustomVoice checkpoint for instructions")
+            instructs = [""] * n
+        return [prompts.build_prompt(self.config, self._input_ids(t), lang, spk,
+                                     self._instruct_ids(ins), non_streaming_mode)
+                for t, spk, lang, ins in zip(texts, speakers, languages, instructs)]
+
+    def generate_custom_voice_codes(self, text, speaker, language=None, instruct=None,
+                                    non_streaming_mode: bool = True, **gen_kwargs):
+        """Codes (list of int32 (frames, 16) arrays) for preset speakers of a CustomVoice model.
+
+        text/speaker/language/instruct: a value or a list (a batch). language None = "auto".
+        gen_kwargs: do_sample, top_k, top_p, temperature, repetition_penalty, subtalker_dosample,
+        subtalker_top_k, subtalker_top_p, subtalker_temperature, max_new_tokens (defaults from
+        generation_config.json), seed (int, list of ints, or None for random).
+        """
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        items = self._custom_voice_prompts(text, speaker, language, instruct, non_streaming_mode)
+        return self._run(items, settings)
+
+    def generate_custom_voice(self, text, speaker, language=None, instruct=None,
+                              non_streaming_mode: bool = True, **gen_kwargs):
+        """Speech for preset speakers: (list of float32 waves, 24000). Same arguments as
+        `generate_custom_voice_codes`."""
+        return self.decode(self.generate_custom_voice_codes(
+            text, speaker, language, instruct, non_streaming_mode, **gen_kwargs))
+
+    # ------------------------------------------------------------------ voice design
+    def _voice_design_prompts(self, text, instruct, language, non_streaming_mode):
+        self._require("voice_design", "generate_voice_design")
+        texts = text if isinstance(text, list) else [text]
+        self._check_texts(texts)
+        n = len(texts)
+        if instruct is None:
+            raise ValueError("generate_voice_design needs `instruct`: a description of the voice, "
+                             "e.g. 'A warm, low female voice, speaking slowly.'")
+        instructs = _as_list(instruct, n, "instruct")
+        languages = self._check_languages(_as_list("auto" if language is None else language, n,
+                                                   "language"))
+        return [prompts.build_prompt(self.config, self._input_ids(t), lang, None,
+                                     self._instruct_ids(ins), non_streaming_mode)
+                for t, lang, ins in zip(texts, languages, instructs)]
+
+    def generate_voice_design_codes(self, text, instruct, language=None,
+                                    non_streaming_mode: bool = True, **gen_kwargs):
+        """Codes for a voice described in words (VoiceDesign model). See
+        `generate_custom_voice_codes` for gen_kwargs."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        items = self._voice_design_prompts(text, instruct, language, non_streaming_mode)
+        return self._run(items, settings)
+
+    def generate_voice_design(self, text, instruct, language=None,
+                              non_streaming_mode: bool = True, **gen_kwargs):
+        """Speech for a voice described in words: (list of float32 waves, 24000)."""
+        return self.decode(self.generate_voice_design_codes(
+            text, instruct, language, non_streaming_mode, **gen_kwargs))
+
+    # ------------------------------------------------------------------ audio
+    def decode(self, codes: Sequence[np.ndarray]):
+        """Codes -> (list of float32 waves at 24 kHz, 24000) with the checkpoint's codec."""
+        return self.speech_tokenizer.decode(list(codes))

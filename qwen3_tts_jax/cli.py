@@ -1,0 +1,195 @@
+"""`qwen3-tts-jax`: text to a WAV file from the command line.
+
+    qwen3-tts-jax custom-voice --model Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice --speaker ryan \\
+        --language english --text "Hello from JAX." --output hello.wav
+    qwen3-tts-jax voice-design --model Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign \\
+        --instruct "A warm, low female voice." --text "Hello." --output hello.wav
+    qwen3-tts-jax custom-voice --random-weights --text "Hello." --output demo.wav   # offline check
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtalker_temperature",
+                  "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen3-tts-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    src = common.add_argument_group("model")
+    src.add_argument("--model", help="checkpoint folder or Hugging Face hub id")
+    src.add_argument("--random-weights", action="store_true",
+                     help="OFFLINE CHECK: build a tiny random-weight checkpoint in the official "
+                          "layout and run the whole pipeline with it (the audio is noise)")
+    src.add_argument("--dtype", choices=["float32", "bfloat16"],
+                     help="weights dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    io = common.add_argument_group("input / output")
+    io.add_argument("--text", help="text to speak")
+    io.add_argument("--text-file", help="read the text from this file (UTF-8)")
+    io.add_argument("--language", default=None, help='language name or "auto" (default)')
+    io.add_argument("--output", "-o", default="output.wav", help="WAV file to write")
+    io.add_argument("--streaming-text", action="store_true",
+                    help="feed the text one token per frame (official non_streaming_mode=False)")
+    io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
+    io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
+    g = common.add_argument_group("generation (defaults: the checkpoint's generation_config.json)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (talker and predictor)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--subtalker-temperature", type=float)
+    g.add_argument("--subtalker-top-k", type=int)
+    g.add_argument("--subtalker-top-p", type=float)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--seed", type=int, help="PRNG seed for reproducible sampling")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    g.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla")
+
+    cv = sub.add_parser("custom-voice", parents=[common],
+                        help="a preset speaker of a CustomVoice checkpoint")
+    cv.add_argument("--speaker", help="speaker name (see --list-speakers)")
+    cv.add_argument("--instruct", default=None, help="optional instruction (1.7B only)")
+    vd = sub.add_parser("voice-design", parents=[common],
+                        help="a voice described in words (VoiceDesign checkpoint)")
+    vd.add_argument("--instruct", help="description of the voice")
+    return p
+
+
+def _fail(msg: str) -> None:
+    print(f"qwen3-tts-jax: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_output(path: str) -> None:
+    """Fail before any work if the WAV cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder):
+        _fail(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        _fail(f"cannot write {path}: permission denied")
+
+
+def write_wav(path: str, wave, sample_rate: int) -> None:
+    """Write atomically: a temp file in the same folder, then rename (never a half-written WAV)."""
+    import soundfile as sf
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".wav", dir=folder)
+    os.close(fd)
+    try:
+        sf.write(tmp, wave, sample_rate, format="WAV", subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _Stages:
+    """A small progress display over the pipeline's stages (load, generate, decode)."""
+
+    def __init__(self, quiet: bool):
+        from tqdm import tqdm
+
+        self.bar = None if quiet else tqdm(total=3, bar_format="{desc} {bar} {elapsed}",
+                                           file=sys.stderr)
+
+    def __call__(self, desc: str):
+        if self.bar is not None:
+            self.bar.set_description_str(desc.ljust(20))
+            self.bar.update(0 if self.bar.n == 0 and desc.startswith("loading") else 1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
+    listing = args.list_speakers or args.list_languages
+    if not listing:
+        if (args.text is None) == (args.text_file is None):
+            _fail("give exactly one of --text or --text-file")
+        _check_output(args.output)
+    if bool(args.model) == bool(args.random_weights):
+        _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+
+    from . import Qwen3TTS, demo, enable_compilation_cache  # late: `--help` stays instant
+
+    if not args.no_compile_cache:
+        enable_compilation_cache()
+
+    stages = _Stages(args.quiet or listing)
+    t0 = time.perf_counter()
+    stages("loading model")
+    if args.random_weights:
+        print("qwen3-tts-jax: --random-weights: building a tiny RANDOM-WEIGHT checkpoint; the "
+              "output is NOISE, not speech (it proves the install works end to end)",
+              file=sys.stderr)
+        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"))
+    else:
+        folder = args.model
+    try:
+        import jax.numpy as jnp
+
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
+        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        stages.close()
+        _fail(str(e))
+    if args.list_speakers:
+        print("\n".join(tts.get_supported_speakers()) or "(this checkpoint has no preset speakers)")
+    if args.list_languages:
+        print("\n".join(tts.get_supported_languages()))
+    if listing:
+        return 0
+
+    text = args.text
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                text = f.read().strip()
+        except OSError as e:
+            _fail(f"cannot read --text-file: {e}")
+    gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    if args.greedy:
+        gen.update(do_sample=False, subtalker_dosample=False)
+    stages("generating")
+    t1 = time.perf_counter()
+    try:
+        if args.command == "custom-voice":
+            codes = tts.generate_custom_voice_codes(
+                text, speaker=args.speaker, language=args.language, instruct=args.instruct,
+                non_streaming_mode=not args.streaming_text, **gen)
+        else:
+            codes = tts.generate_voice_design_codes(
+                text, instruct=args.instruct, language=args.language,
+                non_streaming_mode=not args.streaming_text, **gen)
+        stages("decoding audio")
+        wavs, sr = tts.decode(codes)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        stages.close()
+        _fail(str(e))
+    write_wav(args.output, wavs[0], sr)
+    stages("done")
+    stages.close()
+    t2 = time.perf_counter()
+    seconds = len(wavs[0]) / sr
+    print(f"wrote {args.output}: {seconds:.2f} s of audio ({len(codes[0])} frames) in "
+          f"{t2 - t1:.2f} s ({seconds / max(t2 - t1, 1e-9):.2f}x real time; "
+          f"{t2 - t0:.2f} s with loading)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The code predictor (official `Qwen3TTSTalkerCodePredictorModelForConditionalGeneration`): per frame,
+a small Qwen3 stack predicts codebooks 1..15 from the talker's hidden state and code 0.
+
+params["code_predictor"] = {
+  "codec_embedding": (15, 2048, D_talker),     [g] embeds code group g+1; TALKER width
+  "mtp_proj": {"w": (D_talker, D_cp), "b": (D_cp,)},   only when the widths differ (1.7B)
+  "layers": [...], "norm": (D_cp,),
+  "lm_head": (15, D_cp, 2048),                 [j] predicts code group j+1
+The 15 tables and heads are stacked (`stack_tables`) so the predictor steps can be a scan.
+}
+`small_to_mtp_projection` maps EVERY predictor input (talker hidden and code embeddings) because the
+embedding tables have the talker's width; at 0.6B it is the identity and has no weights.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import layers
+from .config import TalkerConfig
+from .talker import logits as head_logits
+from .weights import Rule
+
+_CP = "talker.code_predictor."
+RULES = [
+    Rule(r"talker\.code_predictor\.model\.codec_embedding\.(\d+)\.weight",
+         "code_predictor/codec_embedding/{1}"),
+    Rule(r"talker\.code_predictor\.lm_head\.(\d+)\.weight", "code_predictor/lm_head/{1}", "linear"),
+    Rule(r"talker\.code_predictor\.small_to_mtp_projection\.weight", "code_predictor/mtp_proj/w",
+         "linear"),
+    Rule(r"talker\.code_predictor\.small_to_mtp_projection\.bias", "code_predictor/mtp_proj/b"),
+    *layers.layer_rules(_CP + "model.", "code_predictor/"),
+]
+
+
+def expected_shapes(cfg: TalkerConfig) -> dict:
+    cp, D = cfg.code_predictor, cfg.hidden_size
+    out = layers.layer_shapes(_CP + "model.", cp)
+    for i in range(cfg.num_code_groups - 1):
+        out[f"{_CP}model.codec_embedding.{i}.weight"] = (cp.vocab_size, D)
+        out[f"{_CP}lm_head.{i}.weight"] = (cp.vocab_size, cp.hidden_size)
+    if cfg.has_mtp_projection:
+        out[f"{_CP}small_to_mtp_projection.weight"] = (cp.hidden_size, D)
+        out[f"{_CP}small_to_mtp_projection.bias"] = (cp.hidden_size,)
+    return out
+
+
+def stack_tables(params):
+    """Official per-group lists -> stacked arrays (done once at load time)."""
+    cp = dict(params["code_predictor"])
+    for k in ("codec_embedding", "lm_head"):
+        if isinstance(cp[k], (list, tuple)):
+            cp[k] = jnp.stack(cp[k])
+    return {**params, "code_predictor": cp}
+
+
+def project(p, x_BxTxD):
+    if "mtp_proj" not in p:
+        return x_BxTxD
+    return x_BxTxD @ p["mtp_proj"]["w"] + p["mtp_proj"]["b"]
+
+
+def embed_codes(p, codes_BxG):
+    """sum over g of codec_embedding[g](code g+1) for codes (B, 15) -> (B, D_talker)."""
+    G = codes_BxG.shape[1]
+    return p["codec_embedding"][jnp.arange(G)[None, :], codes_BxG].sum(axis=1)
+
+
+def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
+            sample: Callable[["jnp.ndarray", "jnp.ndarray"], "jnp.ndarray"]):
+    """Codes 1..15 of one frame, autoregressively, with a fresh 16-slot KV cache.
+
+    `sample(j, logits_BxV) -> ids_B` picks code j+1 from lm_head[j]'s f32 logits (j may be traced).
+    Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
+    `lax.scan` (one compiled body instead of 14 copies: the sampler alone is a sort of the vocab).
+    Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
+    """
+    cp = cfg.code_predictor
+    B = past_hidden_BxD.shape[0]
+    G = cfg.num_code_groups - 1
+    S = G + 1
+    slots = jnp.arange(S)
+    caches = layers.init_cache(cp, B, S, past_hidden_BxD.dtype)
+    x = project(p, jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1))
+    pos = jnp.broadcast_to(jnp.arange(2), (B, 2))
+    mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (B, 2, S))
+    h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp)
+    lg0 = head_logits(p["lm_head"][0], h[:, -1])
+    code0 = sample(0, lg0).astype(jnp.int32)
+
+    def step(carry, j):
+        code, caches = carry
+        x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[code][:, None])
+        mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))
+        h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp)
+        lg = head_logits(jnp.take(p["lm_head"], j, axis=0), h[:, -1])
+        code = sample(j, lg).astype(jnp.int32)
+        return (code, caches), (code, lg)
+
+    _, (codes, logits) = jax.lax.scan(step, (code0, caches), jnp.arange(1, G))
+    codes = jnp.concatenate([code0[:, None], codes.T], axis=1)
+    logits = jnp.concatenate([lg0[:, None], jnp.moveaxis(logits, 0, 1)], axis=1)
+    return codes, logits

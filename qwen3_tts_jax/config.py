@@ -1,0 +1,211 @@
+"""Frozen configs read from a checkpoint's config.json and generation_config.json.
+
+Only the values that the official code (qwen-tts 0.1.1) actually reads are kept. Where the json omits a
+value, the default is the official config class's default, NOT the released value, because that is what
+the official model would run with. Traps (see shared NOTES.md section 2):
+- the talker's `head_dim` is not a named parameter of the official class: when absent it silently
+  becomes hidden_size // num_attention_heads; we do the same.
+- the talker's interleaved multimodal RoPE always receives three identical position rows, so it is
+  exactly plain 1-D RoPE; `mrope_section` and `position_id_per_seconds` are therefore not needed.
+- `im_start/im_end/assistant` ids are never read (the prompt is sliced by position).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+MODEL_TYPES = ("custom_voice", "voice_design", "base")
+
+
+class FrozenDict(dict):
+    """A dict that can sit in a frozen (hashable) config: configs are static jit arguments."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+    def _readonly(self, *a, **k):
+        raise TypeError("config mappings are read-only")
+
+    __setitem__ = __delitem__ = update = pop = clear = setdefault = _readonly
+
+
+class ConfigError(ValueError):
+    """A config.json that the official code could not load either."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """One Qwen3-style decoder stack (talker trunk or code predictor)."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class CodePredictorConfig(TransformerConfig):
+    vocab_size: int = 2048
+    num_code_groups: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class TalkerConfig(TransformerConfig):
+    vocab_size: int = 3072
+    max_position_embeddings: int = 32768
+    text_vocab_size: int = 151936
+    text_hidden_size: int = 2048
+    num_code_groups: int = 32
+    codec_eos_token_id: int = 4198
+    codec_think_id: int = 4202
+    codec_nothink_id: int = 4203
+    codec_think_bos_id: int = 4204
+    codec_think_eos_id: int = 4205
+    codec_pad_id: int = 4196
+    codec_bos_id: int = 4197
+    spk_id: Mapping[str, int] = dataclasses.field(default_factory=FrozenDict)
+    spk_is_dialect: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
+    codec_language_id: Mapping[str, int] = dataclasses.field(default_factory=FrozenDict)
+    code_predictor: CodePredictorConfig | None = None
+
+    @property
+    def has_mtp_projection(self) -> bool:
+        """The 1.7B predictor is narrower than the talker: small_to_mtp_projection is a Linear."""
+        return self.code_predictor.hidden_size != self.hidden_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakerEncoderConfig:
+    mel_dim: int = 128
+    enc_dim: int = 1024
+    enc_channels: tuple = (512, 512, 512, 512, 1536)
+    enc_kernel_sizes: tuple = (5, 3, 3, 3, 1)
+    enc_dilations: tuple = (1, 2, 3, 4, 1)
+    enc_attention_channels: int = 128
+    enc_res2net_scale: int = 8
+    enc_se_channels: int = 128
+    sample_rate: int = 24000
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3TTSConfig:
+    talker: TalkerConfig
+    speaker_encoder: SpeakerEncoderConfig | None
+    tts_model_type: str           # custom_voice | voice_design | base
+    tts_model_size: str           # "0b6" | "1b7"
+    tts_pad_token_id: int = 151671
+    tts_bos_token_id: int = 151672
+    tts_eos_token_id: int = 151673
+    transformers_version: str | None = None
+
+    @property
+    def speakers(self) -> dict:
+        return {k.lower(): v for k, v in self.talker.spk_id.items()}
+
+    @property
+    def languages(self) -> list[str]:
+        """'auto' plus the non-dialect languages, like the official get_supported_languages."""
+        names = [k.lower() for k in self.talker.codec_language_id if "dialect" not in k.lower()]
+        return ["auto"] + sorted(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """generation_config.json, merged like the official wrapper: json value, else hard default."""
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 0.9
+    repetition_penalty: float = 1.05
+    subtalker_dosample: bool = True
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    subtalker_temperature: float = 0.9
+    max_new_tokens: int = 2048
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GenerationDefaults":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+
+def _pick(d: Mapping[str, Any], cls, **defaults):
+    names = {f.name for f in dataclasses.fields(cls)}
+    vals = dict(defaults)
+    vals.update({k: v for k, v in d.items() if k in names})
+    return vals
+
+
+def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
+    cp = dict(d.get("code_predictor_config") or {})
+    # Official class defaults of Qwen3TTSTalkerCodePredictorConfig (head_dim has a default there).
+    cp_vals = _pick(cp, CodePredictorConfig, hidden_size=1024, intermediate_size=3072,
+                    num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=8,
+                    head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0)
+    if cp_vals.get("num_key_value_heads") is None:
+        cp_vals["num_key_value_heads"] = cp_vals["num_attention_heads"]
+    t_vals = _pick(d, TalkerConfig, hidden_size=1024, intermediate_size=2048, num_hidden_layers=20,
+                   num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+                   rope_theta=10000.0)
+    t_vals.setdefault("head_dim", t_vals["hidden_size"] // t_vals["num_attention_heads"])
+    if t_vals.get("num_key_value_heads") is None:
+        t_vals["num_key_value_heads"] = t_vals["num_attention_heads"]
+    for k in ("spk_id", "spk_is_dialect", "codec_language_id"):
+        t_vals[k] = FrozenDict(t_vals.get(k) or {})
+    for c, name in ((d, "talker_config"), (cp, "code_predictor_config")):
+        if c.get("attention_bias") or c.get("use_sliding_window"):
+            raise ConfigError(f"{name} sets attention_bias/use_sliding_window, which no released "
+                              "Qwen3-TTS checkpoint uses and this port does not implement")
+    t_vals["code_predictor"] = CodePredictorConfig(**cp_vals)
+    talker = TalkerConfig(**t_vals)
+    for c, name in ((talker, "talker"), (talker.code_predictor, "code_predictor")):
+        if c.num_attention_heads % c.num_key_value_heads:
+            raise ConfigError(f"{name}: num_attention_heads ({c.num_attention_heads}) is not a "
+                              f"multiple of num_key_value_heads ({c.num_key_value_heads})")
+    return talker
+
+
+def parse_config(d: Mapping[str, Any]) -> Qwen3TTSConfig:
+    if d.get("model_type") not in (None, "qwen3_tts"):
+        raise ConfigError(f"config.json has model_type {d.get('model_type')!r}, expected 'qwen3_tts' "
+                          "(is this a Qwen3-TTS model folder, not the speech tokenizer?)")
+    if "talker_config" not in d:
+        raise ConfigError("config.json has no talker_config: not a Qwen3-TTS model checkpoint")
+    kind = d.get("tts_model_type")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(f"config.json tts_model_type is {kind!r}; expected one of {MODEL_TYPES}")
+    spk = None
+    if kind == "base":
+        spk = SpeakerEncoderConfig(**_pick(d.get("speaker_encoder_config") or {},
+                                           SpeakerEncoderConfig))
+        spk = dataclasses.replace(spk, enc_channels=tuple(spk.enc_channels),
+                                  enc_kernel_sizes=tuple(spk.enc_kernel_sizes),
+                                  enc_dilations=tuple(spk.enc_dilations))
+    top = _pick(d, Qwen3TTSConfig)
+    top.pop("talker", None)
+    top.pop("speaker_encoder", None)
+    return Qwen3TTSConfig(talker=parse_talker(d["talker_config"]), speaker_encoder=spk,
+                          **{k: v for k, v in top.items() if v is not None})
+
+
+def load_config(path: str) -> Qwen3TTSConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        return parse_config(json.load(f))
+
+
+def load_generation_defaults(path: str) -> GenerationDefaults:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is missing: every Qwen3-TTS checkpoint ships one "
+                                "(the official loader requires it too)")
+    with open(file) as f:
+        return GenerationDefaults.from_dict(json.load(f))

@@ -1,0 +1,129 @@
+"""The Qwen3 decoder layer shared by the talker and the code predictor, as pure functions.
+
+Params are nested dicts of arrays (see `talker.RULES`); linear weights are stored (in, out).
+Activations run in the params' dtype (bf16 on accelerators, f32 on CPU); RMSNorm statistics,
+RoPE angles and softmax are computed in float32 like the official code.
+
+KV caches are preallocated: one `KVCache(k, v)` per layer of shape (B, S, KV heads, head_dim); a call
+writes its T new positions at `write_index` (the same for every row: batches are left-padded so that
+all rows advance together) and attends over all S slots through an explicit mask.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .config import TransformerConfig
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (B, S, K, Dh)
+    v: jax.Array  # (B, S, K, Dh)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype) -> list[KVCache]:
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def rms_norm(w_D, x_BxTxD, eps):
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return w_D * x.astype(x_BxTxD.dtype)
+
+
+def rope_cos_sin(pos_BxT, head_dim: int, theta: float, dtype):
+    """cos/sin (B, T, Dh) for rotate-half RoPE. The talker's interleaved MRoPE receives three equal
+    position rows, which makes it exactly this plain 1-D RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq
+    ang = jnp.concatenate([ang_BxTxF, ang_BxTxF], axis=-1)
+    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+
+
+def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
+    half = x_BxTxHxD.shape[-1] // 2
+    rot = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
+    return x_BxTxHxD * cos_BxTxD[:, :, None] + rot * sin_BxTxD[:, :, None]
+
+
+def attention(p, x_BxTxD, cos_sin, cache: KVCache, write_index, mask_BxTxS, cfg: TransformerConfig):
+    """GQA self-attention with q/k RMSNorm over head_dim, before RoPE. Returns (out, new cache)."""
+    B, T, _ = x_BxTxD.shape
+    q = (x_BxTxD @ p["q"]).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = (x_BxTxD @ p["k"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = (x_BxTxD @ p["v"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
+    k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
+    q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+    ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, axis=1)
+    out = dot_product_attention(q, ck, cv, mask_BxTxS)
+    return out.reshape(B, T, -1) @ p["o"], KVCache(ck, cv)
+
+
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+    """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; the one place that picks the
+    attention backend (XLA here; `jax.nn.dot_product_attention` dispatches to cuDNN on GPU)."""
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+                                        mask=mask_BxTxS[:, None])
+
+
+def mlp(p, x_BxTxD):
+    return (jax.nn.silu(x_BxTxD @ p["gate"]) * (x_BxTxD @ p["up"])) @ p["down"]
+
+
+def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig):
+    h, cache = attention(p["attn"], rms_norm(p["input_norm"], x_BxTxD, cfg.rms_norm_eps), cos_sin,
+                         cache, write_index, mask_BxTxS, cfg)
+    x = x_BxTxD + h
+    x = x + mlp(p["mlp"], rms_norm(p["post_norm"], x, cfg.rms_norm_eps))
+    return x, cache
+
+
+def transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TransformerConfig):
+    """The decoder stack + final norm. Returns (normed hidden (B, T, D), new caches)."""
+    cos_sin = rope_cos_sin(pos_BxT, cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype)
+    new = []
+    for lp, cache in zip(p["layers"], caches):
+        x_BxTxD, cache = decoder_layer(lp, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg)
+        new.append(cache)
+    return rms_norm(p["norm"], x_BxTxD, cfg.rms_norm_eps), new
+
+
+def layer_rules(src_prefix: str, dst_prefix: str):
+    """Key-map rows for a stack of official Qwen3TTSDecoderLayer modules."""
+    from .weights import Rule
+
+    s, d = src_prefix.replace(".", r"\."), dst_prefix
+    return [
+        Rule(rf"{s}layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", d + "layers/{1}/attn/{2}",
+             "linear"),
+        Rule(rf"{s}layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", d + "layers/{1}/attn/{2}_norm"),
+        Rule(rf"{s}layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", d + "layers/{1}/mlp/{2}",
+             "linear"),
+        Rule(rf"{s}layers\.(\d+)\.input_layernorm\.weight", d + "layers/{1}/input_norm"),
+        Rule(rf"{s}layers\.(\d+)\.post_attention_layernorm\.weight", d + "layers/{1}/post_norm"),
+        Rule(rf"{s}norm\.weight", d + "norm"),
+    ]
+
+
+def layer_shapes(prefix: str, cfg: TransformerConfig, in_dim: int | None = None) -> dict:
+    """{official key: shape} for a decoder stack (`in_dim` = hidden size)."""
+    D, Dh = in_dim or cfg.hidden_size, cfg.head_dim
+    H, K, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    out = {f"{prefix}norm.weight": (D,)}
+    for i in range(cfg.num_hidden_layers):
+        lp = f"{prefix}layers.{i}."
+        out.update({
+            lp + "self_attn.q_proj.weight": (H * Dh, D), lp + "self_attn.k_proj.weight": (K * Dh, D),
+            lp + "self_attn.v_proj.weight": (K * Dh, D), lp + "self_attn.o_proj.weight": (D, H * Dh),
+            lp + "self_attn.q_norm.weight": (Dh,), lp + "self_attn.k_norm.weight": (Dh,),
+            lp + "mlp.gate_proj.weight": (F, D), lp + "mlp.up_proj.weight": (F, D),
+            lp + "mlp.down_proj.weight": (D, F),
+            lp + "input_layernorm.weight": (D,), lp + "post_attention_layernorm.weight": (D,),
+        })
+    return out

@@ -1,0 +1,150 @@
+"""Talker prompts exactly as the official `Qwen3TTSForConditionalGeneration.generate` builds them.
+
+A prompt is described by ids, not embeddings, so that one jitted function (`embed_prompts`) embeds a
+whole padded batch: every position has an optional text id (its embedding is
+text_projection(text_embedding(id)); tts_pad/bos/eos are text ids too), an optional codec part (up to
+16 codes, group 0 embedded by the talker's codec_embedding and group g>0 by the predictor's table
+g-1: control ids and speakers are group-0 ids, an ICL reference frame uses all 16) and an optional
+extra vector (the x-vector of a cloned voice). The embedding of a position is the sum of its parts.
+
+Layout (rows = positions; T = text part, C = codec part; see shared NOTES.md section 6):
+    [instruct]    T(each token of "<|im_start|>user\\n{instruct}<|im_end|>\\n")
+    role          T(first 3 tokens: "<|im_start|>assistant\\n")
+    codec prefix  (pad, think|nothink) (pad, think_bos) [(pad, lang)] (pad, think_eos) [(pad, spk)]
+                  (bos, codec_pad)
+    streaming     (first text token, codec_bos); trailing text = rest of text + eos
+    non-streaming (t, codec_pad) for every text token, (eos, codec_pad), (pad, codec_bos);
+                  trailing text = pad
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .config import Qwen3TTSConfig
+
+NONE = -1  # "no such part" in the id arrays
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One item's prompt as ids (host side)."""
+    text_L: np.ndarray                 # int32 (L,), NONE where the position has no text part
+    codec_LxG: np.ndarray              # int32 (L, 16), NONE where absent; group 0 = talker ids
+    trailing: np.ndarray               # int32 (Lt,) text ids fed one per frame after the prompt
+    extra_pos: int = NONE              # position of the x-vector (cloned voice), if any
+    extra: np.ndarray | None = None    # (D,) float32
+
+    def __len__(self):
+        return len(self.text_L)
+
+
+def _rows(text, codec_groups=16):
+    text = np.asarray(text, np.int32)
+    return text, np.full((len(text), codec_groups), NONE, np.int32)
+
+
+def resolve_language(cfg: Qwen3TTSConfig, language: str, speaker: str | None):
+    """The language codec id (None for "auto"), with the dialect override of dialect speakers
+    (applies for "chinese" and "auto" only, like the official code)."""
+    t = cfg.talker
+    lang = language.lower()
+    lang_id = None if lang == "auto" else {k.lower(): v for k, v in t.codec_language_id.items()}[lang]
+    if speaker and lang in ("chinese", "auto"):
+        dialect = {k.lower(): v for k, v in t.spk_is_dialect.items()}.get(speaker.lower(), False)
+        if dialect:
+            lang_id = t.codec_language_id[dialect]
+    return lang_id
+
+
+def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
+                 speaker: str | None = None, instruct_ids: list[int] | None = None,
+                 non_streaming_mode: bool = True, xvector: np.ndarray | None = None) -> Prompt:
+    """A custom-voice / voice-design / x-vector-clone prompt.
+
+    input_ids: tokens of "<|im_start|>assistant\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
+    speaker: a preset speaker name (custom voice); xvector: a speaker-encoder vector (clone).
+    """
+    t = cfg.talker
+    G = t.num_code_groups
+    pad, bos, eos = cfg.tts_pad_token_id, cfg.tts_bos_token_id, cfg.tts_eos_token_id
+    ids = np.asarray(input_ids, np.int32)
+    lang_id = resolve_language(cfg, language, speaker)
+    ctrl = ([t.codec_nothink_id, t.codec_think_bos_id, t.codec_think_eos_id] if lang_id is None else
+            [t.codec_think_id, t.codec_think_bos_id, lang_id, t.codec_think_eos_id])
+    spk = None
+    if speaker:
+        spk = {k.lower(): v for k, v in t.spk_id.items()}[speaker.lower()]
+    codec = ctrl + ([NONE if spk is None else spk] if (spk is not None or xvector is not None)
+                    else []) + [t.codec_pad_id, t.codec_bos_id]
+
+    parts_text, parts_codec = [], []
+    if instruct_ids is not None:
+        a, c = _rows(instruct_ids, G)
+        parts_text.append(a)
+        parts_codec.append(c)
+    a, c = _rows(ids[:3], G)
+    parts_text.append(a)
+    parts_codec.append(c)
+    # codec prefix: all but the last codec id; text pad..., bos on the last of these rows
+    n = len(codec) - 1
+    prefix_start = sum(len(p) for p in parts_text)
+    a, c = _rows([pad] * (n - 1) + [bos], G)
+    c[:, 0] = codec[:-1]
+    parts_text.append(a)
+    parts_codec.append(c)
+    extra_pos = NONE if xvector is None else prefix_start + len(ctrl)
+    text = ids[3:-5]
+    if non_streaming_mode:
+        a, c = _rows(list(text) + [eos, pad], G)
+        c[:, 0] = [t.codec_pad_id] * (len(text) + 1) + [t.codec_bos_id]
+        trailing = np.asarray([pad], np.int32)
+    else:
+        a, c = _rows(ids[3:4], G)
+        c[:, 0] = t.codec_bos_id
+        trailing = np.asarray(list(ids[4:-5]) + [eos], np.int32)
+    parts_text.append(a)
+    parts_codec.append(c)
+    return Prompt(np.concatenate(parts_text), np.concatenate(parts_codec), trailing, extra_pos,
+                  None if xvector is None else np.asarray(xvector, np.float32))
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """Prompts left-padded to a common length L (pads have no parts and mask 0); trailing text
+    right-padded with tts_pad to Lt. Arrays are host numpy, ready to be put on device."""
+    text_BxL: np.ndarray
+    codec_BxLxG: np.ndarray
+    mask_BxL: np.ndarray        # bool, False on left padding
+    extra_BxD: np.ndarray       # float32 (B, D) x-vectors (zeros when absent)
+    extra_pos_B: np.ndarray     # int32 (B,), NONE when absent
+    trailing_BxLt: np.ndarray
+    trailing_len_B: np.ndarray
+
+
+def batch_prompts(cfg: Qwen3TTSConfig, prompts: list[Prompt], length: int | None = None,
+                  trailing_length: int | None = None) -> PromptBatch:
+    """Left-pad prompts to `length` (default: the longest) like the official batch generate."""
+    B = len(prompts)
+    L = length or max(len(p) for p in prompts)
+    Lt = trailing_length or max(len(p.trailing) for p in prompts)
+    G, D = cfg.talker.num_code_groups, cfg.talker.hidden_size
+    text = np.full((B, L), NONE, np.int32)
+    codec = np.full((B, L, G), NONE, np.int32)
+    mask = np.zeros((B, L), bool)
+    extra = np.zeros((B, D), np.float32)
+    extra_pos = np.full((B,), NONE, np.int32)
+    trailing = np.full((B, Lt), cfg.tts_pad_token_id, np.int32)
+    trailing_len = np.zeros((B,), np.int32)
+    for b, p in enumerate(prompts):
+        n = len(p)
+        text[b, L - n:] = p.text_L
+        codec[b, L - n:] = p.codec_LxG
+        mask[b, L - n:] = True
+        if p.extra is not None:
+            extra[b] = p.extra
+            extra_pos[b] = L - n + p.extra_pos
+        trailing[b, :len(p.trailing)] = p.trailing
+        trailing_len[b] = len(p.trailing)
+    return PromptBatch(text, codec, mask, extra, extra_pos, trailing, trailing_len)

@@ -1,0 +1,205 @@
+"""safetensors (official key names) -> params pytree (our names), and the fast-loading form.
+
+A component (talker, codec decoder, ...) describes its weights with two things:
+- `expected(cfg) -> {official_key: shape}`: every tensor the official module has, from the config;
+- a declarative table of `Rule(src_regex, dst_template, transform)` mapping official keys to our paths.
+
+Loading streams tensor by tensor (`safe_open`, numpy), checks the WHOLE checkpoint against `expected`
+first and fails with ONE `CheckpointError` listing every missing, unexpected and misshapen key, then
+converts (transpose torch Linear weights to (in, out)), casts to the requested dtype and nests the
+result: path components that are integers become list indices, so `layers/3/attn/q` is
+`params["layers"][3]["attn"]["q"]`.
+
+The fast-loading form (`convert/`) is one safetensors file per component holding OUR paths, already
+transposed and cast: loading it is a plain read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Iterable, Mapping
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model its config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Official keys matching `src` (full match) go to `dst`, where {1}, {2}... are regex groups."""
+    src: str
+    dst: str
+    transform: str = "keep"   # "keep" | "linear": torch Linear (out, in) -> (in, out)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_re", re.compile(self.src))
+
+
+_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "keep": lambda a: a,
+    "linear": lambda a: a.T,
+}
+
+
+def _shape_after(transform: str, shape: tuple) -> tuple:
+    return tuple(reversed(shape)) if transform == "linear" else tuple(shape)
+
+
+def map_key(rules: Iterable[Rule], key: str) -> tuple[str, str] | None:
+    for r in rules:
+        m = r._re.fullmatch(key)
+        if m:
+            return r.dst.format(*(m.group(0),) + m.groups()), r.transform
+    return None
+
+
+def np_dtype(dtype) -> np.dtype:
+    if dtype in (jnp.bfloat16, "bfloat16", ml_dtypes.bfloat16):
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def check_keys(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshapen = sorted(k for k in set(found) & set(expected)
+                       if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or misshapen):
+        return
+    lines = [f"{what} does not match its config.json:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing key(s):")
+        lines += [f"    {k} {tuple(expected[k])}" for k in missing]
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected key(s):")
+        lines += [f"    {k} {tuple(found[k])}" for k in unexpected]
+    if misshapen:
+        lines.append(f"  {len(misshapen)} key(s) with the wrong shape:")
+        lines += [f"    {k}: checkpoint {tuple(found[k])}, config expects {tuple(expected[k])}"
+                  for k in misshapen]
+    lines.append("Is the checkpoint complete, and is config.json the one that came with it?")
+    raise CheckpointError("\n".join(lines))
+
+
+def nest(flat: Mapping[str, object]):
+    """{"a/0/b": x} -> {"a": [{"b": x}]}: integer path components become list indices."""
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(root)
+
+
+def flatten(tree, prefix="") -> dict:
+    """Inverse of `nest`."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: tree}
+    out = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}/{k}" if prefix else k))
+    return out
+
+
+def safetensors_files(folder: str, stem: str = "model") -> list[str]:
+    """model.safetensors, or the shards named by model.safetensors.index.json."""
+    single = os.path.join(folder, f"{stem}.safetensors")
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, s) for s in shards]
+    raise CheckpointError(f"no {stem}.safetensors (or sharded index) in {folder}")
+
+
+def read_header(files: Iterable[str], keep: Callable[[str], bool] = lambda k: True):
+    """{key: (file, shape)} without reading tensor data."""
+    out = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="np") as f:
+                for k in f.keys():
+                    if keep(k):
+                        out[k] = (file, tuple(f.get_slice(k).get_shape()))
+        except CheckpointError:
+            raise
+        except Exception as e:  # a truncated or non-safetensors file
+            raise CheckpointError(f"cannot read {file}: {e} (corrupt or incomplete download?)") from e
+    return out
+
+
+def load_official(files: list[str], rules: list[Rule], expected: Mapping[str, tuple], dtype,
+                  what: str, prefix: str = "", dtype_for: Callable[[str], object] | None = None):
+    """Stream the official tensors whose key starts with `prefix` into our nested params.
+
+    `dtype_for(our_path)` may override the dtype per tensor (e.g. keep norms in float32)."""
+    header = read_header(files, keep=lambda k: k.startswith(prefix))
+    check_keys({k: s for k, (_, s) in header.items()}, expected, what)
+    unmapped = sorted(k for k in header if map_key(rules, k) is None)
+    if unmapped:  # a bug in our table, not in the checkpoint
+        raise CheckpointError(f"{what}: no conversion rule for {unmapped[:5]}")
+    flat = {}
+    by_file: dict[str, list[str]] = {}
+    for k, (file, _) in header.items():
+        by_file.setdefault(file, []).append(k)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="np") as f:
+            for k in keys:
+                dst, transform = map_key(rules, k)
+                a = _TRANSFORMS[transform](f.get_tensor(k))
+                dt = np_dtype(dtype_for(dst) if dtype_for else dtype)
+                flat[dst] = jnp.asarray(np.ascontiguousarray(a.astype(dt)))
+    return nest(flat)
+
+
+def expected_ours(rules: list[Rule], expected: Mapping[str, tuple]) -> dict[str, tuple]:
+    out = {}
+    for k, shape in expected.items():
+        dst, transform = map_key(rules, k)
+        out[dst] = _shape_after(transform, shape)
+    return out
+
+
+def save_params(params, file: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write params (our paths) as one safetensors file; the fast-loading form."""
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    tmp = file + ".tmp"
+    save_file(flat, tmp, metadata=dict(metadata or {}))
+    os.replace(tmp, file)
+
+
+def load_params(file: str, expected: Mapping[str, tuple], dtype, what: str,
+                dtype_for: Callable[[str], object] | None = None):
+    header = read_header([file])
+    check_keys({k: s for k, (_, s) in header.items()}, expected, what)
+    flat = {}
+    with safe_open(file, framework="np") as f:
+        for k in f.keys():
+            dt = np_dtype(dtype_for(k) if dtype_for else dtype)
+            flat[k] = jnp.asarray(f.get_tensor(k).astype(dt))
+    return nest(flat)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up qwen3-tts-jax in ./.venv on a fresh machine.
+#   bash scripts/setup.sh          the package and its runtime dependencies (JAX on CPU)
+#   bash scripts/setup.sh --test   also pytest and the official PyTorch reference stack (CPU torch,
+#                                  qwen-tts 0.1.1) that the parity tests compare against
+# On a CUDA 12 machine, add the GPU build of JAX afterwards: .venv/bin/pip install -e ".[cuda12]"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+if [ "${1:-}" = "--test" ]; then
+  python -m pip install -q -e ".[test]"
+  python -c "import qwen_tts" >/dev/null 2>&1 || bash scripts/install_reference.sh
+else
+  python -m pip install -q -e .
+fi
+python -c "import jax, qwen3_tts_jax; print('qwen3-tts-jax ready: jax', jax.__version__, jax.default_backend())"

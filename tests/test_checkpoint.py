@@ -1,0 +1,116 @@
+"""Configs, weight conversion and loading: official keys in, our pytree out, one error listing every
+bad key, the fast-loading form (`python -m convert`), hub ids offline."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from convert.__main__ import convert
+from qwen3_tts_jax import CheckpointError, Qwen3TTS, checkpoint
+from qwen3_tts_jax.config import ConfigError, load_config, load_generation_defaults
+
+
+def test_config_reads_official_values(make_checkpoint):
+    path = make_checkpoint("cv_proj")
+    cfg = load_config(path)
+    raw = json.load(open(os.path.join(path, "config.json")))
+    t = raw["talker_config"]
+    assert cfg.talker.head_dim == t["head_dim"] and cfg.talker.hidden_size == t["hidden_size"]
+    assert cfg.talker.code_predictor.hidden_size == t["code_predictor_config"]["hidden_size"]
+    assert cfg.talker.has_mtp_projection
+    assert cfg.tts_pad_token_id == raw["tts_pad_token_id"]
+    assert cfg.speakers["eric"] == 2875 and cfg.talker.spk_is_dialect["eric"] == "sichuan_dialect"
+    assert "beijing_dialect" not in cfg.languages and "auto" in cfg.languages
+    assert hash(cfg)  # static jit argument
+    assert load_generation_defaults(path).max_new_tokens == 8192
+
+
+def test_head_dim_fallback_like_official(tmp_path, make_checkpoint):
+    """Without head_dim in the json the official talker uses hidden // heads: so do we."""
+    raw = json.load(open(os.path.join(make_checkpoint("cv_proj"), "config.json")))
+    del raw["talker_config"]["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(str(tmp_path))
+    assert cfg.talker.head_dim == cfg.talker.hidden_size // cfg.talker.num_attention_heads
+
+
+def test_params_match_official_state_dict(make_checkpoint):
+    path = make_checkpoint("cv_proj")
+    cfg = load_config(path)
+    params = checkpoint.load_params(path, cfg)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    np.testing.assert_array_equal(params["talker"]["layers"][1]["attn"]["q"],
+                                  sd["talker.model.layers.1.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(params["code_predictor"]["lm_head"][14],
+                                  sd["talker.code_predictor.lm_head.14.weight"].T)
+    n_ours = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert n_ours == sum(v.size for v in sd.values())
+
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    edit(sd)
+    save_file(sd, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def test_mismatched_checkpoint_lists_every_bad_key(tmp_path, make_checkpoint):
+    def edit(sd):
+        del sd["talker.codec_head.weight"]
+        del sd["talker.model.layers.0.mlp.up_proj.weight"]
+        sd["talker.model.norm.weight"] = np.ones(7, np.float32)
+        sd["talker.extra.weight"] = np.ones(3, np.float32)
+
+    path = _broken_copy(make_checkpoint("cv_proj"), str(tmp_path / "bad"), edit)
+    with pytest.raises(CheckpointError) as e:
+        Qwen3TTS.from_pretrained(path)
+    msg = str(e.value)
+    for key in ("talker.codec_head.weight", "talker.model.layers.0.mlp.up_proj.weight",
+                "talker.model.norm.weight", "talker.extra.weight", "2 missing", "1 unexpected",
+                "wrong shape"):
+        assert key in msg
+
+
+def test_corrupt_file_is_a_checkpoint_error(tmp_path, make_checkpoint):
+    dst = str(tmp_path / "corrupt")
+    shutil.copytree(make_checkpoint("cv_proj"), dst)
+    with open(os.path.join(dst, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="corrupt|cannot read"):
+        Qwen3TTS.from_pretrained(dst)
+
+
+def test_wrong_folder_kinds(tmp_path, make_checkpoint, codec_dir):
+    with pytest.raises((ConfigError, FileNotFoundError)):
+        Qwen3TTS.from_pretrained(codec_dir)   # the speech tokenizer is not a model
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Qwen3TTS.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        Qwen3TTS.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+    assert "huggingface-cli download" in str(e.value) and "Traceback" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_form_roundtrip(tmp_path, make_checkpoint, dtype):
+    src = make_checkpoint("cv_identity_0b6")
+    dst = convert(src, str(tmp_path / f"fast_{dtype}"), dtype)
+    assert not os.path.exists(os.path.join(dst, "model.safetensors"))
+    cfg = load_config(src)
+    a = checkpoint.load_params(src, cfg, np.float32 if dtype == "float32" else "bfloat16")
+    b = checkpoint.load_params(dst, cfg, np.float32 if dtype == "float32" else "bfloat16")
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    tts = Qwen3TTS.from_pretrained(dst)
+    assert tts.get_supported_speakers() == sorted(cfg.speakers)
