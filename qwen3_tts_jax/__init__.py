@@ -6,10 +6,11 @@
 """
 from .api import GenerationSettings, Qwen3TTS, enable_compilation_cache
 from .config import ConfigError
+from .voice import VoiceClonePromptItem, load_voice, save_voice
 from .weights import CheckpointError
 
 __all__ = ["Qwen3TTS", "GenerationSettings", "CheckpointError", "ConfigError", "SpeechTokenizer",
-           "enable_compilation_cache"]
+           "enable_compilation_cache", "VoiceClonePromptItem", "load_voice", "save_voice"]
 
 
 def __getattr__(name):

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, generate as gen, prompts, sampling, text as text_mod
+from . import audio as audio_mod
+from . import checkpoint, generate as gen, prompts, sampling, speaker_encoder, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
+from .voice import VoiceClonePromptItem, load_voice, save_voice  # noqa: F401 (public names)
 
 log = logging.getLogger("qwen3_tts_jax")
 
@@ -181,8 +183,9 @@ class Qwen3TTS:
             raise TypeError(f"instruct must be a str, got {type(instruct).__name__}")
         return self.tokenizer.encode(text_mod.instruct_text(instruct))
 
-    def _run(self, items: list[prompts.Prompt], settings: GenerationSettings) -> list[np.ndarray]:
-        """Generate codes for built prompts: one padded, bucketed batch on device."""
+    def _prepare(self, items: list[prompts.Prompt], settings: GenerationSettings):
+        """Built prompts -> (PromptBatch, gen.Settings, keys) padded to shape buckets: the batch to
+        a power of two (extra rows stop at once), prompt and trailing text to powers of two."""
         cfg = self.config
         n = len(items)
         longest = max(len(p) for p in items)
@@ -193,7 +196,6 @@ class Qwen3TTS:
                 f"together more than the model's {limit} positions; split the text or lower "
                 "max_new_tokens")
         B = gen.bucket(n, 1)
-        # Pad the batch with copies of the first item that stop at once (budget 1 token).
         items = items + [items[0]] * (B - n)
         batch = prompts.batch_prompts(cfg, items, length=gen.bucket(longest),
                                       trailing_length=gen.bucket(max(len(p.trailing)
@@ -208,11 +210,16 @@ class Qwen3TTS:
         run_settings = gen.Settings(talker, predictor,
                                     jnp.full((B,), settings.repetition_penalty, jnp.float32),
                                     jnp.asarray(budget))
-        state = gen.generate(self.params, cfg, batch, run_settings, self._keys(settings.seed, n, B),
+        return batch, run_settings, self._keys(settings.seed, n, B)
+
+    def _run(self, items: list[prompts.Prompt], settings: GenerationSettings) -> list[np.ndarray]:
+        """Generate codes for built prompts: one padded, bucketed batch on device."""
+        batch, run_settings, keys = self._prepare(items, settings)
+        state = gen.generate(self.params, self.config, batch, run_settings, keys,
                              max_frames=settings.max_new_tokens - 1)
         codes = np.asarray(state.codes_BxFxG)
         lengths = np.asarray(state.length_B)
-        return [codes[b, :lengths[b]] for b in range(n)]
+        return [codes[b, :lengths[b]] for b in range(len(items))]
 
     @staticmethod
     def _keys(seed, n: int, B: int):
@@ -262,6 +269,13 @@ class Qwen3TTS:
         items = self._custom_voice_prompts(text, speaker, language, instruct, non_streaming_mode)
         return self._run(items, settings)
 
+    def prepare_custom_voice(self, text, speaker, language=None, instruct=None,
+                             non_streaming_mode: bool = True, **gen_kwargs):
+        """(PromptBatch, gen.Settings, keys) for the functional form `generate.synthesize`."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        return self._prepare(self._custom_voice_prompts(text, speaker, language, instruct,
+                                                        non_streaming_mode), settings)
+
     def generate_custom_voice(self, text, speaker, language=None, instruct=None,
                               non_streaming_mode: bool = True, **gen_kwargs):
         """Speech for preset speakers: (list of float32 waves, 24000). Same arguments as
@@ -293,11 +307,112 @@ class Qwen3TTS:
         items = self._voice_design_prompts(text, instruct, language, non_streaming_mode)
         return self._run(items, settings)
 
+    def prepare_voice_design(self, text, instruct, language=None, non_streaming_mode: bool = True,
+                             **gen_kwargs):
+        """(PromptBatch, gen.Settings, keys) for the functional form `generate.synthesize`."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        return self._prepare(self._voice_design_prompts(text, instruct, language,
+                                                        non_streaming_mode), settings)
+
     def generate_voice_design(self, text, instruct, language=None,
                               non_streaming_mode: bool = True, **gen_kwargs):
         """Speech for a voice described in words: (list of float32 waves, 24000)."""
         return self.decode(self.generate_voice_design_codes(
             text, instruct, language, non_streaming_mode, **gen_kwargs))
+
+    # ------------------------------------------------------------------ voice clone (Base)
+    def create_voice_clone_prompt(self, ref_audio, ref_text=None, x_vector_only_mode=False
+                                  ) -> list[VoiceClonePromptItem]:
+        """Encode reference voice(s) once: the x-vector (speaker encoder) and, in ICL mode, the
+        reference codes (codec encoder) with the transcript. ref_audio: a path, URL, base64 or
+        data: URL, or (np.ndarray, sample_rate); or a list. Save with `save_voice`."""
+        self._require("base", "create_voice_clone_prompt")
+        audios = ref_audio if isinstance(ref_audio, list) else [ref_audio]
+        n = len(audios)
+        texts = _as_list(ref_text, n, "ref_text")
+        xvec_only = _as_list(x_vector_only_mode, n, "x_vector_only_mode")
+        for i, (t, x) in enumerate(zip(texts, xvec_only)):
+            if not x and (t is None or not str(t).strip()):
+                raise ValueError(f"ref_text[{i}] is required in ICL mode (x_vector_only_mode="
+                                 "False): pass the transcript of the reference audio, or "
+                                 "x_vector_only_mode=True to clone from the x-vector alone")
+        enc_cfg = self.config.speaker_encoder
+        items = []
+        for wave, sr, text, x in zip(*zip(*(audio_mod.load_audio(a) for a in audios)), texts,
+                                     xvec_only):
+            wave24 = wave if sr == enc_cfg.sample_rate else audio_mod.resample(
+                wave, sr, enc_cfg.sample_rate)
+            xvec = np.asarray(speaker_encoder.extract_xvector(self.params["speaker_encoder"],
+                                                              enc_cfg, wave24), np.float32)
+            code = None if x else self.speech_tokenizer.encode(wave, sr=sr)[0]
+            items.append(VoiceClonePromptItem(code, xvec, bool(x), not x, text))
+        return items
+
+    def _voice_clone_prompts(self, text, language, ref_audio, ref_text, x_vector_only_mode,
+                             voice_clone_prompt, non_streaming_mode):
+        self._require("base", "generate_voice_clone")
+        texts = text if isinstance(text, list) else [text]
+        self._check_texts(texts)
+        n = len(texts)
+        languages = self._check_languages(_as_list("auto" if language is None else language, n,
+                                                   "language"))
+        if voice_clone_prompt is None:
+            if ref_audio is None:
+                raise ValueError("generate_voice_clone needs ref_audio (with ref_text for ICL "
+                                 "mode) or a voice_clone_prompt")
+            items = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
+        elif isinstance(voice_clone_prompt, (str, os.PathLike)):
+            items = load_voice(os.fspath(voice_clone_prompt))
+        else:
+            items = list(voice_clone_prompt) if isinstance(voice_clone_prompt, (list, tuple)) \
+                else [voice_clone_prompt]
+        items = _as_list(items, n, "voice_clone_prompt")
+        D = self.config.talker.hidden_size
+        for i, it in enumerate(items):
+            if np.shape(it.ref_spk_embedding) != (D,):
+                raise ValueError(f"voice {i} has a {np.shape(it.ref_spk_embedding)} x-vector; this "
+                                 f"checkpoint needs ({D},): was it made with another model size?")
+        out = []
+        for t, lang, it in zip(texts, languages, items):
+            icl = it.icl_mode and it.ref_code is not None
+            out.append(prompts.build_prompt(
+                self.config, self._input_ids(t), lang, None, None, non_streaming_mode,
+                xvector=it.ref_spk_embedding if (it.x_vector_only_mode or it.icl_mode) else None,
+                ref_ids=self.tokenizer.encode(text_mod.ref_text(it.ref_text)) if icl else None,
+                ref_code=it.ref_code if icl else None))
+        return out, items
+
+    def generate_voice_clone_codes(self, text, language=None, ref_audio=None, ref_text=None,
+                                   x_vector_only_mode=False, voice_clone_prompt=None,
+                                   non_streaming_mode: bool = False, **gen_kwargs):
+        """Codes in a cloned voice (Base model): the generated frames only (no reference)."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        items, _ = self._voice_clone_prompts(text, language, ref_audio, ref_text,
+                                             x_vector_only_mode, voice_clone_prompt,
+                                             non_streaming_mode)
+        return self._run(items, settings)
+
+    def generate_voice_clone(self, text, language=None, ref_audio=None, ref_text=None,
+                             x_vector_only_mode=False, voice_clone_prompt=None,
+                             non_streaming_mode: bool = False, **gen_kwargs):
+        """Speech in a cloned voice: (list of float32 waves, 24000). In ICL mode the codes are
+        decoded after the reference codes (as left context) and the reference part is cut, like
+        the official. voice_clone_prompt: items from `create_voice_clone_prompt`, or a voice file
+        path (`save_voice`)."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        built, items = self._voice_clone_prompts(text, language, ref_audio, ref_text,
+                                                 x_vector_only_mode, voice_clone_prompt,
+                                                 non_streaming_mode)
+        codes = self._run(built, settings)
+        refs = [it.ref_code if it.icl_mode and it.ref_code is not None else None for it in items]
+        full = [c if r is None else np.concatenate([np.asarray(r, np.int32), c])
+                for c, r in zip(codes, refs)]
+        wavs, sr = self.decode(full)
+        out = []
+        for wav, r, f in zip(wavs, refs, full):
+            cut = 0 if r is None else int(len(r) / max(len(f), 1) * len(wav))
+            out.append(wav[cut:])
+        return out, sr
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

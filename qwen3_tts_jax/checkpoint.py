@@ -12,7 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import code_predictor, talker, weights
+from . import code_predictor, speaker_encoder, talker, weights
 from .config import Qwen3TTSConfig
 from .weights import CheckpointError
 
@@ -50,13 +50,19 @@ def resolve(path_or_id: str, what: str = "model") -> str:
             f"copy the folder here and pass its path instead of the hub id.") from None
 
 
+def _f32_encoder(path: str):
+    """The speaker encoder stays float32 whatever the transformers' dtype."""
+    return jnp.float32 if path.startswith("speaker_encoder/") else None
+
+
 def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
-    """Params pytree {"talker": ..., "code_predictor": ...} from either checkpoint form."""
+    """Params pytree {"talker", "code_predictor"[, "speaker_encoder" on Base]} from either form."""
     dtype = dtype or default_dtype()
     expected = expected_shapes(cfg)
     fast = os.path.join(folder, FAST_FILE)
     if os.path.exists(fast):
-        return weights.load_params(fast, fast_expected_shapes(cfg), dtype, what=fast)
+        return weights.load_params(fast, fast_expected_shapes(cfg), dtype, what=fast,
+                                   dtype_for=lambda p: _f32_encoder(p) or dtype)
     files = weights.safetensors_files(folder)
     header = weights.read_header(files)
     # The speaker encoder (Base checkpoints) is loaded separately; anything else is checked here.
@@ -68,7 +74,10 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
                               f"checkpoint: {bad[:10]}")
     params = weights.load_official(files, RULES, expected, dtype,
                                    what=f"{folder}/model.safetensors", prefix="talker.")
-    return code_predictor.stack_tables(params)
+    params = code_predictor.stack_tables(params)
+    if cfg.tts_model_type == "base":
+        params["speaker_encoder"] = speaker_encoder.load_params(folder, cfg.speaker_encoder)
+    return params
 
 
 def fast_expected_shapes(cfg: Qwen3TTSConfig) -> dict:
@@ -76,7 +85,12 @@ def fast_expected_shapes(cfg: Qwen3TTSConfig) -> dict:
     ours = weights.expected_ours(RULES, expected_shapes(cfg))
     abstract = weights.nest({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in ours.items()})
     arranged = jax.eval_shape(code_predictor.stack_tables, abstract)
-    return {k: v.shape for k, v in weights.flatten(arranged).items()}
+    out = {k: v.shape for k, v in weights.flatten(arranged).items()}
+    if cfg.tts_model_type == "base":
+        enc = weights.expected_ours(speaker_encoder.RULES,
+                                    speaker_encoder.expected_shapes(cfg.speaker_encoder))
+        out.update({f"speaker_encoder/{k}": s for k, s in enc.items()})
+    return out
 
 
 def save_fast(params, folder: str, source: str) -> str:

@@ -207,3 +207,29 @@ def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max
             return state
         frames = min(2 * frames, bucket(max_frames, 16))
         state = grow(state, frames)
+
+
+def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, settings: Settings,
+               keys_B, frames: int):
+    """The whole pipeline as one pure function, for JAX users to `jit`, `shard_map` or embed:
+    prompt batch -> (codes (B, frames, 16) int32, lengths (B,), audio (B, frames * 1920) f32).
+
+    Unlike `generate`, the frame capacity is fixed (`frames`, static) and there is no host check,
+    so the function traces as a whole. Frames at or after a row's length are zeroed, and so is
+    its audio there: the codec decoder is causal, so each row's audio up to its length is exactly
+    the decode of its own codes.
+
+        synth = jax.jit(synthesize, static_argnames=("cfg", "codec_cfg", "frames"))
+    """
+    from .codec import decoder as codec_decoder
+
+    state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
+                         batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
+                         batch.trailing_len_B, settings, keys_B, frames=frames)
+    state = decode(params, cfg, state, ctx, settings, frames)
+    valid_BxF = jnp.arange(frames)[None, :] < state.length_B[:, None]
+    codes = jnp.where(valid_BxF[..., None], state.codes_BxFxG, 0)
+    audio = codec_decoder.decode(codec_params, codec_cfg, codes)
+    upsample = audio.shape[1] // frames
+    audio = jnp.where(jnp.repeat(valid_BxF, upsample, axis=1), audio, 0.0)
+    return codes, state.length_B, audio

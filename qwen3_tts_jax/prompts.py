@@ -15,10 +15,15 @@ Layout (rows = positions; T = text part, C = codec part; see shared NOTES.md sec
     streaming     (first text token, codec_bos); trailing text = rest of text + eos
     non-streaming (t, codec_pad) for every text token, (eos, codec_pad), (pad, codec_bos);
                   trailing text = pad
+    ICL clone     instead of the two above, text_seq = ref text + text + eos against
+                  codec_seq = codec_bos + reference frames: non-streaming (text_seq_i, codec_pad)
+                  then (pad, codec_seq_j); streaming the two summed position-wise, the longer
+                  text going to the trailing text (`_icl_rows`)
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,11 +65,14 @@ def resolve_language(cfg: Qwen3TTSConfig, language: str, speaker: str | None):
 
 def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
                  speaker: str | None = None, instruct_ids: list[int] | None = None,
-                 non_streaming_mode: bool = True, xvector: np.ndarray | None = None) -> Prompt:
-    """A custom-voice / voice-design / x-vector-clone prompt.
+                 non_streaming_mode: bool = True, xvector: np.ndarray | None = None,
+                 ref_ids: list[int] | None = None, ref_code: np.ndarray | None = None) -> Prompt:
+    """A custom-voice / voice-design / voice-clone prompt.
 
     input_ids: tokens of "<|im_start|>assistant\\n{text}<|im_end|>\\n<|im_start|>assistant\\n".
     speaker: a preset speaker name (custom voice); xvector: a speaker-encoder vector (clone).
+    ref_ids + ref_code: the ICL reference (tokens of "<|im_start|>assistant\\n{ref_text}<|im_end|>\\n"
+    and its (T, 16) codes), which replaces the text rows with the official ICL layout.
     """
     t = cfg.talker
     G = t.num_code_groups
@@ -96,7 +104,10 @@ def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
     parts_codec.append(c)
     extra_pos = NONE if xvector is None else prefix_start + len(ctrl)
     text = ids[3:-5]
-    if non_streaming_mode:
+    if ref_code is not None:
+        a, c, trailing = _icl_rows(cfg, np.asarray(ref_ids, np.int32)[3:-2], text,
+                                   np.asarray(ref_code, np.int32), non_streaming_mode)
+    elif non_streaming_mode:
         a, c = _rows(list(text) + [eos, pad], G)
         c[:, 0] = [t.codec_pad_id] * (len(text) + 1) + [t.codec_bos_id]
         trailing = np.asarray([pad], np.int32)
@@ -110,10 +121,29 @@ def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
                   None if xvector is None else np.asarray(xvector, np.float32))
 
 
-@dataclasses.dataclass
-class PromptBatch:
+def _icl_rows(cfg: Qwen3TTSConfig, ref_text, text, ref_code_TxG, non_streaming_mode: bool):
+    """The official `generate_icl_prompt`: reference text + text + eos against codec_bos + the
+    reference frames (all 16 codebooks summed)."""
+    t, G = cfg.talker, cfg.talker.num_code_groups
+    pad, eos = cfg.tts_pad_token_id, cfg.tts_eos_token_id
+    text_seq = np.concatenate([ref_text, text, [eos]]).astype(np.int32)
+    codec_seq = np.concatenate([np.full((1, G), NONE, np.int32), ref_code_TxG])
+    codec_seq[0, 0] = t.codec_bos_id
+    Lt, Lc = len(text_seq), len(codec_seq)
+    if non_streaming_mode:
+        a = np.concatenate([text_seq, np.full(Lc, pad, np.int32)])
+        c = np.concatenate([np.full((Lt, G), NONE, np.int32), codec_seq])
+        c[:Lt, 0] = t.codec_pad_id
+        return a, c, np.asarray([pad], np.int32)
+    if Lt > Lc:
+        return text_seq[:Lc], codec_seq, text_seq[Lc:]
+    return np.concatenate([text_seq, np.full(Lc - Lt, pad, np.int32)]), codec_seq, \
+        np.asarray([pad], np.int32)
+
+
+class PromptBatch(NamedTuple):
     """Prompts left-padded to a common length L (pads have no parts and mask 0); trailing text
-    right-padded with tts_pad to Lt. Arrays are host numpy, ready to be put on device."""
+    right-padded with tts_pad to Lt. A pytree of arrays (host numpy until put on device)."""
     text_BxL: np.ndarray
     codec_BxLxG: np.ndarray
     mask_BxL: np.ndarray        # bool, False on left padding
