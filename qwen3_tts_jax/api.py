@@ -337,15 +337,23 @@ class Qwen3TTS:
                                  "False): pass the transcript of the reference audio, or "
                                  "x_vector_only_mode=True to clone from the x-vector alone")
         enc_cfg = self.config.speaker_encoder
+        loaded = [audio_mod.load_audio(a) for a in audios]
+        rates = {sr for _, sr in loaded}
+        codes = [None] * n
+        if not all(xvec_only):
+            # Like the official: one padded batch when the rates agree (the last frame of a
+            # shorter item depends on the batch width, so batching matters), else one by one.
+            if len(rates) == 1:
+                codes = self.speech_tokenizer.encode([w for w, _ in loaded], sr=rates.pop())
+            else:
+                codes = [self.speech_tokenizer.encode((w, sr))[0] for w, sr in loaded]
         items = []
-        for wave, sr, text, x in zip(*zip(*(audio_mod.load_audio(a) for a in audios)), texts,
-                                     xvec_only):
+        for (wave, sr), code, text, x in zip(loaded, codes, texts, xvec_only):
             wave24 = wave if sr == enc_cfg.sample_rate else audio_mod.resample(
                 wave, sr, enc_cfg.sample_rate)
             xvec = np.asarray(speaker_encoder.extract_xvector(self.params["speaker_encoder"],
                                                               enc_cfg, wave24), np.float32)
-            code = None if x else self.speech_tokenizer.encode(wave, sr=sr)[0]
-            items.append(VoiceClonePromptItem(code, xvec, bool(x), not x, text))
+            items.append(VoiceClonePromptItem(None if x else code, xvec, bool(x), not x, text))
         return items
 
     def _voice_clone_prompts(self, text, language, ref_audio, ref_text, x_vector_only_mode,
@@ -403,8 +411,13 @@ class Qwen3TTS:
         built, items = self._voice_clone_prompts(text, language, ref_audio, ref_text,
                                                  x_vector_only_mode, voice_clone_prompt,
                                                  non_streaming_mode)
-        codes = self._run(built, settings)
-        refs = [it.ref_code if it.icl_mode and it.ref_code is not None else None for it in items]
+        return self.decode_voice_clone(self._run(built, settings), items)
+
+    def decode_voice_clone(self, codes: Sequence[np.ndarray], voice: list[VoiceClonePromptItem]):
+        """Audio of cloned-voice codes: ICL items are decoded after their reference codes (left
+        context for the codec) and the reference part is cut, like the official."""
+        voice = _as_list(list(voice), len(codes), "voice")
+        refs = [it.ref_code if it.icl_mode and it.ref_code is not None else None for it in voice]
         full = [c if r is None else np.concatenate([np.asarray(r, np.int32), c])
                 for c, r in zip(codes, refs)]
         wavs, sr = self.decode(full)

@@ -4,6 +4,9 @@
         --language english --text "Hello from JAX." --output hello.wav
     qwen3-tts-jax voice-design --model Qwen/Qwen3-TTS-12Hz-1.7B-VoiceDesign \\
         --instruct "A warm, low female voice." --text "Hello." --output hello.wav
+    qwen3-tts-jax clone --model Qwen/Qwen3-TTS-12Hz-0.6B-Base --ref-audio me.wav \\
+        --ref-text "What I say in me.wav." --save-voice me.voice --text "Hello." --output hi.wav
+    qwen3-tts-jax clone --model ... --voice me.voice --text "Hello again." --output again.wav
     qwen3-tts-jax custom-voice --random-weights --text "Hello." --output demo.wav   # offline check
 """
 from __future__ import annotations
@@ -36,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--text-file", help="read the text from this file (UTF-8)")
     io.add_argument("--language", default=None, help='language name or "auto" (default)')
     io.add_argument("--output", "-o", default="output.wav", help="WAV file to write")
-    io.add_argument("--streaming-text", action="store_true",
-                    help="feed the text one token per frame (official non_streaming_mode=False)")
+    io.add_argument("--text-mode", choices=["streaming", "non-streaming"],
+                    help="how the talker reads the text: all in the prompt (non-streaming, the "
+                         "official default for custom-voice and voice-design) or one token per "
+                         "frame (streaming, the official default for clone)")
     io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
     io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
     g = common.add_argument_group("generation (defaults: the checkpoint's generation_config.json)")
@@ -62,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     vd = sub.add_parser("voice-design", parents=[common],
                         help="a voice described in words (VoiceDesign checkpoint)")
     vd.add_argument("--instruct", help="description of the voice")
+    cl = sub.add_parser("clone", parents=[common],
+                        help="clone a voice from reference audio (Base checkpoint)")
+    cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
+    cl.add_argument("--ref-text", help="transcript of the reference (ICL mode)")
+    cl.add_argument("--x-vector-only", action="store_true",
+                    help="clone from the speaker embedding alone (no transcript needed)")
+    cl.add_argument("--voice", help="a voice file written by --save-voice (instead of --ref-audio)")
+    cl.add_argument("--save-voice", help="write the encoded reference voice to this file")
     return p
 
 
@@ -113,6 +126,22 @@ class _Stages:
             self.bar.close()
 
 
+def _clone_voice(tts, args):
+    """The reference voice: a saved voice file, or encoded now from --ref-audio (and saved)."""
+    from . import load_voice, save_voice
+
+    if bool(args.voice) == bool(args.ref_audio):
+        _fail("give exactly one of --ref-audio (with --ref-text, or --x-vector-only) or --voice")
+    if args.voice:
+        return load_voice(args.voice)
+    voice = tts.create_voice_clone_prompt(args.ref_audio, ref_text=args.ref_text,
+                                          x_vector_only_mode=args.x_vector_only)
+    if args.save_voice:
+        save_voice(voice, args.save_voice)
+        print(f"saved voice to {args.save_voice}", file=sys.stderr)
+    return voice
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
@@ -162,6 +191,8 @@ def main(argv=None) -> int:
         except OSError as e:
             _fail(f"cannot read --text-file: {e}")
     gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    mode = {} if args.text_mode is None else {
+        "non_streaming_mode": args.text_mode == "non-streaming"}
     if args.greedy:
         gen.update(do_sample=False, subtalker_dosample=False)
     stages("generating")
@@ -170,14 +201,20 @@ def main(argv=None) -> int:
         if args.command == "custom-voice":
             codes = tts.generate_custom_voice_codes(
                 text, speaker=args.speaker, language=args.language, instruct=args.instruct,
-                non_streaming_mode=not args.streaming_text, **gen)
-        else:
+                **mode, **gen)
+        elif args.command == "voice-design":
             codes = tts.generate_voice_design_codes(
-                text, instruct=args.instruct, language=args.language,
-                non_streaming_mode=not args.streaming_text, **gen)
+                text, instruct=args.instruct, language=args.language, **mode, **gen)
+        else:
+            voice = _clone_voice(tts, args)
+            codes = tts.generate_voice_clone_codes(text, language=args.language,
+                                                   voice_clone_prompt=voice, **mode, **gen)
         stages("decoding audio")
-        wavs, sr = tts.decode(codes)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+        if args.command == "clone":
+            wavs, sr = tts.decode_voice_clone(codes, voice)
+        else:
+            wavs, sr = tts.decode(codes)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # AudioError is a ValueError
         stages.close()
         _fail(str(e))
     write_wav(args.output, wavs[0], sr)

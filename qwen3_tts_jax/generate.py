@@ -215,7 +215,8 @@ def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, sett
     prompt batch -> (codes (B, frames, 16) int32, lengths (B,), audio (B, frames * 1920) f32).
 
     Unlike `generate`, the frame capacity is fixed (`frames`, static) and there is no host check,
-    so the function traces as a whole. Frames at or after a row's length are zeroed, and so is
+    so the function traces as a whole. The audio is the official chunked codec decode (300-frame
+    chunks, 25 frames of left context). Frames at or after a row's length are zeroed, and so is
     its audio there: the codec decoder is causal, so each row's audio up to its length is exactly
     the decode of its own codes.
 
@@ -229,7 +230,7 @@ def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, sett
     state = decode(params, cfg, state, ctx, settings, frames)
     valid_BxF = jnp.arange(frames)[None, :] < state.length_B[:, None]
     codes = jnp.where(valid_BxF[..., None], state.codes_BxFxG, 0)
-    audio = codec_decoder.decode(codec_params, codec_cfg, codes)
+    audio = codec_decoder.chunked_decode(codec_params, codec_cfg, codes)
     upsample = audio.shape[1] // frames
     audio = jnp.where(jnp.repeat(valid_BxF, upsample, axis=1), audio, 0.0)
     return codes, state.length_B, audio

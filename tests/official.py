@@ -148,13 +148,83 @@ def randomize_codec_(codec, seed=0):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def build_codec(path, config=None, seed=0):
+def randomize_for_parity_(dec, seed: int, usage_rows: int = 4):
+    """Re-draw every parameter of an official `Qwen3TTSTokenizerV2Decoder` in place so that every
+    branch contributes at O(1): fan-in-scaled conv/linear weights, O(1) LayerScale / gamma / norm
+    weights and SnakeBeta logs, random codebooks. The first `usage_rows` rows of each codebook get
+    cluster_usage 1e-7 (below the clamp) and tiny sums, so a missing clamp would be visible."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g)
+
+    with torch.no_grad():
+        for m in dec.modules():
+            if isinstance(m, torch.nn.ConvTranspose1d):
+                fan_in = m.in_channels * m.kernel_size[0] // m.stride[0]
+            elif isinstance(m, torch.nn.Conv1d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0]
+            elif isinstance(m, torch.nn.Linear):
+                fan_in = m.in_features
+            else:
+                continue
+            m.weight.copy_(randn(m.weight.shape) / fan_in ** 0.5)
+            if m.bias is not None:
+                m.bias.copy_(0.05 * randn(m.bias.shape))
+        for name, p in dec.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "embedding_sum":
+                p.copy_(randn(p.shape))
+                p[:usage_rows] *= 1e-6
+            elif leaf == "cluster_usage":
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+                p[:usage_rows] = 1e-7
+            elif leaf in ("alpha", "beta"):
+                p.copy_(0.3 * randn(p.shape))
+            elif leaf in ("scale", "gamma"):
+                p.copy_(0.5 + 0.1 * randn(p.shape))
+            elif p.ndim == 1 and leaf == "weight":       # RMSNorm / LayerNorm
+                p.copy_(1.0 + 0.1 * randn(p.shape))
+            elif p.ndim == 1 and leaf == "bias" and "norm" in name:
+                p.copy_(0.1 * randn(p.shape))
+        # Small residual branches in the vocoder's residual units (as in a trained one): at full
+        # scale the stream grows ~3x per block, and float32 noise through sin(alpha x) of
+        # activations in the hundreds would swamp the 1e-4 tolerance.
+        for name, m in dec.named_modules():
+            if name.startswith("decoder.") and hasattr(m, "conv2"):
+                m.conv2.conv.weight *= 0.2
+                m.conv2.conv.bias *= 0.2
+
+
+def make_audible_(codec, seed=0, frames=24):
+    """`randomize_for_parity_` the decoder, then scale its last conv so that decoding random codes
+    peaks at ~0.9 before the clamp: a codec whose audio has real amplitude."""
+    import torch
+
+    dec = codec.decoder
+    randomize_for_parity_(dec, seed)
+    seen = {}
+    hook = dec.decoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("y", o))
+    codes = torch.from_numpy(np.random.default_rng(seed).integers(0, 2048, (1, 16, frames)))
+    with torch.no_grad():
+        dec(codes)
+        hook.remove()
+        peak = float(seen["y"].abs().max())
+        dec.decoder[-1].conv.weight *= 0.9 / peak
+        dec.decoder[-1].conv.bias *= 0.9 / peak
+
+
+def build_codec(path, config=None, seed=0, audible=True):
     import torch
     from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
 
     torch.manual_seed(seed)
     codec = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**(config or codec_config()))).eval()
     randomize_codec_(codec, seed)
+    if audible:
+        make_audible_(codec, seed)
     codec.save_pretrained(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(FE_CFG, f, indent=2)

@@ -61,3 +61,25 @@ def test_list_speakers(make_checkpoint):
     r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--list-speakers")
     assert r.returncode == 0 and r.stdout.split() == sorted(
         ["serena", "vivian", "uncle_fu", "ryan", "aiden", "ono_anna", "sohee", "eric", "dylan"])
+
+
+def test_clone_saves_and_reuses_a_voice(tmp_path, make_checkpoint):
+    from test_audio import write_speech
+
+    ref = tmp_path / "ref.wav"
+    write_speech(str(ref), 22050)
+    voice, a, b = tmp_path / "me.voice", tmp_path / "a.wav", tmp_path / "b.wav"
+    model = make_checkpoint("base")
+    r = run("clone", "--model", model, "--ref-audio", str(ref), "--ref-text", "Hello world.",
+            "--save-voice", str(voice), "--text", "Hi.", "--greedy", "--max-new-tokens", "6",
+            "--output", str(a), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run("clone", "--model", model, "--voice", str(voice), "--text", "Hi.", "--greedy",
+            "--max-new-tokens", "6", "--output", str(b), "--quiet")
+    assert r.returncode == 0, r.stderr
+    wa, sr = sf.read(str(a))
+    wb, _ = sf.read(str(b))
+    assert sr == 24000 and len(wa) > 0 and np.array_equal(wa, wb)   # same voice, greedy
+    r = run("clone", "--model", model, "--ref-audio", str(ref), "--text", "Hi.",
+            "--output", str(tmp_path / "c.wav"), "--quiet")
+    assert r.returncode == 2 and "ref_text" in r.stderr and "Traceback" not in r.stderr

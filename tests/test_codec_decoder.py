@@ -1,0 +1,351 @@
+"""Parity of qwen3_tts_jax.codec (the speech tokenizer's decoder) with the official qwen-tts 0.1.1
+code: `Qwen3TTSTokenizerV2Decoder.forward` stage by stage, `chunked_decode` and
+`Qwen3TTSTokenizerV2Model.decode` through the `Qwen3TTSTokenizer.decode` wrapper, on tiny random codecs
+of three shapes; input checking and loading errors; a full-size parity check marked slow.
+
+Weights: the official init leaves LayerScale at 0.01, ConvNeXt gamma at 1e-6 and SnakeBeta at 0, which
+makes those branches invisible at a 1e-4 tolerance, and even with tests/official.py's random codebooks
+the audio is near-silent (rms ~4e-8). The fixture re-draws every decoder tensor at a fan-in scale
+(`randomize_for_parity_`; residual-unit branches x0.2 so activations stay O(10)) and scales the last
+conv so the reference waveform peaks near 0.9 (rms ~0.15-0.2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from official import randomize_for_parity_, CODEC_DECODER, build_codec, codec_config
+
+from qwen3_tts_jax.codec import SpeechTokenizer, check_codes, chunk_plan, frame_bucket
+from qwen3_tts_jax.codec import decoder as D
+from qwen3_tts_jax.codec.config import parse_decoder_config
+from qwen3_tts_jax.config import ConfigError
+from qwen3_tts_jax.weights import CheckpointError
+
+# shared/official/full_configs.py CODEC["decoder_config"]: the released speech tokenizer's values.
+FULL_DECODER = dict(
+    codebook_size=2048, codebook_dim=512, latent_dim=1024, hidden_size=512, intermediate_size=1024,
+    num_attention_heads=16, num_key_value_heads=16, head_dim=64, num_hidden_layers=8,
+    sliding_window=72, rope_theta=10000, rms_norm_eps=1e-5, layer_scale_initial_scale=0.01,
+    max_position_embeddings=8000, num_quantizers=16, num_semantic_quantizers=1,
+    semantic_codebook_size=4096, upsample_rates=[8, 5, 4, 3], upsampling_ratios=[2, 2],
+    decoder_dim=1536, hidden_act="silu", attention_bias=False,
+    vector_quantization_hidden_dimension=512)
+
+_NO_HEAD_DIM = {k: v for k, v in CODEC_DECODER.items() if k != "head_dim"}
+DECODERS = {
+    # tests/official.py's tiny decoder: MHA, window 72, two upsampling stages.
+    "tiny": CODEC_DECODER,
+    # GQA 6/3, a window of 8 frames, three layers, other rates (same 1920 total), other widths.
+    "gqa_window8": dict(CODEC_DECODER, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                        head_dim=8, intermediate_size=80, num_hidden_layers=3, sliding_window=8,
+                        rope_theta=1000000, rms_norm_eps=1e-6, codebook_dim=48, latent_dim=40,
+                        decoder_dim=96, upsample_rates=[6, 5, 4, 4]),
+    # No head_dim in config.json (falls back to 64 / 4 = 16), GQA 4/2, ONE upsampling stage of 4.
+    "no_head_dim": dict(_NO_HEAD_DIM, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=1, codebook_dim=32, latent_dim=48, decoder_dim=32,
+                        upsampling_ratios=[4], sliding_window=16),
+}
+STAGE_FRAMES = 90          # > the largest window (72), so the sliding window masks something
+SMALL_USAGE_ROWS = 4       # codebook rows whose cluster_usage is below the 1e-5 clamp
+
+
+def random_codes(rng, frames, codebook_size=2048, batch=None):
+    shape = (frames, 16) if batch is None else (batch, frames, 16)
+    codes = rng.integers(0, codebook_size, shape)
+    codes[..., :SMALL_USAGE_ROWS + 1, :] = np.arange(SMALL_USAGE_ROWS + 1)[:, None]  # clamped rows
+    return codes
+
+
+def official_stages(dec, codes_BxTxQ) -> dict:
+    """Every stage of the official `Decoder.forward`, captured with forward hooks, channels-last,
+    under the names `decoder.decode_stages` uses."""
+    out, hooks = {}, []
+
+    def keep(name, get=lambda o: o):
+        return lambda module, inputs, output: out.__setitem__(name, get(output))
+
+    hooks.append(dec.pre_conv.register_forward_hook(keep("pre_conv")))
+    hooks.append(dec.pre_transformer.register_forward_hook(
+        keep("pre_transformer", lambda o: o.last_hidden_state.transpose(1, 2))))
+    for i, blocks in enumerate(dec.upsample):
+        hooks.append(blocks[-1].register_forward_hook(keep(f"upsample.{i}")))
+    for i, m in enumerate(dec.decoder):
+        hooks.append(m.register_forward_hook(keep(f"decoder.{i}")))
+    codes = torch.from_numpy(np.asarray(codes_BxTxQ)).long().transpose(1, 2)
+    try:
+        with torch.no_grad():
+            out["quantizer"] = dec.quantizer.decode(codes)
+            out["wave"] = dec(codes)[:, 0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (v if k == "wave" else v.transpose(1, 2)).numpy() for k, v in out.items()}
+
+
+def assert_close_to_peak(ours, ref, what, rel=1e-4):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != official {ref.shape}"
+    peak, err = np.abs(ref).max(), np.abs(ours - ref).max()
+    assert err <= rel * peak, f"{what}: max|diff| {err:.3g} > {rel} * official peak {peak:.3g}"
+    return err / peak
+
+
+def build_parity_codec(path, decoder_config, seed=0, frames=STAGE_FRAMES):
+    """The official codec saved at `path` with `randomize_for_parity_` weights, the last conv scaled
+    so that decoding `frames` random frames peaks at ~0.9 before the clamp. Returns the codec."""
+    codec = build_codec(path, codec_config(decoder=decoder_config), seed=seed)
+    dec = codec.decoder
+    randomize_for_parity_(dec, seed)
+    codes = random_codes(np.random.default_rng(seed), frames, batch=1)
+    peak = np.abs(official_stages(dec, codes)[f"decoder.{len(dec.decoder) - 1}"]).max()
+    with torch.no_grad():
+        dec.decoder[-1].conv.weight *= 0.9 / peak
+        dec.decoder[-1].conv.bias *= 0.9 / peak
+    codec.save_pretrained(path)
+    return codec
+
+
+@pytest.fixture(scope="module")
+def parity_codec(tmp_path_factory):
+    """parity_codec(name) -> (folder, official codec model, our SpeechTokenizer), built once."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = str(tmp_path_factory.mktemp(f"codec_{name}"))
+            codec = build_parity_codec(path, DECODERS[name], seed=len(built))
+            built[name] = (path, codec, SpeechTokenizer.from_pretrained(path))
+        return built[name]
+
+    return get
+
+
+jit_stages = jax.jit(D.decode_stages, static_argnames=("cfg",))
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decode_stages_match_official_forward(parity_codec, name):
+    """`decode_stages` vs official `Qwen3TTSTokenizerV2Decoder.forward` (hooks on every stage)."""
+    _, codec, tok = parity_codec(name)
+    codes = random_codes(np.random.default_rng(100), STAGE_FRAMES, batch=2)
+    ref = official_stages(codec.decoder, codes)
+    ours = jit_stages(tok.params, tok.config.decoder, codes)
+    assert set(ours) == set(ref)
+    wave = ref["wave"]
+    assert np.sqrt(np.mean(wave ** 2)) > 1e-3 and np.abs(wave).max() > 0.1, "reference is silent"
+    for k in ref:
+        assert_close_to_peak(ours[k], ref[k], f"{name} {k}")
+
+
+def test_chunked_batch_matches_official_decode(parity_codec):
+    """`SpeechTokenizer.decode` (chunked, bucketed, jitted) vs the official `Qwen3TTSTokenizer.decode`
+    on a batch of two lengths > 300 frames, i.e. `Qwen3TTSTokenizerV2Model.decode`: -1 padding,
+    `chunked_decode`, per-item trimming."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    path, codec, tok = parity_codec("tiny")
+    rng = np.random.default_rng(1)
+    items = [random_codes(rng, 330), random_codes(rng, 310)]
+    official = Qwen3TTSTokenizer.from_pretrained(path)
+    ref_wavs, ref_sr = official.decode([{"audio_codes": c} for c in items])
+    wavs, sr = tok.decode([{"audio_codes": c} for c in items])
+    assert sr == ref_sr == 24000
+    assert [len(w) for w in wavs] == [len(w) for w in ref_wavs] == [330 * 1920, 310 * 1920]
+    for i, (w, r) in enumerate(zip(wavs, ref_wavs)):
+        assert w.dtype == np.float32
+        assert np.sqrt(np.mean(r ** 2)) > 1e-3
+        assert_close_to_peak(w, r, f"item {i}")
+    # The chunk boundary really matters: whole-utterance decoding differs after frame 300.
+    with torch.no_grad():
+        whole = codec.decoder(torch.from_numpy(items[1].T[None]).long())[0, 0].numpy()
+    assert np.abs(whole - ref_wavs[1]).max() > 1e-2 * np.abs(whole).max()
+
+
+def test_traceable_chunked_decode_matches_official(parity_codec):
+    """`decoder.chunked_decode` (one jitted program, `lax.map` over windows) vs the official
+    `Decoder.chunked_decode`, with 40-frame chunks and 5 frames of context so that 100 frames make
+    three chunks, the last one partial."""
+    _, codec, tok = parity_codec("tiny")
+    codes = random_codes(np.random.default_rng(3), 100, batch=1)
+    with torch.no_grad():
+        ref = codec.decoder.chunked_decode(torch.from_numpy(codes).long().transpose(1, 2),
+                                           chunk_size=40, left_context_size=5)[:, 0].numpy()
+    chunked = jax.jit(D.chunked_decode, static_argnames=("cfg", "chunk_size", "left_context"))
+    ours = chunked(tok.params, tok.config.decoder, codes, chunk_size=40, left_context=5)
+    assert_close_to_peak(ours, ref, "chunked_decode")
+
+
+def test_bucketed_decode_is_exact(parity_codec):
+    """A batch of 60 and 45 frames runs padded to the 64-frame bucket (the program the chunked test
+    used for its last window); it equals the official decode of each item, and the first frames of
+    our unpadded 90-frame decode (causality)."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    path, codec, tok = parity_codec("tiny")
+    codes = random_codes(np.random.default_rng(100), STAGE_FRAMES, batch=2)
+    assert frame_bucket(60) == 64
+    items = [codes[0, :60], codes[1, :45]]
+    wavs, _ = tok.decode(items)
+    ref_wavs, _ = Qwen3TTSTokenizer.from_pretrained(path).decode([{"audio_codes": c} for c in items])
+    whole = np.asarray(jit_stages(tok.params, tok.config.decoder, codes)["wave"])
+    for i, (w, r) in enumerate(zip(wavs, ref_wavs)):
+        assert_close_to_peak(w, r, f"bucketed item {i} vs official")
+        assert_close_to_peak(w, whole[i, :len(w)], f"bucketed item {i} vs unpadded", rel=1e-5)
+
+
+def test_frame_buckets_and_chunks():
+    assert [frame_bucket(t) for t in (1, 16, 17, 25, 33, 55, 100, 257, 300, 325)] == \
+        [16, 16, 24, 32, 48, 64, 128, 325, 325, 325]
+    assert [frame_bucket(t, None) for t in (300, 385, 700)] == [384, 512, 768]
+    assert chunk_plan(200, 300, 25) == [(0, 200, 0)]
+    assert chunk_plan(620, 300, 25) == [(0, 300, 0), (300, 600, 25), (600, 620, 25)]
+
+
+def test_expected_shapes_match_official_full_size():
+    """`expected_shapes` vs the state_dict of the official full-size decoder (built on the meta
+    device: shapes only)."""
+    from qwen_tts.core import Qwen3TTSTokenizerV2Config
+    from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
+        Qwen3TTSTokenizerV2Decoder)
+
+    cfg = Qwen3TTSTokenizerV2Config(**codec_config(decoder=FULL_DECODER))
+    with torch.device("meta"):
+        dec = Qwen3TTSTokenizerV2Decoder._from_config(cfg.decoder_config)
+    official = {f"decoder.{k}": tuple(v.shape) for k, v in dec.state_dict().items()}
+    ours = D.expected_shapes(parse_decoder_config(FULL_DECODER))
+    assert ours == official
+    assert sum(np.prod(s) for s in ours.values()) == 114_323_137  # shared/official/keys_codec.txt
+
+
+def test_config_head_dim_and_required_codebook_dim():
+    assert parse_decoder_config(DECODERS["no_head_dim"]).head_dim == 16
+    assert parse_decoder_config(FULL_DECODER).head_dim == 64
+    with pytest.raises(ConfigError, match="codebook_dim"):
+        parse_decoder_config({k: v for k, v in FULL_DECODER.items() if k != "codebook_dim"})
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.full((5, 16), 2048), r"code 2048 .*\[0, 2048\).*EOS"),
+    (np.full((5, 16), -2), r"code -2 "),
+    (np.concatenate([np.full((2, 16), -1), np.zeros((3, 16))]), "only allowed as padding"),
+    (np.zeros((5, 8)), "16 codebooks"),
+    (np.zeros((2, 16, 40)), "transpose"),
+    (np.zeros((16,)), r"got shape \(16,\)"),
+    (np.zeros((1, 2, 3, 16)), "got shape"),
+    (np.full((5, 16), np.nan), "NaN"),
+    (np.full((5, 16), 1.5), "whole numbers"),
+    (np.zeros((0, 16)), "no codes"),
+    (np.full((2, 16), -1), "every frame is -1"),
+    ([], "list is empty"),
+    ([np.zeros((3, 16)), np.zeros((16,))], "item 1"),
+    ([[1, 2], [3]], "cannot be read"),
+    ({"codes": np.zeros((3, 16))}, "audio_codes"),
+    (np.zeros((3, 16), bool), "integers"),
+])
+def test_bad_codes_raise_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_codes(bad)
+
+
+def test_accepted_code_forms():
+    c = np.arange(48).reshape(3, 16)
+    want = c[None].astype(np.int32)
+    for form in (c, c.tolist(), jax.numpy.asarray(c), c.astype(np.float64), {"audio_codes": c}):
+        np.testing.assert_array_equal(check_codes(form), want)
+    batch = check_codes([{"audio_codes": c}, {"audio_codes": c[:1]}])
+    assert batch.shape == (2, 3, 16) and (batch[1, 1:] == -1).all()
+    padded = np.concatenate([c[None], np.concatenate([c[None, :1], -np.ones((1, 2, 16), int)], 1)])
+    np.testing.assert_array_equal(check_codes(padded), batch)
+
+
+def test_loading_errors(parity_codec, tmp_path, monkeypatch):
+    path, _, _ = parity_codec("tiny")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+
+    def folder(name, config=cfg, weights=b"copy"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        if weights == b"copy":
+            weights = open(os.path.join(path, "model.safetensors"), "rb").read()
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        return str(d)
+
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        SpeechTokenizer.from_pretrained(folder("missing", weights=None))
+    blob = open(os.path.join(path, "model.safetensors"), "rb").read()
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        SpeechTokenizer.from_pretrained(folder("truncated", weights=blob[:1000]))
+    wrong = dict(cfg, decoder_config=dict(cfg["decoder_config"], num_hidden_layers=3,
+                                          latent_dim=32))
+    with pytest.raises(CheckpointError) as e:
+        SpeechTokenizer.from_pretrained(folder("wrong_config", config=wrong))
+    assert "missing key" in str(e.value) and "wrong shape" in str(e.value)
+    assert "pre_transformer.layers.2.mlp.up_proj.weight" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SpeechTokenizer.from_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError, match="25 Hz"):
+        SpeechTokenizer.from_pretrained(folder("v1", config=dict(
+            cfg, model_type="qwen3_tts_tokenizer_25hz")))
+
+    import huggingface_hub
+
+    def offline(**kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="huggingface-cli download Qwen/nope --local-dir"):
+        SpeechTokenizer.from_pretrained("Qwen/nope")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        SpeechTokenizer.from_pretrained("./no/such/folder")
+
+
+def test_save_converted_round_trip(parity_codec, tmp_path):
+    path, _, tok = parity_codec("tiny")
+    tok.save_converted(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "encoder_params.safetensors",
+                                            "params.safetensors"]
+    again = SpeechTokenizer.from_pretrained(str(tmp_path))
+    assert again.config == tok.config
+    for a, b in zip(jax.tree_util.tree_leaves(tok.encoder_params),
+                    jax.tree_util.tree_leaves(again.encoder_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    flat = jax.tree_util.tree_leaves_with_path
+    for (ka, a), (kb, b) in zip(flat(tok.params), flat(again.params), strict=True):
+        assert ka == kb
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tts_checkpoint_folder_uses_speech_tokenizer(parity_codec, tmp_path):
+    """A Qwen3-TTS model folder (config.json with talker_config) resolves to its speech_tokenizer/."""
+    path, _, tok = parity_codec("tiny")
+    (tmp_path / "config.json").write_text(json.dumps({"talker_config": {}}))
+    os.symlink(path, tmp_path / "speech_tokenizer")
+    assert SpeechTokenizer.from_pretrained(str(tmp_path)).config == tok.config
+
+
+@pytest.mark.slow
+def test_full_size_parity(tmp_path):
+    """The released decoder's sizes (random weights): every stage and the waveform of 40 frames
+    vs the official forward. (The chunking is size-independent host logic, tested above.)"""
+    t0 = time.time()
+    codec = build_parity_codec(str(tmp_path), FULL_DECODER, frames=40)
+    tok = SpeechTokenizer.from_pretrained(str(tmp_path))
+    codes = random_codes(np.random.default_rng(7), 40, batch=1)
+    ref = official_stages(codec.decoder, codes)
+    ours = jit_stages(tok.params, tok.config.decoder, codes)
+    assert np.sqrt(np.mean(ref["wave"] ** 2)) > 1e-3
+    for k in ref:
+        assert_close_to_peak(ours[k], ref[k], f"full size {k}")
+    for k in ref:
+        print(f"full size {k}: max|diff| / peak = "
+              f"{np.abs(np.asarray(ours[k]) - ref[k]).max() / np.abs(ref[k]).max():.1e}")
+    print(f"full-size parity test: {time.time() - t0:.0f} s")
