@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 if [ "${1:-}" = "--test" ]; then
+  # espeak-ng records the speech-like reference audio of the cloning tests (they fall back to a
+  # synthetic voice without it).
+  if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && apt-get install -y -qq espeak-ng; } >/dev/null 2>&1 \
+      || echo "espeak-ng not installed: the tests use synthetic speech instead"
+  fi
   python -m pip install -q -e ".[test]"
   python -c "import qwen_tts" >/dev/null 2>&1 || bash scripts/install_reference.sh
 else
