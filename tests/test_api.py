@@ -1,0 +1,77 @@
+"""The public API's input checks: every bad input is a clear error before anything compiles."""
+import logging
+
+import numpy as np
+import pytest
+
+from qwen3_tts_jax import Qwen3TTS, generate as gen
+
+
+@pytest.fixture(scope="module")
+def cv(make_checkpoint):
+    return Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+
+
+@pytest.fixture(scope="module")
+def vd(make_checkpoint):
+    return Qwen3TTS.from_pretrained(make_checkpoint("vd_bigvocab"))
+
+
+@pytest.mark.parametrize("kw,err,needle", [
+    (dict(speaker="bob"), ValueError, "unknown speaker"),
+    (dict(speaker=None), ValueError, "speaker is required"),
+    (dict(language="klingon"), ValueError, "unsupported language"),
+    (dict(text=""), ValueError, "empty"),
+    (dict(text=["Hi.", " \n"]), ValueError, "text[1] is empty"),
+    (dict(text=3), TypeError, "must be a str"),
+    (dict(text=["a", "b"], speaker=["ryan", "eric", "dylan"]), ValueError, "batch size mismatch"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(subtalker_temperature=-1.0), ValueError, "subtalker_temperature"),
+    (dict(top_k=-1), ValueError, "top_k"),
+    (dict(top_k=2.5), ValueError, "top_k"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(repetition_penalty=0), ValueError, "repetition_penalty"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+    (dict(max_new_tokens=40000), ValueError, "positions"),
+    (dict(bogus=1), TypeError, "unknown generation argument"),
+])
+def test_custom_voice_bad_input(cv, kw, err, needle):
+    args = dict(text="Hello.", speaker="ryan") | kw
+    before = gen.prefill._cache_size()
+    with pytest.raises(err, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        cv.generate_custom_voice_codes(**args)
+    assert gen.prefill._cache_size() == before          # failed before compiling anything
+
+
+def test_wrong_mode_for_checkpoint(cv, vd):
+    with pytest.raises(ValueError, match="voice_design checkpoint"):
+        cv.generate_voice_design_codes("Hi.", instruct="x")
+    with pytest.raises(ValueError, match="custom_voice checkpoint.*voice_design"):
+        vd.generate_custom_voice_codes("Hi.", speaker="ryan")
+    with pytest.raises(ValueError, match="base checkpoint"):
+        vd.create_voice_clone_prompt((np.ones(24000, np.float32), 24000), x_vector_only_mode=True)
+    with pytest.raises(ValueError, match="needs `instruct`"):
+        vd.generate_voice_design_codes("Hi.", instruct=None)
+    assert vd.get_supported_speakers() == [] and "auto" in vd.get_supported_languages()
+
+
+def test_0b6_custom_voice_drops_instruct_with_a_warning(make_checkpoint, caplog):
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_identity_0b6"))
+    with caplog.at_level(logging.WARNING, logger="qwen3_tts_jax"):
+        items = tts._custom_voice_prompts("Hi.", "ryan", None, "Speak slowly.", True)
+    assert "ignores `instruct`" in caplog.text
+    assert len(items[0]) == len(tts._custom_voice_prompts("Hi.", "ryan", None, None, True)[0])
+
+
+def test_checkpoint_without_codec_gives_clear_error(tmp_path, make_checkpoint):
+    import shutil
+
+    dst = tmp_path / "no_codec"
+    shutil.copytree(make_checkpoint("cv_proj"), dst, ignore=shutil.ignore_patterns("speech_*"))
+    tts = Qwen3TTS.from_pretrained(str(dst))
+    codes = tts.generate_custom_voice_codes("Hi.", "ryan", max_new_tokens=3, do_sample=False,
+                                            subtalker_dosample=False)
+    assert codes[0].shape == (2, 16)                      # codes work without the codec
+    with pytest.raises(FileNotFoundError, match="speech_tokenizer"):
+        tts.decode(codes)
