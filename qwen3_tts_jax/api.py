@@ -106,6 +106,7 @@ class Qwen3TTS:
         self.generate_defaults = defaults
         self.folder = folder
         self._speech_tokenizer = None
+        self._replicated = None        # params on every local device, for data-parallel runs
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -183,7 +184,8 @@ class Qwen3TTS:
             raise TypeError(f"instruct must be a str, got {type(instruct).__name__}")
         return self.tokenizer.encode(text_mod.instruct_text(instruct))
 
-    def _prepare(self, items: list[prompts.Prompt], settings: GenerationSettings):
+    def _prepare(self, items: list[prompts.Prompt], settings: GenerationSettings,
+                 data_parallel: int = 1):
         """Built prompts -> (PromptBatch, gen.Settings, keys) padded to shape buckets: the batch to
         a power of two (extra rows stop at once), prompt and trailing text to powers of two."""
         cfg = self.config
@@ -196,6 +198,7 @@ class Qwen3TTS:
                 f"together more than the model's {limit} positions; split the text or lower "
                 "max_new_tokens")
         B = gen.bucket(n, 1)
+        B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
         items = items + [items[0]] * (B - n)
         batch = prompts.batch_prompts(cfg, items, length=gen.bucket(longest),
                                       trailing_length=gen.bucket(max(len(p.trailing)
@@ -212,10 +215,22 @@ class Qwen3TTS:
                                     jnp.asarray(budget))
         return batch, run_settings, self._keys(settings.seed, n, B)
 
-    def _run(self, items: list[prompts.Prompt], settings: GenerationSettings) -> list[np.ndarray]:
-        """Generate codes for built prompts: one padded, bucketed batch on device."""
-        batch, run_settings, keys = self._prepare(items, settings)
-        state = gen.generate(self.params, self.config, batch, run_settings, keys,
+    def _run(self, items: list[prompts.Prompt], settings: GenerationSettings,
+             data_parallel: bool = False) -> list[np.ndarray]:
+        """Generate codes for built prompts: one padded, bucketed batch on device, or with
+        `data_parallel` the batch split over all local devices (params replicated)."""
+        devices = len(jax.local_devices()) if data_parallel else 1
+        batch, run_settings, keys = self._prepare(items, settings, devices)
+        params = self.params
+        if devices > 1:
+            from .batch import data_sharding
+
+            rows, replicated = data_sharding()
+            batch, run_settings, keys = jax.device_put((batch, run_settings, keys), rows)
+            if self._replicated is None:
+                self._replicated = jax.device_put(self.params, replicated)
+            params = self._replicated
+        state = gen.generate(params, self.config, batch, run_settings, keys,
                              max_frames=settings.max_new_tokens - 1)
         codes = np.asarray(state.codes_BxFxG)
         lengths = np.asarray(state.length_B)
@@ -426,6 +441,13 @@ class Qwen3TTS:
             cut = 0 if r is None else int(len(r) / max(len(f), 1) * len(wav))
             out.append(wav[cut:])
         return out, sr
+
+    def generate_prompts_codes(self, items: list[prompts.Prompt], pad_batch_to: int = 1,
+                               **gen_kwargs):
+        """Codes for already built prompts (any mode); with pad_batch_to > 1 the batch is split
+        over all local devices. Used by the batch tool."""
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        return self._run(items, settings, data_parallel=pad_batch_to > 1)
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

@@ -67,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     vd = sub.add_parser("voice-design", parents=[common],
                         help="a voice described in words (VoiceDesign checkpoint)")
     vd.add_argument("--instruct", help="description of the voice")
+    bt = sub.add_parser("batch", parents=[common],
+                        help="many utterances to WAV files (JSONL or one text per line)")
+    bt.add_argument("input", help="requests: .jsonl (text, name, speaker, instruct, voice, "
+                                  "language, seed) or a text file, one utterance per line")
+    bt.add_argument("--out-dir", required=True, help="folder for the WAV files")
+    bt.add_argument("--batch-size", type=int, default=8, help="utterances per padded batch")
+    bt.add_argument("--speaker", help="default speaker (custom voice)")
+    bt.add_argument("--instruct", help="default instruction")
+    bt.add_argument("--voice", help="default voice file (Base checkpoints)")
+    bt.add_argument("--num-hosts", type=int, default=1, help="hosts sharing the input")
+    bt.add_argument("--host-index", type=int, default=0, help="this host's index")
     cl = sub.add_parser("clone", parents=[common],
                         help="clone a voice from reference audio (Base checkpoint)")
     cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
@@ -142,11 +153,42 @@ def _clone_voice(tts, args):
     return voice
 
 
+def _batch(tts, args, stages) -> int:
+    from . import batch
+
+    stages.close()
+    defaults = {k: getattr(args, k) for k in ("speaker", "instruct", "language", "voice")
+                if getattr(args, k) is not None}
+    requests, problems = batch.read_requests(args.input, defaults)
+    for p in problems:
+        print(f"qwen3-tts-jax: skipping {p}", file=sys.stderr)
+    gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    if args.greedy:
+        gen.update(do_sample=False, subtalker_dosample=False)
+    if args.text_mode is not None:
+        gen["non_streaming_mode"] = args.text_mode == "non-streaming"
+    summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
+                        progress=not args.quiet, num_hosts=args.num_hosts,
+                        host_index=args.host_index)
+    failed = problems + summary["failed"]
+    print(f"batch: {summary['done']} written, {summary['skipped']} already there, "
+          f"{len(failed)} failed; {summary['audio_seconds']:.1f} s of audio in "
+          f"{summary['wall_seconds']:.1f} s")
+    for f in failed:
+        print(f"  failed: {f}")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
     listing = args.list_speakers or args.list_languages
-    if not listing:
+    if args.command == "batch":
+        if args.text or args.text_file:
+            _fail("batch reads its texts from INPUT; --text/--text-file do not apply")
+        if not os.path.isfile(args.input):
+            _fail(f"input file {args.input} does not exist")
+    elif not listing:
         if (args.text is None) == (args.text_file is None):
             _fail("give exactly one of --text or --text-file")
         _check_output(args.output)
@@ -183,6 +225,8 @@ def main(argv=None) -> int:
     if listing:
         return 0
 
+    if args.command == "batch":
+        return _batch(tts, args, stages)
     text = args.text
     if args.text_file:
         try:

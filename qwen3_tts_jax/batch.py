@@ -1,0 +1,150 @@
+"""Batch jobs: many utterances to WAV files, padded batches on every local device, restartable.
+
+    qwen3-tts-jax batch requests.jsonl --out-dir wavs --model ... --batch-size 16
+    qwen3-tts-jax batch lines.txt --out-dir wavs --model ... --speaker ryan --language english
+
+Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mode "speaker",
+"instruct", "voice" (a voice file), "language", "seed"} (the mode is the checkpoint's); or a plain
+text file, one utterance per line, named line-00001... with the voice from the command line. A line
+that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
+skipped. Requests are sorted by length and run in padded batches; each WAV is written atomically
+(temp file + rename) as soon as its batch is done, and a file that already exists is not generated
+again, so a killed job restarts where it stopped without losing or redoing finished work.
+
+Data parallel: the batch is sharded over all local devices (`jax.sharding`, a 1-D "data" mesh;
+params replicated). Across hosts, start the same command on each host with `--num-hosts N
+--host-index i` (after `jax.distributed.initialize()` where the platform needs it): host i takes
+requests i, i+N, i+2N, ... of the input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass
+class Request:
+    line: int
+    text: str
+    name: str
+    speaker: str | None = None
+    instruct: str | None = None
+    language: str | None = None
+    voice: str | None = None
+    seed: int | None = None
+
+
+def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
+    """(requests, problems): JSONL if the file's first non-empty line is a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    as_json = first.startswith("{")
+    fields = {f.name for f in dataclasses.fields(Request)} - {"line"}
+    out, problems, names = [], [], set()
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            if as_json:
+                d = json.loads(raw)
+                if not isinstance(d, dict):
+                    raise ValueError("not a JSON object")
+                unknown = sorted(set(d) - fields)
+                if unknown:
+                    raise ValueError(f"unknown field(s) {unknown}; known: {sorted(fields)}")
+            else:
+                d = {"text": raw}
+            d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
+            if not isinstance(d.get("text"), str) or not d["text"].strip():
+                raise ValueError("no text")
+            name = str(d.get("name") or f"line-{i:05d}")
+            if os.sep in name or name in (".", "..") or name in names:
+                raise ValueError(f"bad or duplicate name {name!r}")
+            names.add(name)
+            out.append(Request(line=i, **{**d, "name": name}))
+        except (ValueError, TypeError) as e:
+            problems.append(f"line {i}: {e}")
+    return out, problems
+
+
+def data_sharding():
+    """Batch axis split over all local devices, everything else replicated."""
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
+        progress: bool = True, num_hosts: int = 1, host_index: int = 0) -> dict:
+    """Generate every request not yet on disk. Returns a summary dict (done, skipped, failed)."""
+    from tqdm import tqdm
+
+    from .cli import write_wav
+
+    os.makedirs(out_dir, exist_ok=True)
+    mine = requests[host_index::num_hosts]
+    todo = [r for r in mine if not os.path.exists(os.path.join(out_dir, r.name + ".wav"))]
+    skipped = len(mine) - len(todo)
+    todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
+    devices = len(jax.local_devices())
+    batch_size = max(batch_size, devices) // devices * devices
+    failed, audio_s, t0 = [], 0.0, time.perf_counter()
+    bar = tqdm(total=len(todo), disable=not progress, unit="utt")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        try:
+            waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
+        except (ValueError, TypeError, OSError) as e:   # one bad request: retry one by one
+            waves, sr = [], 24000
+            for r in chunk:
+                try:
+                    w, sr = _generate(tts, [r], dict(gen or {}), devices)
+                    waves.append(w[0])
+                except (ValueError, TypeError, OSError) as e1:
+                    failed.append(f"line {r.line} ({r.name}): {e1}")
+                    waves.append(None)
+            del e
+        for r, w in zip(chunk, waves):
+            if w is not None:
+                write_wav(os.path.join(out_dir, r.name + ".wav"), w, sr)
+                audio_s += len(w) / sr
+        bar.update(len(chunk))
+        wall = time.perf_counter() - t0
+        bar.set_postfix_str(f"{audio_s:.1f} s audio, {audio_s / max(wall, 1e-9):.2f}x real time")
+    bar.close()
+    return {"done": len(todo) - len(failed), "skipped": skipped, "failed": failed,
+            "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0}
+
+
+def _generate(tts, chunk: list[Request], gen: dict, devices: int):
+    """One padded batch through the official-style API, sharded over the local devices."""
+    kind = tts.tts_model_type
+    texts = [r.text for r in chunk]
+    langs = [r.language or "auto" for r in chunk]
+    seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
+    gen = {**gen, "seed": seeds}
+    if kind == "custom_voice":
+        items = tts._custom_voice_prompts(texts, [r.speaker for r in chunk], langs,
+                                          [r.instruct or "" for r in chunk],
+                                          gen.pop("non_streaming_mode", True))
+    elif kind == "voice_design":
+        items = tts._voice_design_prompts(texts, [r.instruct for r in chunk], langs,
+                                          gen.pop("non_streaming_mode", True))
+    else:
+        from .voice import load_voice
+
+        voices = [load_voice(r.voice)[0] if r.voice else None for r in chunk]
+        if any(v is None for v in voices):
+            raise ValueError("a Base checkpoint needs a \"voice\" file for every request")
+        items, _ = tts._voice_clone_prompts(texts, langs, None, None, False, voices,
+                                            gen.pop("non_streaming_mode", False))
+    codes = tts.generate_prompts_codes(items, pad_batch_to=devices, **gen)
+    if kind == "base":
+        return tts.decode_voice_clone(codes, voices)
+    return tts.decode(codes)

@@ -1,0 +1,98 @@
+"""The batch tool (`qwen3-tts-jax batch`): bad lines reported and skipped, restart after a kill
+without redoing or losing finished files, and data-parallel sharding over 8 simulated devices giving
+the same codes as one device."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from test_cli import EXE
+
+
+def _env(**extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+
+
+def test_bad_lines_are_reported_and_skipped(tmp_path, make_checkpoint):
+    lines = [json.dumps({"text": "Hello world.", "name": "a", "speaker": "ryan"}),
+             "{not json",
+             json.dumps({"text": "", "name": "b"}),
+             json.dumps({"text": "Hi.", "name": "c", "speaker": "bob"}),
+             json.dumps({"text": "Hi.", "name": "d", "language": "english"}),
+             json.dumps({"text": "Hi.", "colour": "red"})]
+    inp = tmp_path / "req.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "wavs"
+    r = subprocess.run([EXE, "batch", str(inp), "--out-dir", str(out), "--model",
+                        make_checkpoint("cv_proj"), "--speaker", "vivian", "--greedy",
+                        "--max-new-tokens", "5", "--quiet", "--batch-size", "4"],
+                       capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 1, r.stderr
+    assert sorted(os.listdir(out)) == ["a.wav", "d.wav"]
+    report = r.stdout + r.stderr
+    for needle in ("line 2", "line 3: no text", "line 4", "unknown speaker", "line 6",
+                   "2 written", "4 failed"):
+        assert needle in report, report
+    assert "Traceback" not in report
+
+
+def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):
+    inp = tmp_path / "lines.txt"
+    inp.write_text("\n".join(f"Sentence number {i}." for i in range(40)) + "\n")
+    out = tmp_path / "wavs"
+    cmd = [EXE, "batch", str(inp), "--out-dir", str(out), "--model", make_checkpoint("cv_proj"),
+           "--speaker", "ryan", "--greedy", "--max-new-tokens", "6", "--batch-size", "1",
+           "--quiet"]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if out.exists() and len([f for f in os.listdir(out) if f.endswith(".wav")]) >= 2:
+            break
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    finished = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".wav")}
+    assert 2 <= len(finished) < 40, "the job was not interrupted mid-way"
+    assert not [f for f in os.listdir(out) if not f.endswith(".wav")] or all(
+        f.startswith("tmp") for f in os.listdir(out) if not f.endswith(".wav"))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert f"{40 - len(finished)} written, {len(finished)} already there" in r.stdout
+    wavs = sorted(f for f in os.listdir(out) if f.endswith(".wav"))
+    assert wavs == [f"line-{i:05d}.wav" for i in range(1, 41)]
+    for f, mtime in finished.items():                  # finished files were not redone
+        assert os.stat(out / f).st_mtime_ns == mtime
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from qwen3_tts_jax import Qwen3TTS
+    assert len(jax.local_devices()) == 8, jax.local_devices()
+    tts = Qwen3TTS.from_pretrained(sys.argv[1])
+    texts = ["Hello world.", "Hi.", "The quick brown fox.", "A", "Speak slowly.",
+             "Numbers 0123.", "The lazy dog.", "Hello again.", "One more."]
+    speakers = ["ryan", "vivian", "eric", "dylan", "serena", "aiden", "sohee", "uncle_fu", "ryan"]
+    items = tts._custom_voice_prompts(texts, speakers, "auto", None, True)
+    out = {}
+    for name, kw in [("greedy", dict(do_sample=False, subtalker_dosample=False)),
+                     ("sampled", dict(seed=list(range(9))))]:
+        one = tts.generate_prompts_codes(items, max_new_tokens=12, **kw)
+        eight = tts.generate_prompts_codes(items, pad_batch_to=8, max_new_tokens=12, **kw)
+        out[name] = all(a.shape == b.shape and (a == b).all() for a, b in zip(one, eight))
+    print(json.dumps(out))
+""")
+
+
+def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_proj")],
+                       capture_output=True, text=True, timeout=900,
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"greedy": True, "sampled": True}
