@@ -1,0 +1,33 @@
+"""The bf16 path (the default on GPU/TPU) stays close to float32: the measure is the talker's
+prefill logits (relative error against their spread) and how many greedy frames agree exactly."""
+import jax.numpy as jnp
+import numpy as np
+
+from qwen3_tts_jax import Qwen3TTS, generate as gen
+
+
+def test_bf16_close_to_f32(make_checkpoint):
+    path = make_checkpoint("cv_proj")
+    f32, bf16 = Qwen3TTS.from_pretrained(path, jnp.float32), Qwen3TTS.from_pretrained(path,
+                                                                                        "bfloat16")
+    assert bf16.params["talker"]["layers"][0]["attn"]["q"].dtype == jnp.bfloat16
+    kw = dict(text=["Hello world. This is a tiny test.", "Hi."], speaker=["ryan", "vivian"],
+              do_sample=False, subtalker_dosample=False, max_new_tokens=17)
+    logits = []
+    for tts in (f32, bf16):
+        batch, settings, keys = tts.prepare_custom_voice(**kw)
+        state, _ = gen.prefill(tts.params, tts.config, batch.text_BxL, batch.codec_BxLxG,
+                               batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
+                               batch.trailing_BxLt, batch.trailing_len_B, settings, keys,
+                               frames=16)
+        logits.append(np.asarray(state.logits_BxV[:2, :2048]))
+    err = np.abs(logits[1] - logits[0]).max() / logits[0].std()
+    assert err < 0.1, f"bf16 prefill logits off by {err:.3f} of their spread"
+    a, b = f32.generate_custom_voice_codes(**kw), bf16.generate_custom_voice_codes(**kw)
+    for x, y in zip(a, b):
+        n = min(len(x), len(y))
+        agree = np.argmax(np.any(x[:n] != y[:n], axis=1)) if (x[:n] != y[:n]).any() else n
+        # greedy decoding amplifies any difference once a near-tie flips: require the first
+        # frame's code 0 to agree and report the rest (see the issue note for measured values)
+        assert x[0, 0] == y[0, 0]
+        print(f"frames agreeing exactly before the first difference: {agree} of {n}")
