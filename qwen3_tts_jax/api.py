@@ -20,8 +20,9 @@ import numpy as np
 
 from . import audio as audio_mod
 from . import checkpoint, generate as gen, prompts, sampling, speaker_encoder, text as text_mod
+from .buckets import ladder
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
-from .voice import VoiceClonePromptItem, load_voice, save_voice  # noqa: F401 (public names)
+from .voice import VoiceClonePromptItem, load_voice
 
 log = logging.getLogger("qwen3_tts_jax")
 
@@ -200,9 +201,10 @@ class Qwen3TTS:
         B = gen.bucket(n, 1)
         B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
         items = items + [items[0]] * (B - n)
-        batch = prompts.batch_prompts(cfg, items, length=gen.bucket(longest),
-                                      trailing_length=gen.bucket(max(len(p.trailing)
-                                                                     for p in items)))
+        # Prompt lengths on the finer 16, 24, 32, 48, ... ladder: prefill is most of the time to
+        # the first frame, and a power of two could nearly double it.
+        batch = prompts.batch_prompts(cfg, items, length=ladder(longest),
+                                      trailing_length=ladder(max(len(p.trailing) for p in items)))
         budget = np.array([settings.max_new_tokens] * n + [1] * (B - n), np.int32)
         talker = sampling.SamplingParams.create(
             B, do_sample=settings.do_sample, temperature=settings.temperature,

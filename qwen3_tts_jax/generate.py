@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from . import code_predictor, layers, sampling, talker
+from .buckets import power_of_two as bucket
 from .config import Qwen3TTSConfig
 from .prompts import NONE
 
@@ -179,12 +180,6 @@ def grow(state: State, frames: int) -> State:
     pad = lambda a: jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
     caches = [layers.KVCache(pad(c.k), pad(c.v)) for c in state.caches]
     return state._replace(caches=caches, codes_BxFxG=pad(state.codes_BxFxG))
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Shape bucket: the next power of two >= n (at least `minimum`), so that compiled programs
-    are reused across requests of similar size."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 FIRST_FRAMES = 256  # frame capacity of the first segment (20 s of audio); doubled as needed

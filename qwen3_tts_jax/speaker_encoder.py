@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights
+from .buckets import ladder
 from .config import SpeakerEncoderConfig
 from .weights import Rule
 
@@ -300,10 +301,7 @@ def _xvector(params, cfg: SpeakerEncoderConfig, wave_N, num_samples, num_frames:
 def frame_bucket(num_frames: int) -> int:
     """The padded frame count a clip of `num_frames` mel frames runs with: the next of 16, 24, 32,
     48, 64, ... (powers of two and 1.5x powers of two)."""
-    b = MIN_BUCKET
-    while b < num_frames:
-        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
-    return b
+    return ladder(num_frames, MIN_BUCKET)
 
 
 def _check_length(num_samples: int, cfg: SpeakerEncoderConfig | None = None) -> None:

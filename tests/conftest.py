@@ -44,3 +44,20 @@ def make_checkpoint(ckpt_root, text_tokenizer, codec_dir):
         return built[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def model_pair(make_checkpoint):
+    """model_pair(name) -> (official Qwen3TTSModel, our Qwen3TTS) for SPECS[name], loaded once."""
+    from official import load_official
+    from qwen3_tts_jax import Qwen3TTS
+
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            path = make_checkpoint(name)
+            loaded[name] = (load_official(path), Qwen3TTS.from_pretrained(path))
+        return loaded[name]
+
+    return get

@@ -7,7 +7,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 from convert.__main__ import convert

@@ -6,23 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from official import GREEDY, load_official
-from qwen3_tts_jax import Qwen3TTS, generate
+from official import GREEDY
+from qwen3_tts_jax import generate
 
 TEXTS = ["Hello world. This is a tiny test.", "Hi."]
 
 
 @pytest.fixture(scope="module")
-def pair(make_checkpoint):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            path = make_checkpoint(name)
-            cache[name] = (load_official(path), Qwen3TTS.from_pretrained(path))
-        return cache[name]
-
-    return get
+def pair(model_pair):
+    return model_pair
 
 
 def _close_waves(ours, ref):

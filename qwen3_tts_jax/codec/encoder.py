@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import audio, layers
+from ..buckets import ladder
 from ..config import ConfigError
 from ..weights import Rule, expected_ours, flatten, load_official, nest
 # The decoder's attention reads only num_attention_heads, num_key_value_heads and head_dim from its
@@ -434,10 +435,7 @@ jit_encode_stages = jax.jit(encode_stages, static_argnames=("cfg",))
 def frame_bucket(num_frames: int) -> int:
     """Code frames a buffer is rounded up to: 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x
     powers of two, the decoder's ladder in tokenizer.py): at most +50 % work, few programs."""
-    b = MIN_BUCKET_FRAMES
-    while b < num_frames:
-        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
-    return b
+    return ladder(num_frames, MIN_BUCKET_FRAMES)
 
 
 def pad_batch(waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

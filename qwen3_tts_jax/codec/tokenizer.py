@@ -30,6 +30,7 @@ import numpy as np
 
 from ..weights import (CheckpointError, expected_ours, load_official, load_params, safetensors_files,
                        save_params)
+from ..buckets import ladder
 from . import decoder, encoder
 from .config import DecoderConfig, SpeechTokenizerConfig, load_config
 
@@ -43,9 +44,7 @@ MIN_BUCKET = 16
 def frame_bucket(num_frames: int, cap: int | None = CHUNK_SIZE + LEFT_CONTEXT) -> int:
     """The padded length a window of `num_frames` frames runs with: the next of 16, 24, 32, 48, 64,
     ... (powers of two and 1.5x powers of two), but at most `cap` (the full-chunk window)."""
-    b = MIN_BUCKET
-    while b < num_frames:
-        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    b = ladder(num_frames, MIN_BUCKET)
     return b if cap is None else min(b, cap)
 
 

@@ -1,0 +1,17 @@
+"""Shape buckets: the padded sizes that compiled programs are built for, so that requests of similar
+size reuse one program instead of compiling their own."""
+
+
+def power_of_two(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (at least `minimum`)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def ladder(n: int, minimum: int = 16) -> int:
+    """The next of minimum, 1.5 x minimum, 2 x minimum, 3 x minimum, 4 x ... (powers of two and
+    1.5x powers of two when minimum is a power of two) >= n: at most +50 % padded work, and about
+    two programs per doubling of the size."""
+    b = minimum
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
