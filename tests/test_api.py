@@ -75,3 +75,18 @@ def test_checkpoint_without_codec_gives_clear_error(tmp_path, make_checkpoint):
     assert codes[0].shape == (2, 16)                      # codes work without the codec
     with pytest.raises(FileNotFoundError, match="speech_tokenizer"):
         tts.decode(codes)
+
+
+def test_runtime_never_imports_the_reference_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, qwen3_tts_jax\n"
+            "for m in pkgutil.walk_packages(qwen3_tts_jax.__path__, 'qwen3_tts_jax.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "import convert.__main__\n"
+            "bad = [m for m in ('torch', 'transformers', 'qwen_tts', 'librosa') if m in sys.modules]\n"
+            "print(bad)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
