@@ -12,11 +12,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import tempfile
 import time
+
+# Subcommands that live in their own module. Each module defines `add_parser(sub, common)`, which
+# adds its subparser(s) with `set_defaults(run=FUNCTION)`; `main` calls `args.run(args)` for them.
+# Keep such modules' top-level imports light: `--help` imports them.
+EXTRA_COMMANDS: list[str] = []
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtalker_temperature",
                   "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")
@@ -86,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="clone from the speaker embedding alone (no transcript needed)")
     cl.add_argument("--voice", help="a voice file written by --save-voice (instead of --ref-audio)")
     cl.add_argument("--save-voice", help="write the encoded reference voice to this file")
+    for name in EXTRA_COMMANDS:
+        importlib.import_module(name).add_parser(sub, common)
     return p
 
 
@@ -182,6 +190,8 @@ def _batch(tts, args, stages) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
+    if getattr(args, "run", None) is not None:
+        return args.run(args)
     listing = args.list_speakers or args.list_languages
     if args.command == "batch":
         if args.text or args.text_file:
