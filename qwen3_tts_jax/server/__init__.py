@@ -1,0 +1,112 @@
+"""`qwen3-tts-jax serve`: an HTTP server with OpenAI's speech API, dynamic batching and streaming.
+
+    qwen3-tts-jax serve --model Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice --port 8000
+    curl -s localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\
+        -d '{"model": "qwen3-tts", "input": "Hello.", "voice": "ryan", "response_format": "wav"}' \\
+        -o hello.wav
+
+Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes). FastAPI and
+uvicorn are the optional extra `pip install "qwen3-tts-jax[serve]"`; nothing else in the package
+imports them. Details and measurements: docs/serving.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+
+def add_parser(sub, common) -> None:
+    """The `serve` subcommand (cli.EXTRA_COMMANDS)."""
+    p = sub.add_parser("serve", parents=[common],
+                       help="an HTTP server: OpenAI's POST /v1/audio/speech, batched and streamed")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", default="qwen3-tts",
+                   help="the model id that GET /v1/models reports")
+    s.add_argument("--voices-dir", default="voices",
+                   help="cloned voices registered over HTTP are kept here and reloaded at start "
+                        "(Base checkpoints)")
+    s.add_argument("--max-batch-size", type=int, default=8,
+                   help="requests generated together in one padded batch")
+    s.add_argument("--batch-buckets", default=None,
+                   help="padded batch sizes to compile, comma-separated (default: powers of two up "
+                        "to --max-batch-size; one value pads every batch to it: one compile)")
+    s.add_argument("--min-prompt-bucket", type=int, default=16,
+                   help="shortest padded prompt length (larger: fewer compiled shapes)")
+    s.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the first waiting request waits for others to batch with")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="waiting requests beyond this are refused with 429")
+    s.add_argument("--max-input-chars", type=int, default=4096,
+                   help="longer `input` texts are refused with 413")
+    s.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, queue included (then 504 or the stream ends)")
+    s.add_argument("--chunk-frames", type=int, default=12,
+                   help="frames per streamed chunk (12 frames = 0.96 s of audio)")
+    s.add_argument("--first-chunk-frames", type=int, default=3,
+                   help="frames in the first chunk (small: the time to first audio)")
+    s.add_argument("--left-context", type=int, default=72,
+                   help="frames of earlier codes each chunk is decoded after")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..cli import SAMPLING_FLAGS, _fail
+
+    try:
+        import uvicorn
+
+        from .app import ServerOptions, create_app
+    except ImportError as e:
+        _fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
+    if args.text or args.text_file:
+        _fail("serve takes its texts from HTTP requests; --text/--text-file do not apply")
+    if bool(args.model) == bool(args.random_weights):
+        _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+    logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
+
+    import jax.numpy as jnp
+
+    from .. import Qwen3TTS, demo, enable_compilation_cache
+
+    if not args.no_compile_cache:
+        enable_compilation_cache()
+    folder = args.model
+    if args.random_weights:
+        print("qwen3-tts-jax: --random-weights: a tiny RANDOM-WEIGHT checkpoint; the audio is "
+              "NOISE, not speech", file=sys.stderr)
+        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"))
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
+    try:
+        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    buckets = None
+    if args.batch_buckets:
+        try:
+            buckets = tuple(int(b) for b in args.batch_buckets.split(","))
+        except ValueError:
+            _fail(f"--batch-buckets takes comma-separated integers, got {args.batch_buckets!r}")
+    defaults = {k: getattr(args, k) for k in SAMPLING_FLAGS
+                if k != "max_new_tokens" and getattr(args, k) is not None}
+    if args.greedy:
+        defaults.update(do_sample=False, subtalker_dosample=False)
+    options = ServerOptions(
+        model_name=args.model_name, voices_dir=args.voices_dir,
+        max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue, max_input_chars=args.max_input_chars,
+        request_timeout=args.request_timeout, chunk_frames=args.chunk_frames,
+        first_chunk_frames=args.first_chunk_frames, left_context=args.left_context,
+        batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
+        language=args.language,
+        non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
+        defaults=defaults, max_new_tokens=args.max_new_tokens)
+    try:
+        app = create_app(tts, options)
+    except ValueError as e:
+        _fail(str(e))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0

@@ -1,0 +1,534 @@
+"""The HTTP API (FastAPI): OpenAI's `POST /v1/audio/speech` over the batching engine, voices,
+health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` runs it with uvicorn.
+
+    POST   /v1/audio/speech        {"model", "input", "voice", "response_format", "speed",
+                                    "instructions", "stream_format"} + official generation settings
+    GET    /v1/audio/voices        preset speakers and registered (cloned) voices
+    POST   /v1/audio/voices        multipart: name, audio_sample (file), transcript (Base only)
+    DELETE /v1/audio/voices/{id}
+    GET    /v1/models, GET /health
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status saying
+who must act: 400 bad request, 404 unknown voice id, 409 name taken, 413 input too long, 429 queue
+full (with Retry-After), 504 out of time, 500 a server bug. See docs/serving.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import struct
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import GEN_KWARGS, GenerationSettings
+from ..voice import load_voice, save_voice
+from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull
+
+log = logging.getLogger("qwen3_tts_jax.server")
+
+SAMPLE_RATE = 24000
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
+               "opus": "audio/ogg", "aac": "audio/aac"}
+STREAMED = ("wav", "pcm")          # sent chunk by chunk as frames are generated
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
+                 "shimmer", "verse", "marin", "cedar")
+SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
+                 "stream_format", "language", "non_streaming_mode") + GEN_KWARGS
+VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
+MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """Server-wide settings (the `serve` command's flags)."""
+    model_name: str = "qwen3-tts"
+    voices_dir: str | None = None
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    max_queue: int = 64
+    max_input_chars: int = 4096
+    request_timeout: float = 300.0
+    chunk_frames: int = 12
+    first_chunk_frames: int = 3
+    left_context: int = 72
+    batch_buckets: tuple[int, ...] | None = None               # default: powers of two
+    min_prompt_bucket: int = 16
+    language: str | None = None                                # default language
+    non_streaming_mode: bool | None = None                     # default text mode
+    defaults: dict = dataclasses.field(default_factory=dict)   # CLI generation flags
+    max_new_tokens: int | None = None                          # server-wide cap
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+def _error_type(status: int) -> str:
+    return {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
+            413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error"}.get(
+        status, "server_error")
+
+
+def _error_response(status: int, message: str, param=None, code=None, headers=None):
+    return JSONResponse({"error": {"message": message, "type": _error_type(status),
+                                   "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------- audio formats
+def supported_formats() -> list[str]:
+    """wav and pcm always; flac, mp3 and opus where this libsndfile can write them."""
+    import soundfile as sf
+
+    have = sf.available_formats()
+    out = ["wav", "pcm"]
+    if "FLAC" in have:
+        out.append("flac")
+    if "MP3" in have and "MPEG_LAYER_III" in sf.available_subtypes("MP3"):
+        out.append("mp3")
+    if "OGG" in have and "OPUS" in sf.available_subtypes("OGG"):
+        out.append("opus")
+    return out
+
+
+def pcm16(wave: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> s16le bytes (clipped)."""
+    return (np.clip(wave, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def wav_header(sample_rate: int = SAMPLE_RATE, data_bytes: int | None = None) -> bytes:
+    """A 16-bit mono WAV header. For a stream of unknown length the RIFF and data sizes are
+    0xFFFFFFFF, which players and libsndfile read as "until the end of the file"."""
+    size = 0xFFFFFFFF if data_bytes is None else data_bytes
+    riff = 0xFFFFFFFF if data_bytes is None else 36 + data_bytes
+    return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
+            b"data" + struct.pack("<I", size))
+
+
+def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
+    """A whole utterance in a file format (the formats that are not streamed)."""
+    import soundfile as sf
+
+    if fmt == "wav":
+        data = pcm16(wave)
+        return wav_header(SAMPLE_RATE, len(data)) + data
+    if fmt == "pcm":
+        return pcm16(wave)
+    buf = io.BytesIO()
+    kind = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
+            "opus": ("OGG", "OPUS")}[fmt]
+    if len(wave) == 0:
+        wave = np.zeros(1, np.float32)   # encoders refuse an empty file
+    sf.write(buf, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format=kind[0], subtype=kind[1])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------- voices
+class VoiceStore:
+    """Cloned voices: one voice file per name in `folder` (`save_voice` format), loaded at start."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        self.voices: dict[str, list] = {}
+        self.created: dict[str, int] = {}
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            for f in sorted(os.listdir(folder)):
+                if not f.endswith(".voice"):
+                    continue
+                path = os.path.join(folder, f)
+                try:
+                    self.voices[f[:-6]] = load_voice(path)
+                    self.created[f[:-6]] = int(os.path.getmtime(path))
+                except ValueError as e:
+                    log.warning("skipping voice file %s: %s", path, e)
+
+    def add(self, name: str, items: list) -> None:
+        if self.folder:
+            save_voice(items, os.path.join(self.folder, f"{name}.voice"))
+        self.voices[name] = items
+        self.created[name] = int(time.time())
+
+    def remove(self, name: str) -> None:
+        del self.voices[name]
+        if self.folder:
+            path = os.path.join(self.folder, f"{name}.voice")
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+# ---------------------------------------------------------------------------------- requests
+@dataclasses.dataclass
+class SpeechRequest:
+    job: Job
+    fmt: str
+    sse: bool
+
+
+def _check_type(data: dict, key: str, types: tuple, what: str):
+    """data[key] if it is None or of `types` (a bool is not a number here), else a 400."""
+    v = data.get(key)
+    if v is not None and (not isinstance(v, types) or isinstance(v, bool) and bool not in types):
+        raise ApiError(400, f"`{key}` must be {what}, got {json.dumps(v)[:80]}", key)
+    return v
+
+
+class Server:
+    """The state behind the routes: model, engine, voices, options."""
+
+    def __init__(self, tts, options: ServerOptions):
+        self.tts = tts
+        self.options = options
+        self.kind = tts.config.tts_model_type
+        self.formats = supported_formats()
+        self.voices = VoiceStore(options.voices_dir if self.kind == "base" else None)
+        cap = options.max_new_tokens or tts.generate_defaults.max_new_tokens
+        self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
+        self.engine = BatchEngine(tts, options.max_batch_size, options.batch_window_ms / 1000,
+                                  options.max_queue, options.chunk_frames,
+                                  options.first_chunk_frames, options.left_context,
+                                  options.batch_buckets, options.min_prompt_bucket)
+        self.started = time.time()
+
+    # ----------------------------------------------------------------------------- voices
+    def voice_names(self) -> list[str]:
+        if self.kind == "custom_voice":
+            return self.tts.get_supported_speakers()
+        if self.kind == "base":
+            return sorted(self.voices.voices)
+        return []
+
+    def _voice(self, data: dict) -> str | None:
+        voice = data.get("voice")
+        if isinstance(voice, dict):
+            voice = voice.get("id")
+        if self.kind == "voice_design":
+            return None     # the voice is described in `instructions`
+        if voice is None or voice == "":
+            raise ApiError(400, f"`voice` is required; this server has: {self.voice_names()}",
+                           "voice")
+        if not isinstance(voice, str):
+            raise ApiError(400, "`voice` must be a string or {\"id\": string}", "voice")
+        names = self.voice_names()
+        match = {v.lower(): v for v in names}.get(voice.lower())
+        if match is None:
+            hint = (" (OpenAI's voice names are not mapped: pick one of this model's)"
+                    if voice.lower() in OPENAI_VOICES else "")
+            if self.kind == "base" and not names:
+                hint += "; register one first with POST /v1/audio/voices"
+            raise ApiError(400, f"unknown voice {voice!r}{hint}; valid voices: {names}", "voice")
+        return match
+
+    # ----------------------------------------------------------------------------- speech
+    def parse_speech(self, data) -> SpeechRequest:
+        """Validate a speech request and build its prompt; ApiError names the problem."""
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(set(data) - set(SPEECH_FIELDS))
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {unknown}; valid fields: {list(SPEECH_FIELDS)}",
+                           unknown[0])
+        if not isinstance(data.get("model"), str) or not data["model"]:
+            raise ApiError(400, "`model` is required (any name; this server has one model, "
+                                f"{self.options.model_name!r})", "model")
+        text = data.get("input")
+        if not isinstance(text, str):
+            raise ApiError(400, "`input` is required: the text to speak (a string)", "input")
+        if not text.strip():
+            raise ApiError(400, "`input` is empty or whitespace only: nothing to say", "input")
+        if len(text) > self.options.max_input_chars:
+            raise ApiError(413, f"`input` is {len(text)} characters; this server takes at most "
+                                f"{self.options.max_input_chars}: split the text", "input")
+        fmt = _check_type(data, "response_format", (str,), "a string") or "mp3"
+        if fmt not in self.formats:
+            raise ApiError(400, f"response_format {fmt!r} is not supported here; supported: "
+                                f"{self.formats}", "response_format")
+        stream_format = _check_type(data, "stream_format", (str,), "a string") or "audio"
+        if stream_format not in ("audio", "sse"):
+            raise ApiError(400, f"stream_format must be 'audio' or 'sse', got {stream_format!r}",
+                           "stream_format")
+        if stream_format == "sse" and fmt not in STREAMED:
+            raise ApiError(400, f"stream_format 'sse' streams {list(STREAMED)} only; got "
+                                f"response_format {fmt!r}", "stream_format")
+        speed = _check_type(data, "speed", (int, float), "a number")
+        if speed is not None and speed != 1.0:
+            raise ApiError(400, f"speed {speed} is not supported: Qwen3-TTS has no speed control "
+                                "and resampling would change the pitch; leave speed at 1.0 (or "
+                                "ask for a pace in `instructions` on a 1.7B model)", "speed")
+        instructions = _check_type(data, "instructions", (str,), "a string")
+        language = (_check_type(data, "language", (str,), "a string") or self.options.language
+                    or "auto")
+        nsm = _check_type(data, "non_streaming_mode", (bool,), "true or false")
+        nsm = self.options.non_streaming_mode if nsm is None else nsm
+        gen = {**self.options.defaults,
+               **{k: data[k] for k in GEN_KWARGS if data.get(k) is not None}}
+        gen.setdefault("max_new_tokens", self.max_new_tokens)
+        m = gen["max_new_tokens"]
+        if isinstance(m, int) and not isinstance(m, bool) and m > self.max_new_tokens:
+            raise ApiError(400, f"max_new_tokens {gen['max_new_tokens']} is above this server's "
+                                f"cap of {self.max_new_tokens}", "max_new_tokens")
+        seed = gen.pop("seed", None)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not 0 <= seed < 2 ** 31):
+            raise ApiError(400, f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
+        try:
+            settings = GenerationSettings.merge(self.tts.generate_defaults, **gen)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        voice = self._voice(data)
+        tts, ref_code = self.tts, None
+        try:
+            if self.kind == "custom_voice":
+                items = tts._custom_voice_prompts(text, voice, language, instructions,
+                                                  True if nsm is None else nsm)
+            elif self.kind == "voice_design":
+                if not instructions:
+                    raise ApiError(400, "this is a VoiceDesign model: describe the voice in "
+                                        "`instructions` (e.g. 'A warm, low female voice')",
+                                   "instructions")
+                items = tts._voice_design_prompts(text, instructions, language,
+                                                  True if nsm is None else nsm)
+            else:
+                if instructions:
+                    raise ApiError(400, "`instructions` are not supported by voice cloning (Base "
+                                        "models); leave them out", "instructions")
+                voice_items = self.voices.voices[voice]
+                items, used = tts._voice_clone_prompts(text, language, None, None, False,
+                                                       voice_items, False if nsm is None else nsm)
+                if used[0].icl_mode and used[0].ref_code is not None:
+                    ref_code = used[0].ref_code
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        prompt = items[0]
+        limit = tts.config.talker.max_position_embeddings
+        if len(prompt) + settings.max_new_tokens > limit:
+            raise ApiError(413, f"the prompt is {len(prompt)} tokens and max_new_tokens is "
+                                f"{settings.max_new_tokens}: together more than the model's "
+                                f"{limit} positions; split the text or lower max_new_tokens",
+                           "input")
+        job = Job(prompt, settings, emit=None, seed=seed, ref_code=ref_code,
+                  deadline=time.monotonic() + self.options.request_timeout)
+        return SpeechRequest(job, fmt, stream_format == "sse")
+
+    async def speech(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        req = self.parse_speech(data)
+        job = req.job
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
+
+        async def next_chunk():
+            try:
+                item = await asyncio.wait_for(chunks.get(), job.deadline - time.monotonic() + 1)
+            except asyncio.TimeoutError:
+                job.cancelled = True
+                raise DeadlineExceeded("the request ran out of time") from None
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        try:
+            first = await next_chunk()
+        except DeadlineExceeded as e:
+            raise ApiError(504, f"{e} (the limit is {self.options.request_timeout:g} s)") from None
+        except BaseException:
+            job.cancelled = True
+            raise
+        if req.fmt in STREAMED:
+            return StreamingResponse(self._stream(req, first, next_chunk),
+                                     media_type="text/event-stream" if req.sse
+                                     else MEDIA_TYPES[req.fmt])
+        waves = []
+        try:
+            while first is not None:
+                waves.append(first)
+                first = await next_chunk()
+        except DeadlineExceeded as e:
+            raise ApiError(504, f"{e} (the limit is {self.options.request_timeout:g} s)") from None
+        finally:
+            job.cancelled = True     # no-op once finished; stops the row if the client left
+        wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
+        return Response(encode_audio(wave, req.fmt), media_type=MEDIA_TYPES[req.fmt])
+
+    async def _stream(self, req: SpeechRequest, first, next_chunk):
+        """The response body of a streamed request. Once it has started the status is sent, so a
+        later failure (deadline, error) can only end the stream early; it is logged."""
+        job, chunk = req.job, first
+
+        def piece(data: bytes) -> bytes:
+            if not req.sse:
+                return data
+            event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+            return f"data: {json.dumps(event)}\n\n".encode()
+
+        try:
+            if req.fmt == "wav":
+                yield piece(wav_header())
+            while chunk is not None:
+                yield piece(pcm16(chunk))
+                try:
+                    chunk = await next_chunk()
+                except Exception as e:  # noqa: BLE001 - the status is already sent
+                    log.warning("stream ended early after %d frames: %s", job.frames, e)
+                    return
+            if req.sse:
+                tokens = len(job.prompt)
+                done = {"type": "speech.audio.done",
+                        "usage": {"input_tokens": tokens, "output_tokens": job.frames,
+                                  "total_tokens": tokens + job.frames}}
+                yield f"data: {json.dumps(done)}\n\n".encode()
+        finally:
+            job.cancelled = True
+
+    # ----------------------------------------------------------------------------- register
+    async def register_voice(self, request: Request) -> dict:
+        if self.kind != "base":
+            raise ApiError(400, f"voice cloning needs a Base checkpoint; this server runs a "
+                                f"{self.kind} model (its voices: GET /v1/audio/voices)")
+        try:
+            form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
+        except Exception as e:  # noqa: BLE001 - starlette raises several kinds
+            raise ApiError(400, f"expected a multipart/form-data body: {e}") from None
+        name = form.get("name")
+        if not isinstance(name, str) or not VOICE_NAME.match(name):
+            raise ApiError(400, "`name` is required: 1-64 letters, digits, '_', '-' or '.', "
+                                "starting with a letter or digit", "name")
+        if name in self.voices.voices:
+            raise ApiError(409, f"a voice named {name!r} exists; delete it first "
+                                f"(DELETE /v1/audio/voices/{name}) or pick another name", "name")
+        upload = next((form.get(k) for k in ("audio_sample", "audio", "file")
+                       if hasattr(form.get(k), "read")), None)
+        if upload is None:
+            raise ApiError(400, "the reference audio is required: a file field `audio_sample` "
+                                "(WAV, FLAC, OGG or MP3)", "audio_sample")
+        data = await upload.read()
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"the audio file is {len(data)} bytes; at most {MAX_UPLOAD_BYTES}")
+        transcript = form.get("transcript") or form.get("ref_text")
+        transcript = transcript.strip() if isinstance(transcript, str) else ""
+        try:
+            import soundfile as sf
+
+            wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except Exception as e:  # noqa: BLE001 - libsndfile's errors
+            raise ApiError(400, f"cannot read the uploaded audio: {e}", "audio_sample") from None
+        wave = wave.mean(axis=1)
+
+        def encode():
+            return self.tts.create_voice_clone_prompt(
+                (wave, sr), ref_text=transcript or None, x_vector_only_mode=not transcript)
+
+        try:
+            items = await asyncio.wrap_future(self.engine.call(encode))
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"cannot use this reference audio: {e}", "audio_sample") from None
+        self.voices.add(name, items)
+        return self.voice_info(name)
+
+    def voice_info(self, name: str) -> dict:
+        if self.kind == "base":
+            item = self.voices.voices[name][0]
+            return {"id": name, "object": "audio.voice", "name": name, "type": "audio_sample",
+                    "created_at": self.voices.created[name],
+                    "mode": "icl" if item.icl_mode else "x_vector_only",
+                    "transcript": item.ref_text}
+        return {"id": name, "object": "audio.voice", "name": name, "type": "preset",
+                "created_at": int(self.started)}
+
+    def health(self) -> dict:
+        stats = dict(self.engine.stats)
+        stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
+        return {"status": "ok", "model": self.options.model_name, "tts_model_type": self.kind,
+                "queue": self.engine.waiting, "active": self.engine.active,
+                "max_batch_size": self.options.max_batch_size,
+                "max_new_tokens": self.max_new_tokens, "formats": self.formats, "stats": stats}
+
+
+def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
+    """The FastAPI app for a loaded `Qwen3TTS`; the engine starts and stops with the app."""
+    from contextlib import asynccontextmanager
+
+    server = Server(tts, options or ServerOptions())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    app = FastAPI(title="qwen3-tts-jax", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):
+        return _error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return _error_response(400, str(e))
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request):
+        return await server.speech(request)
+
+    @app.get("/v1/audio/voices")
+    async def list_voices():
+        return {"object": "list", "data": [server.voice_info(v) for v in server.voice_names()]}
+
+    @app.post("/v1/audio/voices")
+    async def register_voice(request: Request):
+        return await server.register_voice(request)
+
+    @app.delete("/v1/audio/voices/{voice_id}")
+    async def delete_voice(voice_id: str):
+        if server.kind != "base" or voice_id not in server.voices.voices:
+            raise ApiError(404, f"no registered voice {voice_id!r}; registered: "
+                                f"{sorted(server.voices.voices)}", "voice_id")
+        server.voices.remove(voice_id)
+        return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.options.model_name, "object": "model",
+                                            "created": int(server.started),
+                                            "owned_by": "qwen3-tts-jax"}]}
+
+    @app.get("/health")
+    async def health():
+        return server.health()
+
+    return app

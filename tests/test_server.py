@@ -1,0 +1,432 @@
+"""The HTTP server over real HTTP on localhost: the official `openai` client (plain and streaming),
+raw requests for every error case, voice registration with a restart, the limits (429, 413, 504),
+the `serve` command, and a bounded load test showing requests batched together.
+
+One server per checkpoint per module (uvicorn in a thread), so JAX compiles each shape once; a
+second app on the same model reuses the compiled programs. Every generation is short
+(max_new_tokens 16: one frame bucket, one codec window bucket) and the CustomVoice servers pad to
+one batch and prompt bucket, to keep the module fast.
+"""
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from qwen3_tts_jax import Qwen3TTS  # noqa: E402
+from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
+
+TOKENS = 16                       # frames = 15 per utterance
+GEN = {"max_new_tokens": TOKENS}
+# every batch padded to 8 rows and every prompt to >= 48 positions: one compiled program set
+SHAPES = {"batch_buckets": (8,), "min_prompt_bucket": 48}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """uvicorn serving `app` on a free localhost port in a thread; `stop()` shuts it down."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server_state = app.state.server
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0)
+
+
+def post(url, body, raw: bool = False, timeout=120):
+    """(status, headers, bytes) of a POST with a JSON (or raw) body."""
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def multipart(url, fields: dict, files: dict, method="POST"):
+    """(status, json) of a multipart/form-data request; files: name -> (filename, bytes)."""
+    boundary = "----qwen3ttsjaxtest"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    for k, (fname, data) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; '
+                     f'filename="{fname}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                     .encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, method=method, headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def delete(url):
+    req = urllib.request.Request(url, method="DELETE")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def parse_wav(data: bytes) -> np.ndarray:
+    """A streamed WAV (sizes 0xFFFFFFFF): check the header by hand, samples as float."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE" and data[36:40] == b"data"
+    fmt = struct.unpack("<IHHIIHH", data[16:36])
+    assert fmt == (16, 1, 1, 24000, 48000, 2, 16)
+    return np.frombuffer(data[44:], "<i2").astype(np.float32) / 32767
+
+
+@pytest.fixture(scope="module")
+def tts(make_checkpoint):
+    return Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+
+
+@pytest.fixture(scope="module")
+def server(tts):
+    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
+                                              max_input_chars=200, batch_window_ms=20, **SHAPES)))
+    yield s
+    s.stop()
+
+
+def speech(**kw):
+    return {"model": "tiny", "input": "Hello world. This is a test.", "voice": "ryan", **kw}
+
+
+def offline(tts, text, speaker, seed, **kw):
+    codes = tts.generate_custom_voice_codes(text, speaker=speaker, seed=[seed], **kw)
+    return tts.decode(codes)[0][0]
+
+
+# ---------------------------------------------------------------------------------- openai client
+def test_openai_client_wav_equals_offline(server, tts):
+    """`client.audio.speech.create`: the WAV is the offline audio for the same seed (PRNGKey(s) per
+    request, whatever else is batched), to 16-bit rounding."""
+    client = server.client()
+    out = client.audio.speech.create(model="tiny", voice="ryan", input="Hello world.",
+                                     response_format="wav", extra_body={**GEN, "seed": 7})
+    wave = parse_wav(out.content)
+    ref = offline(tts, "Hello world.", "ryan", 7, **GEN)
+    assert wave.shape == ref.shape == ((TOKENS - 1) * 1920,)
+    np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max())
+
+
+def test_openai_streaming_pcm(server, tts):
+    """`with_streaming_response.create` with pcm: chunks arrive (3 frames first, then 12) and
+    concatenate to the offline audio."""
+    client = server.client()
+    parts = []
+    with client.audio.speech.with_streaming_response.create(
+            model="tiny", voice="vivian", input="Hello, world.",
+            response_format="pcm", extra_body={**GEN, "seed": 3, "language": "english"}) as r:
+        assert r.headers["content-type"] == "audio/pcm"
+        for part in r.iter_bytes():
+            parts.append(part)
+    data = b"".join(parts)
+    wave = np.frombuffer(data, "<i2").astype(np.float32) / 32767
+    ref = offline(tts, "Hello, world.", "vivian", 3, language="english", **GEN)
+    assert wave.shape == ref.shape
+    np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max())
+
+
+def test_sse_stream(server):
+    status, headers, body = post(server.url + "/v1/audio/speech",
+                                 speech(response_format="pcm", stream_format="sse", seed=1, **GEN))
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["output_tokens"] == TOKENS - 1
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert len(audio) == (TOKENS - 1) * 1920 * 2
+
+
+@pytest.mark.parametrize("fmt", ["flac", "mp3", "opus"])
+def test_file_formats(server, fmt):
+    if fmt not in server.server_state.formats:
+        pytest.skip(f"this libsndfile cannot write {fmt}")
+    out = server.client().audio.speech.create(model="tiny", voice="ryan", input="Hi there.",
+                                              response_format=fmt, extra_body={**GEN, "seed": 2})
+    wave, sr = sf.read(io.BytesIO(out.content))
+    # lossy codecs add a little delay / padding; flac is exact in length
+    assert sr in (24000, 48000) and abs(len(wave) / sr - (TOKENS - 1) * 0.08) < 0.1
+
+
+def test_voices_models_health(server):
+    voices = get(server.url + "/v1/audio/voices")
+    assert sorted(v["id"] for v in voices["data"]) == sorted(
+        ["serena", "vivian", "uncle_fu", "ryan", "aiden", "ono_anna", "sohee", "eric", "dylan"])
+    assert all(v["type"] == "preset" for v in voices["data"])
+    assert get(server.url + "/v1/models")["data"][0]["id"] == "tiny"
+    h = get(server.url + "/health")
+    assert h["status"] == "ok" and h["tts_model_type"] == "custom_voice" and "wav" in h["formats"]
+
+
+# ---------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("body,status,needle", [
+    (speech(voice="bob"), 400, "unknown voice 'bob'"),
+    (speech(voice="alloy"), 400, "not mapped"),
+    (speech(voice={"id": "nobody"}), 400, "valid voices"),
+    (speech(input="   "), 400, "empty"),
+    (speech(input=None), 400, "`input` is required"),
+    (speech(input="x" * 201), 413, "at most 200"),
+    (speech(response_format="aac"), 400, "supported: ['wav', 'pcm'"),
+    (speech(response_format="ogg"), 400, "not supported"),
+    (speech(speed=1.5), 400, "speed 1.5 is not supported"),
+    (speech(speed="fast"), 400, "`speed` must be a number"),
+    (speech(colour="red"), 400, "unknown field(s) ['colour']"),
+    (speech(model=None), 400, "`model` is required"),
+    (speech(max_new_tokens=65), 400, "above this server's cap of 64"),
+    (speech(temperature=0), 400, "temperature must be > 0"),
+    (speech(top_p=2.0), 400, "top_p"),
+    (speech(seed="x"), 400, "seed"),
+    (speech(language="klingon"), 400, "unsupported language"),
+    (speech(stream_format="sse", response_format="mp3"), 400, "sse"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_bad_requests(server, body, status, needle):
+    code, _, data = post(server.url + "/v1/audio/speech", body)
+    err = json.loads(data)["error"]
+    assert code == status and needle in err["message"], (code, err)
+    assert err["type"] == ("request_too_large" if status == 413 else "invalid_request_error")
+
+
+def test_malformed_json(server):
+    code, _, data = post(server.url + "/v1/audio/speech", b'{"model": "tiny", "input": ', raw=True)
+    assert code == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
+
+
+def test_openai_client_sees_the_error(server):
+    with pytest.raises(openai.BadRequestError, match="unknown voice"):
+        server.client().audio.speech.create(model="tiny", voice="alloy", input="Hi.")
+
+
+def test_register_voice_needs_a_base_model(server):
+    code, out = multipart(server.url + "/v1/audio/voices", {"name": "me"},
+                          {"audio_sample": ("a.wav", b"RIFF")})
+    assert code == 400 and "Base checkpoint" in out["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------- limits
+def test_queue_full_is_429_and_deadline_is_504(tts, server):
+    """The worker is held by a blocking call, so the queue fills deterministically; a zero request
+    timeout expires before the worker admits the request."""
+    small = Running(create_app(tts, ServerOptions(max_queue=1, max_batch_size=1,
+                                                  max_new_tokens=TOKENS, **SHAPES)))
+    try:
+        release = threading.Event()
+        small.server_state.engine.call(lambda: release.wait(60))
+        body = speech(response_format="wav", seed=0)
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, small.url + "/v1/audio/speech", body)
+            while small.server_state.engine.waiting < 1:
+                time.sleep(0.01)
+            code, headers, data = post(small.url + "/v1/audio/speech", body)
+            assert code == 429 and headers["Retry-After"] == "1"
+            assert "limit is 1" in json.loads(data)["error"]["message"]
+            release.set()
+            assert first.result()[0] == 200
+    finally:
+        small.stop()
+    late = Running(create_app(tts, ServerOptions(request_timeout=0.0)))
+    try:
+        code, _, data = post(late.url + "/v1/audio/speech", speech(response_format="flac"))
+        assert code == 504 and "ran out of time" in json.loads(data)["error"]["message"]
+    finally:
+        late.stop()
+
+
+def test_token_limit_is_413(tts):
+    """A prompt longer than the model's positions (here a tiny limit) is refused up front."""
+    from qwen3_tts_jax.server.app import ApiError, Server
+
+    srv = Server(tts, ServerOptions(max_new_tokens=TOKENS, max_input_chars=10 ** 6))
+    limit = tts.config.talker.max_position_embeddings
+    with pytest.raises(ApiError) as e:
+        srv.parse_speech(speech(input="word " * (limit // 2), max_new_tokens=TOKENS))
+    assert e.value.status == 413 and "positions" in e.value.message
+
+
+# ---------------------------------------------------------------------------------- load
+def test_concurrent_clients_are_batched(server):
+    """1, 4 and 8 concurrent clients, 2 requests each (bounded: 26 requests, 120 s timeout each):
+    no request fails, and with several clients requests ran in batches of more than one."""
+    engine = server.server_state.engine
+    assert post(server.url + "/v1/audio/speech", speech(**GEN))[0] == 200   # compiled, warm
+    results = {}
+    for clients in (1, 4, 8):
+        before = dict(engine.stats["batch_sizes"])
+
+        def one(i):
+            t0 = time.perf_counter()
+            code, _, data = post(server.url + "/v1/audio/speech",
+                                 speech(input=f"Client request number {i}.", response_format="pcm",
+                                        seed=i, **GEN), timeout=120)
+            return code, len(data), time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            out = list(pool.map(one, range(2 * clients)))
+        wall = time.perf_counter() - t0
+        assert all(code == 200 and n == (TOKENS - 1) * 1920 * 2 for code, n, _ in out), out
+        sizes = {k: v - before.get(k, 0) for k, v in engine.stats["batch_sizes"].items()
+                 if v - before.get(k, 0)}
+        results[clients] = (len(out) * (TOKENS - 1) * 0.08 / wall, sizes)
+    print({c: f"{r[0]:.1f} audio s/s, batch sizes {r[1]}" for c, r in results.items()})
+    assert max(results[1][1]) == 1
+    assert max(results[4][1]) > 1 and max(results[8][1]) > 1
+
+
+# ---------------------------------------------------------------------------------- voice clone
+def test_register_voice_and_reload(make_checkpoint, tmp_path):
+    """Base model: register a cloned voice over HTTP (multipart upload + transcript, and with the
+    openai client's `audio.voices.create`), speak with it, find it again after a restart."""
+    from test_audio import write_speech
+
+    base = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    voices_dir = tmp_path / "voices"
+    ref = write_speech(tmp_path / "ref.wav", 22050)
+    with open(ref, "rb") as f:
+        ref_bytes = f.read()
+    opts = ServerOptions(voices_dir=str(voices_dir), max_new_tokens=TOKENS)
+    s = Running(create_app(base, opts))
+    try:
+        assert get(s.url + "/v1/audio/voices")["data"] == []
+        code, _, data = post(s.url + "/v1/audio/speech", speech(voice="me"))
+        assert code == 400 and "register one first" in json.loads(data)["error"]["message"]
+        code, out = multipart(s.url + "/v1/audio/voices",
+                              {"name": "me", "transcript": "Hello world."},
+                              {"audio_sample": ("ref.wav", ref_bytes)})
+        assert code == 200 and out["id"] == "me" and out["mode"] == "icl", out
+        client = s.client()
+        if hasattr(client.audio, "voices"):      # openai releases with custom voices
+            v = client.audio.voices.create(name="xvec", audio_sample=("ref.wav", ref_bytes),
+                                           consent="n/a")
+            assert v.id == "xvec"
+        else:
+            code, out = multipart(s.url + "/v1/audio/voices", {"name": "xvec"},
+                                  {"audio_sample": ("ref.wav", ref_bytes)})
+            assert code == 200, out
+        code, out = multipart(s.url + "/v1/audio/voices", {"name": "me"},
+                              {"audio_sample": ("ref.wav", b"not audio")})
+        assert code == 409 and "exists" in out["error"]["message"]
+        code, out = multipart(s.url + "/v1/audio/voices", {"name": "bad"},
+                              {"audio_sample": ("ref.wav", b"not audio")})
+        assert code == 400 and "cannot read the uploaded audio" in out["error"]["message"]
+        code, out = multipart(s.url + "/v1/audio/voices", {"name": "../evil"},
+                              {"audio_sample": ("ref.wav", ref_bytes)})
+        assert code == 400 and "`name`" in out["error"]["message"]
+        for voice in ("me", "xvec"):
+            out = s.client().audio.speech.create(model="m", voice=voice, input="Hi.",
+                                                 response_format="wav",
+                                                 extra_body={**GEN, "seed": 1})
+            assert len(parse_wav(out.content)) % 1920 == 0 and len(out.content) > 44
+        code, _, data = post(s.url + "/v1/audio/speech", speech(voice="me", instructions="x"))
+        assert code == 400 and "instructions" in json.loads(data)["error"]["message"]
+    finally:
+        s.stop()
+    assert sorted(os.listdir(voices_dir)) == ["me.voice", "xvec.voice"]
+    s = Running(create_app(base, opts))
+    try:
+        listed = {v["id"]: v for v in get(s.url + "/v1/audio/voices")["data"]}
+        assert listed["me"]["transcript"] == "Hello world." and listed["xvec"]["mode"] == \
+            "x_vector_only"
+        code, out = delete(s.url + "/v1/audio/voices/me")
+        assert code == 200 and out["deleted"]
+        assert delete(s.url + "/v1/audio/voices/me")[0] == 404
+    finally:
+        s.stop()
+    assert os.listdir(voices_dir) == ["xvec.voice"]
+
+
+def test_voice_design_takes_instructions(make_checkpoint):
+    """VoiceDesign: the voice is described in `instructions` (required); `voice` is not used."""
+    from qwen3_tts_jax.server.app import ApiError, Server
+
+    vd = Qwen3TTS.from_pretrained(make_checkpoint("vd_bigvocab"))
+    srv = Server(vd, ServerOptions())
+    with pytest.raises(ApiError, match="describe the voice"):
+        srv.parse_speech(speech(voice="alloy"))
+    req = srv.parse_speech(speech(voice="alloy", instructions="A calm, low voice."))
+    want = vd._voice_design_prompts("Hello world. This is a test.", "A calm, low voice.",
+                                    "auto", True)[0]
+    assert np.array_equal(req.job.prompt.text_L, want.text_L)
+    assert srv.voice_names() == []
+
+
+# ---------------------------------------------------------------------------------- command
+def test_serve_command(tmp_path):
+    """`qwen3-tts-jax serve --random-weights` starts, answers /health and a request, and stops on
+    SIGINT (generation itself is tested in-process above)."""
+    from test_cli import EXE
+
+    port = free_port()
+    p = subprocess.Popen([EXE, "serve", "--random-weights", "--port", str(port), "--quiet",
+                          "--voices-dir", str(tmp_path / "v"), "--max-new-tokens", "8"],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0]
+            try:
+                if get(url + "/health")["status"] == "ok":
+                    break
+            except OSError:
+                time.sleep(0.2)
+        code, _, data = post(url + "/v1/audio/speech", {"model": "m", "input": "Hi.",
+                                                        "voice": "alloy"})
+        assert code == 400 and "valid voices" in json.loads(data)["error"]["message"]
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
