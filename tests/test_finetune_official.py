@@ -268,16 +268,14 @@ def test_adamw_steps_match_official(setup):
     ref = {k: v.detach().numpy() for k, v in off.model.state_dict().items()
            if k.startswith("talker.")}
 
-    opt = train.make_optimizer(lr)
     params = copy.deepcopy(s["params"])
     start = as_official_tree(s, params)
-    state = train.init_opt_state(opt, params)
-    step = jax.jit(lambda p, o, b: train.train_step(p, o, b, None, cfg=s["cfg"], optimizer=opt,
-                                                    accum_steps=4))
+    state = train.init_opt_state(train.make_optimizer(lr), params)
+    step = train.make_train_step(s["cfg"], lr, accum_steps=4)
     losses, applied = [], []
     for n, idx in enumerate(order):
         batch = dict(ours_batch(s, idx), flush=jnp.bool_(n == len(order) - 1))
-        params, state, m = step(params, state, batch)
+        params, state, m = step(params, state, batch, jax.random.key(0))
         losses.append(float(m["loss"]))
         applied.append(bool(m["applied"]))
     assert applied == [False, False, False, True, False, True]

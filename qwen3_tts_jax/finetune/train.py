@@ -42,6 +42,7 @@ import optax
 
 from .. import code_predictor as cp_mod
 from .. import layers, talker
+from ..buckets import ladder
 from ..config import Qwen3TTSConfig, TransformerConfig
 from .data import SPEAKER_SLOT
 
@@ -93,10 +94,13 @@ def input_embeddings(tp, cp, batch, dtype):
     codec = codec.at[:, SPEAKER_SLOT].set(batch["x_vectors"].astype(dtype))
     x = text + codec
     on_frames = batch["codec_mask"][..., None].astype(dtype)
-    codes = batch["codec_ids"]
-    for g in range(1, codes.shape[-1]):
-        x = x + cp["codec_embedding"][g - 1][codes[..., g]] * on_frames
-    return x
+    return x + _embed_groups(cp, batch["codec_ids"][..., 1:]).sum(axis=-2) * on_frames
+
+
+def _embed_groups(cp, codes_BxTxG):
+    """codec_embedding[g](code of group g + 1) for g < G, in one gather: (B, T, G, D)."""
+    G = codes_BxTxG.shape[-1]
+    return cp["codec_embedding"][jnp.arange(G), codes_BxTxG]
 
 
 def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat: bool = False):
@@ -125,9 +129,9 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
     hid = jnp.take_along_axis(h, (at - 1)[..., None], axis=1)            # (B, F, D)
     fcodes = jnp.take_along_axis(batch["codec_ids"], at[..., None], axis=1)   # (B, F, 16)
     G = fcodes.shape[-1] - 1
-    seq = [hid, tp["codec_embedding"][fcodes[..., 0]]]
-    seq += [cp["codec_embedding"][g - 1][fcodes[..., g]] for g in range(1, G)]
-    xs = cp_mod.project(cp, jnp.stack(seq, axis=2).reshape(B * F, G + 1, -1))
+    seq = jnp.concatenate([hid[:, :, None], tp["codec_embedding"][fcodes[..., :1]],
+                           _embed_groups(cp, fcodes[..., 1:G])], axis=2)   # (B, F, 16, D)
+    xs = cp_mod.project(cp, seq.reshape(B * F, G + 1, -1))
     S = G + 1
     cmask = jnp.broadcast_to(jnp.arange(S)[None, :] <= jnp.arange(S)[:, None], (B * F, S, S))
     hc = _stack(cp, xs, jnp.broadcast_to(jnp.arange(S), (B * F, S)), cmask, tc.code_predictor,
@@ -215,15 +219,25 @@ def train_step(params, opt_state: AccumState, batch, rng, *, cfg: Qwen3TTSConfig
     return new_params, new_state, metrics
 
 
-def make_train_step(cfg: Qwen3TTSConfig, optimizer=None, accum_steps: int = 4,
-                    compute_dtype=None, remat: bool | None = None):
-    """`train_step` jitted with its static settings bound and params / opt_state donated.
-    compute_dtype defaults to bfloat16 on accelerators and float32 on CPU; remat (recompute each
-    layer in the backward pass, less memory) defaults to on for accelerators."""
+def make_train_step(cfg: Qwen3TTSConfig, lr: float = 2e-5, weight_decay: float = 0.01,
+                    max_grad_norm: float = 1.0, accum_steps: int = 4, compute_dtype=None,
+                    remat: bool | None = None):
+    """`train_step` with `make_optimizer(lr, weight_decay, max_grad_norm)`, jitted with its static
+    settings bound and params / opt_state donated; one jitted function per distinct setting (so a
+    resumed run in the same process reuses the compiled programs). compute_dtype defaults to
+    bfloat16 on accelerators and float32 on CPU; remat (recompute each layer in the backward pass:
+    less memory) defaults to on for accelerators."""
     on_cpu = jax.default_backend() == "cpu"
-    compute_dtype = compute_dtype or (jnp.float32 if on_cpu else jnp.bfloat16)
-    remat = (not on_cpu) if remat is None else remat
-    fn = functools.partial(train_step, cfg=cfg, optimizer=optimizer or make_optimizer(),
+    compute_dtype = jnp.dtype(compute_dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
+    remat = (not on_cpu) if remat is None else bool(remat)
+    return _jitted_step(cfg, float(lr), float(weight_decay), float(max_grad_norm),
+                        int(accum_steps), compute_dtype, remat)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat):
+    fn = functools.partial(train_step, cfg=cfg,
+                           optimizer=make_optimizer(lr, weight_decay, max_grad_norm),
                            accum_steps=accum_steps, compute_dtype=compute_dtype, remat=remat)
     return jax.jit(fn, donate_argnums=(0, 1))
 
@@ -286,12 +300,16 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
              batch_size: int = 2, lr: float = 2e-5, epochs: int = 3, accum_steps: int = 4,
              weight_decay: float = 0.01, max_grad_norm: float = 1.0, seed: int = 0,
              save_every: int = 50, compute_dtype=None, remat: bool | None = None,
-             progress: bool = True, log=print, max_steps: int | None = None) -> dict:
+             progress: bool = True, log=print, max_steps: int | None = None,
+             fixed_shapes: bool = False) -> dict:
     """Fine-tune a Base checkpoint on one speaker; writes OUTPUT/checkpoint-epoch-N (a CustomVoice
     checkpoint, official layout) after each epoch and OUTPUT/resume/ (params + optimizer state)
     every `save_every` optimizer steps and at each epoch end. Rerunning the same command after a
     kill resumes from OUTPUT/resume. Every input problem is reported before training starts.
     `max_steps` stops after that many micro-batches (for tests and benchmarks).
+    Shapes: each batch is padded to the shape buckets of its own longest example (`data.pad_to`;
+    a few compiled programs, at most 1.5x padding), or with `fixed_shapes` to the dataset's
+    longest (one program; more padding when lengths vary).
     Returns {"epochs", "steps", "losses" (per micro-batch), "checkpoints", "frames_per_second"}."""
     from tqdm import tqdm
 
@@ -321,7 +339,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
     del full
     optimizer = make_optimizer(lr, weight_decay, max_grad_norm)
     opt_state = jax.device_put(init_opt_state(optimizer, params), repl)
-    step = make_train_step(cfg, optimizer, accum_steps, compute_dtype, remat)
+    step = make_train_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat)
 
     resume_dir = os.path.join(output, "resume")
     settings = dict(train_jsonl=os.path.abspath(train_jsonl), examples=len(examples),
@@ -344,6 +362,10 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
         return dict(settings=settings, epoch=epoch, next_batch=next_batch, opt_steps=opt_steps)
 
     n_batches = -(-len(examples) // batch_size)
+    fixed = {}
+    if fixed_shapes:
+        fixed = dict(length=ladder(max(len(e.text_ids) + len(e.codes) for e in examples) + 8),
+                     frames=ladder(max(len(e.codes) for e in examples)))
     losses, ckpts, frames_done, steps_done = [], [], 0, 0
     t0 = None
     while epoch < epochs:
@@ -352,7 +374,8 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
                    desc=f"epoch {epoch}", unit="batch")
         while next_batch < n_batches:
             idx = order[next_batch * batch_size:(next_batch + 1) * batch_size]
-            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs), rows=rows)
+            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs), rows=rows,
+                               **fixed)
             batch = jax.device_put(host, batch_sh)
             batch["flush"] = jax.device_put(np.bool_(next_batch == n_batches - 1), repl)
             params, opt_state, m = step(params, opt_state, batch, jax.random.key(0))
