@@ -3,7 +3,7 @@ side, random weights, float32, batch 1.
 
     python benchmarks/bench_codec_decode.py [--frames 50 200] [--parity-frames 50] [--repeats 3]
 
-Builds the official codec with the released decoder sizes (shared/official/full_configs.py CODEC
+Builds the official codec with the released decoder sizes (benchmarks/full_configs.py CODEC
 decoder_config; the encoder is the tests' tiny one, decoding never touches it) in a temporary folder,
 with every decoder tensor re-drawn by tests/test_codec_decoder.py `randomize_for_parity_` (the
 official init gives near-silent audio, rms ~1e-8, against which a relative comparison means nothing).

@@ -194,7 +194,7 @@ def main():
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.size, args.official_configs = "0b6", "/work/shared/official"
+    args.size, args.official_configs = "0b6", HERE
 
     if args.role:
         res = ROLES[args.role](args)

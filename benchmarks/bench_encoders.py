@@ -4,7 +4,7 @@ run, random weights, float32, batch 1.
     python benchmarks/bench_encoders.py [--codec-seconds 4 10] [--spk-seconds 3 10] [--repeats 2]
 
 Codec (Mimi) encoder: the official `Qwen3TTSTokenizerV2Model` with the released sizes
-(shared/official/full_configs.py CODEC), built by tests/official.py `build_codec` (torch seed 0,
+(benchmarks/full_configs.py CODEC), built by tests/official.py `build_codec` (torch seed 0,
 `randomize_codec_` codebooks / SnakeBeta, audible decoder), then tests/test_codec_encoder.py
 `randomize_encoder_` (codebook rows scaled to the quantizer input so the chosen codes vary from frame
 to frame; with N(0, 1) rows nearly every frame would pick the same rows), saved with
@@ -72,7 +72,7 @@ def timed(fn, repeats):
 
 def build_full_codec(path, seed=0):
     """The official codec at the released sizes, randomized as described above."""
-    sys.path.insert(0, "/work/shared/official")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from full_configs import CODEC
     from official import build_codec
     from test_codec_encoder import randomize_encoder_

@@ -363,7 +363,7 @@ def main():
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
-    ap.add_argument("--official-configs", default="/work/shared/official",
+    ap.add_argument("--official-configs", default=HERE,
                     help="folder holding full_configs.py (the released model sizes)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
                     help="markdown file the section is appended to ('' to skip)")

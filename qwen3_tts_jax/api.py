@@ -122,7 +122,8 @@ class Qwen3TTS:
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU."""
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
-        params = checkpoint.load_params(folder, cfg, dtype)
+        params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
+                                               consume=True)
         tok = text_mod.TextTokenizer.from_dir(folder)
         return cls(cfg, params, tok, load_generation_defaults(folder), folder)
 

@@ -12,7 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import code_predictor, speaker_encoder, talker, weights
+from . import code_predictor, layers, speaker_encoder, talker, weights
 from .config import Qwen3TTSConfig
 from .weights import CheckpointError
 
@@ -78,6 +78,24 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
     if cfg.tts_model_type == "base":
         params["speaker_encoder"] = speaker_encoder.load_params(folder, cfg.speaker_encoder)
     return params
+
+
+def pack_for_inference(params, consume: bool = False):
+    """The generation layout: each decoder layer's q|k|v and gate|up concatenated
+    (`layers.pack_layers`). With `consume`, the caller's layer lists are emptied as each layer is
+    packed, so that memory peaks one layer above the weights (for a freshly loaded tree nobody
+    else holds). Training and the converters use the unpacked form."""
+    out = dict(params)
+    for part in ("talker", "code_predictor"):
+        sub = dict(out[part])
+        src = sub["layers"] if consume else list(sub["layers"])
+        packed = []
+        for i in range(len(src)):
+            packed += layers.pack_layers([src[i]])
+            src[i] = None
+        sub["layers"] = packed
+        out[part] = sub
+    return out
 
 
 def fast_expected_shapes(cfg: Qwen3TTSConfig) -> dict:

@@ -47,6 +47,16 @@ def expected_shapes(cfg: TalkerConfig) -> dict:
     return out
 
 
+# Steps 1..14 as a loop (one compiled body) or unrolled (14 copies). Measured on an H100 (bf16,
+# 0.6B, batch 1; benchmarks/RESULTS.md): unrolled 164 frames/s vs loop 162, for 16 s more compile,
+# so the loop it is everywhere. Read when a program is traced.
+UNROLL = False
+
+
+def _unroll() -> bool:
+    return bool(UNROLL)
+
+
 def stack_tables(params):
     """Official per-group lists -> stacked arrays (done once at load time)."""
     cp = dict(params["code_predictor"])
@@ -99,7 +109,8 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
         code = sample(j, lg).astype(jnp.int32)
         return (code, caches), (code, lg)
 
-    _, (codes, logits) = jax.lax.scan(step, (code0, caches), jnp.arange(1, G))
+    _, (codes, logits) = jax.lax.scan(step, (code0, caches), jnp.arange(1, G),
+                                      unroll=G - 1 if _unroll() else 1)
     codes = jnp.concatenate([code0[:, None], codes.T], axis=1)
     logits = jnp.concatenate([lg0[:, None], jnp.moveaxis(logits, 0, 1)], axis=1)
     return codes, logits

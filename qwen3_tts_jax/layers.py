@@ -10,6 +10,7 @@ all rows advance together) and attends over all S slots through an explicit mask
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -53,9 +54,12 @@ def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
 def attention(p, x_BxTxD, cos_sin, cache: KVCache, write_index, mask_BxTxS, cfg: TransformerConfig):
     """GQA self-attention with q/k RMSNorm over head_dim, before RoPE. Returns (out, new cache)."""
     B, T, _ = x_BxTxD.shape
-    q = (x_BxTxD @ p["q"]).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-    k = (x_BxTxD @ p["k"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-    v = (x_BxTxD @ p["v"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if "qkv" in p:  # packed (see `pack_layers`): one matmul instead of three
+        q, k, v = jnp.split(x_BxTxD @ p["qkv"], [H * Dh, (H + K) * Dh], axis=-1)
+    else:
+        q, k, v = x_BxTxD @ p["q"], x_BxTxD @ p["k"], x_BxTxD @ p["v"]
+    q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
     q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
     k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
     q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
@@ -65,15 +69,56 @@ def attention(p, x_BxTxD, cos_sin, cache: KVCache, write_index, mask_BxTxS, cfg:
     return out.reshape(B, T, -1) @ p["o"], KVCache(ck, cv)
 
 
+# The attention backend: None lets `jax.nn.dot_product_attention` choose (XLA), "cudnn" asks for
+# cuDNN's fused kernel on NVIDIA GPUs. Read when a program is traced; set it before the first call
+# (QWEN3_TTS_JAX_ATTENTION=xla|cudnn, or `set_attention_implementation`). benchmarks/bench_scale.py
+# measures both; see benchmarks/RESULTS.md for which one wins where.
+ATTENTION_IMPLEMENTATION = os.environ.get("QWEN3_TTS_JAX_ATTENTION") or None
+
+
+def set_attention_implementation(name: str | None) -> None:
+    """None / "xla" / "cudnn"; affects programs traced afterwards."""
+    if name not in (None, "xla", "cudnn"):
+        raise ValueError(f"unknown attention implementation {name!r}: use None, 'xla' or 'cudnn'")
+    global ATTENTION_IMPLEMENTATION
+    ATTENTION_IMPLEMENTATION = name
+
+
 def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; the one place that picks the
-    attention backend (XLA here; `jax.nn.dot_product_attention` dispatches to cuDNN on GPU)."""
+    attention backend (`ATTENTION_IMPLEMENTATION`; cuDNN only takes 16-bit inputs, so float32
+    calls, such as the codec's, stay on XLA)."""
+    impl = ATTENTION_IMPLEMENTATION
+    if impl == "cudnn" and q_BxTxHxD.dtype not in (jnp.bfloat16, jnp.float16):
+        impl = None
     return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
-                                        mask=mask_BxTxS[:, None])
+                                        mask=mask_BxTxS[:, None], implementation=impl)
 
 
 def mlp(p, x_BxTxD):
-    return (jax.nn.silu(x_BxTxD @ p["gate"]) * (x_BxTxD @ p["up"])) @ p["down"]
+    if "gate_up" in p:  # packed (see `pack_layers`)
+        gate, up = jnp.split(x_BxTxD @ p["gate_up"], 2, axis=-1)
+    else:
+        gate, up = x_BxTxD @ p["gate"], x_BxTxD @ p["up"]
+    return (jax.nn.silu(gate) * up) @ p["down"]
+
+
+def pack_layers(layers_list: list) -> list:
+    """Inference layout of a decoder stack: q|k|v and gate|up concatenated along the output
+    dimension, so that a layer is 4 matmuls instead of 7 (at batch 1 on a GPU each matmul is a
+    kernel launch, and launches, not bytes, bound the frame time). The values are the same;
+    `attention` and `mlp` accept both layouts. The official key names map to the unpacked one
+    (what `checkpoint.load_params` returns and training uses)."""
+    out = []
+    for lp in layers_list:
+        a, m = lp["attn"], lp["mlp"]
+        if "qkv" not in a:
+            a = {k: v for k, v in a.items() if k not in ("q", "k", "v")} | {
+                "qkv": jnp.concatenate([a["q"], a["k"], a["v"]], axis=-1)}
+        if "gate_up" not in m:
+            m = {"gate_up": jnp.concatenate([m["gate"], m["up"]], axis=-1), "down": m["down"]}
+        out.append({**lp, "attn": a, "mlp": m})
+    return out
 
 
 def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig):

@@ -10,7 +10,7 @@ def test_bf16_close_to_f32(make_checkpoint):
     path = make_checkpoint("cv_proj")
     f32, bf16 = Qwen3TTS.from_pretrained(path, jnp.float32), Qwen3TTS.from_pretrained(path,
                                                                                         "bfloat16")
-    assert bf16.params["talker"]["layers"][0]["attn"]["q"].dtype == jnp.bfloat16
+    assert bf16.params["talker"]["layers"][0]["attn"]["qkv"].dtype == jnp.bfloat16
     kw = dict(text=["Hello world. This is a tiny test.", "Hi."], speaker=["ryan", "vivian"],
               do_sample=False, subtalker_dosample=False, max_new_tokens=17)
     logits = []
