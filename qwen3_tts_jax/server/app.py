@@ -324,6 +324,7 @@ class Server:
                                 f"{limit} positions; split the text or lower max_new_tokens",
                            "input")
         job = Job(prompt, settings, emit=None, seed=seed, ref_code=ref_code,
+                  stream=fmt in STREAMED,
                   deadline=time.monotonic() + self.options.request_timeout)
         return SpeechRequest(job, fmt, stream_format == "sse")
 

@@ -12,6 +12,9 @@ growing `until` (first after `first_chunk_frames` frames, then every `chunk_fram
 kept on device. After each chunk, every row's new frames are decoded by the codec in one padded
 batch, after up to `left_context` frames of that row's earlier codes, and sent to the row's `emit`.
 
+A job with `stream=False` (a whole-file format) is decoded once, when its row ends, after all of
+its history: the offline decode, without the re-decoded left context of every chunk.
+
 Per-row end: a row that samples EOS or uses its `max_new_tokens` is finished (its `emit(None)`)
 at the next chunk boundary while the others go on; a row whose client went away (`job.cancelled`)
 or whose deadline passed stops being decoded, and the cohort stops as soon as no row needs it.
@@ -66,6 +69,7 @@ class Job:
     emit: Callable[[object], None]
     seed: int | None = None
     ref_code: np.ndarray | None = None      # ICL clone: the codec's first left context
+    stream: bool = True                     # False: one chunk at the end, the whole utterance
     deadline: float = float("inf")          # time.monotonic() by which it must be finished
     cancelled: bool = False                 # set by the client side: stop generating it
     submitted: float = dataclasses.field(default_factory=time.monotonic)
@@ -260,10 +264,14 @@ class BatchEngine:
                 if jobs[b].cancelled:
                     open_rows.discard(b)
                     self.stats["cancelled"] += 1
-            rows = [b for b in sorted(open_rows) if lengths[b] > emitted[b]]
-            if rows:
+            # streamed rows: their new frames; whole-file rows: all their frames once done
+            ready = [b for b in sorted(open_rows) if lengths[b] > emitted[b]]
+            whole = [b for b in ready if not jobs[b].stream and (done[b] or step >= max_frames)]
+            for rows in ([b for b in ready if jobs[b].stream], whole):
+                if not rows:
+                    continue
                 new = [codes[b, emitted[b]:lengths[b]] for b in rows]
-                waves = self._decode([history[b] for b in rows], new)
+                waves = self._decode([history[b] for b in rows], new, whole=rows is whole)
                 for b, c, w in zip(rows, new, waves):
                     history[b] = np.concatenate([history[b], c])
                     emitted[b] = jobs[b].frames = int(lengths[b])
@@ -283,13 +291,16 @@ class BatchEngine:
                         f"the request ran out of time after {jobs[b].frames} frames"))
             target = step + self.chunk_frames
 
-    def _decode(self, histories: list[np.ndarray], new: list[np.ndarray]) -> list[np.ndarray]:
-        """Each row's new frames decoded after up to `left_context` frames of its history: one
-        codec batch (rows padded on the right, which the causal decoder ignores; the batch padded
-        to a batch bucket so that few programs are compiled). Returns the new samples only."""
+    def _decode(self, histories: list[np.ndarray], new: list[np.ndarray], whole: bool = False
+                ) -> list[np.ndarray]:
+        """Each row's new frames decoded after up to `left_context` frames of its history (all of
+        it with `whole`, as the offline decode does): one codec batch (rows padded on the right,
+        which the causal decoder ignores; the batch padded to a batch bucket so that few programs
+        are compiled). Returns the new samples only."""
         codec = self.tts.speech_tokenizer
         up = codec.config.decode_upsample_rate
-        ctx = [h[max(0, len(h) - self.left_context):] for h in histories]
+        keep = None if whole else self.left_context
+        ctx = [h if keep is None else h[max(0, len(h) - keep):] for h in histories]
         T = max(len(c) + len(x) for c, x in zip(ctx, new))
         Bc = self._bucket(len(new))
         window = np.zeros((Bc, T, new[0].shape[-1]), np.int32)
