@@ -1,14 +1,15 @@
 """Fine-tuning throughput: codec frames per second of the training step, ours (JAX) and the official
 computation (qwen-tts 0.1.1 modules driven like finetuning/sft_12hz.py, tests/test_finetune_official.py
 `OfficialSFT`) side by side in one run, on the same random weights and batches.
+(sdpa attention on the official side: flash-attn, which sft_12hz.py asks for, is not installed.)
 
     python benchmarks/bench_finetune.py                      # CPU, preset "small", both
     python benchmarks/bench_finetune.py --no-official --preset 0b6 --batch-size 8 --json out.json
 
 Backend: JAX's default (a GPU when jax[cuda] sees one; `--device cpu|gpu` forces). Ours runs bf16
 compute with f32 master weights on accelerators, f32 on CPU (the trainer's defaults; `--dtype`
-overrides). The official side always runs on this CPU in float32 (the reference stack is the CPU
-torch wheel); skip it with --no-official (then torch is not imported at all and the weights are
+overrides). The official side runs on the CPU in float32, or with `--official-device cuda` in
+bfloat16 weights under autocast like sft_12hz.py; skip it with --no-official (then torch is not imported at all and the weights are
 random JAX arrays).
 
 A step = one micro-batch: forward, backward, and every `--accum` micro-batches gradient clipping +
@@ -118,13 +119,18 @@ def run_official(args, model, batches_torch):
     from test_finetune_official import OfficialSFT
 
     torch.set_num_threads(args.threads)
+    cuda = args.official_device == "cuda"
+    if cuda:        # sft_12hz.py: weights loaded in bf16, accelerate mixed_precision="bf16"
+        model = model.to("cuda", torch.bfloat16)
+        batches_torch = [{k: v.to("cuda") for k, v in b.items()} for b in batches_torch]
     sft = OfficialSFT(types.SimpleNamespace(model=model))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     losses, times = [], []
     for i, b in enumerate(batches_torch):
         t0 = time.perf_counter()
-        loss = sft.loss(b)[0]
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            loss = sft.loss(b)[0]
         (loss / args.accum).backward()
         if (i + 1) % args.accum == 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,7 +140,9 @@ def run_official(args, model, batches_torch):
         times.append(time.perf_counter() - t0)
     timed = times[args.warmup:]
     n_frames = sum(int(b["codec_mask"].sum()) for b in batches_torch[args.warmup:])
-    return dict(impl="official (torch)", device=f"CPU, {args.threads} threads", dtype="float32",
+    return dict(impl="official (torch)",
+                device=torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads",
+                dtype="bfloat16" if cuda else "float32",
                 frames_per_s=n_frames / sum(timed), step_s=float(np.median(timed)),
                 first_step_s=times[0], losses=losses, frames=n_frames)
 
@@ -151,6 +159,8 @@ def main():
     ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"])
     ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--official-device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the official in bf16 weights + autocast, as sft_12hz.py runs")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
