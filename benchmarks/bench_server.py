@@ -6,7 +6,7 @@ and latency percentiles with 1, 4 and 16 concurrent clients. One command:
 
 The checkpoint has random weights (no download): `--size tiny` is the `--random-weights` demo
 checkpoint; `--size 0b6|1b7` gives the released CustomVoice shapes (talker, code predictor, codec
-decoder; shared/official/full_configs.py) with the demo's small tokenizer. Random weights almost
+decoder; benchmarks/full_configs.py) with the demo's small tokenizer. Random weights almost
 never sample EOS, so every request generates exactly `--max-new-tokens` - 1 frames: the work per
 request is fixed and the figures compare across concurrency levels.
 
@@ -36,7 +36,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -61,7 +60,7 @@ def log(*a):
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
-def build_checkpoint(folder: str, size: str, official_configs: str) -> str:
+def build_checkpoint(folder: str, size: str) -> str:
     """The demo checkpoint; for 0b6/1b7 its config and weights are replaced by the released
     CustomVoice shapes (random float32 weights; the demo's tokenizer and special ids stay)."""
     from qwen3_tts_jax import checkpoint, demo
@@ -75,7 +74,7 @@ def build_checkpoint(folder: str, size: str, official_configs: str) -> str:
     from qwen3_tts_jax.codec.config import parse_config as parse_codec_config
     from qwen3_tts_jax.config import parse_config
 
-    sys.path.insert(0, official_configs)
+    sys.path.insert(0, HERE)
     from full_configs import CODEC, talker
 
     rng = np.random.default_rng(0)
@@ -290,19 +289,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=61, help="per request (frames + 1)")
     ap.add_argument("--batch-window-ms", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
-    ap.add_argument("--official-configs", default=os.path.join(ROOT, "..", "shared", "official"),
-                    help="folder of full_configs.py (the released shapes)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
-    if not os.path.isdir(args.official_configs):
-        args.official_configs = "/work/shared/official"
     loads = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
         args.workdir = workdir
         t = time.perf_counter()
-        folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size,
-                                                args.official_configs)
+        folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
         log(f"checkpoint {folder}: {time.perf_counter() - t:.0f} s")
         port = free_port()
         url = f"http://127.0.0.1:{port}"

@@ -435,3 +435,52 @@ def test_serve_command(tmp_path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+# ---------------------------------------------------------------------------------- text sessions
+def ws_session(server, first: dict, pieces: list, pause: float = 0.05):
+    """Run a WebSocket text session: (pcm bytes, final JSON message)."""
+    from websockets.sync.client import connect
+
+    audio = b""
+    with connect(server.url.replace("http", "ws") + "/v1/audio/speech/stream") as ws:
+        ws.send(json.dumps(first))
+        for kind, text in pieces:
+            ws.send(json.dumps({"type": kind, "text": text}))
+            time.sleep(pause)
+        while True:
+            msg = ws.recv(timeout=300)
+            if isinstance(msg, bytes):
+                audio += msg
+            else:
+                return audio, json.loads(msg)
+
+
+def test_text_session_equals_offline_streaming_mode(server, tts):
+    """Text fed in pieces over the WebSocket (split mid-word, with pauses) gives the codes of the
+    offline streaming-text-mode generation of the whole text: the frame loop never runs past the
+    text received, so the timing of the pieces does not matter."""
+    pytest.importorskip("websockets")
+    text = "Hello world, this is a test."
+    pieces = [("text", "Hel"), ("text", "lo wor"), ("text", "ld, this "), ("text", "is a"),
+              ("end", " test.")]
+    audio, done = ws_session(server, {"voice": "ryan", "seed": 4, **GEN}, pieces)
+    assert done["type"] == "done" and done["frames"] == TOKENS - 1, done
+    wave = np.frombuffer(audio, "<i2").astype(np.float32) / 32767
+    ref = offline(tts, text, "ryan", 4, non_streaming_mode=False, **GEN)
+    assert wave.shape == ref.shape
+    np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max())
+    assert done["input_tokens"] == len(tts._input_ids(text)) - 8
+
+
+@pytest.mark.parametrize("first,pieces,needle", [
+    ({"voice": "bob"}, [], "unknown voice"),
+    ({"voice": "ryan", "response_format": "mp3"}, [], "pcm"),
+    ({"voice": "ryan"}, [("shout", "x")], "unknown message"),
+    ({"voice": "ryan", **GEN}, [("end", "")], "without any text"),
+    ({"voice": "ryan", **GEN}, [("text", "x" * 201)], "at most 200"),
+])
+def test_text_session_errors(server, first, pieces, needle):
+    pytest.importorskip("websockets")
+    audio, msg = ws_session(server, first, pieces, pause=0)
+    assert msg["type"] == "error" and needle in msg["message"], msg

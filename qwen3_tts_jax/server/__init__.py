@@ -5,9 +5,9 @@
         -d '{"model": "qwen3-tts", "input": "Hello.", "voice": "ryan", "response_format": "wav"}' \\
         -o hello.wav
 
-Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes). FastAPI and
-uvicorn are the optional extra `pip install "qwen3-tts-jax[serve]"`; nothing else in the package
-imports them. Details and measurements: docs/serving.md.
+Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, the WebSocket
+text sessions). FastAPI, uvicorn, python-multipart and websockets are the optional extra
+`pip install "qwen3-tts-jax[serve]"`; nothing else in the package imports them. Details and measurements: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def add_parser(sub, common) -> None:
     s.add_argument("--min-prompt-bucket", type=int, default=16,
                    help="shortest padded prompt length (larger: fewer compiled shapes)")
     s.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long the first waiting request waits for others to batch with")
+                   help="a batch starts once no request arrived for this long (at most 10x)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,

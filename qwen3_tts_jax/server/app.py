@@ -6,6 +6,7 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
     GET    /v1/audio/voices        preset speakers and registered (cloned) voices
     POST   /v1/audio/voices        multipart: name, audio_sample (file), transcript (Base only)
     DELETE /v1/audio/voices/{id}
+    WS     /v1/audio/speech/stream  text in pieces (e.g. from an LLM) -> pcm audio as it is made
     GET    /v1/models, GET /health
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status saying
@@ -26,14 +27,16 @@ import struct
 import time
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import prompts
 from ..api import GEN_KWARGS, GenerationSettings
+from ..text import assistant_text
 from ..voice import load_voice, save_voice
-from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull
+from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull, TextFeed
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -409,6 +412,124 @@ class Server:
         finally:
             job.cancelled = True
 
+    # ----------------------------------------------------------------------------- sessions
+    def parse_session(self, data) -> Job:
+        """A text session's first message: the speech fields without `input` (or with the first
+        piece of text in it); the text mode is the official streaming one; the audio is pcm."""
+        if not isinstance(data, dict):
+            raise ApiError(400, "the first message must be a JSON object with the speech fields "
+                                "(voice, instructions, language, generation settings)")
+        if self.kind == "base":
+            raise ApiError(400, "text sessions need a CustomVoice or VoiceDesign checkpoint; use "
+                                "POST /v1/audio/speech for cloned voices")
+        if data.get("non_streaming_mode") or data.get("response_format", "pcm") != "pcm":
+            raise ApiError(400, "a text session uses the streaming text mode and sends pcm "
+                                "(s16le, 24 kHz, mono): leave non_streaming_mode and "
+                                "response_format out", "response_format")
+        if data.get("stream_format") is not None:
+            raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
+        probe = dict(data, input=data.get("input") or "x", response_format="pcm",
+                     model=data.get("model") or self.options.model_name, non_streaming_mode=False)
+        job = self.parse_speech(probe).job       # validates voice, settings, instructions
+        tts, cfg = self.tts, self.tts.config
+        template = tts.tokenizer.encode(assistant_text("x"))
+        head, tail = template[:3], template[-5:]
+        language = (data.get("language") or self.options.language or "auto").lower()
+        speaker = self._voice(data)
+        instructions = data.get("instructions") or None
+        if self.kind == "custom_voice" and cfg.tts_model_size in "0b6":
+            instructions = None          # the 0.6B CustomVoice ignores instruct (official)
+        instruct_ids = tts._instruct_ids(instructions)
+
+        def build(tokens: list[int]) -> prompts.Prompt:
+            return prompts.build_prompt(cfg, head + tokens[:1] + tail, language, speaker,
+                                        instruct_ids, non_streaming_mode=False)
+
+        job.prompt, job.feed = None, TextFeed(tts.tokenizer, build)
+        return job
+
+    async def session(self, ws: WebSocket) -> None:
+        """WS /v1/audio/speech/stream. Client: first a JSON object with the speech fields (voice,
+        instructions, language, settings; optionally `input`, the first text); then
+        {"type": "text", "text": "..."} pieces and finally {"type": "end"} (which may carry a
+        last "text"). Server: binary messages of pcm audio as it is generated, then
+        {"type": "done", "frames", "input_tokens"}; or {"type": "error", "status", "message"}."""
+        await ws.accept()
+
+        async def error(status: int, message: str, param=None):
+            await ws.send_json({"type": "error", "status": status, "message": message,
+                                "param": param})
+            await ws.close(1008 if status < 500 else 1011)
+
+        try:
+            data = json.loads(await ws.receive_text())
+            job = self.parse_session(data)
+        except WebSocketDisconnect:
+            return
+        except json.JSONDecodeError as e:
+            return await error(400, f"the first message is not valid JSON: {e}")
+        except ApiError as e:
+            return await error(e.status, e.message, e.param)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+        feed, limit = job.feed, self.options.max_input_chars
+
+        def push(text, final: bool):
+            if not isinstance(text, str):
+                raise ApiError(400, "`text` must be a string", "text")
+            if len(feed.text) + len(text) > limit:
+                raise ApiError(413, f"the session's text would be {len(feed.text) + len(text)} "
+                                    f"characters; at most {limit}", "text")
+            feed.push(text, final)
+            self.engine.wake()
+
+        try:
+            if data.get("input"):
+                push(data["input"], False)
+            self.engine.submit(job)
+        except ApiError as e:
+            return await error(e.status, e.message, e.param)
+        except QueueFull as e:
+            return await error(429, f"the server is busy: {e}")
+
+        async def receive():
+            try:
+                while not feed.final:
+                    msg = json.loads(await ws.receive_text())
+                    kind = msg.get("type") if isinstance(msg, dict) else None
+                    if kind not in ("text", "end"):
+                        raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
+                                            '{"type": "text", "text": ...} or {"type": "end"}')
+                    push(msg.get("text", ""), kind == "end")
+            except Exception as e:  # noqa: BLE001 - ends the session: the sender reports it
+                job.cancelled = True
+                chunks.put_nowait(e)
+
+        reader = asyncio.create_task(receive())
+        try:
+            while True:
+                item = await chunks.get()
+                if item is None:
+                    await ws.send_json({"type": "done", "frames": job.frames,
+                                        "input_tokens": len(feed.tokens)})
+                    await ws.close()
+                    return
+                if isinstance(item, WebSocketDisconnect):
+                    return
+                if isinstance(item, Exception):
+                    status = (item.status if isinstance(item, ApiError) else
+                              504 if isinstance(item, DeadlineExceeded) else
+                              400 if isinstance(item, (ValueError, json.JSONDecodeError))
+                              else 500)
+                    return await error(status, getattr(item, "message", None) or str(item))
+                await ws.send_bytes(pcm16(item))
+        except WebSocketDisconnect:
+            return
+        finally:
+            job.cancelled = True
+            reader.cancel()
+
     # ----------------------------------------------------------------------------- register
     async def register_voice(self, request: Request) -> dict:
         if self.kind != "base":
@@ -505,6 +626,10 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     @app.post("/v1/audio/speech")
     async def speech(request: Request):
         return await server.speech(request)
+
+    @app.websocket("/v1/audio/speech/stream")
+    async def speech_stream(ws: WebSocket):
+        await server.session(ws)
 
     @app.get("/v1/audio/voices")
     async def list_voices():
