@@ -172,6 +172,32 @@ def test_resume_after_stop_gives_the_same_checkpoint(trained, prepared):
         finetune(prepared["folder"], prepared["out"], out, NAME, **dict(TRAIN, batch_size=1))
 
 
+def test_cli_data_parallel_on_two_devices_matches_one(trained, prepared):
+    """The finetune command on 2 simulated CPU devices (the batch split over a "data" mesh): the
+    same epoch-0 checkpoint as the single-device run, up to float32 reduction order."""
+    import sys
+
+    from safetensors.numpy import load_file
+
+    out = str(prepared["tmp"] / "two_devices")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    code = ("import sys, jax; jax.config.update('jax_default_matmul_precision', 'float32'); "
+            "assert len(jax.local_devices()) == 2; from qwen3_tts_jax.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    args = ["finetune", "--init-model", prepared["folder"], "--train-jsonl", prepared["out"],
+            "--output", out, "--speaker-name", NAME, "--batch-size", "2", "--lr", "1e-3",
+            "--epochs", "1", "--grad-accum", "1", "--fixed-shapes", "--no-compile-cache", "-q"]
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint-epoch-0" in r.stdout
+    a = load_file(os.path.join(out, "checkpoint-epoch-0", "model.safetensors"))
+    b = load_file(os.path.join(trained["output"], "checkpoint-epoch-0", "model.safetensors"))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _jsonl(path, lines):

@@ -177,13 +177,12 @@ def setup(make_checkpoint, tmp_path_factory):
                 params=train.trainable(full), xv=xv)
 
 
-_loss = jax.jit(train.loss_fn, static_argnames=("cfg",))
 _loss_grad = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnames=("cfg",))
 
 
-def ours_batch(s, idx):
+def ours_batch(s, idx, **shape):
     b = data.collate([s["examples"][i] for i in idx], s["cfg"], s["xv"])
-    return {k: jnp.asarray(v) for k, v in data.pad_to(b).items()}
+    return {k: jnp.asarray(v) for k, v in data.pad_to(b, **shape).items()}
 
 
 def as_official_tree(s, tree) -> dict[str, np.ndarray]:
@@ -205,17 +204,6 @@ def test_batch_tensors_equal_official(setup):
     with torch.no_grad():
         spk = s["off"].model.speaker_encoder(ref["ref_mels"]).numpy()
     np.testing.assert_allclose(ours["x_vectors"], spk, rtol=0, atol=1e-5 * np.abs(spk).max())
-
-
-def test_pad_to_buckets_changes_nothing(setup):
-    s = setup
-    b = data.collate([s["examples"][i] for i in (0, 3)], s["cfg"], s["xv"])
-    plain = {k: jnp.asarray(v) for k, v in b.items()}
-    padded = {k: jnp.asarray(v) for k, v in data.pad_to(b, rows=4, length=64, frames=16).items()}
-    l1 = _loss(s["params"], plain, cfg=s["cfg"])[1]
-    l2 = _loss(s["params"], padded, cfg=s["cfg"])[1]
-    for k in ("loss", "talker_loss", "sub_talker_loss"):
-        np.testing.assert_allclose(float(l1[k]), float(l2[k]), rtol=1e-6)
 
 
 def test_loss_and_gradients_match_official(setup):
@@ -253,7 +241,8 @@ def test_loss_and_gradients_match_official(setup):
 
 def test_adamw_steps_match_official(setup):
     """6 micro-batches, accumulation 4 (one full group + the epoch's partial group, applied at the
-    end like accelerate): the same parameters after 2 AdamW steps."""
+    end like accelerate): the same losses and the same parameters after 2 AdamW steps; ours on
+    batches padded in all three dimensions."""
     import copy
 
     from official import load_official
@@ -274,7 +263,10 @@ def test_adamw_steps_match_official(setup):
     step = train.make_train_step(s["cfg"], lr, accum_steps=4)
     losses, applied = [], []
     for n, idx in enumerate(order):
-        batch = dict(ours_batch(s, idx), flush=jnp.bool_(n == len(order) - 1))
+        # one compiled program; an empty padding row and padded positions and frames must
+        # change nothing (the official batches are unpadded)
+        batch = dict(ours_batch(s, idx, rows=3, length=48, frames=16),
+                     flush=jnp.bool_(n == len(order) - 1))
         params, state, m = step(params, state, batch, jax.random.key(0))
         losses.append(float(m["loss"]))
         applied.append(bool(m["applied"]))
