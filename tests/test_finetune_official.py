@@ -27,6 +27,7 @@ import torch
 
 from test_audio import write_speech
 
+from official import Spec
 from qwen3_tts_jax.finetune import data, export, train
 
 TEXTS = ["Hello world. This is a tiny test.", "The quick brown fox jumps over the lazy dog.",
@@ -150,15 +151,20 @@ class OfficialSFT:
 
 # ----------------------------------------------------------------------------- fixtures
 
+# A 1.7B-like Base: the predictor narrower than the talker, so small_to_mtp_projection is a Linear
+# (the shared "base" spec is 0.6B-like, where it is the identity).
+BASE_PROJ = Spec(kind="base", size="1b7", hidden=32, cp_hidden=24, seed=5)
+
+
 @pytest.fixture(scope="module")
-def setup(make_checkpoint, tmp_path_factory):
-    """(folder, official tts, ours (cfg, tokenizer, params f32, x-vectors), jsonl lines)."""
-    from official import load_official
+def setup_for(make_checkpoint, tmp_path_factory, ckpt_root, codec_dir, text_tokenizer):
+    """setup_for(name) -> (folder, official tts, ours (cfg, examples, params f32, x-vectors),
+    the JSONL lines) for "base" or "base_proj"."""
+    from official import build_checkpoint, load_official
     from qwen3_tts_jax import checkpoint
     from qwen3_tts_jax.config import load_config
     from qwen3_tts_jax.text import TextTokenizer
 
-    folder = make_checkpoint("base")
     tmp = tmp_path_factory.mktemp("ft_parity")
     refs = [write_speech(tmp / "ref0.wav", 24000), write_speech(tmp / "ref1.wav", 24000)]
     rng = np.random.default_rng(0)
@@ -167,14 +173,29 @@ def setup(make_checkpoint, tmp_path_factory):
              for t in TEXTS]
     path = tmp / "train.jsonl"
     path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in lines))
-    cfg = load_config(folder)
-    tok = TextTokenizer.from_dir(folder)
-    examples = data.load_examples(str(path), tok)
-    full = checkpoint.load_params(folder, cfg, jnp.float32)
-    xv, problems = data.reference_xvectors(refs, full["speaker_encoder"], cfg.speaker_encoder)
-    assert not problems
-    return dict(folder=folder, off=load_official(folder), cfg=cfg, examples=examples, lines=lines,
-                params=train.trainable(full), xv=xv)
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = (make_checkpoint("base") if name == "base" else
+                      build_checkpoint(str(ckpt_root / "ft_base_proj"), BASE_PROJ,
+                                       codec_dir=codec_dir, tokenizer=text_tokenizer))
+            cfg = load_config(folder)
+            examples = data.load_examples(str(path), TextTokenizer.from_dir(folder))
+            full = checkpoint.load_params(folder, cfg, jnp.float32)
+            xv, problems = data.reference_xvectors(refs, full["speaker_encoder"],
+                                                   cfg.speaker_encoder)
+            assert not problems
+            built[name] = dict(folder=folder, off=load_official(folder), cfg=cfg,
+                               examples=examples, lines=lines, params=train.trainable(full), xv=xv)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def setup(setup_for):
+    return setup_for("base")
 
 
 _loss_grad = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnames=("cfg",))
@@ -206,8 +227,9 @@ def test_batch_tensors_equal_official(setup):
     np.testing.assert_allclose(ours["x_vectors"], spk, rtol=0, atol=1e-5 * np.abs(spk).max())
 
 
-def test_loss_and_gradients_match_official(setup):
-    s = setup
+@pytest.mark.parametrize("name", ["base", "base_proj"])
+def test_loss_and_gradients_match_official(setup_for, name):
+    s = setup_for(name)
     sft = OfficialSFT(s["off"])
     idx = [0, 1, 2, 4]
     ref_batch = sft.collate([sft.item(s["lines"][i]) for i in idx])
