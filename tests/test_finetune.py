@@ -131,6 +131,30 @@ def test_exported_checkpoint_layout(trained, prepared):
     assert os.path.exists(os.path.join(last, "generation_config.json"))
 
 
+def test_export_keeps_a_bf16_base_in_bf16(trained, prepared, tmp_path):
+    """Released Base checkpoints are bfloat16: the export writes each tensor in the Base file's
+    dtype (f32 master weights rounded once), and both loaders' key checks accept it."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_tts_jax import checkpoint
+    from qwen3_tts_jax.config import load_config
+
+    base = tmp_path / "base_bf16"
+    shutil.copytree(prepared["folder"], base)
+    w = load_file(str(base / "model.safetensors"))
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in w.items()},
+              str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = export.export_checkpoint(str(base), str(tmp_path / "ckpt"), trained["params"],
+                                   load_config(str(base)), NAME, np.ones(32, np.float32))
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in got.values())
+    assert np.all(got["talker.model.codec_embedding.weight"][3000].astype(np.float32) == 1.0)
+    cfg = load_config(out)
+    assert cfg.tts_model_type == "custom_voice" and cfg.speakers == {NAME: 3000}
+    checkpoint.load_params(out, cfg)
+
+
 def test_new_speaker_same_greedy_codes_official_and_ours(trained):
     import torch
 
