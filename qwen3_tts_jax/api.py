@@ -114,18 +114,36 @@ class Qwen3TTS:
         self.folder = folder
         self._speech_tokenizer = None
         self._replicated = None        # params on every local device, for data-parallel runs
+        self.model_parallel = 1        # > 1: params split over a (data, model) mesh
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype=None) -> "Qwen3TTS":
+    def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `python -m convert`)
-        or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU."""
+        or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
+
+        `model_parallel` = m > 1 splits the decoder weights over m devices (tensor parallel, for
+        a model that does not fit one device's memory, e.g. the 1.7B on small TPU cores): the
+        local devices form a (data, model) mesh of shape (n / m, m); the weights go from host
+        memory straight to their shards (never whole on one device); batches are split over the
+        "data" axis. Same codes as one device (tests/test_batch.py)."""
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
-        params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
-                                               consume=True)
+        if model_parallel > 1:
+            from .batch import model_sharding
+
+            dtype = dtype or checkpoint.default_dtype()
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                params = checkpoint.pack_for_inference(
+                    checkpoint.load_params(folder, cfg, dtype), consume=True)
+            params = jax.device_put(params, model_sharding(params, model_parallel))
+        else:
+            params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
+                                                   consume=True)
         tok = text_mod.TextTokenizer.from_dir(folder)
-        return cls(cfg, params, tok, load_generation_defaults(folder), folder)
+        tts = cls(cfg, params, tok, load_generation_defaults(folder), folder)
+        tts.model_parallel = model_parallel
+        return tts
 
     @property
     def speech_tokenizer(self):
@@ -228,10 +246,16 @@ class Qwen3TTS:
              data_parallel: bool = False) -> list[np.ndarray]:
         """Generate codes for built prompts: one padded, bucketed batch on device, or with
         `data_parallel` the batch split over all local devices (params replicated)."""
-        devices = len(jax.local_devices()) if data_parallel else 1
+        m = self.model_parallel
+        devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
         batch, run_settings, keys = self._prepare(items, settings, devices)
         params = self.params
-        if devices > 1:
+        if m > 1:                      # params already split over the mesh's "model" axis
+            from .batch import data_sharding
+
+            rows, _ = data_sharding(m)
+            batch, run_settings, keys = jax.device_put((batch, run_settings, keys), rows)
+        elif devices > 1:
             from .batch import data_sharding
 
             rows, replicated = data_sharding()

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                           "layout and run the whole pipeline with it (the audio is noise)")
     src.add_argument("--dtype", choices=["float32", "bfloat16"],
                      help="weights dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    src.add_argument("--model-parallel", type=int, default=1, metavar="M",
+                     help="split the weights over M local devices (tensor parallel; the other "
+                          "devices factor split the batch)")
     io = common.add_argument_group("input / output")
     io.add_argument("--text", help="text to speak")
     io.add_argument("--text-file", help="read the text from this file (UTF-8)")
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
         import jax.numpy as jnp
 
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
-        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype)
+        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel)
     except (FileNotFoundError, ValueError) as e:
         stages.close()
         _fail(str(e))

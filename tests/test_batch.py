@@ -1,6 +1,7 @@
 """The batch tool (`qwen3-tts-jax batch`): bad lines reported and skipped, restart after a kill
 without redoing or losing finished files, and data-parallel sharding over 8 simulated devices giving
-the same codes as one device."""
+the same codes as one device, and tensor-parallel weights (2 and 8 ways) giving the same greedy
+codes."""
 import json
 import os
 import subprocess
@@ -83,6 +84,16 @@ SHARDED = textwrap.dedent("""
         one = tts.generate_prompts_codes(items, max_new_tokens=12, **kw)
         eight = tts.generate_prompts_codes(items, pad_batch_to=8, max_new_tokens=12, **kw)
         out[name] = all(a.shape == b.shape and (a == b).all() for a, b in zip(one, eight))
+        if name == "greedy":
+            # Tensor parallel: weights split over 2 (x 4 data rows) and over all 8 devices.
+            for m in (2, 8):
+                tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=m)
+                qkv = tp.params["talker"]["layers"][0]["attn"]["qkv"]
+                assert len(qkv.sharding.device_set) == 8, qkv.sharding
+                assert qkv.addressable_shards[0].data.shape[1] == qkv.shape[1] // m
+                got = tp.generate_prompts_codes(items, max_new_tokens=12, **kw)
+                out[f"tp{m}"] = all(a.shape == b.shape and (a == b).all()
+                                    for a, b in zip(one, got))
     print(json.dumps(out))
 """)
 
@@ -94,4 +105,5 @@ def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
                        capture_output=True, text=True, timeout=900,
                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"greedy": True, "sampled": True}
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {
+        "greedy": True, "sampled": True, "tp2": True, "tp8": True}
