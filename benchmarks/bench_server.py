@@ -225,9 +225,9 @@ def versions() -> str:
 
 def device() -> str:
     out = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
-                          "print(d.platform, d.device_kind)"], capture_output=True, text=True,
-                         env=dict(os.environ))
-    return out.stdout.strip() or "unknown"
+                          "print('CPU' if d.platform == 'cpu' else d.device_kind)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "unknown device"
 
 
 def cpu_model() -> str:
