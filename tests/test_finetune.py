@@ -196,6 +196,7 @@ def test_resume_after_stop_gives_the_same_checkpoint(trained, prepared):
         finetune(prepared["folder"], prepared["out"], out, NAME, **dict(TRAIN, batch_size=1))
 
 
+@pytest.mark.slow   # ~40 s: a subprocess that compiles the 2-device program
 def test_cli_data_parallel_on_two_devices_matches_one(trained, prepared):
     """The finetune command on 2 simulated CPU devices (the batch split over a "data" mesh): the
     same epoch-0 checkpoint as the single-device run, up to float32 reduction order."""

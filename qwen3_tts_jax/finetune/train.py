@@ -310,7 +310,8 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
     Shapes: each batch is padded to the shape buckets of its own longest example (`data.pad_to`;
     a few compiled programs, at most 1.5x padding), or with `fixed_shapes` to the dataset's
     longest (one program; more padding when lengths vary).
-    Returns {"epochs", "steps", "losses" (per micro-batch), "checkpoints", "frames_per_second"}."""
+    Returns {"epochs", "steps" (this run), "losses" (per micro-batch), "checkpoints" (written by
+    this run), "frames_per_second" (steps that did not compile), "params" (trained, float32)}."""
     from tqdm import tqdm
 
     from .. import checkpoint
@@ -366,8 +367,10 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
     if fixed_shapes:
         fixed = dict(length=ladder(max(len(e.text_ids) + len(e.codes) for e in examples) + 8),
                      frames=ladder(max(len(e.codes) for e in examples)))
-    losses, ckpts, frames_done, steps_done = [], [], 0, 0
-    t0 = None
+    losses, ckpts, steps_done = [], [], 0
+    # Throughput: codec frames / seconds of the steps that did not compile (a step with a new
+    # shape compiles); checkpoint writing is not counted.
+    frames_done, train_s, shapes_seen = 0, 0.0, set()
     while epoch < epochs:
         order = epoch_order(len(examples), seed, epoch)
         bar = tqdm(total=n_batches, initial=next_batch, disable=not progress,
@@ -376,14 +379,16 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
             idx = order[next_batch * batch_size:(next_batch + 1) * batch_size]
             host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs), rows=rows,
                                **fixed)
+            t_step = time.perf_counter()
             batch = jax.device_put(host, batch_sh)
             batch["flush"] = jax.device_put(np.bool_(next_batch == n_batches - 1), repl)
             params, opt_state, m = step(params, opt_state, batch, jax.random.key(0))
-            loss = float(m["loss"])
-            if t0 is None:          # throughput from the second batch on (the first compiles)
-                t0 = time.perf_counter()
-            else:
+            loss = float(m["loss"])                      # waits for the step
+            shape = (host["input_ids"].shape, host["frame_valid"].shape)
+            if shape in shapes_seen:
                 frames_done += data.batch_frames(host)
+                train_s += time.perf_counter() - t_step
+            shapes_seen.add(shape)
             losses.append(loss)
             next_batch += 1
             steps_done += 1
@@ -391,8 +396,8 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
                 opt_steps += 1
                 if save_every and opt_steps % save_every == 0:
                     save_state(resume_dir, params, opt_state, state_info())
-            rate = frames_done / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"loss {loss:.4f}, {rate:.1f} frames/s")
+            rate = f", {frames_done / train_s:.1f} frames/s" if train_s > 0 else ""
+            bar.set_postfix_str(f"loss {loss:.4f}{rate}")
             bar.update(1)
             if max_steps is not None and steps_done >= max_steps:
                 break
@@ -406,6 +411,6 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
         log(f"epoch {epoch}: wrote {path}")
         epoch, next_batch = epoch + 1, 0
         save_state(resume_dir, params, opt_state, state_info())
-    wall = time.perf_counter() - t0 if t0 is not None else 0.0
     return {"epochs": epoch, "steps": steps_done, "losses": losses, "checkpoints": ckpts,
-            "frames_per_second": frames_done / wall if wall > 0 else None, "params": params}
+            "frames_per_second": frames_done / train_s if train_s > 0 else None,
+            "params": params}
