@@ -410,6 +410,9 @@ def test_serve_command(tmp_path):
     SIGINT (generation itself is tested in-process above)."""
     from test_cli import EXE
 
+    r = subprocess.run([EXE, "serve", "--random-weights", "--model-parallel", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "one device" in r.stderr and "Traceback" not in r.stderr
     port = free_port()
     p = subprocess.Popen([EXE, "serve", "--random-weights", "--port", str(port), "--quiet",
                           "--voices-dir", str(tmp_path / "v"), "--max-new-tokens", "8"],

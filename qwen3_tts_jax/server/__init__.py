@@ -66,6 +66,9 @@ def run(args) -> int:
         _fail("serve takes its texts from HTTP requests; --text/--text-file do not apply")
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+    if getattr(args, "model_parallel", 1) > 1:
+        _fail("serve runs the model on one device; --model-parallel is not supported by the "
+              "server yet (start one server per device instead)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
 
     import jax.numpy as jnp
