@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import time
 from typing import Any, Sequence
 
 import jax
@@ -268,6 +269,53 @@ class Qwen3TTS:
         codes = np.asarray(state.codes_BxFxG)
         lengths = np.asarray(state.length_B)
         return [codes[b, :lengths[b]] for b in range(len(items))]
+
+    # ------------------------------------------------------------------ ahead-of-time warm-up
+    def warmup_prompts(self, items: list[prompts.Prompt], batch_sizes=(1,), **gen_kwargs) -> float:
+        """Compile, before any request, the programs that batches of these built prompts use:
+        for each batch size, the exact shapes `_run` would give (prompt and text buckets, padded
+        batch, first KV-cache segment), by running the prefill and one frame. Returns seconds.
+        With the persistent compilation cache (`enable_compilation_cache`) a later process finds
+        them on disk."""
+        t = time.perf_counter()
+        settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+        capacity = min(gen.bucket(settings.max_new_tokens - 1), gen.FIRST_FRAMES)
+        for B in batch_sizes:
+            rows = (list(items) * B)[:B]
+            batch, run_settings, keys = self._prepare(rows, settings)
+            state, ctx = gen.prefill(self.params, self.config, batch.text_BxL, batch.codec_BxLxG,
+                                     batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
+                                     batch.trailing_BxLt, batch.trailing_len_B, run_settings,
+                                     keys, frames=capacity)
+            jax.block_until_ready(gen.decode(self.params, self.config, state, ctx, run_settings,
+                                             1).step)
+        return time.perf_counter() - t
+
+    def warmup(self, texts=("Hello.",), batch_sizes=(1,), language=None, speaker=None,
+               instruct=None, voice_clone_prompt=None, non_streaming_mode=None,
+               **gen_kwargs) -> float:
+        """`warmup_prompts` for the checkpoint's own mode: texts of the lengths you expect (each
+        text stands for its prompt-length bucket), at the batch sizes you will use. CustomVoice
+        takes `speaker` (default: the first), VoiceDesign `instruct` (default: a short
+        description), Base a `voice_clone_prompt`. Returns seconds spent."""
+        texts = list(texts)
+        kind = self.tts_model_type
+        if kind == "custom_voice":
+            items = self._custom_voice_prompts(
+                texts, speaker or self.get_supported_speakers()[0], language, instruct,
+                True if non_streaming_mode is None else non_streaming_mode)
+        elif kind == "voice_design":
+            items = self._voice_design_prompts(
+                texts, instruct or "A clear, neutral voice.", language,
+                True if non_streaming_mode is None else non_streaming_mode)
+        else:
+            if voice_clone_prompt is None:
+                raise ValueError("warmup on a Base checkpoint needs voice_clone_prompt= (from "
+                                 "create_voice_clone_prompt)")
+            items, _ = self._voice_clone_prompts(
+                texts, language, None, None, False, voice_clone_prompt,
+                False if non_streaming_mode is None else non_streaming_mode)
+        return self.warmup_prompts(items, batch_sizes, **gen_kwargs)
 
     @staticmethod
     def _keys(seed, n: int, B: int):

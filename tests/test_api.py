@@ -90,3 +90,27 @@ def test_runtime_never_imports_the_reference_stack():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_warmup_compiles_what_requests_use(cv):
+    """`warmup` compiles the programs of a batch size / prompt bucket ahead of time: the requests
+    that follow (other texts of the same bucket) compile nothing."""
+    from qwen3_tts_jax.buckets import ladder
+
+    kw = dict(max_new_tokens=77, do_sample=False, subtalker_dosample=False)  # own frame bucket
+    texts = ["Hello there.", "Hi.", "Yes.", "No."]
+    lengths = [len(p) for p in cv._custom_voice_prompts(texts, "ryan", None, None, True)]
+    assert len({ladder(n) for n in lengths}) == 1, lengths   # one prompt bucket
+    before = gen.prefill._cache_size(), gen.decode._cache_size()
+    seconds = cv.warmup(texts[:1], batch_sizes=(1, 3), **kw)
+    after = gen.prefill._cache_size(), gen.decode._cache_size()
+    assert seconds > 0 and after[0] >= before[0] + 2 and after[1] >= before[1] + 2
+    cv.generate_custom_voice_codes(texts[1], speaker="ryan", **kw)
+    cv.generate_custom_voice_codes(texts[1:], speaker=["ryan", "eric", "vivian"], **kw)
+    assert (gen.prefill._cache_size(), gen.decode._cache_size()) == after
+
+
+def test_warmup_needs_a_voice_on_base(make_checkpoint):
+    base = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    with pytest.raises(ValueError, match="voice_clone_prompt"):
+        base.warmup(["Hello."])
