@@ -487,3 +487,19 @@ def test_text_session_errors(server, first, pieces, needle):
     pytest.importorskip("websockets")
     audio, msg = ws_session(server, first, pieces, pause=0)
     assert msg["type"] == "error" and needle in msg["message"], msg
+
+
+def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
+    """A failure inside generation reaches the client as an OpenAI-shaped 500; the next request
+    is served normally."""
+    from qwen3_tts_jax.server import engine as engine_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(engine_mod._Cohort, "step", boom)
+    code, _, data = post(server.url + "/v1/audio/speech", speech(response_format="wav", **GEN))
+    assert code == 500 and "planted failure" in json.loads(data)["error"]["message"]
+    monkeypatch.undo()
+    code, _, data = post(server.url + "/v1/audio/speech", speech(response_format="pcm", **GEN))
+    assert code == 200 and len(data) == (TOKENS - 1) * 1920 * 2

@@ -623,6 +623,11 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     async def validation_error(request, e):
         return _error_response(400, str(e))
 
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        log.error("request failed: %s: %s", type(e).__name__, e)
+        return _error_response(500, f"the server failed: {type(e).__name__}: {e}")
+
     @app.post("/v1/audio/speech")
     async def speech(request: Request):
         return await server.speech(request)
