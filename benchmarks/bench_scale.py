@@ -401,17 +401,6 @@ def child(role: str, args, extra: list[str], env: dict | None = None, timeout=No
         return json.load(f)
 
 
-def first_difference(a, b) -> str | None:
-    a, b = np.asarray(a), np.asarray(b)
-    n = min(len(a), len(b))
-    if n == 0:
-        return "no frames"
-    rows = np.flatnonzero((a[:n] != b[:n]).any(axis=1))
-    if len(rows):
-        return f"first differing frame {int(rows[0])} of {n}"
-    return None if len(a) == len(b) else f"identical for {n} frames, lengths differ"
-
-
 def machine() -> str:
     """The accelerator (nvidia-smi; the parent must not initialise JAX, which would hold device
     memory while the children run) or the CPU model."""
@@ -480,6 +469,7 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
         lines.append(f"- {name}: load {res['load_s']:.1f} s, peak host RSS "
                      f"{res['peak_rss_gb']:.1f} GB{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
     if official and "codes_b1" in official and first and "codes_b1" in first:
+        from bench_generate import first_difference
         diff = first_difference(first["codes_b1"], official["codes_b1"])
         lines.append(f"- Greedy codes at batch 1, ours vs official ({first['dtype']}): "
                      f"{'identical' if diff is None else diff}.")
