@@ -178,7 +178,8 @@ def test_sse_stream(server):
     status, headers, body = post(server.url + "/v1/audio/speech",
                                  speech(response_format="pcm", stream_format="sse", seed=1, **GEN))
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
-    events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in body.decode().splitlines()
+              if line.startswith("data: ")]
     assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
     assert events[-1]["type"] == "speech.audio.done"
     assert events[-1]["usage"]["output_tokens"] == TOKENS - 1
@@ -338,7 +339,8 @@ def test_register_voice_and_reload(make_checkpoint, tmp_path):
     ref = write_speech(tmp_path / "ref.wav", 22050)
     with open(ref, "rb") as f:
         ref_bytes = f.read()
-    opts = ServerOptions(voices_dir=str(voices_dir), max_new_tokens=TOKENS)
+    opts = ServerOptions(voices_dir=str(voices_dir), max_new_tokens=TOKENS,
+                         min_prompt_bucket=64)   # x-vector and ICL prompts: one bucket
     s = Running(create_app(base, opts))
     try:
         assert get(s.url + "/v1/audio/voices")["data"] == []

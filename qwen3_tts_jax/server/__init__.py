@@ -7,7 +7,8 @@
 
 Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, the WebSocket
 text sessions). FastAPI, uvicorn, python-multipart and websockets are the optional extra
-`pip install "qwen3-tts-jax[serve]"`; nothing else in the package imports them. Details and measurements: docs/serving.md.
+`pip install "qwen3-tts-jax[serve]"`; nothing else in the package imports them. Details and
+measurements: docs/serving.md.
 """
 from __future__ import annotations
 
