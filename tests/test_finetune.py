@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -194,6 +195,50 @@ def test_resume_after_stop_gives_the_same_checkpoint(trained, prepared):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     with pytest.raises(ValueError, match="other settings"):
         finetune(prepared["folder"], prepared["out"], out, NAME, **dict(TRAIN, batch_size=1))
+
+
+def test_killed_finetune_resumes_to_the_same_checkpoint(prepared):
+    """SIGKILL the finetune command mid-run (after its first epochs), run the same command again:
+    it resumes from OUTPUT/resume and its last checkpoint is bit-identical to an uninterrupted
+    run's."""
+    import signal
+    import sys
+    import time
+
+    from safetensors.numpy import load_file
+
+    code = "import sys; from qwen3_tts_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["finetune", "--init-model", prepared["folder"], "--train-jsonl", prepared["out"],
+            "--speaker-name", NAME, "--batch-size", "2", "--lr", "1e-3", "--epochs", "12",
+            "--grad-accum", "1", "--save-every", "1", "--fixed-shapes", "--no-compile-cache",
+            "-q"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = lambda out: [sys.executable, "-c", code, *args, "--output", out]
+    whole, killed = str(prepared["tmp"] / "whole"), str(prepared["tmp"] / "killed")
+    r = subprocess.run(cmd(whole), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    p = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not os.path.exists(os.path.join(killed, "checkpoint-epoch-1")):
+        assert p.poll() is None, "the run ended before the test could kill it"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    last = os.path.join("checkpoint-epoch-11", "model.safetensors")
+    assert not os.path.exists(os.path.join(killed, last)), "killed too late to test anything"
+    assert os.path.exists(os.path.join(killed, "resume", "state.npz"))
+
+    r = subprocess.run(cmd(killed), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = re.search(r"resuming from .*: epoch (\d+), batch (\d+)", r.stdout)
+    assert resumed and resumed.groups() != ("0", "0"), r.stdout[-2000:]   # not a fresh start
+    a, b = load_file(os.path.join(killed, last)), load_file(os.path.join(whole, last))
+    assert a.keys() == b.keys()
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.slow   # ~40 s: a subprocess that compiles the 2-device program

@@ -250,13 +250,15 @@ def trainable(params) -> dict:
 # ----------------------------------------------------------------------------- resume state
 
 def save_state(folder: str, params, opt_state, info: dict) -> None:
-    """Params + optimizer state (+ `info`: position in the data, settings) for resuming; written
-    to temp files and renamed, so a kill leaves the previous state intact."""
+    """Params + optimizer state + `info` (position in the data, settings) for resuming, in ONE
+    file (state.npz, the info as a JSON string inside) written to a temp file and renamed: a kill
+    at any moment leaves either the previous state or the new one, never a mix. state.json is a
+    readable copy of the info, not read back."""
     os.makedirs(folder, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
     tmp = os.path.join(folder, "state.npz.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, *leaves)
+        np.savez(f, *leaves, info=np.array(json.dumps(info)))
     os.replace(tmp, os.path.join(folder, "state.npz"))
     tmp = os.path.join(folder, "state.json.tmp")
     with open(tmp, "w") as f:
@@ -266,14 +268,12 @@ def save_state(folder: str, params, opt_state, info: dict) -> None:
 
 def load_state(folder: str, params_like, opt_state_like):
     """(params, opt_state, info) saved by `save_state`, or None when there is none."""
-    if not (os.path.exists(os.path.join(folder, "state.json"))
-            and os.path.exists(os.path.join(folder, "state.npz"))):
+    if not os.path.exists(os.path.join(folder, "state.npz")):
         return None
-    with open(os.path.join(folder, "state.json")) as f:
-        info = json.load(f)
     leaves_like, treedef = jax.tree.flatten((params_like, opt_state_like))
     with np.load(os.path.join(folder, "state.npz")) as z:
-        leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
+        info = json.loads(str(z["info"]))
+        leaves = [z[f"arr_{i}"] for i in range(len(z.files) - 1)]
     if len(leaves) != len(leaves_like) or any(
             a.shape != b.shape for a, b in zip(leaves, leaves_like)):
         raise ValueError(f"the resume state in {folder} does not match this model; delete the "
