@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import code_predictor, layers, sampling, talker
+from . import code_predictor, layers, sampling, talker, xla_options
 from .buckets import power_of_two as bucket
 from .config import Qwen3TTSConfig
 from .prompts import NONE
@@ -53,7 +53,7 @@ class State(NamedTuple):
     step: jax.Array                 # () frames generated so far (same for all rows)
     token_B: jax.Array              # code 0 to feed at this step
     hidden_BxD: jax.Array           # talker final-norm hidden of the last position
-    caches: list                    # talker KV caches, (B, L + F, K, Dh) per layer
+    caches: list                    # talker KV caches, L + F positions per layer (layers.py)
     codes_BxFxG: jax.Array          # int32 output buffer
     done_B: jax.Array               # row has emitted EOS or used its budget
     length_B: jax.Array             # frames of each row
@@ -127,7 +127,7 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     tp, cpp = params["talker"], params["code_predictor"]
     n = state.step
     B, F, G = state.codes_BxFxG.shape
-    L = state.caches[0].k.shape[1] - F  # prompt bucket
+    L = state.caches[0].length - F  # prompt bucket
     keys = _fold(state.keys_B, n + 1)
     code0_emb = talker.embed_codec(tp, state.token_B)
 
@@ -161,7 +161,8 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
                  logits[:, -1])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+@xla_options.lazy_jit(xla_options.decode_options, static_argnames=("cfg",),
+                      donate_argnames=("state",))
 def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until):
     """Run frames while some row is live and fewer than `until` (<= F) frames exist."""
     F = state.codes_BxFxG.shape[1]
@@ -177,9 +178,8 @@ def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
 def grow(state: State, frames: int) -> State:
     """Give the state room for `frames` frames: longer KV caches and output buffer (zeros)."""
     extra = frames - state.codes_BxFxG.shape[1]
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
-    caches = [layers.KVCache(pad(c.k), pad(c.v)) for c in state.caches]
-    return state._replace(caches=caches, codes_BxFxG=pad(state.codes_BxFxG))
+    codes = jnp.pad(state.codes_BxFxG, [(0, 0), (0, extra), (0, 0)])
+    return state._replace(caches=[c.grow(extra) for c in state.caches], codes_BxFxG=codes)
 
 
 FIRST_FRAMES = 256  # frame capacity of the first segment (20 s of audio); doubled as needed

@@ -4,9 +4,12 @@ Params are nested dicts of arrays (see `talker.RULES`); linear weights are store
 Activations run in the params' dtype (bf16 on accelerators, f32 on CPU); RMSNorm statistics,
 RoPE angles and softmax are computed in float32 like the official code.
 
-KV caches are preallocated: one `KVCache(k, v)` per layer of shape (B, S, KV heads, head_dim); a call
-writes its T new positions at `write_index` (the same for every row: batches are left-padded so that
-all rows advance together) and attends over all S slots through an explicit mask.
+KV caches are preallocated: one cache per layer with room for S positions; a call writes its T new
+positions at `write_index` (the same for every row: batches are left-padded so that all rows
+advance together) and attends over all S slots through an explicit mask. Two layouts, the same
+values: `KVCache` (B, S, KV heads, head_dim), what `jax.nn.dot_product_attention` (and cuDNN) take,
+and `KVCacheHeadsMajor` (B, KV heads, head_dim, S), what XLA:CPU's batched products take without
+copying: with the first, XLA:CPU transposes every layer's whole cache on every step.
 """
 from __future__ import annotations
 
@@ -20,13 +23,84 @@ from .config import TransformerConfig
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # (B, S, K, Dh)
-    v: jax.Array  # (B, S, K, Dh)
+    """Positions-major cache: k, v (B, S, K, Dh)."""
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k_BxTxKxD, v_BxTxKxD, index) -> "KVCache":
+        put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
+        return KVCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
+
+    def attend(self, q_BxTxHxD, mask_BxTxS):
+        return dot_product_attention(q_BxTxHxD, self.k, self.v, mask_BxTxS)
+
+    def grow(self, extra: int) -> "KVCache":
+        pad = lambda a: jnp.pad(a, [(0, 0), (0, extra), (0, 0), (0, 0)])
+        return KVCache(pad(self.k), pad(self.v))
 
 
-def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype) -> list[KVCache]:
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+class KVCacheHeadsMajor(NamedTuple):
+    """Heads-major cache: k, v (B, K, Dh, S), for XLA:CPU (see `cache_layout`)."""
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, k_BxTxKxD, v_BxTxKxD, index) -> "KVCacheHeadsMajor":
+        put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+            c, jnp.transpose(x, (0, 2, 3, 1)).astype(c.dtype), index, axis=3)
+        return KVCacheHeadsMajor(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
+
+    def attend(self, q_BxTxHxD, mask_BxTxS):
+        """`jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, masked
+        logits set to its large negative number) on this layout; in float32 throughout (XLA:CPU's
+        own products have no bfloat16 x bfloat16 -> float32), the result in q's dtype."""
+        B, T, H, Dh = q_BxTxHxD.shape
+        K = self.k.shape[1]
+        f32 = jnp.float32
+        q = q_BxTxHxD.reshape(B, T, K, H // K, Dh).astype(f32)
+        logits = jnp.einsum("btkgd,bkds->bkgts", q, self.k.astype(f32))
+        logits = logits * f32(1.0 / float(Dh) ** 0.5)
+        logits = jnp.where(mask_BxTxS[:, None, None], logits, f32(-0.7 * jnp.finfo(f32).max))
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgts,bkds->btkgd", probs, self.v.astype(f32))
+        return out.reshape(B, T, H, Dh).astype(q_BxTxHxD.dtype)
+
+    def grow(self, extra: int) -> "KVCacheHeadsMajor":
+        pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, 0), (0, extra)])
+        return KVCacheHeadsMajor(pad(self.k), pad(self.v))
+
+
+# The cache layout: None picks per backend when a program is traced (heads-major on the CPU,
+# positions-major elsewhere); "positions" / "heads" force one. Measured on the 2-core CPU (f32,
+# 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache lengths
+# 300-560 (benchmarks/RESULTS.md). Env QWEN3_TTS_JAX_CACHE_LAYOUT.
+CACHE_LAYOUT = os.environ.get("QWEN3_TTS_JAX_CACHE_LAYOUT") or None
+
+
+def cache_layout() -> str:
+    if CACHE_LAYOUT not in (None, "positions", "heads"):
+        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions' or 'heads'")
+    if CACHE_LAYOUT is not None:
+        return CACHE_LAYOUT
+    return "heads" if jax.default_backend() == "cpu" else "positions"
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype,
+               layout: str | None = None) -> list:
+    """Zeroed caches for every layer, in `layout` (default: `cache_layout()`)."""
+    K, Dh = cfg.num_key_value_heads, cfg.head_dim
+    if (layout or cache_layout()) == "heads":
+        cls, shape = KVCacheHeadsMajor, (batch, K, Dh, length)
+    else:
+        cls, shape = KVCache, (batch, length, K, Dh)
+    return [cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for _ in range(cfg.num_hidden_layers)]
 
 
@@ -51,7 +125,7 @@ def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
     return x_BxTxHxD * cos_BxTxD[:, :, None] + rot * sin_BxTxD[:, :, None]
 
 
-def attention(p, x_BxTxD, cos_sin, cache: KVCache, write_index, mask_BxTxS, cfg: TransformerConfig):
+def attention(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig):
     """GQA self-attention with q/k RMSNorm over head_dim, before RoPE. Returns (out, new cache)."""
     B, T, _ = x_BxTxD.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -63,10 +137,9 @@ def attention(p, x_BxTxD, cos_sin, cache: KVCache, write_index, mask_BxTxS, cfg:
     q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
     k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
     q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-    ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, axis=1)
-    out = dot_product_attention(q, ck, cv, mask_BxTxS)
-    return out.reshape(B, T, -1) @ p["o"], KVCache(ck, cv)
+    cache = cache.write(k, v, write_index)
+    out = cache.attend(q, mask_BxTxS)
+    return out.reshape(B, T, -1) @ p["o"], cache
 
 
 # The attention backend: None lets `jax.nn.dot_product_attention` choose (XLA), "cudnn" asks for

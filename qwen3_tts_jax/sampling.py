@@ -40,10 +40,13 @@ Logits are processed in float32 (HF's ``generate`` upcasts the logits to float32
 divisions are true IEEE divisions, so with float32 inputs the processed logits are bit-identical to
 HF's (XLA would otherwise turn ``x / t`` into ``x * (1 / t)``, see :func:`_div_rows`).
 
-Cost per :func:`warp` call: one stable ascending sort (with an int32 index payload) of the
-``(B, V)`` logits, one softmax + cumsum over the sorted rows, and a few element-wise ops; no
-scatter (the top-p cut is mapped back to vocabulary order by a lexicographic ``(value, id)``
-comparison against the last removed element of the sorted order).
+Cost per :func:`warp` call on the CPU, with the official settings (top-k 50): a ``lax.top_k`` of the
+``(B, V)`` logits (``TOP_K_CANDIDATES`` = 64 candidates), a sort of those candidates, one softmax
++ cumsum over them, and a few element-wise ops; with top-k off (or above 64) one stable ascending
+sort of the whole ``(B, V)`` logits instead (a ``lax.cond`` picks at run time; on other backends
+always the sort, see ``RUNTIME_DISPATCH``). No scatter: the
+top-p cut is mapped back to vocabulary order by a lexicographic ``(value, id)`` comparison
+against the last removed element of the sorted order. When no row samples, nothing is warped.
 """
 from __future__ import annotations
 
@@ -199,50 +202,126 @@ def mark_seen(seen_BxV: jax.Array, ids_B: jax.Array) -> jax.Array:
 # Warpers (sampling rows only) and the sampler
 # ----------------------------------------------------------------------------------------------
 
+# The fast path's candidate count: rows with 1 <= top_k <= TOP_K_CANDIDATES (the official default
+# is 50) are warped from the TOP_K_CANDIDATES largest logits (`lax.top_k`, a partial selection)
+# instead of a sort of the whole vocabulary. Static: it is a shape.
+TOP_K_CANDIDATES = 64
+
+# The fast path and the all-greedy skip are picked at run time by `lax.cond`. On the CPU a
+# conditional is free; on GPUs XLA reads a conditional's predicate back to the host (outside
+# command buffers), 32 times a frame here, which has not been measured yet, so there the sampler
+# stays the single full-sort program it was (the same results). None: on for the CPU backend only;
+# True / False force it. Read when a program is traced.
+RUNTIME_DISPATCH = None
+
+
+def _runtime_dispatch() -> bool:
+    if RUNTIME_DISPATCH is not None:
+        return bool(RUNTIME_DISPATCH)
+    return jax.default_backend() == "cpu"
+
+
+def _warp_prologue(logits_BxV, params):
+    logits_BxV = logits_BxV.astype(jnp.float32)  # like HF generate; no-op for float32 input
+    sample_B = params.do_sample.astype(bool)
+    # Temperature (greedy rows: 1.0, so a 0 / invalid temperature there is harmless).
+    t_B = jnp.where(sample_B, params.temperature.astype(jnp.float32), jnp.float32(1.0))
+    top_k_B = params.top_k.astype(jnp.int32)
+    use_k_B = sample_B & (top_k_B > 0)
+    use_p_B = sample_B & (params.top_p.astype(jnp.float32) < 1)
+    return _div_rows(logits_BxV, t_B), use_k_B, use_p_B
+
+
+def _top_p_keep(x_BxV, xs_BxN, ids_sorted_BxN, params, use_p_B):
+    """Top-p in the sorted (ascending, ties by id) domain of N candidates whose filtered members
+    are already -inf; maps the cut back to vocabulary order. Returns bool (B, V)."""
+    N = xs_BxN.shape[1]
+    top_p_B = params.top_p.astype(jnp.float32)
+    cum_BxN = jnp.cumsum(jax.nn.softmax(xs_BxN, axis=-1), axis=-1)
+    remove_BxN = cum_BxN <= (1 - top_p_B)[:, None]
+    remove_BxN = remove_BxN & (jnp.arange(N) < N - 1)[None, :]  # min_tokens_to_keep = 1
+    # Cumsum of probabilities is non-decreasing, so the removed set is a prefix of length m of
+    # the sorted order; a token survives iff (x, id) > (x, id) of sorted element m-1.
+    m_B = jnp.sum(remove_BxN, axis=-1, dtype=jnp.int32)
+    last_Bx1 = jnp.maximum(m_B - 1, 0)[:, None]
+    xc_Bx1 = jnp.take_along_axis(xs_BxN, last_Bx1, axis=1)
+    idc_Bx1 = jnp.take_along_axis(ids_sorted_BxN, last_Bx1, axis=1)
+    ids_BxV = lax.broadcasted_iota(jnp.int32, x_BxV.shape, 1)
+    after_cut_BxV = (x_BxV > xc_Bx1) | ((x_BxV == xc_Bx1) & (ids_BxV > idc_Bx1))
+    return after_cut_BxV | (m_B == 0)[:, None] | ~use_p_B[:, None]
+
+
+def warp_by_sort(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
+    """`warp` for any settings: one stable ascending sort of the whole vocabulary (HF's top-p
+    order with stable ties), ids as payload."""
+    x_BxV, use_k_B, use_p_B = _warp_prologue(logits_BxV, params)
+    B, V = x_BxV.shape
+    ids_BxV = lax.broadcasted_iota(jnp.int32, (B, V), 1)
+    xs_BxV, ids_sorted_BxV = lax.sort((x_BxV, ids_BxV), dimension=1, is_stable=True, num_keys=1)
+    # Top-k: keep x >= k-th largest value (ties with it kept). Off -> k = V (keeps everything).
+    k_B = jnp.where(use_k_B, jnp.clip(params.top_k.astype(jnp.int32), 1, V), V)
+    kth_Bx1 = jnp.take_along_axis(xs_BxV, (V - k_B)[:, None], axis=1)
+    keep_k_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
+    xs_f_BxV = jnp.where((xs_BxV >= kth_Bx1) | ~use_k_B[:, None], xs_BxV, -jnp.inf)
+    keep_p_BxV = _top_p_keep(x_BxV, xs_f_BxV, ids_sorted_BxV, params, use_p_B)
+    return jnp.where(keep_k_BxV & keep_p_BxV, x_BxV, -jnp.inf)
+
+
+def _warp_top_k(x_BxV, vals_BxN, idx_BxN, use_k_B, use_p_B, params):
+    """The fast path, valid when every row either does not sample or has 1 <= top_k <= n and at
+    most n logits tied at or above its k-th largest: then every survivor of top-k is among the n
+    largest, and top-p only needs those n, sorted."""
+    n = vals_BxN.shape[1]  # vals_BxN, idx_BxN: lax.top_k(x_BxV, n), descending
+    k_B = jnp.where(use_k_B, jnp.clip(params.top_k.astype(jnp.int32), 1, n), n)
+    kth_Bx1 = jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
+    keep_k_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
+    # The n candidates in HF's order (ascending value, ties by ascending id); filtered -> -inf.
+    xs_BxN, ids_BxN = lax.sort((vals_BxN, idx_BxN), dimension=1, is_stable=True, num_keys=2)
+    xs_f_BxN = jnp.where((xs_BxN >= kth_Bx1) | ~use_k_B[:, None], xs_BxN, -jnp.inf)
+    keep_p_BxV = _top_p_keep(x_BxV, xs_f_BxN, ids_BxN, params, use_p_B)
+    return jnp.where(keep_k_BxV & keep_p_BxV, x_BxV, -jnp.inf)
+
+
 def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
     """HF Temperature -> TopK -> TopP on sampling rows (filtered ids become ``-inf``); float32.
 
     Rows with ``do_sample=False`` are returned unchanged (HF applies no warper when greedy).
-    See the module docstring for the exact tie semantics. One stable sort of the vocabulary.
+    See the module docstring for the exact tie semantics.
+
+    On the CPU (`RUNTIME_DISPATCH`), when every sampling row has ``1 <= top_k <=
+    TOP_K_CANDIDATES`` (the official settings), the work is a `lax.top_k` of the vocabulary and a sort of those candidates; otherwise (top-k off or
+    larger, or more ties at the k-th value than candidates) one stable sort of the whole
+    vocabulary (`warp_by_sort`). A `lax.cond` picks at run time, so the settings stay traced.
+    The two give the same kept set; at a top-p cut the float32 cumulative sums may differ in the
+    last bit (summed over n candidates instead of V with zeros), which the HF comparison
+    tolerates anyway (see the module docstring).
     """
-    logits_BxV = logits_BxV.astype(jnp.float32)  # like HF generate; no-op for float32 input
-    B, V = logits_BxV.shape
-    dtype = logits_BxV.dtype
-    neg_inf = jnp.asarray(-jnp.inf, dtype)
+    x_BxV, use_k_B, use_p_B = _warp_prologue(logits_BxV, params)
+    if TOP_K_CANDIDATES >= x_BxV.shape[1] or not _runtime_dispatch():
+        return warp_by_sort(logits_BxV, params)
+    vals_BxN, idx_BxN = lax.top_k(x_BxV, TOP_K_CANDIDATES)
+    return lax.cond(jnp.all(_top_k_path_rows(x_BxV, vals_BxN, params)),
+                    lambda: _warp_top_k(x_BxV, vals_BxN, idx_BxN, use_k_B, use_p_B, params),
+                    lambda: warp_by_sort(logits_BxV, params))
+
+
+def _top_k_path_rows(x_BxV, vals_BxN, params):
+    n = vals_BxN.shape[1]
     sample_B = params.do_sample.astype(bool)
-
-    # Temperature (greedy rows: 1.0, so a 0 / invalid temperature there is harmless).
-    t_B = jnp.where(sample_B, params.temperature.astype(dtype), jnp.asarray(1.0, dtype))
-    x_BxV = _div_rows(logits_BxV, t_B)
-
-    # One stable ascending sort, ids as payload: this is HF's top-p order with stable ties.
-    ids_BxV = lax.broadcasted_iota(jnp.int32, (B, V), 1)
-    xs_BxV, ids_sorted_BxV = lax.sort((x_BxV, ids_BxV), dimension=1, is_stable=True, num_keys=1)
-
-    # Top-k: keep x >= k-th largest value (ties with it kept). Off -> k = V (keeps everything).
     top_k_B = params.top_k.astype(jnp.int32)
-    use_k_B = sample_B & (top_k_B > 0)
-    k_B = jnp.where(use_k_B, jnp.clip(top_k_B, 1, V), V)
-    kth_Bx1 = jnp.take_along_axis(xs_BxV, (V - k_B)[:, None], axis=1)
-    keep_k_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
+    # Ties at the k-th value can keep more than k; the fast path holds them if they fit in n.
+    kth_Bx1 = jnp.take_along_axis(vals_BxN, (jnp.clip(top_k_B, 1, n) - 1)[:, None], axis=1)
+    fits_B = jnp.sum(x_BxV >= kth_Bx1, axis=1) <= n
+    return ~sample_B | ((top_k_B >= 1) & (top_k_B <= n) & fits_B)
 
-    # Top-p on the top-k-filtered logits, in the sorted (ascending) domain.
-    top_p_B = params.top_p.astype(dtype)
-    use_p_B = sample_B & (top_p_B < 1)
-    xs_f_BxV = jnp.where((xs_BxV >= kth_Bx1) | ~use_k_B[:, None], xs_BxV, neg_inf)
-    cum_BxV = jnp.cumsum(jax.nn.softmax(xs_f_BxV, axis=-1), axis=-1)
-    remove_BxV = cum_BxV <= (1 - top_p_B)[:, None]
-    remove_BxV = remove_BxV & (jnp.arange(V) < V - 1)[None, :]  # min_tokens_to_keep = 1
-    # Cumsum of probabilities is non-decreasing, so the removed set is a prefix of length m of
-    # the sorted order; a token survives iff (x, id) > (x, id) of sorted element m-1.
-    m_B = jnp.sum(remove_BxV, axis=-1, dtype=jnp.int32)
-    last_Bx1 = jnp.maximum(m_B - 1, 0)[:, None]
-    xc_Bx1 = jnp.take_along_axis(xs_BxV, last_Bx1, axis=1)
-    idc_Bx1 = jnp.take_along_axis(ids_sorted_BxV, last_Bx1, axis=1)
-    after_cut_BxV = (x_BxV > xc_Bx1) | ((x_BxV == xc_Bx1) & (ids_BxV > idc_Bx1))
-    keep_p_BxV = after_cut_BxV | (m_B == 0)[:, None] | ~use_p_B[:, None]
 
-    return jnp.where(keep_k_BxV & keep_p_BxV, x_BxV, neg_inf)
+def top_k_path_rows(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
+    """Bool ``(B,)``: rows that `warp` can serve from the top-k candidates (greedy rows, or
+    ``1 <= top_k <= TOP_K_CANDIDATES`` with the ties at the k-th value fitting). `warp` takes
+    that path when every row can."""
+    x_BxV = _warp_prologue(logits_BxV, params)[0]
+    n = min(TOP_K_CANDIDATES, x_BxV.shape[1])
+    return _top_k_path_rows(x_BxV, lax.top_k(x_BxV, n)[0], params)
 
 
 def _is_batched_key(key: jax.Array) -> bool:
@@ -262,7 +341,12 @@ def sample(key: jax.Array, logits_BxV: jax.Array, params: SamplingParams) -> jax
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    warped_BxV = warp(logits_BxV, params)
+    # All rows greedy (a run-time fact: the settings are traced): no warping at all.
+    if _runtime_dispatch():
+        warped_BxV = lax.cond(jnp.any(params.do_sample), lambda: warp(logits_BxV, params),
+                              lambda: logits_BxV)
+    else:
+        warped_BxV = warp(logits_BxV, params)
     if _is_batched_key(key):
         drawn_B = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, warped_BxV)
     else:

@@ -184,6 +184,35 @@ def test_greedy_codes_voice_design(models, non_streaming):
     _assert_same_codes(ours.generate_voice_design_codes(**kw, **GREEDY), ref)
 
 
+@pytest.fixture
+def positions_major_cache():
+    """The accelerators' KV-cache layout (layers.py) on this CPU, whose default is heads-major:
+    both layouts must give the official numbers. The layout is read when a program is traced."""
+    old = layers.CACHE_LAYOUT
+    layers.CACHE_LAYOUT = "positions"
+    jax.clear_caches()
+    yield
+    layers.CACHE_LAYOUT = old
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("name", ["cv_proj", "vd_bigvocab"])
+def test_positions_major_cache_layout(models, name, positions_major_cache):
+    assert layers.cache_layout() == "positions"
+    assert isinstance(layers.init_cache(models(name)[1].config.talker, 1, 4, jnp.float32)[0],
+                      layers.KVCache)
+    test_talker_logits_prefill_and_decode_steps(models, name)
+    test_code_predictor_logits(models, "cv_proj")
+    if name == "cv_proj":
+        test_greedy_codes_single_and_batched(models, "cv_eos")
+
+
+def test_cpu_default_cache_layout_is_heads_major(models):
+    assert layers.CACHE_LAYOUT is None and layers.cache_layout() == "heads"
+    assert isinstance(layers.init_cache(models("cv_proj")[1].config.talker, 1, 4, jnp.float32)[0],
+                      layers.KVCacheHeadsMajor)
+
+
 def test_max_new_tokens_semantics(models):
     """frames = tokens - 1, like the official generate."""
     _, ours = models("cv_proj")

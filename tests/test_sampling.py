@@ -239,6 +239,50 @@ def test_predictor_chain_matches_hf(kind, B):
     check_against_hf(rng, kind, B, PREDICTOR_V, False, settings)
 
 
+FAST_TOPKS = (1, 2, 50, S.TOP_K_CANDIDATES)
+
+
+@jax.jit
+def _both_paths(x_BxV, params):
+    return S.warp(x_BxV, params), S.warp_by_sort(x_BxV, params), S.top_k_path_rows(x_BxV, params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_path_matches_hf_and_the_full_sort(kind):
+    """With 1 <= top_k <= TOP_K_CANDIDATES everywhere (the official settings), `warp` works from
+    `lax.top_k` candidates instead of sorting the vocabulary: still exactly HF's chain, and the
+    same kept set and values as the full-sort path. "ties" rows (values on a 0.5 grid) tie far
+    more than 64 logits at the k-th value, so there the fallback is what runs and is checked."""
+    rng = np.random.default_rng([2000, KINDS.index(kind)])
+    for V, talker in ((TALKER_V, True), (PREDICTOR_V, False)):
+        settings = [(pen, 3, True, t, k, p) for pen, t, k, p in
+                    itertools.product((1.0, 1.3), TEMPS, FAST_TOPKS, TOPPS)]
+        settings += [(1.05, 2, False, 0.9, 0, 1.0)]  # a greedy row does not block the fast path
+        check_against_hf(rng, kind, 3, V, talker, settings)
+        x = make_logits(rng, kind, 64, V)
+        params = S.SamplingParams.create(
+            64, do_sample=True, temperature=rng.choice(TEMPS, 64),
+            top_k=rng.choice(FAST_TOPKS, 64), top_p=rng.choice(TOPPS, 64))
+        warped, by_sort, fast_rows = (np.asarray(a) for a in _both_paths(x, params))
+        assert_same_logits(warped, by_sort, f"{kind} V={V}")
+        if kind == "ties":
+            assert not fast_rows.all()
+        else:
+            assert fast_rows.all()  # the candidates path did run
+
+
+def test_top_k_path_falls_back_when_off_or_too_large():
+    rng = np.random.default_rng(7)
+    x = make_logits(rng, "normal", 4, PREDICTOR_V)
+    for k in (0, -1, S.TOP_K_CANDIDATES + 1, 5000):
+        params = S.SamplingParams.create(4, top_k=[50, 50, 50, k], top_p=[0.9, 0.9, 0.9, 1.0])
+        warped, by_sort, fast_rows = (np.asarray(a) for a in _both_paths(x, params))
+        assert fast_rows.tolist() == [True, True, True, False]
+        assert_same_logits(warped, by_sort, f"top_k={k}")
+        if k > S.TOP_K_CANDIDATES:  # more survivors than the candidates could hold
+            assert (np.isfinite(warped[3]).sum() > S.TOP_K_CANDIDATES)
+
+
 def test_greedy_rows_are_not_warped():
     rng = np.random.default_rng(3)
     x = make_logits(rng, "ties", 4, PREDICTOR_V)
@@ -408,3 +452,26 @@ def test_params_is_pytree():
     assert p.do_sample.shape == p.temperature.shape == p.top_p.shape == (4,)
     with pytest.raises(ValueError):
         S.SamplingParams.create(4, top_k=[1, 2])
+
+
+def test_accelerator_sampler_program_gives_the_same_ids():
+    """Off the CPU `sample` is one full-sort program without conditionals (RUNTIME_DISPATCH):
+    the same warped logits and the same draws as the CPU's dispatching program, whose fast path
+    runs for the second settings (all top_k in 1..64) and its fallback for the first."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(make_logits(rng, "normal", 16, TALKER_V))
+    keys = jax.random.split(jax.random.key(3), 16)
+    for top_ks in ((0, 1, 50, 64, 5000), FAST_TOPKS):
+        params = S.SamplingParams.create(16, do_sample=rng.random(16) < 0.7,
+                                         temperature=rng.choice(TEMPS, 16),
+                                         top_k=rng.choice(top_ks, 16), top_p=rng.choice(TOPPS, 16))
+        outs = {}
+        for dispatch in (True, False):
+            S.RUNTIME_DISPATCH = dispatch
+            try:  # a fresh jit: the setting is read when tracing
+                f = jax.jit(lambda k, x, p: (S.warp(x, p), S.sample(k, x, p)))
+                outs[dispatch] = [np.asarray(a) for a in f(keys, x, params)]
+            finally:
+                S.RUNTIME_DISPATCH = None
+        assert_same_logits(outs[True][0], outs[False][0])
+        np.testing.assert_array_equal(outs[True][1], outs[False][1])
