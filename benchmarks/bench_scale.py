@@ -65,6 +65,7 @@ VARIANTS = {
     "loop": dict(unroll=False),
     "unrolled": dict(unroll=True),
     "unpacked": dict(pack=False),
+    "xla-products": dict(cpu_kernel=False),   # CPU: XLA's products instead of cpu_kernels.py
     "unpacked-loop": dict(pack=False, unroll=False),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -197,7 +198,8 @@ def run_ours(args) -> dict:
     cfg = load_config(args.folder)
     params = checkpoint.load_params(args.folder, cfg, dtype)
     if variant.get("pack", True):  # what Qwen3TTS.from_pretrained does
-        params = checkpoint.pack_for_inference(params, consume=True)
+        params = checkpoint.pack_for_inference(params, consume=True,
+                                               cpu_kernel=variant.get("cpu_kernel"))
     params = jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     codec = SpeechTokenizer.from_pretrained(os.path.join(args.folder, "speech_tokenizer"))

@@ -12,7 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from . import code_predictor, layers, speaker_encoder, talker, weights
+from . import code_predictor, layers, cpu_kernels, speaker_encoder, talker, weights
 from .config import Qwen3TTSConfig
 from .weights import CheckpointError
 
@@ -80,18 +80,23 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
     return params
 
 
-def pack_for_inference(params, consume: bool = False):
+def pack_for_inference(params, consume: bool = False, cpu_kernel: bool | None = None):
     """The generation layout: each decoder layer's q|k|v and gate|up concatenated
-    (`layers.pack_layers`). With `consume`, the caller's layer lists are emptied as each layer is
-    packed, so that memory peaks one layer above the weights (for a freshly loaded tree nobody
-    else holds). Training and the converters use the unpacked form."""
+    (`layers.pack_layers`), and on a single CPU device with float32 weights the decoder products
+    packed for the CPU kernel (`cpu_kernels`; `cpu_kernel` None: when `cpu_kernels.enabled()`).
+    With `consume`, the caller's layer lists are emptied as each layer is packed, so that memory
+    peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
+    the converters use the unpacked form."""
+    if cpu_kernel is None:
+        cpu_kernel = cpu_kernels.enabled()
     out = dict(params)
     for part in ("talker", "code_predictor"):
         sub = dict(out[part])
         src = sub["layers"] if consume else list(sub["layers"])
         packed = []
         for i in range(len(src)):
-            packed += layers.pack_layers([src[i]])
+            layer, = layers.pack_layers([src[i]])
+            packed.append(cpu_kernels.pack_layer(layer) if cpu_kernel else layer)
             src[i] = None
         sub["layers"] = packed
         out[part] = sub

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from .config import TransformerConfig
+from . import cpu_kernels
+from .cpu_kernels import linear
 
 
 class KVCache(NamedTuple):
@@ -35,7 +37,7 @@ class KVCache(NamedTuple):
         put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
         return KVCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
 
-    def attend(self, q_BxTxHxD, mask_BxTxS):
+    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
         return dot_product_attention(q_BxTxHxD, self.k, self.v, mask_BxTxS)
 
     def grow(self, extra: int) -> "KVCache":
@@ -57,11 +59,16 @@ class KVCacheHeadsMajor(NamedTuple):
             c, jnp.transpose(x, (0, 2, 3, 1)).astype(c.dtype), index, axis=3)
         return KVCacheHeadsMajor(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
 
-    def attend(self, q_BxTxHxD, mask_BxTxS):
-        """`jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, masked
+    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
+        """One query position (a decode step) with the CPU kernels enabled: `cpu_kernels.attend`,
+        which reads the `filled` slots only. Otherwise
+        `jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, masked
         logits set to its large negative number) on this layout; in float32 throughout (XLA:CPU's
         own products have no bfloat16 x bfloat16 -> float32), the result in q's dtype."""
         B, T, H, Dh = q_BxTxHxD.shape
+        if T == 1 and filled is not None and cpu_kernels.enabled():
+            out = cpu_kernels.attend(q_BxTxHxD[:, 0], self.k, self.v, mask_BxTxS[:, 0], filled)
+            return out[:, None].astype(q_BxTxHxD.dtype)
         K = self.k.shape[1]
         f32 = jnp.float32
         q = q_BxTxHxD.reshape(B, T, K, H // K, Dh).astype(f32)
@@ -130,16 +137,16 @@ def attention(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: Transfor
     B, T, _ = x_BxTxD.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if "qkv" in p:  # packed (see `pack_layers`): one matmul instead of three
-        q, k, v = jnp.split(x_BxTxD @ p["qkv"], [H * Dh, (H + K) * Dh], axis=-1)
+        q, k, v = jnp.split(linear(x_BxTxD, p["qkv"]), [H * Dh, (H + K) * Dh], axis=-1)
     else:
-        q, k, v = x_BxTxD @ p["q"], x_BxTxD @ p["k"], x_BxTxD @ p["v"]
+        q, k, v = linear(x_BxTxD, p["q"]), linear(x_BxTxD, p["k"]), linear(x_BxTxD, p["v"])
     q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
     q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
     k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
     q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
     cache = cache.write(k, v, write_index)
-    out = cache.attend(q, mask_BxTxS)
-    return out.reshape(B, T, -1) @ p["o"], cache
+    out = cache.attend(q, mask_BxTxS, write_index + T)  # slots [0, write_index + T) are written
+    return linear(out.reshape(B, T, -1), p["o"]), cache
 
 
 # The attention backend: None lets `jax.nn.dot_product_attention` choose (XLA), "cudnn" asks for
@@ -170,10 +177,10 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
 
 def mlp(p, x_BxTxD):
     if "gate_up" in p:  # packed (see `pack_layers`)
-        gate, up = jnp.split(x_BxTxD @ p["gate_up"], 2, axis=-1)
+        gate, up = jnp.split(linear(x_BxTxD, p["gate_up"]), 2, axis=-1)
     else:
-        gate, up = x_BxTxD @ p["gate"], x_BxTxD @ p["up"]
-    return (jax.nn.silu(gate) * up) @ p["down"]
+        gate, up = linear(x_BxTxD, p["gate"]), linear(x_BxTxD, p["up"])
+    return linear(jax.nn.silu(gate) * up, p["down"])
 
 
 def pack_layers(layers_list: list) -> list:

@@ -1,0 +1,175 @@
+"""CPU kernels for the frame loop: XLA:CPU FFI custom calls in kernels/cpu_kernels.cc, built once
+per machine with the system's C++ compiler.
+
+Products. A frame is ~100 sequential decoder layers whose products are a few rows (the batch)
+times a weight read from memory once. XLA:CPU's products (Eigen, YNNPACK) repack the weight on
+every call; at 8 rows they reach a third of the memory bandwidth. Here the decoder weights are
+packed once, at load time, into column panels (`PackedWeight`), and the kernel streams each panel
+once: 1.7-2.5x XLA's product at 8-16 rows, as fast as YNNPACK at hundreds (the prefill), so every
+product with a packed weight takes it (benchmarks/RESULTS.md, "CPU kernels").
+
+Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
+slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
+slots of the heads-major cache (`layers.KVCacheHeadsMajor`) only.
+
+When: `enabled()`: the CPU backend with a single local device (the custom calls have no sharding
+rule, so data- and tensor-parallel meshes keep XLA's ops), the kernels built and loaded (into
+~/.cache/qwen3-tts-jax/kernels, keyed by source, compiler flags, JAX version and CPU), and not
+switched off with QWEN3_TTS_JAX_CPU_KERNELS=0. `checkpoint.pack_for_inference` packs float32
+decoder weights when it is true; without a compiler everything runs on XLA's ops as before, with
+one warning.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PANEL = 16                        # output columns per panel (kernels/cpu_kernels.cc: PANEL)
+TARGET = "qwen3_tts_jax_rows_matmul"
+ATTEND = "qwen3_tts_jax_attend"
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedWeight:
+    """A (K, N) float32 weight stored as panels (N / PANEL, K, PANEL): panels[p, k, j] = w[k, p *
+    PANEL + j]. A pytree with one array leaf, so it moves, saves and jits like the array."""
+    panels: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        P, K, J = self.panels.shape
+        return K, P * J
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
+
+    def unpack(self) -> jax.Array:
+        P, K, J = self.panels.shape
+        return jnp.transpose(self.panels, (1, 0, 2)).reshape(K, P * J)
+
+
+def pack(w) -> PackedWeight:
+    K, N = w.shape
+    return PackedWeight(jnp.transpose(jnp.reshape(w, (K, N // PANEL, PANEL)), (1, 0, 2)))
+
+
+def packable(w) -> bool:
+    return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.float32 and w.shape[1] % PANEL == 0)
+
+
+def pack_layer(lp: dict) -> dict:
+    """One decoder layer's products (q|k|v or q, k, v; o; gate|up or gate, up; down) packed, the
+    rest (norms) as they are. Weights whose width is not a multiple of PANEL stay arrays."""
+    def sub(d):
+        return {k: pack(v) if packable(v) else v for k, v in d.items()}
+    return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
+
+
+def linear(x, w):
+    """x (..., K) @ w (K, N): the kernel for a `PackedWeight`, XLA for an array."""
+    if not isinstance(w, PackedWeight):
+        return x @ w
+    if not _registered():
+        raise RuntimeError("a PackedWeight needs the CPU kernels, which did not build or "
+                           "load here (see the warning above); load the params with "
+                           "pack_for_inference(..., cpu_kernel=False)")
+    K, N = w.shape
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
+        x.reshape(rows, K).astype(jnp.float32), w.panels)
+    return y.reshape(*lead, N)
+
+
+def attend(q_BxHxD, k_BxKxDxS, v_BxKxDxS, mask_BxS, filled):
+    """softmax(q k / sqrt(Dh), masked) v for one query position per row over a heads-major
+    cache, reading slots [0, filled) only (`filled`: a traced int, at least 1); float32."""
+    if not _registered():
+        raise RuntimeError("cpu_kernels.attend needs the CPU kernels, which did not build or load")
+    f32 = jnp.float32
+    return jax.ffi.ffi_call(ATTEND, jax.ShapeDtypeStruct(q_BxHxD.shape, f32))(
+        q_BxHxD.astype(f32), k_BxKxDxS.astype(f32), v_BxKxDxS.astype(f32),
+        mask_BxS.astype(f32), jnp.reshape(filled, (1,)).astype(jnp.int32))
+
+
+def enabled() -> bool:
+    """Use the kernels? The CPU backend, one local device, the kernels built and loaded."""
+    if os.environ.get("QWEN3_TTS_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
+        return False
+    return _registered()
+
+
+def _cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "qwen3-tts-jax", "kernels")
+
+
+def _library_path() -> str:
+    """Where this kernel source, built for this CPU with these headers, lives."""
+    h = hashlib.sha256()
+    with open(SOURCE, "rb") as f:
+        h.update(f.read())
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    for part in (" ".join(FLAGS), jax.ffi.include_dir(), jax.__version__, platform.machine(), cpu):
+        h.update(part.encode())
+    return os.path.join(_cache_dir(), f"cpu_kernels-{h.hexdigest()[:16]}.so")
+
+
+def build(path: str | None = None) -> str:
+    """Compile kernels/cpu_kernels.cc (a few seconds) into `path`; atomic, so that concurrent
+    processes never load a half-written library. Raises if the compiler fails."""
+    path = path or _library_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    compiler = os.environ.get("CXX", "c++")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp],
+                       check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+@functools.cache
+def _registered() -> bool:
+    try:
+        path = _library_path()
+        if not os.path.exists(path):
+            build(path)
+        lib = ctypes.cdll.LoadLibrary(path)
+        for name in (TARGET, ATTEND):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                        platform="cpu")
+        return True
+    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("qwen3-tts-jax: the CPU kernels are not available (%s); using XLA's ops "
+                    "(slower at small batches)", detail.strip()[-500:])
+        return False

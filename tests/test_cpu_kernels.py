@@ -1,0 +1,165 @@
+"""The CPU kernels (`qwen3_tts_jax.cpu_kernels`, kernels/cpu_kernels.cc): products against
+float64 numpy over row counts that hit every row tile and panel split, the packed layout, what is
+packed at load, generation with the kernel vs XLA's products, and the fallback when the kernel
+cannot be built."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_tts_jax import Qwen3TTS, checkpoint, cpu_kernels, layers, prompts, sampling
+from qwen3_tts_jax import generate as gen
+from qwen3_tts_jax.config import load_config
+from qwen3_tts_jax.text import assistant_text
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(), reason="kernel not built here")
+
+
+def reference(x, w):
+    """x @ w in float64, and the scale of its rounding error (sum of |terms|)."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    return x64 @ w64, np.abs(x64) @ np.abs(w64)
+
+
+# (K, N): tiny, odd K, one panel, a real layer's gate|up and down (0.6B), a 1.7B-wide q|k|v
+@pytest.mark.parametrize("K,N", [(8, 16), (37, 48), (1024, 6144), (3072, 1024), (2048, 4096)])
+def test_products_match_float64(K, N):
+    rng = np.random.default_rng(K + N)
+    w = rng.standard_normal((K, N), dtype=np.float32) * 0.05
+    packed = cpu_kernels.pack(jnp.asarray(w))
+    f = jax.jit(cpu_kernels.linear)
+    rows = [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 33, 70] if K * N < 10**6 else [1, 7, 8, 32, 130]
+    for M in rows:
+        x = rng.standard_normal((M, K), dtype=np.float32) * 3.0
+        got = np.asarray(f(jnp.asarray(x), packed))
+        want, scale = reference(x, w)
+        assert got.shape == (M, N) and got.dtype == np.float32
+        # float32 sums of K terms: error below K * eps * sum|terms|, and far below it in practice
+        assert np.all(np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(K) * scale
+                      + 1e-30), (M, np.abs(got - want).max())
+        assert np.array_equal(got, np.asarray(f(jnp.asarray(x), packed)))  # deterministic
+
+
+def test_leading_dims_and_xla_fallback_agree():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((64, 96), dtype=np.float32))
+    x = jnp.asarray(rng.standard_normal((3, 5, 64), dtype=np.float32))
+    got = cpu_kernels.linear(x, cpu_kernels.pack(w))
+    assert got.shape == (3, 5, 96)
+    np.testing.assert_allclose(got, cpu_kernels.linear(x, w), rtol=1e-5, atol=1e-5)
+    # inside another program: vmap-free, under jit with a while loop, as the frame loop uses it
+    loop = jax.jit(lambda x, p: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(
+        cpu_kernels.linear(h, p)[..., :64]), x))
+    ref = jax.jit(lambda x, p: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(
+        (h @ p)[..., :64]), x))
+    np.testing.assert_allclose(loop(x, cpu_kernels.pack(w)), ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_layout_roundtrip_and_what_is_packed():
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((24, 32), dtype=np.float32))
+    p = cpu_kernels.pack(w)
+    assert p.panels.shape == (2, 24, 16) and p.shape == (24, 32)
+    assert np.array_equal(p.unpack(), w)
+    assert np.array_equal(p.panels[1, 3], w[3, 16:32])
+    layer = {"attn": {"qkv": w, "o": jnp.ones((32, 24)), "q_norm": jnp.ones(8)},
+             "mlp": {"gate_up": jnp.ones((24, 96)), "down": jnp.ones((48, 24))},
+             "input_norm": jnp.ones(24)}
+    out = cpu_kernels.pack_layer(layer)
+    assert isinstance(out["attn"]["qkv"], cpu_kernels.PackedWeight)
+    assert isinstance(out["mlp"]["gate_up"], cpu_kernels.PackedWeight)
+    # widths that are not whole panels, norms, and non-float32 weights stay arrays
+    assert not isinstance(out["attn"]["o"], cpu_kernels.PackedWeight)
+    assert not isinstance(out["mlp"]["down"], cpu_kernels.PackedWeight)
+    assert out["attn"]["q_norm"] is layer["attn"]["q_norm"]
+    assert not cpu_kernels.packable(w.astype(jnp.bfloat16))
+    # a pytree: leaves, device_put and tree_map keep the type
+    assert len(jax.tree_util.tree_leaves(p)) == 1
+    assert isinstance(jax.device_put(p), cpu_kernels.PackedWeight)
+
+
+def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoint):
+    path = make_checkpoint("cv_identity_0b6")
+    tts = Qwen3TTS.from_pretrained(path)
+    kinds = {type(v).__name__ for lp in tts.params["talker"]["layers"]
+             for part in ("attn", "mlp") for v in lp[part].values()}
+    assert "PackedWeight" in kinds
+    cfg = load_config(path)
+    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), cpu_kernel=False)
+    assert not any(isinstance(x, cpu_kernels.PackedWeight) for x in jax.tree_util.tree_leaves(
+        plain, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight)))
+    items = [prompts.build_prompt(cfg, tts.tokenizer.encode(assistant_text(t)), "english", "ryan", None,
+                                  non_streaming_mode=nsm)
+             for t, nsm in (("Hello there, a test.", True), ("Short.", False))]
+    L = gen.bucket(max(len(i) for i in items))
+    batch = prompts.batch_prompts(cfg, items, length=L,
+                                  trailing_length=gen.bucket(max(len(i.trailing) for i in items)))
+    B = len(items)
+
+    def settings(do_sample):
+        sp = lambda: sampling.SamplingParams.create(B, do_sample=do_sample, temperature=0.9,
+                                                    top_k=50, top_p=1.0)
+        return gen.Settings(sp(), sp(), jnp.full((B,), 1.05, jnp.float32),
+                            jnp.full((B,), 24, jnp.int32))
+
+    keys = jnp.stack([jax.random.PRNGKey(i) for i in range(B)])
+    for do_sample in (False, True):
+        a = gen.generate(tts.params, cfg, batch, settings(do_sample), keys, max_frames=23)
+        b = gen.generate(plain, cfg, batch, settings(do_sample), keys, max_frames=23)
+        assert np.array_equal(np.asarray(a.length_B), np.asarray(b.length_B))
+        assert np.array_equal(np.asarray(a.codes_BxFxG), np.asarray(b.codes_BxFxG)), do_sample
+
+
+def _probe(tmp_path, **env):
+    code = ("import logging, sys; logging.basicConfig(stream=sys.stderr)\n"
+            "from qwen3_tts_jax import cpu_kernels; print(cpu_kernels.enabled())")
+    full = dict(os.environ, HOME=str(tmp_path), JAX_PLATFORMS="cpu", **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+def test_without_a_compiler_it_warns_and_uses_xla(tmp_path):
+    r = _probe(tmp_path, CXX="/nonexistent/c++")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+    assert "CPU kernels are not available" in r.stderr
+    r = _probe(tmp_path, QWEN3_TTS_JAX_CPU_KERNELS="0")
+    assert r.stdout.strip() == "False" and "not available" not in r.stderr
+
+
+def test_builds_into_the_cache_once(tmp_path):
+    r = _probe(tmp_path)
+    assert r.stdout.strip() == "True", r.stderr
+    built = os.listdir(tmp_path / ".cache" / "qwen3-tts-jax" / "kernels")
+    assert len(built) == 1 and built[0].endswith(".so")
+    r = _probe(tmp_path, CXX="/nonexistent/c++")  # cached: no compiler needed any more
+    assert r.stdout.strip() == "True", r.stderr
+
+
+# (B, K kv heads, G query heads per kv head, Dh, S slots): the 0.6B talker and predictor shapes,
+# a 1.7B-like GQA ratio, odd sizes; `filled` from one slot to all of them
+@pytest.mark.parametrize("B,K,G,Dh,S", [(8, 8, 2, 128, 304), (8, 8, 2, 128, 16), (1, 2, 3, 64, 37),
+                                       (3, 1, 4, 8, 9), (2, 4, 1, 16, 70)])
+def test_attention_matches_xla(B, K, G, Dh, S):
+    rng = np.random.default_rng(B * S + Dh)
+    cache = layers.KVCacheHeadsMajor(
+        jnp.asarray(rng.standard_normal((B, K, Dh, S), dtype=np.float32) * 2),
+        jnp.asarray(rng.standard_normal((B, K, Dh, S), dtype=np.float32)))
+    q = jnp.asarray(rng.standard_normal((B, 1, K * G, Dh), dtype=np.float32) * 2)
+    for filled in sorted({1, 2, S // 3 + 1, S - 1, S} - {0}):
+        # left padding (row b's first b slots masked) and nothing past `filled`, as in decode
+        slots = np.arange(S)[None, :]
+        mask = (slots < filled) & (slots >= np.minimum(np.arange(B)[:, None], filled - 1))
+        mask = jnp.asarray(mask[:, None, :])
+        want = cache.attend(q, mask)          # no `filled`: XLA's computation over every slot
+        got = jax.jit(cache.attend)(q, mask, jnp.int32(filled))
+        assert got.shape == want.shape == (B, 1, K * G, Dh)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"filled={filled}")
+        # slots past `filled` are never read: garbage there changes nothing
+        junk = layers.KVCacheHeadsMajor(cache.k.at[..., filled:].set(jnp.nan),
+                                        cache.v.at[..., filled:].set(1e30))
+        assert np.array_equal(jax.jit(junk.attend)(q, mask, jnp.int32(filled)), got)
