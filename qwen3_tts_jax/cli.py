@@ -115,11 +115,13 @@ def _check_output(path: str) -> None:
 
 
 def write_wav(path: str, wave, sample_rate: int) -> None:
-    """Write atomically: a temp file in the same folder, then rename (never a half-written WAV)."""
+    """Write atomically: a temp file in the same folder, then rename (never a half-written WAV).
+    The temp file is hidden and ends in .part (".NAME.wav.XXXX.part"), so that one left behind by
+    a killed process is never taken for a finished WAV."""
     import soundfile as sf
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".wav", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
     os.close(fd)
     try:
         sf.write(tmp, wave, sample_rate, format="WAV", subtype="PCM_16")

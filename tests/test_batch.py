@@ -57,8 +57,10 @@ def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):
     p.wait()
     finished = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".wav")}
     assert 2 <= len(finished) < 40, "the job was not interrupted mid-way"
-    assert not [f for f in os.listdir(out) if not f.endswith(".wav")] or all(
-        f.startswith("tmp") for f in os.listdir(out) if not f.endswith(".wav"))
+    # a WAV being written when the kill came stays a hidden .part file, never a *.wav
+    assert all(f.startswith(".line-") and f.endswith(".part")
+               for f in os.listdir(out) if not f.endswith(".wav"))
+    assert all(f.startswith("line-") for f in os.listdir(out) if f.endswith(".wav"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert r.returncode == 0, r.stderr
     assert f"{40 - len(finished)} written, {len(finished)} already there" in r.stdout
@@ -66,6 +68,23 @@ def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):
     assert wavs == [f"line-{i:05d}.wav" for i in range(1, 41)]
     for f, mtime in finished.items():                  # finished files were not redone
         assert os.stat(out / f).st_mtime_ns == mtime
+
+
+def test_wav_temp_files_are_hidden_parts(tmp_path, monkeypatch):
+    import numpy as np
+
+    from qwen3_tts_jax import cli
+
+    seen, real = [], os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    cli.write_wav(str(tmp_path / "x.wav"), np.zeros(240, np.float32), 24000)
+    assert seen[0].startswith(".x.wav.") and seen[0].endswith(".part")
+    assert os.listdir(tmp_path) == ["x.wav"]
 
 
 SHARDED = textwrap.dedent("""
