@@ -277,7 +277,7 @@ def child(role: str, args, workdir: str) -> dict:
         return json.load(f)
 
 
-def first_difference(a, b) -> str | None:
+def first_difference(a, b, names=("ours", "official")) -> str | None:
     """None when the code arrays are identical, else where they first differ."""
     a, b = np.asarray(a), np.asarray(b)
     n = min(len(a), len(b))
@@ -285,9 +285,11 @@ def first_difference(a, b) -> str | None:
     if len(rows):
         f = int(rows[0])
         g = int(np.flatnonzero(a[f] != b[f])[0])
-        return f"first differing frame {f} (code group {g}: ours {a[f, g]}, official {b[f, g]})"
+        return (f"first differing frame {f} (code group {g}: {names[0]} {a[f, g]}, "
+                f"{names[1]} {b[f, g]})")
     if len(a) != len(b):
-        return f"identical for {n} frames, then lengths differ (ours {len(a)}, official {len(b)})"
+        return (f"identical for {n} frames, then lengths differ ({names[0]} {len(a)}, "
+                f"{names[1]} {len(b)})")
     return None
 
 

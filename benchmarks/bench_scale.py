@@ -67,6 +67,12 @@ VARIANTS = {
     "unpacked": dict(pack=False),
     "xla-products": dict(cpu_kernel=False),   # CPU: XLA's products instead of cpu_kernels.py
     "unpacked-loop": dict(pack=False, unroll=False),
+    # GPU: the Pallas decode-layer kernels (gpu_kernels.py), default tiles and two others
+    "pallas": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1"}),
+    "pallas-n32": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1",
+                            "QWEN3_TTS_JAX_GPU_TILES": "32,128,64,4,2"}),
+    "pallas-w8": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1",
+                           "QWEN3_TTS_JAX_GPU_TILES": "16,512,128,8,3"}),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -470,8 +476,13 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
                          f"codec decode, warm, median of 5): {1000 * res['ttfa_s']:.0f} ms.")
         lines.append(f"- {name}: load {res['load_s']:.1f} s, peak host RSS "
                      f"{res['peak_rss_gb']:.1f} GB{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
+    from bench_generate import first_difference
+    for name, res in list(ours.items())[1:]:  # each variant against the first, same dtype
+        if first and "codes_b1" in first and "codes_b1" in res:
+            diff = first_difference(res["codes_b1"], first["codes_b1"], (name, list(ours)[0]))
+            lines.append(f"- Greedy codes at batch 1, {name} vs {list(ours)[0]} ({res['dtype']}): "
+                         f"{'identical' if diff is None else diff}.")
     if official and "codes_b1" in official and first and "codes_b1" in first:
-        from bench_generate import first_difference
         diff = first_difference(first["codes_b1"], official["codes_b1"])
         lines.append(f"- Greedy codes at batch 1, ours vs official ({first['dtype']}): "
                      f"{'identical' if diff is None else diff}.")
