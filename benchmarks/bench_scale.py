@@ -193,6 +193,7 @@ def run_ours(args) -> dict:
     sys.path.insert(0, ROOT)
     from qwen3_tts_jax import checkpoint, code_predictor, layers, prompts, sampling
     from qwen3_tts_jax import generate as gen
+    from qwen3_tts_jax.buckets import ladder
     from qwen3_tts_jax.codec.tokenizer import SpeechTokenizer
     from qwen3_tts_jax.config import load_config
 
@@ -226,8 +227,9 @@ def run_ours(args) -> dict:
     def make_batch(B):
         items = [prompts.build_prompt(cfg, prompt_ids(b), LANGUAGE, SPEAKER, None,
                                       non_streaming_mode=True) for b in range(B)]
-        batch = prompts.batch_prompts(cfg, items, length=gen.bucket(len(items[0])),
-                                      trailing_length=gen.bucket(len(items[0].trailing)))
+        # the prompt buckets `Qwen3TTS` uses (api.py: the 16, 24, 32, 48, ... ladder)
+        batch = prompts.batch_prompts(cfg, items, length=ladder(len(items[0])),
+                                      trailing_length=ladder(len(items[0].trailing)))
         keys = jnp.stack([jax.random.PRNGKey(b) for b in range(B)])
         return batch, keys
 

@@ -82,10 +82,20 @@ def pack_layer(lp: dict) -> dict:
     return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
 
 
+# From this many rows (a prefill of a large batch) XLA's library product beats the kernel (its
+# register tile re-reads x once per 16-column panel): 118-138 vs 94-105 GFLOP/s at 1024-6144 rows,
+# while the kernel leads at 128-256 rows (benchmarks/RESULTS.md, "Batch 128"). Such a call takes
+# the weight back to (K, N) (a copy of a few ms next to a product of 100+ ms) and XLA's product.
+LIBRARY_ROWS = 1024
+
+
 def linear(x, w):
-    """x (..., K) @ w (K, N): the kernel for a `PackedWeight`, XLA for an array."""
+    """x (..., K) @ w (K, N): the kernel for a `PackedWeight` (XLA's product from `LIBRARY_ROWS`
+    rows), XLA for an array."""
     if not isinstance(w, PackedWeight):
         return x @ w
+    if int(np.prod(x.shape[:-1], dtype=np.int64)) >= LIBRARY_ROWS:
+        return x @ w.unpack()
     if not _registered():
         raise RuntimeError("a PackedWeight needs the CPU kernels, which did not build or "
                            "load here (see the warning above); load the params with "

@@ -44,6 +44,22 @@ def test_products_match_float64(K, N):
         assert np.array_equal(got, np.asarray(f(jnp.asarray(x), packed)))  # deterministic
 
 
+def test_many_rows_take_the_library_product():
+    """From LIBRARY_ROWS rows (a large batch's prefill) the product is XLA's over the unpacked
+    weight; below, the kernel. Both match float64."""
+    rng = np.random.default_rng(1)
+    K, N = 96, 48
+    w = rng.standard_normal((K, N), dtype=np.float32)
+    packed = cpu_kernels.pack(jnp.asarray(w))
+    for M, kernel in [(cpu_kernels.LIBRARY_ROWS - 1, True), (cpu_kernels.LIBRARY_ROWS, False)]:
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        jaxpr = str(jax.make_jaxpr(cpu_kernels.linear)(jnp.asarray(x), packed))
+        assert ("ffi_call" in jaxpr) == kernel, M
+        got = np.asarray(jax.jit(cpu_kernels.linear)(jnp.asarray(x), packed))
+        want, scale = reference(x, w)
+        assert np.all(np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(K) * scale)
+
+
 def test_leading_dims_and_xla_fallback_agree():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((64, 96), dtype=np.float32))
