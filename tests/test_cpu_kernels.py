@@ -25,8 +25,8 @@ def reference(x, w):
     return x64 @ w64, np.abs(x64) @ np.abs(w64)
 
 
-# (K, N): tiny, odd K, one panel, K in chunks of 256 with a partial last one, a real layer's
-# gate|up and down (0.6B), a 1.7B-wide q|k|v
+# (K, N): tiny, odd K, one panel, a long K of no round size, a real layer's gate|up and down
+# (0.6B), a 1.7B-wide q|k|v
 @pytest.mark.parametrize("K,N", [(8, 16), (37, 48), (600, 32), (1024, 6144), (3072, 1024),
                                  (2048, 4096)])
 def test_products_match_float64(K, N):
