@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official import GREEDY, official_codes
 from qwen3_tts_jax import Qwen3TTS, checkpoint, cpu_kernels, layers, prompts, sampling
 from qwen3_tts_jax import generate as gen
 from qwen3_tts_jax.config import load_config
@@ -130,6 +131,25 @@ def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoi
         b = gen.generate(plain, cfg, batch, settings(do_sample), keys, max_frames=23)
         assert np.array_equal(np.asarray(a.length_B), np.asarray(b.length_B))
         assert np.array_equal(np.asarray(a.codes_BxFxG), np.asarray(b.codes_BxFxG)), do_sample
+
+
+def test_library_product_path_keeps_official_codes(model_pair, monkeypatch):
+    """A prefill past LIBRARY_ROWS takes XLA's product over the unpacked weight while the frames
+    keep the kernel (the switch point forced down to 16 rows, so that a tiny batch crosses it):
+    greedy codes still equal the official's."""
+    off, ours = model_pair("cv_identity_0b6")
+    kw = dict(text=["Hello world. This is a tiny test.", "Hi."], speaker=["ryan", "vivian"],
+              language=["english", "auto"], max_new_tokens=10)
+    ref = official_codes(off, "custom_voice", **kw, **GREEDY)
+    monkeypatch.setattr(cpu_kernels, "LIBRARY_ROWS", 16)
+    jax.clear_caches()
+    try:
+        got = ours.generate_custom_voice_codes(**kw, **GREEDY)
+    finally:
+        jax.clear_caches()
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(np.asarray(g), r)
 
 
 def _probe(tmp_path, **env):
