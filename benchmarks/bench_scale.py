@@ -11,7 +11,9 @@ Steps (each implementation in its own subprocess, so peak memory is its own):
             matrices, unit norms. The EOS row of the codec head is zero, so that no row stops early
             and every batch generates exactly FRAMES frames (greedy or sampled).
   ours      per variant (default; cmdbuf = XLA GPU command buffers for while loops and conditionals
-            too; cudnn = cuDNN attention): load in DTYPE, then per batch size a cold generate
+            too; cudnn = cuDNN attention; rows-as-given = batch 1 as one row on a GPU too, where
+            the API pads it to two): batches padded to the API's buckets (the extra rows stop at
+            once and are not counted); load in DTYPE, then per batch size a cold generate
             (compilation included), then the best of two warm generates. Time to first audio (TTFA)
             at batch 1 is the streaming path's first chunk: prefill, FIRST frames, codec decode of
             those frames (all compiled, warm).
@@ -67,12 +69,8 @@ VARIANTS = {
     "unpacked": dict(pack=False),
     "xla-products": dict(cpu_kernel=False),   # CPU: XLA's products instead of cpu_kernels.py
     "unpacked-loop": dict(pack=False, unroll=False),
-    # GPU: the Pallas decode-layer kernels (gpu_kernels.py), default tiles and two others
-    "pallas": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1"}),
-    "pallas-n32": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1",
-                            "QWEN3_TTS_JAX_GPU_TILES": "32,128,64,4,2"}),
-    "pallas-w8": dict(env={"QWEN3_TTS_JAX_GPU_KERNELS": "1",
-                           "QWEN3_TTS_JAX_GPU_TILES": "16,512,128,8,3"}),
+    # batches as given, without the backend's fewest rows (buckets.MIN_ROWS: 2 on a GPU)
+    "rows-as-given": dict(min_rows={}),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -191,12 +189,14 @@ def run_ours(args) -> dict:
     if args.dtype == "f32":
         jax.config.update("jax_default_matmul_precision", "highest")
     sys.path.insert(0, ROOT)
-    from qwen3_tts_jax import checkpoint, code_predictor, layers, prompts, sampling
+    from qwen3_tts_jax import buckets, checkpoint, code_predictor, layers, prompts, sampling
     from qwen3_tts_jax import generate as gen
-    from qwen3_tts_jax.buckets import ladder
+    from qwen3_tts_jax.buckets import batch_rows, ladder
     from qwen3_tts_jax.codec.tokenizer import SpeechTokenizer
     from qwen3_tts_jax.config import load_config
 
+    if "min_rows" in variant:
+        buckets.MIN_ROWS = variant["min_rows"]
     layers.set_attention_implementation(variant.get("attention"))
     code_predictor.UNROLL = variant.get("unroll")
     dev = jax.devices()[0]
@@ -204,6 +204,7 @@ def run_ours(args) -> dict:
     t0 = time.perf_counter()
     cfg = load_config(args.folder)
     params = checkpoint.load_params(args.folder, cfg, dtype)
+    params_m = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
     if variant.get("pack", True):  # what Qwen3TTS.from_pretrained does
         params = checkpoint.pack_for_inference(params, consume=True,
                                                cpu_kernel=variant.get("cpu_kernel"))
@@ -215,22 +216,26 @@ def run_ours(args) -> dict:
         lambda event, duration, **_: compiling.__setitem__("s", compiling["s"] + duration)
         if event in COMPILE_EVENTS else None)
 
+    def rows(B):  # the API's padded batch (one row is two on a GPU; extra rows stop at once)
+        return batch_rows(B, dev.platform)
+
     def settings(B, do_sample, frames):
         def sp(prefix):
             return sampling.SamplingParams.create(
-                B, do_sample=do_sample, temperature=DEFAULTS[prefix + "temperature"],
+                rows(B), do_sample=do_sample, temperature=DEFAULTS[prefix + "temperature"],
                 top_k=DEFAULTS[prefix + "top_k"], top_p=DEFAULTS[prefix + "top_p"])
+        budget = np.array([frames + 1] * B + [1] * (rows(B) - B), np.int32)
         return gen.Settings(sp(""), sp("subtalker_"),
-                            jnp.full((B,), DEFAULTS["repetition_penalty"], jnp.float32),
-                            jnp.full((B,), frames + 1, jnp.int32))
+                            jnp.full((rows(B),), DEFAULTS["repetition_penalty"], jnp.float32),
+                            jnp.asarray(budget))
 
     def make_batch(B):
         items = [prompts.build_prompt(cfg, prompt_ids(b), LANGUAGE, SPEAKER, None,
-                                      non_streaming_mode=True) for b in range(B)]
+                                      non_streaming_mode=True) for b in range(rows(B))]
         # the prompt buckets `Qwen3TTS` uses (api.py: the 16, 24, 32, 48, ... ladder)
         batch = prompts.batch_prompts(cfg, items, length=ladder(len(items[0])),
                                       trailing_length=ladder(len(items[0].trailing)))
-        keys = jnp.stack([jax.random.PRNGKey(b) for b in range(B)])
+        keys = jnp.stack([jax.random.PRNGKey(b) for b in range(rows(B))])
         return batch, keys
 
     def timed_generate(batch, s, keys, frames):
@@ -247,7 +252,8 @@ def run_ours(args) -> dict:
     out = {"jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform,
            "variant": args.variant, "dtype": str(jnp.dtype(jax.tree_util.tree_leaves(params)[0]
                                                            .dtype)),
-           "load_s": load_s, "batches": {}, "xla_flags": env.get("XLA_FLAGS", "")}
+           "load_s": load_s, "params_m": params_m, "batches": {},
+           "xla_flags": env.get("XLA_FLAGS", "")}
     out["bandwidth"] = device_bandwidth(jax, jnp)
     out["weight_bytes"] = weight_bytes_per_frame(jax, params)
     modes = ["greedy", "sampled"] if args.sampled else ["greedy"]
@@ -259,6 +265,7 @@ def run_ours(args) -> dict:
                 s = settings(B, mode == "sampled", args.frames)
                 before = compiling["s"]
                 codes, lengths, cold = timed_generate(batch, s, keys, args.frames)
+                lengths = lengths[:B]                     # the requests' rows, not the padding
                 warm = min(timed_generate(batch, s, keys, args.frames)[2] for _ in range(2))
                 frames = int(lengths.sum())
                 row[mode] = {"cold_s": cold, "warm_s": warm, "compile_s": cold - warm,
@@ -429,9 +436,10 @@ def machine() -> str:
 def report(args, built, ours: dict, official: dict | None, loads) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     first = next((r for r in ours.values() if "batches" in r), None)
+    params_m = built.get("params_m") or (first or {}).get("params_m", 0)
     lines = [f"## Batch sweep, {args.size} CustomVoice, {machine()} ({now})", "",
              f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`: full-size random "
-             f"weights ({built.get('params_m', 0):.0f}M params), {args.frames} frames per row, "
+             f"weights ({params_m:.0f}M params), {args.frames} frames per row, "
              f"{TEXT_TOKENS} text tokens, non-streaming text, speaker {SPEAKER}. Load average "
              f"{'/'.join(f'{x:.2f}' for x in loads[0])} at start, "
              f"{'/'.join(f'{x:.2f}' for x in loads[1])} at end.", ""]

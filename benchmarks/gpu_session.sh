@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed by issue #5, prepared for one short device session (an H100 or
-# H200 with the workplace's 'cuda' image: JAX with its CUDA plugin, pytest; nothing downloaded).
-# Each part fits one 10-minute call; results land in $OUT (or ./gpu_out).
+# The GPU measurements still owed by issue #5, prepared for one short device call (an H100 or H200
+# with the workplace's 'cuda' image: JAX with its CUDA plugin, pytest; nothing downloaded). Results
+# land in $OUT (or ./gpu_out): gpu.txt, all.log, RESULTS.md (sections to paste into
+# benchmarks/RESULTS.md) and one JSON per part.
 #
-#   bash benchmarks/gpu_session.sh check   # ~4 min: the Pallas decode kernels compiled for the GPU
-#                                          # against XLA (tests/test_gpu_kernels.py), then float32
-#                                          # greedy codes, XLA's ops vs the kernels, batch 1
-#   bash benchmarks/gpu_session.sh speed   # ~6 min: bfloat16 batch 1 and 8, 100 frames, XLA's
-#                                          # ops vs the kernels at three tile settings
+#   bash benchmarks/gpu_session.sh one   # ~7 min, by priority: the 0.6B at batch 1 as the API runs
+#                                        # it (two rows on a GPU, buckets.MIN_ROWS) against one row
+#                                        # (`rows-as-given`), with TTFA; then batch 8, 64 and 128;
+#                                        # then the 1.7B at batch 1 and 64
 #
 # Missing packages (soundfile, soxr, ...) travel as wheels in .whl/ (see the device notes); the
-# full-size random checkpoint is built once into /tmp/ckpt on the machine.
+# full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|speed}
+part=${1:?usage: gpu_session.sh one}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -23,23 +23,19 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-bench() {  # bench NAME ARGS...: bench_scale over the 0.6B random checkpoint, no official
-    local name=$1; shift
-    python3 benchmarks/bench_scale.py --size 0b6 --official-batches '' --folder /tmp/ckpt \
-        --results "$OUT/RESULTS.md" --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
+bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoint, no official
+    local name=$1 size=$2 folder=$3; shift 3
+    python3 benchmarks/bench_scale.py --size "$size" --official-batches '' --folder "$folder" \
+        --results "$OUT/RESULTS.md" --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/all.log"
 }
 
 case $part in
-check)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 \
-        | tee "$OUT/kernel_tests.log"
-    bench f32_codes --dtype f32 --batches 1 --frames 30 --variants default,pallas \
-        --variant-batches 1 --timeout 300
-    ;;
-speed)
-    bench speed --batches 1,8 --frames 100 --variants default,pallas,pallas-n32,pallas-w8 \
-        --variant-batches 1,8 --timeout 300
+one)
+    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --variants default,rows-as-given \
+        --variant-batches 1 --timeout 200
+    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
+    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     ;;
 *)
-    echo "unknown part $part: check or speed" >&2; exit 2 ;;
+    echo "unknown part $part: one" >&2; exit 2 ;;
 esac

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import audio as audio_mod
 from . import checkpoint, generate as gen, prompts, sampling, speaker_encoder, text as text_mod
-from .buckets import ladder
+from .buckets import batch_rows, ladder
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .voice import VoiceClonePromptItem, load_voice
 
@@ -214,7 +214,8 @@ class Qwen3TTS:
     def _prepare(self, items: list[prompts.Prompt], settings: GenerationSettings,
                  data_parallel: int = 1):
         """Built prompts -> (PromptBatch, gen.Settings, keys) padded to shape buckets: the batch to
-        a power of two (extra rows stop at once), prompt and trailing text to powers of two."""
+        a power of two, at least the backend's `buckets.MIN_ROWS` (extra rows stop at once),
+        prompt and trailing text to the ladder."""
         cfg = self.config
         n = len(items)
         longest = max(len(p) for p in items)
@@ -224,7 +225,7 @@ class Qwen3TTS:
                 f"the prompt is {longest} tokens and max_new_tokens is {settings.max_new_tokens}: "
                 f"together more than the model's {limit} positions; split the text or lower "
                 "max_new_tokens")
-        B = gen.bucket(n, 1)
+        B = batch_rows(n, jax.default_backend())
         B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
         items = items + [items[0]] * (B - n)
         # Prompt lengths on the finer 16, 24, 32, 48, ... ladder: prefill is most of the time to

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import TransformerConfig
-from . import cpu_kernels, gpu_kernels
+from . import cpu_kernels
 from .cpu_kernels import linear
 
 
@@ -212,12 +212,6 @@ def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: Tran
 def transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TransformerConfig):
     """The decoder stack + final norm. Returns (normed hidden (B, T, D), new caches)."""
     cos_sin = rope_cos_sin(pos_BxT, cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype)
-    kernels = gpu_kernels.mode()
-    if kernels and gpu_kernels.covers(p["layers"], x_BxTxD, caches, cfg):
-        h, new = gpu_kernels.decoder_stack(p["layers"], x_BxTxD[:, 0], cos_sin[0][:, 0],
-                                           cos_sin[1][:, 0], caches, write_index,
-                                           mask_BxTxS[:, 0], cfg, kernels == "interpret")
-        return rms_norm(p["norm"], h[:, None], cfg.rms_norm_eps), new
     new = []
     for lp, cache in zip(p["layers"], caches):
         x_BxTxD, cache = decoder_layer(lp, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg)

@@ -84,10 +84,6 @@ SPECS = {
     "base": Spec(kind="base", size="0b6", hidden=32, cp_hidden=32, seed=3),
     # EOS likely enough that rows of a batch stop at different frames
     "cv_eos": Spec(seed=4, eos_scale=6.0),
-    # widths the GPU decode kernels take (tests/test_gpu_kernels.py): multiples of their tiles,
-    # head_dim a power of two >= 32; GQA 2 in the talker, 2 in the predictor
-    "cv_tiles": Spec(hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=32, cp_hidden=64,
-                     cp_ffn=128, cp_heads=4, cp_kv_heads=2, cp_head_dim=32, seed=5),
 }
 
 CODEC_ENCODER = dict(  # a transformers MimiConfig

@@ -65,3 +65,22 @@ def test_functional_synthesize_under_jit(pair):
         np.testing.assert_array_equal(codes[b, :len(c)], c)
         assert not codes[b, len(c):].any() and not audio[b, len(w):].any()
         np.testing.assert_allclose(audio[b, :len(w)], w, atol=1e-5)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_lone_request_padded_to_the_backends_fewest_rows(pair, monkeypatch, do_sample):
+    """Where the backend's `buckets.MIN_ROWS` is 2 (the GPU's), one request runs as a batch of two
+    rows (the second stops at once and is dropped) and gives the same codes as one row alone."""
+    from qwen3_tts_jax import buckets
+
+    _, ours = pair("cv_eos")
+    kw = dict(text="Hello world. This is a tiny test.", speaker="ryan", max_new_tokens=30,
+              seed=7, **(dict(do_sample=True, subtalker_dosample=True) if do_sample else GREEDY))
+    monkeypatch.setattr(buckets, "MIN_ROWS", {})
+    assert ours.prepare_custom_voice(**kw)[0].text_BxL.shape[0] == 1
+    alone = ours.generate_custom_voice_codes(**kw)
+    monkeypatch.setattr(buckets, "MIN_ROWS", {jax.default_backend(): 2})
+    assert ours.prepare_custom_voice(**kw)[0].text_BxL.shape[0] == 2
+    padded = ours.generate_custom_voice_codes(**kw)
+    assert len(alone) == len(padded) == 1 and len(alone[0]) > 3
+    np.testing.assert_array_equal(padded[0], alone[0])

@@ -505,3 +505,18 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
     monkeypatch.undo()
     code, _, data = post(server.url + "/v1/audio/speech", speech(response_format="pcm", **GEN))
     assert code == 200 and len(data) == (TOKENS - 1) * 1920 * 2
+
+
+def test_default_batch_buckets_start_at_the_backends_fewest_rows(monkeypatch):
+    """Powers of two up to max_batch_size, from `buckets.MIN_ROWS` (two rows on a GPU)."""
+    import jax
+
+    from qwen3_tts_jax import buckets
+    from qwen3_tts_jax.server.engine import BatchEngine
+
+    monkeypatch.setattr(buckets, "MIN_ROWS", {})
+    assert BatchEngine(None, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
+    monkeypatch.setattr(buckets, "MIN_ROWS", {jax.default_backend(): 2})
+    assert BatchEngine(None, max_batch_size=5).batch_buckets == (2, 4, 8)
+    assert BatchEngine(None, max_batch_size=1).batch_buckets == (2,)
+    assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)

@@ -53,7 +53,7 @@ import numpy as np
 
 from .. import generate as gen, prompts, sampling, talker
 from ..api import GenerationSettings
-from ..buckets import ladder, power_of_two
+from ..buckets import batch_rows, ladder, power_of_two
 from ..codec import bucketed_decode
 from ..text import assistant_text
 
@@ -286,8 +286,10 @@ class BatchEngine:
         self.first_chunk_frames = first_chunk_frames
         self.left_context = left_context
         # Padded batch sizes (one compiled program set each): powers of two up to the maximum by
-        # default; a single bucket (e.g. (8,)) compiles once and pads every batch to it.
-        self.batch_buckets = tuple(sorted(batch_buckets or {power_of_two(n, 1) for n in
+        # default, from the backend's fewest rows (`buckets.MIN_ROWS`: two on a GPU); a single
+        # bucket (e.g. (8,)) compiles once and pads every batch to it.
+        backend = jax.default_backend()
+        self.batch_buckets = tuple(sorted(batch_buckets or {batch_rows(n, backend) for n in
                                                             range(1, max_batch_size + 1)}))
         if self.batch_buckets[-1] < max_batch_size:
             raise ValueError(f"batch buckets {list(self.batch_buckets)} do not reach "
