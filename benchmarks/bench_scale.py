@@ -12,7 +12,8 @@ Steps (each implementation in its own subprocess, so peak memory is its own):
             and every batch generates exactly FRAMES frames (greedy or sampled).
   ours      per variant (default; cmdbuf = XLA GPU command buffers for while loops and conditionals
             too; cudnn = cuDNN attention; rows-as-given = batch 1 as one row on a GPU too, where
-            the API pads it to two): batches padded to the API's buckets (the extra rows stop at
+            the API pads it to two; topk-dispatch = the sampler's top-k path as on the CPU):
+            batches padded to the API's buckets (the extra rows stop at
             once and are not counted); load in DTYPE, then per batch size a cold generate
             (compilation included), then the best of two warm generates. Time to first audio (TTFA)
             at batch 1 is the streaming path's first chunk: prefill, FIRST frames, codec decode of
@@ -71,6 +72,8 @@ VARIANTS = {
     "unpacked-loop": dict(pack=False, unroll=False),
     # batches as given, without the backend's fewest rows (buckets.MIN_ROWS: 2 on a GPU)
     "rows-as-given": dict(min_rows={}),
+    # the sampler's run-time top-k path (the CPU default) on any backend
+    "topk-dispatch": dict(runtime_dispatch=True),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -197,6 +200,7 @@ def run_ours(args) -> dict:
 
     if "min_rows" in variant:
         buckets.MIN_ROWS = variant["min_rows"]
+    sampling.RUNTIME_DISPATCH = variant.get("runtime_dispatch")
     layers.set_attention_implementation(variant.get("attention"))
     code_predictor.UNROLL = variant.get("unroll")
     dev = jax.devices()[0]

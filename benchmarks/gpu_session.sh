@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu_session.sh one   # ~7 min, by priority: the 0.6B at batch 1 as the API runs
 #                                        # it (two rows on a GPU, buckets.MIN_ROWS) against one row
-#                                        # (`rows-as-given`), with TTFA; then batch 8, 64 and 128;
+#                                        # (`rows-as-given`), with TTFA, the sampler's top-k path and
+#                                        # the predictor's steps unrolled; then batch 8, 64, 128;
 #                                        # then the 1.7B at batch 1 and 64
 #
 # Missing packages (soundfile, soxr, ...) travel as wheels in .whl/ (see the device notes); the
@@ -31,8 +32,8 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 
 case $part in
 one)
-    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --variants default,rows-as-given \
-        --variant-batches 1 --timeout 200
+    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
+        --variants default,rows-as-given,topk-dispatch,unrolled --variant-batches 1
     bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
     bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     ;;

@@ -275,7 +275,8 @@ class Qwen3TTS:
     def warmup_prompts(self, items: list[prompts.Prompt], batch_sizes=(1,), **gen_kwargs) -> float:
         """Compile, before any request, the programs that batches of these built prompts use:
         for each batch size, the exact shapes `_run` would give (prompt and text buckets, padded
-        batch, first KV-cache segment), by running the prefill and one frame. Returns seconds.
+        batch, first KV-cache segment), by running the prefill at each of its compute lengths in
+        the prompt bucket (`generate.prefill_lengths`) and one frame. Returns seconds.
         With the persistent compilation cache (`enable_compilation_cache`) a later process finds
         them on disk."""
         t = time.perf_counter()
@@ -284,10 +285,12 @@ class Qwen3TTS:
         for B in batch_sizes:
             rows = (list(items) * B)[:B]
             batch, run_settings, keys = self._prepare(rows, settings)
-            state, ctx = gen.prefill(self.params, self.config, batch.text_BxL, batch.codec_BxLxG,
-                                     batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                                     batch.trailing_BxLt, batch.trailing_len_B, run_settings,
-                                     keys, frames=capacity)
+            for compute in gen.prefill_lengths(batch.text_BxL.shape[1]):
+                state, ctx = gen.prefill(self.params, self.config, batch.text_BxL,
+                                         batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
+                                         batch.extra_pos_B, batch.trailing_BxLt,
+                                         batch.trailing_len_B, run_settings, keys,
+                                         frames=capacity, compute=compute)
             jax.block_until_ready(gen.decode(self.params, self.config, state, ctx, run_settings,
                                              1).step)
         return time.perf_counter() - t
@@ -550,7 +553,7 @@ class Qwen3TTS:
         state, ctx = gen.prefill(self.params, self.config, batch.text_BxL, batch.codec_BxLxG,
                                  batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
                                  batch.trailing_BxLt, batch.trailing_len_B, run_settings, keys,
-                                 frames=capacity)
+                                 frames=capacity, compute=gen.prefill_length(batch.mask_BxL))
         history = np.zeros((0, self.config.talker.num_code_groups), np.int32) if ref_code is None \
             else np.asarray(ref_code, np.int32)       # ICL: the reference is the first context
         emitted, target = 0, first_chunk_frames

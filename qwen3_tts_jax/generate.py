@@ -10,7 +10,7 @@ exist; calling it again continues where it stopped, which is what chunked stream
 compiled step serves offline generation (one call) and streaming (a Python loop over chunks).
 
 Static (compile-time) values are only shapes: batch B, prompt bucket L, trailing-text bucket Lt and
-frame bucket F, plus the configs. Everything that changes per request is traced: the prompt ids,
+frame bucket F, plus the configs (and the prefill's compute length, on finer steps than L). Everything that changes per request is traced: the prompt ids,
 the settings (temperature, top-k, top-p, penalty, greedy or not, per row), `max_new_tokens`, the PRNG
 keys. Official semantics (shared NOTES.md section 7): the repetition penalty covers the code-0 tokens
 generated so far; EOS is blocked for the first 2 tokens; ids vocab-1024..vocab-1 except EOS are
@@ -23,9 +23,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import code_predictor, layers, sampling, talker, xla_options
-from .buckets import power_of_two as bucket
+from .buckets import fine, ladder, power_of_two as bucket
 from .config import Qwen3TTSConfig
 from .prompts import NONE
 
@@ -93,12 +94,41 @@ def _fold(keys_B, data):
     return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "frames"))
+def prefill_length(mask_BxL) -> int | None:
+    """The `compute` argument of `prefill` for a left-padded batch: its longest row on the finer
+    `buckets.fine` steps, or None (all L positions) where that is L or the mask cannot be read on
+    this host. The prompt bucket L (`buckets.ladder`) sizes the KV cache and so every frame-loop
+    program; the prefill runs only the positions some row uses (35 tokens in a bucket of 48: 40)."""
+    if not getattr(mask_BxL, "is_fully_addressable", True):
+        return None
+    L = mask_BxL.shape[1]
+    compute = min(L, fine(int(np.asarray(mask_BxL).sum(-1).max())))
+    return None if compute == L else compute
+
+
+def prefill_lengths(L: int) -> list[int | None]:
+    """Every `prefill_length` of a batch whose prompt bucket is L = `buckets.ladder(n)` (two at most:
+    the bucket of 48 holds prompts of 33-40 and 41-48 positions): what a warm-up compiles."""
+    below, b = 0, ladder(1)
+    while b < L:
+        below, b = b, ladder(b + 1)
+    return sorted({None if fine(n) >= L else fine(n) for n in range(below + 1, L + 1)},
+                  key=lambda c: L if c is None else c)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "frames", "compute"))
 def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_BxD, extra_pos_B,
-            trailing_BxLt, trailing_len_B, settings: Settings, keys_B, frames: int):
-    """Embed and run the prompt, sample the first code-0 token. Returns (State, Context)."""
+            trailing_BxLt, trailing_len_B, settings: Settings, keys_B, frames: int,
+            compute: int | None = None):
+    """Embed and run the prompt, sample the first code-0 token. Returns (State, Context).
+
+    `compute` (static; None: L): run only the last `compute` of the L prompt positions, which must
+    hold every row's real tokens (`prefill_length`); the cache keeps L prompt slots, the first
+    L - compute of them unwritten and masked like any left padding, so the frame loop is the same
+    program as after a full prefill, and so are its results."""
     tp = params["talker"]
     B, L = text_BxL.shape
+    C = L if compute is None else compute
     dtype = tp["codec_embedding"].dtype
     x = embed_prompts(params, cfg, text_BxL, codec_BxLxG, extra_BxD, extra_pos_B).astype(dtype)
     trailing = talker.embed_text(tp, trailing_BxLt).astype(dtype)
@@ -107,10 +137,11 @@ def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_
     pos = jnp.maximum(jnp.cumsum(mask_BxL, axis=-1) - 1, 0)
     S = L + frames
     slots = jnp.arange(S)
-    causal = slots[None, None, :] <= jnp.arange(L)[None, :, None]
+    causal = slots[None, None, :] <= jnp.arange(L - C, L)[None, :, None]
     mask = causal & (slots[None, None, :] >= pad_count[:, None, None])
     caches = layers.init_cache(cfg.talker, B, S, dtype)
-    h, logits, caches = talker.forward(tp, x, pos, caches, 0, mask, cfg.talker)
+    h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, L - C, mask,
+                                       cfg.talker)
     seen = jnp.zeros((B, cfg.talker.vocab_size), bool)
     token = _next_token(cfg, logits[:, -1], seen, 0, settings, _fold(keys_B, 0))
     state = State(step=jnp.zeros((), jnp.int32), token_B=token, hidden_BxD=h[:, -1], caches=caches,
@@ -195,7 +226,8 @@ def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max
     frames = min(bucket(max_frames, 16), FIRST_FRAMES)
     state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
                          batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                         batch.trailing_len_B, settings, keys_B, frames=frames)
+                         batch.trailing_len_B, settings, keys_B, frames=frames,
+                         compute=prefill_length(batch.mask_BxL))
     while True:
         state = decode(params, cfg, state, ctx, settings, frames)
         if bool(jnp.all(state.done_B)) or int(state.step) >= max_frames:

@@ -261,3 +261,30 @@ def test_layers_rope_is_plain_rope_of_official_mrope():
                                               True)
     got = layers.apply_rope(jnp.asarray(q.transpose(0, 2, 1, 3)), cos, sin)
     np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 1, 3), want.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["heads", "positions"])
+def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
+    """A batch whose longest prompt sits low in its bucket (e.g. 33-40 positions in the bucket of
+    48) prefills only the last `prefill_length` positions, into a cache of the full bucket: greedy
+    codes still equal the official's, in both KV-cache layouts, with rows of different lengths."""
+    from qwen3_tts_jax.buckets import fine, ladder
+
+    off, ours = models("cv_proj")
+    monkeypatch.setattr(layers, "CACHE_LAYOUT", layout)
+    jax.clear_caches()
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    for k in range(1, len(words) + 1):  # the first text whose prompt is low in its bucket
+        text = " ".join(words[:k]) + "."
+        n = len(ours._custom_voice_prompts([text], "ryan", None, None, True)[0])
+        if fine(n) < ladder(n):
+            break
+    else:
+        pytest.fail("no text of these words has a prompt low in its bucket")
+    kw = dict(text=[text, "Hi.", "The lazy dog."], speaker=["ryan", "vivian", "eric"],
+              language=["english", "auto", "english"], max_new_tokens=12)
+    batch = ours.prepare_custom_voice(**kw, **GREEDY)[0]
+    assert gen.prefill_length(batch.mask_BxL) == fine(n) < batch.text_BxL.shape[1] == ladder(n)
+    ref = official_codes(off, "custom_voice", **kw, **GREEDY)
+    _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY), ref)
+    jax.clear_caches()
