@@ -219,12 +219,13 @@ class Qwen3TTS:
         cfg = self.config
         n = len(items)
         longest = max(len(p) for p in items)
+        # A text longer than the model's positions is refused; generation may run past them, as
+        # in the official code (RoPE has no table to run out of; max_new_tokens bounds it, and a
+        # checkpoint's generation_config may well ask for more frames than max_position_embeddings).
         limit = cfg.talker.max_position_embeddings
-        if longest + settings.max_new_tokens > limit:
-            raise ValueError(
-                f"the prompt is {longest} tokens and max_new_tokens is {settings.max_new_tokens}: "
-                f"together more than the model's {limit} positions; split the text or lower "
-                "max_new_tokens")
+        if longest > limit:
+            raise ValueError(f"the prompt is {longest} tokens, more than the model's {limit} "
+                             "positions; split the text")
         B = batch_rows(n, jax.default_backend())
         B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
         items = items + [items[0]] * (B - n)

@@ -36,9 +36,11 @@ RULES = [
 
 
 def expected_shapes(cfg: TalkerConfig) -> dict:
+    """The predictor's tensors. Its config's own num_code_groups sizes the tables (the official
+    class default is 32 where the json has none); frames use the first talker-G - 1 of them."""
     cp, D = cfg.code_predictor, cfg.hidden_size
     out = layers.layer_shapes(_CP + "model.", cp)
-    for i in range(cfg.num_code_groups - 1):
+    for i in range(cp.num_code_groups - 1):
         out[f"{_CP}model.codec_embedding.{i}.weight"] = (cp.vocab_size, D)
         out[f"{_CP}lm_head.{i}.weight"] = (cp.vocab_size, cp.hidden_size)
     if cfg.has_mtp_projection:

@@ -8,6 +8,11 @@ the official model would run with. Traps (see shared NOTES.md section 2):
 - the talker's interleaved multimodal RoPE always receives three identical position rows, so it is
   exactly plain 1-D RoPE; `mrope_section` and `position_id_per_seconds` are therefore not needed.
 - `im_start/im_end/assistant` ids are never read (the prompt is sliced by position).
+- released checkpoints all use SiLU and plain RoPE, but the official code looks `hidden_act` up in
+  transformers' ACT2FN and `rope_scaling.rope_type` in its RoPE initialisers; we honour the same
+  fields (`activations.py`, `layers.rope_frequencies`) and refuse, by name, what we do not.
+- the predictor config's own `num_code_groups` (class default 32) sizes its tables; a frame uses
+  the first talker-`num_code_groups` - 1 of them, as the official generate does.
 """
 from __future__ import annotations
 
@@ -46,6 +51,9 @@ class TransformerConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+    hidden_act: str = "silu"                     # a key of `activations.ACTIVATIONS`
+    max_position_embeddings: int = 32768         # only yarn's frequencies read it
+    rope_scaling: Mapping[str, Any] | None = None  # None: plain RoPE; else a `ROPE_TYPES` type
 
     @property
     def q_per_kv(self) -> int:
@@ -61,7 +69,6 @@ class CodePredictorConfig(TransformerConfig):
 @dataclasses.dataclass(frozen=True)
 class TalkerConfig(TransformerConfig):
     vocab_size: int = 3072
-    max_position_embeddings: int = 32768
     text_vocab_size: int = 151936
     text_hidden_size: int = 2048
     num_code_groups: int = 32
@@ -145,6 +152,41 @@ def _pick(d: Mapping[str, Any], cls, **defaults):
     return vals
 
 
+# transformers' RoPE types whose frequencies are fixed at load time (`layers.rope_frequencies`), with
+# the rope_scaling keys each one requires. "dynamic" and "longrope" recompute them as a sequence
+# grows past max_position_embeddings, inside the official forward: not supported (a clear error).
+ROPE_TYPES = {"default": (), "linear": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}
+
+
+def _rope_scaling(c: Mapping[str, Any], name: str):
+    """A config's rope_scaling as the official reads it: None for plain RoPE, else a FrozenDict of
+    its scalar entries (the talker's `mrope_section` does not change the result: its three
+    position rows are equal)."""
+    rs = c.get("rope_scaling")
+    if c.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{name} partial_rotary_factor {c['partial_rotary_factor']} is not "
+                          "supported (RoPE over the whole head_dim only, as released)")
+    if rs is None:
+        return None
+    if not isinstance(rs, Mapping):
+        raise ConfigError(f"{name} rope_scaling must be an object or null, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{name} rope_scaling rope_type {kind!r} is not supported (supported: "
+                          f"{sorted(ROPE_TYPES)}; 'dynamic' and 'longrope' change with the "
+                          "sequence length)")
+    missing = [k for k in ROPE_TYPES[kind] if rs.get(k) is None]
+    if missing:
+        raise ConfigError(f"{name} rope_scaling of type {kind!r} lacks {missing}")
+    if kind == "default":
+        return None
+    return FrozenDict({k: v for k, v in rs.items() if k != "type"
+                       and (v is None or isinstance(v, (bool, int, float, str)))}
+                      | {"rope_type": kind})
+
+
 def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
     cp = dict(d.get("code_predictor_config") or {})
     # Official class defaults of Qwen3TTSTalkerCodePredictorConfig (head_dim has a default there).
@@ -165,8 +207,18 @@ def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
         if c.get("attention_bias") or c.get("use_sliding_window"):
             raise ConfigError(f"{name} sets attention_bias/use_sliding_window, which no released "
                               "Qwen3-TTS checkpoint uses and this port does not implement")
+    from .activations import ACTIVATIONS
+    for c, vals, name in ((d, t_vals, "talker_config"), (cp, cp_vals, "code_predictor_config")):
+        vals["rope_scaling"] = _rope_scaling(c, name)
+        if vals.get("hidden_act", "silu") not in ACTIVATIONS:
+            raise ConfigError(f"{name} hidden_act {vals['hidden_act']!r} is not supported "
+                              f"(supported: {sorted(ACTIVATIONS)})")
     t_vals["code_predictor"] = CodePredictorConfig(**cp_vals)
     talker = TalkerConfig(**t_vals)
+    if talker.code_predictor.num_code_groups < talker.num_code_groups:
+        raise ConfigError(f"code_predictor_config num_code_groups "
+                          f"({talker.code_predictor.num_code_groups}) is below the talker's "
+                          f"({talker.num_code_groups}): the predictor lacks heads for some groups")
     for c, name in ((talker, "talker"), (talker.code_predictor, "code_predictor")):
         if c.num_attention_heads % c.num_key_value_heads:
             raise ConfigError(f"{name}: num_attention_heads ({c.num_attention_heads}) is not a "

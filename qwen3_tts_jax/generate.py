@@ -67,7 +67,8 @@ def embed_prompts(p, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, extra_BxD, extr
     """Sum of the text / codec / extra parts of every position (see prompts.py)."""
     tp = p["talker"]
     has_text = (text_BxL != NONE)[..., None]
-    x = jnp.where(has_text, talker.embed_text(tp, jnp.maximum(text_BxL, 0)), 0)
+    text = talker.embed_text(tp, jnp.maximum(text_BxL, 0), cfg.talker.hidden_act)
+    x = jnp.where(has_text, text, 0)
     tables = [tp["codec_embedding"]] + list(p["code_predictor"]["codec_embedding"])  # 1 + 15
     codec = None
     for g, table in enumerate(tables[:codec_BxLxG.shape[-1]]):
@@ -131,8 +132,9 @@ def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_
     C = L if compute is None else compute
     dtype = tp["codec_embedding"].dtype
     x = embed_prompts(params, cfg, text_BxL, codec_BxLxG, extra_BxD, extra_pos_B).astype(dtype)
-    trailing = talker.embed_text(tp, trailing_BxLt).astype(dtype)
-    pad_embed = talker.embed_text(tp, jnp.asarray([cfg.tts_pad_token_id]))[0].astype(dtype)
+    act = cfg.talker.hidden_act
+    trailing = talker.embed_text(tp, trailing_BxLt, act).astype(dtype)
+    pad_embed = talker.embed_text(tp, jnp.asarray([cfg.tts_pad_token_id]), act)[0].astype(dtype)
     pad_count = L - mask_BxL.sum(-1).astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(mask_BxL, axis=-1) - 1, 0)
     S = L + frames

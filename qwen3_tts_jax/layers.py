@@ -13,6 +13,7 @@ copying: with the first, XLA:CPU transposes every layer's whole cache on every s
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from .config import TransformerConfig
 from . import cpu_kernels
+from .activations import ACTIVATIONS
 from .cpu_kernels import linear
 
 
@@ -117,13 +119,70 @@ def rms_norm(w_D, x_BxTxD, eps):
     return w_D * x.astype(x_BxTxD.dtype)
 
 
-def rope_cos_sin(pos_BxT, head_dim: int, theta: float, dtype):
+def rope_frequencies(head_dim: int, theta: float, scaling=None, max_positions: int = 32768):
+    """(inverse frequencies (Dh/2,) f32, factor on cos/sin) of transformers' RoPE initialisers for
+    the types in `config.ROPE_TYPES` (None: plain RoPE): linear divides every frequency by
+    `factor`; llama3 divides the low ones and blends the middle band; yarn blends interpolated and
+    original frequencies over a ramp of dimensions and scales cos/sin (its attention factor)."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv = 1.0 / (theta ** exponents)
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "default":
+        return inv, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return jnp.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        def mscale(m=1.0):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn = float(mscale(m) / mscale(m_all)) if m and m_all else mscale()
+        original = scaling.get("original_max_position_embeddings") or max_positions
+
+        def dim_for(rotations):  # the dimension that turns `rotations` times over `original`
+            return (head_dim * math.log(original / (rotations * 2 * math.pi))
+                    / (2 * math.log(theta)))
+        lo, hi = dim_for(scaling.get("beta_fast") or 32), dim_for(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
+        keep = 1 - ramp       # 1: the original frequency (extrapolation), 0: divided by factor
+        pos_freqs = theta ** exponents
+        return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, attn
+    raise ValueError(f"unsupported rope_type {kind!r}")   # config.parse_talker refuses it first
+
+
+def rope_cos_sin(pos_BxT, head_dim: int, theta: float, dtype, scaling=None,
+                 max_positions: int = 32768):
     """cos/sin (B, T, Dh) for rotate-half RoPE. The talker's interleaved MRoPE receives three equal
     position rows, which makes it exactly this plain 1-D RoPE."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq, factor = rope_frequencies(head_dim, theta, scaling, max_positions)
     ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq
     ang = jnp.concatenate([ang_BxTxF, ang_BxTxF], axis=-1)
-    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def transformer_rope(pos_BxT, cfg: TransformerConfig, dtype):
+    """`rope_cos_sin` with a decoder stack's own RoPE settings."""
+    return rope_cos_sin(pos_BxT, cfg.head_dim, cfg.rope_theta, dtype, cfg.rope_scaling,
+                        cfg.max_position_embeddings)
 
 
 def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
@@ -175,12 +234,12 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
                                         mask=mask_BxTxS[:, None], implementation=impl)
 
 
-def mlp(p, x_BxTxD):
+def mlp(p, x_BxTxD, act: str = "silu"):
     if "gate_up" in p:  # packed (see `pack_layers`)
         gate, up = jnp.split(linear(x_BxTxD, p["gate_up"]), 2, axis=-1)
     else:
         gate, up = linear(x_BxTxD, p["gate"]), linear(x_BxTxD, p["up"])
-    return linear(jax.nn.silu(gate) * up, p["down"])
+    return linear(ACTIVATIONS[act](gate) * up, p["down"])
 
 
 def pack_layers(layers_list: list) -> list:
@@ -205,13 +264,13 @@ def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: Tran
     h, cache = attention(p["attn"], rms_norm(p["input_norm"], x_BxTxD, cfg.rms_norm_eps), cos_sin,
                          cache, write_index, mask_BxTxS, cfg)
     x = x_BxTxD + h
-    x = x + mlp(p["mlp"], rms_norm(p["post_norm"], x, cfg.rms_norm_eps))
+    x = x + mlp(p["mlp"], rms_norm(p["post_norm"], x, cfg.rms_norm_eps), cfg.hidden_act)
     return x, cache
 
 
 def transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TransformerConfig):
     """The decoder stack + final norm. Returns (normed hidden (B, T, D), new caches)."""
-    cos_sin = rope_cos_sin(pos_BxT, cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype)
+    cos_sin = transformer_rope(pos_BxT, cfg, x_BxTxD.dtype)
     new = []
     for lp, cache in zip(p["layers"], caches):
         x_BxTxD, cache = decoder_layer(lp, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg)

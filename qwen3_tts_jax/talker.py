@@ -11,10 +11,10 @@ params["talker"] = {
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from . import layers
+from .activations import ACTIVATIONS
 from .config import TalkerConfig
 from .weights import Rule
 
@@ -42,11 +42,12 @@ def expected_shapes(cfg: TalkerConfig) -> dict:
     }
 
 
-def embed_text(p, ids_BxT):
-    """text_projection(text_embedding(ids)): a SiLU MLP from the text width to the talker width."""
+def embed_text(p, ids_BxT, act: str = "silu"):
+    """text_projection(text_embedding(ids)): an MLP (the talker's `hidden_act`, SiLU as released)
+    from the text width to the talker width."""
     tp = p["text_projection"]
     x = p["text_embedding"][ids_BxT]
-    x = jax.nn.silu(x @ tp["fc1"] + tp["fc1_b"])
+    x = ACTIVATIONS[act](x @ tp["fc1"] + tp["fc1_b"])
     return x @ tp["fc2"] + tp["fc2_b"]
 
 

@@ -66,6 +66,8 @@ class Spec:
     cp_head_dim: int = 8
     seed: int = 0
     eos_scale: float = 1.0              # scales codec_head's EOS row: > 1 makes rows end early
+    talker_extra: tuple = ()            # (key, value) pairs over talker_config; value None: drop key
+    cp_extra: tuple = ()                # the same over code_predictor_config
 
     @property
     def name(self):
@@ -84,6 +86,18 @@ SPECS = {
     "base": Spec(kind="base", size="0b6", hidden=32, cp_hidden=32, seed=3),
     # EOS likely enough that rows of a batch stop at different frames
     "cv_eos": Spec(seed=4, eos_scale=6.0),
+    # Config fields no released checkpoint varies but the official code reads: the talker's yarn
+    # RoPE (attention factor too) and tanh-GELU, the predictor's llama3 RoPE (a blended middle
+    # band) and exact GELU, no num_code_groups in the predictor config (its class default 32:
+    # 31 heads, the first 15 used), and 64 positions, which prompt + frames run past.
+    "cv_config_variants": Spec(
+        seed=5, talker_extra=(("max_position_embeddings", 64), ("hidden_act", "gelu_pytorch_tanh"),
+                              ("rope_scaling", {"interleaved": True, "mrope_section": [4, 2, 2],
+                                                "rope_type": "yarn", "factor": 4.0})),
+        cp_extra=(("hidden_act", "gelu"), ("num_code_groups", None),
+                  ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 512}))),
 }
 
 CODEC_ENCODER = dict(  # a transformers MimiConfig
@@ -234,7 +248,7 @@ def build_codec(path, config=None, seed=0, audible=True):
 def talker_config(spec: Spec, text_vocab: int):
     section = spec.head_dim // 2  # sum(mrope_section) must equal head_dim // 2
     mrope = [section - 2 * (section // 3), section // 3, section // 3]
-    return dict(
+    d = dict(
         hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
         hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -254,6 +268,10 @@ def talker_config(spec: Spec, text_vocab: int):
             max_position_embeddings=65536, rope_theta=1000000, rope_scaling=None,
             vocab_size=2048, num_code_groups=16, rms_norm_eps=1e-6),
     )
+    for over, target in ((spec.talker_extra, d), (spec.cp_extra, d["code_predictor_config"])):
+        for k, v in over:
+            target.pop(k, None) if v is None else target.__setitem__(k, v)
+    return d
 
 
 def speaker_encoder_config(spec: Spec):

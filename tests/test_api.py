@@ -33,7 +33,7 @@ def vd(make_checkpoint):
     (dict(top_p=1.5), ValueError, "top_p"),
     (dict(repetition_penalty=0), ValueError, "repetition_penalty"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
-    (dict(max_new_tokens=40000), ValueError, "positions"),
+    (dict(text="word " * 40000), ValueError, "positions"),
     (dict(bogus=1), TypeError, "unknown generation argument"),
 ])
 def test_custom_voice_bad_input(cv, kw, err, needle):

@@ -23,7 +23,6 @@ import pytest
 import soundfile as sf
 import soxr
 
-from qwen3_tts_jax import audio
 from qwen3_tts_jax.audio import AudioError, load_audio, resample
 
 RATES = (16000, 22050, 24000, 44100)

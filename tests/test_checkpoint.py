@@ -2,6 +2,7 @@
 bad key, the fast-loading form (`python -m convert`), hub ids offline."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -83,6 +84,78 @@ def test_corrupt_file_is_a_checkpoint_error(tmp_path, make_checkpoint):
         f.truncate(100)
     with pytest.raises(CheckpointError, match="corrupt|cannot read"):
         Qwen3TTS.from_pretrained(dst)
+
+
+ROPE_CASES = [
+    dict(rope_type="linear", factor=3.0),
+    dict(rope_type="yarn", factor=4.0),
+    dict(type="yarn", factor=16.0, original_max_position_embeddings=4096, beta_fast=16,
+         beta_slow=2, truncate=False),
+    dict(rope_type="yarn", factor=8.0, mscale=1.2, mscale_all_dim=0.8),
+    dict(rope_type="yarn", factor=2.0, attention_factor=0.7),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8192),
+    dict(rope_type="llama3", factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0,
+         original_max_position_embeddings=512),
+]
+
+
+@pytest.mark.parametrize("head_dim,theta,max_pos", [(128, 1e6, 32768), (16, 1e4, 64),
+                                                      (64, 5e5, 65536)])
+def test_rope_frequencies_match_transformers(head_dim, theta, max_pos):
+    """Every supported RoPE type, as transformers' initialisers compute it for the official model
+    (inverse frequencies and the factor on cos/sin), over head sizes, bases and context lengths."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qwen3_tts_jax import layers
+    from qwen3_tts_jax.config import _rope_scaling
+
+    for case in ROPE_CASES:
+        hf = PretrainedConfig(rope_theta=theta, head_dim=head_dim, hidden_size=head_dim * 4,
+                              num_attention_heads=4, max_position_embeddings=max_pos,
+                              rope_scaling=dict(case))
+        kind = case.get("rope_type", case.get("type"))
+        ref_inv, ref_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+        inv, factor = layers.rope_frequencies(head_dim, theta, _rope_scaling(
+            {"rope_scaling": case}, "t"), max_pos)
+        np.testing.assert_allclose(np.asarray(inv), ref_inv.numpy(), rtol=2e-6, err_msg=str(case))
+        assert factor == pytest.approx(ref_factor, rel=1e-12), case
+        if kind != "linear":   # the scalings change frequencies: a no-op would fail here
+            plain, _ = layers.rope_frequencies(head_dim, theta)
+            assert not np.allclose(np.asarray(plain), np.asarray(inv)), case
+
+
+def test_activations_match_transformers():
+    import torch
+    from transformers.activations import ACT2FN
+
+    from qwen3_tts_jax.activations import ACTIVATIONS
+
+    x = np.linspace(-12, 12, 2001, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(x)), ref, atol=2e-6, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("where,change,needle", [
+    ("talker", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic' is not"),
+    ("talker", dict(rope_scaling={"rope_type": "longrope"}), "longrope"),
+    ("cp", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks"),
+    ("cp", dict(hidden_act="prelu"), "hidden_act 'prelu' is not supported"),
+    ("talker", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    ("cp", dict(num_code_groups=8), "num_code_groups (8) is below the talker's (16)"),
+])
+def test_unsupported_config_fields_are_clear_errors(tmp_path, make_checkpoint, where, change,
+                                                    needle):
+    raw = json.load(open(os.path.join(make_checkpoint("cv_proj"), "config.json")))
+    target = raw["talker_config"]
+    if where == "cp":
+        target = target["code_predictor_config"]
+    target.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(str(tmp_path))
 
 
 def test_wrong_folder_kinds(tmp_path, make_checkpoint, codec_dir):

@@ -174,6 +174,38 @@ def test_greedy_codes_single_and_batched(models, name):
         assert len({len(c) for c in ref}) > 1 and max(len(c) for c in ref) < 39
 
 
+def test_rope_cos_sin_of_config_variants(models):
+    """The official rotary modules' cos/sin (talker: interleaved MRoPE with yarn and its attention
+    factor; predictor: llama3) against ours at positions past the 64 the config names."""
+    off, ours = models("cv_config_variants")
+    pos = torch.arange(0, 200, 7)[None]
+    x = torch.zeros(1, 1, dtype=torch.float32)
+    for module, cfg, mrope in ((off.model.talker.model, ours.config.talker, True),
+                               (off.model.talker.code_predictor.model,
+                                ours.config.talker.code_predictor, False)):
+        cos, sin = module.rotary_emb(x, pos.expand(3, 1, -1) if mrope else pos)
+        if mrope:   # (3, B, T, Dh): the three rows of equal positions are the same
+            cos, sin = cos[0], sin[0]
+        got = layers.transformer_rope(jnp.asarray(pos.numpy()), cfg, jnp.float32)
+        np.testing.assert_allclose(np.asarray(got[0]), cos.numpy(), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got[1]), sin.numpy(), atol=2e-6)
+
+
+def test_greedy_codes_config_variants(models):
+    """Config fields that released checkpoints leave at one value but the official code reads
+    (tests/official.py "cv_config_variants": yarn and llama3 RoPE, GELU activations, a predictor
+    config without num_code_groups, 64 positions that prompt + frames run past): same codes."""
+    off, ours = models("cv_config_variants")
+    t = ours.config.talker
+    assert (t.max_position_embeddings, t.code_predictor.num_code_groups) == (64, 32)
+    assert t.rope_scaling["rope_type"] == "yarn" and t.hidden_act == "gelu_pytorch_tanh"
+    kw = dict(text=[TEXTS[0], TEXTS[2]], speaker=["ryan", "vivian"], language="english",
+              max_new_tokens=60)
+    ref = official_codes(off, "custom_voice", **kw, **GREEDY)
+    assert max(len(c) for c in ref) > 40          # prompt (> 24) + frames: past 64 positions
+    _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY), ref)
+
+
 @pytest.mark.parametrize("non_streaming", [True, False])
 def test_greedy_codes_voice_design(models, non_streaming):
     off, ours = models("vd_bigvocab")

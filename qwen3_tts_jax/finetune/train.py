@@ -55,7 +55,7 @@ SUB_TALKER_WEIGHT = 0.3
 def _stack(p, x_BxTxD, pos_BxT, mask_BxTxT, cfg: TransformerConfig, remat: bool):
     """A full-sequence pass of a Qwen3 decoder stack (no KV cache), from layers.py's pieces.
     Returns the final-norm hidden states."""
-    cos_sin = layers.rope_cos_sin(pos_BxT, cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype)
+    cos_sin = layers.transformer_rope(pos_BxT, cfg, x_BxTxD.dtype)
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
 
     def layer(lp, x):
@@ -68,7 +68,7 @@ def _stack(p, x_BxTxD, pos_BxT, mask_BxTxT, cfg: TransformerConfig, remat: bool)
         q, k = layers.apply_rope(q, *cos_sin), layers.apply_rope(k, *cos_sin)
         o = layers.dot_product_attention(q, k, v, mask_BxTxT)
         x = x + o.reshape(B, T, H * Dh) @ a["o"]
-        return x + layers.mlp(lp["mlp"], layers.rms_norm(lp["post_norm"], x, eps))
+        return x + layers.mlp(lp["mlp"], layers.rms_norm(lp["post_norm"], x, eps), cfg.hidden_act)
 
     if remat:
         layer = jax.checkpoint(layer)
@@ -85,11 +85,11 @@ def _cross_entropy(logits_NxV, labels_N, valid_N):
     return jnp.sum(jnp.where(valid_N, lse - picked, 0.0)), jnp.sum(valid_N)
 
 
-def input_embeddings(tp, cp, batch, dtype):
+def input_embeddings(tp, cp, batch, dtype, act: str = "silu"):
     """The talker's input (B, T, D): text + codec streams, x-vector at the speaker slot, and the
     embeddings of codebooks 1..15 on the frame positions (official sft_12hz.py, projection fixed)."""
     ids = batch["input_ids"]
-    text = talker.embed_text(tp, ids[..., 0]) * batch["text_embedding_mask"][..., None].astype(dtype)
+    text = talker.embed_text(tp, ids[..., 0], act) * batch["text_embedding_mask"][..., None].astype(dtype)
     codec = tp["codec_embedding"][ids[..., 1]] * batch["codec_embedding_mask"][..., None].astype(dtype)
     codec = codec.at[:, SPEAKER_SLOT].set(batch["x_vectors"].astype(dtype))
     x = text + codec
@@ -109,7 +109,7 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
     p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     tp, cp = p["talker"], p["code_predictor"]
     tc = cfg.talker
-    x = input_embeddings(tp, cp, batch, compute_dtype)
+    x = input_embeddings(tp, cp, batch, compute_dtype, tc.hidden_act)
     B, T, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
@@ -136,7 +136,7 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
     cmask = jnp.broadcast_to(jnp.arange(S)[None, :] <= jnp.arange(S)[:, None], (B * F, S, S))
     hc = _stack(cp, xs, jnp.broadcast_to(jnp.arange(S), (B * F, S)), cmask, tc.code_predictor,
                 remat)
-    sub_logits = jnp.einsum("ngd,gdv->ngv", hc[:, 1:], cp["lm_head"],
+    sub_logits = jnp.einsum("ngd,gdv->ngv", hc[:, 1:], cp["lm_head"][:G],
                             preferred_element_type=jnp.float32)          # (N, 15, 2048)
     sub_valid = jnp.broadcast_to(valid.reshape(B * F, 1), (B * F, G))
     s_sum, s_count = _cross_entropy(sub_logits, fcodes[..., 1:].reshape(B * F, G), sub_valid)

@@ -124,9 +124,9 @@ class Job:
     batch_size: int = 0                     # requests in the cohort it ran in
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _embed_text(tp, ids_BxL, dtype):
-    return talker.embed_text(tp, ids_BxL).astype(dtype)
+@functools.partial(jax.jit, static_argnames=("dtype", "act"))
+def _embed_text(tp, ids_BxL, dtype, act):
+    return talker.embed_text(tp, ids_BxL, act).astype(dtype)
 
 
 class _Cohort:
@@ -195,7 +195,8 @@ class _Cohort:
         tp = self.engine.tts.params["talker"]
         self.ctx = self.ctx._replace(
             trailing_BxLtxD=_embed_text(tp, jnp.asarray(padded),
-                                        dtype=tp["codec_embedding"].dtype),
+                                        dtype=tp["codec_embedding"].dtype,
+                                        act=self.engine.tts.config.talker.hidden_act),
             trailing_len_B=jnp.full((B,), len(ids), jnp.int32))
 
     def _limit(self) -> int:
