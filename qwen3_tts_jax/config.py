@@ -160,7 +160,7 @@ ROPE_TYPES = {"default": (), "linear": ("factor",), "yarn": ("factor",),
                          "original_max_position_embeddings")}
 
 
-def _rope_scaling(c: Mapping[str, Any], name: str):
+def rope_scaling_of(c: Mapping[str, Any], name: str):
     """A config's rope_scaling as the official reads it: None for plain RoPE, else a FrozenDict of
     its scalar entries (the talker's `mrope_section` does not change the result: its three
     position rows are equal)."""
@@ -209,7 +209,7 @@ def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
                               "Qwen3-TTS checkpoint uses and this port does not implement")
     from .activations import ACTIVATIONS
     for c, vals, name in ((d, t_vals, "talker_config"), (cp, cp_vals, "code_predictor_config")):
-        vals["rope_scaling"] = _rope_scaling(c, name)
+        vals["rope_scaling"] = rope_scaling_of(c, name)
         if vals.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ConfigError(f"{name} hidden_act {vals['hidden_act']!r} is not supported "
                               f"(supported: {sorted(ACTIVATIONS)})")

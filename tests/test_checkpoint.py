@@ -109,7 +109,7 @@ def test_rope_frequencies_match_transformers(head_dim, theta, max_pos):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from qwen3_tts_jax import layers
-    from qwen3_tts_jax.config import _rope_scaling
+    from qwen3_tts_jax.config import rope_scaling_of
 
     for case in ROPE_CASES:
         hf = PretrainedConfig(rope_theta=theta, head_dim=head_dim, hidden_size=head_dim * 4,
@@ -117,7 +117,7 @@ def test_rope_frequencies_match_transformers(head_dim, theta, max_pos):
                               rope_scaling=dict(case))
         kind = case.get("rope_type", case.get("type"))
         ref_inv, ref_factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
-        inv, factor = layers.rope_frequencies(head_dim, theta, _rope_scaling(
+        inv, factor = layers.rope_frequencies(head_dim, theta, rope_scaling_of(
             {"rope_scaling": case}, "t"), max_pos)
         np.testing.assert_allclose(np.asarray(inv), ref_inv.numpy(), rtol=2e-6, err_msg=str(case))
         assert factor == pytest.approx(ref_factor, rel=1e-12), case

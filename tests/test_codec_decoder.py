@@ -50,6 +50,10 @@ DECODERS = {
     "no_head_dim": dict(_NO_HEAD_DIM, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                         num_hidden_layers=1, codebook_dim=32, latent_dim=48, decoder_dim=32,
                         upsampling_ratios=[4], sliding_window=16),
+    # What no released codec changes but the official code reads: a GELU MLP and yarn RoPE.
+    "gelu_yarn": dict(CODEC_DECODER, hidden_act="gelu_new", num_hidden_layers=1,
+                      rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                    "original_max_position_embeddings": 64}),
 }
 STAGE_FRAMES = 90          # > the largest window (72), so the sliding window masks something
 SMALL_USAGE_ROWS = 4       # codebook rows whose cluster_usage is below the 1e-5 clamp

@@ -19,7 +19,8 @@ import math
 import os
 from typing import Any, Mapping
 
-from ..config import ConfigError
+from ..activations import ACTIVATIONS
+from ..config import ConfigError, rope_scaling_of
 
 MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 
@@ -43,6 +44,9 @@ class DecoderConfig:
     upsample_rates: tuple = (8, 5, 4, 3)
     upsampling_ratios: tuple = (2, 2)
     decoder_dim: int = 1536
+    hidden_act: str = "silu"                        # a key of `activations.ACTIVATIONS`
+    max_position_embeddings: int = 8000             # only yarn RoPE reads it
+    rope_scaling: Mapping[str, Any] | None = None   # see `config.ROPE_TYPES`
 
     @property
     def total_upsample(self) -> int:
@@ -75,17 +79,16 @@ def parse_decoder_config(d: Mapping[str, Any]) -> DecoderConfig:
     for k in ("upsample_rates", "upsampling_ratios"):
         if k in vals:
             vals[k] = tuple(vals[k])
+    # Read by the official code though no released codec changes them: RoPE scaling and the MLP
+    # activation, honoured like the talker's; attention biases are not implemented.
+    vals["rope_scaling"] = rope_scaling_of(d, "decoder_config")
+    if vals.get("hidden_act", "silu") not in ACTIVATIONS:
+        raise ConfigError(f"decoder_config hidden_act {vals['hidden_act']!r} is not supported "
+                          f"(supported: {sorted(ACTIVATIONS)})")
     cfg = DecoderConfig(**vals)
-    # Values the official code reads but that no released codec uses; we implement only these.
-    if d.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"decoder_config hidden_act {d['hidden_act']!r} is not supported "
-                          "(only 'silu', as in the released speech tokenizer)")
     if d.get("attention_bias", False):
         raise ConfigError("decoder_config attention_bias=true is not supported (the released "
                           "speech tokenizer has none)")
-    rope = d.get("rope_scaling")
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise ConfigError(f"decoder_config rope_scaling {rope} is not supported (only plain RoPE)")
     if cfg.num_quantizers < 2:
         raise ConfigError("decoder_config num_quantizers must be >= 2 (one semantic + acoustic)")
     if cfg.num_attention_heads % cfg.num_key_value_heads:

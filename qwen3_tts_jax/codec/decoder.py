@@ -228,7 +228,8 @@ def transformer_layer(p, cfg: DecoderConfig, x_BxTxD, cos_sin, mask_TxT):
     h = attention(p["attn"], cfg, layers.rms_norm(p["input_norm"], x_BxTxD, cfg.rms_norm_eps),
                   cos_sin, mask_TxT)
     x_BxTxD = x_BxTxD + p["attn_scale"] * h
-    h = layers.mlp(p["mlp"], layers.rms_norm(p["post_norm"], x_BxTxD, cfg.rms_norm_eps))
+    h = layers.mlp(p["mlp"], layers.rms_norm(p["post_norm"], x_BxTxD, cfg.rms_norm_eps),
+                   cfg.hidden_act)
     return x_BxTxD + p["mlp_scale"] * h
 
 
@@ -248,7 +249,8 @@ def pre_transformer(p, cfg: DecoderConfig, x_BxTxL):
     layers with RoPE over positions 0..T-1, final RMSNorm, output_proj. (B, T, L) -> (B, T, L)."""
     x = linear(p["input_proj"], x_BxTxL)
     T = x.shape[1]
-    cos_sin = layers.rope_cos_sin(jnp.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    cos_sin = layers.rope_cos_sin(jnp.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype,
+                                  cfg.rope_scaling, cfg.max_position_embeddings)
     mask_TxT = sliding_window_mask(T, cfg.sliding_window)
     for lp in p["layers"]:
         x = transformer_layer(lp, cfg, x, cos_sin, mask_TxT)
