@@ -349,6 +349,41 @@ def test_encode_audio_matches_official_tokenizer_encode(parity_codec, tmp_path):
                               f"{what} item {b}")
 
 
+SAVED_ENCODERS = {
+    # frame_rate 12.5 over a 480-sample SEANet hop: a downsample kernel of 8, which a saved
+    # config.json only gives through MimiConfig's "_frame_rate" key.
+    "frame_rate_saved": dict(CODEC_ENCODER, upsampling_ratios=[10, 8, 6]),
+    # a code frame every 3840 samples while encode_downsample_rate stays 1920: the official keeps
+    # ceil(samples / 1920) frames of an array of ceil(samples / 3840).
+    "frame_longer_than_rate": dict(CODEC_ENCODER, upsampling_ratios=[8, 8, 6, 5]),
+    # an encoder at 16 kHz behind a 24 kHz feature extractor: audio is resampled to the latter.
+    "encoder_16k": dict(CODEC_ENCODER, sampling_rate=16000),
+}
+
+
+@pytest.mark.parametrize("name", list(SAVED_ENCODERS))
+def test_saved_codec_folder_encodes_like_official(tmp_path, name):
+    """Through the folder (config.json as save_pretrained writes it, preprocessor_config.json):
+    `SpeechTokenizer.from_pretrained(path).encode` vs `Qwen3TTSTokenizer.encode`, a batch of
+    three lengths (none a multiple of 1920) and one item alone."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    from qwen3_tts_jax.codec import SpeechTokenizer
+
+    path = str(tmp_path)
+    build_parity_codec(path, SAVED_ENCODERS[name], seed=11)
+    tok, ours = Qwen3TTSTokenizer.from_pretrained(path), SpeechTokenizer.from_pretrained(path)
+    waves = [speech_like(2.71, 41), speech_like(1.0, 42, peak=0.4)[:23000],
+             speech_like(1.3, 43, peak=0.99)]
+    for audios in (waves, waves[1:2]):
+        ref = [c.numpy() for c in tok.encode(audios, sr=SR).audio_codes]
+        got = ours.encode(audios, sr=SR)
+        assert [c.shape for c in got] == [r.shape for r in ref], name
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r, err_msg=name)
+        assert len({tuple(c[:, 1]) for c in got}) > 1 or len(got) == 1   # codes vary
+
+
 def test_prepare_audio_errors():
     from qwen3_tts_jax.audio import AudioError
 
@@ -382,7 +417,7 @@ def test_parse_encoder_config():
     bad = [dict(use_conv_shortcut=True), dict(pad_mode="reflect"), dict(audio_channels=2),
            dict(frame_rate=25), dict(codebook_dim=128), dict(hidden_act="relu"),
            dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
-           dict(num_attention_heads=6)]
+           dict(num_attention_heads=6), dict(num_semantic_quantizers=0)]
     for d in bad:
         with pytest.raises(ConfigError):
             E.parse_encoder_config(d)

@@ -131,7 +131,10 @@ def parse_encoder_config(d: Mapping[str, Any], *, valid_num_quantizers: int = 16
 
     sr = cfg.sampling_rate
     encodec_frame_rate = math.ceil(sr / cfg.hop_length)
-    frame_rate = d.get("frame_rate") or sr / cfg.frame_size
+    # MimiConfig keeps an explicit frame rate as `_frame_rate`, the key save_pretrained writes
+    # (and which, when present, wins over `frame_rate`); None: computed from the strides.
+    frame_rate = d["_frame_rate"] if "_frame_rate" in d else d.get("frame_rate")
+    frame_rate = frame_rate or sr / cfg.frame_size
     kernel = 2 * int(encodec_frame_rate / frame_rate)
     if frame_rate == encodec_frame_rate or kernel < 2:
         raise ConfigError(f"encoder_config frame_rate {frame_rate} must be below the SEANet frame "
@@ -165,8 +168,10 @@ def parse_encoder_config(d: Mapping[str, Any], *, valid_num_quantizers: int = 16
         raise ConfigError(f"encoder_config codebook_dim ({cfg.codebook_dim}) must equal the "
                           f"quantizer input width ({q_dim}: vector_quantization_hidden_dimension, "
                           "or hidden_size when they are equal)")
-    if not cfg.num_semantic_quantizers < cfg.num_quantizers:
-        raise ConfigError("encoder_config num_semantic_quantizers must be < num_quantizers")
+    if not 1 <= cfg.num_semantic_quantizers < cfg.num_quantizers:
+        raise ConfigError(f"encoder_config num_semantic_quantizers ({cfg.num_semantic_quantizers})"
+                          f" must be in [1, num_quantizers = {cfg.num_quantizers}) (the official "
+                          "encoder cannot encode without a semantic quantizer)")
     if not 1 <= valid_num_quantizers <= cfg.num_quantizers:
         raise ConfigError(f"encoder_valid_num_quantizers ({valid_num_quantizers}) must be in "
                           f"[1, encoder_config num_quantizers = {cfg.num_quantizers}]")
@@ -475,7 +480,10 @@ def encode(params, cfg: EncoderConfig, wave_BxT, lengths_B) -> list[np.ndarray]:
     # The stages other than the codes stay on the device: returning them costs B * T * D floats,
     # and sharing one program with the stage-by-stage parity tests halves their compile time.
     codes = np.asarray(jit_encode_stages(params, cfg, buf, np.full(B, T, np.int32))["codes"])
-    frames = _ceil_div(lengths, cfg.encode_downsample_rate)
+    # The official keeps ceil(length / encode_downsample_rate) frames of a code array that has
+    # ceil(T / frame_size): where a frame is longer than that rate, the array is the limit.
+    frames = np.minimum(_ceil_div(lengths, cfg.encode_downsample_rate),
+                        _ceil_div(T, cfg.frame_size))
     return [codes[b, :frames[b]].copy() for b in range(B)]
 
 
@@ -509,12 +517,15 @@ def prepare_audio(audios, sr: int | None, target_sr: int) -> list[np.ndarray]:
     return out
 
 
-def encode_audio(params, cfg: EncoderConfig, audios, sr: int | None = None) -> list[np.ndarray]:
+def encode_audio(params, cfg: EncoderConfig, audios, sr: int | None = None,
+                 target_sr: int | None = None) -> list[np.ndarray]:
     """The official `Qwen3TTSTokenizer.encode(audios, sr)` of the 12 Hz tokenizer: `prepare_audio`,
     the feature extractor's right zero padding (`pad_batch`) and `encode`. One (frames, 16) int32
-    array per input, frames = ceil(samples at 24 kHz / 1920).
+    array per input, frames = ceil(samples at 24 kHz / 1920). Inputs are resampled to `target_sr`,
+    the feature extractor's rate (preprocessor_config.json; default: the encoder's own rate).
 
     >>> codes = encode_audio(params, cfg, [wave_16k, wave2_16k], sr=16000)
     >>> codes = encode_audio(params, cfg, "reference.wav")    # or a URL, base64, (wave, sr)
     """
-    return encode(params, cfg, *pad_batch(prepare_audio(audios, sr, cfg.sampling_rate)))
+    target = target_sr or cfg.sampling_rate   # the feature extractor's rate (`SpeechTokenizer`)
+    return encode(params, cfg, *pad_batch(prepare_audio(audios, sr, target)))

@@ -31,6 +31,7 @@ import numpy as np
 from ..weights import (CheckpointError, expected_ours, load_official, load_params, safetensors_files,
                        save_params)
 from ..buckets import ladder
+from ..config import ConfigError
 from . import decoder, encoder
 from .config import DecoderConfig, SpeechTokenizerConfig, load_config
 
@@ -226,11 +227,12 @@ class SpeechTokenizer:
     """
 
     def __init__(self, params, config: SpeechTokenizerConfig, raw_config: dict | None = None,
-                 folder: str | None = None):
+                 folder: str | None = None, preprocessor: dict | None = None):
         self.params = params
         self.config = config
         self._raw_config = raw_config
         self._folder = folder
+        self._preprocessor = preprocessor   # preprocessor_config.json (the feature extractor)
         self._encoder_params = None
         self.encoder_config = encoder.parse_encoder_config(
             config.encoder_config, valid_num_quantizers=config.encoder_valid_num_quantizers,
@@ -256,6 +258,13 @@ class SpeechTokenizer:
     @property
     def sample_rate(self) -> int:
         return int(self.config.output_sample_rate)
+
+    @property
+    def input_sample_rate(self) -> int:
+        """The rate `encode` resamples audio to: the official resamples to its feature extractor's
+        `sampling_rate` (preprocessor_config.json; 24000 as released), else the encoder's rate."""
+        rate = (self._preprocessor or {}).get("sampling_rate")
+        return int(rate) if rate else int(self.encoder_config.sampling_rate)
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: str | None = None,
@@ -284,7 +293,15 @@ class SpeechTokenizer:
             files = safetensors_files(folder)
             params = load_official(files, decoder.RULES, expected, jnp.float32,
                                    what=f"speech tokenizer decoder in {folder}", prefix="decoder.")
-        return cls(params, cfg, raw, folder)
+        pre = os.path.join(folder, "preprocessor_config.json")
+        preprocessor = None
+        if os.path.exists(pre):
+            try:
+                with open(pre) as f:
+                    preprocessor = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{pre} cannot be read as JSON: {e}") from None
+        return cls(params, cfg, raw, folder, preprocessor)
 
     def save_converted(self, folder: str) -> None:
         """Write the fast-loading form: config.json + params.safetensors (our paths, float32).
@@ -295,6 +312,9 @@ class SpeechTokenizer:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self._raw_config, f, indent=2)
+        if self._preprocessor is not None:
+            with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+                json.dump(self._preprocessor, f, indent=2)
         save_params(self.params, os.path.join(folder, PARAMS_FILE),
                     metadata={"format": "qwen3_tts_jax.codec.decoder"})
         try:
@@ -312,7 +332,8 @@ class SpeechTokenizer:
 
         >>> codes = tok.encode("ref.wav")[0]
         """
-        return encoder.encode_audio(self.encoder_params, self.encoder_config, audios, sr)
+        return encoder.encode_audio(self.encoder_params, self.encoder_config, audios, sr,
+                                    self.input_sample_rate)
 
     def decode(self, encoded, *, chunk_size: int | None = CHUNK_SIZE
                ) -> tuple[list[np.ndarray], int]:
