@@ -356,8 +356,10 @@ SAVED_ENCODERS = {
     # a code frame every 3840 samples while encode_downsample_rate stays 1920: the official keeps
     # ceil(samples / 1920) frames of an array of ceil(samples / 3840).
     "frame_longer_than_rate": dict(CODEC_ENCODER, upsampling_ratios=[8, 8, 6, 5]),
-    # an encoder at 16 kHz behind a 24 kHz feature extractor: audio is resampled to the latter.
-    "encoder_16k": dict(CODEC_ENCODER, sampling_rate=16000),
+    # an encoder at 16 kHz behind a 24 kHz feature extractor: audio is resampled to the latter;
+    # and what no released codec changes but MimiModel reads: a tanh-GELU MLP, linear RoPE.
+    "encoder_16k_act_rope": dict(CODEC_ENCODER, sampling_rate=16000, hidden_act="gelu_new",
+                                 rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 
 
@@ -415,8 +417,8 @@ def test_parse_encoder_config():
     assert E.parse_encoder_config(dict(hidden_size=64, num_attention_heads=4,
                                    num_key_value_heads=2)).head_dim == 16
     bad = [dict(use_conv_shortcut=True), dict(pad_mode="reflect"), dict(audio_channels=2),
-           dict(frame_rate=25), dict(codebook_dim=128), dict(hidden_act="relu"),
-           dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+           dict(frame_rate=25), dict(codebook_dim=128), dict(hidden_act="prelu"),
+           dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
            dict(num_attention_heads=6), dict(num_semantic_quantizers=0)]
     for d in bad:
         with pytest.raises(ConfigError):

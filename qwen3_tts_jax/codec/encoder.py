@@ -49,7 +49,8 @@ import numpy as np
 
 from .. import audio, layers
 from ..buckets import ladder
-from ..config import ConfigError
+from ..activations import ACTIVATIONS
+from ..config import ConfigError, rope_scaling_of
 from ..weights import Rule, expected_ours, flatten, load_official, nest
 # The decoder's attention reads only num_attention_heads, num_key_value_heads and head_dim from its
 # config, which EncoderConfig has under the same names.
@@ -86,6 +87,9 @@ class EncoderConfig:
     head_dim: int = 64
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    hidden_act: str = "gelu"            # a key of `activations.ACTIVATIONS` (MimiMLP's ACT2FN)
+    max_position_embeddings: int = 8000  # only yarn RoPE reads it
+    rope_scaling: Mapping[str, Any] | None = None   # see `config.ROPE_TYPES`
     downsample_kernel: int = 4          # 2 * int(encodec_frame_rate / frame_rate); stride 2
     valid_num_quantizers: int = 16      # top-level encoder_valid_num_quantizers
     encode_downsample_rate: int = 1920  # top-level: samples per frame when counting valid frames
@@ -126,6 +130,7 @@ def parse_encoder_config(d: Mapping[str, Any], *, valid_num_quantizers: int = 16
     vals["head_dim"] = d.get("head_dim") or hidden // heads
     if d.get("codebook_dim", 0) is None:
         vals["codebook_dim"] = hidden
+    vals["rope_scaling"] = rope_scaling_of(d, "encoder_config")
     cfg = EncoderConfig(valid_num_quantizers=valid_num_quantizers,
                         encode_downsample_rate=encode_downsample_rate, **vals)
 
@@ -146,15 +151,15 @@ def parse_encoder_config(d: Mapping[str, Any], *, valid_num_quantizers: int = 16
         "audio_channels": (1, "mono audio"), "use_causal_conv": (True, "causal convolutions"),
         "pad_mode": ("constant", "zero padding"),
         "use_conv_shortcut": (False, "identity shortcuts"),
-        "hidden_act": ("gelu", "exact GELU"), "attention_bias": (False, "no attention bias"),
+        "attention_bias": (False, "no attention bias"),
     }
     for k, (default, what) in unsupported.items():
         if d.get(k, default) != default:
             raise ConfigError(f"encoder_config {k}={d[k]!r} is not supported (only {default!r}: "
                               f"{what}, as in the released speech tokenizer)")
-    rope = d.get("rope_scaling")
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise ConfigError(f"encoder_config rope_scaling {rope} is not supported (only plain RoPE)")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"encoder_config hidden_act {cfg.hidden_act!r} is not supported "
+                          f"(supported: {sorted(ACTIVATIONS)})")
     if not isinstance(cfg.residual_kernel_size, int):
         raise ConfigError("encoder_config residual_kernel_size must be one integer (the official "
                           f"MimiResnetBlock uses (residual_kernel_size, 1)); got "
@@ -332,7 +337,8 @@ def encoder_transformer(p, cfg: EncoderConfig, x_BxTxD):
     frames (no sliding window: see the module docstring), MLP fc1 -> exact GELU -> fc2, no final
     norm. (B, T, D) -> (B, T, D)."""
     T = x_BxTxD.shape[1]
-    cos_sin = layers.rope_cos_sin(jnp.arange(T)[None], cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype)
+    cos_sin = layers.rope_cos_sin(jnp.arange(T)[None], cfg.head_dim, cfg.rope_theta, x_BxTxD.dtype,
+                                  cfg.rope_scaling, cfg.max_position_embeddings)
     mask_TxT = jnp.tril(jnp.ones((T, T), bool))
 
     def layer(x, lp):
@@ -340,7 +346,7 @@ def encoder_transformer(p, cfg: EncoderConfig, x_BxTxD):
                       mask_TxT)
         x = x + lp["attn_scale"] * h
         h = layer_norm(lp["post_norm"], x, cfg.norm_eps)
-        h = jax.nn.gelu(h @ lp["mlp"]["fc1"], approximate=False) @ lp["mlp"]["fc2"]
+        h = ACTIVATIONS[cfg.hidden_act](h @ lp["mlp"]["fc1"]) @ lp["mlp"]["fc2"]
         return x + lp["mlp_scale"] * h, None
 
     # One compiled layer body for all layers (compile time), weights stacked along a leading axis.
