@@ -316,9 +316,9 @@ def test_save_converted_round_trip(parity_codec, tmp_path):
     path, _, tok = parity_codec("tiny")
     tok.save_converted(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "encoder_params.safetensors",
-                                            "params.safetensors"]
+                                            "params.safetensors", "preprocessor_config.json"]
     again = SpeechTokenizer.from_pretrained(str(tmp_path))
-    assert again.config == tok.config
+    assert again.config == tok.config and again.input_sample_rate == tok.input_sample_rate == 24000
     for a, b in zip(jax.tree_util.tree_leaves(tok.encoder_params),
                     jax.tree_util.tree_leaves(again.encoder_params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
