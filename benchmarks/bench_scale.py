@@ -74,6 +74,8 @@ VARIANTS = {
     "rows-as-given": dict(min_rows={}),
     # the sampler's run-time top-k path (the CPU default) on any backend
     "topk-dispatch": dict(runtime_dispatch=True),
+    # int8 weights for the decoder products (quantize.py; not the official codes)
+    "int8": dict(quantize="int8"),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -211,7 +213,8 @@ def run_ours(args) -> dict:
     params_m = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
     if variant.get("pack", True):  # what Qwen3TTS.from_pretrained does
         params = checkpoint.pack_for_inference(params, consume=True,
-                                               cpu_kernel=variant.get("cpu_kernel"))
+                                               cpu_kernel=variant.get("cpu_kernel"),
+                                               quantize=variant.get("quantize"))
     params = jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     codec = SpeechTokenizer.from_pretrained(os.path.join(args.folder, "speech_tokenizer"))
@@ -253,9 +256,11 @@ def run_ours(args) -> dict:
         stats = dev.memory_stats() or {}
         return stats.get("peak_bytes_in_use", 0) / 2**30
 
+    dtype_name = str(jnp.dtype(params["talker"]["codec_embedding"].dtype))
+    if variant.get("quantize"):
+        dtype_name += f" + {variant['quantize']} weights"
     out = {"jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform,
-           "variant": args.variant, "dtype": str(jnp.dtype(jax.tree_util.tree_leaves(params)[0]
-                                                           .dtype)),
+           "variant": args.variant, "dtype": dtype_name,
            "load_s": load_s, "params_m": params_m, "batches": {},
            "xla_flags": env.get("XLA_FLAGS", "")}
     out["bandwidth"] = device_bandwidth(jax, jnp)

@@ -119,15 +119,24 @@ class Qwen3TTS:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1) -> "Qwen3TTS":
+    def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
+                        quantize: str | None = None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `python -m convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
+
+        `quantize="int8"` stores the talker's and the code predictor's decoder products as int8
+        with a scale per output column (`quantize.py`): a quarter of the float32 bytes, 2.3-2.6x
+        the CPU's batch-1 speed; not the official model's exact codes (benchmarks/RESULTS.md,
+        "int8 weights", gives the measured closeness). Default: the weights as they are.
 
         `model_parallel` = m > 1 splits the decoder weights over m devices (tensor parallel, for
         a model that does not fit one device's memory, e.g. the 1.7B on small TPU cores): the
         local devices form a (data, model) mesh of shape (n / m, m); the weights go from host
         memory straight to their shards (never whole on one device); batches are split over the
         "data" axis. Same codes as one device (tests/test_batch.py)."""
+        from . import quantize as quantize_mod
+
+        quantize_mod.check_method(quantize)
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
         if model_parallel > 1:
@@ -136,11 +145,11 @@ class Qwen3TTS:
             dtype = dtype or checkpoint.default_dtype()
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 params = checkpoint.pack_for_inference(
-                    checkpoint.load_params(folder, cfg, dtype), consume=True)
+                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize)
             params = jax.device_put(params, model_sharding(params, model_parallel))
         else:
             params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
-                                                   consume=True)
+                                                   consume=True, quantize=quantize)
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder)
         tts.model_parallel = model_parallel

@@ -87,9 +87,9 @@ def data_sharding(model_parallel: int = 1):
 
 
 # Tensor-parallel layout (Megatron style): the matmuls that widen (packed q|k|v, gate|up, the heads)
-# split their output columns, the ones that narrow (o, down) their input rows; XLA's SPMD
-# partitioner inserts the collectives. Everything else (norms, embeddings, the speaker encoder) is
-# replicated.
+# split their output columns (and an int8 weight's scale), the ones that narrow (o, down) their
+# input rows (their scale stays whole); XLA's SPMD partitioner inserts the collectives.
+# Everything else (norms, embeddings, the speaker encoder) is replicated.
 _COLUMNS = ("qkv", "q", "k", "v", "gate_up", "gate", "up", "codec_head", "lm_head")
 _ROWS = ("o", "down")
 
@@ -101,8 +101,11 @@ def model_sharding(params, model_parallel: int):
     mesh, m = rows.mesh, model_parallel
 
     def spec(path, x):
-        name = getattr(path[-1], "key", None)
-        if name in _COLUMNS and x.ndim >= 2 and x.shape[-1] % m == 0:
+        name, field = getattr(path[-1], "key", None), None
+        if name is None and len(path) > 1:      # a field of a `quantize.Int8Weight`
+            name, field = getattr(path[-2], "key", None), getattr(path[-1], "name", None)
+        if name in _COLUMNS and x.shape and x.shape[-1] % m == 0 and (x.ndim >= 2 or
+                                                                       field == "scale"):
             return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))
         if name in _ROWS and x.ndim == 2 and x.shape[0] % m == 0:
             return NamedSharding(mesh, P("model", None))

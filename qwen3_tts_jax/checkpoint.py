@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import code_predictor, layers, cpu_kernels, speaker_encoder, talker, weights
+from . import quantize as quantize_mod
 from .config import Qwen3TTSConfig
 from .weights import CheckpointError
 
@@ -80,13 +81,16 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
     return params
 
 
-def pack_for_inference(params, consume: bool = False, cpu_kernel: bool | None = None):
+def pack_for_inference(params, consume: bool = False, cpu_kernel: bool | None = None,
+                       quantize: str | None = None):
     """The generation layout: each decoder layer's q|k|v and gate|up concatenated
-    (`layers.pack_layers`), and on a single CPU device with float32 weights the decoder products
-    packed for the CPU kernel (`cpu_kernels`; `cpu_kernel` None: when `cpu_kernels.enabled()`).
+    (`layers.pack_layers`), with `quantize="int8"` its products as int8 (`quantize.py`), and on
+    a single CPU device with float32 or int8 weights the decoder products packed for the CPU
+    kernel (`cpu_kernels`; `cpu_kernel` None: when `cpu_kernels.enabled()`).
     With `consume`, the caller's layer lists are emptied as each layer is packed, so that memory
     peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
     the converters use the unpacked form."""
+    quantize_mod.check_method(quantize)
     if cpu_kernel is None:
         cpu_kernel = cpu_kernels.enabled()
     out = dict(params)
@@ -96,6 +100,8 @@ def pack_for_inference(params, consume: bool = False, cpu_kernel: bool | None = 
         packed = []
         for i in range(len(src)):
             layer, = layers.pack_layers([src[i]])
+            if quantize:
+                layer = quantize_mod.quantize_layer(layer, quantize)
             packed.append(cpu_kernels.pack_layer(layer) if cpu_kernel else layer)
             src[i] = None
         sub["layers"] = packed

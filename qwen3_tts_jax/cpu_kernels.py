@@ -35,10 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .quantize import Int8Weight, matmul as int8_matmul
+
 log = logging.getLogger(__name__)
 
 PANEL = 16                        # output columns per panel (kernels/cpu_kernels.cc: PANEL)
 TARGET = "qwen3_tts_jax_rows_matmul"
+TARGET_INT8 = "qwen3_tts_jax_rows_matmul_int8"
 ATTEND = "qwen3_tts_jax_attend"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -65,18 +68,45 @@ class PackedWeight:
         return jnp.transpose(self.panels, (1, 0, 2)).reshape(K, P * J)
 
 
-def pack(w) -> PackedWeight:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedInt8Weight:
+    """An `Int8Weight` for the kernel: int8 panels (N / PANEL, K, PANEL) as in `PackedWeight`
+    and the float32 scale (N,) of each output column."""
+    panels: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        P, K, J = self.panels.shape
+        return K, P * J
+
+    def unpack(self) -> Int8Weight:
+        P, K, J = self.panels.shape
+        return Int8Weight(jnp.transpose(self.panels, (1, 0, 2)).reshape(K, P * J), self.scale)
+
+
+def _panels(w):
     K, N = w.shape
-    return PackedWeight(jnp.transpose(jnp.reshape(w, (K, N // PANEL, PANEL)), (1, 0, 2)))
+    return jnp.transpose(jnp.reshape(w, (K, N // PANEL, PANEL)), (1, 0, 2))
+
+
+def pack(w) -> PackedWeight | PackedInt8Weight:
+    if isinstance(w, Int8Weight):
+        return PackedInt8Weight(_panels(w.values), w.scale)
+    return PackedWeight(_panels(w))
 
 
 def packable(w) -> bool:
+    if isinstance(w, Int8Weight):
+        return w.shape[1] % PANEL == 0
     return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.float32 and w.shape[1] % PANEL == 0)
 
 
 def pack_layer(lp: dict) -> dict:
-    """One decoder layer's products (q|k|v or q, k, v; o; gate|up or gate, up; down) packed, the
-    rest (norms) as they are. Weights whose width is not a multiple of PANEL stay arrays."""
+    """One decoder layer's products (q|k|v or q, k, v; o; gate|up or gate, up; down; float32 or
+    `Int8Weight`) packed, the rest (norms) as they are. Weights whose width is not a multiple of
+    PANEL stay as they are."""
     def sub(d):
         return {k: pack(v) if packable(v) else v for k, v in d.items()}
     return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
@@ -90,21 +120,27 @@ LIBRARY_ROWS = 1024
 
 
 def linear(x, w):
-    """x (..., K) @ w (K, N): the kernel for a `PackedWeight` (XLA's product from `LIBRARY_ROWS`
-    rows), XLA for an array."""
-    if not isinstance(w, PackedWeight):
+    """x (..., K) @ w (K, N): the kernel for a `PackedWeight` or `PackedInt8Weight` (XLA's
+    product from `LIBRARY_ROWS` rows), XLA for an array or an `Int8Weight`."""
+    if isinstance(w, Int8Weight):
+        return int8_matmul(x, w)
+    if not isinstance(w, (PackedWeight, PackedInt8Weight)):
         return x @ w
     if int(np.prod(x.shape[:-1], dtype=np.int64)) >= LIBRARY_ROWS:
-        return x @ w.unpack()
+        return linear(x, w.unpack())
     if not _registered():
-        raise RuntimeError("a PackedWeight needs the CPU kernels, which did not build or "
+        raise RuntimeError("a packed weight needs the CPU kernels, which did not build or "
                            "load here (see the warning above); load the params with "
                            "pack_for_inference(..., cpu_kernel=False)")
     K, N = w.shape
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
-        x.reshape(rows, K).astype(jnp.float32), w.panels)
+    out = jax.ShapeDtypeStruct((rows, N), jnp.float32)
+    x = x.reshape(rows, K).astype(jnp.float32)
+    if isinstance(w, PackedInt8Weight):
+        y = jax.ffi.ffi_call(TARGET_INT8, out)(x, w.panels, w.scale)
+    else:
+        y = jax.ffi.ffi_call(TARGET, out)(x, w.panels)
     return y.reshape(*lead, N)
 
 
@@ -174,7 +210,7 @@ def _registered() -> bool:
         if not os.path.exists(path):
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
-        for name in (TARGET, ATTEND):
+        for name in (TARGET, TARGET_INT8, ATTEND):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
         return True

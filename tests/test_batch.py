@@ -113,6 +113,17 @@ SHARDED = textwrap.dedent("""
                 got = tp.generate_prompts_codes(items, max_new_tokens=12, **kw)
                 out[f"tp{m}"] = all(a.shape == b.shape and (a == b).all()
                                     for a, b in zip(one, got))
+            # int8 weights (quantize.py) split the same way: values and the widening products'
+            # scales over "model", the same codes as the int8 model on one device
+            q8 = Qwen3TTS.from_pretrained(sys.argv[1], quantize="int8")
+            want = q8.generate_prompts_codes(items, max_new_tokens=12, **kw)
+            tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=2, quantize="int8")
+            qkv = tp.params["talker"]["layers"][0]["attn"]["qkv"]
+            assert qkv.values.addressable_shards[0].data.shape[1] == qkv.shape[1] // 2
+            assert qkv.scale.addressable_shards[0].data.shape[0] == qkv.shape[1] // 2
+            got = tp.generate_prompts_codes(items, max_new_tokens=12, **kw)
+            out["tp2_int8"] = all(a.shape == b.shape and (a == b).all()
+                                  for a, b in zip(want, got))
     print(json.dumps(out))
 """)
 
@@ -125,4 +136,4 @@ def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {
-        "greedy": True, "sampled": True, "tp2": True, "tp8": True}
+        "greedy": True, "sampled": True, "tp2": True, "tp8": True, "tp2_int8": True}

@@ -85,7 +85,7 @@ def run(args) -> int:
         folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     try:
-        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype)
+        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     buckets = None

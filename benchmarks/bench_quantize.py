@@ -1,0 +1,118 @@
+"""How close int8 weights (`quantize.py`, `--quantize int8`) stay to the float32 model, next to
+bf16 (the accelerators' default), on a full-size random-weight checkpoint.
+
+    python benchmarks/bench_quantize.py --folder /tmp/ckpt [--size 0b6] [--rows 8] [--frames 50]
+
+Measures, for int8 and for bf16 weights against float32 (batch of --rows prompts, greedy):
+  logits error / spread   max |logits - float32 logits| over the float32 logits' standard
+                          deviation: the talker's first code-0 logits (prefill), and the code
+                          predictor's 15 steps of the first frame teacher-forced with float32's
+                          codes (max over steps and rows)
+  top-1 agreement         the first frame's greedy code 0 (rows), and the predictor's
+                          teacher-forced greedy codes 1..15 (rows x 15), equal to float32's
+  frames before the first difference   greedy generation of --frames frames, per row (median)
+Random weights give flat logits with many near-ties, so greedy frames diverge early even for
+small errors: the error-over-spread ratio, int8 next to bf16, is the scale-free measure.
+The checkpoint is built (with bench_scale.py) when the folder has none. Results are printed and
+appended to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", required=True)
+    ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=50)
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    args = ap.parse_args()
+    if not os.path.exists(os.path.join(args.folder, "model.safetensors")):
+        subprocess.run([sys.executable, os.path.join(HERE, "bench_scale.py"), "--size", args.size,
+                        "--folder", args.folder, "--batches", "", "--official-batches", "",
+                        "--results", os.devnull], check=True)
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from bench_generate import first_difference
+    from bench_scale import DEFAULTS, LANGUAGE, SPEAKER, prompt_ids
+    from qwen3_tts_jax import checkpoint, code_predictor, prompts, sampling, talker
+    from qwen3_tts_jax import generate as gen
+    from qwen3_tts_jax.buckets import ladder
+    from qwen3_tts_jax.config import load_config
+
+    cfg = load_config(args.folder)
+    B = args.rows
+    items = [prompts.build_prompt(cfg, prompt_ids(b), LANGUAGE, SPEAKER, None,
+                                  non_streaming_mode=True) for b in range(B)]
+    batch = prompts.batch_prompts(cfg, items, length=ladder(max(len(i) for i in items)),
+                                  trailing_length=ladder(max(len(i.trailing) for i in items)))
+    sp = lambda: sampling.SamplingParams.create(B, do_sample=False, temperature=1.0, top_k=50,
+                                                top_p=1.0)
+    settings = gen.Settings(sp(), sp(), jnp.full((B,), DEFAULTS["repetition_penalty"]),
+                            jnp.full((B,), args.frames + 1, jnp.int32))
+    keys = jnp.stack([jax.random.PRNGKey(b) for b in range(B)])
+
+    def measure(dtype, quantize, ref=None):
+        params = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg, dtype),
+                                               consume=True, quantize=quantize)
+        state, ctx = gen.prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
+                                 batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
+                                 batch.trailing_len_B, settings, keys, frames=args.frames + 1)
+        code0 = np.asarray(state.logits_BxV, np.float64)[:, :cfg.talker.vocab_size]
+        # the predictor's 15 steps of the first frame, teacher-forced: fed float32's code 0 and
+        # float32's codes 1..15 (its sampler returns them), so each step's logits compare
+        tokens = ref[3] if ref else state.token_B
+        force = (lambda j, lg: ref[4][:, j]) if ref else (lambda j, lg: jnp.argmax(lg, -1))
+        cp_codes, cp_logits = jax.jit(code_predictor.predict, static_argnums=(1, 4))(
+            params["code_predictor"], cfg.talker, state.hidden_BxD,
+            talker.embed_codec(params["talker"], tokens), force)
+        cp_logits = np.asarray(cp_logits, np.float64)
+        out = gen.generate(params, cfg, batch, settings, keys, max_frames=args.frames)
+        codes = np.asarray(out.codes_BxFxG)
+        return code0, cp_logits, codes, state.token_B, cp_codes
+
+    ref = measure(jnp.float32, None)
+    lines = [f"## int8 weights: closeness to float32 ({args.size}, random weights, "
+             f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
+             f"`python benchmarks/bench_quantize.py --folder {args.folder} --size {args.size} "
+             f"--rows {B} --frames {args.frames}`: {B} prompts of 24 random text ids, greedy.", "",
+             "| weights | code-0 logits error / spread | predictor logits error / spread "
+             "| code 0 equal | codes 1-15 equal (teacher-forced) | greedy frames before the "
+             "first difference (median, min-max) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, dtype, quantize in (("int8 (float32 activations)", jnp.float32, "int8"),
+                                  ("bf16", jnp.bfloat16, None)):
+        got = measure(dtype, quantize, ref)
+        errs = [np.abs(g - r).max() / r.std() for g, r in zip(got[:2], ref[:2])]
+        same0 = int((got[0].argmax(-1) == ref[0].argmax(-1)).sum())
+        same_cp = int((got[1].argmax(-1) == ref[1].argmax(-1)).sum())
+        agree = []
+        for b in range(B):
+            d = first_difference(got[2][b], ref[2][b])
+            agree.append(args.frames if d is None else int(d.split()[3]))
+        lines.append(f"| {name} | {errs[0]:.4f} | {errs[1]:.4f} | {same0} of {B} | "
+                     f"{same_cp} of {B * ref[1].shape[1]} | "
+                     f"{int(np.median(agree))} ({min(agree)}-{max(agree)}) of {args.frames} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.results, "a") as f:
+        f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Weight-only int8 quantization of the decoder products (opt-in: `Qwen3TTS.from_pretrained(...,
+quantize="int8")`, `--quantize int8`).
+
+What: each decoder layer's products of the talker and the code predictor (q|k|v, o, gate|up, down:
+~97 % of the bytes a frame reads) are stored as int8 with one float32 scale per output column,
+symmetric absmax: w[k, n] ~ values[k, n] * scale[n], values in [-127, 127]. Activations, sums,
+norms, attention, embeddings and the codec heads stay in the model's dtype (float32 on the CPU).
+
+Why: a batch-1 frame on the CPU is bound by memory bandwidth (it reads the talker once and the
+predictor 15 times); int8 weights are a quarter of the float32 bytes. On a single CPU device the
+products run the CPU kernel's int8 form (`cpu_kernels.PackedInt8Weight`: the panels are widened
+to float32 in registers, the scale applied once per output). Elsewhere (GPU, TPU, meshes) the
+product is XLA's with the int8 -> activation-dtype convert fused in: a smaller model in memory.
+
+Not the official model: the logits err about twice as much as bf16's against float32, and codes
+differ from the float32 ones after a near-tie. benchmarks/RESULTS.md ("int8 weights") gives the
+measured closeness (benchmarks/bench_quantize.py) and speed (bench_scale.py --variants int8).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("int8",)
+PRODUCTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Weight:
+    """A (K, N) weight as int8 `values` (K, N) and float32 `scale` (N,): w ~ values * scale."""
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return self.values.astype(dtype) * self.scale.astype(dtype)
+
+
+def check_method(method: str | None) -> str | None:
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}; known: {', '.join(METHODS)} "
+                         "(or none)")
+    return method
+
+
+def quantize_int8(w) -> Int8Weight:
+    """Per output column: scale = max |w[:, n]| / 127, values = round(w / scale)."""
+    w = jnp.asarray(w, jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return Int8Weight(values, scale.astype(jnp.float32))
+
+
+def quantize_layer(lp: dict, method: str = "int8") -> dict:
+    """One decoder layer (packed or not, see `layers.pack_layers`) with its products quantized."""
+    check_method(method)
+
+    def sub(d):
+        return {k: quantize_int8(v) if k in PRODUCTS and getattr(v, "ndim", 0) == 2 else v
+                for k, v in d.items()}
+    return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
+
+
+def matmul(x, w: Int8Weight):
+    """x (..., K) @ w through XLA: the int8 values converted to x's dtype (exact: |v| <= 127),
+    float32 sums, the scale applied to the sums."""
+    y = jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * w.scale).astype(x.dtype)

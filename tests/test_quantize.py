@@ -1,0 +1,133 @@
+"""Weight-only int8 (`quantize.py`, `--quantize int8`): the quantizer's error bound, the CPU
+kernel's int8 products against float64 and against XLA's int8 product, what a quantized load
+holds, generation through the kernel equal to XLA's int8 products, closeness to float32 (measured
+next to bf16's), and the errors."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_tts_jax import Qwen3TTS, checkpoint, cpu_kernels, quantize
+from qwen3_tts_jax import generate as gen
+from qwen3_tts_jax.config import load_config
+
+
+def test_int8_quantizer_error_bound():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 40)).astype(np.float32) * rng.uniform(0.01, 3, 40)
+    w[:, 3] = 0.0                                        # an all-zero column
+    w[7, 5] = 50.0                                       # an outlier sets its column's scale
+    q = quantize.quantize_int8(jnp.asarray(w))
+    v, s = np.asarray(q.values), np.asarray(q.scale)
+    assert v.dtype == np.int8 and s.dtype == np.float32 and v.shape == w.shape
+    assert s.shape == (40,) and np.abs(v).max() == 127 and v.min() >= -127
+    np.testing.assert_allclose(s, np.where(np.abs(w).max(0) > 0, np.abs(w).max(0) / 127, 1.0),
+                               rtol=1e-6)
+    err = np.abs(v.astype(np.float64) * s - w)
+    assert np.all(err <= s / 2 * (1 + 1e-5))             # round to nearest: half a step
+    assert np.all(v[:, 3] == 0)
+    np.testing.assert_allclose(np.asarray(q.dequantize()), v * s, rtol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.enabled(), reason="kernel not built here")
+@pytest.mark.parametrize("K,N", [(8, 16), (37, 48), (1024, 6144), (3072, 1024)])
+def test_int8_kernel_matches_float64_and_xla(K, N):
+    rng = np.random.default_rng(K + N)
+    q = quantize.quantize_int8(jnp.asarray(rng.standard_normal((K, N), dtype=np.float32) * 0.05))
+    deq = np.asarray(q.values, np.float64) * np.asarray(q.scale, np.float64)
+    packed = cpu_kernels.pack(q)
+    assert isinstance(packed, cpu_kernels.PackedInt8Weight) and packed.shape == (K, N)
+    kernel, xla = jax.jit(cpu_kernels.linear), jax.jit(quantize.matmul)
+    # every row tile: one tile (1-6 rows) widens in it, two tiles (7-12) widen in each, three
+    # or more (13+) widen the panel once into a float32 copy
+    rows = [1, 2, 5, 6, 7, 8, 12, 13, 19, 40] if K * N < 10**6 else [1, 8, 13]
+    for M in rows:
+        x = rng.standard_normal((M, K), dtype=np.float32) * 3.0
+        got = np.asarray(kernel(jnp.asarray(x), packed))
+        want = x.astype(np.float64) @ deq
+        bound = np.abs(x.astype(np.float64)) @ np.abs(deq)
+        assert got.shape == (M, N) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(K) * bound
+                      + 1e-30), (M, np.abs(got - want).max())
+        other = np.asarray(xla(jnp.asarray(x), q))
+        assert np.all(np.abs(other - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(K) * bound
+                      + 1e-30), (M, np.abs(other - want).max())
+    # past LIBRARY_ROWS: XLA's product over the unpacked int8 weight
+    x = jnp.asarray(rng.standard_normal((cpu_kernels.LIBRARY_ROWS, K), dtype=np.float32))
+    assert "ffi_call" not in str(jax.make_jaxpr(cpu_kernels.linear)(x, packed))
+    np.testing.assert_allclose(np.asarray(kernel(x, packed)), np.asarray(xla(x, q)), rtol=1e-4,
+                               atol=1e-4 * float(np.abs(np.asarray(xla(x, q))).max()))
+
+
+def _kinds(params):
+    return {type(v).__name__ for part in ("talker", "code_predictor")
+            for lp in params[part]["layers"] for sub in ("attn", "mlp") for v in lp[sub].values()}
+
+
+def test_quantized_load_and_kernel_codes_equal_xla(make_checkpoint):
+    path = make_checkpoint("cv_identity_0b6")
+    tts = Qwen3TTS.from_pretrained(path, quantize="int8")
+    cfg = load_config(path)
+    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), cpu_kernel=False,
+                                          quantize="int8")
+    assert _kinds(plain) == {"Int8Weight", "ArrayImpl"}
+    lp = plain["talker"]["layers"][0]
+    assert set(k for k, v in {**lp["attn"], **lp["mlp"]}.items()
+               if isinstance(v, quantize.Int8Weight)) == {"qkv", "o", "gate_up", "down"}
+    # norms, embeddings and the heads stay float32
+    assert plain["talker"]["codec_head"].dtype == jnp.float32
+    assert lp["attn"]["q_norm"].dtype == jnp.float32
+    if cpu_kernels.enabled():
+        assert "PackedInt8Weight" in _kinds(tts.params)
+    kw = dict(text=["Hello there, a test of int8.", "Short."], speaker=["ryan", "vivian"],
+              max_new_tokens=20)
+    for sampled in (dict(do_sample=False, subtalker_dosample=False), dict(seed=[3, 4])):
+        batch, settings, keys = tts.prepare_custom_voice(**kw, **sampled)
+        a = gen.generate(tts.params, cfg, batch, settings, keys, max_frames=20)
+        b = gen.generate(plain, cfg, batch, settings, keys, max_frames=20)
+        assert np.array_equal(np.asarray(a.length_B), np.asarray(b.length_B))
+        assert np.array_equal(np.asarray(a.codes_BxFxG), np.asarray(b.codes_BxFxG)), sampled
+
+
+def _prefill_logits(tts, mode, kw):
+    batch, settings, keys = getattr(tts, f"prepare_{mode}")(**kw)
+    state, _ = gen.prefill(tts.params, tts.config, batch.text_BxL, batch.codec_BxLxG,
+                           batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
+                           batch.trailing_BxLt, batch.trailing_len_B, settings, keys, frames=16)
+    return np.asarray(state.logits_BxV[:2, :2048], np.float64)
+
+
+@pytest.mark.parametrize("name,mode,voice", [
+    ("cv_proj", "custom_voice", dict(speaker=["ryan", "vivian"])),
+    ("vd_bigvocab", "voice_design", dict(instruct=["A calm voice.", "Fast and bright."]))])
+def test_int8_close_to_float32(make_checkpoint, name, mode, voice):
+    """The measure: the talker's prefill logits, error over their spread (as tests/test_bf16.py),
+    next to bf16's error on the same checkpoint; and the first frame's code 0. Greedy frames
+    after a near-tie flips diverge whatever the error (random tiny models have many)."""
+    path = make_checkpoint(name)
+    f32 = Qwen3TTS.from_pretrained(path, jnp.float32)
+    q8 = Qwen3TTS.from_pretrained(path, jnp.float32, quantize="int8")
+    bf16 = Qwen3TTS.from_pretrained(path, jnp.bfloat16)
+    kw = dict(text=["Hello world. This is a tiny test.", "Hi."], do_sample=False,
+              subtalker_dosample=False, max_new_tokens=17, **voice)
+    ref = _prefill_logits(f32, mode, kw)
+    err8 = np.abs(_prefill_logits(q8, mode, kw) - ref).max() / ref.std()
+    err16 = np.abs(_prefill_logits(bf16, mode, kw) - ref).max() / ref.std()
+    print(f"{name}: prefill logits error / spread: int8 {err8:.4f}, bf16 {err16:.4f}")
+    assert 0 < err8 < 0.1, err8
+    a = getattr(f32, f"generate_{mode}_codes")(**kw)
+    b = getattr(q8, f"generate_{mode}_codes")(**kw)
+    for x, y in zip(a, b):
+        assert x[0, 0] == y[0, 0]
+
+
+def test_bad_quantize_is_a_clear_error(make_checkpoint):
+    path = make_checkpoint("cv_proj")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        Qwen3TTS.from_pretrained(path, quantize="int4")
+    r = subprocess.run([sys.executable, "-m", "qwen3_tts_jax.cli", "custom-voice", "--model",
+                        path, "--quantize", "fp4", "--text", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--quantize" in r.stderr and "fp4" in r.stderr
