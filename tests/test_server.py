@@ -415,6 +415,9 @@ def test_serve_command(tmp_path):
     r = subprocess.run([EXE, "serve", "--random-weights", "--model-parallel", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "one device" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([EXE, "serve", "--random-weights", "--warmup", "16,x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--warmup takes" in r.stderr and "'16,x'" in r.stderr
     port = free_port()
     p = subprocess.Popen([EXE, "serve", "--random-weights", "--port", str(port), "--quiet",
                           "--voices-dir", str(tmp_path / "v"), "--max-new-tokens", "8"],
@@ -522,3 +525,40 @@ def test_default_batch_buckets_start_at_the_backends_fewest_rows(monkeypatch):
     assert BatchEngine(None, max_batch_size=5).batch_buckets == (2, 4, 8)
     assert BatchEngine(None, max_batch_size=1).batch_buckets == (2,)
     assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)
+
+
+def test_warmup_compiles_before_the_first_request(tts, caplog):
+    """`--warmup`: the first request of the warmed shapes compiles nothing (no JAX tracing on
+    its path); the control, the same request on a server of other shapes without warm-up,
+    does. Shapes no other test uses (batch bucket 2, prompt buckets 64 and 96)."""
+    import jax
+
+    traced = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traced.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for warm, bucket in ((True, 64), (False, 96)):
+            options = ServerOptions(model_name="tiny", batch_buckets=(2,), max_batch_size=2,
+                                    min_prompt_bucket=bucket, max_new_tokens=TOKENS,
+                                    warmup=(1,) if warm else ())
+            with caplog.at_level("INFO", logger="qwen3_tts_jax.server"):
+                run = Running(create_app(tts, options))
+            try:
+                traced.clear()
+                status, _, body = post(run.url + "/v1/audio/speech",
+                                       speech(response_format="pcm", seed=1))
+                assert status == 200 and len(body) == 2 * 1920 * (TOKENS - 1), len(body)
+                compiled = len(traced)
+            finally:
+                run.stop()
+            if warm:
+                assert compiled == 0, f"{compiled} programs traced after the warm-up"
+                assert any("warm-up: batch buckets [2]" in r.message for r in caplog.records)
+            else:
+                assert compiled > 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -35,6 +35,11 @@ def add_parser(sub, common) -> None:
     s.add_argument("--batch-buckets", default=None,
                    help="padded batch sizes to compile, comma-separated (default: powers of two up "
                         "to --max-batch-size; one value pads every batch to it: one compile)")
+    s.add_argument("--warmup", nargs="?", const="1", default=None, metavar="TOKENS",
+                   help="compile before listening: every batch bucket at the prompt buckets of "
+                        "these prompt lengths in tokens (comma-separated; a prompt is about 10 "
+                        "tokens plus the text's; bare: the smallest bucket). Without it the first "
+                        "request of each shape compiles")
     s.add_argument("--min-prompt-bucket", type=int, default=16,
                    help="shortest padded prompt length (larger: fewer compiled shapes)")
     s.add_argument("--batch-window-ms", type=float, default=10.0,
@@ -70,6 +75,14 @@ def run(args) -> int:
     if getattr(args, "model_parallel", 1) > 1:
         _fail("serve runs the model on one device; --model-parallel is not supported by the "
               "server yet (start one server per device instead)")
+    warmup = ()
+    if args.warmup:
+        try:
+            warmup = tuple(int(n) for n in args.warmup.split(","))
+        except ValueError:
+            warmup = (0,)
+        if min(warmup) < 1:
+            _fail(f"--warmup takes comma-separated prompt lengths >= 1, got {args.warmup!r}")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
 
     import jax.numpy as jnp
@@ -107,7 +120,7 @@ def run(args) -> int:
         batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
-        defaults=defaults, max_new_tokens=args.max_new_tokens)
+        defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup)
     try:
         app = create_app(tts, options)
     except ValueError as e:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import prompts
 from ..api import GEN_KWARGS, GenerationSettings
+from ..buckets import ladder
 from ..text import assistant_text
 from ..voice import load_voice, save_voice
 from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull, TextFeed
@@ -72,6 +73,7 @@ class ServerOptions:
     non_streaming_mode: bool | None = None                     # default text mode
     defaults: dict = dataclasses.field(default_factory=dict)   # CLI generation flags
     max_new_tokens: int | None = None                          # server-wide cap
+    warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
 
 
 class ApiError(Exception):
@@ -209,6 +211,42 @@ class Server:
                                   options.first_chunk_frames, options.left_context,
                                   options.batch_buckets, options.min_prompt_bucket)
         self.started = time.time()
+
+    # ----------------------------------------------------------------------------- warm-up
+    def warmup(self) -> float | None:
+        """Compile, before the first request, the programs of every batch bucket at the prompt
+        buckets of `options.warmup` (prompt lengths in tokens), with the server's default
+        settings, voice and text mode (`BatchEngine.warmup`). A Base model warms up with its
+        first registered voice, or not at all when it has none. Returns seconds, or None."""
+        lengths = self.options.warmup
+        if not lengths:
+            return None
+        names = self.voice_names()
+        if self.kind == "base" and not names:
+            log.warning("warm-up skipped: this Base model has no registered voice yet")
+            return None
+        body = {"model": self.options.model_name, "voice": names[0] if names else None,
+                "instructions": "A clear, neutral voice." if self.kind == "voice_design"
+                else None, "response_format": "pcm"}
+        # k words of "a" make a prompt of (that of one word) + k - 1 tokens (one token a word)
+        one = len(self.parse_speech({**body, "input": "a"}).job.prompt)
+        jobs, shapes = [], set()
+        for n in sorted(lengths):
+            try:
+                job = self.parse_speech({**body, "input": " ".join(["a"] * max(1, n - one + 1))
+                                         }).job
+            except ApiError as e:
+                log.warning("warm-up at %d prompt tokens skipped: %s", n, e)
+                continue
+            shape = (ladder(len(job.prompt), self.options.min_prompt_bucket),
+                     ladder(len(job.prompt.trailing)))
+            if shape not in shapes:
+                shapes.add(shape)
+                jobs.append(job)
+        seconds = self.engine.warmup(jobs)
+        log.info("warm-up: batch buckets %s x (prompt, trailing text) buckets %s compiled in "
+                 "%.1f s", list(self.engine.batch_buckets), sorted(shapes), seconds)
+        return seconds
 
     # ----------------------------------------------------------------------------- voices
     def voice_names(self) -> list[str]:
@@ -602,6 +640,7 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        server.warmup()                 # before the port opens: uvicorn waits for the lifespan
         server.engine.start()
         try:
             yield

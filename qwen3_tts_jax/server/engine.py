@@ -36,6 +36,7 @@ Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` call
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import logging
@@ -342,6 +343,25 @@ class BatchEngine:
     def wake(self) -> None:
         """New text for a session (or a stop): let a waiting worker look again."""
         self._queue.put(None)
+
+    def warmup(self, jobs_like: list[Job], chunks: int = 2) -> float:
+        """Compile before serving (call it before `start`): for every job in `jobs_like` (one per
+        prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
+        `chunks` chunks: the programs that a first request of those shapes would compile (the
+        frame loop at the first KV-cache size, the first codec windows). Nothing is emitted and
+        the stats stay as they were. Returns seconds."""
+        if self._thread is not None:
+            raise RuntimeError("warm the engine up before start()")
+        t, stats = time.perf_counter(), copy.deepcopy(self.stats)
+        for like in jobs_like:
+            for B in self.batch_buckets:
+                cohort = _Cohort(self, [dataclasses.replace(like, emit=lambda _: None)
+                                        for _ in range(B)])
+                for _ in range(chunks):
+                    if not cohort.step():
+                        break
+        self.stats = stats
+        return time.perf_counter() - t
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
