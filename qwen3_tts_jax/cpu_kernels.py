@@ -136,12 +136,12 @@ def linear(x, w):
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
     out = jax.ShapeDtypeStruct((rows, N), jnp.float32)
-    x = x.reshape(rows, K).astype(jnp.float32)
-    if isinstance(w, PackedInt8Weight):
-        y = jax.ffi.ffi_call(TARGET_INT8, out)(x, w.panels, w.scale)
+    x32 = x.reshape(rows, K).astype(jnp.float32)
+    if isinstance(w, PackedInt8Weight):   # also under bf16 activations: float32 inside
+        y = jax.ffi.ffi_call(TARGET_INT8, out)(x32, w.panels, w.scale)
     else:
-        y = jax.ffi.ffi_call(TARGET, out)(x, w.panels)
-    return y.reshape(*lead, N)
+        y = jax.ffi.ffi_call(TARGET, out)(x32, w.panels)
+    return y.reshape(*lead, N).astype(x.dtype)
 
 
 def attend(q_BxHxD, k_BxKxDxS, v_BxKxDxS, mask_BxS, filled):

@@ -131,3 +131,27 @@ def test_bad_quantize_is_a_clear_error(make_checkpoint):
     r = subprocess.run([sys.executable, "-m", "qwen3_tts_jax.cli", "custom-voice", "--model",
                         path, "--quantize", "fp4", "--text", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "--quantize" in r.stderr and "fp4" in r.stderr
+
+
+def test_int8_under_bf16_activations(make_checkpoint):
+    """int8 weights with bf16 activations (what an accelerator runs): the products keep the
+    activations' dtype on every path (the CPU kernel sums in float32 inside), and generation
+    runs and starts like the float32-activation int8 model."""
+    rng = np.random.default_rng(5)
+    q = quantize.quantize_int8(jnp.asarray(rng.standard_normal((64, 32), dtype=np.float32)))
+    x = jnp.asarray(rng.standard_normal((3, 64), dtype=np.float32)).astype(jnp.bfloat16)
+    assert quantize.matmul(x, q).dtype == jnp.bfloat16
+    if cpu_kernels.enabled():
+        y = cpu_kernels.linear(x, cpu_kernels.pack(q))
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(y, np.float32),
+                                   np.asarray(quantize.matmul(x, q), np.float32), rtol=2e-2,
+                                   atol=2e-2)
+    path = make_checkpoint("cv_proj")
+    kw = dict(text="Hello there, a test.", speaker="ryan", do_sample=False,
+              subtalker_dosample=False, max_new_tokens=12)
+    a = Qwen3TTS.from_pretrained(path, jnp.bfloat16, quantize="int8").generate_custom_voice_codes(
+        **kw)[0]
+    b = Qwen3TTS.from_pretrained(path, jnp.float32, quantize="int8").generate_custom_voice_codes(
+        **kw)[0]
+    assert len(a) > 0 and a[0, 0] == b[0, 0]
