@@ -562,3 +562,68 @@ def test_warmup_compiles_before_the_first_request(tts, caplog):
                 assert compiled > 0
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_clone_text_session_equals_offline_streaming_mode(make_checkpoint, tmp_path):
+    """Base model text sessions with registered voices: x-vector, and ICL, where the prompt takes
+    as many text tokens as the reference has frames beyond its transcript (a long text sent in
+    pieces, and a short final text that ends inside the prompt). Each gives the audio of the
+    offline streaming-text-mode clone of the whole text, same seed."""
+    pytest.importorskip("websockets")
+    from qwen3_tts_jax import save_voice
+
+    base = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    t = np.arange(int(0.8 * 24000)) / 24000
+    wave = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(
+        np.float32)
+    voices = {"icl": base.create_voice_clone_prompt((wave, 24000), ref_text="Hi."),
+              "xvec": base.create_voice_clone_prompt((wave, 24000), x_vector_only_mode=True)}
+    (tmp_path / "v").mkdir()
+    for name, items in voices.items():
+        save_voice(items, str(tmp_path / "v" / f"{name}.voice"))
+    room = 1 + len(voices["icl"][0].ref_code)
+    long_text = "Hello world, this is a longer test of a cloned voice in a text session."
+    assert len(base._input_ids(long_text)) - 8 > room       # past the ICL prompt's share
+    opts = ServerOptions(voices_dir=str(tmp_path / "v"), max_new_tokens=TOKENS,
+                         min_prompt_bucket=64)
+    # The layout itself (a tiny random model's audio barely depends on one text position): the
+    # session's prompt and trailing text equal the offline prompt's, whatever part of the text
+    # has arrived; the prompt never changes once its share of the text is there.
+    from qwen3_tts_jax.server.app import Server
+
+    srv = Server(base, opts)
+    for voice in voices:
+        for text in (long_text, "Hi there.", "A"):
+            feed = srv.parse_session({"voice": voice, **GEN}).feed
+            tokens = base._input_ids(text)[3:-5]
+            (want,), _ = base._voice_clone_prompts(text, None, None, None, False, voices[voice],
+                                                   False)
+            got = feed.build(tokens, True)
+            assert np.array_equal(got.text_L, want.text_L), (voice, text)
+            assert np.array_equal(got.codec_LxG, want.codec_LxG) and got.extra_pos == \
+                want.extra_pos
+            assert list(feed.trailing(tokens, True)) == list(want.trailing), (voice, text)
+            for n in range(len(tokens)):              # text still arriving
+                part = tokens[:n]
+                if feed.can_start(part, False):
+                    assert np.array_equal(feed.build(part, False).text_L, want.text_L)
+                    assert list(want.trailing[:len(feed.trailing(part, False))]) == list(
+                        feed.trailing(part, False))
+    s = Running(create_app(base, opts))
+    try:
+        for voice, text, pieces in [
+                ("xvec", long_text, [("text", "Hello wor"), ("end", long_text[9:])]),
+                ("icl", long_text, [("text", long_text[:20]), ("text", long_text[20:41]),
+                                    ("end", long_text[41:])]),
+                ("icl", "Hi there.", [("end", "Hi there.")])]:
+            audio, done = ws_session(s, {"voice": voice, "seed": 5, **GEN}, pieces)
+            assert done["type"] == "done", (voice, done)
+            got = np.frombuffer(audio, "<i2").astype(np.float32) / 32767
+            wavs, _ = base.generate_voice_clone(text, voice_clone_prompt=voices[voice],
+                                                non_streaming_mode=False, seed=[5], **GEN)
+            ref = wavs[0]
+            assert got.shape == ref.shape, (voice, text, got.shape, ref.shape)
+            np.testing.assert_allclose(got, np.clip(ref, -1, 1),
+                                       atol=2e-4 + 1e-4 * np.abs(ref).max())
+    finally:
+        s.stop()

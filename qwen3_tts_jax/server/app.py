@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import prompts
 from ..api import GEN_KWARGS, GenerationSettings
 from ..buckets import ladder
-from ..text import assistant_text
+from ..text import assistant_text, ref_text
 from ..voice import load_voice, save_voice
 from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull, TextFeed
 
@@ -457,9 +457,6 @@ class Server:
         if not isinstance(data, dict):
             raise ApiError(400, "the first message must be a JSON object with the speech fields "
                                 "(voice, instructions, language, generation settings)")
-        if self.kind == "base":
-            raise ApiError(400, "text sessions need a CustomVoice or VoiceDesign checkpoint; use "
-                                "POST /v1/audio/speech for cloned voices")
         if data.get("non_streaming_mode") or data.get("response_format", "pcm") != "pcm":
             raise ApiError(400, "a text session uses the streaming text mode and sends pcm "
                                 "(s16le, 24 kHz, mono): leave non_streaming_mode and "
@@ -478,12 +475,29 @@ class Server:
         if self.kind == "custom_voice" and cfg.tts_model_size in "0b6":
             instructions = None          # the 0.6B CustomVoice ignores instruct (official)
         instruct_ids = tts._instruct_ids(instructions)
+        clone: dict = {}
+        room, prefix = 1, []
+        if self.kind == "base":   # a registered voice: x-vector, or ICL with its reference
+            it = self.voices.voices[speaker][0]
+            icl = it.icl_mode and it.ref_code is not None
+            clone = dict(xvector=it.ref_spk_embedding if (it.x_vector_only_mode or it.icl_mode)
+                         else None)
+            if icl:
+                ref_ids = tts.tokenizer.encode(ref_text(it.ref_text))
+                clone.update(ref_ids=ref_ids, ref_code=it.ref_code)
+                room, prefix = 1 + len(it.ref_code), ref_ids[3:-2]
+            speaker = None
 
-        def build(tokens: list[int]) -> prompts.Prompt:
-            return prompts.build_prompt(cfg, head + tokens[:1] + tail, language, speaker,
-                                        instruct_ids, non_streaming_mode=False)
+        def build(tokens: list[int], final: bool) -> prompts.Prompt:
+            # the prompt takes the text sequence's first `room` ids (TextFeed): one token, or
+            # for an ICL clone as many as its reference frames hold (the rest is trailing)
+            return prompts.build_prompt(cfg, head + tokens[:max(1, room - len(prefix))] + tail,
+                                        language, speaker, instruct_ids, non_streaming_mode=False,
+                                        **clone)
 
-        job.prompt, job.feed = None, TextFeed(tts.tokenizer, build)
+        job.prompt = None
+        job.feed = TextFeed(tts.tokenizer, build, room=room, prefix=prefix,
+                            eos_id=cfg.tts_eos_token_id, pad_id=cfg.tts_pad_token_id)
         return job
 
     async def session(self, ws: WebSocket) -> None:

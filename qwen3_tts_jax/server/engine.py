@@ -78,15 +78,35 @@ class TextFeed:
     within it) until the text is final; they are the text tokens of the official prompt,
     `encode(assistant_text(text))[3:-5]`, so a text sent in pieces gives the tokens of the whole
     text (except in the rare case where a later piece changes how an earlier word splits; the
-    committed tokens are then kept)."""
+    committed tokens are then kept).
 
-    def __init__(self, tokenizer, build: Callable[[list[int]], prompts.Prompt]):
+    The official streaming text mode lays the text sequence, `prefix` (an ICL clone's reference
+    transcript; else nothing) + the text tokens + EOS, against the prompt's last `room`
+    positions (one; an ICL clone: its reference frames + 1) and feeds the rest one per frame
+    (`trailing`). A session starts once the prompt's share is there or the text is final (a
+    short final text then ends inside the prompt: `build` gets it whole)."""
+
+    def __init__(self, tokenizer, build: Callable[[list[int], bool], prompts.Prompt],
+                 room: int = 1, prefix: tuple[int, ...] = (), eos_id: int = 0, pad_id: int = 0):
         self.tokenizer = tokenizer
-        self.build = build              # committed text tokens -> the streaming-mode prompt
+        self.build = build              # (committed text tokens, final) -> the prompt
+        self.room, self.prefix = max(1, room), list(prefix)
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.text = ""
         self.final = False
         self.tokens: list[int] = []
         self._lock = threading.Lock()
+
+    def can_start(self, tokens: list[int], final: bool) -> bool:
+        return final or bool(tokens) and len(self.prefix) + len(tokens) >= self.room
+
+    def trailing(self, tokens: list[int], final: bool) -> np.ndarray:
+        """The text ids the frames read after the prompt: the sequence past the prompt's share,
+        EOS last once final (a pad alone where the final text ended inside the prompt)."""
+        seq = self.prefix + list(tokens) + ([self.eos_id] if final else [])
+        if final and len(seq) <= self.room:
+            return np.asarray([self.pad_id], np.int32)
+        return np.asarray(seq[self.room:], np.int32)
 
     def push(self, piece: str, final: bool = False) -> None:
         with self._lock:
@@ -145,8 +165,8 @@ class _Cohort:
         self.tokens: list[int] = []
         if self.feed is not None:
             self.tokens, final = self.feed.snapshot()
-            items = [self.feed.build(self.tokens)]
-            items[0].trailing = self._trailing(final)
+            items = [self.feed.build(self.tokens, final)]
+            items[0].trailing = self.feed.trailing(self.tokens, final)
             trailing_length = power_of_two(len(items[0].trailing) + 1, 64)
         else:
             items = [j.prompt for j in jobs]
@@ -175,18 +195,13 @@ class _Cohort:
         self.target = engine.first_chunk_frames
         self.text_final = self.feed is None
 
-    def _trailing(self, final: bool) -> np.ndarray:
-        """A session's trailing text: the committed tokens after the first, + EOS once final."""
-        eos = [self.engine.tts.config.tts_eos_token_id] if final else []
-        return np.asarray(self.tokens[1:] + eos, np.int32)
-
     def _update_text(self) -> None:
         """Extend a session's trailing text with what arrived since the last chunk."""
         tokens, final = self.feed.snapshot()
         if len(tokens) == len(self.tokens) and final == self.text_final:
             return
         self.tokens, self.text_final = tokens, final
-        ids = self._trailing(final)
+        ids = self.feed.trailing(tokens, final)
         Lt = self.ctx.trailing_BxLtxD.shape[1]
         if len(ids) > Lt:
             Lt = power_of_two(len(ids) + 1, 64)     # a longer text: a new compiled shape
@@ -203,7 +218,8 @@ class _Cohort:
     def _limit(self) -> int:
         """Frames that may exist now: a session's frame n reads trailing token n, so until the
         text is final no frame may run past the tokens received."""
-        return self.max_frames if self.text_final else len(self.tokens) - 1
+        return self.max_frames if self.text_final else len(
+            self.feed.trailing(self.tokens, False))
 
     def ready(self) -> bool:
         if self.feed is not None and not self.text_final:
@@ -390,7 +406,7 @@ class BatchEngine:
                             fut.set_exception(e)
             for job in list(sessions):
                 tokens, final = job.feed.snapshot()
-                if job.cancelled or tokens or final:
+                if job.cancelled or job.feed.can_start(tokens, final):
                     sessions.remove(job)
                     if not self._admit(job):
                         continue
