@@ -125,7 +125,7 @@ class Qwen3TTS:
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
         `quantize="int8"` stores the talker's and the code predictor's decoder products as int8
-        with a scale per output column (`quantize.py`): a quarter of the float32 bytes, 2.3-2.6x
+        with a scale per output column (`quantize.py`): a quarter of the float32 bytes, 3x
         the CPU's batch-1 speed; not the official model's exact codes (benchmarks/RESULTS.md,
         "int8 weights", gives the measured closeness). Default: the weights as they are.
 

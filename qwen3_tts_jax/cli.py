@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="weights dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     src.add_argument("--quantize", choices=["int8"],
                      help="store the transformers' decoder weights as int8 with a scale per "
-                          "column: a quarter of the float32 bytes, 2.3-2.6x the CPU's batch-1 "
+                          "column: a quarter of the float32 bytes, 3x the CPU's batch-1 "
                           "speed, not the exact official codes (default: the weights as they are)")
     src.add_argument("--model-parallel", type=int, default=1, metavar="M",
                      help="split the weights over M local devices (tensor parallel; the other "

@@ -77,10 +77,16 @@ template <int ROWS, typename W>
 void tile(const float* x, int64_t K, const W* panel, const float* scale, float* y, int64_t N,
           const W* ahead) {
   constexpr int64_t K_PER_LINE = 64 / (PANEL * sizeof(W));  // k steps per 64-byte cache line
+  // int8 panels: this panel's own stream is prefetched 4 KB ahead (a single-thread A/B of one
+  // (1024, 6144) product at 1 row: 0.51-0.53 ms against 0.61-0.62 without)
+  constexpr int64_t INT8_AHEAD = std::is_same<W, float>::value ? 0 : 256;
   v8 lo[ROWS], hi[ROWS];
   for (int r = 0; r < ROWS; ++r) lo[r] = hi[r] = v8{};
   for (int64_t k = 0; k < K; ++k) {
-    if (ahead && k % K_PER_LINE == 0) __builtin_prefetch(ahead + k * PANEL, 0, 2);
+    if (k % K_PER_LINE == 0) {
+      if (ahead) __builtin_prefetch(ahead + k * PANEL, 0, 2);
+      if (INT8_AHEAD) __builtin_prefetch(panel + (k + INT8_AHEAD) * PANEL, 0, 0);
+    }
     v8 w_lo, w_hi;
     widen(panel + k * PANEL, w_lo, w_hi);
     for (int r = 0; r < ROWS; ++r) {
