@@ -46,12 +46,16 @@ class Context(NamedTuple):
     trailing_BxLtxD: jax.Array
     trailing_len_B: jax.Array
     pad_embed_D: jax.Array
-    pad_count_B: jax.Array          # left padding of each row
+    first_slot_B: jax.Array         # cache slot of each row's first real prompt token
     real_len_B: jax.Array           # prompt length without padding
+    first_frame_B: jax.Array        # value of `State.step` at the row's frame 0 (0 unless the
+                                    # row joined a running batch: `insert`)
 
 
 class State(NamedTuple):
-    step: jax.Array                 # () frames generated so far (same for all rows)
+    step: jax.Array                 # () frames the batch has run: the frame loop writes cache
+                                    # slot L + step and codes[:, step]; row b is at its own frame
+                                    # step - first_frame_B[b]
     token_B: jax.Array              # code 0 to feed at this step
     hidden_BxD: jax.Array           # talker final-norm hidden of the last position
     caches: list                    # talker KV caches, L + F positions per layer (layers.py)
@@ -92,7 +96,9 @@ def _next_token(cfg: Qwen3TTSConfig, logits_BxV, seen_BxV, n_generated, settings
 
 
 def _fold(keys_B, data):
-    return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys_B)
+    """Each row's key folded with `data`: a scalar, or one value per row (B,)."""
+    data_B = jnp.broadcast_to(jnp.asarray(data, jnp.uint32), keys_B.shape[:1])
+    return jax.vmap(jax.random.fold_in)(keys_B, data_B)
 
 
 def prefill_length(mask_BxL) -> int | None:
@@ -150,18 +156,22 @@ def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_
                   codes_BxFxG=jnp.zeros((B, frames, cfg.talker.num_code_groups), jnp.int32),
                   done_B=settings.max_new_tokens <= 1, length_B=jnp.zeros((B,), jnp.int32),
                   seen_BxV=seen, keys_B=keys_B, logits_BxV=logits[:, -1])
-    ctx = Context(trailing, trailing_len_B, pad_embed, pad_count, L - pad_count)
+    ctx = Context(trailing, trailing_len_B, pad_embed, pad_count, L - pad_count,
+                  jnp.zeros((B,), jnp.int32))
     return state, ctx
 
 
 def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings) -> State:
     """One frame: codes 1..15 for the current code-0 token, then the talker step that samples the
-    next code-0 token."""
+    next code-0 token. The batch writes one cache slot (L + step); each row reads its own frame
+    number (positions, trailing text, PRNG folding, minimum length, budget), so rows that joined
+    later (`insert`) run in the same step."""
     tp, cpp = params["talker"], params["code_predictor"]
     n = state.step
+    n_B = n - ctx.first_frame_B                      # each row's own frame
     B, F, G = state.codes_BxFxG.shape
     L = state.caches[0].length - F  # prompt bucket
-    keys = _fold(state.keys_B, n + 1)
+    keys = _fold(state.keys_B, n_B + 1)
     code0_emb = talker.embed_codec(tp, state.token_B)
 
     def sample_cp(j, logits_BxV):
@@ -172,24 +182,25 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     codes = jax.lax.dynamic_update_slice_in_dim(state.codes_BxFxG, frame[:, None], n, axis=1)
 
     Lt = ctx.trailing_BxLtxD.shape[1]
-    text = jnp.where((n < ctx.trailing_len_B)[:, None],
-                     ctx.trailing_BxLtxD[:, jnp.minimum(n, Lt - 1)], ctx.pad_embed_D[None])
+    at = jnp.clip(n_B, 0, Lt - 1)
+    trailing = jnp.take_along_axis(ctx.trailing_BxLtxD, at[:, None, None], axis=1)[:, 0]
+    text = jnp.where((n_B < ctx.trailing_len_B)[:, None], trailing, ctx.pad_embed_D[None])
     x = (code0_emb + code_predictor.embed_codes(cpp, rest) + text)[:, None]
     S = L + F
-    mask = ((jnp.arange(S)[None, :] >= ctx.pad_count_B[:, None])
+    mask = ((jnp.arange(S)[None, :] >= ctx.first_slot_B[:, None])
             & (jnp.arange(S)[None, :] <= L + n))[:, None, :]
-    pos = (ctx.real_len_B + n)[:, None]
+    pos = (ctx.real_len_B + n_B)[:, None]
     h, logits, caches = talker.forward(tp, x.astype(code0_emb.dtype), pos, state.caches, L + n,
                                        mask, cfg.talker)
     seen = sampling.mark_seen(state.seen_BxV, state.token_B)
-    token = _next_token(cfg, logits[:, -1], seen, n + 1, settings, keys)
+    token = _next_token(cfg, logits[:, -1], seen, n_B + 1, settings, keys)
 
     # This frame is real for rows not yet done; a row ends when it samples EOS or its budget
     # (max_new_tokens - 1 frames) is used.
     live = ~state.done_B
-    length = jnp.where(live, n + 1, state.length_B)
+    length = jnp.where(live, n_B + 1, state.length_B)
     done = state.done_B | (token == cfg.talker.codec_eos_token_id) | (
-        n + 2 >= settings.max_new_tokens)
+        n_B + 2 >= settings.max_new_tokens)
     return State(n + 1, token, h[:, -1], caches, codes, done, length, seen, state.keys_B,
                  logits[:, -1])
 
@@ -213,6 +224,85 @@ def grow(state: State, frames: int) -> State:
     extra = frames - state.codes_BxFxG.shape[1]
     codes = jnp.pad(state.codes_BxFxG, [(0, 0), (0, extra), (0, 0)])
     return state._replace(caches=[c.grow(extra) for c in state.caches], codes_BxFxG=codes)
+
+
+def _put_row(a, row, value):
+    return a.at[row].set(value.astype(a.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute"), donate_argnames=("state",))
+def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, row,
+           text_1xL, codec_1xLxG, mask_1xL, extra_1xD, extra_pos_1, trailing_1xLt, trailing_len_1,
+           key, compute: int | None = None):
+    """Start a new request in row `row` of a running batch (continuous batching: a server refills
+    the row of a finished request). Returns (state, ctx).
+
+    The prompt (one row, padded to the batch's prompt bucket L and trailing-text bucket Lt) runs
+    into that row's cache slots [step, step + L), so its last position sits just before the
+    batch's next frame slot L + step; the row's earlier slots (its previous request's) are masked
+    off by `first_slot_B`, and its frame 0 is the batch's current step (`first_frame_B`). Its
+    first code-0 token is sampled like `prefill`'s, with `settings`' row (the settings of the
+    whole batch, this row's already set) and `key`, so the row generates what it would alone
+    (the codes from `codes_BxFxG[row, step]` on). Needs step + L <= L + F: room for the prompt;
+    the caller also leaves room (`grow`, `shift`) for the frames it asks for."""
+    tp = params["talker"]
+    B, F, G = state.codes_BxFxG.shape
+    S = state.caches[0].length
+    L = S - F
+    if text_1xL.shape != (1, L) or trailing_1xLt.shape[1] != ctx.trailing_BxLtxD.shape[1]:
+        raise ValueError(f"insert takes one row of the batch's buckets (prompt {L}, trailing "
+                         f"{ctx.trailing_BxLtxD.shape[1]}), not {text_1xL.shape} / "
+                         f"{trailing_1xLt.shape}")
+    C = L if compute is None else compute
+    dtype = tp["codec_embedding"].dtype
+    n0 = state.step
+    x = embed_prompts(params, cfg, text_1xL, codec_1xLxG, extra_1xD, extra_pos_1).astype(dtype)
+    pad = L - mask_1xL.sum(-1).astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask_1xL, axis=-1) - 1, 0)
+    first = n0 + L - C                                    # slot of the first computed position
+    slots = jnp.arange(S)
+    mask = ((slots[None, None, :] <= (first + jnp.arange(C))[None, :, None])
+            & (slots[None, None, :] >= (n0 + pad)[:, None, None]))
+    one = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
+    caches = [jax.tree.map(one, c) for c in state.caches]
+    h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, first, mask,
+                                       cfg.talker)
+    caches = [jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis=0),
+                           c, rc) for c, rc in zip(state.caches, caches)]
+    mine = jax.tree.map(one, settings)
+    seen = jnp.zeros((1, cfg.talker.vocab_size), bool)
+    token = _next_token(cfg, logits[:, -1], seen, 0, mine, _fold(key[None], 0))
+    state = State(
+        step=n0, token_B=_put_row(state.token_B, row, token[0]),
+        hidden_BxD=_put_row(state.hidden_BxD, row, h[0, -1]), caches=caches,
+        codes_BxFxG=state.codes_BxFxG,
+        done_B=_put_row(state.done_B, row, mine.max_new_tokens[0] <= 1),
+        length_B=_put_row(state.length_B, row, jnp.int32(0)),
+        seen_BxV=_put_row(state.seen_BxV, row, seen[0]),
+        keys_B=_put_row(state.keys_B, row, key),
+        logits_BxV=_put_row(state.logits_BxV, row, logits[0, -1]))
+    trailing = talker.embed_text(tp, trailing_1xLt, cfg.talker.hidden_act)
+    ctx = ctx._replace(
+        trailing_BxLtxD=_put_row(ctx.trailing_BxLtxD, row, trailing[0]),
+        trailing_len_B=_put_row(ctx.trailing_len_B, row, trailing_len_1[0]),
+        first_slot_B=_put_row(ctx.first_slot_B, row, n0 + pad[0]),
+        real_len_B=_put_row(ctx.real_len_B, row, L - pad[0]),
+        first_frame_B=_put_row(ctx.first_frame_B, row, n0))
+    return state, ctx
+
+
+@jax.jit
+def shift(state: State, ctx: Context, m):
+    """Forget the batch's first m frames (traced m): cache slots and the codes buffer move m to
+    the left and the frame counters with them, which frees m frames of room at the end for rows
+    that keep going. Every row that is still needed must start at or after frame m (its
+    `first_frame_B`); the frames before are dropped (read them first). The results of the frames
+    that follow are those without the shift: every row's slots keep their order and mask."""
+    codes = jnp.roll(state.codes_BxFxG, -m, axis=1)
+    state = state._replace(step=state.step - m, caches=[c.drop(m) for c in state.caches],
+                           codes_BxFxG=codes)
+    ctx = ctx._replace(first_slot_B=ctx.first_slot_B - m, first_frame_B=ctx.first_frame_B - m)
+    return state, ctx
 
 
 FIRST_FRAMES = 256  # frame capacity of the first segment (20 s of audio); doubled as needed

@@ -46,6 +46,10 @@ class KVCache(NamedTuple):
         pad = lambda a: jnp.pad(a, [(0, 0), (0, extra), (0, 0), (0, 0)])
         return KVCache(pad(self.k), pad(self.v))
 
+    def drop(self, m) -> "KVCache":
+        """Slots moved m to the left (traced m; the first m go to the end, stale)."""
+        return KVCache(jnp.roll(self.k, -m, axis=1), jnp.roll(self.v, -m, axis=1))
+
 
 class KVCacheHeadsMajor(NamedTuple):
     """Heads-major cache: k, v (B, K, Dh, S), for XLA:CPU (see `cache_layout`)."""
@@ -84,6 +88,10 @@ class KVCacheHeadsMajor(NamedTuple):
     def grow(self, extra: int) -> "KVCacheHeadsMajor":
         pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, 0), (0, extra)])
         return KVCacheHeadsMajor(pad(self.k), pad(self.v))
+
+    def drop(self, m) -> "KVCacheHeadsMajor":
+        """Slots moved m to the left (traced m; the first m go to the end, stale)."""
+        return KVCacheHeadsMajor(jnp.roll(self.k, -m, axis=3), jnp.roll(self.v, -m, axis=3))
 
 
 # The cache layout: None picks per backend when a program is traced (heads-major on the CPU,

@@ -18,10 +18,14 @@ Per-row end: a row that samples EOS or uses its `max_new_tokens` is finished (it
 at the next chunk boundary while the others go on; a row whose client went away (`job.cancelled`)
 or whose deadline passed stops being decoded, and the cohort stops as soon as no row needs it.
 
-Finished rows are NOT replaced by waiting requests: every row of `generate.State` shares one frame
-counter (`step`), which positions, the trailing text, the PRNG folding and the minimum-length rule
-all read; a row that joined later would need per-row offsets in `generate.frame_step`. Waiting
-requests start as the next cohort when the current one ends.
+Continuous batching: while a batch runs, a waiting request starts in one of its free rows (a
+padding row, or one whose request ended) at the next chunk boundary, if its prompt fits the
+batch's prompt and trailing-text buckets (`generate.insert`: its prompt runs into that row's
+cache just before the batch's next frame slot, and the row counts its own frames). A request
+that does not fit closes the batch to newcomers: it drains, and the next batch forms with that
+request first. When the batch needs room for more frames it first forgets the frames before its
+oldest open row (`generate.shift`), then grows its caches. A new row's first audio comes after
+`first_chunk_frames`, like the first rows'.
 
 Text sessions (`Job.feed`, the official streaming text mode fed incrementally): a session runs as
 its own one-row cohort, interleaved chunk by chunk with the batch cohort. Its prompt holds the
@@ -151,10 +155,15 @@ def _embed_text(tp, ids_BxL, dtype, act):
 
 
 class _Cohort:
-    """Rows generated together: prefill at creation, then `step()` runs one chunk and emits."""
+    """Rows generated together: prefill at creation, then `step()` runs one chunk and emits.
+
+    A batch cohort (not a text session) refills rows: a waiting job whose prompt fits the
+    cohort's buckets starts in a free row (`take`: a padding row, or one whose request ended)
+    with `generate.insert`, and the cohort forgets the frames before its oldest open row
+    (`generate.shift`) when it needs room at the end. `closed`: takes no more jobs (it drains)."""
 
     def __init__(self, engine: "BatchEngine", jobs: list[Job]):
-        self.engine, self.jobs = engine, jobs
+        self.engine = engine
         self.feed = jobs[0].feed
         tts, cfg = engine.tts, engine.tts.config
         n = len(jobs)
@@ -162,6 +171,7 @@ class _Cohort:
         for j in jobs:
             j.started, j.batch_size = now, n
         B = engine._bucket(n)
+        self.rows: list[Job | None] = list(jobs) + [None] * (B - n)   # the job in each row
         self.tokens: list[int] = []
         if self.feed is not None:
             self.tokens, final = self.feed.snapshot()
@@ -175,26 +185,82 @@ class _Cohort:
         batch = prompts.batch_prompts(
             cfg, items, length=ladder(max(len(p) for p in items), engine.min_prompt_bucket),
             trailing_length=trailing_length)
-        self.settings = engine._settings(jobs, B)
-        keys = [jax.random.PRNGKey(secrets.randbits(31) if j.seed is None else int(j.seed))
-                for j in jobs]
+        self.L, self.Lt = batch.text_BxL.shape[1], batch.trailing_BxLt.shape[1]
+        self.settings = engine._settings(self.rows)
+        keys = [self._key(j) for j in jobs]
         keys = jnp.stack(keys + [keys[0]] * (B - n))
-        self.max_frames = max(j.settings.max_new_tokens for j in jobs) - 1
-        self.full = power_of_two(self.max_frames)
-        self.capacity = min(self.full, gen.FIRST_FRAMES)
+        self.first_frame = [0] * B              # host copy of ctx.first_frame_B
+        self.capacity = min(power_of_two(self._need(range(n))), gen.FIRST_FRAMES)
         self.state, self.ctx = gen.prefill(
             tts.params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
             batch.extra_pos_B, batch.trailing_BxLt, batch.trailing_len_B, self.settings, keys,
             frames=self.capacity)
-        G = cfg.talker.num_code_groups
-        self.history = [np.zeros((0, G), np.int32) if j.ref_code is None
-                        else np.asarray(j.ref_code, np.int32) for j in jobs]
-        self.emitted = [0] * n
+        self.history = [self._history(j) for j in jobs] + [None] * (B - n)
+        self.emitted = [0] * B                  # frames of each row sent so far
         self.open_rows = set(range(n))          # rows whose client still expects audio
-        self.step_n = 0                         # frames generated (host copy of state.step)
+        self.step_n = 0                         # frames the batch ran (host copy of state.step)
         self.target = engine.first_chunk_frames
         self.text_final = self.feed is None
+        self.closed = self.feed is not None
 
+    @staticmethod
+    def _key(job: Job):
+        return jax.random.PRNGKey(secrets.randbits(31) if job.seed is None else int(job.seed))
+
+    def _history(self, job: Job) -> np.ndarray:
+        G = self.engine.tts.config.talker.num_code_groups
+        return (np.zeros((0, G), np.int32) if job.ref_code is None
+                else np.asarray(job.ref_code, np.int32))
+
+    def _need(self, rows) -> int:
+        """Frames the batch runs until these rows have used their budgets."""
+        return max(self.first_frame[b] + self.rows[b].settings.max_new_tokens - 1 for b in rows)
+
+    # ------------------------------------------------------------------ refilling rows
+    def free_row(self) -> int | None:
+        """A row that no client waits on (padding, ended, cancelled), or None."""
+        return next((b for b in range(len(self.rows)) if b not in self.open_rows), None)
+
+    def fits(self, job: Job) -> bool:
+        """Whether `job` can start in this cohort: a plain request whose prompt and trailing text
+        fit the cohort's buckets (those shapes are compiled)."""
+        return (not self.closed and job.feed is None and len(job.prompt) <= self.L
+                and len(job.prompt.trailing) <= self.Lt)
+
+    def take(self, job: Job, row: int) -> None:
+        """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame."""
+        tts, cfg = self.engine.tts, self.engine.tts.config
+        one = prompts.batch_prompts(cfg, [job.prompt], length=self.L, trailing_length=self.Lt)
+        rows = self.rows.copy()
+        rows[row] = job
+        settings = self.engine._settings(rows)
+        self.state, self.ctx = gen.insert(
+            tts.params, cfg, self.state, self.ctx, settings, row, one.text_BxL, one.codec_BxLxG,
+            one.mask_BxL, one.extra_BxD, one.extra_pos_B, one.trailing_BxLt, one.trailing_len_B,
+            self._key(job), compute=gen.prefill_length(one.mask_BxL))
+        self.rows, self.settings = rows, settings
+        self.history[row] = self._history(job)
+        self.emitted[row], self.first_frame[row] = 0, self.step_n
+        self.open_rows.add(row)
+        job.started, job.batch_size = time.monotonic(), len(self.open_rows)
+        # its first audio after first_chunk_frames, like a request that starts a cohort
+        self.target = min(self.target, self.step_n + self.engine.first_chunk_frames)
+
+    def _make_room(self) -> None:
+        """Capacity for the next chunk: forget the frames before the oldest open row (every
+        open row's frames not yet emitted are after it), then grow the caches if still short."""
+        m = min(self.first_frame[b] for b in self.open_rows)
+        if m > 0:
+            self.state, self.ctx = gen.shift(self.state, self.ctx, jnp.int32(m))
+            self.first_frame = [f - m for f in self.first_frame]
+            self.step_n -= m
+            self.target -= m
+        until, need = self._until(), self._need(self.open_rows)
+        while until > self.capacity:
+            self.capacity = min(2 * self.capacity, power_of_two(need))
+            self.state = gen.grow(self.state, self.capacity)
+
+    # ------------------------------------------------------------------ text sessions
     def _update_text(self) -> None:
         """Extend a session's trailing text with what arrived since the last chunk."""
         tokens, final = self.feed.snapshot()
@@ -215,72 +281,72 @@ class _Cohort:
                                         act=self.engine.tts.config.talker.hidden_act),
             trailing_len_B=jnp.full((B,), len(ids), jnp.int32))
 
-    def _limit(self) -> int:
-        """Frames that may exist now: a session's frame n reads trailing token n, so until the
-        text is final no frame may run past the tokens received."""
-        return self.max_frames if self.text_final else len(
+    def _until(self) -> int:
+        """The frame the next chunk runs to. A session's frame n reads trailing token n, so
+        until the text is final no frame may run past the tokens received."""
+        limit = self._need(self.open_rows) if self.text_final else len(
             self.feed.trailing(self.tokens, False))
+        return min(self.target, limit)
 
     def ready(self) -> bool:
         if self.feed is not None and not self.text_final:
             self._update_text()
-        return self.text_final or self._limit() > self.step_n or any(
-            self.jobs[b].cancelled for b in self.open_rows)
+        return self.text_final or self._until() > self.step_n or any(
+            self.rows[b].cancelled for b in self.open_rows)
 
+    # ------------------------------------------------------------------ one chunk
     def step(self) -> bool:
         """One chunk: decode frames, emit audio, end rows. False when the cohort is finished."""
         engine, tts, cfg = self.engine, self.engine.tts, self.engine.tts.config
-        jobs, open_rows, stats = self.jobs, self.open_rows, engine.stats
+        rows, open_rows, stats = self.rows, self.open_rows, engine.stats
         for b in list(open_rows):
-            if jobs[b].cancelled:
+            if rows[b].cancelled:
                 open_rows.discard(b)
                 stats["cancelled"] += 1
         if not open_rows:
             return False
-        until = min(self.target, self._limit())
-        while until > self.capacity and self.capacity < self.full:
-            self.capacity = min(2 * self.capacity, self.full)
-            self.state = gen.grow(self.state, self.capacity)
+        if self._until() > self.capacity:
+            self._make_room()
         self.state = gen.decode(tts.params, cfg, self.state, self.ctx, self.settings,
-                                min(until, self.capacity))
+                                min(self._until(), self.capacity))
         codes = np.asarray(self.state.codes_BxFxG)
-        lengths, done = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
+        lengths, ended = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
         self.step_n = step = int(self.state.step)
-        ended = done | (step >= self.max_frames)
         # streamed rows: their new frames; whole-file rows: all their frames once done
         ready = [b for b in sorted(open_rows) if lengths[b] > self.emitted[b]]
-        whole = [b for b in ready if not jobs[b].stream and ended[b]]
-        for rows in ([b for b in ready if jobs[b].stream], whole):
-            if not rows:
+        whole = [b for b in ready if not rows[b].stream and ended[b]]
+        for batch in ([b for b in ready if rows[b].stream], whole):
+            if not batch:
                 continue
-            new = [codes[b, self.emitted[b]:lengths[b]] for b in rows]
-            waves = engine._decode([self.history[b] for b in rows], new, whole=rows is whole)
-            for b, c, w in zip(rows, new, waves):
+            at = [self.first_frame[b] for b in batch]
+            new = [codes[b, f + self.emitted[b]:f + lengths[b]] for b, f in zip(batch, at)]
+            waves = engine._decode([self.history[b] for b in batch], new, whole=batch is whole)
+            for b, c, w in zip(batch, new, waves):
                 self.history[b] = np.concatenate([self.history[b], c])
-                self.emitted[b] = jobs[b].frames = int(lengths[b])
-                jobs[b].emit(w)
+                self.emitted[b] = rows[b].frames = int(lengths[b])
+                rows[b].emit(w)
             stats["frames"] += sum(len(c) for c in new)
         now = time.monotonic()
         for b in list(open_rows):
             if ended[b]:
                 open_rows.discard(b)
                 stats["finished"] += 1
-                jobs[b].emit(None)
-            elif now > jobs[b].deadline:
+                rows[b].emit(None)
+            elif now > rows[b].deadline:
                 open_rows.discard(b)
-                jobs[b].cancelled = True
+                rows[b].cancelled = True
                 stats["timeouts"] += 1
-                jobs[b].emit(DeadlineExceeded(
-                    f"the request ran out of time after {jobs[b].frames} frames"))
+                rows[b].emit(DeadlineExceeded(
+                    f"the request ran out of time after {rows[b].frames} frames"))
         self.target = step + engine.chunk_frames
         return bool(open_rows)
 
     def fail(self, e: Exception) -> None:
         for b in self.open_rows:
-            if not self.jobs[b].cancelled:
+            if not self.rows[b].cancelled:
                 self.engine.stats["errors"] += 1
-                self.jobs[b].cancelled = True
-                self.jobs[b].emit(e)
+                self.rows[b].cancelled = True
+                self.rows[b].emit(e)
         self.open_rows.clear()
 
 
@@ -320,8 +386,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self.active = 0                       # rows in running cohorts
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                      "rejected_queue_full": 0, "cohorts": 0, "sessions": 0, "frames": 0,
-                      "batch_sizes": collections.Counter()}
+                      "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
+                      "frames": 0, "batch_sizes": collections.Counter()}
 
     # ------------------------------------------------------------------ client side
     def start(self) -> "BatchEngine":
@@ -363,19 +429,24 @@ class BatchEngine:
     def warmup(self, jobs_like: list[Job], chunks: int = 2) -> float:
         """Compile before serving (call it before `start`): for every job in `jobs_like` (one per
         prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
-        `chunks` chunks: the programs that a first request of those shapes would compile (the
-        frame loop at the first KV-cache size, the first codec windows). Nothing is emitted and
+        `chunks` chunks, then starts a copy in a running row and runs one more chunk: the
+        programs that a first request of those shapes would compile (the frame loop at the first
+        KV-cache size, a row's refill, the first codec windows). Nothing is emitted and
         the stats stay as they were. Returns seconds."""
         if self._thread is not None:
             raise RuntimeError("warm the engine up before start()")
         t, stats = time.perf_counter(), copy.deepcopy(self.stats)
         for like in jobs_like:
+            quiet = functools.partial(dataclasses.replace, like, emit=lambda _: None)
             for B in self.batch_buckets:
-                cohort = _Cohort(self, [dataclasses.replace(like, emit=lambda _: None)
-                                        for _ in range(B)])
+                cohort = _Cohort(self, [quiet() for _ in range(B)])
                 for _ in range(chunks):
                     if not cohort.step():
                         break
+                # a request starting in a running batch: row 0 handed to another copy
+                cohort.open_rows.discard(0)
+                cohort.take(quiet(), 0)
+                cohort.step()
         self.stats = stats
         return time.perf_counter() - t
 
@@ -415,6 +486,9 @@ class BatchEngine:
                         continue
                     self.stats["sessions"] += 1
                     self._start(units, [job])
+            batch = next((u for u in units if u.feed is None), None)
+            if pending and batch is not None:
+                self._refill(batch, pending)
             now = time.monotonic()
             if pending and not batch_running and (len(pending) >= self.max_batch_size
                                                   or now >= self._form_at(pending)):
@@ -435,6 +509,31 @@ class BatchEngine:
                     if not alive:
                         units.remove(u)
             self.active = sum(len(u.open_rows) for u in units)
+
+    def _refill(self, batch: _Cohort, pending: list[Job]) -> None:
+        """Start waiting jobs, oldest first, in the running batch's free rows. A job that does
+        not fit its shapes closes the batch (it drains, and the next one forms with that job
+        first), so a long prompt is not passed over forever by short ones."""
+        while pending and not batch.closed:
+            row = batch.free_row()
+            if row is None:
+                return
+            if not batch.fits(pending[0]):
+                batch.closed = True
+                return
+            job = pending.pop(0)
+            if not self._admit(job):
+                continue
+            try:
+                batch.take(job, row)
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+                log.exception("starting a request in a running batch failed")
+                self.stats["errors"] += 1
+                job.cancelled = True
+                job.emit(e)
+                batch.closed = True
+                return
+            self.stats["joined"] += 1
 
     def _pull(self, timeout: float) -> list:
         """Everything queued: the first item waited for up to `timeout`, the rest as they are."""
@@ -481,17 +580,20 @@ class BatchEngine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
 
-    def _settings(self, jobs: list[Job], B: int) -> gen.Settings:
-        """Per-row settings; padding rows copy row 0 and get a budget of 1 (they stop at once)."""
-        rows = [j.settings for j in jobs] + [jobs[0].settings] * (B - len(jobs))
-        col = lambda name: [getattr(s, name) for s in rows]
+    def _settings(self, rows: list[Job | None]) -> gen.Settings:
+        """Per-row settings of a cohort's rows; a row without a job (padding) copies the first
+        job's settings with a budget of 1 (it stops at once)."""
+        first = next(j for j in rows if j is not None).settings
+        rows_s = [first if j is None else j.settings for j in rows]
+        col = lambda name: [getattr(s, name) for s in rows_s]
+        B = len(rows)
         talker_p = sampling.SamplingParams.create(
             B, do_sample=col("do_sample"), temperature=col("temperature"), top_k=col("top_k"),
             top_p=col("top_p"))
         predictor = sampling.SamplingParams.create(
             B, do_sample=col("subtalker_dosample"), temperature=col("subtalker_temperature"),
             top_k=col("subtalker_top_k"), top_p=col("subtalker_top_p"))
-        budget = [j.settings.max_new_tokens for j in jobs] + [1] * (B - len(jobs))
+        budget = [1 if j is None else j.settings.max_new_tokens for j in rows]
         return gen.Settings(talker_p, predictor,
                             jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
                             jnp.asarray(np.asarray(budget, np.int32)))
