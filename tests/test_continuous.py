@@ -176,6 +176,10 @@ def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypat
     assert engine.stats["joined"] == 2 and engine.stats["cohorts"] == 2, engine.stats
     assert engine.stats["finished"] == 5 and engine.stats["errors"] == 0
     assert calls == [("shift", 6), ("grow", 64)], calls     # C started at frame 6
+    # C's first audio after first_chunk_frames (an extra boundary for it alone); A keeps its
+    # cadence: 2 frames, then 4 per chunk (the last: what was left)
+    assert len(out["C"][0]) == 2 * 1920, len(out["C"][0])
+    assert [len(w) // 1920 for w in out["A"][:-2]] == [2] + [4] * (len(out["A"]) - 3)
     for i, (k, (text, speaker, tokens, _, stream)) in enumerate(spec.items()):
         assert out[k][-1] is None, (k, out[k][-1])
         chunks = out[k][:-1]

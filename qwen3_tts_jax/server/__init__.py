@@ -44,6 +44,9 @@ def add_parser(sub, common) -> None:
                    help="shortest padded prompt length (larger: fewer compiled shapes)")
     s.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="a batch starts once no request arrived for this long (at most 10x)")
+    s.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
+                   help="do not start waiting requests in a running batch's free rows: they wait "
+                        "for the next batch (for comparison; the default refills rows)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,
@@ -120,7 +123,8 @@ def run(args) -> int:
         batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
-        defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup)
+        defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
+        continuous_batching=args.continuous_batching)
     try:
         app = create_app(tts, options)
     except ValueError as e:

@@ -74,6 +74,7 @@ class ServerOptions:
     defaults: dict = dataclasses.field(default_factory=dict)   # CLI generation flags
     max_new_tokens: int | None = None                          # server-wide cap
     warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
+    continuous_batching: bool = True # waiting requests start in a running batch's free rows
 
 
 class ApiError(Exception):
@@ -209,7 +210,8 @@ class Server:
         self.engine = BatchEngine(tts, options.max_batch_size, options.batch_window_ms / 1000,
                                   options.max_queue, options.chunk_frames,
                                   options.first_chunk_frames, options.left_context,
-                                  options.batch_buckets, options.min_prompt_bucket)
+                                  options.batch_buckets, options.min_prompt_bucket,
+                                  options.continuous_batching)
         self.started = time.time()
 
     # ----------------------------------------------------------------------------- warm-up

@@ -199,7 +199,8 @@ class _Cohort:
         self.emitted = [0] * B                  # frames of each row sent so far
         self.open_rows = set(range(n))          # rows whose client still expects audio
         self.step_n = 0                         # frames the batch ran (host copy of state.step)
-        self.target = engine.first_chunk_frames
+        self.target = engine.first_chunk_frames  # the next regular chunk boundary
+        self.first_due: dict[int, int] = {}      # rows started later: frame of their 1st chunk
         self.text_final = self.feed is None
         self.closed = self.feed is not None
 
@@ -243,8 +244,10 @@ class _Cohort:
         self.emitted[row], self.first_frame[row] = 0, self.step_n
         self.open_rows.add(row)
         job.started, job.batch_size = time.monotonic(), len(self.open_rows)
-        # its first audio after first_chunk_frames, like a request that starts a cohort
-        self.target = min(self.target, self.step_n + self.engine.first_chunk_frames)
+        # its first audio after first_chunk_frames, like a request that starts a cohort: an
+        # extra boundary that decodes this row only (the others keep their chunk cadence)
+        if job.stream:
+            self.first_due[row] = self.step_n + self.engine.first_chunk_frames
 
     def _make_room(self) -> None:
         """Capacity for the next chunk: forget the frames before the oldest open row (every
@@ -255,6 +258,7 @@ class _Cohort:
             self.first_frame = [f - m for f in self.first_frame]
             self.step_n -= m
             self.target -= m
+            self.first_due = {b: f - m for b, f in self.first_due.items()}
         until, need = self._until(), self._need(self.open_rows)
         while until > self.capacity:
             self.capacity = min(2 * self.capacity, power_of_two(need))
@@ -286,7 +290,8 @@ class _Cohort:
         until the text is final no frame may run past the tokens received."""
         limit = self._need(self.open_rows) if self.text_final else len(
             self.feed.trailing(self.tokens, False))
-        return min(self.target, limit)
+        firsts = [f for b, f in self.first_due.items() if b in self.open_rows]
+        return min(self.target, *firsts, limit)
 
     def ready(self) -> bool:
         if self.feed is not None and not self.text_final:
@@ -312,8 +317,12 @@ class _Cohort:
         codes = np.asarray(self.state.codes_BxFxG)
         lengths, ended = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
         self.step_n = step = int(self.state.step)
-        # streamed rows: their new frames; whole-file rows: all their frames once done
-        ready = [b for b in sorted(open_rows) if lengths[b] > self.emitted[b]]
+        # streamed rows: their new frames; whole-file rows: all their frames once done. At an
+        # extra boundary (a started row's first chunk) only that row and ended rows.
+        regular = step >= self.target
+        due = [b for b in sorted(open_rows) if regular or ended[b]
+               or self.first_due.get(b, step + 1) <= step]
+        ready = [b for b in due if lengths[b] > self.emitted[b]]
         whole = [b for b in ready if not rows[b].stream and ended[b]]
         for batch in ([b for b in ready if rows[b].stream], whole):
             if not batch:
@@ -326,6 +335,8 @@ class _Cohort:
                 self.emitted[b] = rows[b].frames = int(lengths[b])
                 rows[b].emit(w)
             stats["frames"] += sum(len(c) for c in new)
+        for b in due:
+            self.first_due.pop(b, None)
         now = time.monotonic()
         for b in list(open_rows):
             if ended[b]:
@@ -338,7 +349,8 @@ class _Cohort:
                 stats["timeouts"] += 1
                 rows[b].emit(DeadlineExceeded(
                     f"the request ran out of time after {rows[b].frames} frames"))
-        self.target = step + engine.chunk_frames
+        if regular:
+            self.target = step + engine.chunk_frames
         return bool(open_rows)
 
     def fail(self, e: Exception) -> None:
@@ -358,7 +370,7 @@ class BatchEngine:
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  left_context: int = 72, batch_buckets: tuple[int, ...] | None = None,
-                 min_prompt_bucket: int = 16):
+                 min_prompt_bucket: int = 16, refill: bool = True):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -379,6 +391,7 @@ class BatchEngine:
             raise ValueError(f"batch buckets {list(self.batch_buckets)} do not reach "
                              f"max_batch_size {max_batch_size}")
         self.min_prompt_bucket = min_prompt_bucket
+        self.refill = refill                  # start waiting jobs in a running batch's free rows
         self._queue: queue.Queue = queue.Queue()
         self._waiting = 0                     # jobs submitted and not started or dropped
         self._lock = threading.Lock()
@@ -487,7 +500,7 @@ class BatchEngine:
                     self.stats["sessions"] += 1
                     self._start(units, [job])
             batch = next((u for u in units if u.feed is None), None)
-            if pending and batch is not None:
+            if pending and batch is not None and self.refill:
                 self._refill(batch, pending)
             now = time.monotonic()
             if pending and not batch_running and (len(pending) >= self.max_batch_size
