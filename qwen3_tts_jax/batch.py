@@ -7,11 +7,13 @@ Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mo
 "instruct", "voice" (a voice file), "language", "seed"} (the mode is the checkpoint's); or a plain
 text file, one utterance per line, named line-00001... with the voice from the command line. A line
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
-skipped. Requests are sorted by length and run in padded batches; each WAV is written atomically
-(temp file + rename) as soon as its batch is done, and a file that already exists is not generated
-again, so a killed job restarts where it stopped without losing or redoing finished work.
+skipped. Requests are sorted by length and run in padded batches. On one device the batches are
+continuous (`server.engine.BatchEngine`): a row whose utterance ended takes the next request at the
+next host check, and each WAV is written as its utterance ends. Each WAV is written atomically
+(temp file + rename), and a file that already exists is not generated again, so a killed job
+restarts where it stopped without losing or redoing finished work.
 
-Data parallel: the batch is sharded over all local devices (`jax.sharding`, a 1-D "data" mesh;
+Data parallel (several local devices): each padded batch is sharded over all local devices (`jax.sharding`, a 1-D "data" mesh;
 params replicated). Across hosts, start the same command on each host with `--num-hosts N
 --host-index i` (after `jax.distributed.initialize()` where the platform needs it): host i takes
 requests i, i+N, i+2N, ... of the input.
@@ -127,42 +129,119 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     skipped = len(mine) - len(todo)
     todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
-    batch_size = max(batch_size, devices) // devices * devices
     failed, audio_s, t0 = [], 0.0, time.perf_counter()
     bar = tqdm(total=len(todo), disable=not progress, unit="utt")
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        try:
-            waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
-        except (ValueError, TypeError, OSError) as e:   # one bad request: retry one by one
-            waves, sr = [], 24000
-            for r in chunk:
-                try:
-                    w, sr = _generate(tts, [r], dict(gen or {}), devices)
-                    waves.append(w[0])
-                except (ValueError, TypeError, OSError) as e1:
-                    failed.append(f"line {r.line} ({r.name}): {e1}")
-                    waves.append(None)
-            del e
-        for r, w in zip(chunk, waves):
-            if w is not None:
-                write_wav(os.path.join(out_dir, r.name + ".wav"), w, sr)
-                audio_s += len(w) / sr
-        bar.update(len(chunk))
+
+    def written(r: Request, wave, sr: int) -> None:
+        nonlocal audio_s
+        write_wav(os.path.join(out_dir, r.name + ".wav"), wave, sr)
+        audio_s += len(wave) / sr
+        bar.update(1)
         wall = time.perf_counter() - t0
         bar.set_postfix_str(f"{audio_s:.1f} s audio, {audio_s / max(wall, 1e-9):.2f}x real time")
+
+    refilled = None
+    if devices == 1:
+        refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar)
+    else:
+        batch_size = max(batch_size, devices) // devices * devices
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            try:
+                waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
+            except (ValueError, TypeError, OSError):   # one bad request: retry one by one
+                waves, sr = [], 24000
+                for r in chunk:
+                    try:
+                        w, sr = _generate(tts, [r], dict(gen or {}), devices)
+                        waves.append(w[0])
+                    except (ValueError, TypeError, OSError) as e1:
+                        failed.append(f"line {r.line} ({r.name}): {e1}")
+                        waves.append(None)
+                        bar.update(1)
+            for r, w in zip(chunk, waves):
+                if w is not None:
+                    written(r, w, sr)
     bar.close()
     return {"done": len(todo) - len(failed), "skipped": skipped, "failed": failed,
-            "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0}
+            "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0,
+            "refilled": refilled}
 
 
-def _generate(tts, chunk: list[Request], gen: dict, devices: int):
-    """One padded batch through the official-style API, sharded over the local devices."""
+# Frames between the batch's host checks on one device: a finished row is refilled at the next
+# one (at most this many frames idle); each check copies the codes to the host.
+CONTINUOUS_CHUNK_FRAMES = 8
+
+
+def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, failed,
+                    bar) -> int:
+    """One device: the requests through the server's `BatchEngine` (continuous batching: a row
+    whose request ended takes the next request at the next host check, instead of the padded
+    batch waiting for its longest row), each WAV written as its request ends, with the offline
+    API's audio (its seed, the official codec decode). Returns how many requests started in a
+    running batch."""
+    import threading
+
+    from .api import GenerationSettings
+    from .server.engine import BatchEngine, Job
+
+    engine = BatchEngine(tts, max_batch_size=batch_size, batch_window=0.0,
+                         max_queue=len(todo) + 1, chunk_frames=CONTINUOUS_CHUNK_FRAMES,
+                         first_chunk_frames=CONTINUOUS_CHUNK_FRAMES)
+    sr = tts.speech_tokenizer.config.output_sample_rate
+    left = [0]
+    all_done = threading.Event()
+    lock = threading.Lock()
+
+    def emit_for(r: Request):
+        waves = []
+
+        def emit(x):
+            if x is not None and not isinstance(x, BaseException):
+                waves.append(x)
+                return
+            try:
+                if x is None:
+                    written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr)
+                else:
+                    failed.append(f"line {r.line} ({r.name}): {x}")
+                    bar.update(1)
+            except OSError as e:
+                failed.append(f"line {r.line} ({r.name}): {e}")
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        all_done.set()
+        return emit
+
+    settings_kw = {k: v for k, v in gen.items() if k not in ("seed", "non_streaming_mode")}
+    for r in todo:
+        try:
+            items, ref_code, seed = _prompts(tts, [r], dict(gen))
+            settings = GenerationSettings.merge(tts.generate_defaults, **settings_kw)
+        except (ValueError, TypeError, OSError) as e:
+            failed.append(f"line {r.line} ({r.name}): {e}")
+            bar.update(1)
+            continue
+        with lock:
+            left[0] += 1
+        engine.submit(Job(items[0], settings, emit=emit_for(r), seed=seed[0],
+                          ref_code=ref_code[0], stream=False))
+    if left[0]:
+        engine.start()
+        all_done.wait()
+        engine.stop()
+    return engine.stats["joined"]
+
+
+def _prompts(tts, chunk: list[Request], gen: dict):
+    """(prompts, ICL reference codes or None, seeds) of requests; pops the text mode from gen."""
     kind = tts.tts_model_type
     texts = [r.text for r in chunk]
     langs = [r.language or "auto" for r in chunk]
     seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
-    gen = {**gen, "seed": seeds}
+    refs = [None] * len(chunk)
     if kind == "custom_voice":
         items = tts._custom_voice_prompts(texts, [r.speaker for r in chunk], langs,
                                           [r.instruct or "" for r in chunk],
@@ -176,9 +255,19 @@ def _generate(tts, chunk: list[Request], gen: dict, devices: int):
         voices = [load_voice(r.voice)[0] if r.voice else None for r in chunk]
         if any(v is None for v in voices):
             raise ValueError("a Base checkpoint needs a \"voice\" file for every request")
-        items, _ = tts._voice_clone_prompts(texts, langs, None, None, False, voices,
-                                            gen.pop("non_streaming_mode", False))
+        items, used = tts._voice_clone_prompts(texts, langs, None, None, False, voices,
+                                               gen.pop("non_streaming_mode", False))
+        refs = [u.ref_code if u.icl_mode and u.ref_code is not None else None for u in used]
+    return items, refs, seeds
+
+
+def _generate(tts, chunk: list[Request], gen: dict, devices: int):
+    """One padded batch through the official-style API, sharded over the local devices."""
+    items, _, seeds = _prompts(tts, chunk, gen)
+    gen = {**gen, "seed": seeds}
     codes = tts.generate_prompts_codes(items, pad_batch_to=devices, **gen)
-    if kind == "base":
-        return tts.decode_voice_clone(codes, voices)
+    if tts.tts_model_type == "base":
+        from .voice import load_voice
+
+        return tts.decode_voice_clone(codes, [load_voice(r.voice)[0] for r in chunk])
     return tts.decode(codes)

@@ -137,3 +137,33 @@ def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {
         "greedy": True, "sampled": True, "tp2": True, "tp8": True, "tp2_int8": True}
+
+
+def test_one_device_batch_refills_rows_and_equals_offline(tmp_path, make_checkpoint):
+    """On one device the batch tool runs continuous batching (the server's engine): with EOS at
+    different frames (a checkpoint whose EOS is likely), rows that ended take the next requests,
+    and every WAV is the offline API's audio for the request's seed (16-bit rounding)."""
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_eos"))
+    speakers = ["ryan", "vivian", "eric", "serena", "aiden"]
+    reqs = [batch.Request(line=i + 1, text=f"Sentence number {i}, said once.", name=f"r{i}",
+                          speaker=speakers[i % 5], language="english") for i in range(10)]
+    summary = batch.run(tts, reqs, str(tmp_path), batch_size=4, gen={"max_new_tokens": 30},
+                        progress=False)
+    assert summary["done"] == 10 and not summary["failed"], summary
+    assert summary["refilled"] >= 1, summary          # 10 requests through 4 rows
+    lengths = set()
+    for r in reqs:
+        wave, sr = sf.read(str(tmp_path / f"{r.name}.wav"), dtype="float32")
+        codes = tts.generate_custom_voice_codes(r.text, speaker=r.speaker, language="english",
+                                                seed=[r.line], max_new_tokens=30)
+        ref = tts.decode(codes)[0][0]
+        lengths.add(len(ref))
+        assert sr == 24000 and wave.shape == ref.shape, (r.name, wave.shape, ref.shape)
+        np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max(),
+                                   err_msg=r.name)
+    assert len(lengths) > 1, "every request had the same length: nothing to refill"

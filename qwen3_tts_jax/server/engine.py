@@ -614,7 +614,7 @@ class BatchEngine:
     def _decode(self, histories: list[np.ndarray], new: list[np.ndarray], whole: bool = False
                 ) -> list[np.ndarray]:
         """Each row's new frames decoded after up to `left_context` frames of its history (all of
-        it with `whole`, as the offline decode does): one codec batch (rows padded on the right,
+        it with `whole`, by the offline API's chunked decode): one codec batch (rows padded on the right,
         which the causal decoder ignores; the batch padded to a batch bucket so that few programs
         are compiled). Returns the new samples only."""
         codec = self.tts.speech_tokenizer
@@ -626,6 +626,9 @@ class BatchEngine:
         window = np.zeros((Bc, T, new[0].shape[-1]), np.int32)
         for i, (c, x) in enumerate(zip(ctx, new)):
             window[i, :len(c) + len(x)] = np.concatenate([c, x])
-        wave = bucketed_decode(codec.params, codec.config.decoder, window, chunk_size=None)
+        # a whole utterance: the official decode (300-frame chunks after 25 frames of context,
+        # like `Qwen3TTS.decode`); a streamed chunk: one window after its left context
+        wave = bucketed_decode(codec.params, codec.config.decoder, window,
+                               **({} if whole else {"chunk_size": None}))
         return [wave[i, len(c) * up:(len(c) + len(x)) * up].copy()
                 for i, (c, x) in enumerate(zip(ctx, new))]
