@@ -546,15 +546,14 @@ class Qwen3TTS:
 
     # ------------------------------------------------------------------ streaming
     def _stream(self, item: prompts.Prompt, settings: GenerationSettings, chunk_frames: int,
-                first_chunk_frames: int, left_context: int, ref_code=None):
+                first_chunk_frames: int, ref_code=None):
         """Yield float32 audio chunks of one utterance while it is generated.
 
         The frame loop is the same compiled `generate.decode` as offline generation, called with
         a growing `until` and the state carried on device; so the codes are exactly the offline
-        codes for the same seed. Each chunk's codes are decoded after `left_context` frames of
-        already-emitted codes and only the new samples are yielded. The default, 72 frames, is
-        the codec pre-transformer's attention window: the official chunked decode's 25 frames
-        left audible differences (up to 14 % of the peak) on a random-weight codec."""
+        codes for the same seed. Each chunk's codes go to a `StreamDecoder`, which carries the
+        codec's state between chunks: the chunks concatenate to the offline audio (float
+        rounding) at any length, and each costs only its new frames."""
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError("chunk_frames and first_chunk_frames must be >= 1")
         batch, run_settings, keys = self._prepare([item], settings)
@@ -564,8 +563,8 @@ class Qwen3TTS:
                                  batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
                                  batch.trailing_BxLt, batch.trailing_len_B, run_settings, keys,
                                  frames=capacity, compute=gen.prefill_length(batch.mask_BxL))
-        history = np.zeros((0, self.config.talker.num_code_groups), np.int32) if ref_code is None \
-            else np.asarray(ref_code, np.int32)       # ICL: the reference is the first context
+        codec = self.speech_tokenizer.stream_decoder()
+        codec.reset(0, prefix=ref_code)     # ICL: the reference is decoded first, its audio cut
         emitted, target = 0, first_chunk_frames
         while True:
             while target > capacity and capacity < gen.bucket(max_frames):
@@ -575,12 +574,7 @@ class Qwen3TTS:
                                min(target, capacity))
             length, done = int(state.length_B[0]), bool(state.done_B[0])
             if length > emitted:
-                new = np.asarray(state.codes_BxFxG[0, emitted:length])
-                context = history[max(0, len(history) - left_context):]
-                wav = self.speech_tokenizer.decode([np.concatenate([context, new])],
-                                                   chunk_size=None)[0][0]
-                yield wav[len(context) * (len(wav) // (len(context) + len(new))):]
-                history = np.concatenate([history, new])
+                yield codec.push([np.asarray(state.codes_BxFxG[0, emitted:length])])[0]
                 emitted = length
             if done or emitted >= max_frames:
                 return
@@ -589,41 +583,37 @@ class Qwen3TTS:
     def generate_custom_voice_streaming(self, text: str, speaker: str, language=None,
                                         instruct=None, non_streaming_mode: bool = True,
                                         chunk_frames: int = 12, first_chunk_frames: int = 3,
-                                        left_context: int = 72, **gen_kwargs):
+                                        **gen_kwargs):
         """A generator of float32 24 kHz audio chunks (first after `first_chunk_frames` frames,
         then every `chunk_frames` = 80 ms each), for one text. Same arguments as
         `generate_custom_voice`; with the same seed the codes are the offline codes, and the chunks
-        concatenate to the offline audio exactly while the utterance is within `left_context`
-        frames (tests/test_streaming.py)."""
+        concatenate to the offline audio (float rounding; tests/test_streaming.py)."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
         item = self._custom_voice_prompts(text, speaker, language, instruct, non_streaming_mode)
-        return self._stream(_single(item), settings, chunk_frames, first_chunk_frames,
-                            left_context)
+        return self._stream(_single(item), settings, chunk_frames, first_chunk_frames)
 
     def generate_voice_design_streaming(self, text: str, instruct: str, language=None,
                                         non_streaming_mode: bool = True, chunk_frames: int = 12,
-                                        first_chunk_frames: int = 3, left_context: int = 72,
-                                        **gen_kwargs):
+                                        first_chunk_frames: int = 3, **gen_kwargs):
         """Streaming twin of `generate_voice_design` (see `generate_custom_voice_streaming`)."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
         item = self._voice_design_prompts(text, instruct, language, non_streaming_mode)
-        return self._stream(_single(item), settings, chunk_frames, first_chunk_frames,
-                            left_context)
+        return self._stream(_single(item), settings, chunk_frames, first_chunk_frames)
 
     def generate_voice_clone_streaming(self, text: str, language=None, ref_audio=None,
                                        ref_text=None, x_vector_only_mode=False,
                                        voice_clone_prompt=None, non_streaming_mode: bool = False,
                                        chunk_frames: int = 12, first_chunk_frames: int = 3,
-                                       left_context: int = 72, **gen_kwargs):
-        """Streaming twin of `generate_voice_clone`; in ICL mode the reference codes are the
-        codec's first left context, like the offline decode."""
+                                       **gen_kwargs):
+        """Streaming twin of `generate_voice_clone`; in ICL mode the reference codes are decoded
+        first and their audio cut, like the offline decode."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
         built, voice = self._voice_clone_prompts(text, language, ref_audio, ref_text,
                                                  x_vector_only_mode, voice_clone_prompt,
                                                  non_streaming_mode)
         ref = voice[0].ref_code if voice[0].icl_mode else None
         return self._stream(_single(built), settings, chunk_frames, first_chunk_frames,
-                            left_context, ref_code=ref)
+                            ref_code=ref)
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

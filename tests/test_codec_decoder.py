@@ -21,7 +21,8 @@ import pytest
 import torch
 from official import randomize_for_parity_, CODEC_DECODER, build_codec, codec_config
 
-from qwen3_tts_jax.codec import SpeechTokenizer, check_codes, chunk_plan, frame_bucket
+from qwen3_tts_jax.codec import (SpeechTokenizer, StreamDecoder, check_codes, chunk_plan,
+                                 frame_bucket)
 from qwen3_tts_jax.codec import decoder as D
 from qwen3_tts_jax.codec.config import parse_decoder_config
 from qwen3_tts_jax.config import ConfigError
@@ -201,6 +202,84 @@ def test_bucketed_decode_is_exact(parity_codec):
     for i, (w, r) in enumerate(zip(wavs, ref_wavs)):
         assert_close_to_peak(w, r, f"bucketed item {i} vs official")
         assert_close_to_peak(w, whole[i, :len(w)], f"bucketed item {i} vs unpadded", rel=1e-5)
+
+
+def _push_in_pieces(dec, streams, splits):
+    """Push each row's codes to `dec` in the given piece sizes (0: nothing for that row in that
+    call, i.e. None); returns each row's audio concatenated."""
+    out, at = [[] for _ in streams], [0] * len(streams)
+    for k in range(max(len(s) for s in splits)):
+        new = []
+        for b, (codes, sizes) in enumerate(zip(streams, splits)):
+            n = sizes[k] if k < len(sizes) else 0
+            new.append(codes[at[b]:at[b] + n] if n else None)
+            at[b] += n
+        for b, w in enumerate(dec.push(new)):
+            assert (w is None) == (new[b] is None)
+            if w is not None:
+                assert w.shape == (len(new[b]) * 1920,) and w.dtype == np.float32
+                out[b].append(w)
+    assert at == [len(c) for c in streams]
+    return [np.concatenate(o) for o in out]
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_stream_decoder_matches_official_forward(parity_codec, name):
+    """`StreamDecoder` without restarts (chunk_size=None): two rows pushed in different uneven
+    pieces (1 to 37 frames, rows idle in some calls), each longer than the attention window, equal
+    the official `Decoder.forward` of the whole stream; then row 1 starts another stream (reset)
+    while row 0 goes on, and both still equal the official forward of their stream."""
+    _, codec, tok = parity_codec(name)
+    rng = np.random.default_rng(7)
+    a, b, c = (random_codes(rng, n) for n in (STAGE_FRAMES, 77, 50))
+
+    def official(codes):
+        with torch.no_grad():
+            return codec.decoder(torch.from_numpy(codes.T[None]).long())[0, 0].numpy()
+
+    dec = tok.stream_decoder(batch=2, chunk_size=None)
+    got_a1, got_b = _push_in_pieces(dec, [a[:60], b], [[3, 8, 0, 12, 37], [1, 1, 30, 8, 37]])
+    assert_close_to_peak(got_b, official(b), f"{name} stream b")
+    dec.reset(1)
+    got_a2, got_c = _push_in_pieces(dec, [a[60:], c], [[5, 0, 25], [12, 8, 30]])
+    assert_close_to_peak(np.concatenate([got_a1, got_a2]), official(a), f"{name} stream a")
+    assert_close_to_peak(got_c, official(c), f"{name} stream c after reset")
+
+
+def test_stream_decoder_restarts_like_official_chunked_decode(parity_codec):
+    """With chunks (40 frames, 5 of context) the stream restarts where the official
+    `Decoder.chunked_decode` does: pieces that straddle the chunk boundaries (one of 45 frames
+    crosses one) give the official chunked audio, which differs from the unchunked forward."""
+    _, codec, tok = parity_codec("tiny")
+    codes = random_codes(np.random.default_rng(3), 100)
+    with torch.no_grad():
+        x = torch.from_numpy(codes.T[None]).long()
+        ref = codec.decoder.chunked_decode(x, chunk_size=40, left_context_size=5)[0, 0].numpy()
+        whole = codec.decoder(x)[0, 0].numpy()
+    dec = StreamDecoder(tok.params, tok.config.decoder, 1, chunk_size=40, left_context=5)
+    got = _push_in_pieces(dec, [codes], [[3, 12, 45, 40]])[0]
+    assert_close_to_peak(got, ref, "stream vs chunked_decode")
+    assert np.abs(whole - ref).max() > 1e-2 * np.abs(ref).max()   # the restarts matter
+
+
+def test_stream_decoder_default_equals_official_decode_with_prefix(parity_codec):
+    """The default StreamDecoder (300-frame chunks, 25 of context) over 330 frames equals the
+    official `Qwen3TTSTokenizer.decode`; with a prefix (a clone reference: decoded first, its
+    audio not returned) it equals the official decode of reference + codes with the reference's
+    samples cut, as the offline voice-clone decode does."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    path, _, tok = parity_codec("tiny")
+    rng = np.random.default_rng(4)
+    ref_code, codes = random_codes(rng, 40), random_codes(rng, 290)
+    official = Qwen3TTSTokenizer.from_pretrained(path)
+    (full,), _ = official.decode([{"audio_codes": np.concatenate([ref_code, codes])}])
+    dec = tok.stream_decoder(batch=2)
+    dec.reset(1, prefix=ref_code)
+    both = np.concatenate([ref_code, codes])
+    got_plain, got_cloned = _push_in_pieces(dec, [both, codes], [[3, 12, 300, 15], [3, 12, 275]])
+    assert_close_to_peak(got_plain, full, "stream of 330 frames vs official decode")
+    assert_close_to_peak(got_cloned, full[40 * 1920:], "stream after a prefix vs official decode")
 
 
 def test_frame_buckets_and_chunks():

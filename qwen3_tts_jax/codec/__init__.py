@@ -6,18 +6,21 @@
     codes = tok.encode("ref.wav")[0]        # (frames, 16) int32 (the Mimi encoder, encoder.py)
 
 decoder.py holds the pure functions: `decode` (whole utterance), `decode_stages` (every stage, for
-parity tests) and `chunked_decode` (the official 300-frame chunking, traceable, for use inside a
-larger jit). tokenizer.py holds the host side: input checks, `bucketed_decode` (the same chunking
+parity tests), `chunked_decode` (the official 300-frame chunking, traceable, for use inside a
+larger jit) and `stream_decode` (the same decoder with its state carried between calls).
+streaming.py holds `StreamDecoder` (incremental decoding of several streams, equal to the whole
+decode). tokenizer.py holds the host side: input checks, `bucketed_decode` (the same chunking
 window by window, with bucketed window lengths: few compiled programs) and `SpeechTokenizer`.
 """
 from .config import DecoderConfig, SpeechTokenizerConfig, parse_config
 from . import decoder
-from .decoder import chunked_decode, decode, decode_stages
+from .decoder import chunked_decode, decode, decode_stages, stream_decode
+from .streaming import StreamDecoder
 from .encoder import EncoderConfig, encode_audio, parse_encoder_config
 from .tokenizer import (SpeechTokenizer, bucketed_decode, check_codes, chunk_plan, decode_padded,
                         frame_bucket)
 
-__all__ = ["SpeechTokenizer", "SpeechTokenizerConfig", "DecoderConfig", "parse_config", "decoder",
+__all__ = ["SpeechTokenizer", "StreamDecoder", "stream_decode", "SpeechTokenizerConfig", "DecoderConfig", "parse_config", "decoder",
            "decode", "decode_stages", "chunked_decode", "bucketed_decode", "chunk_plan",
            "decode_padded", "check_codes", "frame_bucket", "EncoderConfig", "encode_audio",
            "parse_encoder_config"]

@@ -11,6 +11,12 @@ attention, per-frame norms): output sample s depends only on frames <= s // 1920
 on the right and trimming the output is exact, which is what the shape buckets and the chunked decoding
 in `tokenizer.py` rely on.
 
+Streaming (`stream_decode`): the same functions with a `_Stream` threaded through them carry the
+decoder's state from one call to the next: each convolution's last input samples (what its left
+padding would otherwise be), and each attention layer's keys and values of the last
+sliding_window - 1 frames with the frame counter for RoPE. Decoding frames a chunk at a time that
+way is the whole-sequence decode (float rounding), at the cost of the new frames only.
+
 params (from `RULES`; Linear weights are (in, out), conv weights keep the torch layout: Conv1d
 (out, in / groups, k), ConvTranspose1d (in, out, k)):
   quantizer/{first,rest}: codebooks/[i]/{embedding_sum (N, Dq), cluster_usage (N,)},
@@ -143,12 +149,15 @@ def expected_shapes(cfg: DecoderConfig) -> dict:
 
 # ----------------------------------------------------------------------------- building blocks
 
-def causal_conv(p, x_BxTxC, dilation: int = 1):
+def causal_conv(p, x_BxTxC, dilation: int = 1, st: "_Stream | None" = None):
     """`CausalConvNet` with stride 1 (all of the decoder's): left-pad (k - 1) * dilation zeros, so the
     output has T frames (the official right padding is 0 for stride 1). Grouped (depthwise) when the
-    weight's in-channels are fewer than the input's."""
+    weight's in-channels are fewer than the input's. Streaming (`st`): the padding is the previous
+    call's last input samples."""
     w_OxIxK = p["weight"]
     pad = (w_OxIxK.shape[-1] - 1) * dilation
+    if st is not None:
+        x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
     y = jax.lax.conv_general_dilated(
         x_BxTxC, w_OxIxK, window_strides=(1,), padding=[(pad, 0)], rhs_dilation=(dilation,),
         dimension_numbers=("NWC", "OIW", "NWC"),
@@ -156,7 +165,7 @@ def causal_conv(p, x_BxTxC, dilation: int = 1):
     return y + p["bias"]
 
 
-def causal_trans_conv(p, x_BxTxC, stride: int):
+def causal_trans_conv(p, x_BxTxC, stride: int, st: "_Stream | None" = None):
     """`CausalTransConvNet`: ConvTranspose1d(k, stride) with the last k - stride samples dropped, so
     T frames -> T * stride samples.
 
@@ -170,9 +179,12 @@ def causal_trans_conv(p, x_BxTxC, stride: int):
     # (I, O, m, stride) -> (m, I, stride * O), taps reversed: tap j multiplies x[t - j], while a
     # correlation with m - 1 frames of left padding multiplies kernel row i by x[t - m + 1 + i].
     w_MxIxRO = w_IxOxK.reshape(cin, cout, m, stride).transpose(2, 0, 3, 1).reshape(m, cin, -1)[::-1]
-    y = jax.lax.conv_general_dilated(x_BxTxC, w_MxIxRO, window_strides=(1,), padding=[(m - 1, 0)],
-                                     dimension_numbers=("NWC", "WIO", "NWC"))
     B, T, _ = x_BxTxC.shape
+    pad = m - 1
+    if st is not None:
+        x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
+    y = jax.lax.conv_general_dilated(x_BxTxC, w_MxIxRO, window_strides=(1,), padding=[(pad, 0)],
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
     return y.reshape(B, T * stride, cout) + p["bias"]
 
 
@@ -211,22 +223,26 @@ def quantizer_decode(p, codes_BxTxQ):
     return rvq(p["first"], codes_BxTxQ[..., :1]) + rvq(p["rest"], codes_BxTxQ[..., 1:])
 
 
-def attention(p, cfg: DecoderConfig, x_BxTxD, cos_sin, mask_TxT):
+def attention(p, cfg: DecoderConfig, x_BxTxD, cos_sin, mask, st: "_Stream | None" = None):
     """`DecoderAttention` (TM:282-354): GQA with rotate-half RoPE, no q/k norm (Identity), no bias;
-    mask_TxT (True = visible) is shared by the batch. Uses cfg's head counts and head_dim."""
+    mask (T, T) or, streaming, (B, T, W - 1 + T) (True = visible). Uses cfg's head counts and
+    head_dim. Streaming (`st`): the keys and values of the previous call's last W - 1 frames come
+    first."""
     B, T, _ = x_BxTxD.shape
     q = (x_BxTxD @ p["q"]).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
     k = (x_BxTxD @ p["k"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     v = (x_BxTxD @ p["v"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     q, k = layers.apply_rope(q, *cos_sin), layers.apply_rope(k, *cos_sin)
-    out = layers.dot_product_attention(q, k, v, mask_TxT[None])
+    if st is not None:
+        k, v = st.extend(k, cfg.sliding_window - 1), st.extend(v, cfg.sliding_window - 1)
+    out = layers.dot_product_attention(q, k, v, mask if mask.ndim == 3 else mask[None])
     return out.reshape(B, T, -1) @ p["o"]
 
 
-def transformer_layer(p, cfg: DecoderConfig, x_BxTxD, cos_sin, mask_TxT):
+def transformer_layer(p, cfg: DecoderConfig, x_BxTxD, cos_sin, mask, st=None):
     """`DecoderTransformerLayer` (TM:409-473): pre-norm, LayerScale on both residual branches."""
     h = attention(p["attn"], cfg, layers.rms_norm(p["input_norm"], x_BxTxD, cfg.rms_norm_eps),
-                  cos_sin, mask_TxT)
+                  cos_sin, mask, st)
     x_BxTxD = x_BxTxD + p["attn_scale"] * h
     h = layers.mlp(p["mlp"], layers.rms_norm(p["post_norm"], x_BxTxD, cfg.rms_norm_eps),
                    cfg.hidden_act)
@@ -244,67 +260,71 @@ def sliding_window_mask(num_frames: int, window: int):
     return (j <= i) & (j > i - window)
 
 
-def pre_transformer(p, cfg: DecoderConfig, x_BxTxL):
+def pre_transformer(p, cfg: DecoderConfig, x_BxTxL, st: "_Stream | None" = None):
     """`Qwen3TTSTokenizerV2DecoderTransformerModel` on inputs_embeds: input_proj, sliding-window
-    layers with RoPE over positions 0..T-1, final RMSNorm, output_proj. (B, T, L) -> (B, T, L)."""
+    layers with RoPE over positions 0..T-1, final RMSNorm, output_proj. (B, T, L) -> (B, T, L).
+    Streaming: positions continue from the frames decoded before, whose keys come first."""
     x = linear(p["input_proj"], x_BxTxL)
     T = x.shape[1]
-    cos_sin = layers.rope_cos_sin(jnp.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype,
+    if st is None:
+        pos, mask = jnp.arange(T)[None], sliding_window_mask(T, cfg.sliding_window)
+    else:
+        pos, mask = st.pos_B[:, None] + jnp.arange(T), st.window_mask(cfg.sliding_window)
+    cos_sin = layers.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype,
                                   cfg.rope_scaling, cfg.max_position_embeddings)
-    mask_TxT = sliding_window_mask(T, cfg.sliding_window)
     for lp in p["layers"]:
-        x = transformer_layer(lp, cfg, x, cos_sin, mask_TxT)
+        x = transformer_layer(lp, cfg, x, cos_sin, mask, st)
     return linear(p["output_proj"], layers.rms_norm(p["norm"], x, cfg.rms_norm_eps))
 
 
-def convnext_block(p, x_BxTxC):
+def convnext_block(p, x_BxTxC, st=None):
     """`ConvNeXtBlock` (TM:211-243): depthwise causal conv k7, LayerNorm(eps 1e-6), Linear(C, 4C),
     exact GELU, Linear(4C, C), times gamma, plus the input."""
-    h = causal_conv(p["dwconv"], x_BxTxC)
+    h = causal_conv(p["dwconv"], x_BxTxC, st=st)
     h = layer_norm(p["norm"], h, 1e-6)
     h = linear(p["pwconv2"], jax.nn.gelu(linear(p["pwconv1"], h), approximate=False))
     return x_BxTxC + p["gamma"] * h
 
 
-def upsample_block(p, x_BxTxL, ratio: int):
+def upsample_block(p, x_BxTxL, ratio: int, st=None):
     """One `upsample` entry: causal transposed conv (k = stride = ratio), then ConvNeXt."""
-    return convnext_block(p["convnext"], causal_trans_conv(p["trans_conv"], x_BxTxL, ratio))
+    return convnext_block(p["convnext"], causal_trans_conv(p["trans_conv"], x_BxTxL, ratio, st), st)
 
 
-def residual_unit(p, x_BxTxC, dilation: int):
-    h = causal_conv(p["conv1"], snake_beta(p["act1"], x_BxTxC), dilation)
-    return x_BxTxC + causal_conv(p["conv2"], snake_beta(p["act2"], h))
+def residual_unit(p, x_BxTxC, dilation: int, st=None):
+    h = causal_conv(p["conv1"], snake_beta(p["act1"], x_BxTxC), dilation, st)
+    return x_BxTxC + causal_conv(p["conv2"], snake_beta(p["act2"], h), st=st)
 
 
-def decoder_block(p, x_BxTxC, rate: int):
+def decoder_block(p, x_BxTxC, rate: int, st=None):
     """`DecoderBlock` (TM:638-658): SnakeBeta, causal transposed conv (k = 2 * rate, stride rate,
     channels halved), three residual units with dilations 1, 3, 9. (B, T, C) -> (B, rate T, C / 2)."""
-    x = causal_trans_conv(p["trans_conv"], snake_beta(p["snake"], x_BxTxC), rate)
+    x = causal_trans_conv(p["trans_conv"], snake_beta(p["snake"], x_BxTxC), rate, st)
     for up, d in zip(p["units"], RESIDUAL_DILATIONS):
-        x = residual_unit(up, x, d)
+        x = residual_unit(up, x, d, st)
     return x
 
 
-def decode_stages(params, cfg: DecoderConfig, codes_BxTxQ) -> dict:
+def decode_stages(params, cfg: DecoderConfig, codes_BxTxQ, st: "_Stream | None" = None) -> dict:
     """The official `Decoder.forward`, keeping every stage's output under the official module's
     name (for parity tests stage by stage); all (B, T_stage, C):
       "quantizer", "pre_conv", "pre_transformer", "upsample.{i}",
       "decoder.0" (conv to decoder_dim), "decoder.{1..n}" (decoder blocks), "decoder.{n+1}"
       (SnakeBeta), "decoder.{n+2}" (conv to one channel, before the clamp),
     and "wave" (B, T * total_upsample), clamped to [-1, 1]. Under jit the stages that are not
-    returned are dead code, so `decode` costs nothing extra."""
+    returned are dead code, so `decode` costs nothing extra. `st`: see `stream_decode`."""
     s = {}
     h = s["quantizer"] = quantizer_decode(params["quantizer"], codes_BxTxQ)
-    h = s["pre_conv"] = causal_conv(params["pre_conv"], h)
-    h = s["pre_transformer"] = pre_transformer(params["pre_transformer"], cfg, h)
+    h = s["pre_conv"] = causal_conv(params["pre_conv"], h, st=st)
+    h = s["pre_transformer"] = pre_transformer(params["pre_transformer"], cfg, h, st)
     for i, (p, ratio) in enumerate(zip(params["upsample"], cfg.upsampling_ratios)):
-        h = s[f"upsample.{i}"] = upsample_block(p, h, ratio)
+        h = s[f"upsample.{i}"] = upsample_block(p, h, ratio, st)
     dec, n = params["decoder"], len(cfg.upsample_rates)
-    h = s["decoder.0"] = causal_conv(dec[0], h)
+    h = s["decoder.0"] = causal_conv(dec[0], h, st=st)
     for i, rate in enumerate(cfg.upsample_rates, start=1):
-        h = s[f"decoder.{i}"] = decoder_block(dec[i], h, rate)
+        h = s[f"decoder.{i}"] = decoder_block(dec[i], h, rate, st)
     h = s[f"decoder.{n + 1}"] = snake_beta(dec[n + 1], h)
-    h = s[f"decoder.{n + 2}"] = causal_conv(dec[n + 2], h)
+    h = s[f"decoder.{n + 2}"] = causal_conv(dec[n + 2], h, st=st)
     s["wave"] = jnp.clip(h[..., 0], -1.0, 1.0)
     return s
 
@@ -350,3 +370,82 @@ def chunked_decode(params, cfg: DecoderConfig, codes_BxTxQ, chunk_size: int = 30
 
 
 jit_decode = jax.jit(decode, static_argnames=("cfg",))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+class _Stream:
+    """The decoder's state threaded through one `stream_decode` call.
+
+    Every stage with memory calls `extend(x, keep)` in the same order on every call: it returns
+    x (B, S, ...) with the `keep` entries that preceded it prepended (zeros for a fresh row: the
+    whole-sequence decode's left padding) and records the `keep` entries before the row's end
+    (its n_B valid frames times the stage's rate), which are the next call's. Rows whose input
+    has fewer frames than the window are padded on the right; padding never enters the state."""
+
+    def __init__(self, state: dict | None, T: int, n_B, reset_B):
+        self.T, self.n_B = T, n_B
+        self.fresh_B = reset_B
+        self.old = None if state is None else state["memory"]
+        pos = jnp.zeros_like(n_B) if state is None else state["pos"]
+        self.pos_B = jnp.where(reset_B, 0, pos)
+        self.memory: list = []
+
+    def extend(self, x, keep: int):
+        if keep == 0:
+            return x
+        B, S = x.shape[:2]
+        i = len(self.memory)
+        if self.old is None:
+            tail = jnp.zeros((B, keep) + x.shape[2:], x.dtype)
+        else:
+            tail = self.old[i]
+            tail = jnp.where(self.fresh_B.reshape((B,) + (1,) * (tail.ndim - 1)), 0, tail)
+        xx = jnp.concatenate([tail, x], axis=1)
+        end_B = self.n_B * (S // self.T)        # valid entries of x in this row
+        self.memory.append(jax.vmap(
+            lambda r, e: jax.lax.dynamic_slice_in_dim(r, e, keep, axis=0))(xx, end_B))
+        return xx
+
+    def window_mask(self, window: int):
+        """(B, T, W - 1 + T): query i (frame pos + i) sees key s (frame pos - (W - 1) + s) iff that
+        frame exists (>= 0) and is among the last `window` frames up to the query's."""
+        q_BxTx1 = self.pos_B[:, None, None] + jnp.arange(self.T)[None, :, None]
+        k_Bx1xS = (self.pos_B[:, None, None] - (window - 1)
+                   + jnp.arange(window - 1 + self.T)[None, None, :])
+        return (k_Bx1xS >= 0) & (k_Bx1xS <= q_BxTx1) & (k_Bx1xS > q_BxTx1 - window)
+
+    def state(self) -> dict:
+        return {"pos": self.pos_B + self.n_B, "memory": self.memory}
+
+
+def stream_decode(params, cfg: DecoderConfig, state: dict | None, codes_BxTxQ, n_B, reset_B):
+    """Decode the next frames of B code streams, carrying the decoder's state between calls.
+
+    codes (B, T, Q): row b's next n_B[b] frames, then padding; reset_B: rows that start a new
+    stream (their state is dropped first; `state=None` starts every row). Returns (waveform
+    (B, T * total_upsample), of which row b's first n_B[b] * total_upsample samples are its new
+    audio, and the state after each row's n_B[b] frames). A row with n_B = 0 keeps its state.
+    Feeding a sequence in any split this way gives `decode` of the whole sequence (float
+    rounding): every stage is causal and sees exactly the history it would see there."""
+    st = _Stream(state, codes_BxTxQ.shape[1], n_B.astype(jnp.int32), reset_B)
+    wave = decode_stages(params, cfg, codes_BxTxQ, st)["wave"]
+    return wave, st.state()
+
+
+_STATE_SHAPES: dict = {}
+
+
+def init_stream_state(params, cfg: DecoderConfig, batch: int) -> dict:
+    """The state of `batch` fresh streams (zeros: what `stream_decode` with state=None starts
+    from). Its shapes are traced once per (cfg, batch)."""
+    if (cfg, batch) not in _STATE_SHAPES:
+        _STATE_SHAPES[cfg, batch] = jax.eval_shape(
+            lambda p: stream_decode(p, cfg, None,
+                                    jnp.zeros((batch, 1, cfg.num_quantizers), jnp.int32),
+                                    jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))[1],
+            params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _STATE_SHAPES[cfg, batch])
+
+
+jit_stream_decode = jax.jit(stream_decode, static_argnames=("cfg",))

@@ -33,6 +33,7 @@ from ..weights import (CheckpointError, expected_ours, load_official, load_param
 from ..buckets import ladder
 from ..config import ConfigError
 from . import decoder, encoder
+from .streaming import StreamDecoder
 from .config import DecoderConfig, SpeechTokenizerConfig, load_config
 
 CHUNK_SIZE = 300          # official `chunked_decode` defaults (TM:886)
@@ -347,3 +348,13 @@ class SpeechTokenizer:
         d = self.config.decoder
         codes = check_codes(encoded, d.num_quantizers, d.codebook_size)
         return decode_padded(self.params, self.config, codes, chunk_size), self.sample_rate
+
+    def stream_decoder(self, batch: int = 1, *, chunk_size: int | None = CHUNK_SIZE
+                       ) -> StreamDecoder:
+        """A `StreamDecoder` for `batch` streams: codes pushed as they come, audio of the new
+        frames back, together equal to `decode` of the whole stream (same `chunk_size`).
+
+        >>> dec = tok.stream_decoder()
+        >>> for codes in chunks: play(dec.push([codes])[0])
+        """
+        return StreamDecoder(self.params, self.config.decoder, batch, chunk_size, LEFT_CONTEXT)

@@ -57,8 +57,6 @@ def add_parser(sub, common) -> None:
                    help="frames per streamed chunk (12 frames = 0.96 s of audio)")
     s.add_argument("--first-chunk-frames", type=int, default=3,
                    help="frames in the first chunk (small: the time to first audio)")
-    s.add_argument("--left-context", type=int, default=72,
-                   help="frames of earlier codes each chunk is decoded after")
     p.set_defaults(run=run)
 
 
@@ -119,7 +117,7 @@ def run(args) -> int:
         max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
         max_queue=args.max_queue, max_input_chars=args.max_input_chars,
         request_timeout=args.request_timeout, chunk_frames=args.chunk_frames,
-        first_chunk_frames=args.first_chunk_frames, left_context=args.left_context,
+        first_chunk_frames=args.first_chunk_frames,
         batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",

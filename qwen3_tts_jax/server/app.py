@@ -66,7 +66,6 @@ class ServerOptions:
     request_timeout: float = 300.0
     chunk_frames: int = 12
     first_chunk_frames: int = 3
-    left_context: int = 72
     batch_buckets: tuple[int, ...] | None = None               # default: powers of two
     min_prompt_bucket: int = 16
     language: str | None = None                                # default language
@@ -209,9 +208,8 @@ class Server:
         self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
         self.engine = BatchEngine(tts, options.max_batch_size, options.batch_window_ms / 1000,
                                   options.max_queue, options.chunk_frames,
-                                  options.first_chunk_frames, options.left_context,
-                                  options.batch_buckets, options.min_prompt_bucket,
-                                  options.continuous_batching)
+                                  options.first_chunk_frames, options.batch_buckets,
+                                  options.min_prompt_bucket, options.continuous_batching)
         self.started = time.time()
 
     # ----------------------------------------------------------------------------- warm-up

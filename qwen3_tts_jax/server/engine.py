@@ -9,10 +9,11 @@ Batching. Waiting requests are collected until `batch_window` seconds pass with 
 (at most 10 windows in all) or `max_batch_size` are waiting, then run as one batch (a "cohort")
 with the same compiled programs as offline generation and `Qwen3TTS._stream`: `generate.prefill`
 once, then `generate.decode` with a growing `until` (first after `first_chunk_frames` frames, then
-every `chunk_frames`), the state kept on device. After each chunk, every row's new frames are
-decoded by the codec in one padded batch, after up to `left_context` frames of that row's earlier
-codes, and sent to the row's `emit`. A job with `stream=False` (a whole-file format) is decoded
-once, when its row ends, after all of its history: the offline decode.
+every `chunk_frames`), the state kept on device. After each chunk, every row's new frames go to
+the cohort's `StreamDecoder` (one codec call for all rows, the codec's state carried on device
+from chunk to chunk, so a chunk costs only its new frames and the stream is the offline audio),
+and the audio to the row's `emit`. A job with `stream=False` (a whole-file format) is decoded
+once, when its row ends: the offline decode.
 
 Per-row end: a row that samples EOS or uses its `max_new_tokens` is finished (its `emit(None)`)
 at the next chunk boundary while the others go on; a row whose client went away (`job.cancelled`)
@@ -59,7 +60,7 @@ import numpy as np
 from .. import generate as gen, prompts, sampling, talker
 from ..api import GenerationSettings
 from ..buckets import batch_rows, ladder, power_of_two
-from ..codec import bucketed_decode
+from ..codec import StreamDecoder, bucketed_decode
 from ..text import assistant_text
 
 log = logging.getLogger("qwen3_tts_jax.server")
@@ -138,7 +139,7 @@ class Job:
     settings: GenerationSettings
     emit: Callable[[object], None]
     seed: int | None = None
-    ref_code: np.ndarray | None = None      # ICL clone: the codec's first left context
+    ref_code: np.ndarray | None = None      # ICL clone: decoded first, its audio cut
     stream: bool = True                     # False: one chunk at the end, the whole utterance
     feed: TextFeed | None = None            # a text session: the text arrives in pieces
     deadline: float = float("inf")          # time.monotonic() by which it must be finished
@@ -195,7 +196,12 @@ class _Cohort:
             tts.params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
             batch.extra_pos_B, batch.trailing_BxLt, batch.trailing_len_B, self.settings, keys,
             frames=self.capacity)
-        self.history = [self._history(j) for j in jobs] + [None] * (B - n)
+        # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
+        self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
+        self.codec = StreamDecoder(tts.speech_tokenizer.params, tts.speech_tokenizer.config.decoder,
+                                   B)
+        for b, j in enumerate(jobs):
+            self.codec.reset(b, prefix=j.ref_code)
         self.emitted = [0] * B                  # frames of each row sent so far
         self.open_rows = set(range(n))          # rows whose client still expects audio
         self.step_n = 0                         # frames the batch ran (host copy of state.step)
@@ -208,7 +214,7 @@ class _Cohort:
     def _key(job: Job):
         return jax.random.PRNGKey(secrets.randbits(31) if job.seed is None else int(job.seed))
 
-    def _history(self, job: Job) -> np.ndarray:
+    def _ref(self, job: Job) -> np.ndarray:
         G = self.engine.tts.config.talker.num_code_groups
         return (np.zeros((0, G), np.int32) if job.ref_code is None
                 else np.asarray(job.ref_code, np.int32))
@@ -240,7 +246,8 @@ class _Cohort:
             one.mask_BxL, one.extra_BxD, one.extra_pos_B, one.trailing_BxLt, one.trailing_len_B,
             self._key(job), compute=gen.prefill_length(one.mask_BxL))
         self.rows, self.settings = rows, settings
-        self.history[row] = self._history(job)
+        self.refs[row] = self._ref(job)
+        self.codec.reset(row, prefix=job.ref_code)
         self.emitted[row], self.first_frame[row] = 0, self.step_n
         self.open_rows.add(row)
         job.started, job.batch_size = time.monotonic(), len(self.open_rows)
@@ -323,18 +330,22 @@ class _Cohort:
         due = [b for b in sorted(open_rows) if regular or ended[b]
                or self.first_due.get(b, step + 1) <= step]
         ready = [b for b in due if lengths[b] > self.emitted[b]]
+        streamed = [b for b in ready if rows[b].stream]
         whole = [b for b in ready if not rows[b].stream and ended[b]]
-        for batch in ([b for b in ready if rows[b].stream], whole):
-            if not batch:
-                continue
-            at = [self.first_frame[b] for b in batch]
-            new = [codes[b, f + self.emitted[b]:f + lengths[b]] for b, f in zip(batch, at)]
-            waves = engine._decode([self.history[b] for b in batch], new, whole=batch is whole)
-            for b, c, w in zip(batch, new, waves):
-                self.history[b] = np.concatenate([self.history[b], c])
-                self.emitted[b] = rows[b].frames = int(lengths[b])
-                rows[b].emit(w)
-            stats["frames"] += sum(len(c) for c in new)
+        new = {b: codes[b, self.first_frame[b] + self.emitted[b]:self.first_frame[b] + lengths[b]]
+               for b in streamed + whole}
+        waves = {}
+        if whole:
+            waves.update(zip(whole, engine._decode([self.refs[b] for b in whole],
+                                                   [new[b] for b in whole])))
+        if streamed:
+            pushed = self.codec.push([new.get(b) if b in streamed else None
+                                      for b in range(len(rows))])
+            waves.update((b, pushed[b]) for b in streamed)
+        for b in streamed + whole:
+            self.emitted[b] = rows[b].frames = int(lengths[b])
+            rows[b].emit(waves[b])
+            stats["frames"] += len(new[b])
         for b in due:
             self.first_due.pop(b, None)
         now = time.monotonic()
@@ -369,7 +380,7 @@ class BatchEngine:
 
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
-                 left_context: int = 72, batch_buckets: tuple[int, ...] | None = None,
+                 batch_buckets: tuple[int, ...] | None = None,
                  min_prompt_bucket: int = 16, refill: bool = True):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
@@ -380,7 +391,6 @@ class BatchEngine:
         self.max_queue = max_queue
         self.chunk_frames = chunk_frames
         self.first_chunk_frames = first_chunk_frames
-        self.left_context = left_context
         # Padded batch sizes (one compiled program set each): powers of two up to the maximum by
         # default, from the backend's fewest rows (`buckets.MIN_ROWS`: two on a GPU); a single
         # bucket (e.g. (8,)) compiles once and pads every batch to it.
@@ -444,7 +454,7 @@ class BatchEngine:
         prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
         `chunks` chunks, then starts a copy in a running row and runs one more chunk: the
         programs that a first request of those shapes would compile (the frame loop at the first
-        KV-cache size, a row's refill, the first codec windows). Nothing is emitted and
+        KV-cache size, a row's refill), and every streaming codec window of a chunk. Nothing is emitted and
         the stats stay as they were. Returns seconds."""
         if self._thread is not None:
             raise RuntimeError("warm the engine up before start()")
@@ -460,6 +470,8 @@ class BatchEngine:
                 cohort.open_rows.discard(0)
                 cohort.take(quiet(), 0)
                 cohort.step()
+                # every codec window a chunk can use (shorter last chunks, codec restarts)
+                cohort.codec.warm(max(self.chunk_frames, self.first_chunk_frames))
         self.stats = stats
         return time.perf_counter() - t
 
@@ -611,24 +623,17 @@ class BatchEngine:
                             jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
                             jnp.asarray(np.asarray(budget, np.int32)))
 
-    def _decode(self, histories: list[np.ndarray], new: list[np.ndarray], whole: bool = False
-                ) -> list[np.ndarray]:
-        """Each row's new frames decoded after up to `left_context` frames of its history (all of
-        it with `whole`, by the offline API's chunked decode): one codec batch (rows padded on the right,
-        which the causal decoder ignores; the batch padded to a batch bucket so that few programs
-        are compiled). Returns the new samples only."""
+    def _decode(self, histories: list[np.ndarray], new: list[np.ndarray]) -> list[np.ndarray]:
+        """Whole utterances (rows of whole-file formats, once they ended), each after its prefix
+        (an ICL reference), by the offline API's decode (the official 300-frame chunks): one codec
+        batch, rows padded on the right (which the causal decoder ignores), the batch padded to a
+        batch bucket so that few programs are compiled. Returns the new samples only."""
         codec = self.tts.speech_tokenizer
         up = codec.config.decode_upsample_rate
-        keep = None if whole else self.left_context
-        ctx = [h if keep is None else h[max(0, len(h) - keep):] for h in histories]
-        T = max(len(c) + len(x) for c, x in zip(ctx, new))
-        Bc = self._bucket(len(new))
-        window = np.zeros((Bc, T, new[0].shape[-1]), np.int32)
-        for i, (c, x) in enumerate(zip(ctx, new)):
+        T = max(len(c) + len(x) for c, x in zip(histories, new))
+        window = np.zeros((self._bucket(len(new)), T, new[0].shape[-1]), np.int32)
+        for i, (c, x) in enumerate(zip(histories, new)):
             window[i, :len(c) + len(x)] = np.concatenate([c, x])
-        # a whole utterance: the official decode (300-frame chunks after 25 frames of context,
-        # like `Qwen3TTS.decode`); a streamed chunk: one window after its left context
-        wave = bucketed_decode(codec.params, codec.config.decoder, window,
-                               **({} if whole else {"chunk_size": None}))
+        wave = bucketed_decode(codec.params, codec.config.decoder, window)
         return [wave[i, len(c) * up:(len(c) + len(x)) * up].copy()
-                for i, (c, x) in enumerate(zip(ctx, new))]
+                for i, (c, x) in enumerate(zip(histories, new))]

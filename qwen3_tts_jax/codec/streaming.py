@@ -1,0 +1,127 @@
+"""`StreamDecoder`: decode codes as they are generated, several streams at once, with the decoder's
+state carried on device between calls, so that each call costs only its new frames.
+
+    dec = tok.stream_decoder(batch=2)
+    wav_a, wav_b = dec.push([codes_a_0_to_3, codes_b_0_to_8])   # float32 audio of those frames
+    wav_a, wav_b = dec.push([codes_a_3_to_15, None])            # None: nothing new for that row
+    dec.reset(1)                                                # row 1 starts another stream
+
+The audio of a stream pushed in any pieces is `SpeechTokenizer.decode` of the whole stream (float
+rounding): the official decode restarts the decoder every 300 frames after 25 frames of left
+context (`chunk_plan`), and so does this, at the same frames, from the same 25 frames. With
+chunk_size=None it never restarts: the whole-utterance decode (`decode(..., chunk_size=None)`).
+
+Shapes: a call decodes all rows together as one window of T frames (T the longest row's piece
+rounded up to 4, 6, 8, 12, 16, ...), rows without new frames keep their state at the cost of
+padding; a push that crosses a restart in some row runs a second window for the rest.
+"""
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..buckets import ladder
+from . import decoder
+
+MIN_WINDOW = 4
+
+
+class StreamDecoder:
+    """B code streams decoded incrementally (see the module docstring). Not thread-safe."""
+
+    def __init__(self, params, cfg: decoder.DecoderConfig, batch: int,
+                 chunk_size: int | None = 300, left_context: int = 25):
+        if chunk_size is not None and not 0 <= left_context <= chunk_size:
+            raise ValueError(f"left_context must be in [0, chunk_size], got {left_context}")
+        self.params, self.cfg, self.batch = params, cfg, batch
+        self.chunk_size, self.left_context = chunk_size, left_context
+        self.up = cfg.total_upsample
+        self.state = decoder.init_stream_state(params, cfg, batch)
+        Q = cfg.num_quantizers
+        self._frames = [0] * batch        # frames of each stream decoded so far (prefix included)
+        self._recent = [np.zeros((0, Q), np.int32)] * batch   # its last left_context frames
+        self._fresh = [False] * batch     # the row's state must be dropped at its next frame
+        self._prefix = [None] * batch     # codes to decode before the next push's, output dropped
+
+    def reset(self, row: int, prefix: np.ndarray | None = None) -> None:
+        """Row `row` starts a new stream. `prefix` (frames, Q): codes that come first in the
+        stream but whose audio is not returned (a voice-clone reference: the official decode
+        decodes the reference codes before the generated ones and cuts their audio)."""
+        self._frames[row], self._fresh[row] = 0, True
+        self._recent[row] = self._recent[row][:0]
+        self._prefix[row] = None if prefix is None or len(prefix) == 0 else np.asarray(
+            prefix, np.int32)
+
+    def warm(self, max_frames: int) -> float:
+        """Compile (by running, on the current state with no frames, which keeps it) every
+        window that pieces of at most `max_frames` new frames use, the restarts' context
+        included. Returns seconds."""
+        t = time.perf_counter()
+        extra = 0 if self.chunk_size is None else self.left_context
+        for T in sorted({ladder(n, MIN_WINDOW) for n in range(1, max_frames + extra + 1)}):
+            zeros = jnp.zeros((self.batch,), jnp.int32)
+            wave, _ = decoder.jit_stream_decode(
+                self.params, self.cfg, self.state,
+                jnp.zeros((self.batch, T, self.cfg.num_quantizers), jnp.int32), zeros,
+                zeros.astype(bool))
+            wave.block_until_ready()
+        return time.perf_counter() - t
+
+    def _pieces(self, row: int, seq: np.ndarray) -> list[tuple[bool, np.ndarray, int]]:
+        """(reset, window codes, context frames) of each decoder call that row `row` needs for
+        its next frames `seq`; advances the row's counters."""
+        out, i, C, f = [], 0, self.chunk_size, self._frames[row]
+        while i < len(seq):
+            reset, ctx = self._fresh[row], self._recent[row][:0]
+            if C is not None and f > 0 and f % C == 0:
+                # a new official chunk: the decoder restarts (positions from 0) after the left
+                # context (`chunk_plan`: left_context frames, or all of them if fewer)
+                n = self.left_context if f - self.left_context > 0 else f
+                reset, ctx = True, self._recent[row][len(self._recent[row]) - n:]
+            take = len(seq) - i if C is None else min(len(seq) - i, C - f % C)
+            new = seq[i:i + take]
+            out.append((reset, np.concatenate([ctx, new]), len(ctx)))
+            keep = max(self.left_context, 1)
+            self._recent[row] = np.concatenate([self._recent[row], new])[-keep:]
+            self._fresh[row] = False
+            f += take
+            i += take
+        self._frames[row] = f
+        return out
+
+    def push(self, new: list) -> list:
+        """The next frames of each row ((frames, Q) int codes, or None for a row with nothing
+        new) -> each row's float32 audio of those frames (None where None was pushed)."""
+        if len(new) != self.batch:
+            raise ValueError(f"push takes one entry per row ({self.batch}), got {len(new)}")
+        pieces, drop = [], []
+        for b, codes in enumerate(new):
+            seq = None if codes is None else np.asarray(codes, np.int32).reshape(
+                -1, self.cfg.num_quantizers)
+            n_prefix = 0
+            if seq is not None and self._prefix[b] is not None:
+                n_prefix, seq = len(self._prefix[b]), np.concatenate([self._prefix[b], seq])
+                self._prefix[b] = None
+            pieces.append([] if seq is None else self._pieces(b, seq))
+            drop.append(n_prefix)
+        audio = [[] for _ in range(self.batch)]
+        for k in range(max(len(p) for p in pieces)):
+            round_ = [p[k] if k < len(p) else None for p in pieces]
+            T = ladder(max(len(r[1]) for r in round_ if r is not None), MIN_WINDOW)
+            window = np.zeros((self.batch, T, self.cfg.num_quantizers), np.int32)
+            n, reset = np.zeros(self.batch, np.int32), np.zeros(self.batch, bool)
+            for b, r in enumerate(round_):
+                if r is not None:
+                    reset[b], codes, _ = r
+                    window[b, :len(codes)], n[b] = codes, len(codes)
+            wave, self.state = decoder.jit_stream_decode(
+                self.params, self.cfg, self.state, jnp.asarray(window), jnp.asarray(n),
+                jnp.asarray(reset))
+            wave = np.asarray(wave)
+            for b, r in enumerate(round_):
+                if r is not None:
+                    audio[b].append(wave[b, r[2] * self.up:n[b] * self.up])
+        return [None if codes is None else np.concatenate(a)[drop[b] * self.up:] if a
+                else np.zeros(0, np.float32) for b, (codes, a) in enumerate(zip(new, audio))]
