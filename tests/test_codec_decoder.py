@@ -282,6 +282,34 @@ def test_stream_decoder_default_equals_official_decode_with_prefix(parity_codec)
     assert_close_to_peak(got_cloned, full[40 * 1920:], "stream after a prefix vs official decode")
 
 
+def test_stream_decoder_rejects_bad_codes(parity_codec):
+    """Bad pushes name the row and the problem (no silent clamping inside the jitted decode), and
+    leave the decoder usable."""
+    _, _, tok = parity_codec("tiny")
+    # 4-frame chunks: a refused push that still moved a row's frame counter would make the
+    # next push restart after context, and its audio differ from a fresh decoder's
+    new_decoder = lambda: StreamDecoder(tok.params, tok.config.decoder, 2, chunk_size=4,
+                                        left_context=2)
+    dec = new_decoder()
+    good = np.ones((4, 16), np.int32)
+    for bad, match in [(np.full((3, 16), 2048), r"row 1: codes must be in \[0, 2048\); got 2048"),
+                       (-np.ones((2, 16), np.int64), r"row 1: .*got -1 at frame 0"),
+                       (np.zeros((3, 15), np.int32), r"row 1: codes must be \(frames, 16\)"),
+                       (np.zeros((3, 16), np.float32), "row 1: codes must be integers")]:
+        with pytest.raises(ValueError, match=match):
+            dec.push([good, bad])
+    with pytest.raises(ValueError, match="one entry per row"):
+        dec.push([good])
+    with pytest.raises(ValueError, match="row 0 prefix"):
+        dec.reset(0, prefix=np.full((2, 16), 5000))
+    with pytest.raises(ValueError, match="row 2 is not in"):
+        dec.reset(2)
+    codes = np.random.default_rng(5).integers(0, 2048, (3, 16))
+    fresh = new_decoder().push([codes, codes])
+    for got, want in zip(dec.push([codes, codes]), fresh):    # nothing moved on a refused push
+        np.testing.assert_array_equal(got, want)
+
+
 def test_frame_buckets_and_chunks():
     assert [frame_bucket(t) for t in (1, 16, 17, 25, 33, 55, 100, 257, 300, 325)] == \
         [16, 16, 24, 32, 48, 64, 128, 325, 325, 325]

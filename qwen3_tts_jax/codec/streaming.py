@@ -28,6 +28,23 @@ from . import decoder
 MIN_WINDOW = 4
 
 
+def _checked(codes, what: str, cfg) -> np.ndarray:
+    """(frames, Q) integer codes in [0, codebook_size) as int32, or ValueError naming the
+    problem (a stream has no -1 padding: push only the frames that exist)."""
+    Q, N = cfg.num_quantizers, cfg.codebook_size
+    a = np.asarray(codes)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what}: codes must be integers, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] != Q:
+        raise ValueError(f"{what}: codes must be (frames, {Q}); got shape {a.shape}")
+    bad = (a < 0) | (a >= N)
+    if bad.any():
+        t, q = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}: codes must be in [0, {N}); got {a[t, q]} at frame {t}, "
+                         f"codebook {q}")
+    return a.astype(np.int32)
+
+
 class StreamDecoder:
     """B code streams decoded incrementally (see the module docstring). Not thread-safe."""
 
@@ -49,10 +66,12 @@ class StreamDecoder:
         """Row `row` starts a new stream. `prefix` (frames, Q): codes that come first in the
         stream but whose audio is not returned (a voice-clone reference: the official decode
         decodes the reference codes before the generated ones and cuts their audio)."""
-        self._frames[row], self._fresh[row] = 0, True
+        if not 0 <= row < self.batch:
+            raise ValueError(f"row {row} is not in [0, {self.batch})")
+        prefix = None if prefix is None or len(prefix) == 0 else _checked(
+            prefix, f"row {row} prefix", self.cfg)
+        self._frames[row], self._fresh[row], self._prefix[row] = 0, True, prefix
         self._recent[row] = self._recent[row][:0]
-        self._prefix[row] = None if prefix is None or len(prefix) == 0 else np.asarray(
-            prefix, np.int32)
 
     def warm(self, max_frames: int) -> float:
         """Compile (by running, on the current state with no frames, which keeps it) every
@@ -96,10 +115,10 @@ class StreamDecoder:
         new) -> each row's float32 audio of those frames (None where None was pushed)."""
         if len(new) != self.batch:
             raise ValueError(f"push takes one entry per row ({self.batch}), got {len(new)}")
+        seqs = [None if c is None else _checked(c, f"row {b}", self.cfg)
+                for b, c in enumerate(new)]                 # all checked before any state moves
         pieces, drop = [], []
-        for b, codes in enumerate(new):
-            seq = None if codes is None else np.asarray(codes, np.int32).reshape(
-                -1, self.cfg.num_quantizers)
+        for b, seq in enumerate(seqs):
             n_prefix = 0
             if seq is not None and self._prefix[b] is not None:
                 n_prefix, seq = len(self._prefix[b]), np.concatenate([self._prefix[b], seq])
