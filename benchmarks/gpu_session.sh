@@ -9,7 +9,8 @@
 #                                        # (`rows-as-given`), with TTFA, the sampler's top-k path and
 #                                        # the predictor's steps unrolled, int8 weights; then
 #                                        # batch 8, 64, 128;
-#                                        # then the 1.7B at batch 1 and 64
+#                                        # then the 1.7B at batch 1 and 64; then the
+#                                        # streaming codec, stateful vs windowed
 #
 # Missing packages (soundfile, soxr, ...) travel as wheels in .whl/ (see the device notes); the
 # full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
@@ -37,6 +38,9 @@ one)
         --variants default,rows-as-given,topk-dispatch,unrolled,int8 --variant-batches 1
     bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
     bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
+    # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
+    timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
+        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
     ;;
 *)
     echo "unknown part $part: one" >&2; exit 2 ;;
