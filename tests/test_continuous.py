@@ -190,3 +190,24 @@ def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypat
         ref = tts.decode(codes)[0][0]
         assert wave.shape == ref.shape == ((tokens - 1) * 1920,), (k, wave.shape, ref.shape)
         np.testing.assert_allclose(wave, ref, atol=1e-5 + 1e-4 * np.abs(ref).max(), err_msg=k)
+
+
+def test_engine_whole_file_clone_cut_like_offline(model_pair):
+    """A whole-file ICL row is decoded after its reference codes and the reference's part cut as
+    the offline API and the official do: int(ref / total * samples), which for 1 reference frame
+    in 49 keeps one sample of the reference (float rounding); other lengths cut exactly (1 in
+    187 too, which int(ref / total * total * 1920) would not)."""
+    from qwen3_tts_jax.server.engine import BatchEngine
+
+    _, tts = model_pair("cv_proj")
+    rng = np.random.default_rng(0)
+    engine = BatchEngine(tts, max_batch_size=4, batch_buckets=(4,))
+    refs, codes = [rng.integers(0, 2048, (n, 16)) for n in (1, 3, 1)], \
+        [rng.integers(0, 2048, (n, 16)) for n in (48, 20, 186)]
+    got = engine._decode(refs, codes)
+    for r, c, w in zip(refs, codes, got):
+        full = tts.decode([np.concatenate([r, c])])[0][0]
+        cut = int(len(r) / (len(r) + len(c)) * len(full))
+        assert w.shape == full[cut:].shape
+        np.testing.assert_allclose(w, full[cut:], atol=1e-5 * np.abs(full).max())  # other batch
+    assert [len(w) for w in got] == [48 * 1920 + 1, 20 * 1920, 186 * 1920]

@@ -635,5 +635,9 @@ class BatchEngine:
         for i, (c, x) in enumerate(zip(histories, new)):
             window[i, :len(c) + len(x)] = np.concatenate([c, x])
         wave = bucketed_decode(codec.params, codec.config.decoder, window)
-        return [wave[i, len(c) * up:(len(c) + len(x)) * up].copy()
-                for i, (c, x) in enumerate(zip(histories, new))]
+        # the reference's part cut like the offline API and the official: int(ref / total *
+        # samples), one sample short of the reference's samples for some lengths
+        cut = [int(len(c) / (len(c) + len(x)) * ((len(c) + len(x)) * up))
+               for c, x in zip(histories, new)]
+        return [wave[i, k:(len(c) + len(x)) * up].copy()
+                for i, (k, c, x) in enumerate(zip(cut, histories, new))]
