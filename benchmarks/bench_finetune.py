@@ -170,7 +170,6 @@ def main():
         os.environ["JAX_PLATFORMS"] = "cuda"
     load0 = os.getloadavg()
     import jax
-    import jax.numpy as jnp
 
     from qwen3_tts_jax.config import parse_config
 

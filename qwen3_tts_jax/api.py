@@ -8,6 +8,7 @@ device results into numpy; everything per frame happens in `generate.py`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -154,6 +155,24 @@ class Qwen3TTS:
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder)
         tts.model_parallel = model_parallel
         return tts
+
+    def on_device(self, device) -> "Qwen3TTS":
+        """This model with its weights (and its codec's decoder) copied to `device`: what runs
+        on them runs there (JAX follows committed arrays). The copy shares the config, the text
+        tokenizer and the codec's encoder; one per device makes a data-parallel pool
+        (`server.engine.EnginePool`)."""
+        if self.model_parallel > 1:
+            raise ValueError("a model split over a mesh (model_parallel > 1) cannot be copied to "
+                             "one device")
+        other = copy.copy(self)
+        other.params = jax.device_put(self.params, device)
+        other._replicated = None
+        codec = copy.copy(self.speech_tokenizer) if os.path.isdir(
+            os.path.join(self.folder, "speech_tokenizer")) else None
+        if codec is not None:
+            codec.params = jax.device_put(codec.params, device)
+        other._speech_tokenizer = codec
+        return other
 
     @property
     def speech_tokenizer(self):

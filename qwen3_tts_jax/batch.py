@@ -1,4 +1,4 @@
-"""Batch jobs: many utterances to WAV files, padded batches on every local device, restartable.
+"""Batch jobs: many utterances to WAV files, continuous batches on every local device, restartable.
 
     qwen3-tts-jax batch requests.jsonl --out-dir wavs --model ... --batch-size 16
     qwen3-tts-jax batch lines.txt --out-dir wavs --model ... --speaker ryan --language english
@@ -7,16 +7,19 @@ Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mo
 "instruct", "voice" (a voice file), "language", "seed"} (the mode is the checkpoint's); or a plain
 text file, one utterance per line, named line-00001... with the voice from the command line. A line
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
-skipped. Requests are sorted by length and run in padded batches. On one device the batches are
-continuous (`server.engine.BatchEngine`): a row whose utterance ended takes the next request at the
-next host check, and each WAV is written as its utterance ends. Each WAV is written atomically
-(temp file + rename), and a file that already exists is not generated again, so a killed job
-restarts where it stopped without losing or redoing finished work.
+skipped. Requests are sorted by length and run as continuous batches (`server.engine.BatchEngine`):
+a row whose utterance ended takes the next request at the next host check, and each WAV is
+written as its utterance ends. Each WAV is written atomically (temp file + rename), and a file
+that already exists is not generated again, so a killed job restarts where it stopped without
+losing or redoing finished work.
 
-Data parallel (several local devices): each padded batch is sharded over all local devices (`jax.sharding`, a 1-D "data" mesh;
-params replicated). Across hosts, start the same command on each host with `--num-hosts N
---host-index i` (after `jax.distributed.initialize()` where the platform needs it): host i takes
-requests i, i+N, i+2N, ... of the input.
+Data parallel (several local devices): one engine per device (`server.engine.EnginePool`), the
+weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
+Tensor parallel (`--model-parallel m`, a model too big for one device): padded batches over a
+(data, model) `jax.sharding` mesh, the weights split over "model" and the rows over "data".
+Across hosts, start the same command on each host with `--num-hosts N --host-index i` (after
+`jax.distributed.initialize()` where the platform needs it): host i takes requests i, i+N,
+i+2N, ... of the input.
 """
 from __future__ import annotations
 
@@ -141,9 +144,11 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         bar.set_postfix_str(f"{audio_s:.1f} s audio, {audio_s / max(wall, 1e-9):.2f}x real time")
 
     refilled = None
-    if devices == 1:
-        refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar)
+    if tts.model_parallel == 1:
+        refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar,
+                                   jax.local_devices())
     else:
+        devices //= tts.model_parallel                 # rows split over the mesh's "data" axis
         batch_size = max(batch_size, devices) // devices * devices
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -174,24 +179,34 @@ CONTINUOUS_CHUNK_FRAMES = 8
 
 
 def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, failed,
-                    bar) -> int:
-    """One device: the requests through the server's `BatchEngine` (continuous batching: a row
-    whose request ended takes the next request at the next host check, instead of the padded
-    batch waiting for its longest row), each WAV written as its request ends, with the offline
-    API's audio (its seed, the official codec decode). Returns how many requests started in a
-    running batch."""
+                    bar, devices: list) -> int:
+    """The requests through the server's `BatchEngine` (continuous batching: a row whose request
+    ended takes the next request at the next host check, instead of the padded batch waiting for
+    its longest row), one engine per device (`EnginePool`: the weights copied to each, no
+    collective), each WAV written as its request ends, with the offline API's audio (its seed,
+    the official codec decode). Requests are handed out as rows free up (a device whose rows
+    end sooner takes more), at most two batches' worth ahead per device. Returns how many
+    requests started in a running batch."""
     import threading
 
     from .api import GenerationSettings
-    from .server.engine import BatchEngine, Job
+    from .server.engine import BatchEngine, EnginePool, Job
 
-    engine = BatchEngine(tts, max_batch_size=batch_size, batch_window=0.0,
-                         max_queue=len(todo) + 1, chunk_frames=CONTINUOUS_CHUNK_FRAMES,
-                         first_chunk_frames=CONTINUOUS_CHUNK_FRAMES)
+    kw = dict(max_batch_size=batch_size, batch_window=0.0, max_queue=len(todo) + 1,
+              chunk_frames=CONTINUOUS_CHUNK_FRAMES, first_chunk_frames=CONTINUOUS_CHUNK_FRAMES)
+    engine = (BatchEngine(tts, **kw) if len(devices) == 1
+              else EnginePool(tts, devices=devices, **kw))
     sr = tts.speech_tokenizer.config.output_sample_rate
+    jobs: list[Job] = []
     left = [0]
     all_done = threading.Event()
     lock = threading.Lock()
+
+    def submit_next() -> None:
+        with lock:
+            job = jobs.pop(0) if jobs else None
+        if job is not None:
+            engine.submit(job)
 
     def emit_for(r: Request):
         waves = []
@@ -209,6 +224,7 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
             except OSError as e:
                 failed.append(f"line {r.line} ({r.name}): {e}")
             finally:
+                submit_next()
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:
@@ -224,11 +240,13 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
             failed.append(f"line {r.line} ({r.name}): {e}")
             bar.update(1)
             continue
-        with lock:
-            left[0] += 1
-        engine.submit(Job(items[0], settings, emit=emit_for(r), seed=seed[0],
-                          ref_code=ref_code[0], stream=False))
-    if left[0]:
+        jobs.append(Job(items[0], settings, emit=emit_for(r), seed=seed[0],
+                        ref_code=ref_code[0], stream=False))
+    left[0] = len(jobs)
+    if jobs:
+        ahead = 2 * batch_size * len(devices)
+        for _ in range(min(ahead, len(jobs))):
+            submit_next()
         engine.start()
         all_done.wait()
         engine.stop()

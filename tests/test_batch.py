@@ -167,3 +167,61 @@ def test_one_device_batch_refills_rows_and_equals_offline(tmp_path, make_checkpo
         np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max(),
                                    err_msg=r.name)
     assert len(lengths) > 1, "every request had the same length: nothing to refill"
+
+
+POOL = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_default_matmul_precision", "float32")
+    import numpy as np
+    import soundfile as sf
+    from qwen3_tts_jax import Qwen3TTS, batch
+    from qwen3_tts_jax.server.engine import EnginePool
+
+    assert len(jax.local_devices()) == 8
+    tts = Qwen3TTS.from_pretrained(sys.argv[1])
+    speakers = ["ryan", "vivian", "eric", "serena", "aiden"]
+    reqs = [batch.Request(line=i + 1, text=f"Sentence number {i}, said once.", name=f"r{i}",
+                          speaker=speakers[i % 5], language="english") for i in range(24)]
+    used = set()
+    real_init = EnginePool.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        for e in self.engines:
+            run = e.submit
+            e.submit = lambda job, run=run, e=e: (used.add(id(e)), run(job))[1]
+    EnginePool.__init__ = spy
+    summary = batch.run(tts, reqs, sys.argv[2], batch_size=2, gen={"max_new_tokens": 30},
+                        progress=False)
+    worst, lengths = 0.0, set()
+    for r in reqs:
+        wave, sr = sf.read(f"{sys.argv[2]}/{r.name}.wav", dtype="float32")
+        codes = tts.generate_custom_voice_codes(r.text, speaker=r.speaker, language="english",
+                                                seed=[r.line], max_new_tokens=30)
+        ref = np.clip(tts.decode(codes)[0][0], -1, 1)
+        lengths.add(len(ref))
+        assert wave.shape == ref.shape, (r.name, wave.shape, ref.shape)
+        worst = max(worst, float(np.abs(wave - ref).max() / (2e-4 + 1e-4 * np.abs(ref).max())))
+    print(json.dumps({"done": summary["done"], "failed": summary["failed"],
+                      "refilled": summary["refilled"], "devices": len(used),
+                      "lengths": len(lengths), "worst": worst}))
+""")
+
+
+def test_pool_over_8_devices_equals_offline(tmp_path, make_checkpoint):
+    """On several devices the batch tool runs one continuous-batching engine per device
+    (`EnginePool`): every device takes requests, rows refill, and every WAV is the one-device
+    offline API's audio for the request's seed (16-bit rounding), whichever device made it."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_eos"),
+                        str(tmp_path / "wavs")], capture_output=True, text=True, timeout=900,
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["done"] == 24 and not got["failed"], got
+    assert got["devices"] == 8, got                   # every device generated some requests
+    assert got["refilled"] >= 1, got                  # 24 requests through 8 x 2 rows
+    assert got["lengths"] > 1, got                    # EOS at different frames
+    assert got["worst"] <= 1.0, got                   # within 2e-4 + 1e-4 * peak of offline

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import threading
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -414,7 +415,12 @@ def test_serve_command(tmp_path):
 
     r = subprocess.run([EXE, "serve", "--random-weights", "--model-parallel", "2"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "one device" in r.stderr and "Traceback" not in r.stderr
+    assert (r.returncode == 2 and "whole copy of the model" in r.stderr
+            and "Traceback" not in r.stderr)
+    r = subprocess.run([EXE, "serve", "--random-weights", "--devices", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert (r.returncode == 2 and "devices=3" in r.stderr and "local device" in r.stderr
+            and "Traceback" not in r.stderr), r.stderr[-2000:]
     r = subprocess.run([EXE, "serve", "--random-weights", "--warmup", "16,x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--warmup takes" in r.stderr and "'16,x'" in r.stderr
@@ -627,3 +633,62 @@ def test_clone_text_session_equals_offline_streaming_mode(make_checkpoint, tmp_p
                                        atol=2e-4 + 1e-4 * np.abs(ref).max())
     finally:
         s.stop()
+
+
+POOL = """
+import concurrent.futures as cf, json, sys
+sys.path.insert(0, sys.argv[2])
+import jax
+jax.config.update("jax_default_matmul_precision", "float32")
+import numpy as np
+from qwen3_tts_jax import Qwen3TTS
+from qwen3_tts_jax.server.app import ServerOptions, create_app
+from test_server import GEN, Running, get, offline, parse_wav, post, speech
+
+tts = Qwen3TTS.from_pretrained(sys.argv[1])
+out = {}
+try:
+    create_app(tts, ServerOptions(devices=9))
+except ValueError as e:
+    out["too_many"] = str(e)
+s = Running(create_app(tts, ServerOptions(model_name="tiny", devices=4, max_new_tokens=64,
+                                          batch_window_ms=20, max_batch_size=2, batch_buckets=(2,),
+                                          min_prompt_bucket=48)))
+
+def one(i):
+    code, _, data = post(s.url + "/v1/audio/speech", speech(input=f"Client request number {i}.",
+                                                             response_format="wav", seed=i, **GEN),
+                         timeout=300)
+    assert code == 200, (code, data[:300])
+    ref = np.clip(offline(tts, f"Client request number {i}.", "ryan", i, **GEN), -1, 1)
+    wave = parse_wav(data)
+    assert wave.shape == ref.shape, (wave.shape, ref.shape)
+    return float(np.abs(wave - ref).max() / (2e-4 + 1e-4 * np.abs(ref).max()))
+
+with cf.ThreadPoolExecutor(8) as ex:
+    out["worst"] = max(ex.map(one, range(8)))
+health = get(s.url + "/health")
+out["devices"] = [d["requests"] for d in health["devices"]]
+out["requests"] = health["stats"]["requests"]
+s.stop()
+print(json.dumps(out))
+"""
+
+
+def test_server_on_several_devices(make_checkpoint, tmp_path):
+    """`--devices 4` on 8 simulated CPU devices: an engine per device (`EnginePool`), concurrent
+    requests spread over the devices (/health counts them per device), each response the
+    one-device offline audio of its seed; more devices than the host has is a clear error."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_proj"),
+                        os.path.dirname(__file__)], capture_output=True, text=True, timeout=900,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "devices=9" in got["too_many"] and "8 local device" in got["too_many"], got
+    assert got["worst"] <= 1.0, got          # within 2e-4 + 1e-4 * peak of the offline audio
+    assert len(got["devices"]) == 4 and sum(got["devices"]) == got["requests"] == 8, got
+    assert sum(n > 0 for n in got["devices"]) >= 2, got

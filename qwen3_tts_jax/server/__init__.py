@@ -47,6 +47,9 @@ def add_parser(sub, common) -> None:
     s.add_argument("--no-continuous-batching", dest="continuous_batching", action="store_false",
                    help="do not start waiting requests in a running batch's free rows: they wait "
                         "for the next batch (for comparison; the default refills rows)")
+    s.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="local devices to serve on, one batching engine (and a copy of the "
+                        "weights) each; requests go to the least busy (default: all)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,
@@ -74,8 +77,8 @@ def run(args) -> int:
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if getattr(args, "model_parallel", 1) > 1:
-        _fail("serve runs the model on one device; --model-parallel is not supported by the "
-              "server yet (start one server per device instead)")
+        _fail("serve runs a whole copy of the model on each device (--devices); --model-parallel "
+              "is not supported by the server yet")
     warmup = ()
     if args.warmup:
         try:
@@ -122,7 +125,7 @@ def run(args) -> int:
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
         defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
-        continuous_batching=args.continuous_batching)
+        continuous_batching=args.continuous_batching, devices=args.devices)
     try:
         app = create_app(tts, options)
     except ValueError as e:

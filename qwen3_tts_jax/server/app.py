@@ -26,6 +26,7 @@ import re
 import struct
 import time
 
+import jax
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ from ..api import GEN_KWARGS, GenerationSettings
 from ..buckets import ladder
 from ..text import assistant_text, ref_text
 from ..voice import load_voice, save_voice
-from .engine import BatchEngine, DeadlineExceeded, Job, QueueFull, TextFeed
+from .engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -74,6 +75,7 @@ class ServerOptions:
     max_new_tokens: int | None = None                          # server-wide cap
     warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
     continuous_batching: bool = True # waiting requests start in a running batch's free rows
+    devices: int | None = None       # local devices, one engine each (default: all)
 
 
 class ApiError(Exception):
@@ -206,10 +208,19 @@ class Server:
         self.voices = VoiceStore(options.voices_dir if self.kind == "base" else None)
         cap = options.max_new_tokens or tts.generate_defaults.max_new_tokens
         self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
-        self.engine = BatchEngine(tts, options.max_batch_size, options.batch_window_ms / 1000,
-                                  options.max_queue, options.chunk_frames,
-                                  options.first_chunk_frames, options.batch_buckets,
-                                  options.min_prompt_bucket, options.continuous_batching)
+        local = jax.local_devices()
+        n = len(local) if options.devices is None else options.devices
+        if not 1 <= n <= len(local):
+            raise ValueError(f"devices={n}: this host has {len(local)} local device(s) "
+                             f"({local[0].platform}); use 1 to {len(local)}")
+        kw = dict(max_batch_size=options.max_batch_size,
+                  batch_window=options.batch_window_ms / 1000, max_queue=options.max_queue,
+                  chunk_frames=options.chunk_frames, first_chunk_frames=options.first_chunk_frames,
+                  batch_buckets=options.batch_buckets, min_prompt_bucket=options.min_prompt_bucket,
+                  refill=options.continuous_batching)
+        # one device: the engine over the loaded weights; several: an engine per device
+        self.devices = n
+        self.engine = BatchEngine(tts, **kw) if n == 1 else EnginePool(tts, local[:n], **kw)
         self.started = time.time()
 
     # ----------------------------------------------------------------------------- warm-up
@@ -642,6 +653,10 @@ class Server:
         stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
         return {"status": "ok", "model": self.options.model_name, "tts_model_type": self.kind,
                 "queue": self.engine.waiting, "active": self.engine.active,
+                "devices": self.engine.per_device if self.devices > 1 else [
+                    {"device": str(jax.local_devices()[0]), "queue": self.engine.waiting,
+                     "active": self.engine.active, "requests": stats["requests"],
+                     "frames": stats["frames"]}],
                 "max_batch_size": self.options.max_batch_size,
                 "max_new_tokens": self.max_new_tokens, "formats": self.formats, "stats": stats}
 

@@ -36,7 +36,10 @@ passes the tokens received until the text is final. So its codes are those of th
 streaming-mode generation of the whole text, however the text was split in time.
 
 Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` called with
-`seed=[s]`, so its audio does not depend on which other requests share its batch.
+`seed=[s]`, so its audio does not depend on which other requests share its batch (or device).
+
+Several devices: `EnginePool` runs one engine per device, each over its own copy of the weights,
+and hands each job to the least busy one.
 """
 from __future__ import annotations
 
@@ -641,3 +644,87 @@ class BatchEngine:
                for c, x in zip(histories, new)]
         return [wave[i, k:(len(c) + len(x)) * up].copy()
                 for i, (k, c, x) in enumerate(zip(cut, histories, new))]
+
+
+class EnginePool:
+    """Data parallel over devices: one `BatchEngine` per device, each over its own copy of the
+    weights (`Qwen3TTS.on_device`) with its own worker thread, batches and continuous refill; no
+    collective between them. A job goes to the engine with the fewest jobs running or waiting
+    (ties: the first device), so a burst is dealt round the devices and a device whose rows
+    ended gets the next job. The interface is `BatchEngine`'s: `submit`, `call` (on the first
+    device's worker), `wake` (every worker), `warmup` (every device at once), `start`, `stop`,
+    and `stats`, `waiting`, `active` summed over the devices (`per_device` has each)."""
+
+    def __init__(self, tts, devices=None, max_queue: int = 64, **engine_kwargs):
+        devices = list(jax.local_devices() if devices is None else devices)
+        if not devices:
+            raise ValueError("an engine pool needs at least one device")
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        self.tts, self.devices, self.max_queue = tts, devices, max_queue
+        self.engines = [BatchEngine(tts.on_device(d), max_queue=max_queue, **engine_kwargs)
+                        for d in devices]
+        self.batch_buckets = self.engines[0].batch_buckets
+        self._lock = threading.Lock()
+        self._rejected = 0
+
+    def start(self) -> "EnginePool":
+        for e in self.engines:
+            e.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for e in self.engines:
+            e._stop.set()
+            e.wake()
+        for e in self.engines:
+            e.stop(timeout)
+
+    @property
+    def waiting(self) -> int:
+        return sum(e.waiting for e in self.engines)
+
+    @property
+    def active(self) -> int:
+        return sum(e.active for e in self.engines)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job on the least busy device; QueueFull if `max_queue` jobs already wait."""
+        with self._lock:
+            waiting = self.waiting
+            if waiting >= self.max_queue:
+                self._rejected += 1
+                raise QueueFull(f"{waiting} requests are already waiting (the limit is "
+                                f"{self.max_queue}); retry later")
+            min(self.engines, key=lambda e: e.waiting + e.active).submit(job)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        return self.engines[0].call(fn)
+
+    def wake(self) -> None:
+        for e in self.engines:
+            e.wake()
+
+    def warmup(self, jobs_like: list[Job], chunks: int = 2) -> float:
+        """`BatchEngine.warmup` on every device at once (a thread each). Returns seconds."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(self.engines)) as ex:
+            list(ex.map(lambda e: e.warmup(jobs_like, chunks), self.engines))
+        return time.perf_counter() - t
+
+    @property
+    def per_device(self) -> list[dict]:
+        return [{"device": str(d), "queue": e.waiting, "active": e.active,
+                 "requests": e.stats["requests"], "frames": e.stats["frames"]}
+                for d, e in zip(self.devices, self.engines)]
+
+    @property
+    def stats(self) -> dict:
+        total: dict = {}
+        for e in self.engines:
+            for k, v in e.stats.items():
+                total[k] = total[k] + v if k in total else copy.copy(v)
+        total["rejected_queue_full"] = total.get("rejected_queue_full", 0) + self._rejected
+        return total
