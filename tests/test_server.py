@@ -692,3 +692,37 @@ def test_server_on_several_devices(make_checkpoint, tmp_path):
     assert got["worst"] <= 1.0, got          # within 2e-4 + 1e-4 * peak of the offline audio
     assert len(got["devices"]) == 4 and sum(got["devices"]) == got["requests"] == 8, got
     assert sum(n > 0 for n in got["devices"]) >= 2, got
+
+
+def test_api_key(tts):
+    """With an API key, /v1/... needs `Authorization: Bearer <key>` (401 in OpenAI's shape, which
+    the official client raises as AuthenticationError), a WebSocket may pass `?api_key=`, and
+    /health stays open."""
+    s = Running(create_app(tts, ServerOptions(model_name="tiny", api_key="s3cret",
+                                              max_new_tokens=64, batch_window_ms=20, **SHAPES)))
+    try:
+        code, headers, data = post(s.url + "/v1/audio/speech", speech(**GEN))
+        err = json.loads(data)["error"]
+        assert code == 401 and err["code"] == "invalid_api_key" and "Bearer" in err["message"]
+        assert headers["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(openai.AuthenticationError):
+            s.client().models.list()                  # api_key="x"
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list().data] == ["tiny"]
+        out = good.audio.speech.create(model="tiny", voice="ryan", input="Hello world.",
+                                       response_format="wav", extra_body={**GEN, "seed": 7})
+        assert parse_wav(out.content).shape == ((TOKENS - 1) * 1920,)
+        assert get(s.url + "/health")["status"] == "ok"
+        pytest.importorskip("websockets")
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        url = s.url.replace("http", "ws") + "/v1/audio/speech/stream"
+        with pytest.raises(InvalidStatus):
+            with connect(url):
+                pass
+        with connect(url + "?api_key=s3cret") as ws:           # through: the session's own error
+            ws.send(json.dumps({"voice": "bob"}))
+            assert "unknown voice" in json.loads(ws.recv(timeout=60))["message"]
+    finally:
+        s.stop()

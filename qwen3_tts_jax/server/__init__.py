@@ -50,6 +50,10 @@ def add_parser(sub, common) -> None:
     s.add_argument("--devices", type=int, default=None, metavar="N",
                    help="local devices to serve on, one batching engine (and a copy of the "
                         "weights) each; requests go to the least busy (default: all)")
+    s.add_argument("--api-key", default=os.environ.get("QWEN3_TTS_JAX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/... (default: the "
+                        "QWEN3_TTS_JAX_API_KEY environment variable, which keeps the key out of "
+                        "the process list; unset: no authentication)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,
@@ -125,7 +129,8 @@ def run(args) -> int:
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
         defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
-        continuous_batching=args.continuous_batching, devices=args.devices)
+        continuous_batching=args.continuous_batching, devices=args.devices,
+        api_key=args.api_key or None)
     try:
         app = create_app(tts, options)
     except ValueError as e:

@@ -76,6 +76,7 @@ class ServerOptions:
     warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
     continuous_batching: bool = True # waiting requests start in a running batch's free rows
     devices: int | None = None       # local devices, one engine each (default: all)
+    api_key: str | None = None       # /v1/... needs `Authorization: Bearer <api_key>`
 
 
 class ApiError(Exception):
@@ -87,7 +88,7 @@ class ApiError(Exception):
 
 
 def _error_type(status: int) -> str:
-    return {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
+    return {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
             413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error"}.get(
         status, "server_error")
 
@@ -148,6 +149,44 @@ def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------- voices
+class ApiKeyCheck:
+    """ASGI middleware: every /v1/... request needs `Authorization: Bearer <key>` (what OpenAI's
+    clients send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass
+    `?api_key=<key>` (browsers cannot set its headers); without it the handshake is refused
+    (403). /health stays open for load balancers' probes."""
+
+    def __init__(self, app, key: str):
+        if not key:
+            raise ValueError("the API key is empty")
+        self.app, self.key = app, key.encode()
+
+    def _ok(self, scope) -> bool:
+        import secrets
+        from urllib.parse import parse_qs
+
+        given = [v[7:] for k, v in scope.get("headers", ())
+                 if k.lower() == b"authorization" and v[:7].lower() == b"bearer "]
+        if scope["type"] == "websocket":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            given += [v.encode() for v in query.get("api_key", [])]
+        return any(secrets.compare_digest(g.strip(), self.key) for g in given)
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] in ("http", "websocket") and scope["path"].startswith("/v1")
+                and not self._ok(scope)):
+            if scope["type"] == "websocket":
+                await receive()                        # the websocket.connect message
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            message = ("a valid API key is needed: send the header `Authorization: Bearer "
+                       "<key>` (OpenAI clients: api_key=<key>)")
+            response = _error_response(401, message, code="invalid_api_key",
+                                       headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class VoiceStore:
     """Cloned voices: one voice file per name in `folder` (`save_voice` format), loaded at start."""
 
@@ -678,6 +717,8 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     app = FastAPI(title="qwen3-tts-jax", lifespan=lifespan)
     app.state.server = server
+    if server.options.api_key is not None:
+        app.add_middleware(ApiKeyCheck, key=server.options.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
