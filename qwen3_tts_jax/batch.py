@@ -17,9 +17,9 @@ Data parallel (several local devices): one engine per device (`server.engine.Eng
 weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
 Tensor parallel (`--model-parallel m`, a model too big for one device): padded batches over a
 (data, model) `jax.sharding` mesh, the weights split over "model" and the rows over "data".
-Across hosts, start the same command on each host with `--num-hosts N --host-index i` (after
-`jax.distributed.initialize()` where the platform needs it): host i takes requests i, i+N,
-i+2N, ... of the input.
+Across hosts, start the same command on each host with `--distributed` (host count and index
+from `jax.distributed.initialize()`) or `--num-hosts N --host-index i`: host i takes requests i,
+i+N, i+2N, ... of the input.
 """
 from __future__ import annotations
 

@@ -89,8 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--speaker", help="default speaker (custom voice)")
     bt.add_argument("--instruct", help="default instruction")
     bt.add_argument("--voice", help="default voice file (Base checkpoints)")
-    bt.add_argument("--num-hosts", type=int, default=1, help="hosts sharing the input")
-    bt.add_argument("--host-index", type=int, default=0, help="this host's index")
+    bt.add_argument("--num-hosts", type=int, default=None,
+                    help="hosts sharing the input (default 1; with --distributed: JAX's count)")
+    bt.add_argument("--host-index", type=int, default=None,
+                    help="this host's index: it takes requests i, i+N, ... (default 0; with "
+                         "--distributed: JAX's process index)")
+    bt.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() first (a TPU pod slice, SLURM, ... "
+                         "are detected; elsewhere give --coordinator, --num-hosts, --host-index) "
+                         "and take the host count and index from it")
+    bt.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="with --distributed: process 0's address, where JAX cannot detect it")
     cl = sub.add_parser("clone", parents=[common],
                         help="clone a voice from reference audio (Base checkpoint)")
     cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
@@ -170,6 +179,30 @@ def _clone_voice(tts, args):
     return voice
 
 
+def _hosts(args) -> None:
+    """The batch command's share of the input: --num-hosts/--host-index as given, or from
+    `jax.distributed.initialize()` with --distributed (before anything starts a JAX backend)."""
+    if args.coordinator and not args.distributed:
+        _fail("--coordinator needs --distributed")
+    if args.distributed:
+        import jax
+
+        if args.coordinator and (args.num_hosts is None or args.host_index is None):
+            _fail("--coordinator needs --num-hosts and --host-index")
+        try:
+            jax.distributed.initialize(coordinator_address=args.coordinator,
+                                       num_processes=args.num_hosts, process_id=args.host_index)
+        except (RuntimeError, ValueError) as e:
+            _fail(f"jax.distributed.initialize() failed: {e} (outside a TPU pod slice or a "
+                  "cluster JAX detects, give --coordinator, --num-hosts and --host-index)")
+        args.num_hosts, args.host_index = jax.process_count(), jax.process_index()
+    args.num_hosts = 1 if args.num_hosts is None else args.num_hosts
+    args.host_index = 0 if args.host_index is None else args.host_index
+    if args.num_hosts < 1 or not 0 <= args.host_index < args.num_hosts:
+        _fail(f"--host-index must be in 0..{args.num_hosts - 1} for --num-hosts "
+              f"{args.num_hosts}, got {args.host_index}")
+
+
 def _batch(tts, args, stages) -> int:
     from . import batch
 
@@ -213,6 +246,8 @@ def main(argv=None) -> int:
         _check_output(args.output)
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+    if args.command == "batch":
+        _hosts(args)
 
     from . import Qwen3TTS, demo, enable_compilation_cache  # late: `--help` stays instant
 

@@ -225,3 +225,33 @@ def test_pool_over_8_devices_equals_offline(tmp_path, make_checkpoint):
     assert got["refilled"] >= 1, got                  # 24 requests through 8 x 2 rows
     assert got["lengths"] > 1, got                    # EOS at different frames
     assert got["worst"] <= 1.0, got                   # within 2e-4 + 1e-4 * peak of offline
+
+
+def test_two_hosts_with_jax_distributed(tmp_path, make_checkpoint):
+    """`--distributed` on two processes (two "hosts" on localhost, a coordinator given): each
+    takes its share of the input from JAX's process index and count, and together they write
+    every file once. Bad host settings fail before any work, naming the flag."""
+    import socket
+
+    inp = tmp_path / "lines.txt"
+    inp.write_text("".join(f"Line number {i}.\n" for i in range(5)))
+    out = tmp_path / "wavs"
+    base = [EXE, "batch", str(inp), "--out-dir", str(out), "--model", make_checkpoint("cv_proj"),
+            "--speaker", "ryan", "--greedy", "--max-new-tokens", "5", "--quiet"]
+    for extra, needle in [(["--coordinator", "127.0.0.1:1"], "--coordinator needs --distributed"),
+                          (["--num-hosts", "2", "--host-index", "2"], "--host-index must be"),
+                          (["--distributed", "--coordinator", "127.0.0.1:1"],
+                           "needs --num-hosts and --host-index")]:
+        r = subprocess.run(base + extra, capture_output=True, text=True, env=_env(), timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(base + ["--distributed", "--coordinator", f"127.0.0.1:{port}",
+                                      "--num-hosts", "2", "--host-index", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "3 written" in outs[0][0] and "2 written" in outs[1][0], outs   # lines 1,3,5 | 2,4
+    assert sorted(os.listdir(out)) == [f"line-0000{i}.wav" for i in range(1, 6)]
