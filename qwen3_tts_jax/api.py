@@ -209,6 +209,8 @@ class Qwen3TTS:
                              f"checkpoint (tts_model_type={have!r}); use {hint} instead")
 
     def _check_texts(self, texts: list) -> None:
+        if not texts:
+            raise ValueError("no text given: `text` is an empty list")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text[{i}] must be a str, got {type(t).__name__}")
@@ -354,11 +356,17 @@ class Qwen3TTS:
     def _keys(seed, n: int, B: int):
         """Per-row PRNG keys: `seed` an int (row b gets fold_in(key(seed), b)), a list of ints
         (one per row), or None (fresh random)."""
+        def check(s):
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+                raise ValueError(f"seed must be an integer (or a list of one integer per text), "
+                                 f"got {s!r}")
+            return int(s)
+
         if isinstance(seed, (list, tuple)):
             seeds = _as_list(seed, n, "seed")
-            keys = [jax.random.PRNGKey(int(s)) for s in seeds]
+            keys = [jax.random.PRNGKey(check(s)) for s in seeds]
         else:
-            base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else int(seed))
+            base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else check(seed))
             keys = [jax.random.fold_in(base, b) for b in range(n)]
         keys += [keys[0]] * (B - n)
         return jnp.stack(keys)
@@ -505,10 +513,21 @@ class Qwen3TTS:
                 else [voice_clone_prompt]
         items = _as_list(items, n, "voice_clone_prompt")
         D = self.config.talker.hidden_size
+        G, V = self.config.talker.num_code_groups, self.config.talker.code_predictor.vocab_size
         for i, it in enumerate(items):
             if np.shape(it.ref_spk_embedding) != (D,):
                 raise ValueError(f"voice {i} has a {np.shape(it.ref_spk_embedding)} x-vector; this "
                                  f"checkpoint needs ({D},): was it made with another model size?")
+            if it.icl_mode and it.ref_code is not None:
+                code = np.asarray(it.ref_code)
+                if (code.ndim != 2 or code.shape[1] != G or not len(code)
+                        or not np.issubdtype(code.dtype, np.integer)
+                        or code.min() < 0 or code.max() >= V):
+                    raise ValueError(
+                        f"voice {i}'s reference codes are {code.dtype} {code.shape} in "
+                        f"[{code.min() if code.size else '-'}, {code.max() if code.size else '-'}]"
+                        f"; this checkpoint needs integers (frames, {G}) in [0, {V}) (codes of "
+                        "its speech tokenizer, frames first)")
         out = []
         for t, lang, it in zip(texts, languages, items):
             icl = it.icl_mode and it.ref_code is not None

@@ -69,6 +69,13 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
             d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
             if not isinstance(d.get("text"), str) or not d["text"].strip():
                 raise ValueError("no text")
+            for k in ("speaker", "instruct", "language", "voice"):
+                if k in d and not isinstance(d[k], str):
+                    raise ValueError(f"{k} must be a string, got {d[k]!r}")
+            seed = d.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                     or not 0 <= seed < 2 ** 31):
+                raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
             name = str(d.get("name") or f"line-{i:05d}")
             if os.sep in name or name in (".", "..") or name in names:
                 raise ValueError(f"bad or duplicate name {name!r}")

@@ -35,6 +35,10 @@ def vd(make_checkpoint):
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     (dict(text="word " * 40000), ValueError, "positions"),
     (dict(bogus=1), TypeError, "unknown generation argument"),
+    (dict(text=[]), ValueError, "no text given"),
+    (dict(seed="abc"), ValueError, "seed must be an integer"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(text=["a", "b"], seed=[1, None]), ValueError, "seed must be an integer"),
 ])
 def test_custom_voice_bad_input(cv, kw, err, needle):
     args = dict(text="Hello.", speaker="ryan") | kw

@@ -23,7 +23,9 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, make_checkpoint):
              json.dumps({"text": "", "name": "b"}),
              json.dumps({"text": "Hi.", "name": "c", "speaker": "bob"}),
              json.dumps({"text": "Hi.", "name": "d", "language": "english"}),
-             json.dumps({"text": "Hi.", "colour": "red"})]
+             json.dumps({"text": "Hi.", "colour": "red"}),
+             json.dumps({"text": "Hi.", "name": "e", "seed": "abc"}),
+             json.dumps({"text": "Hi.", "name": "f", "speaker": 3})]
     inp = tmp_path / "req.jsonl"
     inp.write_text("\n".join(lines) + "\n")
     out = tmp_path / "wavs"
@@ -35,7 +37,8 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, make_checkpoint):
     assert sorted(os.listdir(out)) == ["a.wav", "d.wav"]
     report = r.stdout + r.stderr
     for needle in ("line 2", "line 3: no text", "line 4", "unknown speaker", "line 6",
-                   "2 written", "4 failed"):
+                   "line 7: seed must be an integer", "line 8: speaker must be a string",
+                   "2 written", "6 failed"):
         assert needle in report, report
     assert "Traceback" not in report
 

@@ -131,3 +131,28 @@ def test_bad_clone_input(base, make_checkpoint, tmp_path):
     cv = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
     with pytest.raises(ValueError, match="custom_voice checkpoint"):
         cv.generate_voice_clone_codes(TEXT, ref_audio=ref, x_vector_only_mode=True)
+
+
+def test_voice_from_another_model_is_refused(base):
+    """A voice whose x-vector or reference codes do not fit the checkpoint (another model size,
+    codes transposed or from another codec) is refused with the shapes named, never generated."""
+    import dataclasses
+
+    _, ours = base
+    voice = ours.create_voice_clone_prompt((speech(24000), 24000), ref_text="Hello world.")[0]
+    G = ours.config.talker.num_code_groups
+    V = ours.config.talker.code_predictor.vocab_size
+    bad = {
+        "x-vector": dataclasses.replace(voice, ref_spk_embedding=np.zeros(7, np.float32)),
+        "transposed": dataclasses.replace(voice, ref_code=voice.ref_code.T.copy()),
+        "out of range": dataclasses.replace(voice, ref_code=voice.ref_code + V),
+        "negative": dataclasses.replace(voice, ref_code=voice.ref_code - V),
+        "float": dataclasses.replace(voice, ref_code=voice.ref_code.astype(np.float32)),
+        "empty": dataclasses.replace(voice, ref_code=np.zeros((0, G), np.int32)),
+    }
+    for name, item in bad.items():
+        with pytest.raises(ValueError, match="x-vector" if name == "x-vector" else
+                           rf"needs integers \(frames, {G}\) in \[0, {V}\)"):
+            ours.generate_voice_clone_codes(TEXT, voice_clone_prompt=[item], max_new_tokens=3)
+    assert len(ours.generate_voice_clone_codes(TEXT, voice_clone_prompt=[voice],
+                                               max_new_tokens=3, **GREEDY)) == 1
