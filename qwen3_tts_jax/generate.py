@@ -218,12 +218,23 @@ def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     return jax.lax.while_loop(cond, lambda s: frame_step(params, cfg, s, ctx, settings), state)
 
 
-@functools.partial(jax.jit, static_argnames=("frames",), donate_argnames=("state",))
-def grow(state: State, frames: int) -> State:
-    """Give the state room for `frames` frames: longer KV caches and output buffer (zeros)."""
+@functools.partial(jax.jit, static_argnames=("frames",))
+def _grown(state: State, frames: int) -> State:
     extra = frames - state.codes_BxFxG.shape[1]
     codes = jnp.pad(state.codes_BxFxG, [(0, 0), (0, extra), (0, 0)])
     return state._replace(caches=[c.grow(extra) for c in state.caches], codes_BxFxG=codes)
+
+
+def grow(state: State, frames: int) -> State:
+    """Give the state room for `frames` frames: longer KV caches and output buffer (zeros).
+    Consumes `state` like a donation: the old caches and codes are freed at once (donating them
+    to the jit would only warn, since larger outputs cannot reuse them)."""
+    new = _grown(state, frames)
+    for old, x in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(new)):
+        if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer) \
+                and old.shape != x.shape:
+            old.delete()
+    return new
 
 
 def _put_row(a, row, value):
