@@ -15,8 +15,10 @@ losing or redoing finished work.
 
 Data parallel (several local devices): one engine per device (`server.engine.EnginePool`), the
 weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
-Tensor parallel (`--model-parallel m`, a model too big for one device): padded batches over a
-(data, model) `jax.sharding` mesh, the weights split over "model" and the rows over "data".
+With `continuous=False` (`--no-continuous-batching`), padded batches instead, each split over a
+1-D "data" `jax.sharding` mesh of the local devices (params replicated). Tensor parallel
+(`--model-parallel m`, a model too big for one device): padded batches over a (data, model) mesh,
+the weights split over "model" and the rows over "data".
 Across hosts, start the same command on each host with `--distributed` (host count and index
 from `jax.distributed.initialize()`) or `--num-hosts N --host-index i`: host i takes requests i,
 i+N, i+2N, ... of the input.
@@ -127,8 +129,13 @@ def model_sharding(params, model_parallel: int):
 
 
 def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
-        progress: bool = True, num_hosts: int = 1, host_index: int = 0) -> dict:
-    """Generate every request not yet on disk. Returns a summary dict (done, skipped, failed)."""
+        progress: bool = True, num_hosts: int = 1, host_index: int = 0,
+        continuous: bool = True) -> dict:
+    """Generate every request not yet on disk. Returns a summary dict (done, skipped, failed).
+
+    `continuous`: rows refill as requests end, one engine per local device (the default);
+    False: padded batches of `batch_size`, each waiting for its longest row, split over a
+    `jax.sharding` mesh of the local devices (always so with `model_parallel` > 1)."""
     from tqdm import tqdm
 
     from .cli import write_wav
@@ -151,7 +158,7 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         bar.set_postfix_str(f"{audio_s:.1f} s audio, {audio_s / max(wall, 1e-9):.2f}x real time")
 
     refilled = None
-    if tts.model_parallel == 1:
+    if continuous and tts.model_parallel == 1:
         refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar,
                                    jax.local_devices())
     else:

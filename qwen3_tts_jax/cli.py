@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--host-index", type=int, default=None,
                     help="this host's index: it takes requests i, i+N, ... (default 0; with "
                          "--distributed: JAX's process index)")
+    bt.add_argument("--no-continuous-batching", dest="continuous", action="store_false",
+                    help="padded batches that wait for their longest row, each split over a "
+                         "jax.sharding mesh of the local devices (default: rows refill as "
+                         "requests end, one engine per device)")
     bt.add_argument("--distributed", action="store_true",
                     help="call jax.distributed.initialize() first (a TPU pod slice, SLURM, ... "
                          "are detected; elsewhere give --coordinator, --num-hosts, --host-index) "
@@ -219,7 +223,7 @@ def _batch(tts, args, stages) -> int:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
                         progress=not args.quiet, num_hosts=args.num_hosts,
-                        host_index=args.host_index)
+                        host_index=args.host_index, continuous=args.continuous)
     failed = problems + summary["failed"]
     print(f"batch: {summary['done']} written, {summary['skipped']} already there, "
           f"{len(failed)} failed; {summary['audio_seconds']:.1f} s of audio in "

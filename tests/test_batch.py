@@ -197,17 +197,23 @@ POOL = textwrap.dedent("""
     EnginePool.__init__ = spy
     summary = batch.run(tts, reqs, sys.argv[2], batch_size=2, gen={"max_new_tokens": 30},
                         progress=False)
+    # padded batches split over a jax.sharding mesh of the 8 devices
+    static = batch.run(tts, reqs, sys.argv[2] + "-static", batch_size=8,
+                       gen={"max_new_tokens": 30}, progress=False, continuous=False)
     worst, lengths = 0.0, set()
     for r in reqs:
-        wave, sr = sf.read(f"{sys.argv[2]}/{r.name}.wav", dtype="float32")
         codes = tts.generate_custom_voice_codes(r.text, speaker=r.speaker, language="english",
                                                 seed=[r.line], max_new_tokens=30)
         ref = np.clip(tts.decode(codes)[0][0], -1, 1)
         lengths.add(len(ref))
-        assert wave.shape == ref.shape, (r.name, wave.shape, ref.shape)
-        worst = max(worst, float(np.abs(wave - ref).max() / (2e-4 + 1e-4 * np.abs(ref).max())))
+        for out in (sys.argv[2], sys.argv[2] + "-static"):
+            wave, sr = sf.read(f"{out}/{r.name}.wav", dtype="float32")
+            assert wave.shape == ref.shape, (out, r.name, wave.shape, ref.shape)
+            worst = max(worst, float(np.abs(wave - ref).max()
+                                     / (2e-4 + 1e-4 * np.abs(ref).max())))
     print(json.dumps({"done": summary["done"], "failed": summary["failed"],
                       "refilled": summary["refilled"], "devices": len(used),
+                      "static": [static["done"], static["failed"], static["refilled"]],
                       "lengths": len(lengths), "worst": worst}))
 """)
 
@@ -215,7 +221,8 @@ POOL = textwrap.dedent("""
 def test_pool_over_8_devices_equals_offline(tmp_path, make_checkpoint):
     """On several devices the batch tool runs one continuous-batching engine per device
     (`EnginePool`): every device takes requests, rows refill, and every WAV is the one-device
-    offline API's audio for the request's seed (16-bit rounding), whichever device made it."""
+    offline API's audio for the request's seed (16-bit rounding), whichever device made it; and
+    so is every WAV of `continuous=False` (padded batches split over the 8-device mesh)."""
     script = tmp_path / "pool.py"
     script.write_text(POOL)
     r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_eos"),
@@ -227,6 +234,7 @@ def test_pool_over_8_devices_equals_offline(tmp_path, make_checkpoint):
     assert got["devices"] == 8, got                   # every device generated some requests
     assert got["refilled"] >= 1, got                  # 24 requests through 8 x 2 rows
     assert got["lengths"] > 1, got                    # EOS at different frames
+    assert got["static"] == [24, [], None], got
     assert got["worst"] <= 1.0, got                   # within 2e-4 + 1e-4 * peak of offline
 
 
