@@ -64,6 +64,8 @@ VARIANTS = {
     "default": dict(),
     "cmdbuf": dict(env={"XLA_FLAGS": CMDBUF}),
     "nocmdbuf": dict(env={"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}),
+    # cuBLAS for every product instead of XLA's Triton GEMMs (few-row products on a GPU)
+    "cublas": dict(env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
     "cudnn": dict(attention="cudnn"),
     "loop": dict(unroll=False),
     "unrolled": dict(unroll=True),

@@ -8,7 +8,8 @@
 #                                        # it (two rows on a GPU, buckets.MIN_ROWS) against one row
 #                                        # (`rows-as-given`), with TTFA, the sampler's top-k path and
 #                                        # the predictor's steps unrolled, int8 weights, CUDA
-#                                        # graphs for loops too (cmdbuf); then
+#                                        # graphs for loops too (cmdbuf), cuBLAS for every
+#                                        # product (cublas); then
 #                                        # batch 8, 64, 128;
 #                                        # then the 1.7B at batch 1 and 64; then the
 #                                        # streaming codec, stateful vs windowed
@@ -36,7 +37,7 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 case $part in
 one)
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
-        --variants default,rows-as-given,topk-dispatch,unrolled,int8,cmdbuf --variant-batches 1
+        --variants default,rows-as-given,topk-dispatch,unrolled,int8,cmdbuf,cublas --variant-batches 1
     bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
     bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
