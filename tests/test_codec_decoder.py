@@ -16,6 +16,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -460,3 +461,20 @@ def test_full_size_parity(tmp_path):
         print(f"full size {k}: max|diff| / peak = "
               f"{np.abs(np.asarray(ours[k]) - ref[k]).max() / np.abs(ref[k]).max():.1e}")
     print(f"full-size parity test: {time.time() - t0:.0f} s")
+
+
+def test_sin_squared_is_accurate():
+    """The Snake activations' sin(x)^2 (range reduction + polynomial): within 3e-7 of float64 over
+    |x| up to 2e5, including near multiples of pi/2 and tiny arguments (relative error there)."""
+    from qwen3_tts_jax.codec.decoder import sin_squared
+
+    rng = np.random.default_rng(0)
+    k = np.arange(-2000, 2001)
+    x = np.concatenate([np.linspace(-60, 60, 1_000_001), rng.standard_normal(300_000) * 3e4,
+                        k * np.pi / 2, k * np.pi / 2 + 1e-3, np.geomspace(1e-30, 1, 1000)])
+    x = np.clip(x, -2e5, 2e5).astype(np.float32)
+    got = np.asarray(jax.jit(sin_squared)(jnp.asarray(x)), np.float64)
+    ref = np.sin(x.astype(np.float64)) ** 2
+    assert np.abs(got - ref).max() < 3e-7
+    small = np.abs(x) < 1e-2
+    assert (np.abs(got - ref)[small] <= 1e-6 * ref[small] + 1e-37).all()
