@@ -458,12 +458,20 @@ class Qwen3TTS:
             text, instruct, language, non_streaming_mode, **gen_kwargs))
 
     # ------------------------------------------------------------------ voice clone (Base)
-    def create_voice_clone_prompt(self, ref_audio, ref_text=None, x_vector_only_mode=False
-                                  ) -> list[VoiceClonePromptItem]:
+    def create_voice_clone_prompt(self, ref_audio, ref_text=None, x_vector_only_mode=False,
+                                  ref_tail_silence: float = 0.0) -> list[VoiceClonePromptItem]:
         """Encode reference voice(s) once: the x-vector (speaker encoder) and, in ICL mode, the
         reference codes (codec encoder) with the transcript. ref_audio: a path, URL, base64 or
-        data: URL, or (np.ndarray, sample_rate); or a list. Save with `save_voice`."""
+        data: URL, or (np.ndarray, sample_rate); or a list. Save with `save_voice`.
+
+        `ref_tail_silence` (seconds, default 0 = the official): silence appended to the
+        reference before its codes are taken (ICL). A reference cut mid-word can bleed its last
+        sound into the first generated frames, which continue it; half a second of silence is
+        the usual remedy. The x-vector is taken from the reference as given."""
         self._require("base", "create_voice_clone_prompt")
+        if (isinstance(ref_tail_silence, bool) or not isinstance(ref_tail_silence, (int, float))
+                or not 0 <= ref_tail_silence <= 5):
+            raise ValueError(f"ref_tail_silence must be seconds in [0, 5], got {ref_tail_silence!r}")
         audios = ref_audio if isinstance(ref_audio, list) else [ref_audio]
         n = len(audios)
         texts = _as_list(ref_text, n, "ref_text")
@@ -478,12 +486,15 @@ class Qwen3TTS:
         rates = {sr for _, sr in loaded}
         codes = [None] * n
         if not all(xvec_only):
+            padded = [np.concatenate([w, np.zeros(int(round(ref_tail_silence * sr)), w.dtype)])
+                      for w, sr in loaded]
             # Like the official: one padded batch when the rates agree (the last frame of a
             # shorter item depends on the batch width, so batching matters), else one by one.
             if len(rates) == 1:
-                codes = self.speech_tokenizer.encode([w for w, _ in loaded], sr=rates.pop())
+                codes = self.speech_tokenizer.encode(padded, sr=rates.pop())
             else:
-                codes = [self.speech_tokenizer.encode((w, sr))[0] for w, sr in loaded]
+                codes = [self.speech_tokenizer.encode((w, sr))[0]
+                         for w, (_, sr) in zip(padded, loaded)]
         items = []
         for (wave, sr), code, text, x in zip(loaded, codes, texts, xvec_only):
             wave24 = wave if sr == enc_cfg.sample_rate else audio_mod.resample(

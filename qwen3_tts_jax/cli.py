@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="clone a voice from reference audio (Base checkpoint)")
     cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
     cl.add_argument("--ref-text", help="transcript of the reference (ICL mode)")
+    cl.add_argument("--ref-tail-silence", type=float, default=0.0, metavar="SECONDS",
+                    help="silence appended to the reference before its codes are taken (ICL; "
+                         "e.g. 0.5 when the reference ends mid-word and its last sound bleeds "
+                         "into the speech; default 0, the official)")
     cl.add_argument("--x-vector-only", action="store_true",
                     help="clone from the speaker embedding alone (no transcript needed)")
     cl.add_argument("--voice", help="a voice file written by --save-voice (instead of --ref-audio)")
@@ -176,7 +180,8 @@ def _clone_voice(tts, args):
     if args.voice:
         return load_voice(args.voice)
     voice = tts.create_voice_clone_prompt(args.ref_audio, ref_text=args.ref_text,
-                                          x_vector_only_mode=args.x_vector_only)
+                                          x_vector_only_mode=args.x_vector_only,
+                                          ref_tail_silence=args.ref_tail_silence)
     if args.save_voice:
         save_voice(voice, args.save_voice)
         print(f"saved voice to {args.save_voice}", file=sys.stderr)

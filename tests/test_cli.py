@@ -83,3 +83,15 @@ def test_clone_saves_and_reuses_a_voice(tmp_path, make_checkpoint):
     r = run("clone", "--model", model, "--ref-audio", str(ref), "--text", "Hi.",
             "--output", str(tmp_path / "c.wav"), "--quiet")
     assert r.returncode == 2 and "ref_text" in r.stderr and "Traceback" not in r.stderr
+    padded = tmp_path / "padded.voice"
+    r = run("clone", "--model", model, "--ref-audio", str(ref), "--ref-text", "Hello world.",
+            "--ref-tail-silence", "0.5", "--save-voice", str(padded), "--text", "Hi.", "--greedy",
+            "--max-new-tokens", "3", "--output", str(tmp_path / "d.wav"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    from qwen3_tts_jax import load_voice
+
+    assert len(load_voice(str(padded))[0].ref_code) > len(load_voice(str(voice))[0].ref_code) + 5
+    r = run("clone", "--model", model, "--ref-audio", str(ref), "--ref-text", "Hello world.",
+            "--ref-tail-silence", "9", "--text", "Hi.", "--output", str(tmp_path / "e.wav"),
+            "--quiet")
+    assert r.returncode == 2 and "ref_tail_silence" in r.stderr and "Traceback" not in r.stderr

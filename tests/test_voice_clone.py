@@ -156,3 +156,25 @@ def test_voice_from_another_model_is_refused(base):
             ours.generate_voice_clone_codes(TEXT, voice_clone_prompt=[item], max_new_tokens=3)
     assert len(ours.generate_voice_clone_codes(TEXT, voice_clone_prompt=[voice],
                                                max_new_tokens=3, **GREEDY)) == 1
+
+
+@pytest.mark.parametrize("sr", [16000, 24000])
+def test_ref_tail_silence(base, sr):
+    """`ref_tail_silence`: the ICL codes are those of the reference with that much silence
+    appended (the official encoder given the padded audio), the x-vector that of the reference
+    as given; 0 is the official prompt; bad values are refused."""
+    off, ours = base
+    wave = speech(sr)
+    padded = np.concatenate([wave, np.zeros(int(round(0.5 * sr)), wave.dtype)])
+    with torch.no_grad():
+        want = off.create_voice_clone_prompt(ref_audio=(padded, sr), ref_text="Hello world.")[0]
+    plain = ours.create_voice_clone_prompt((wave, sr), ref_text="Hello world.")[0]
+    got = ours.create_voice_clone_prompt((wave, sr), ref_text="Hello world.",
+                                         ref_tail_silence=0.5)[0]
+    np.testing.assert_array_equal(got.ref_code, want.ref_code.numpy())
+    assert len(got.ref_code) == len(plain.ref_code) + 6 or \
+        len(got.ref_code) == len(plain.ref_code) + 7          # 0.5 s = 6.25 frames
+    np.testing.assert_array_equal(got.ref_spk_embedding, plain.ref_spk_embedding)
+    for bad in (-0.1, 6, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="ref_tail_silence"):
+            ours.create_voice_clone_prompt((wave, sr), ref_text="Hi.", ref_tail_silence=bad)
