@@ -369,6 +369,18 @@ def test_register_voice_and_reload(make_checkpoint, tmp_path):
         code, out = multipart(s.url + "/v1/audio/voices", {"name": "../evil"},
                               {"audio_sample": ("ref.wav", ref_bytes)})
         assert code == 400 and "`name`" in out["error"]["message"]
+        for bad in ("x", "9"):
+            code, out = multipart(s.url + "/v1/audio/voices",
+                                  {"name": "pad", "transcript": "Hello world.",
+                                   "ref_tail_silence": bad}, {"audio_sample": ("ref.wav", ref_bytes)})
+            assert code == 400 and out["error"]["param"] == "ref_tail_silence", out
+        code, out = multipart(s.url + "/v1/audio/voices",
+                              {"name": "pad", "transcript": "Hello world.",
+                               "ref_tail_silence": "0.5"}, {"audio_sample": ("ref.wav", ref_bytes)})
+        assert code == 200, out
+        assert len(s.server_state.voices.voices["pad"][0].ref_code) > \
+            len(s.server_state.voices.voices["me"][0].ref_code) + 5
+        assert delete(s.url + "/v1/audio/voices/pad")[0] == 200
         for voice in ("me", "xvec"):
             out = s.client().audio.speech.create(model="m", voice=voice, input="Hi.",
                                                  response_format="wav",

@@ -665,15 +665,23 @@ class Server:
         except Exception as e:  # noqa: BLE001 - libsndfile's errors
             raise ApiError(400, f"cannot read the uploaded audio: {e}", "audio_sample") from None
         wave = wave.mean(axis=1)
+        silence = form.get("ref_tail_silence") or "0"
+        try:
+            silence = float(silence)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"`ref_tail_silence` must be seconds in [0, 5], got {silence!r}",
+                           "ref_tail_silence") from None
 
         def encode():
             return self.tts.create_voice_clone_prompt(
-                (wave, sr), ref_text=transcript or None, x_vector_only_mode=not transcript)
+                (wave, sr), ref_text=transcript or None, x_vector_only_mode=not transcript,
+                ref_tail_silence=silence)
 
         try:
             items = await asyncio.wrap_future(self.engine.call(encode))
         except (ValueError, TypeError) as e:
-            raise ApiError(400, f"cannot use this reference audio: {e}", "audio_sample") from None
+            param = "ref_tail_silence" if "ref_tail_silence" in str(e) else "audio_sample"
+            raise ApiError(400, f"cannot use this reference audio: {e}", param) from None
         self.voices.add(name, items)
         return self.voice_info(name)
 
