@@ -76,6 +76,10 @@ VARIANTS = {
     "rows-as-given": dict(min_rows={}),
     # the sampler's run-time top-k path (the CPU default) on any backend
     "topk-dispatch": dict(runtime_dispatch=True),
+    # one general sampler program for any settings (no `SamplingParams.kind` specialization;
+    # the CPU's default, the accelerators' until session 12)
+    "general-sampler": dict(specialize=False),
+    "general-sampler-cmdbuf": dict(specialize=False, env={"XLA_FLAGS": CMDBUF}),
     # int8 weights for the decoder products (quantize.py; not the official codes)
     "int8": dict(quantize="int8"),
 }
@@ -187,6 +191,40 @@ def weight_bytes_per_frame(jax, params) -> dict:
             "total": talker + steps * step}
 
 
+def profile_summary(folder: str, frames: int) -> dict:
+    """Device kernels of a `jax.profiler.trace` folder: per device stream line, the number of
+    kernels and their summed time per frame, the span they cover (busy vs idle), and the kernels
+    that take the most time (name: count per frame, microseconds per frame)."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    out = {}
+    for path in glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                events = [e for e in line.events if e.duration_ns > 0]
+                if not events:
+                    continue
+                busy = sum(e.duration_ns for e in events)
+                span = max(e.end_ns for e in events) - min(e.start_ns for e in events)
+                names: dict = {}
+                for e in events:
+                    n, t = names.get(e.name, (0, 0.0))
+                    names[e.name] = (n + 1, t + e.duration_ns)
+                top = sorted(names.items(), key=lambda kv: -kv[1][1])[:25]
+                out[f"{plane.name} | {line.name}"] = {
+                    "kernels_per_frame": len(events) / frames,
+                    "busy_us_per_frame": busy / frames / 1e3,
+                    "span_us_per_frame": span / frames / 1e3,
+                    "distinct": len(names),
+                    "top": {k[:90]: [round(n / frames, 2), round(t / frames / 1e3, 1)]
+                            for k, (n, t) in top}}
+    return out
+
+
 def run_ours(args) -> dict:
     variant = VARIANTS[args.variant]
     env = variant.get("env", {})
@@ -205,6 +243,7 @@ def run_ours(args) -> dict:
     if "min_rows" in variant:
         buckets.MIN_ROWS = variant["min_rows"]
     sampling.RUNTIME_DISPATCH = variant.get("runtime_dispatch")
+    sampling.SPECIALIZE = variant.get("specialize")
     layers.set_attention_implementation(variant.get("attention"))
     code_predictor.UNROLL = variant.get("unroll")
     dev = jax.devices()[0]
@@ -288,6 +327,15 @@ def run_ours(args) -> dict:
                 log(f"ours[{args.variant}] B={B} {mode}: {frames / warm:.1f} frames/s, "
                     f"xRT {frames / FRAME_RATE / warm:.1f}, warm {warm:.2f} s, cold {cold:.1f} s")
             row["peak_device_gb"] = memory()
+            if args.profile and B == 1:
+                for mode in modes:
+                    where = os.path.join(args.profile, f"{args.variant}-{mode}")
+                    with jax.profiler.trace(where):
+                        timed_generate(batch, settings(B, mode == "sampled", args.frames), keys,
+                                       args.frames)
+                    row[mode]["profile"] = summary = profile_summary(where, row[mode]["frames"])
+                    log(f"ours[{args.variant}] B=1 {mode} profile: "
+                        + json.dumps(summary, indent=1)[:4000])
             out["batches"][str(B)] = row
             with open(args.out, "w") as f:  # partial results survive a timeout
                 json.dump(out, f)
@@ -415,6 +463,8 @@ def child(role: str, args, extra: list[str], env: dict | None = None, timeout=No
         cmd += ["--dtype", args.dtype]
     if args.sampled:
         cmd += ["--sampled"]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     t = time.perf_counter()
     try:
         subprocess.run(cmd, check=True, env={**os.environ, **(env or {})}, timeout=timeout)
@@ -530,6 +580,9 @@ def main():
                          "the others --variant-batches")
     ap.add_argument("--variant-batches", default="1")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per child")
+    ap.add_argument("--profile", default=None,
+                    help="folder: also trace one warm batch-1 generate per mode per variant "
+                         "(jax.profiler) and summarize its device kernels")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--json", default=None, help="also write every figure here")
     ap.add_argument("--folder", default=None, help="reuse (or build once into) this checkpoint")

@@ -4,15 +4,14 @@
 # land in $OUT (or ./gpu_out): gpu.txt, all.log, RESULTS.md (sections to paste into
 # benchmarks/RESULTS.md) and one JSON per part.
 #
-#   bash benchmarks/gpu_session.sh one   # ~7 min, by priority: the 0.6B at batch 1 as the API runs
-#                                        # it (two rows on a GPU, buckets.MIN_ROWS) against one row
-#                                        # (`rows-as-given`), with TTFA, the sampler's top-k path and
-#                                        # the predictor's steps unrolled, int8 weights, CUDA
-#                                        # graphs for loops too (cmdbuf), cuBLAS for every
-#                                        # product (cublas); then
-#                                        # batch 8, 64, 128;
-#                                        # then the 1.7B at batch 1 and 64; then the
-#                                        # streaming codec, stateful vs windowed
+#   bash benchmarks/gpu_session.sh one   # ~9 min, by priority: the 0.6B at batch 1 as the API runs
+#                                        # it (two rows on a GPU, buckets.MIN_ROWS; the sampler
+#                                        # specialized to the settings' kind), greedy and sampled,
+#                                        # with TTFA and a kernel profile, against one general
+#                                        # sampler program (general-sampler), CUDA graphs for loops
+#                                        # too (cmdbuf), cuBLAS for every product (cublas); then
+#                                        # the streaming codec, stateful vs windowed; then
+#                                        # batch 8, 64, 128; then the 1.7B at batch 1 and 64
 #
 # Missing packages (soundfile, soxr, ...) travel as wheels in .whl/ (see the device notes); the
 # full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
@@ -36,13 +35,23 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 
 case $part in
 one)
-    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
-        --variants default,rows-as-given,topk-dispatch,unrolled,int8,cmdbuf,cublas --variant-batches 1
+    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 240 --sampled \
+        --profile "$OUT/prof" --variants default,general-sampler,cmdbuf,cublas --variant-batches 1
+    python3 - "$OUT" <<'PY'   # the kernel summaries in one small file that comes back
+import glob, json, sys
+out = {p: json.load(open(p)) for p in glob.glob(sys.argv[1] + "/*.json")}
+prof = {f"{v}:{B}:{m}": r[m]["profile"] for p, j in out.items()
+        for v, res in (j.get("ours") or {}).items()
+        for B, r in res.get("batches", {}).items() for m in ("greedy", "sampled")
+        if isinstance(r, dict) and "profile" in r.get(m, {})}
+json.dump(prof, open(sys.argv[1] + "/profile.json", "w"), indent=1)
+PY
+    rm -rf "$OUT/prof"
+    # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
+    timeout 120 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
+        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
     bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
     bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
-    # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
-    timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
-        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
     ;;
 *)
     echo "unknown part $part: one" >&2; exit 2 ;;

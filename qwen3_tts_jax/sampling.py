@@ -91,6 +91,11 @@ class SamplingParams:
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    # Static (part of the pytree's structure, so a jitted caller compiles one program per kind):
+    # which work `sample` needs for these settings. "full": any settings (the default, and what
+    # params built inside traced code get); "top_k": every sampling row has top_p >= 1 and
+    # top_k <= TOP_K_CANDIDATES (the official defaults); "greedy": no row samples. See `kind_of`.
+    kind: str = "full"
 
     @classmethod
     def create(cls, batch_size: int, *, do_sample: _Scalars = True, temperature: _Scalars = 0.9,
@@ -110,8 +115,9 @@ class SamplingParams:
                 raise ValueError(f"expected a scalar or shape ({batch_size},), got {arr.shape}")
             return jnp.asarray(arr)
 
-        return cls(do_sample=col(do_sample, np.bool_), temperature=col(temperature, np.float32),
-                   top_k=col(top_k, np.int32), top_p=col(top_p, np.float32))
+        cols = dict(do_sample=col(do_sample, np.bool_), temperature=col(temperature, np.float32),
+                    top_k=col(top_k, np.int32), top_p=col(top_p, np.float32))
+        return cls(**cols, kind=kind_of(**{k: np.asarray(v) for k, v in cols.items()}))
 
     @property
     def batch_size(self) -> int:
@@ -119,7 +125,29 @@ class SamplingParams:
 
 
 jax.tree_util.register_dataclass(
-    SamplingParams, data_fields=["do_sample", "temperature", "top_k", "top_p"], meta_fields=[])
+    SamplingParams, data_fields=["do_sample", "temperature", "top_k", "top_p"],
+    meta_fields=["kind"])
+
+# Whether `SamplingParams.create` specializes the sampler to the settings' kind (None: on for
+# accelerator backends, where the sampler's sort and draw are dozens of small kernels a frame and
+# `lax.cond` would read its predicate back to the host; the CPU dispatches at run time instead,
+# see RUNTIME_DISPATCH). A kind costs one compiled program the first time it is used. Read when
+# params are created.
+SPECIALIZE = None
+
+
+def kind_of(do_sample, temperature, top_k, top_p) -> str:
+    """The cheapest exact sampler for host-side settings arrays (see `SamplingParams.kind`)."""
+    specialize = SPECIALIZE if SPECIALIZE is not None else jax.default_backend() != "cpu"
+    if not specialize:
+        return "full"
+    sample = np.asarray(do_sample, bool)
+    if not sample.any():
+        return "greedy"
+    if (np.asarray(top_p)[sample] >= 1).all() and (np.asarray(top_k)[sample]
+                                                   <= TOP_K_CANDIDATES).all():
+        return "top_k"
+    return "full"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,12 +325,26 @@ def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
     tolerates anyway (see the module docstring).
     """
     x_BxV, use_k_B, use_p_B = _warp_prologue(logits_BxV, params)
+    if params.kind == "top_k":
+        return _warp_top_k_only(x_BxV, use_k_B, params)
     if TOP_K_CANDIDATES >= x_BxV.shape[1] or not _runtime_dispatch():
         return warp_by_sort(logits_BxV, params)
     vals_BxN, idx_BxN = lax.top_k(x_BxV, TOP_K_CANDIDATES)
     return lax.cond(jnp.all(_top_k_path_rows(x_BxV, vals_BxN, params)),
                     lambda: _warp_top_k(x_BxV, vals_BxN, idx_BxN, use_k_B, use_p_B, params),
                     lambda: warp_by_sort(logits_BxV, params))
+
+
+def _warp_top_k_only(x_BxV, use_k_B, params):
+    """`warp` for settings of kind "top_k" (no row uses top-p, every top_k <= TOP_K_CANDIDATES):
+    keep x >= the k-th largest value (ties with it kept, like HF), which the candidates hold
+    exactly whatever the ties; no sort of the vocabulary, no top-p, no conditional."""
+    n = min(TOP_K_CANDIDATES, x_BxV.shape[1])
+    vals_BxN = lax.top_k(x_BxV, n)[0]
+    k_B = jnp.clip(params.top_k.astype(jnp.int32), 1, n)
+    kth_Bx1 = jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
+    keep_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
+    return jnp.where(keep_BxV, x_BxV, -jnp.inf)
 
 
 def _top_k_path_rows(x_BxV, vals_BxN, params):
@@ -341,8 +383,10 @@ def sample(key: jax.Array, logits_BxV: jax.Array, params: SamplingParams) -> jax
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    if params.kind == "greedy":  # known when the params were made: no warp, no draw
+        return greedy_B
     # All rows greedy (a run-time fact: the settings are traced): no warping at all.
-    if _runtime_dispatch():
+    if _runtime_dispatch() and params.kind == "full":
         warped_BxV = lax.cond(jnp.any(params.do_sample), lambda: warp(logits_BxV, params),
                               lambda: logits_BxV)
     else:

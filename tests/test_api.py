@@ -118,3 +118,22 @@ def test_warmup_needs_a_voice_on_base(make_checkpoint):
     base = Qwen3TTS.from_pretrained(make_checkpoint("base"))
     with pytest.raises(ValueError, match="voice_clone_prompt"):
         base.warmup(["Hello."])
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False, subtalker_dosample=False),
+                                dict(seed=5),                     # the defaults: top-k 50 only
+                                dict(seed=6, top_p=0.8, subtalker_top_k=0)])
+def test_specialized_sampler_gives_the_same_codes(cv, kw, monkeypatch):
+    """The sampler specialized to the settings' kind (the accelerator default: no warp for greedy
+    rows, no vocabulary sort without top-p) generates exactly the general sampler's codes."""
+    from qwen3_tts_jax import sampling
+
+    texts = ["Hello there, how are you?", "Fine."]
+    codes = {}
+    for on in (False, True):
+        monkeypatch.setattr(sampling, "SPECIALIZE", on)
+        codes[on] = cv.generate_custom_voice_codes(texts, speaker=["ryan", "eric"],
+                                                   max_new_tokens=24, **kw)
+    for a, b in zip(codes[False], codes[True]):
+        np.testing.assert_array_equal(a, b)
+    assert sum(len(c) for c in codes[True]) > 10

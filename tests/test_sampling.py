@@ -475,3 +475,76 @@ def test_accelerator_sampler_program_gives_the_same_ids():
                 S.RUNTIME_DISPATCH = None
         assert_same_logits(outs[True][0], outs[False][0])
         np.testing.assert_array_equal(outs[True][1], outs[False][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler kinds (`SamplingParams.kind`, specialized programs on accelerators)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def specialize():
+    S.SPECIALIZE = True
+    yield
+    S.SPECIALIZE = None
+
+
+def test_kind_of_settings(specialize):
+    create = S.SamplingParams.create
+    assert create(3, do_sample=False, top_p=0.5, top_k=5000).kind == "greedy"
+    assert create(3).kind == "top_k"                        # the official defaults
+    assert create(3, do_sample=[1, 0, 1], top_k=[50, 0, 64], top_p=[1.0, 0.2, 1.0]).kind == "top_k"
+    assert create(3, top_k=[50, 0, 1]).kind == "top_k"      # top-k off: temperature only
+    assert create(3, top_k=[50, 65, 1]).kind == "full"      # beyond the candidates
+    assert create(3, do_sample=[0, 1, 0], top_p=[1.0, 0.9, 1.0]).kind == "full"
+    S.SPECIALIZE = False
+    assert create(3, do_sample=False).kind == "full"
+    S.SPECIALIZE = None  # the default: specialized off the CPU only
+    assert create(3, do_sample=False).kind == ("full" if jax.default_backend() == "cpu"
+                                               else "greedy")
+
+
+@functools.partial(jax.jit, static_argnames="talker")
+def _kind_program(keys_B, x_BxV, seen_BxV, penalty_B, params, talker):
+    if talker:
+        x_BxV = S.process_talker_logits(x_BxV, seen_BxV, penalty_B, jnp.full_like(penalty_B, 1),
+                                        S.talker_suppress_mask(x_BxV.shape[1], EOS), EOS)
+    return S.warp(x_BxV, params), S.sample(keys_B, x_BxV, params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_specialized_kinds_give_the_full_samplers_ids(kind, specialize):
+    """Each kind's program (no sort for "top_k", no warp or draw for "greedy") warps to the same
+    logits and draws the same ids as the general program, for the talker (penalty, masks) and the
+    predictor, with ties at the k-th value beyond the candidates ("ties" rows), greedy rows mixed
+    in, top-k off in some rows, and under either sampler dispatch."""
+    rng = np.random.default_rng([3000, KINDS.index(kind)])
+    B = 32
+    for V, talker in ((TALKER_V, True), (PREDICTOR_V, False)):
+        x = jnp.asarray(make_logits(rng, kind, B, V))
+        seen = jnp.asarray(history(rng, B, 20, V)[1])
+        penalty = jnp.asarray(rng.choice(PENALTIES, B).astype(np.float32))
+        keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), B)
+        cols = dict(temperature=rng.choice(TEMPS, B),
+                    top_k=rng.choice((0, 1, 2, 50, S.TOP_K_CANDIDATES, -3), B))
+        for do_sample, want in ((rng.random(B) < 0.7, "top_k"), (np.zeros(B, bool), "greedy")):
+            params = S.SamplingParams.create(B, do_sample=do_sample, top_p=1.0, **cols)
+            assert params.kind == want
+            full = S.SamplingParams(params.do_sample, params.temperature, params.top_k,
+                                    params.top_p)
+            assert full.kind == "full"
+            for dispatch in (True, False):
+                S.RUNTIME_DISPATCH = dispatch
+                try:
+                    got = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, params,
+                                                                talker)]
+                    ref = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, full,
+                                                                talker)]
+                finally:
+                    S.RUNTIME_DISPATCH = None
+                np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{want} V={V}")
+                if want == "top_k":
+                    assert_same_logits(got[0], ref[0], f"{want} V={V}")
+            if want == "top_k":
+                assert (np.isfinite(got[0]).sum(-1)[do_sample & (cols["top_k"] == 1)] >= 1).all()
+                if kind == "ties":  # more survivors than candidates somewhere: still exact
+                    assert (np.isfinite(got[0]).sum(-1) > S.TOP_K_CANDIDATES).any()
