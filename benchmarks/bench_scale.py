@@ -66,6 +66,8 @@ VARIANTS = {
     "nocmdbuf": dict(env={"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}),
     # cuBLAS for every product instead of XLA's Triton GEMMs (few-row products on a GPU)
     "cublas": dict(env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
+    # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
+    "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),
     "cudnn": dict(attention="cudnn"),
     "loop": dict(unroll=False),
     "unrolled": dict(unroll=True),
