@@ -99,12 +99,15 @@ class SamplingParams:
 
     @classmethod
     def create(cls, batch_size: int, *, do_sample: _Scalars = True, temperature: _Scalars = 0.9,
-               top_k: _Scalars = 50, top_p: _Scalars = 1.0) -> "SamplingParams":
+               top_k: _Scalars = 50, top_p: _Scalars = 1.0,
+               kind: str | None = None) -> "SamplingParams":
         """From Python scalars (broadcast to all rows) or length-``batch_size`` sequences/arrays.
 
         Host-side (NumPy) constructor; inside traced code build ``SamplingParams(...)`` directly.
 
         Defaults are the official Qwen3-TTS ones (do_sample, temperature 0.9, top_k 50, top_p 1.0).
+        ``kind``: None picks `kind_of` the settings; a wider kind than the settings need (see
+        `KINDS`) may be asked for, to reuse a program already compiled; a narrower one is an error.
         """
 
         def col(value, dtype):
@@ -117,7 +120,13 @@ class SamplingParams:
 
         cols = dict(do_sample=col(do_sample, np.bool_), temperature=col(temperature, np.float32),
                     top_k=col(top_k, np.int32), top_p=col(top_p, np.float32))
-        return cls(**cols, kind=kind_of(**{k: np.asarray(v) for k, v in cols.items()}))
+        host = {k: np.asarray(v) for k, v in cols.items()}
+        if kind is None:
+            kind = kind_of(**host)
+        elif kind not in KINDS or KINDS.index(kind) < KINDS.index(exact_kind(**host)):
+            raise ValueError(f"sampler kind {kind!r} cannot serve these settings (they need "
+                             f"{exact_kind(**host)!r} or a wider one of {KINDS})")
+        return cls(**cols, kind=kind)
 
     @property
     def batch_size(self) -> int:
@@ -136,11 +145,19 @@ jax.tree_util.register_dataclass(
 SPECIALIZE = None
 
 
+# The sampler kinds, narrowest first: each serves every setting the ones before it serve.
+KINDS = ("greedy", "top_k", "full")
+
+
 def kind_of(do_sample, temperature, top_k, top_p) -> str:
-    """The cheapest exact sampler for host-side settings arrays (see `SamplingParams.kind`)."""
+    """The sampler kind `SamplingParams.create` gives host-side settings arrays: `exact_kind`
+    where the backend specializes (`SPECIALIZE`), else "full"."""
     specialize = SPECIALIZE if SPECIALIZE is not None else jax.default_backend() != "cpu"
-    if not specialize:
-        return "full"
+    return exact_kind(do_sample, temperature, top_k, top_p) if specialize else "full"
+
+
+def exact_kind(do_sample, temperature, top_k, top_p) -> str:
+    """The narrowest kind (`KINDS`) that serves these settings (see `SamplingParams.kind`)."""
     sample = np.asarray(do_sample, bool)
     if not sample.any():
         return "greedy"

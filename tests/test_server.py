@@ -738,3 +738,48 @@ def test_api_key(tts):
             assert "unknown voice" in json.loads(ws.recv(timeout=60))["message"]
     finally:
         s.stop()
+
+
+def test_sampler_kinds_reuse_compiled_programs(tts, monkeypatch):
+    """With the sampler specialized (the accelerators' default), a cohort runs the narrowest
+    kind this server has already used that serves its rows: a greedy request after sampled ones
+    runs their program (no new trace) and still gives its offline audio; a top-p request needs
+    the general kind and compiles it; the kinds themselves are in `sampling.KINDS` order."""
+    import jax
+
+    from qwen3_tts_jax import sampling
+    from qwen3_tts_jax.server.engine import BatchEngine
+
+    monkeypatch.setattr(sampling, "SPECIALIZE", True)
+    e = BatchEngine(None, max_batch_size=2)
+    assert [e._sampler_kind("talker", k) for k in ("top_k", "greedy", "full", "top_k",
+                                                   "greedy")] == ["top_k", "top_k", "full",
+                                                                  "top_k", "top_k"]
+    assert e._sampler_kind("predictor", "greedy") == "greedy"   # per role
+    with pytest.raises(ValueError, match="cannot serve"):
+        sampling.SamplingParams.create(2, do_sample=[True, False], kind="greedy")
+
+    traced = []
+    listener = lambda event, duration, **_: traced.append(event) \
+        if event == "/jax/core/compile/jaxpr_trace_duration" else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    run = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=TOKENS,
+                                                batch_buckets=(2,), max_batch_size=2,
+                                                min_prompt_bucket=32)))
+    try:
+        greedy = dict(do_sample=False, subtalker_dosample=False)
+        for kw, compiles in ((dict(seed=3), True), (dict(seed=4, **greedy), False),
+                             (dict(seed=5, top_p=0.7), True)):
+            traced.clear()
+            status, _, body = post(run.url + "/v1/audio/speech",
+                                   speech(response_format="pcm", **kw))
+            assert status == 200, body
+            assert bool(traced) == compiles, (kw, len(traced))
+            got = np.frombuffer(body, "<i2").astype(np.float32) / 32767
+            want = offline(tts, speech()["input"], "ryan", kw.pop("seed"), max_new_tokens=TOKENS,
+                           **kw)
+            np.testing.assert_allclose(got, want, atol=2e-4)
+        assert run.server_state.engine._kinds["talker"] == {"top_k", "full"}
+    finally:
+        run.stop()
+        jax.monitoring.unregister_event_duration_listener(listener)

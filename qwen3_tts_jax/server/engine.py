@@ -411,6 +411,7 @@ class BatchEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.active = 0                       # rows in running cohorts
+        self._kinds: dict[str, set] = {}      # sampler kinds used, per role (`_sampler_kind`)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
                       "frames": 0, "batch_sizes": collections.Counter()}
@@ -608,6 +609,18 @@ class BatchEngine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
 
+    def _sampler_kind(self, role: str, kind: str) -> str:
+        """The narrowest sampler kind (`sampling.KINDS`) this engine has used for `role` that
+        serves `kind`'s settings, so that a cohort reuses a compiled program (a greedy request
+        on a server that has run sampled ones runs their program instead of compiling another
+        one while every stream waits); `kind` itself (compiled on first use) if none has."""
+        used = self._kinds.setdefault(role, set())
+        for k in sampling.KINDS[sampling.KINDS.index(kind):]:
+            if k in used:
+                return k
+        used.add(kind)
+        return kind
+
     def _settings(self, rows: list[Job | None]) -> gen.Settings:
         """Per-row settings of a cohort's rows; a row without a job (padding) copies the first
         job's settings with a budget of 1 (it stops at once)."""
@@ -615,12 +628,14 @@ class BatchEngine:
         rows_s = [first if j is None else j.settings for j in rows]
         col = lambda name: [getattr(s, name) for s in rows_s]
         B = len(rows)
-        talker_p = sampling.SamplingParams.create(
-            B, do_sample=col("do_sample"), temperature=col("temperature"), top_k=col("top_k"),
-            top_p=col("top_p"))
-        predictor = sampling.SamplingParams.create(
-            B, do_sample=col("subtalker_dosample"), temperature=col("subtalker_temperature"),
-            top_k=col("subtalker_top_k"), top_p=col("subtalker_top_p"))
+        def params(role, prefix):
+            cols = dict(do_sample=col(prefix + "dosample" if prefix else "do_sample"),
+                        temperature=col(prefix + "temperature"), top_k=col(prefix + "top_k"),
+                        top_p=col(prefix + "top_p"))
+            return sampling.SamplingParams.create(
+                B, **cols, kind=self._sampler_kind(role, sampling.kind_of(**cols)))
+
+        talker_p, predictor = params("talker", ""), params("predictor", "subtalker_")
         budget = [1 if j is None else j.settings.max_new_tokens for j in rows]
         return gen.Settings(talker_p, predictor,
                             jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
