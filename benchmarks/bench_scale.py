@@ -66,6 +66,11 @@ VARIANTS = {
     "nocmdbuf": dict(env={"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}),
     # cuBLAS for every product instead of XLA's Triton GEMMs (few-row products on a GPU)
     "cublas": dict(env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
+    # split-K few-row products with narrow weights (layers.SPLIT_K), RoPE without a concatenate
+    "split-k4": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4"}),
+    "split-k8": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "8"}),
+    "rope-flip": dict(env={"QWEN3_TTS_JAX_ROPE": "flip"}),
+    "split-k4-rope-flip": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4", "QWEN3_TTS_JAX_ROPE": "flip"}),
     # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
     "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),
     "cudnn": dict(attention="cudnn"),

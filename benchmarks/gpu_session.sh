@@ -4,19 +4,25 @@
 # land in $OUT (or ./gpu_out): gpu.txt, all.log, RESULTS.md (sections to paste into
 # benchmarks/RESULTS.md) and one JSON per part.
 #
-#   bash benchmarks/gpu_session.sh one   # ~9 min, by priority: the 0.6B at batch 1 as the API runs
-#                                        # it (two rows on a GPU, buckets.MIN_ROWS; the sampler
-#                                        # specialized to the settings' kind), greedy and sampled,
-#                                        # with TTFA and a kernel profile, against one general
-#                                        # sampler program (general-sampler), CUDA graphs for loops
-#                                        # too (cmdbuf), cuBLAS for every product (cublas); then
-#                                        # the streaming codec, stateful vs windowed; then
-#                                        # batch 8, 64, 128; then the 1.7B at batch 1 and 64
+#   bash benchmarks/gpu_session.sh one       # ~9 min, by priority: the 0.6B at batch 1 (greedy, as
+#                                            # the API runs it: two rows on a GPU) against the
+#                                            # variants prepared in session 12 from its profile:
+#                                            # split-K narrow products (4 and 8 parts), RoPE
+#                                            # without a concatenate, both; then batch 8, 64,
+#                                            # 128; the 1.7B at batch 1 and 64; the streaming
+#                                            # codec, stateful vs windowed, batch 1, 8, 64
+#   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
+#                                            # profile of the frame (profile.json)
 #
-# Missing packages (soundfile, soxr, ...) travel as wheels in .whl/ (see the device notes); the
-# full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
+# Missing packages travel as wheels in .whl/ (git-ignored through .git/info/exclude; carry it):
+# the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser. Made here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     soundfile==0.14.0 soxr==1.1.0 cffi==2.0.0 pycparser
+# The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one}
+part=${1:?usage: gpu_session.sh one|profile}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -35,8 +41,19 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 
 case $part in
 one)
+    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
+        --variants default,split-k4,split-k8,rope-flip,split-k4-rope-flip --variant-batches 1
+    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
+    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
+    # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
+    timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
+        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
+    ;;
+profile)
+    # greedy and sampled at batch 1 with a kernel profile (profile.json: kernels per frame,
+    # busy time, the costliest kernels), as in session 12
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 240 --sampled \
-        --profile "$OUT/prof" --variants default,general-sampler,cmdbuf,cublas --variant-batches 1
+        --profile "$OUT/prof" --variants default --variant-batches 1
     python3 - "$OUT" <<'PY'   # the kernel summaries in one small file that comes back
 import glob, json, sys
 out = {p: json.load(open(p)) for p in glob.glob(sys.argv[1] + "/*.json")}
@@ -47,12 +64,7 @@ prof = {f"{v}:{B}:{m}": r[m]["profile"] for p, j in out.items()
 json.dump(prof, open(sys.argv[1] + "/profile.json", "w"), indent=1)
 PY
     rm -rf "$OUT/prof"
-    # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
-    timeout 120 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
-        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
-    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
-    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     ;;
 *)
-    echo "unknown part $part: one" >&2; exit 2 ;;
+    echo "unknown part $part: one or profile" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from .config import TransformerConfig
 from . import cpu_kernels
 from .activations import ACTIVATIONS
-from .cpu_kernels import linear
+from .cpu_kernels import linear as kernel_linear
 
 
 class KVCache(NamedTuple):
@@ -121,6 +121,32 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype,
             for _ in range(cfg.num_hidden_layers)]
 
 
+# Split-K for the decode steps' narrow products (opt-in, accelerators; read when a program is
+# traced; env QWEN3_TTS_JAX_SPLIT_K): a product of a few rows with a weight of at most
+# SPLIT_K_MAX_N output columns (the 0.6B's o and down projections, 1024 columns from 2048 and
+# 3072) runs as SPLIT_K partial products over slices of the contraction, summed in float32. At two
+# rows a GPU product tiles only the output columns, 16 tiles of 64 for 1024 columns on 132
+# multiprocessors, and reads the weight at about 1 TB/s (benchmarks/RESULTS.md, session 12); the
+# partial products give it SPLIT_K times the tiles. Not measured yet: off by default.
+SPLIT_K = int(os.environ.get("QWEN3_TTS_JAX_SPLIT_K") or 0)
+SPLIT_K_MAX_N = 2048
+SPLIT_K_MAX_ROWS = 16
+
+
+def linear(x, w):
+    """x (..., K) @ w (K, N): `cpu_kernels.linear` (XLA, or the CPU kernels for packed weights),
+    or with `SPLIT_K` a split-K product for few rows and narrow weights."""
+    s = SPLIT_K
+    if s > 1 and isinstance(w, jax.Array) and w.ndim == 2:
+        K, N = w.shape
+        rows = math.prod(x.shape[:-1])
+        if rows <= SPLIT_K_MAX_ROWS and N <= SPLIT_K_MAX_N and K % s == 0:
+            parts = jnp.einsum("rsk,skn->srn", x.reshape(rows, s, K // s),
+                               w.reshape(s, K // s, N), preferred_element_type=jnp.float32)
+            return parts.sum(0).astype(x.dtype).reshape(*x.shape[:-1], N)
+    return kernel_linear(x, w)
+
+
 def rms_norm(w_D, x_BxTxD, eps):
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -193,9 +219,24 @@ def transformer_rope(pos_BxT, cfg: TransformerConfig, dtype):
                         cfg.max_position_embeddings)
 
 
+# How RoPE's rotate-half is written (read when a program is traced; env QWEN3_TTS_JAX_ROPE):
+# "concat" (-x2 | x1, a concatenate: its own kernel on a GPU, 98 a frame in the session 12
+# profile) or "flip" (the halves reversed and signed, element-wise ops XLA can fuse with their
+# neighbours). The same values either way. Not measured yet: "concat" by default.
+ROPE = os.environ.get("QWEN3_TTS_JAX_ROPE") or "concat"
+
+
 def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
-    half = x_BxTxHxD.shape[-1] // 2
-    rot = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
+    Dh = x_BxTxHxD.shape[-1]
+    half = Dh // 2
+    if ROPE == "flip":
+        halves = x_BxTxHxD.reshape(*x_BxTxHxD.shape[:-1], 2, half)
+        sign = jnp.asarray([-1, 1], x_BxTxHxD.dtype)[:, None]
+        rot = (jnp.flip(halves, axis=-2) * sign).reshape(x_BxTxHxD.shape)
+    elif ROPE == "concat":
+        rot = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
+    else:
+        raise ValueError(f"unknown RoPE form {ROPE!r}: use 'concat' or 'flip'")
     return x_BxTxHxD * cos_BxTxD[:, :, None] + rot * sin_BxTxD[:, :, None]
 
 

@@ -320,3 +320,65 @@ def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
     ref = official_codes(off, "custom_voice", **kw, **GREEDY)
     _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY), ref)
     jax.clear_caches()
+
+
+@pytest.fixture
+def rope_flip():
+    old = layers.ROPE
+    layers.ROPE = "flip"
+    jax.clear_caches()
+    yield
+    layers.ROPE = old
+    jax.clear_caches()
+
+
+def test_rope_flip_form_is_the_same_rope(models, rope_flip):
+    """RoPE's rotate-half written without a concatenate (`layers.ROPE = "flip"`, a GPU variant):
+    bit-identical rotations, and the official logits and greedy codes through it."""
+    rng = np.random.default_rng(0)
+    for dtype, Dh in ((jnp.float32, 128), (jnp.bfloat16, 64), (jnp.float32, 16)):
+        x = jnp.asarray(rng.normal(size=(2, 3, 4, Dh)) * 30, dtype)
+        cos, sin = (jnp.asarray(rng.normal(size=(2, 3, Dh)), dtype) for _ in range(2))
+        flip = layers.apply_rope(x, cos, sin)
+        layers.ROPE = "concat"
+        concat = layers.apply_rope(x, cos, sin)
+        layers.ROPE = "flip"
+        np.testing.assert_array_equal(np.asarray(flip, np.float32), np.asarray(concat, np.float32))
+    test_talker_logits_prefill_and_decode_steps(models, "cv_proj")
+    test_greedy_codes_single_and_batched(models, "cv_eos")
+    layers.ROPE = "other"
+    with pytest.raises(ValueError, match="unknown RoPE form"):
+        layers.apply_rope(x, cos, sin)
+
+
+def test_split_k_products(monkeypatch):
+    """`layers.SPLIT_K` (a GPU variant): few-row products with narrow weights as partial products
+    over slices of the contraction, within float32 rounding of the plain product; other products
+    unchanged; a whole decoder stack's output as close."""
+    rng = np.random.default_rng(1)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    monkeypatch.setattr(layers, "SPLIT_K", 4)
+    for x, w, split in ((f(2, 1, 2048), f(2048, 1024), True), (f(3, 3072), f(3072, 1024), True),
+                        (f(2, 1, 1024), f(1024, 4096), False),    # wide: left alone
+                        (f(32, 2048), f(2048, 1024), False),      # many rows: left alone
+                        (f(2, 1, 1022), f(1022, 512), False)):    # K not divisible
+        got, want = layers.linear(x, w), x @ w
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+        assert (not np.array_equal(got, want)) == split  # the split ran (other rounding) or not
+    cfg = type("Cfg", (), dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               rms_norm_eps=1e-6, hidden_act="silu"))
+    D, F = 64, 192
+    p = {"attn": {"qkv": f(D, 8 * 16) * 0.1, "o": f(64, D) * 0.1, "q_norm": jnp.ones(16),
+                  "k_norm": jnp.ones(16)},
+         "mlp": {"gate_up": f(D, 2 * F) * 0.1, "down": f(F, D) * 0.1},
+         "input_norm": jnp.ones(D), "post_norm": jnp.ones(D)}
+    x = f(2, 1, D)
+    cos_sin = (jnp.ones((2, 1, 16)), jnp.zeros((2, 1, 16)))
+    cache = layers.KVCache(jnp.zeros((2, 4, 2, 16)), jnp.zeros((2, 4, 2, 16)))
+    mask = jnp.ones((2, 1, 4), bool)
+    split, _ = layers.decoder_layer(p, x, cos_sin, cache, 0, mask, cfg)
+    monkeypatch.setattr(layers, "SPLIT_K", 0)
+    plain, _ = layers.decoder_layer(p, x, cos_sin, cache, 0, mask, cfg)
+    np.testing.assert_allclose(split, plain, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(split, plain)
