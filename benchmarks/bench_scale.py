@@ -70,6 +70,8 @@ VARIANTS = {
     "split-k4": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4"}),
     "split-k8": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "8"}),
     "rope-flip": dict(env={"QWEN3_TTS_JAX_ROPE": "flip"}),
+    # the sampler's k-th largest logit by pairwise counts instead of lax.top_k (a sort on GPUs)
+    "kth-pairwise": dict(env={"QWEN3_TTS_JAX_KTH": "pairwise"}),
     "split-k4-rope-flip": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4", "QWEN3_TTS_JAX_ROPE": "flip"}),
     # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
     "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),

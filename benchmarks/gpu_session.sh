@@ -8,9 +8,10 @@
 #                                            # the API runs it: two rows on a GPU) against the
 #                                            # variants prepared in session 12 from its profile:
 #                                            # split-K narrow products (4 and 8 parts), RoPE
-#                                            # without a concatenate, both; then batch 8, 64,
-#                                            # 128; the 1.7B at batch 1 and 64; the streaming
-#                                            # codec, stateful vs windowed, batch 1, 8, 64
+#                                            # without a concatenate, both; sampled, the
+#                                            # k-th logit by pairwise counts (kth-pairwise); the
+#                                            # streaming codec, stateful vs windowed, batch 1, 8,
+#                                            # 64; then batch 8, 64, 128; the 1.7B at 1 and 64
 #   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
 #                                            # profile of the frame (profile.json)
 #
@@ -43,11 +44,13 @@ case $part in
 one)
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
         --variants default,split-k4,split-k8,rope-flip,split-k4-rope-flip --variant-batches 1
-    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
-    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
+    bench b1s 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 160 --sampled \
+        --variants default,kth-pairwise --variant-batches 1
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
     timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
         --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
+    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
+    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     ;;
 profile)
     # greedy and sampled at batch 1 with a kernel profile (profile.json: kernels per frame,

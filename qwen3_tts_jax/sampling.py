@@ -51,6 +51,7 @@ against the last removed element of the sorted order. When no row samples, nothi
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence, Union
 
 import jax
@@ -352,14 +353,37 @@ def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
                     lambda: warp_by_sort(logits_BxV, params))
 
 
+# How the "top_k" kind finds each row's k-th largest value: "top_k" (`lax.top_k` candidates; XLA
+# lowers it to a sort of the row on GPUs: 15 us a step on an H100, 211 us of a sampled frame in the
+# session 12 profile) or "pairwise" (for every logit, how many are >= it; the k-th largest is the
+# largest logit with at least k: two fused reductions over rows x V x V comparisons, no sort;
+# only for few rows). Not measured yet: "top_k" by default. Read when a program is traced; env
+# QWEN3_TTS_JAX_KTH.
+KTH_BY = os.environ.get("QWEN3_TTS_JAX_KTH") or "top_k"
+PAIRWISE_MAX = 1 << 26  # comparisons per call above which "pairwise" uses `lax.top_k` anyway
+
+
+def kth_largest(x_BxV: jax.Array, k_B: jax.Array) -> jax.Array:
+    """Each row's k-th largest value (duplicates counted: the value HF's top-k keeps down to),
+    ``1 <= k <= min(TOP_K_CANDIDATES, V)``, shape (B, 1)."""
+    B, V = x_BxV.shape
+    if KTH_BY == "pairwise" and B * V * V <= PAIRWISE_MAX:
+        at_least_BxV = jnp.sum(x_BxV[:, None, :] >= x_BxV[:, :, None], axis=-1, dtype=jnp.int32)
+        return jnp.max(jnp.where(at_least_BxV >= k_B[:, None], x_BxV, -jnp.inf), axis=-1,
+                       keepdims=True)
+    if KTH_BY not in ("top_k", "pairwise"):
+        raise ValueError(f"unknown k-th value method {KTH_BY!r}: use 'top_k' or 'pairwise'")
+    vals_BxN = lax.top_k(x_BxV, min(TOP_K_CANDIDATES, x_BxV.shape[1]))[0]
+    return jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
+
+
 def _warp_top_k_only(x_BxV, use_k_B, params):
     """`warp` for settings of kind "top_k" (no row uses top-p, every top_k <= TOP_K_CANDIDATES):
     keep x >= the k-th largest value (ties with it kept, like HF), which the candidates hold
     exactly whatever the ties; no sort of the vocabulary, no top-p, no conditional."""
     n = min(TOP_K_CANDIDATES, x_BxV.shape[1])
-    vals_BxN = lax.top_k(x_BxV, n)[0]
     k_B = jnp.clip(params.top_k.astype(jnp.int32), 1, n)
-    kth_Bx1 = jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
+    kth_Bx1 = kth_largest(x_BxV, k_B)
     keep_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
     return jnp.where(keep_BxV, x_BxV, -jnp.inf)
 

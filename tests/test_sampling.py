@@ -503,20 +503,25 @@ def test_kind_of_settings(specialize):
                                                else "greedy")
 
 
-@functools.partial(jax.jit, static_argnames="talker")
-def _kind_program(keys_B, x_BxV, seen_BxV, penalty_B, params, talker):
+def _kind_program_impl(keys_B, x_BxV, seen_BxV, penalty_B, params, talker):
     if talker:
         x_BxV = S.process_talker_logits(x_BxV, seen_BxV, penalty_B, jnp.full_like(penalty_B, 1),
                                         S.talker_suppress_mask(x_BxV.shape[1], EOS), EOS)
     return S.warp(x_BxV, params), S.sample(keys_B, x_BxV, params)
 
 
+@pytest.mark.parametrize("kth", ["top_k", "pairwise"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_specialized_kinds_give_the_full_samplers_ids(kind, specialize):
+def test_specialized_kinds_give_the_full_samplers_ids(kind, kth, specialize, monkeypatch):
     """Each kind's program (no sort for "top_k", no warp or draw for "greedy") warps to the same
     logits and draws the same ids as the general program, for the talker (penalty, masks) and the
     predictor, with ties at the k-th value beyond the candidates ("ties" rows), greedy rows mixed
-    in, top-k off in some rows, and under either sampler dispatch."""
+    in, top-k off in some rows, and under either sampler dispatch; the k-th largest value from
+    `lax.top_k` candidates or by pairwise counts (`KTH_BY`)."""
+    monkeypatch.setattr(S, "KTH_BY", kth)
+    monkeypatch.setattr(S, "PAIRWISE_MAX", 1 << 40)   # pairwise for all 32 rows here
+    _kind_program = jax.jit(lambda *a, talker: _kind_program_impl(*a, talker),  # a new trace
+                            static_argnames="talker")
     rng = np.random.default_rng([3000, KINDS.index(kind)])
     B = 32
     for V, talker in ((TALKER_V, True), (PREDICTOR_V, False)):
@@ -536,9 +541,9 @@ def test_specialized_kinds_give_the_full_samplers_ids(kind, specialize):
                 S.RUNTIME_DISPATCH = dispatch
                 try:
                     got = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, params,
-                                                                talker)]
+                                                                talker=talker)]
                     ref = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, full,
-                                                                talker)]
+                                                                talker=talker)]
                 finally:
                     S.RUNTIME_DISPATCH = None
                 np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{want} V={V}")
