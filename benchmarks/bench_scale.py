@@ -70,6 +70,8 @@ VARIANTS = {
     "split-k4": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4"}),
     "split-k8": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "8"}),
     "rope-flip": dict(env={"QWEN3_TTS_JAX_ROPE": "flip"}),
+    # keys and values in one cache array: one cache write per layer step (layers.KVCachePacked)
+    "kv-packed": dict(env={"QWEN3_TTS_JAX_CACHE_LAYOUT": "packed"}),
     # the sampler's k-th largest logit by pairwise counts instead of lax.top_k (a sort on GPUs)
     "kth-pairwise": dict(env={"QWEN3_TTS_JAX_KTH": "pairwise"}),
     "split-k4-rope-flip": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4", "QWEN3_TTS_JAX_ROPE": "flip"}),

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh one       # ~9 min, by priority: the 0.6B at batch 1 (greedy, as
 #                                            # the API runs it: two rows on a GPU) against the
 #                                            # variants prepared in session 12 from its profile:
+#                                            # one KV-cache write per layer step (kv-packed),
 #                                            # split-K narrow products (4 and 8 parts), RoPE
 #                                            # without a concatenate, both; sampled, the
 #                                            # k-th logit by pairwise counts (kth-pairwise); the
@@ -43,7 +44,8 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 case $part in
 one)
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
-        --variants default,split-k4,split-k8,rope-flip,split-k4-rope-flip --variant-batches 1
+        --variants default,kv-packed,split-k4,rope-flip,split-k8,split-k4-rope-flip \
+        --variant-batches 1
     bench b1s 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 160 --sampled \
         --variants default,kth-pairwise --variant-batches 1
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec

@@ -94,16 +94,44 @@ class KVCacheHeadsMajor(NamedTuple):
         return KVCacheHeadsMajor(jnp.roll(self.k, -m, axis=3), jnp.roll(self.v, -m, axis=3))
 
 
+class KVCachePacked(NamedTuple):
+    """Positions-major with keys and values in one array: kv (B, S, 2K, Dh), the K key heads
+    first. A step writes one slice instead of two (on a GPU each write is a kernel: 196 a frame
+    of the 0.6B in the session 12 profile, ~6 % of it); attention reads the two halves."""
+    kv: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[1]
+
+    def write(self, k_BxTxKxD, v_BxTxKxD, index) -> "KVCachePacked":
+        new = jnp.concatenate([k_BxTxKxD, v_BxTxKxD], axis=2).astype(self.kv.dtype)
+        return KVCachePacked(jax.lax.dynamic_update_slice_in_dim(self.kv, new, index, axis=1))
+
+    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
+        K = self.kv.shape[2] // 2
+        return dot_product_attention(q_BxTxHxD, self.kv[:, :, :K], self.kv[:, :, K:], mask_BxTxS)
+
+    def grow(self, extra: int) -> "KVCachePacked":
+        return KVCachePacked(jnp.pad(self.kv, [(0, 0), (0, extra), (0, 0), (0, 0)]))
+
+    def drop(self, m) -> "KVCachePacked":
+        """Slots moved m to the left (traced m; the first m go to the end, stale)."""
+        return KVCachePacked(jnp.roll(self.kv, -m, axis=1))
+
+
 # The cache layout: None picks per backend when a program is traced (heads-major on the CPU,
-# positions-major elsewhere); "positions" / "heads" force one. Measured on the 2-core CPU (f32,
-# 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache lengths
-# 300-560 (benchmarks/RESULTS.md). Env QWEN3_TTS_JAX_CACHE_LAYOUT.
+# positions-major elsewhere); "positions" / "heads" / "packed" force one. Measured on the 2-core
+# CPU (f32, 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache
+# lengths 300-560 (benchmarks/RESULTS.md). "packed" (`KVCachePacked`) is a GPU variant, not
+# measured yet. Env QWEN3_TTS_JAX_CACHE_LAYOUT.
 CACHE_LAYOUT = os.environ.get("QWEN3_TTS_JAX_CACHE_LAYOUT") or None
 
 
 def cache_layout() -> str:
-    if CACHE_LAYOUT not in (None, "positions", "heads"):
-        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions' or 'heads'")
+    if CACHE_LAYOUT not in (None, "positions", "heads", "packed"):
+        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions', 'heads' "
+                         "or 'packed'")
     if CACHE_LAYOUT is not None:
         return CACHE_LAYOUT
     return "heads" if jax.default_backend() == "cpu" else "positions"
@@ -113,7 +141,11 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype,
                layout: str | None = None) -> list:
     """Zeroed caches for every layer, in `layout` (default: `cache_layout()`)."""
     K, Dh = cfg.num_key_value_heads, cfg.head_dim
-    if (layout or cache_layout()) == "heads":
+    layout = layout or cache_layout()
+    if layout == "packed":
+        return [KVCachePacked(jnp.zeros((batch, length, 2 * K, Dh), dtype))
+                for _ in range(cfg.num_hidden_layers)]
+    if layout == "heads":
         cls, shape = KVCacheHeadsMajor, (batch, K, Dh, length)
     else:
         cls, shape = KVCache, (batch, length, K, Dh)

@@ -239,6 +239,26 @@ def test_positions_major_cache_layout(models, name, positions_major_cache):
         test_greedy_codes_single_and_batched(models, "cv_eos")
 
 
+def test_packed_cache_layout(models, monkeypatch):
+    """`layers.KVCachePacked` (keys and values in one array, a GPU variant): the official logits
+    and greedy codes through it, cache growth included (a budget past the first capacity)."""
+    monkeypatch.setattr(layers, "CACHE_LAYOUT", "packed")
+    jax.clear_caches()
+    try:
+        cache = layers.init_cache(models("cv_proj")[1].config.talker, 2, 4, jnp.float32)[0]
+        assert isinstance(cache, layers.KVCachePacked) and cache.kv.shape[1] == cache.length == 4
+        test_talker_logits_prefill_and_decode_steps(models, "vd_bigvocab")
+        test_code_predictor_logits(models, "cv_proj")
+        test_greedy_codes_single_and_batched(models, "cv_eos")
+        monkeypatch.setattr(gen, "FIRST_FRAMES", 16)   # the caches grow twice below
+        off, ours = models("cv_identity_0b6")
+        kw = dict(text=TEXTS[0], speaker="ryan", language="english", max_new_tokens=40)
+        _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY),
+                           official_codes(off, "custom_voice", **kw, **GREEDY))
+    finally:
+        jax.clear_caches()
+
+
 def test_cpu_default_cache_layout_is_heads_major(models):
     assert layers.CACHE_LAYOUT is None and layers.cache_layout() == "heads"
     assert isinstance(layers.init_cache(models("cv_proj")[1].config.talker, 1, 4, jnp.float32)[0],
