@@ -309,7 +309,9 @@ class Qwen3TTS:
         batch, first KV-cache segment), by running the prefill at each of its compute lengths in
         the prompt bucket (`generate.prefill_lengths`) and one frame. Returns seconds.
         With the persistent compilation cache (`enable_compilation_cache`) a later process finds
-        them on disk."""
+        them on disk. On accelerators the programs are also those of the settings' sampler kind
+        (`sampling.SamplingParams.kind`: greedy, top-k only, or general), so warm up with the
+        settings the requests will use (`do_sample=False` for greedy ones)."""
         t = time.perf_counter()
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
         capacity = min(gen.bucket(settings.max_new_tokens - 1), gen.FIRST_FRAMES)
