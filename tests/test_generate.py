@@ -216,16 +216,21 @@ def test_greedy_codes_voice_design(models, non_streaming):
     _assert_same_codes(ours.generate_voice_design_codes(**kw, **GREEDY), ref)
 
 
+def _layers_setting(name, value):
+    """Set a `layers` switch read when programs are traced, with fresh traces before and after."""
+    old = getattr(layers, name)
+    setattr(layers, name, value)
+    jax.clear_caches()
+    yield
+    setattr(layers, name, old)
+    jax.clear_caches()
+
+
 @pytest.fixture
 def positions_major_cache():
     """The accelerators' KV-cache layout (layers.py) on this CPU, whose default is heads-major:
     both layouts must give the official numbers. The layout is read when a program is traced."""
-    old = layers.CACHE_LAYOUT
-    layers.CACHE_LAYOUT = "positions"
-    jax.clear_caches()
-    yield
-    layers.CACHE_LAYOUT = old
-    jax.clear_caches()
+    yield from _layers_setting("CACHE_LAYOUT", "positions")
 
 
 @pytest.mark.parametrize("name", ["cv_proj", "vd_bigvocab"])
@@ -344,12 +349,7 @@ def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
 
 @pytest.fixture
 def rope_flip():
-    old = layers.ROPE
-    layers.ROPE = "flip"
-    jax.clear_caches()
-    yield
-    layers.ROPE = old
-    jax.clear_caches()
+    yield from _layers_setting("ROPE", "flip")
 
 
 def test_rope_flip_form_is_the_same_rope(models, rope_flip):
