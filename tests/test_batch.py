@@ -93,8 +93,9 @@ def test_wav_temp_files_are_hidden_parts(tmp_path, monkeypatch):
 SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from qwen3_tts_jax import Qwen3TTS
+    from qwen3_tts_jax import Qwen3TTS, sampling
     assert len(jax.local_devices()) == 8, jax.local_devices()
+    assert sampling.SamplingParams.create(2, do_sample=False).kind == "greedy"  # kinds on
     tts = Qwen3TTS.from_pretrained(sys.argv[1])
     texts = ["Hello world.", "Hi.", "The quick brown fox.", "A", "Speak slowly.",
              "Numbers 0123.", "The lazy dog.", "Hello again.", "One more."]
@@ -132,11 +133,14 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
+    """With the sampler kinds of accelerators on (`QWEN3_TTS_JAX_SAMPLER_KINDS=1`: greedy and
+    top-k programs, their static kind carried through the sharded settings)."""
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
     r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_proj")],
                        capture_output=True, text=True, timeout=900,
-                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                                QWEN3_TTS_JAX_SAMPLER_KINDS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {
         "greedy": True, "sampled": True, "tp2": True, "tp8": True, "tp2_int8": True}

@@ -553,3 +553,21 @@ def test_specialized_kinds_give_the_full_samplers_ids(kind, kth, specialize, mon
                 assert (np.isfinite(got[0]).sum(-1)[do_sample & (cols["top_k"] == 1)] >= 1).all()
                 if kind == "ties":  # more survivors than candidates somewhere: still exact
                     assert (np.isfinite(got[0]).sum(-1) > S.TOP_K_CANDIDATES).any()
+
+
+def test_sampler_kinds_env_switch():
+    """QWEN3_TTS_JAX_SAMPLER_KINDS=0|1 turns the kinds off or on for any backend; other values
+    are refused at import, naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from qwen3_tts_jax import sampling as S; "
+            "print(S.SamplingParams.create(2, do_sample=False).kind)")
+    for value, want in (("1", "greedy"), ("0", "full")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "QWEN3_TTS_JAX_SAMPLER_KINDS": value}, timeout=120)
+        assert r.returncode == 0 and r.stdout.split()[-1] == want, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "QWEN3_TTS_JAX_SAMPLER_KINDS": "yes"}, timeout=120)
+    assert r.returncode != 0 and "QWEN3_TTS_JAX_SAMPLER_KINDS='yes'" in r.stderr
