@@ -436,6 +436,9 @@ def test_serve_command(tmp_path):
     r = subprocess.run([EXE, "serve", "--random-weights", "--warmup", "16,x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--warmup takes" in r.stderr and "'16,x'" in r.stderr
+    r = subprocess.run([EXE, "serve", "--random-weights", "--warmup-whole-file"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--warmup-whole-file needs --warmup" in r.stderr, r.stderr[-2000:]
     port = free_port()
     p = subprocess.Popen([EXE, "serve", "--random-weights", "--port", str(port), "--quiet",
                           "--voices-dir", str(tmp_path / "v"), "--max-new-tokens", "8"],
@@ -782,4 +785,46 @@ def test_sampler_kinds_reuse_compiled_programs(tts, monkeypatch):
         assert run.server_state.engine._kinds["talker"] == {"top_k", "full"}
     finally:
         run.stop()
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_warmup_whole_file_compiles_the_codec_windows(tts, caplog):
+    """`--warmup --warmup-whole-file`: a flac request's decode (300-frame chunks with 25 frames
+    of context, windows padded to the ladder) traces nothing after the warm-up; the control,
+    plain `--warmup` from cold caches, traces the codec. The windows listed are the ladder's up to
+    the longest utterance, per batch bucket, and never past a full chunk's 325 frames."""
+    import jax
+
+    from qwen3_tts_jax.server.engine import BatchEngine
+
+    e = BatchEngine(None, max_batch_size=2, batch_buckets=(1, 2))
+    assert e.whole_file_windows(40) == [(B, T) for B in (1, 2) for T in (16, 24, 32, 48)]
+    assert max(T for _, T in e.whole_file_windows(5000)) == 325
+
+    traced = []
+    listener = lambda event, duration, **kw: traced.append(kw) \
+        if event == "/jax/core/compile/jaxpr_trace_duration" else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for whole in (False, True):
+            jax.clear_caches()   # cold: earlier tests compiled codec windows of their own
+            options = ServerOptions(model_name="tiny", batch_buckets=(2,), max_batch_size=2,
+                                    max_new_tokens=40, warmup=(1,), warmup_whole_file=whole)
+            with caplog.at_level("INFO", logger="qwen3_tts_jax.server"):
+                run = Running(create_app(tts, options))
+            try:
+                if "flac" not in run.server_state.formats:
+                    pytest.skip("this libsndfile cannot write flac")
+                traced.clear()
+                status, _, body = post(run.url + "/v1/audio/speech",
+                                       speech(input="a", response_format="flac", seed=7,
+                                              max_new_tokens=40))   # the warmed prompt bucket
+                assert status == 200, body
+                wave, _ = sf.read(io.BytesIO(body), dtype="float32")
+                assert len(wave) == 39 * 1920
+                assert bool(traced) != whole, (whole, traced)
+            finally:
+                run.stop()
+        assert any("whole-file decodes up to 40 frames" in r.message for r in caplog.records)
+    finally:
         jax.monitoring.unregister_event_duration_listener(listener)

@@ -40,6 +40,10 @@ def add_parser(sub, common) -> None:
                         "these prompt lengths in tokens (comma-separated; a prompt is about 10 "
                         "tokens plus the text's; bare: the smallest bucket). Without it the first "
                         "request of each shape compiles")
+    s.add_argument("--warmup-whole-file", action="store_true",
+                   help="with --warmup: also compile the codec windows that whole-file formats "
+                        "(flac, mp3, opus; wav and pcm stream) decode with, up to the longest "
+                        "utterance (--max-new-tokens plus a registered voice's reference)")
     s.add_argument("--min-prompt-bucket", type=int, default=16,
                    help="shortest padded prompt length (larger: fewer compiled shapes)")
     s.add_argument("--batch-window-ms", type=float, default=10.0,
@@ -91,6 +95,8 @@ def run(args) -> int:
             warmup = (0,)
         if min(warmup) < 1:
             _fail(f"--warmup takes comma-separated prompt lengths >= 1, got {args.warmup!r}")
+    if args.warmup_whole_file and not warmup:
+        _fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
 
     import jax.numpy as jnp
@@ -129,6 +135,7 @@ def run(args) -> int:
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",
         defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
+        warmup_whole_file=args.warmup_whole_file,
         continuous_batching=args.continuous_batching, devices=args.devices,
         api_key=args.api_key or None)
     try:

@@ -74,6 +74,7 @@ class ServerOptions:
     defaults: dict = dataclasses.field(default_factory=dict)   # CLI generation flags
     max_new_tokens: int | None = None                          # server-wide cap
     warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
+    warmup_whole_file: bool = False  # with warmup: also the whole-file formats' codec windows
     continuous_batching: bool = True # waiting requests start in a running batch's free rows
     devices: int | None = None       # local devices, one engine each (default: all)
     api_key: str | None = None       # /v1/... needs `Authorization: Bearer <api_key>`
@@ -293,9 +294,15 @@ class Server:
             if shape not in shapes:
                 shapes.add(shape)
                 jobs.append(job)
-        seconds = self.engine.warmup(jobs)
-        log.info("warm-up: batch buckets %s x (prompt, trailing text) buckets %s compiled in "
-                 "%.1f s", list(self.engine.batch_buckets), sorted(shapes), seconds)
+        whole = 0
+        if self.options.warmup_whole_file:  # the longest utterance: a reference + the cap
+            refs = [len(i.ref_code) for items in self.voices.voices.values() for i in items
+                    if getattr(i, "ref_code", None) is not None] if self.kind == "base" else []
+            whole = self.max_new_tokens + max(refs, default=0)
+        seconds = self.engine.warmup(jobs, whole_file_frames=whole)
+        log.info("warm-up: batch buckets %s x (prompt, trailing text) buckets %s%s compiled in "
+                 "%.1f s", list(self.engine.batch_buckets), sorted(shapes),
+                 f" and whole-file decodes up to {whole} frames" if whole else "", seconds)
         return seconds
 
     # ----------------------------------------------------------------------------- voices

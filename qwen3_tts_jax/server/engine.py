@@ -64,6 +64,8 @@ from .. import generate as gen, prompts, sampling, talker
 from ..api import GenerationSettings
 from ..buckets import batch_rows, ladder, power_of_two
 from ..codec import StreamDecoder, bucketed_decode
+from ..codec import decoder as codec_decoder
+from ..codec.tokenizer import CHUNK_SIZE, LEFT_CONTEXT, frame_bucket
 from ..text import assistant_text
 
 log = logging.getLogger("qwen3_tts_jax.server")
@@ -453,13 +455,15 @@ class BatchEngine:
         """New text for a session (or a stop): let a waiting worker look again."""
         self._queue.put(None)
 
-    def warmup(self, jobs_like: list[Job], chunks: int = 2) -> float:
+    def warmup(self, jobs_like: list[Job], chunks: int = 2, whole_file_frames: int = 0) -> float:
         """Compile before serving (call it before `start`): for every job in `jobs_like` (one per
         prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
         `chunks` chunks, then starts a copy in a running row and runs one more chunk: the
         programs that a first request of those shapes would compile (the frame loop at the first
-        KV-cache size, a row's refill), and every streaming codec window of a chunk. Nothing is emitted and
-        the stats stay as they were. Returns seconds."""
+        KV-cache size, a row's refill), and every streaming codec window of a chunk. With
+        `whole_file_frames`, also every codec window that whole-file formats (flac, mp3, opus)
+        decode utterances of up to that many frames with (`warm_whole_file`). Nothing is emitted
+        and the stats stay as they were. Returns seconds."""
         if self._thread is not None:
             raise RuntimeError("warm the engine up before start()")
         t, stats = time.perf_counter(), copy.deepcopy(self.stats)
@@ -476,7 +480,28 @@ class BatchEngine:
                 cohort.step()
                 # every codec window a chunk can use (shorter last chunks, codec restarts)
                 cohort.codec.warm(max(self.chunk_frames, self.first_chunk_frames))
+        if whole_file_frames:
+            self.warm_whole_file(whole_file_frames)
         self.stats = stats
+        return time.perf_counter() - t
+
+    def whole_file_windows(self, max_frames: int) -> list[tuple[int, int]]:
+        """(batch bucket, window frames) of every codec call `_decode` makes for utterances (an
+        ICL reference included) of at most `max_frames` frames: the official 300-frame chunks
+        with 25 frames of context, each window padded to `frame_bucket`."""
+        cap = CHUNK_SIZE + LEFT_CONTEXT
+        windows = sorted({frame_bucket(min(n, cap), cap) for n in range(1, max_frames + 1)})
+        return [(B, T) for B in self.batch_buckets for T in windows]
+
+    def warm_whole_file(self, max_frames: int) -> float:
+        """Compile the whole-file decode's codec windows (`whole_file_windows`). Seconds."""
+        t = time.perf_counter()
+        codec = self.tts.speech_tokenizer
+        Q = codec.config.decoder.num_quantizers
+        for B, T in self.whole_file_windows(max_frames):
+            window = jnp.asarray(np.zeros((B, T, Q), np.int32))  # as `bucketed_decode` makes it
+            jax.block_until_ready(codec_decoder.jit_decode(codec.params, codec.config.decoder,
+                                                           window))
         return time.perf_counter() - t
 
     # ------------------------------------------------------------------ worker
@@ -720,13 +745,13 @@ class EnginePool:
         for e in self.engines:
             e.wake()
 
-    def warmup(self, jobs_like: list[Job], chunks: int = 2) -> float:
+    def warmup(self, jobs_like: list[Job], chunks: int = 2, whole_file_frames: int = 0) -> float:
         """`BatchEngine.warmup` on every device at once (a thread each). Returns seconds."""
         from concurrent.futures import ThreadPoolExecutor
 
         t = time.perf_counter()
         with ThreadPoolExecutor(len(self.engines)) as ex:
-            list(ex.map(lambda e: e.warmup(jobs_like, chunks), self.engines))
+            list(ex.map(lambda e: e.warmup(jobs_like, chunks, whole_file_frames), self.engines))
         return time.perf_counter() - t
 
     @property
