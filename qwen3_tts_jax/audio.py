@@ -1,7 +1,7 @@
 """Reference audio in: reading every input form the official wrapper accepts (W:188-265), mono
 mixdown, checks, and resampling to the speaker encoder's 24 kHz exactly as the official
-`create_voice_clone_prompt` does (`librosa.resample`, i.e. soxr "soxr_hq", W:440-444). Host-side
-numpy; writing WAV files lives in cli.py.
+`create_voice_clone_prompt` does (`librosa.resample`, i.e. soxr "soxr_hq", W:440-444); and speech
+out: `write_audio` (atomic, the format from the file name) and `encode_audio_file`. Host-side numpy.
 
 Input forms (`load_audio`):
   - a file path: anything libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3, AIFF, ...);
@@ -41,6 +41,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+import tempfile
 import warnings
 
 import numpy as np
@@ -246,3 +247,67 @@ def _check(wave: np.ndarray, sr: int, what: str, max_seconds) -> None:
     if peak > 1.0:
         warnings.warn(f"{what} peaks at {peak:.3g}, above 1.0: used unscaled, like the official "
                       f"(if it holds integer PCM as floats, divide it by 32768)", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- speech out
+# Output formats: name -> (libsndfile major format, subtype). 16-bit PCM for the lossless ones, as
+# the official demos write (soundfile's WAV default); the lossy ones at libsndfile's default quality.
+OUTPUT_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"),
+                  "mp3": ("MP3", "MPEG_LAYER_III"), "opus": ("OGG", "OPUS"),
+                  "ogg": ("OGG", "VORBIS")}
+EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".opus": "opus", ".ogg": "ogg"}
+
+
+def output_formats() -> list[str]:
+    """The formats of OUTPUT_FORMATS that this libsndfile can write (wav always; flac, mp3, opus
+    and ogg (Vorbis) by build: mp3 needs libsndfile >= 1.1)."""
+    have = sf.available_formats()
+    out = []
+    for name, (major, subtype) in OUTPUT_FORMATS.items():
+        if major == "WAV" or (major in have and subtype in sf.available_subtypes(major)):
+            out.append(name)
+    return out
+
+
+def format_for_path(path: str) -> str:
+    """The output format a file name asks for (its extension), checked against what this
+    libsndfile writes: an unknown or unwritable extension is an AudioError naming the choices."""
+    ext = os.path.splitext(path)[1].lower()
+    fmt = EXTENSIONS.get(ext)
+    formats = output_formats()
+    if fmt is None or fmt not in formats:
+        names = ", ".join(f".{f}" for f in formats)
+        what = (f"{ext!r} is not an audio format this installation writes" if ext
+                else "the file name has no extension to pick the audio format")
+        raise AudioError(f"cannot write {path}: {what} (choose one of {names})")
+    return fmt
+
+
+def encode_audio_file(wave, sample_rate: int, fmt: str) -> bytes:
+    """A mono float32 wave -> the bytes of a whole file in `fmt` (a key of OUTPUT_FORMATS),
+    clipped to [-1, 1]. An empty wave becomes one silent sample (encoders refuse empty files)."""
+    wave = np.clip(np.asarray(wave, np.float32).reshape(-1), -1.0, 1.0)
+    if wave.size == 0:
+        wave = np.zeros(1, np.float32)
+    major, subtype = OUTPUT_FORMATS[fmt]
+    buf = io.BytesIO()
+    sf.write(buf, wave, sample_rate, format=major, subtype=subtype)
+    return buf.getvalue()
+
+
+def write_audio(path: str, wave, sample_rate: int, fmt: str | None = None) -> None:
+    """Write a speech file atomically: the bytes go to a hidden temp file in the same folder
+    (".NAME.XXXX.part", so that one left behind by a killed process is never taken for a finished
+    file), then a rename. `fmt` defaults to the format the extension names (`format_for_path`)."""
+    fmt = fmt or format_for_path(path)
+    data = encode_audio_file(wave, sample_rate, fmt)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -130,19 +130,27 @@ def model_sharding(params, model_parallel: int):
 
 def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
         progress: bool = True, num_hosts: int = 1, host_index: int = 0,
-        continuous: bool = True) -> dict:
-    """Generate every request not yet on disk. Returns a summary dict (done, skipped, failed).
+        continuous: bool = True, fmt: str = "wav") -> dict:
+    """Generate every request not yet on disk (OUT_DIR/NAME.FMT, `fmt` a format of
+    `audio.output_formats()`). Returns a summary dict (done, skipped, failed).
 
     `continuous`: rows refill as requests end, one engine per local device (the default);
     False: padded batches of `batch_size`, each waiting for its longest row, split over a
     `jax.sharding` mesh of the local devices (always so with `model_parallel` > 1)."""
     from tqdm import tqdm
 
-    from .cli import write_wav
+    from .audio import AudioError, output_formats, write_audio
 
+    if fmt not in output_formats():
+        raise AudioError(f"unknown or unwritable audio format {fmt!r}: choose one of "
+                         f"{', '.join(output_formats())}")
     os.makedirs(out_dir, exist_ok=True)
     mine = requests[host_index::num_hosts]
-    todo = [r for r in mine if not os.path.exists(os.path.join(out_dir, r.name + ".wav"))]
+
+    def path(r: Request) -> str:
+        return os.path.join(out_dir, f"{r.name}.{fmt}")
+
+    todo = [r for r in mine if not os.path.exists(path(r))]
     skipped = len(mine) - len(todo)
     todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
@@ -151,7 +159,7 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
 
     def written(r: Request, wave, sr: int) -> None:
         nonlocal audio_s
-        write_wav(os.path.join(out_dir, r.name + ".wav"), wave, sr)
+        write_audio(path(r), wave, sr, fmt)
         audio_s += len(wave) / sr
         bar.update(1)
         wall = time.perf_counter() - t0

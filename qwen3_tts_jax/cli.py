@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--text", help="text to speak")
     io.add_argument("--text-file", help="read the text from this file (UTF-8)")
     io.add_argument("--language", default=None, help='language name or "auto" (default)')
-    io.add_argument("--output", "-o", default="output.wav", help="WAV file to write")
+    io.add_argument("--output", "-o", default="output.wav", help="audio file to write; the extension picks the format: .wav (16-bit), .flac, "
+                         ".mp3, .opus, .ogg (where this libsndfile writes them)")
     io.add_argument("--text-mode", choices=["streaming", "non-streaming"],
                     help="how the talker reads the text: all in the prompt (non-streaming, the "
                          "official default for custom-voice and voice-design) or one token per "
@@ -84,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="many utterances to WAV files (JSONL or one text per line)")
     bt.add_argument("input", help="requests: .jsonl (text, name, speaker, instruct, voice, "
                                   "language, seed) or a text file, one utterance per line")
-    bt.add_argument("--out-dir", required=True, help="folder for the WAV files")
+    bt.add_argument("--out-dir", required=True, help="folder for the audio files (NAME.wav)")
+    bt.add_argument("--format", default="wav", choices=("wav", "flac", "mp3", "opus", "ogg"),
+                    help="audio file format (default wav, 16-bit; mp3/opus/ogg where this "
+                         "libsndfile writes them)")
     bt.add_argument("--batch-size", type=int, default=8, help="utterances per padded batch")
     bt.add_argument("--speaker", help="default speaker (custom voice)")
     bt.add_argument("--instruct", help="default instruction")
@@ -127,29 +131,18 @@ def _fail(msg: str) -> None:
 
 
 def _check_output(path: str) -> None:
-    """Fail before any work if the WAV cannot be written."""
+    """Fail before any work if the audio file cannot be written (folder, permission, format)."""
+    from .audio import AudioError, format_for_path
+
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(folder):
         _fail(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         _fail(f"cannot write {path}: permission denied")
-
-
-def write_wav(path: str, wave, sample_rate: int) -> None:
-    """Write atomically: a temp file in the same folder, then rename (never a half-written WAV).
-    The temp file is hidden and ends in .part (".NAME.wav.XXXX.part"), so that one left behind by
-    a killed process is never taken for a finished WAV."""
-    import soundfile as sf
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
-    os.close(fd)
     try:
-        sf.write(tmp, wave, sample_rate, format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        format_for_path(path)
+    except AudioError as e:
+        _fail(str(e))
 
 
 class _Stages:
@@ -228,7 +221,8 @@ def _batch(tts, args, stages) -> int:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
                         progress=not args.quiet, num_hosts=args.num_hosts,
-                        host_index=args.host_index, continuous=args.continuous)
+                        host_index=args.host_index, continuous=args.continuous,
+                        fmt=args.format)
     failed = problems + summary["failed"]
     print(f"batch: {summary['done']} written, {summary['skipped']} already there, "
           f"{len(failed)} failed; {summary['audio_seconds']:.1f} s of audio in "
@@ -249,6 +243,11 @@ def main(argv=None) -> int:
             _fail("batch reads its texts from INPUT; --text/--text-file do not apply")
         if not os.path.isfile(args.input):
             _fail(f"input file {args.input} does not exist")
+        from .audio import output_formats
+
+        if args.format not in output_formats():
+            _fail(f"--format {args.format}: this libsndfile cannot write it (choose one of "
+                  f"{', '.join(output_formats())})")
     elif not listing:
         if (args.text is None) == (args.text_file is None):
             _fail("give exactly one of --text or --text-file")
@@ -325,7 +324,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:  # AudioError is a ValueError
         stages.close()
         _fail(str(e))
-    write_wav(args.output, wavs[0], sr)
+    from .audio import write_audio
+
+    write_audio(args.output, wavs[0], sr)
     stages("done")
     stages.close()
     t2 = time.perf_counter()

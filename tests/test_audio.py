@@ -262,3 +262,68 @@ def test_bad_types_and_limits():
     assert load_audio((speech(16000)[:1280], 16000))[0].shape == (1280,)   # 1920 at 24 kHz
     with pytest.raises(AudioError, match="the limit is 1.5 s"):
         load_audio((speech(16000), 16000), max_seconds=1.5)
+
+
+# ----------------------------------------------------------------------------- speech out
+
+def test_write_audio_picks_the_format_from_the_extension(tmp_path):
+    """Each writable format round-trips through libsndfile at 24 kHz: wav and flac exactly to
+    16 bits (values clipped to [-1, 1]), the lossy ones (mp3, opus, ogg/Vorbis) as a file of the
+    same length whose spectrum peaks at the tone (their codec delays shift the samples)."""
+    from qwen3_tts_jax.audio import output_formats, write_audio
+
+    t = np.arange(24000) / 24000
+    wave = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    wave[100] = 1.7                                     # clipped, not wrapped
+    formats = output_formats()
+    assert formats[:2] == ["wav", "flac"]
+    for fmt in formats:
+        path = tmp_path / f"speech.{fmt}"
+        write_audio(str(path), wave, 24000)
+        info = sf.info(str(path))
+        assert info.samplerate == 24000 and info.channels == 1, (fmt, info)
+        assert info.format == {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "opus": "OGG",
+                               "ogg": "OGG"}[fmt]
+        back, _ = sf.read(str(path), dtype="float32")
+        if fmt in ("wav", "flac"):
+            assert info.subtype == "PCM_16"
+            want = np.round(np.clip(wave, -1, 1) * 32767) / 32768
+            np.testing.assert_allclose(back, want, atol=1.5 / 32768)
+        else:
+            assert abs(len(back) - len(wave)) <= 2048, (fmt, len(back))
+            spectrum = np.abs(np.fft.rfft(back[2400:21600]))
+            assert abs(np.argmax(spectrum) * 24000 / 19200 - 440) < 5, fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"speech.{f}" for f in formats)
+
+
+def test_write_audio_refuses_unknown_extensions_before_writing(tmp_path):
+    from qwen3_tts_jax.audio import format_for_path, write_audio
+
+    assert format_for_path("a/B.FLAC") == "flac" and format_for_path("x.ogg") == "ogg"
+    for name, needle in (("x.aiff", "'.aiff' is not an audio format"),
+                         ("x", "has no extension"), ("x.wav.txt", "'.txt'")):
+        with pytest.raises(AudioError, match=needle) as e:
+            write_audio(str(tmp_path / name), np.zeros(10, np.float32), 24000)
+        assert ".wav, .flac" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_audio_temp_files_are_hidden_parts(tmp_path, monkeypatch):
+    """Atomic: the bytes go to ".NAME.XXXX.part" and are renamed, so a killed writer never leaves
+    a file that looks finished; an empty wave is written as one silent sample."""
+    import os
+
+    from qwen3_tts_jax.audio import write_audio
+
+    seen, real = [], os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    write_audio(str(tmp_path / "x.wav"), np.zeros(240, np.float32), 24000)
+    write_audio(str(tmp_path / "e.flac"), np.zeros(0, np.float32), 24000)
+    assert seen[0].startswith(".x.wav.") and seen[0].endswith(".part")
+    assert sorted(os.listdir(tmp_path)) == ["e.flac", "x.wav"]
+    assert sf.info(str(tmp_path / "e.flac")).frames == 1

@@ -31,10 +31,11 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, make_checkpoint):
     out = tmp_path / "wavs"
     r = subprocess.run([EXE, "batch", str(inp), "--out-dir", str(out), "--model",
                         make_checkpoint("cv_proj"), "--speaker", "vivian", "--greedy",
-                        "--max-new-tokens", "5", "--quiet", "--batch-size", "4"],
+                        "--max-new-tokens", "5", "--quiet", "--batch-size", "4",
+                        "--format", "flac"],
                        capture_output=True, text=True, env=_env(), timeout=900)
     assert r.returncode == 1, r.stderr
-    assert sorted(os.listdir(out)) == ["a.wav", "d.wav"]
+    assert sorted(os.listdir(out)) == ["a.flac", "d.flac"]
     report = r.stdout + r.stderr
     for needle in ("line 2", "line 3: no text", "line 4", "unknown speaker", "line 6",
                    "line 7: seed must be an integer", "line 8: speaker must be a string",
@@ -71,23 +72,6 @@ def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):
     assert wavs == [f"line-{i:05d}.wav" for i in range(1, 41)]
     for f, mtime in finished.items():                  # finished files were not redone
         assert os.stat(out / f).st_mtime_ns == mtime
-
-
-def test_wav_temp_files_are_hidden_parts(tmp_path, monkeypatch):
-    import numpy as np
-
-    from qwen3_tts_jax import cli
-
-    seen, real = [], os.replace
-
-    def spy(src, dst):
-        seen.append(os.path.basename(src))
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", spy)
-    cli.write_wav(str(tmp_path / "x.wav"), np.zeros(240, np.float32), 24000)
-    assert seen[0].startswith(".x.wav.") and seen[0].endswith(".part")
-    assert os.listdir(tmp_path) == ["x.wav"]
 
 
 SHARDED = textwrap.dedent("""

@@ -33,10 +33,12 @@ def test_random_weights_offline_demo(tmp_path):
             "--max-new-tokens", "6", "--output", str(out), "--quiet")
     # the demo checkpoint is custom_voice: voice-design must be refused with a clear message
     assert r.returncode == 2 and "custom_voice checkpoint" in r.stderr
+    out = tmp_path / "demo.flac"                       # the extension picks the format
     r = run("custom-voice", "--random-weights", "--speaker", "vivian", "--text", "Hi.",
             "--seed", "0", "--max-new-tokens", "6", "--output", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "NOISE" in r.stderr
+    assert sf.info(str(out)).format == "FLAC"
     wave, sr = sf.read(str(out))
     assert sr == 24000 and len(wave) % 1920 == 0 and 0 < len(wave) <= 5 * 1920
 
@@ -47,6 +49,7 @@ def test_random_weights_offline_demo(tmp_path):
     (["--speaker", "ryan", "--text", "   "], "empty"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "/nonexistent/dir/x.wav"], "does not exist"),
     (["--speaker", "ryan", "--text", "Hi.", "--temperature", "0"], "temperature"),
+    (["--speaker", "ryan", "--text", "Hi.", "--output", "x.aiff"], "'.aiff' is not an audio"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, make_checkpoint, args, needle):
     if "--output" not in args:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import prompts
 from ..api import GEN_KWARGS, GenerationSettings
+from ..audio import encode_audio_file, output_formats
 from ..buckets import ladder
 from ..text import assistant_text, ref_text
 from ..voice import load_voice, save_voice
@@ -102,18 +103,9 @@ def _error_response(status: int, message: str, param=None, code=None, headers=No
 
 # ---------------------------------------------------------------------------------- audio formats
 def supported_formats() -> list[str]:
-    """wav and pcm always; flac, mp3 and opus where this libsndfile can write them."""
-    import soundfile as sf
-
-    have = sf.available_formats()
-    out = ["wav", "pcm"]
-    if "FLAC" in have:
-        out.append("flac")
-    if "MP3" in have and "MPEG_LAYER_III" in sf.available_subtypes("MP3"):
-        out.append("mp3")
-    if "OGG" in have and "OPUS" in sf.available_subtypes("OGG"):
-        out.append("opus")
-    return out
+    """wav and pcm always; flac, mp3 and opus where this libsndfile can write them
+    (`audio.output_formats`; OpenAI's names, so its ogg/Vorbis is not offered)."""
+    return ["wav", "pcm"] + [f for f in ("flac", "mp3", "opus") if f in output_formats()]
 
 
 def pcm16(wave: np.ndarray) -> bytes:
@@ -133,20 +125,12 @@ def wav_header(sample_rate: int = SAMPLE_RATE, data_bytes: int | None = None) ->
 
 def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
     """A whole utterance in a file format (the formats that are not streamed)."""
-    import soundfile as sf
-
     if fmt == "wav":
         data = pcm16(wave)
         return wav_header(SAMPLE_RATE, len(data)) + data
     if fmt == "pcm":
         return pcm16(wave)
-    buf = io.BytesIO()
-    kind = {"flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
-            "opus": ("OGG", "OPUS")}[fmt]
-    if len(wave) == 0:
-        wave = np.zeros(1, np.float32)   # encoders refuse an empty file
-    sf.write(buf, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format=kind[0], subtype=kind[1])
-    return buf.getvalue()
+    return encode_audio_file(wave, SAMPLE_RATE, fmt)
 
 
 # ---------------------------------------------------------------------------------- voices
