@@ -89,12 +89,14 @@ SPECS = {
     # Config fields no released checkpoint varies but the official code reads: the talker's yarn
     # RoPE (attention factor too) and tanh-GELU, the predictor's llama3 RoPE (a blended middle
     # band) and exact GELU, no num_code_groups in the predictor config (its class default 32:
-    # 31 heads, the first 15 used), and 64 positions, which prompt + frames run past.
+    # 31 heads, the first 15 used), sliding-window predictor layers whose default window (4096)
+    # hides nothing, and 64 positions, which prompt + frames run past.
     "cv_config_variants": Spec(
         seed=5, talker_extra=(("max_position_embeddings", 64), ("hidden_act", "gelu_pytorch_tanh"),
                               ("rope_scaling", {"interleaved": True, "mrope_section": [4, 2, 2],
                                                 "rope_type": "yarn", "factor": 4.0})),
         cp_extra=(("hidden_act", "gelu"), ("num_code_groups", None),
+                  ("use_sliding_window", True), ("max_window_layers", 0),   # window 4096: no-op
                   ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 512}))),

@@ -52,6 +52,10 @@ DECODERS = {
     "no_head_dim": dict(_NO_HEAD_DIM, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                         num_hidden_layers=1, codebook_dim=32, latent_dim=48, decoder_dim=32,
                         upsampling_ratios=[4], sliding_window=16),
+    # No ConvNeXt upsampling stage at all (an empty list: no `upsample` weights), five decoder
+    # blocks for the same 1920 samples a frame.
+    "no_upsample": dict(CODEC_DECODER, num_hidden_layers=1, upsampling_ratios=[],
+                        upsample_rates=[8, 5, 4, 3, 4]),
     # What no released codec changes but the official code reads: a GELU MLP and yarn RoPE.
     "gelu_yarn": dict(CODEC_DECODER, hidden_act="gelu_new", num_hidden_layers=1,
                       rope_scaling={"rope_type": "yarn", "factor": 8.0,

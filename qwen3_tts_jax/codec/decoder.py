@@ -340,7 +340,7 @@ def decode_stages(params, cfg: DecoderConfig, codes_BxTxQ, st: "_Stream | None" 
     h = s["quantizer"] = quantizer_decode(params["quantizer"], codes_BxTxQ)
     h = s["pre_conv"] = causal_conv(params["pre_conv"], h, st=st)
     h = s["pre_transformer"] = pre_transformer(params["pre_transformer"], cfg, h, st)
-    for i, (p, ratio) in enumerate(zip(params["upsample"], cfg.upsampling_ratios)):
+    for i, (p, ratio) in enumerate(zip(params.get("upsample", ()), cfg.upsampling_ratios)):
         h = s[f"upsample.{i}"] = upsample_block(p, h, ratio, st)
     dec, n = params["decoder"], len(cfg.upsample_rates)
     h = s["decoder.0"] = causal_conv(dec[0], h, st=st)
