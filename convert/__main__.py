@@ -23,8 +23,10 @@ def convert(src: str, dst: str, dtype: str = "bfloat16") -> str:
     from qwen3_tts_jax.config import load_config
 
     folder = checkpoint.resolve(src)
-    if os.path.abspath(folder) == os.path.abspath(dst):
-        raise ValueError("DST must be a new folder, not the source checkpoint")
+    if os.path.realpath(folder) == os.path.realpath(dst):
+        raise ValueError(f"DST {dst!r} is the source checkpoint: give a new folder")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"DST {dst!r} is an existing file, not a folder")
     cfg = load_config(folder)
     params = checkpoint.load_params(folder, cfg, {"bfloat16": jnp.bfloat16,
                                                   "float32": jnp.float32}[dtype])
@@ -51,7 +53,14 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output folder")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = p.parse_args(argv)
-    out = convert(a.src, a.dst, a.dtype)
+    from qwen3_tts_jax.config import ConfigError
+    from qwen3_tts_jax.weights import CheckpointError
+
+    try:
+        out = convert(a.src, a.dst, a.dtype)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:  # FileNotFoundError is one
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
     print(f"converted {a.src} -> {out} ({a.dtype})")
     return 0
 

@@ -33,11 +33,23 @@ GEN_KWARGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty"
               "max_new_tokens", "seed")
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
+_CACHE_WARNED: set = set()
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
     """Keep compiled programs on disk (JAX's persistent compilation cache), so that a new process
-    does not compile the same shape buckets again. Default folder: ~/.cache/qwen3-tts-jax/xla."""
+    does not compile the same shape buckets again. Default folder: ~/.cache/qwen3-tts-jax/xla.
+    Returns the folder, or None (with one warning) where it cannot be created or written."""
     path = path or os.path.join(os.path.expanduser("~"), ".cache", "qwen3-tts-jax", "xla")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as e:   # read-only home, no disk: run without the cache rather than fail
+        if path not in _CACHE_WARNED:
+            _CACHE_WARNED.add(path)
+            log.warning("compilation cache disabled: cannot use %s (%s)", path, e)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
@@ -57,6 +69,54 @@ def _as_list(x, n: int, name: str) -> list:
     if len(xs) != n:
         raise ValueError(f"batch size mismatch: {n} text(s) but {len(xs)} {name} value(s)")
     return xs
+
+
+# Frames are generated into a KV cache that grows by doubling (`generate.grow`) and positions are
+# int32; generation may run past max_position_embeddings (as in the official code), so the bound is
+# practical rather than architectural: 2**20 frames is ~23 hours of 12.5 Hz audio, far above any
+# checkpoint's generation_config (8192), and keeps every frame count an int32.
+MAX_NEW_TOKENS = 2 ** 20
+# Seeds are PRNGKey seeds; with 32-bit JAX, values from 2**32 on alias smaller ones. The server and
+# the batch tool accept [0, 2**31): the same range here.
+SEED_LIMIT = 2 ** 31
+
+
+class SettingError(ValueError, TypeError):
+    """A generation setting of the wrong type or out of range; `param` names it (the server
+    answers 400 with that param)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_seed(s) -> int:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+        raise SettingError(f"seed must be an integer (or a list of one integer per text), "
+                           f"got {s!r}", "seed")
+    if not 0 <= s < SEED_LIMIT:
+        raise SettingError(f"seed must be in [0, 2**31), got {s!r}", "seed")
+    return int(s)
+
+
+VOICE_FIELDS = ("ref_code", "ref_spk_embedding", "x_vector_only_mode", "icl_mode", "ref_text")
+
+
+def _items_from_dict(d: dict) -> list[VoiceClonePromptItem]:
+    """The official wrapper's dict form of voice_clone_prompt (one list per field, as its
+    `_prompt_items_to_voice_clone_prompt` makes it) as items. `ref_text` (a list) may be added:
+    ICL voices need their transcript."""
+    missing = [k for k in VOICE_FIELDS[:4] if k not in d]
+    unknown = sorted(set(d) - set(VOICE_FIELDS))
+    if missing or unknown:
+        raise TypeError(f"a voice_clone_prompt dict needs the keys {list(VOICE_FIELDS[:4])} "
+                        f"(and may have 'ref_text'); missing {missing}, unknown {unknown}")
+    emb = d["ref_spk_embedding"]
+    n = len(emb) if isinstance(emb, (list, tuple)) else 1
+    cols = [_as_list(d.get(k), n, f"voice_clone_prompt[{k!r}]") for k in VOICE_FIELDS]
+    return [VoiceClonePromptItem(None if code is None else np.asarray(code),
+                                 np.asarray(x, np.float32), bool(xo), bool(icl), text)
+            for code, x, xo, icl, text in zip(*cols)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,21 +147,45 @@ class GenerationSettings:
         return s
 
     def validate(self):
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
+                                                                      np.floating)):
+                raise SettingError(f"{name} must be a number, got {type(v).__name__} {v!r}", name)
+            if not np.isfinite(v):
+                raise SettingError(f"{name} must be a finite number, got {v!r}", name)
+            return v
+
+        for name in ("do_sample", "subtalker_dosample"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise SettingError(f"{name} must be True or False, got {type(v).__name__} {v!r}",
+                                   name)
         for prefix, do_sample in (("", self.do_sample), ("subtalker_", self.subtalker_dosample)):
-            t, k, p = (getattr(self, prefix + n) for n in ("temperature", "top_k", "top_p"))
+            t, p = number(prefix + "temperature"), number(prefix + "top_p")
+            k = getattr(self, prefix + "top_k")
             if do_sample and not t > 0:
-                raise ValueError(f"{prefix}temperature must be > 0 when sampling (got {t}); "
-                                 f"use {prefix or ''}{'do_sample' if not prefix else 'dosample'}"
-                                 "=False for greedy decoding")
+                raise SettingError(f"{prefix}temperature must be > 0 when sampling (got {t}); "
+                                   f"use {prefix or ''}{'do_sample' if not prefix else 'dosample'}"
+                                   "=False for greedy decoding", prefix + "temperature")
             if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
-                raise ValueError(f"{prefix}top_k must be an integer >= 0 (0 = off), got {k!r}")
+                raise SettingError(f"{prefix}top_k must be an integer >= 0 (0 = off), got {k!r}",
+                                   prefix + "top_k")
             if not 0 < p <= 1:
-                raise ValueError(f"{prefix}top_p must be in (0, 1], got {p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+                raise SettingError(f"{prefix}top_p must be in (0, 1], got {p!r}", prefix + "top_p")
+        if not number("repetition_penalty") > 0:
+            raise SettingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+                               "repetition_penalty")
         m = self.max_new_tokens
-        if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {m!r}")
+        # At least 2, like the official generate (min_new_tokens=2): N talker tokens give at most
+        # N - 1 frames (the last token's codes are never predicted), so 1 would give no audio.
+        if (not isinstance(m, (int, np.integer)) or isinstance(m, bool)
+                or not 2 <= m <= MAX_NEW_TOKENS):
+            raise SettingError(f"max_new_tokens must be an integer in [2, {MAX_NEW_TOKENS}] "
+                               f"(2**20), got {m!r}", "max_new_tokens")
+        if self.seed is not None:
+            for s in self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]:
+                check_seed(s)
 
 
 class Qwen3TTS:
@@ -313,6 +397,13 @@ class Qwen3TTS:
         (`sampling.SamplingParams.kind`: greedy, top-k only, or general), so warm up with the
         settings the requests will use (`do_sample=False` for greedy ones)."""
         t = time.perf_counter()
+        batch_sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple, range)) else None
+        if not batch_sizes or not all(isinstance(B, (int, np.integer)) and not isinstance(B, bool)
+                                      and B >= 1 for B in batch_sizes):
+            raise ValueError(f"batch_sizes must be a non-empty list of integers >= 1, got "
+                             f"{batch_sizes!r}")
+        if not items:
+            raise ValueError("warmup needs at least one prompt (texts is empty)")
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
         capacity = min(gen.bucket(settings.max_new_tokens - 1), gen.FIRST_FRAMES)
         for B in batch_sizes:
@@ -358,17 +449,11 @@ class Qwen3TTS:
     def _keys(seed, n: int, B: int):
         """Per-row PRNG keys: `seed` an int (row b gets fold_in(key(seed), b)), a list of ints
         (one per row), or None (fresh random)."""
-        def check(s):
-            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-                raise ValueError(f"seed must be an integer (or a list of one integer per text), "
-                                 f"got {s!r}")
-            return int(s)
-
         if isinstance(seed, (list, tuple)):
             seeds = _as_list(seed, n, "seed")
-            keys = [jax.random.PRNGKey(check(s)) for s in seeds]
+            keys = [jax.random.PRNGKey(check_seed(s)) for s in seeds]
         else:
-            base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else check(seed))
+            base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else check_seed(seed))
             keys = [jax.random.fold_in(base, b) for b in range(n)]
         keys += [keys[0]] * (B - n)
         return jnp.stack(keys)
@@ -474,7 +559,8 @@ class Qwen3TTS:
         if (isinstance(ref_tail_silence, bool) or not isinstance(ref_tail_silence, (int, float))
                 or not 0 <= ref_tail_silence <= 5):
             raise ValueError(f"ref_tail_silence must be seconds in [0, 5], got {ref_tail_silence!r}")
-        audios = ref_audio if isinstance(ref_audio, list) else [ref_audio]
+        audios = [os.fspath(a) if isinstance(a, os.PathLike) else a
+                  for a in (ref_audio if isinstance(ref_audio, list) else [ref_audio])]
         n = len(audios)
         texts = _as_list(ref_text, n, "ref_text")
         xvec_only = _as_list(x_vector_only_mode, n, "x_vector_only_mode")
@@ -521,6 +607,8 @@ class Qwen3TTS:
             items = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
         elif isinstance(voice_clone_prompt, (str, os.PathLike)):
             items = load_voice(os.fspath(voice_clone_prompt))
+        elif isinstance(voice_clone_prompt, dict):
+            items = _items_from_dict(voice_clone_prompt)
         else:
             items = list(voice_clone_prompt) if isinstance(voice_clone_prompt, (list, tuple)) \
                 else [voice_clone_prompt]
@@ -528,9 +616,19 @@ class Qwen3TTS:
         D = self.config.talker.hidden_size
         G, V = self.config.talker.num_code_groups, self.config.talker.code_predictor.vocab_size
         for i, it in enumerate(items):
+            if not all(hasattr(it, a) for a in VOICE_FIELDS):
+                raise TypeError(f"voice_clone_prompt item {i} is a {type(it).__name__}; expected "
+                                "the items of create_voice_clone_prompt, a voice file path, or "
+                                f"the official dict form with keys {list(VOICE_FIELDS[:4])}")
             if np.shape(it.ref_spk_embedding) != (D,):
                 raise ValueError(f"voice {i} has a {np.shape(it.ref_spk_embedding)} x-vector; this "
                                  f"checkpoint needs ({D},): was it made with another model size?")
+            if not np.all(np.isfinite(np.asarray(it.ref_spk_embedding, np.float32))):
+                raise ValueError(f"voice {i}'s x-vector (ref_spk_embedding) has NaN or inf values")
+            if it.icl_mode and it.ref_code is not None and (
+                    not isinstance(it.ref_text, str) or not it.ref_text.strip()):
+                raise ValueError(f"voice {i} is an ICL voice (reference codes) without ref_text: "
+                                 "the transcript of its reference audio is required in ICL mode")
             if it.icl_mode and it.ref_code is not None:
                 code = np.asarray(it.ref_code)
                 if (code.ndim != 2 or code.shape[1] != G or not len(code)
@@ -605,8 +703,13 @@ class Qwen3TTS:
         codes for the same seed. Each chunk's codes go to a `StreamDecoder`, which carries the
         codec's state between chunks: the chunks concatenate to the offline audio (float
         rounding) at any length, and each costs only its new frames."""
-        if first_chunk_frames < 1 or chunk_frames < 1:
-            raise ValueError("chunk_frames and first_chunk_frames must be >= 1")
+        for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+        # Checked now, at call time; the generator below runs at the first next().
+        return self._stream_chunks(item, settings, chunk_frames, first_chunk_frames, ref_code)
+
+    def _stream_chunks(self, item, settings, chunk_frames, first_chunk_frames, ref_code):
         batch, run_settings, keys = self._prepare([item], settings)
         max_frames = settings.max_new_tokens - 1
         capacity = min(gen.bucket(max_frames), gen.FIRST_FRAMES)

@@ -303,9 +303,13 @@ def write_audio(path: str, wave, sample_rate: int, fmt: str | None = None) -> No
     data = encode_audio_file(wave, sample_rate, fmt)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
+    umask = os.umask(0)                 # read it (there is no getter) and put it back at once
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600; a finished audio file gets the usual 0666 & ~umask
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -47,10 +47,39 @@ class Request:
     seed: int | None = None
 
 
+def read_text(path: str) -> str:
+    """A UTF-8 text file, a leading byte order mark (Windows editors write one) dropped. Text that
+    is not UTF-8 is a ValueError naming the file and the byte offset of the first bad byte."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        # decoded as "utf-8", not "utf-8-sig", so that the offset counts the BOM's bytes too
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start} ({e.reason})") from None
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot be a file name in OUT_DIR, or None. A leading '.' is refused too: the
+    temp files being written are hidden ".NAME...part" files, and "." / ".." are folders; 200
+    bytes leave room for the extension and the temp file's affixes under the usual 255."""
+    if any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain '/', '\\', NUL, newlines or other control characters"
+    if name.startswith("."):
+        return "must not start with '.'"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:                    # a lone surrogate ("\\ud800" in the JSON)
+        return "is not valid Unicode"
+    if size > 200:
+        return f"is {size} bytes long in UTF-8 (at most 200)"
+    return None
+
+
 def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
     """(requests, problems): JSONL if the file's first non-empty line is a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path).splitlines()
     first = next((ln.strip() for ln in lines if ln.strip()), "")
     as_json = first.startswith("{")
     fields = {f.name for f in dataclasses.fields(Request)} - {"line"}
@@ -79,8 +108,11 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
                                      or not 0 <= seed < 2 ** 31):
                 raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
             name = str(d.get("name") or f"line-{i:05d}")
-            if os.sep in name or name in (".", "..") or name in names:
-                raise ValueError(f"bad or duplicate name {name!r}")
+            why = _name_problem(name)
+            if why:
+                raise ValueError(f"bad name {name!r}: it {why}")
+            if name in names:
+                raise ValueError(f"duplicate name {name!r}")
             names.add(name)
             out.append(Request(line=i, **{**d, "name": name}))
         except (ValueError, TypeError) as e:
@@ -144,6 +176,8 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     if fmt not in output_formats():
         raise AudioError(f"unknown or unwritable audio format {fmt!r}: choose one of "
                          f"{', '.join(output_formats())}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     os.makedirs(out_dir, exist_ok=True)
     mine = requests[host_index::num_hosts]
 
@@ -154,12 +188,18 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     skipped = len(mine) - len(todo)
     todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
-    failed, audio_s, t0 = [], 0.0, time.perf_counter()
+    failed, done, audio_s, t0 = [], 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(todo), disable=not progress, unit="utt")
 
     def written(r: Request, wave, sr: int) -> None:
-        nonlocal audio_s
-        write_audio(path(r), wave, sr, fmt)
+        nonlocal audio_s, done
+        try:
+            write_audio(path(r), wave, sr, fmt)
+        except Exception as e:                         # a full disk, ...: the others still go on
+            failed.append(f"line {r.line} ({r.name}): cannot write {path(r)}: {e}")
+            bar.update(1)
+            return
+        done += 1
         audio_s += len(wave) / sr
         bar.update(1)
         wall = time.perf_counter() - t0
@@ -190,7 +230,7 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
                 if w is not None:
                     written(r, w, sr)
     bar.close()
-    return {"done": len(todo) - len(failed), "skipped": skipped, "failed": failed,
+    return {"done": done, "skipped": skipped, "failed": failed,
             "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0,
             "refilled": refilled}
 
@@ -243,8 +283,9 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                 else:
                     failed.append(f"line {r.line} ({r.name}): {x}")
                     bar.update(1)
-            except OSError as e:
+            except Exception as e:      # never lose the count: the job waits for every row
                 failed.append(f"line {r.line} ({r.name}): {e}")
+                bar.update(1)
             finally:
                 submit_next()
                 with lock:
@@ -270,8 +311,10 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
         for _ in range(min(ahead, len(jobs))):
             submit_next()
         engine.start()
-        all_done.wait()
-        engine.stop()
+        try:
+            all_done.wait()
+        finally:        # Ctrl-C too: a device thread still running at exit aborts the process
+            engine.stop()
     return engine.stats["joined"]
 
 

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--subtalker-top-k", type=int)
     g.add_argument("--subtalker-top-p", type=float)
     g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--seed", type=int, help="PRNG seed for reproducible sampling")
+    g.add_argument("--seed", type=int,
+                   help="PRNG seed for reproducible sampling (batch: a line without its own "
+                        "\"seed\" uses --seed plus its line number, --seed defaulting to 0)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla")
@@ -89,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--format", default="wav", choices=("wav", "flac", "mp3", "opus", "ogg"),
                     help="audio file format (default wav, 16-bit; mp3/opus/ogg where this "
                          "libsndfile writes them)")
-    bt.add_argument("--batch-size", type=int, default=8, help="utterances per padded batch")
+    bt.add_argument("--batch-size", type=int, default=8,
+                    help="rows per device batch (default 8): with continuous batching a row "
+                         "takes the next request as its utterance ends; with "
+                         "--no-continuous-batching, utterances per padded batch")
     bt.add_argument("--speaker", help="default speaker (custom voice)")
     bt.add_argument("--instruct", help="default instruction")
     bt.add_argument("--voice", help="default voice file (Base checkpoints)")
@@ -130,19 +135,65 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _check_output(path: str) -> None:
-    """Fail before any work if the audio file cannot be written (folder, permission, format)."""
+def _check_writable(folder: str, what: str) -> None:
+    """Fail unless a file can be created in `folder`. A real try: `os.access` says yes to root,
+    and to a folder on a read-only file system."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qwen3-tts-jax-check.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        _fail(f"cannot write {what}: {e.strerror or e}")
+
+
+def _check_output(path: str, audio: bool = True) -> None:
+    """Fail before any work if the file cannot be written (folder, permission, audio format)."""
     from .audio import AudioError, format_for_path
 
     folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        _fail(f"cannot write {path}: it is a folder")
     if not os.path.isdir(folder):
         _fail(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    _check_writable(folder, path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         _fail(f"cannot write {path}: permission denied")
+    if audio:
+        try:
+            format_for_path(path)
+        except AudioError as e:
+            _fail(str(e))
+
+
+def _check_batch(args):
+    """The batch command's checks before the model loads: (requests, problems) of INPUT."""
+    from . import batch
+
+    if os.path.isdir(args.input):
+        _fail(f"input {args.input} is a folder, not a file")
+    if not os.path.isfile(args.input):
+        _fail(f"input file {args.input} does not exist")
+    if args.batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        _fail(f"--out-dir {args.out_dir} exists and is not a folder")
     try:
-        format_for_path(path)
-    except AudioError as e:
-        _fail(str(e))
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create --out-dir {args.out_dir}: {e.strerror or e}")
+    _check_writable(args.out_dir, f"to --out-dir {args.out_dir}")
+    defaults = {k: getattr(args, k) for k in ("speaker", "instruct", "language", "voice")
+                if getattr(args, k) is not None}
+    try:
+        requests, problems = batch.read_requests(args.input, defaults)
+    except (OSError, ValueError) as e:
+        _fail(f"cannot read {args.input}: {e}" if isinstance(e, OSError) else str(e))
+    if not requests:
+        for p in problems:
+            print(f"qwen3-tts-jax: skipping {p}", file=sys.stderr)
+        print(f"qwen3-tts-jax: no requests in {args.input}", file=sys.stderr)
+        raise SystemExit(1)
+    return requests, problems
 
 
 class _Stages:
@@ -176,7 +227,10 @@ def _clone_voice(tts, args):
                                           x_vector_only_mode=args.x_vector_only,
                                           ref_tail_silence=args.ref_tail_silence)
     if args.save_voice:
-        save_voice(voice, args.save_voice)
+        try:
+            save_voice(voice, args.save_voice)
+        except Exception as e:                         # OSError, or safetensors' own error
+            _fail(f"cannot write voice file {args.save_voice}: {e}")
         print(f"saved voice to {args.save_voice}", file=sys.stderr)
     return voice
 
@@ -205,18 +259,20 @@ def _hosts(args) -> None:
               f"{args.num_hosts}, got {args.host_index}")
 
 
-def _batch(tts, args, stages) -> int:
+def _batch(tts, args, stages, requests, problems) -> int:
     from . import batch
+    from .api import GenerationSettings
 
     stages.close()
-    defaults = {k: getattr(args, k) for k in ("speaker", "instruct", "language", "voice")
-                if getattr(args, k) is not None}
-    requests, problems = batch.read_requests(args.input, defaults)
     for p in problems:
         print(f"qwen3-tts-jax: skipping {p}", file=sys.stderr)
     gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if args.greedy:
         gen.update(do_sample=False, subtalker_dosample=False)
+    try:        # once here, not once per line: the settings are the same for every request
+        GenerationSettings.merge(tts.generate_defaults, **gen)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
     if args.text_mode is not None:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
@@ -233,6 +289,14 @@ def _batch(tts, args, stages) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:      # Ctrl-C: finished files stay (each is written atomically)
+        print("qwen3-tts-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
     if getattr(args, "run", None) is not None:
@@ -241,8 +305,6 @@ def main(argv=None) -> int:
     if args.command == "batch":
         if args.text or args.text_file:
             _fail("batch reads its texts from INPUT; --text/--text-file do not apply")
-        if not os.path.isfile(args.input):
-            _fail(f"input file {args.input} does not exist")
         from .audio import output_formats
 
         if args.format not in output_formats():
@@ -252,9 +314,21 @@ def main(argv=None) -> int:
         if (args.text is None) == (args.text_file is None):
             _fail("give exactly one of --text or --text-file")
         _check_output(args.output)
+        if getattr(args, "save_voice", None):
+            _check_output(args.save_voice, audio=False)
+        if args.text_file:
+            from .batch import read_text
+
+            try:
+                args.text = read_text(args.text_file).strip()
+            except IsADirectoryError:
+                _fail(f"cannot read --text-file {args.text_file}: it is a folder")
+            except (OSError, ValueError) as e:
+                _fail(f"cannot read --text-file: {e}")
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if args.command == "batch":
+        requests, problems = _check_batch(args)
         _hosts(args)
 
     from . import Qwen3TTS, demo, enable_compilation_cache  # late: `--help` stays instant
@@ -289,14 +363,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.command == "batch":
-        return _batch(tts, args, stages)
+        return _batch(tts, args, stages, requests, problems)
     text = args.text
-    if args.text_file:
-        try:
-            with open(args.text_file, encoding="utf-8") as f:
-                text = f.read().strip()
-        except OSError as e:
-            _fail(f"cannot read --text-file: {e}")
     gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     mode = {} if args.text_mode is None else {
         "non_streaming_mode": args.text_mode == "non-streaming"}
@@ -326,7 +394,11 @@ def main(argv=None) -> int:
         _fail(str(e))
     from .audio import write_audio
 
-    write_audio(args.output, wavs[0], sr)
+    try:
+        write_audio(args.output, wavs[0], sr)
+    except OSError as e:                               # the disk filled up, ...
+        stages.close()
+        _fail(f"cannot write {args.output}: {e}")
     stages("done")
     stages.close()
     t2 = time.perf_counter()

@@ -40,6 +40,41 @@ class ConfigError(ValueError):
     """A config.json that the official code could not load either."""
 
 
+def read_json(file: str) -> dict:
+    """The JSON object in `file`; a file that is not valid JSON, or holds no object, is a
+    ConfigError naming it (a missing or unreadable file stays an OSError, which names it)."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+# JSON types a dataclass field annotation accepts (annotations are strings here: `from __future__`).
+_JSON_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
+               "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+               "tuple": ((list, tuple), "a list")}
+
+
+def check_fields(vals: Mapping[str, Any], cls, section: str) -> None:
+    """A ConfigError naming `section` and the field for a value of the wrong JSON type (e.g.
+    "hidden_size": "32"), before it reaches arithmetic or jit as garbage. A null
+    num_key_value_heads means num_attention_heads (the official classes' rule)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for name, v in vals.items():
+        ann = types.get(name, "")
+        if v is None and (ann.endswith("| None") or name == "num_key_value_heads"):
+            continue
+        ann = ann.removesuffix(" | None")
+        want, what = (_JSON_TYPES.get(ann) or (((Mapping,), "an object")
+                                               if ann.startswith("Mapping") else (None, None)))
+        if want and (not isinstance(v, want) or (isinstance(v, bool) and bool not in want)):
+            raise ConfigError(f"{section} {name} must be {what}, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """One Qwen3-style decoder stack (talker trunk or code predictor)."""
@@ -142,14 +177,51 @@ class GenerationDefaults:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GenerationDefaults":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        vals = {k: v for k, v in d.items() if k in names and v is not None}
+        check_fields(vals, cls, "generation_config.json")
+        return cls(**vals)
 
 
-def _pick(d: Mapping[str, Any], cls, **defaults):
+def _pick(d: Mapping[str, Any], cls, section: str, **defaults):
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{section} must be an object, got {d!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     vals = dict(defaults)
     vals.update({k: v for k, v in d.items() if k in names})
+    check_fields(vals, cls, section)
     return vals
+
+
+def _predictor_window_masks(cp: Mapping[str, Any], cp_vals: Mapping[str, Any],
+                            t_vals: Mapping[str, Any]) -> bool:
+    """Whether the code predictor's sliding window hides any position. The official config
+    makes layer i a sliding layer when use_sliding_window and i >= max_window_layers (default 28)
+    or as `layer_types` says; a window of w keeps the last w positions. The predictor's sequence
+    is at most num_code_groups positions (hidden state, code 0, then codes 1..G-2), so a window
+    of at least that many (the default is 4096) masks nothing: the same model as without it."""
+    window = cp.get("sliding_window", 4096)
+    if not cp.get("use_sliding_window") or window is None:
+        return False
+    layers = cp_vals["num_hidden_layers"]
+    types = cp.get("layer_types") or ["sliding_attention" if i >= cp.get("max_window_layers", 28)
+                                      else "full_attention" for i in range(layers)]
+    longest = max(cp_vals.get("num_code_groups") or 32, t_vals.get("num_code_groups") or 16)
+    return "sliding_attention" in types and window < longest
+
+
+def _check_codec_ids(talker: "TalkerConfig") -> None:
+    """Speaker and language codec ids index the talker's codec embedding: an id outside it would
+    silently read garbage (jnp.take clamps), so refuse it by name."""
+    V = talker.vocab_size
+    for field in ("spk_id", "codec_language_id"):
+        for name, i in getattr(talker, field).items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < V:
+                raise ConfigError(f"talker_config {field} {name!r} is {i!r}, outside the talker's "
+                                  f"codec vocabulary [0, {V}) (vocab_size)")
+    for name, dialect in talker.spk_is_dialect.items():
+        if dialect and dialect not in talker.codec_language_id:
+            raise ConfigError(f"talker_config spk_is_dialect {name!r} is {dialect!r}, which is not "
+                              f"in codec_language_id {sorted(talker.codec_language_id)}")
 
 
 # transformers' RoPE types whose frequencies are fixed at load time (`layers.rope_frequencies`), with
@@ -188,25 +260,35 @@ def rope_scaling_of(c: Mapping[str, Any], name: str):
 
 
 def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
-    cp = dict(d.get("code_predictor_config") or {})
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"talker_config must be an object, got {d!r}")
+    cp = d.get("code_predictor_config") or {}
     # Official class defaults of Qwen3TTSTalkerCodePredictorConfig (head_dim has a default there).
-    cp_vals = _pick(cp, CodePredictorConfig, hidden_size=1024, intermediate_size=3072,
-                    num_hidden_layers=5, num_attention_heads=16, num_key_value_heads=8,
-                    head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0)
+    cp_vals = _pick(cp, CodePredictorConfig, "code_predictor_config", hidden_size=1024,
+                    intermediate_size=3072, num_hidden_layers=5, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=10000.0)
     if cp_vals.get("num_key_value_heads") is None:
         cp_vals["num_key_value_heads"] = cp_vals["num_attention_heads"]
-    t_vals = _pick(d, TalkerConfig, hidden_size=1024, intermediate_size=2048, num_hidden_layers=20,
-                   num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
-                   rope_theta=10000.0)
+    cp = dict(cp)
+    t_vals = _pick(d, TalkerConfig, "talker_config", hidden_size=1024, intermediate_size=2048,
+                   num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=2,
+                   rms_norm_eps=1e-6, rope_theta=10000.0)
     t_vals.setdefault("head_dim", t_vals["hidden_size"] // t_vals["num_attention_heads"])
     if t_vals.get("num_key_value_heads") is None:
         t_vals["num_key_value_heads"] = t_vals["num_attention_heads"]
     for k in ("spk_id", "spk_is_dialect", "codec_language_id"):
         t_vals[k] = FrozenDict(t_vals.get(k) or {})
     for c, name in ((d, "talker_config"), (cp, "code_predictor_config")):
-        if c.get("attention_bias") or c.get("use_sliding_window"):
-            raise ConfigError(f"{name} sets attention_bias/use_sliding_window, which no released "
-                              "Qwen3-TTS checkpoint uses and this port does not implement")
+        if c.get("attention_bias"):
+            raise ConfigError(f"{name} sets attention_bias, which no released Qwen3-TTS "
+                              "checkpoint uses and this port does not implement")
+    if d.get("use_sliding_window"):
+        raise ConfigError("talker_config sets use_sliding_window, which no released Qwen3-TTS "
+                          "checkpoint uses and this port does not implement")
+    if _predictor_window_masks(cp, cp_vals, t_vals):
+        raise ConfigError("code_predictor_config sets use_sliding_window with a window shorter "
+                          "than the predictor's sequence on some layer, which no released "
+                          "Qwen3-TTS checkpoint uses and this port does not implement")
     from .activations import ACTIVATIONS
     for c, vals, name in ((d, t_vals, "talker_config"), (cp, cp_vals, "code_predictor_config")):
         vals["rope_scaling"] = rope_scaling_of(c, name)
@@ -223,6 +305,7 @@ def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
         if c.num_attention_heads % c.num_key_value_heads:
             raise ConfigError(f"{name}: num_attention_heads ({c.num_attention_heads}) is not a "
                               f"multiple of num_key_value_heads ({c.num_key_value_heads})")
+    _check_codec_ids(talker)
     return talker
 
 
@@ -238,20 +321,23 @@ def parse_config(d: Mapping[str, Any]) -> Qwen3TTSConfig:
     spk = None
     if kind == "base":
         spk = SpeakerEncoderConfig(**_pick(d.get("speaker_encoder_config") or {},
-                                           SpeakerEncoderConfig))
+                                           SpeakerEncoderConfig, "speaker_encoder_config"))
         spk = dataclasses.replace(spk, enc_channels=tuple(spk.enc_channels),
                                   enc_kernel_sizes=tuple(spk.enc_kernel_sizes),
                                   enc_dilations=tuple(spk.enc_dilations))
-    top = _pick(d, Qwen3TTSConfig)
-    top.pop("talker", None)
-    top.pop("speaker_encoder", None)
+    top = _pick({k: v for k, v in d.items() if k not in ("talker", "speaker_encoder")},
+                Qwen3TTSConfig, "config.json")
     return Qwen3TTSConfig(talker=parse_talker(d["talker_config"]), speaker_encoder=spk,
                           **{k: v for k, v in top.items() if v is not None})
 
 
 def load_config(path: str) -> Qwen3TTSConfig:
-    with open(os.path.join(path, "config.json")) as f:
-        return parse_config(json.load(f))
+    file = os.path.join(path, "config.json")
+    d = read_json(file)
+    try:
+        return parse_config(d)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def load_generation_defaults(path: str) -> GenerationDefaults:
@@ -259,5 +345,7 @@ def load_generation_defaults(path: str) -> GenerationDefaults:
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} is missing: every Qwen3-TTS checkpoint ships one "
                                 "(the official loader requires it too)")
-    with open(file) as f:
-        return GenerationDefaults.from_dict(json.load(f))
+    try:
+        return GenerationDefaults.from_dict(read_json(file))
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None

@@ -48,6 +48,8 @@ from packaging.version import Version
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
                         processors)
 
+from .config import ConfigError, read_json
+
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 MISTRAL_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
@@ -118,8 +120,7 @@ def mistral_regex_applies(config: Optional[dict], vocab_size: int, *, is_local: 
 def _read_json(path: str) -> Optional[Any]:
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def _convert_added_tokens(obj):
@@ -137,8 +138,7 @@ def _convert_added_tokens(obj):
 
 def _qwen2_backend_from_files(vocab_file: str, merges_file: str) -> Tokenizer:
     """Qwen2Tokenizer (slow) + Qwen2Converter, as transformers does when tokenizer.json is absent."""
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
+    vocab = read_json(vocab_file)
     merges = {}
     with open(merges_file, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -146,9 +146,14 @@ def _qwen2_backend_from_files(vocab_file: str, merges_file: str) -> Tokenizer:
             if (i == 0 and line.startswith("#version:")) or not line:
                 continue
             merges.setdefault(tuple(line.split()), None)  # dict keys: first-occurrence order
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), dropout=None, unk_token=None,
-                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                               byte_fallback=False))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=list(merges), dropout=None, unk_token=None,
+                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                         byte_fallback=False)
+    except Exception as e:  # tokenizers raises plain Exception: name the files instead
+        raise ConfigError(f"{vocab_file} + {merges_file} do not make a BPE tokenizer: "
+                          f"{e}") from None
+    tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
@@ -213,8 +218,7 @@ def _load_backend(path: str) -> Tokenizer:
                 # argument -- reproduced so the special-token lookup below behaves identically.
                 added_tokens_map["None"] = added_tokens_decoder[index]
         if tokenizer_file is not None:
-            with open(tokenizer_file, encoding="utf-8") as f:
-                serialized = json.load(f).get("added_tokens", [])
+            serialized = read_json(tokenizer_file).get("added_tokens", [])
             for st in serialized:
                 st = dict(st)
                 idx = st.pop("id")
@@ -227,7 +231,10 @@ def _load_backend(path: str) -> Tokenizer:
 
     # -- backend
     if tokenizer_file is not None and not init.get("from_slow", False):
-        backend = Tokenizer.from_file(tokenizer_file)
+        try:
+            backend = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # tokenizers raises plain Exception ("EOF while parsing ...")
+            raise ConfigError(f"{tokenizer_file} cannot be loaded as a tokenizer: {e}") from None
     else:
         vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if not (os.path.isfile(vocab_file) and os.path.isfile(merges_file)):

@@ -43,8 +43,13 @@ def save_voice(items: list[VoiceClonePromptItem], path: str) -> None:
         if it.ref_text is not None:
             meta[f"{i}.ref_text"] = it.ref_text
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:               # a full disk, Ctrl-C, ...: leave no half-written temp file
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_voice(path: str) -> list[VoiceClonePromptItem]:

@@ -1,5 +1,6 @@
 """The public API's input checks: every bad input is a clear error before anything compiles."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -39,11 +40,23 @@ def vd(make_checkpoint):
     (dict(seed="abc"), ValueError, "seed must be an integer"),
     (dict(seed=1.5), ValueError, "seed must be an integer"),
     (dict(text=["a", "b"], seed=[1, None]), ValueError, "seed must be an integer"),
+    (dict(max_new_tokens=10 ** 12), ValueError, "max_new_tokens must be an integer in [2, "),
+    (dict(max_new_tokens=1), ValueError, "max_new_tokens must be an integer in [2, "),
+    (dict(seed=2 ** 70), ValueError, "seed must be in [0, 2**31)"),
+    (dict(seed=-1), ValueError, "seed must be in [0, 2**31)"),
+    (dict(text=["a", "b"], seed=[1, 2 ** 40]), ValueError, "seed must be in"),
+    (dict(temperature="0.5"), TypeError, "temperature must be a number, got str"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number"),
+    (dict(subtalker_top_p=float("nan")), ValueError, "subtalker_top_p must be a finite"),
+    (dict(top_k="5"), TypeError, "top_k must be an integer"),
+    (dict(do_sample="no"), TypeError, "do_sample must be True or False, got str"),
+    (dict(subtalker_dosample=1), TypeError, "subtalker_dosample must be True or False"),
+    (dict(repetition_penalty=None, top_p=True), TypeError, "top_p must be a number, got bool"),
 ])
 def test_custom_voice_bad_input(cv, kw, err, needle):
     args = dict(text="Hello.", speaker="ryan") | kw
     before = gen.prefill._cache_size()
-    with pytest.raises(err, match=needle.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(err, match=re.escape(needle)):
         cv.generate_custom_voice_codes(**args)
     assert gen.prefill._cache_size() == before          # failed before compiling anything
 
@@ -137,3 +150,77 @@ def test_specialized_sampler_gives_the_same_codes(cv, kw, monkeypatch):
     for a, b in zip(codes[False], codes[True]):
         np.testing.assert_array_equal(a, b)
     assert sum(len(c) for c in codes[True]) > 10
+
+
+def test_setting_errors_name_the_param(cv):
+    from qwen3_tts_jax.api import GenerationSettings, SettingError
+
+    with pytest.raises(SettingError) as e:
+        GenerationSettings.merge(cv.generate_defaults, temperature="hot")
+    assert e.value.param == "temperature"
+    s = GenerationSettings.merge(cv.generate_defaults, do_sample=np.bool_(False), top_k=np.int64(3),
+                                 max_new_tokens=2 ** 20, seed=2 ** 31 - 1)
+    assert s.top_k == 3 and s.max_new_tokens == 2 ** 20
+
+
+def test_warmup_and_streaming_arguments_are_checked_at_call_time(cv):
+    for bad in ((0,), (), (1.5,), 4):
+        with pytest.raises(ValueError, match="batch_sizes"):
+            cv.warmup(["Hi."], batch_sizes=bad)
+    for kw in (dict(chunk_frames=0), dict(chunk_frames="3"), dict(first_chunk_frames=True)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            cv.generate_custom_voice_streaming("Hi.", "ryan", **kw)   # no next(): at call time
+
+
+def test_compilation_cache_in_an_unusable_folder_warns_and_goes_on(tmp_path, caplog):
+    import jax
+
+    from qwen3_tts_jax import enable_compilation_cache
+
+    (tmp_path / "file").write_text("x")
+    before = jax.config.jax_compilation_cache_dir
+    with caplog.at_level(logging.WARNING, logger="qwen3_tts_jax"):
+        assert enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
+        assert enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
+    assert jax.config.jax_compilation_cache_dir == before
+    assert sum("compilation cache disabled" in r.message for r in caplog.records) == 1
+
+
+def test_voice_clone_prompt_checks_and_forms(make_checkpoint, tmp_path):
+    import pathlib
+
+    import soundfile as sf
+
+    from qwen3_tts_jax import VoiceClonePromptItem
+
+    base = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    D, G = base.config.talker.hidden_size, base.config.talker.num_code_groups
+    xvec = np.random.default_rng(0).standard_normal(D).astype(np.float32)
+    bad = xvec.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        base.generate_voice_clone_codes("Hi.", voice_clone_prompt=[
+            VoiceClonePromptItem(None, bad, True, False)], max_new_tokens=3)
+    with pytest.raises(ValueError, match="without ref_text"):
+        base.generate_voice_clone_codes("Hi.", voice_clone_prompt=[
+            VoiceClonePromptItem(np.zeros((4, G), np.int32), xvec, False, True, None)],
+            max_new_tokens=3)
+    with pytest.raises(TypeError, match="voice_clone_prompt item 0 is a int"):
+        base.generate_voice_clone_codes("Hi.", voice_clone_prompt=[3], max_new_tokens=3)
+    with pytest.raises(TypeError, match="missing \\['icl_mode'\\]"):
+        base.generate_voice_clone_codes("Hi.", voice_clone_prompt=dict(
+            ref_code=[None], ref_spk_embedding=[xvec], x_vector_only_mode=[True]))
+    # The official wrapper's dict form gives the codes of the items it stands for.
+    item = VoiceClonePromptItem(None, xvec, True, False)
+    as_dict = dict(ref_code=[None], ref_spk_embedding=[xvec], x_vector_only_mode=[True],
+                   icl_mode=[False])
+    kw = dict(max_new_tokens=4, seed=1, do_sample=False, subtalker_dosample=False)
+    a = base.generate_voice_clone_codes("Hi.", voice_clone_prompt=[item], **kw)
+    b = base.generate_voice_clone_codes("Hi.", voice_clone_prompt=as_dict, **kw)
+    np.testing.assert_array_equal(a[0], b[0])
+    # ref_audio as a pathlib.Path, like a str path
+    wav = tmp_path / "ref.wav"
+    sf.write(str(wav), np.sin(np.arange(24000) / 20).astype(np.float32) * 0.3, 24000)
+    p = base.create_voice_clone_prompt(pathlib.Path(wav), x_vector_only_mode=True)
+    s = base.create_voice_clone_prompt(str(wav), x_vector_only_mode=True)
+    np.testing.assert_array_equal(p[0].ref_spk_embedding, s[0].ref_spk_embedding)

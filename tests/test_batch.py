@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 
 from test_cli import EXE
 
@@ -42,6 +43,87 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, make_checkpoint):
                    "2 written", "6 failed"):
         assert needle in report, report
     assert "Traceback" not in report
+
+
+def test_bad_names_are_reported_and_the_others_written(tmp_path, make_checkpoint):
+    """A name that cannot be a file name is a bad line (its number reported), never a failed
+    write that takes valid requests down with it; the counts are the files written."""
+    names = ["a", "x\0y", "..", ".hidden", "x\\y", "two\nlines", "n" * 201, "b"]
+    inp = tmp_path / "req.jsonl"
+    inp.write_text("\n".join(json.dumps({"text": "Hello world.", "name": n}) for n in names))
+    out = tmp_path / "wavs"
+    r = subprocess.run([EXE, "batch", str(inp), "--out-dir", str(out), "--model",
+                        make_checkpoint("cv_proj"), "--speaker", "vivian", "--greedy",
+                        "--max-new-tokens", "5", "--quiet"],
+                       capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 1, r.stderr
+    assert sorted(os.listdir(out)) == ["a.wav", "b.wav"]
+    report = r.stdout + r.stderr
+    for i in range(2, 8):
+        assert f"line {i}: bad name" in report, report
+    assert "2 written, 0 already there, 6 failed" in report, report
+    assert "Traceback" not in report
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "a.wav").st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
+
+
+def test_a_failing_write_fails_only_its_request(tmp_path, make_checkpoint):
+    """`batch.run` given a name the OS refuses (no `read_requests` check): that request is
+    reported failed, the others are written, in both batching modes."""
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=i + 1, text="Hello world.", name=n, speaker="ryan")
+            for i, n in enumerate(["a", "x\0y", "c"])]
+    for continuous in (True, False):
+        out = tmp_path / str(continuous)
+        s = batch.run(tts, reqs, str(out), batch_size=2, progress=False, continuous=continuous,
+                      gen={"max_new_tokens": 3, "do_sample": False, "subtalker_dosample": False})
+        assert s["done"] == 2 and len(s["failed"]) == 1 and "line 2" in s["failed"][0], s
+        assert sorted(os.listdir(out)) == ["a.wav", "c.wav"]
+
+
+def test_read_requests_bom_and_encoding(tmp_path):
+    from qwen3_tts_jax import batch
+
+    inp = tmp_path / "bom.jsonl"                     # Windows editors start UTF-8 with a BOM
+    inp.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps({"text": f"T{i}", "name": f"n{i}"})
+                                                 for i in range(2)).encode())
+    reqs, problems = batch.read_requests(str(inp), {})
+    assert [(r.name, r.text) for r in reqs] == [("n0", "T0"), ("n1", "T1")] and not problems
+    inp.write_bytes(b"\xef\xbb\xbfline one\nline \xff two\n")
+    try:
+        batch.read_requests(str(inp), {})
+        raise AssertionError("no error")
+    except ValueError as e:
+        assert str(inp) in str(e) and "offset 17" in str(e), e
+
+
+@pytest.mark.parametrize("args,needle,rc", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0", 2),
+    (["--batch-size", "0", "--no-continuous-batching"], "--batch-size must be >= 1", 2),
+    (["--out-dir", "{tmp}/afile"], "exists and is not a folder", 2),
+    (["{tmp}"], "is a folder, not a file", 2),
+    (["{tmp}/empty.txt"], "no requests in", 1),
+    (["{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 3", 2),
+    # needs the checkpoint's defaults: after loading, but once, not once per line
+    (["--top-p", "2"], "error: top_p must be in (0, 1]", 2),
+])
+def test_bad_batch_arguments_fail_before_loading(tmp_path, args, needle, rc):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "lines.txt").write_text("Hello.\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    inp = [] if args[0].startswith("-") else [args.pop(0)]
+    r = subprocess.run([EXE, "batch", *(inp or [str(tmp_path / "lines.txt")]), "--random-weights",
+                        "--quiet", *args, *([] if "--out-dir" in args
+                                            else ["--out-dir", str(tmp_path / "wavs")])],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == rc and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert ("NOISE" in r.stderr) == ("--top-p" in args)     # the others fail before the model
 
 
 def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):

@@ -145,6 +145,15 @@ def test_activations_match_transformers():
     ("cp", dict(hidden_act="prelu"), "hidden_act 'prelu' is not supported"),
     ("talker", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     ("cp", dict(num_code_groups=8), "num_code_groups (8) is below the talker's (16)"),
+    ("talker", dict(attention_bias=True), "talker_config sets attention_bias"),
+    ("talker", dict(use_sliding_window=True), "talker_config sets use_sliding_window"),
+    # a window of 4 on predictor layers from 0 on hides positions; 4096 (cv_config_variants,
+    # below: the official's codes equal ours) or sliding layers from 28 on hide none
+    ("cp", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                layer_types=None), "window shorter than the predictor's sequence"),
+    ("cp", dict(use_sliding_window=True, sliding_window=4,
+                layer_types=["full_attention", "sliding_attention"]),
+     "window shorter than the predictor's sequence"),
 ])
 def test_unsupported_config_fields_are_clear_errors(tmp_path, make_checkpoint, where, change,
                                                     needle):
@@ -155,6 +164,22 @@ def test_unsupported_config_fields_are_clear_errors(tmp_path, make_checkpoint, w
     target.update(change)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(str(tmp_path))
+
+
+def test_harmless_predictor_windows_are_accepted(tmp_path, make_checkpoint):
+    """The official makes predictor layer i a sliding layer only from max_window_layers (28) on,
+    and a window as long as the predictor's sequence hides nothing: both load."""
+    raw = json.load(open(os.path.join(make_checkpoint("cv_proj"), "config.json")))
+    cp = raw["talker_config"]["code_predictor_config"]
+    cp.pop("layer_types", None)            # saved by the official config: derived again below
+    for change in (dict(use_sliding_window=True, sliding_window=4),            # layers 0-1 < 28
+                   dict(use_sliding_window=True, sliding_window=32, max_window_layers=0),
+                   dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                        layer_types=["full_attention", "full_attention"])):
+        (tmp_path / "config.json").write_text(json.dumps(
+            dict(raw, talker_config=dict(raw["talker_config"],
+                                         code_predictor_config=dict(cp, **change)))))
         load_config(str(tmp_path))
 
 
@@ -186,3 +211,62 @@ def test_fast_form_roundtrip(tmp_path, make_checkpoint, dtype):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
     tts = Qwen3TTS.from_pretrained(dst)
     assert tts.get_supported_speakers() == sorted(cfg.speakers)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json",
+                                  "speech_tokenizer/config.json"])
+def test_invalid_json_names_the_file(tmp_path, name):
+    from qwen3_tts_jax.codec.config import load_config as load_codec_config
+
+    file = tmp_path / name
+    file.parent.mkdir(exist_ok=True)
+    file.write_text('{"talker_config": ')
+    load = {"config.json": load_config, "generation_config.json": load_generation_defaults,
+            "speech_tokenizer/config.json": load_codec_config}[name]
+    with pytest.raises(ConfigError, match=re.escape(str(file)) + " is not valid JSON: Expecting"):
+        load(str(file.parent))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda r: r["talker_config"].update(hidden_size="32"),
+     "talker_config hidden_size must be an integer, got '32'"),
+    (lambda r: r["talker_config"]["code_predictor_config"].update(rms_norm_eps=[1]),
+     "code_predictor_config rms_norm_eps must be a number"),
+    (lambda r: r.update(tts_pad_token_id=True), "config.json tts_pad_token_id must be an integer"),
+    (lambda r: r["talker_config"].update(spk_id={"ryan": 10 ** 6}),
+     "spk_id 'ryan' is 1000000, outside the talker's codec vocabulary [0, "),
+    (lambda r: r["talker_config"]["codec_language_id"].update(english=-1),
+     "codec_language_id 'english' is -1, outside"),
+])
+def test_config_field_types_and_ids_name_the_file_and_field(tmp_path, make_checkpoint, edit,
+                                                           needle):
+    raw = json.load(open(os.path.join(make_checkpoint("cv_proj"), "config.json")))
+    edit(raw)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "config.json")) + ".*"
+                       + re.escape(needle)):
+        load_config(str(tmp_path))
+
+
+def test_generation_config_field_types(tmp_path):
+    (tmp_path / "generation_config.json").write_text('{"temperature": "hot", "top_k": 5}')
+    with pytest.raises(ConfigError, match="generation_config.json: generation_config.json "
+                       "temperature must be a number, got 'hot'"):
+        load_generation_defaults(str(tmp_path))
+
+
+def test_convert_command_errors_are_one_line(tmp_path, make_checkpoint, capsys):
+    from convert.__main__ import main
+
+    src = make_checkpoint("cv_proj")
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")
+    for args, needle in [([src, src], "is the source checkpoint"),
+                         ([src, str(tmp_path / "afile")], "is an existing file"),
+                         ([str(tmp_path / "nope"), str(tmp_path / "out")], "does not exist"),
+                         ([str(bad), str(tmp_path / "out")], "is not valid JSON")]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("convert: error: ") and needle in err and "Traceback" not in err

@@ -50,8 +50,16 @@ def test_random_weights_offline_demo(tmp_path):
     (["--speaker", "ryan", "--text", "Hi.", "--output", "/nonexistent/dir/x.wav"], "does not exist"),
     (["--speaker", "ryan", "--text", "Hi.", "--temperature", "0"], "temperature"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "x.aiff"], "'.aiff' is not an audio"),
+    (["--speaker", "ryan", "--text", "Hi.", "--output", "{tmp}"], "it is a folder"),
+    # os.access says root may write to /proc: only a real try finds out before the model loads
+    (["--speaker", "ryan", "--text", "Hi.", "--output", "/proc/x.wav"], "cannot write /proc/x"),
+    (["--speaker", "ryan", "--text-file", "{tmp}/latin1.txt"], "not UTF-8 text: byte 0xe9 at "
+                                                               "offset 3"),
+    (["--speaker", "ryan", "--text-file", "{tmp}"], "it is a folder"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, make_checkpoint, args, needle):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--output" not in args:
         args = args + ["--output", str(tmp_path / "x.wav")]
     r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--quiet", *args)
@@ -98,3 +106,34 @@ def test_clone_saves_and_reuses_a_voice(tmp_path, make_checkpoint):
             "--ref-tail-silence", "9", "--text", "Hi.", "--output", str(tmp_path / "e.wav"),
             "--quiet")
     assert r.returncode == 2 and "ref_tail_silence" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_save_voice_to_a_missing_folder_fails_before_loading(tmp_path):
+    r = run("clone", "--random-weights", "--ref-audio", "me.wav", "--ref-text", "Hi.",
+            "--save-voice", str(tmp_path / "nodir" / "x.voice"), "--text", "Hi.",
+            "--output", str(tmp_path / "x.wav"), "--quiet")
+    assert r.returncode == 2 and "nodir does not exist" in r.stderr, r.stderr
+    assert "NOISE" not in r.stderr                     # refused before building the demo model
+
+
+def test_ctrl_c_is_a_short_message(tmp_path, make_checkpoint):
+    """SIGINT mid-batch: exit 130 with one line, no traceback; the finished files stay."""
+    import signal
+    import time
+
+    inp, out = tmp_path / "lines.txt", tmp_path / "wavs"
+    inp.write_text("\n".join(f"Sentence number {i}." for i in range(40)) + "\n")
+    p = subprocess.Popen([EXE, "batch", str(inp), "--out-dir", str(out), "--model",
+                          make_checkpoint("cv_proj"), "--speaker", "ryan", "--greedy",
+                          "--max-new-tokens", "6", "--batch-size", "1", "--quiet"],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None and not (
+            out.exists() and any(f.endswith(".wav") for f in os.listdir(out))):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "qwen3-tts-jax: interrupted" in err, err
+    assert "Traceback" not in err
+    assert any(f.endswith(".wav") for f in os.listdir(out))

@@ -271,11 +271,14 @@ def test_cpu_default_cache_layout_is_heads_major(models):
 
 
 def test_max_new_tokens_semantics(models):
-    """frames = tokens - 1, like the official generate."""
+    """frames = tokens - 1, like the official generate; 1 token (no frame: the official's
+    generate fails on it) is refused by name."""
     _, ours = models("cv_proj")
-    for m in (1, 2, 5):
+    for m in (2, 5):
         out = ours.generate_custom_voice_codes("Hi.", "ryan", max_new_tokens=m, **GREEDY)
         assert out[0].shape == (m - 1, 16) and out[0].dtype == np.int32
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer in \[2, "):
+        ours.generate_custom_voice_codes("Hi.", "ryan", max_new_tokens=1, **GREEDY)
 
 
 def test_sampling_reproducible_per_seed(models):

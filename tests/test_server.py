@@ -232,6 +232,8 @@ def test_voices_models_health(server):
     (speech(temperature=0), 400, "temperature must be > 0"),
     (speech(top_p=2.0), 400, "top_p"),
     (speech(seed="x"), 400, "seed"),
+    (speech(temperature="0.5"), 400, "temperature must be a number, got str"),
+    (speech(do_sample="no"), 400, "do_sample must be True or False"),
     (speech(language="klingon"), 400, "unsupported language"),
     (speech(stream_format="sse", response_format="mp3"), 400, "sse"),
     ([1, 2], 400, "JSON object"),
@@ -241,6 +243,28 @@ def test_bad_requests(server, body, status, needle):
     err = json.loads(data)["error"]
     assert code == status and needle in err["message"], (code, err)
     assert err["type"] == ("request_too_large" if status == 413 else "invalid_request_error")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", "0.5"), ("top_k", "5"),
+                                         ("do_sample", "no"), ("max_new_tokens", 1)])
+def test_bad_setting_names_its_param(server, field, value):
+    code, _, data = post(server.url + "/v1/audio/speech", speech(**{field: value}))
+    assert code == 400 and json.loads(data)["error"]["param"] == field, data
+
+
+def test_text_session_binary_frames_are_an_error(server):
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect
+
+    for first in ([b"\x00\x01"], [json.dumps({"voice": "ryan", **GEN}), b"\x00\x01"]):
+        with connect(server.url.replace("http", "ws") + "/v1/audio/speech/stream") as ws:
+            for m in first:
+                ws.send(m)
+            while isinstance(msg := ws.recv(timeout=300), bytes):
+                pass
+            msg = json.loads(msg)
+            assert msg["type"] == "error" and msg["status"] == 400, msg
+            assert "binary frames are not accepted" in msg["message"], msg
 
 
 def test_malformed_json(server):
@@ -364,11 +388,14 @@ def test_register_voice_and_reload(make_checkpoint, tmp_path):
                               {"audio_sample": ("ref.wav", b"not audio")})
         assert code == 409 and "exists" in out["error"]["message"]
         code, out = multipart(s.url + "/v1/audio/voices", {"name": "bad"},
-                              {"audio_sample": ("ref.wav", b"not audio")})
-        assert code == 400 and "cannot read the uploaded audio" in out["error"]["message"]
+                              {"audio_sample": ("junk.wav", b"not audio")})
+        msg = out["error"]["message"]
+        assert code == 400 and "cannot read the uploaded audio" in msg and "'junk.wav'" in msg
+        assert "BytesIO" not in msg and out["error"]["param"] == "audio_sample", out
         code, out = multipart(s.url + "/v1/audio/voices", {"name": "../evil"},
                               {"audio_sample": ("ref.wav", ref_bytes)})
-        assert code == 400 and "`name`" in out["error"]["message"]
+        assert code == 400 and "`name` '../evil' is not a valid voice name" in \
+            out["error"]["message"]
         for bad in ("x", "9"):
             code, out = multipart(s.url + "/v1/audio/voices",
                                   {"name": "pad", "transcript": "Hello world.",

@@ -11,6 +11,7 @@ Each is saved with tokenizer.json and also as a vocab.json + merges.txt-only fol
 """
 import json
 import os
+import re
 import shutil
 import unicodedata
 
@@ -384,3 +385,15 @@ def test_runtime_module_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer.json", '{"version": "1.0", '),
+                                          ("tokenizer.json", '{"model": 3}'),
+                                          ("tokenizer_config.json", "{")])
+def test_corrupt_tokenizer_files_name_the_file(tmp_path, small_src, name, content):
+    from qwen3_tts_jax.config import ConfigError
+
+    shutil.copytree(small_src, tmp_path / "tok")
+    (tmp_path / "tok" / name).write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "tok" / name))):
+        T.TextTokenizer.from_dir(str(tmp_path / "tok"))

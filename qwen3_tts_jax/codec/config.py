@@ -14,13 +14,12 @@ Traps (shared NOTES.md section 2 and 8.1):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping
 
 from ..activations import ACTIVATIONS
-from ..config import ConfigError, rope_scaling_of
+from ..config import ConfigError, check_fields, read_json, rope_scaling_of
 
 MODEL_TYPE = "qwen3_tts_tokenizer_12hz"
 
@@ -70,11 +69,14 @@ class SpeechTokenizerConfig:
 
 
 def parse_decoder_config(d: Mapping[str, Any]) -> DecoderConfig:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"decoder_config must be an object, got {d!r}")
     if "codebook_dim" not in d:
         raise ConfigError("decoder_config has no codebook_dim: the official decoder requires it "
                           "(the released speech tokenizer has 512)")
     names = {f.name for f in dataclasses.fields(DecoderConfig)}
     vals = {k: v for k, v in d.items() if k in names}
+    check_fields(vals, DecoderConfig, "decoder_config")
     vals.setdefault("head_dim", d.get("hidden_size", 1024) // d.get("num_attention_heads", 16))
     for k in ("upsample_rates", "upsampling_ratios"):
         if k in vals:
@@ -108,6 +110,7 @@ def parse_config(d: Mapping[str, Any]) -> SpeechTokenizerConfig:
     names = {f.name for f in dataclasses.fields(SpeechTokenizerConfig)} - {"decoder",
                                                                            "encoder_config"}
     top = {k: v for k, v in d.items() if k in names}
+    check_fields(top, SpeechTokenizerConfig, "config.json")
     return SpeechTokenizerConfig(decoder=parse_decoder_config(d.get("decoder_config") or {}),
                                  encoder_config=dict(d.get("encoder_config") or {}), **top)
 
@@ -118,6 +121,8 @@ def load_config(folder: str) -> tuple[SpeechTokenizerConfig, dict]:
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} is missing: a speech tokenizer folder has config.json "
                                 "and model.safetensors")
-    with open(file) as f:
-        raw = json.load(f)
-    return parse_config(raw), raw
+    raw = read_json(file)
+    try:
+        return parse_config(raw), raw
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None

@@ -373,7 +373,7 @@ class Server:
         try:
             settings = GenerationSettings.merge(self.tts.generate_defaults, **gen)
         except (ValueError, TypeError) as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), getattr(e, "param", None)) from None
         voice = self._voice(data)
         tts, ref_code = self.tts, None
         try:
@@ -554,8 +554,18 @@ class Server:
                                 "param": param})
             await ws.close(1008 if status < 500 else 1011)
 
+        async def receive_text() -> str:
+            """The next text frame; a binary frame is a 400 (starlette's receive_text would
+            raise KeyError 'text' on one)."""
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(msg.get("code", 1000))
+            if msg.get("text") is None:
+                raise ApiError(400, "binary frames are not accepted; send JSON text messages")
+            return msg["text"]
+
         try:
-            data = json.loads(await ws.receive_text())
+            data = json.loads(await receive_text())
             job = self.parse_session(data)
         except WebSocketDisconnect:
             return
@@ -589,7 +599,7 @@ class Server:
         async def receive():
             try:
                 while not feed.final:
-                    msg = json.loads(await ws.receive_text())
+                    msg = json.loads(await receive_text())
                     kind = msg.get("type") if isinstance(msg, dict) else None
                     if kind not in ("text", "end"):
                         raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
@@ -633,14 +643,17 @@ class Server:
         except Exception as e:  # noqa: BLE001 - starlette raises several kinds
             raise ApiError(400, f"expected a multipart/form-data body: {e}") from None
         name = form.get("name")
-        if not isinstance(name, str) or not VOICE_NAME.match(name):
-            raise ApiError(400, "`name` is required: 1-64 letters, digits, '_', '-' or '.', "
-                                "starting with a letter or digit", "name")
+        rule = "1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, f"`name` is required: {rule}", "name")
+        if not VOICE_NAME.match(name):
+            raise ApiError(400, f"`name` {name[:80]!r} is not a valid voice name: {rule}", "name")
         if name in self.voices.voices:
             raise ApiError(409, f"a voice named {name!r} exists; delete it first "
                                 f"(DELETE /v1/audio/voices/{name}) or pick another name", "name")
-        upload = next((form.get(k) for k in ("audio_sample", "audio", "file")
-                       if hasattr(form.get(k), "read")), None)
+        field = next((k for k in ("audio_sample", "audio", "file")
+                      if hasattr(form.get(k), "read")), None)
+        upload = form.get(field) if field else None
         if upload is None:
             raise ApiError(400, "the reference audio is required: a file field `audio_sample` "
                                 "(WAV, FLAC, OGG or MP3)", "audio_sample")
@@ -654,7 +667,12 @@ class Server:
 
             wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except Exception as e:  # noqa: BLE001 - libsndfile's errors
-            raise ApiError(400, f"cannot read the uploaded audio: {e}", "audio_sample") from None
+            # Its message names the in-memory buffer (<_io.BytesIO object at 0x...>): name the
+            # upload instead.
+            reason = getattr(e, "error_string", None) or str(e)
+            raise ApiError(400, f"cannot read the uploaded audio (field `{field}`, file "
+                                f"{getattr(upload, 'filename', None)!r}): {reason}; send WAV, "
+                                "FLAC, OGG or MP3", field) from None
         wave = wave.mean(axis=1)
         silence = form.get("ref_tail_silence") or "0"
         try:
