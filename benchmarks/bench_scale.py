@@ -60,6 +60,9 @@ DEFAULTS = {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 1.0,
 # (None: the library's default for the backend), packed q|k|v and gate|up weights or not.
 CMDBUF = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
           "CONDITIONAL")
+# session 12's three frame changes together (see the variants below)
+ALL = {"QWEN3_TTS_JAX_CACHE_LAYOUT": "packed", "QWEN3_TTS_JAX_ROPE": "flip",
+       "QWEN3_TTS_JAX_SPLIT_K": "4"}
 VARIANTS = {
     "default": dict(),
     "cmdbuf": dict(env={"XLA_FLAGS": CMDBUF}),
@@ -74,7 +77,11 @@ VARIANTS = {
     "kv-packed": dict(env={"QWEN3_TTS_JAX_CACHE_LAYOUT": "packed"}),
     # the sampler's k-th largest logit by pairwise counts instead of lax.top_k (a sort on GPUs)
     "kth-pairwise": dict(env={"QWEN3_TTS_JAX_KTH": "pairwise"}),
-    "split-k4-rope-flip": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4", "QWEN3_TTS_JAX_ROPE": "flip"}),
+    # the three frame changes together (one cache write, split-K o/down products, RoPE without a
+    # concatenate), and with the pairwise k-th logit for sampled runs
+    "all-k4": dict(env=ALL),
+    "all-k8": dict(env=ALL | {"QWEN3_TTS_JAX_SPLIT_K": "8"}),
+    "all-k4-kth": dict(env=ALL | {"QWEN3_TTS_JAX_KTH": "pairwise"}),
     # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
     "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),
     "cudnn": dict(attention="cudnn"),

@@ -6,11 +6,12 @@
 #
 #   bash benchmarks/gpu_session.sh one       # ~9 min, by priority: the 0.6B at batch 1 (greedy, as
 #                                            # the API runs it: two rows on a GPU) against the
-#                                            # variants prepared in session 12 from its profile:
-#                                            # one KV-cache write per layer step (kv-packed),
-#                                            # split-K narrow products (4 and 8 parts), RoPE
-#                                            # without a concatenate, both; sampled, the
-#                                            # k-th logit by pairwise counts (kth-pairwise); the
+#                                            # variants prepared in session 12 from its profile,
+#                                            # all three together first (all-k4: one KV-cache
+#                                            # write per layer step, split-K narrow products,
+#                                            # RoPE without a concatenate), then each alone and
+#                                            # all with 8 split-K parts; sampled, the same with
+#                                            # the k-th logit by pairwise counts, and that alone; the
 #                                            # streaming codec, stateful vs windowed, batch 1, 8,
 #                                            # 64; then batch 8, 64, 128; the 1.7B at 1 and 64
 #   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
@@ -44,10 +45,9 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 case $part in
 one)
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
-        --variants default,kv-packed,split-k4,rope-flip,split-k8,split-k4-rope-flip \
-        --variant-batches 1
+        --variants default,all-k4,kv-packed,split-k4,all-k8,rope-flip --variant-batches 1
     bench b1s 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 160 --sampled \
-        --variants default,kth-pairwise --variant-batches 1
+        --variants default,all-k4-kth,kth-pairwise --variant-batches 1
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
     timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
         --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"

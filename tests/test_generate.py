@@ -270,6 +270,44 @@ def test_cpu_default_cache_layout_is_heads_major(models):
                       layers.KVCacheHeadsMajor)
 
 
+def test_gpu_frame_variants_together(models, monkeypatch):
+    """The GPU variants that `benchmarks/gpu_session.sh` measures together ("all-k4": the packed
+    KV cache, split-K products, RoPE without a concatenate; "all-k4-kth": also the pairwise k-th
+    logit) give the official logits and greedy codes on this CPU, and sampled codes equal to
+    those without the pairwise k-th logit (it finds the same threshold)."""
+    from qwen3_tts_jax import Qwen3TTS
+
+    for name, value in (("CACHE_LAYOUT", "packed"), ("SPLIT_K", 4), ("ROPE", "flip")):
+        monkeypatch.setattr(layers, name, value)
+    # weights as arrays, as on a GPU (the CPU kernels' packed panels take no split-K)
+    monkeypatch.setenv("QWEN3_TTS_JAX_CPU_KERNELS", "0")
+    loaded = {}
+
+    def as_on_gpu(name):
+        if name not in loaded:
+            off, ours = models(name)
+            loaded[name] = off, Qwen3TTS.from_pretrained(ours.folder)
+            assert isinstance(loaded[name][1].params["talker"]["layers"][0]["mlp"]["down"],
+                              jax.Array)
+        return loaded[name]
+
+    jax.clear_caches()
+    try:
+        test_talker_logits_prefill_and_decode_steps(as_on_gpu, "vd_bigvocab")
+        test_code_predictor_logits(as_on_gpu, "cv_proj")
+        test_greedy_codes_single_and_batched(as_on_gpu, "cv_eos")
+        _, ours = as_on_gpu("cv_identity_0b6")
+        kw = dict(text=TEXTS[:2], speaker="ryan", language="english", max_new_tokens=12, seed=5)
+        by_top_k = ours.generate_custom_voice_codes(**kw)
+        monkeypatch.setattr(sampling, "KTH_BY", "pairwise")
+        monkeypatch.setattr(sampling, "PAIRWISE_MAX", 1 << 40)
+        jax.clear_caches()
+        for a, b in zip(ours.generate_custom_voice_codes(**kw), by_top_k):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        jax.clear_caches()
+
+
 def test_max_new_tokens_semantics(models):
     """frames = tokens - 1, like the official generate; 1 token (no frame: the official's
     generate fails on it) is refused by name."""
