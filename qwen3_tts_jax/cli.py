@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 
 # Subcommands that live in their own module. Each module defines `add_parser(sub, common)`, which
@@ -133,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(msg: str) -> None:
     print(f"qwen3-tts-jax: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _in_flags(e: Exception) -> str:
+    """An error's message with the API's setting names as this command's flags: the API says
+    `max_new_tokens must be ...`, the command line `--max-new-tokens must be ...`."""
+    msg = str(e)
+    param = getattr(e, "param", None)          # api.SettingError names its setting
+    if param in SAMPLING_FLAGS and msg.startswith(param):
+        msg = "--" + param.replace("_", "-") + msg[len(param):]
+    for api_name in ("subtalker_dosample=False", "do_sample=False"):
+        msg = msg.replace(api_name, "--greedy")
+    return msg
 
 
 def _check_writable(folder: str, what: str) -> None:
@@ -272,7 +285,7 @@ def _batch(tts, args, stages, requests, problems) -> int:
     try:        # once here, not once per line: the settings are the same for every request
         GenerationSettings.merge(tts.generate_defaults, **gen)
     except (ValueError, TypeError) as e:
-        _fail(str(e))
+        _fail(_in_flags(e))
     if args.text_mode is not None:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
@@ -289,18 +302,38 @@ def _batch(tts, args, stages, requests, problems) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:      # Ctrl-C: finished files stay (each is written atomically)
-        print("qwen3-tts-jax: interrupted", file=sys.stderr)
-        return 130
-
-
-def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
-    if getattr(args, "run", None) is not None:
+    if getattr(args, "run", None) is not None:        # serve, finetune: their own Ctrl-C
         return args.run(args)
+    # The speech commands run in a worker thread: Python sees Ctrl-C only in the main thread and
+    # only between bytecodes, so while a compiled program runs (a whole utterance, a padded batch)
+    # it would wait for the program to end. The main thread waits here instead and ends the
+    # process at once; finished files stay (each is written atomically: temp file + rename).
+    outcome = {}
+
+    def work():
+        try:
+            outcome["rc"] = _main(args)
+        except BaseException as e:                     # SystemExit from _fail included
+            outcome["raised"] = e
+
+    worker = threading.Thread(target=work, name="qwen3-tts-jax", daemon=True)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        print("qwen3-tts-jax: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)            # not SystemExit: the worker may be inside XLA, holding locks
+    if "raised" in outcome:
+        raise outcome["raised"]
+    return outcome["rc"]
+
+
+def _main(args) -> int:
     listing = args.list_speakers or args.list_languages
     if args.command == "batch":
         if args.text or args.text_file:
@@ -391,7 +424,7 @@ def _main(argv=None) -> int:
             wavs, sr = tts.decode(codes)
     except (ValueError, TypeError, FileNotFoundError) as e:  # AudioError is a ValueError
         stages.close()
-        _fail(str(e))
+        _fail(_in_flags(e))
     from .audio import write_audio
 
     try:

@@ -86,6 +86,8 @@ SPECS = {
     "base": Spec(kind="base", size="0b6", hidden=32, cp_hidden=32, seed=3),
     # EOS likely enough that rows of a batch stop at different frames
     "cv_eos": Spec(seed=4, eos_scale=6.0),
+    # EOS never the greedy choice (its logit 0 against 2048 others): a row runs to its budget
+    "cv_noeos": Spec(seed=6, eos_scale=0.0),
     # Config fields no released checkpoint varies but the official code reads: the talker's yarn
     # RoPE (attention factor too) and tanh-GELU, the predictor's llama3 RoPE (a blended middle
     # band) and exact GELU, no num_code_groups in the predictor config (its class default 32:

@@ -48,7 +48,13 @@ def test_random_weights_offline_demo(tmp_path):
     (["--speaker", "ryan", "--language", "klingon", "--text", "Hi."], "unsupported language"),
     (["--speaker", "ryan", "--text", "   "], "empty"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "/nonexistent/dir/x.wav"], "does not exist"),
-    (["--speaker", "ryan", "--text", "Hi.", "--temperature", "0"], "temperature"),
+    # settings named as the flags that set them
+    (["--speaker", "ryan", "--text", "Hi.", "--temperature", "0"],
+     "--temperature must be > 0 when sampling (got 0.0); use --greedy"),
+    (["--speaker", "ryan", "--text", "Hi.", "--max-new-tokens", "1"],
+     "error: --max-new-tokens must be an integer in [2, "),
+    (["--speaker", "ryan", "--text", "Hi.", "--subtalker-top-p", "1.5"],
+     "error: --subtalker-top-p must be in (0, 1]"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "x.aiff"], "'.aiff' is not an audio"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "{tmp}"], "it is a folder"),
     # os.access says root may write to /proc: only a real try finds out before the model loads
@@ -137,3 +143,34 @@ def test_ctrl_c_is_a_short_message(tmp_path, make_checkpoint):
     assert p.returncode == 130 and "qwen3-tts-jax: interrupted" in err, err
     assert "Traceback" not in err
     assert any(f.endswith(".wav") for f in os.listdir(out))
+
+
+@pytest.mark.parametrize("command", ["custom-voice", "batch"])
+def test_ctrl_c_stops_a_running_program(tmp_path, make_checkpoint, command):
+    """SIGINT while one compiled program runs (a long utterance; a padded batch with
+    --no-continuous-batching) ends the process then, not when the program would end: the
+    checkpoint's EOS is never chosen, so the program would run its 200000 frames (minutes)."""
+    import signal
+    import time
+
+    model = make_checkpoint("cv_noeos")
+    if command == "batch":
+        (tmp_path / "lines.txt").write_text("One sentence.\nAnother sentence.\n")
+        args = ["batch", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "wavs"),
+                "--no-continuous-batching"]
+    else:
+        args = ["custom-voice", "--text", "One sentence.", "--output", str(tmp_path / "a.wav")]
+    p = subprocess.Popen([EXE, *args, "--model", model, "--speaker", "ryan", "--greedy",
+                          "--max-new-tokens", "200000", "--no-compile-cache"],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(40)       # loaded, compiled, generating (200000 frames take far longer)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=15)    # the segment running now would take longer
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "qwen3-tts-jax: interrupted" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "a.wav").exists()
