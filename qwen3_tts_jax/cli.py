@@ -48,18 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model-parallel", type=int, default=1, metavar="M",
                      help="split the weights over M local devices (tensor parallel; the other "
                           "devices factor split the batch)")
-    io = common.add_argument_group("input / output")
-    io.add_argument("--text", help="text to speak")
-    io.add_argument("--text-file", help="read the text from this file (UTF-8)")
-    io.add_argument("--language", default=None, help='language name or "auto" (default)')
-    io.add_argument("--output", "-o", default="output.wav", help="audio file to write; the extension picks the format: .wav (16-bit), .flac, "
-                         ".mp3, .opus, .ogg (where this libsndfile writes them)")
-    io.add_argument("--text-mode", choices=["streaming", "non-streaming"],
-                    help="how the talker reads the text: all in the prompt (non-streaming, the "
-                         "official default for custom-voice and voice-design) or one token per "
-                         "frame (streaming, the official default for clone)")
-    io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
-    io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
+    lang = common.add_argument_group("language and text")
+    lang.add_argument("--language", default=None, help='language name or "auto" (default)')
+    lang.add_argument("--text-mode", choices=["streaming", "non-streaming"],
+                      help="how the talker reads the text: all in the prompt (non-streaming, the "
+                           "official default for custom-voice and voice-design) or one token per "
+                           "frame (streaming, the official default for clone)")
     g = common.add_argument_group("generation (defaults: the checkpoint's generation_config.json)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding (talker and predictor)")
     g.add_argument("--temperature", type=float)
@@ -77,11 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla")
 
-    cv = sub.add_parser("custom-voice", parents=[common],
+    # one utterance to one file (custom-voice, voice-design, clone)
+    speech = argparse.ArgumentParser(add_help=False)
+    io = speech.add_argument_group("input / output")
+    io.add_argument("--text", help="text to speak")
+    io.add_argument("--text-file", help="read the text from this file (UTF-8)")
+    io.add_argument("--output", "-o", default="output.wav",
+                    help="audio file to write; the extension picks the format: .wav (16-bit), "
+                         ".flac, .mp3, .opus, .ogg (where this libsndfile writes them)")
+    io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
+    io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
+
+    cv = sub.add_parser("custom-voice", parents=[common, speech],
                         help="a preset speaker of a CustomVoice checkpoint")
     cv.add_argument("--speaker", help="speaker name (see --list-speakers)")
     cv.add_argument("--instruct", default=None, help="optional instruction (1.7B only)")
-    vd = sub.add_parser("voice-design", parents=[common],
+    vd = sub.add_parser("voice-design", parents=[common, speech],
                         help="a voice described in words (VoiceDesign checkpoint)")
     vd.add_argument("--instruct", help="description of the voice")
     bt = sub.add_parser("batch", parents=[common],
@@ -114,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                          "and take the host count and index from it")
     bt.add_argument("--coordinator", metavar="HOST:PORT",
                     help="with --distributed: process 0's address, where JAX cannot detect it")
-    cl = sub.add_parser("clone", parents=[common],
+    cl = sub.add_parser("clone", parents=[common, speech],
                         help="clone a voice from reference audio (Base checkpoint)")
     cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
     cl.add_argument("--ref-text", help="transcript of the reference (ICL mode)")
@@ -128,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--save-voice", help="write the encoded reference voice to this file")
     for name in EXTRA_COMMANDS:
         importlib.import_module(name).add_parser(sub, common)
+    for parser in [p, *sub.choices.values()]:   # "--text" must not pass for "--text-mode"
+        parser.allow_abbrev = False
     return p
 
 
@@ -334,10 +341,8 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    listing = args.list_speakers or args.list_languages
+    listing = args.command != "batch" and (args.list_speakers or args.list_languages)
     if args.command == "batch":
-        if args.text or args.text_file:
-            _fail("batch reads its texts from INPUT; --text/--text-file do not apply")
         from .audio import output_formats
 
         if args.format not in output_formats():
@@ -388,11 +393,12 @@ def _main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         stages.close()
         _fail(str(e))
-    if args.list_speakers:
-        print("\n".join(tts.get_supported_speakers()) or "(this checkpoint has no preset speakers)")
-    if args.list_languages:
-        print("\n".join(tts.get_supported_languages()))
     if listing:
+        if args.list_speakers:
+            print("\n".join(tts.get_supported_speakers())
+                  or "(this checkpoint has no preset speakers)")
+        if args.list_languages:
+            print("\n".join(tts.get_supported_languages()))
         return 0
 
     if args.command == "batch":

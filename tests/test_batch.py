@@ -108,7 +108,7 @@ def test_read_requests_bom_and_encoding(tmp_path):
     (["{tmp}/empty.txt"], "no requests in", 1),
     (["{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text: byte 0xe9 at offset 3", 2),
     # needs the checkpoint's defaults: after loading, but once, not once per line
-    (["--top-p", "2"], "error: top_p must be in (0, 1]", 2),
+    (["--top-p", "2"], "error: --top-p must be in (0, 1]", 2),
 ])
 def test_bad_batch_arguments_fail_before_loading(tmp_path, args, needle, rc):
     (tmp_path / "afile").write_text("x")

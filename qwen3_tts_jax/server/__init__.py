@@ -80,8 +80,6 @@ def run(args) -> int:
         from .app import ServerOptions, create_app
     except ImportError as e:
         _fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
-    if args.text or args.text_file:
-        _fail("serve takes its texts from HTTP requests; --text/--text-file do not apply")
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if getattr(args, "model_parallel", 1) > 1:
