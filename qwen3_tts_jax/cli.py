@@ -390,6 +390,8 @@ def _main(args) -> int:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel,
                                        quantize=args.quantize)
+        if not listing:
+            tts.speech_tokenizer       # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:
         stages.close()
         _fail(str(e))

@@ -174,3 +174,18 @@ def test_ctrl_c_stops_a_running_program(tmp_path, make_checkpoint, command):
     assert p.returncode == 130 and "qwen3-tts-jax: interrupted" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "a.wav").exists()
+
+
+def test_broken_codec_fails_before_generating(tmp_path, make_checkpoint):
+    """A truncated speech_tokenizer/model.safetensors is named when the model loads, not after
+    the utterance was generated."""
+    import shutil
+
+    model = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("cv_proj"), model)
+    weights = model / "speech_tokenizer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = run("custom-voice", "--model", str(model), "--speaker", "ryan", "--text", "Hi.",
+            "--output", str(tmp_path / "x.wav"))
+    assert r.returncode == 2 and f"cannot read {weights}" in r.stderr, r.stderr
+    assert "generating" not in r.stderr and "Traceback" not in r.stderr

@@ -466,6 +466,18 @@ def test_serve_command(tmp_path):
     r = subprocess.run([EXE, "serve", "--random-weights", "--warmup-whole-file"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--warmup-whole-file needs --warmup" in r.stderr, r.stderr[-2000:]
+    # where uvicorn could not listen: refused before the model is built or loaded
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for args, needle in ((["--port", "70000"], "--port must be in 0..65535, got 70000"),
+                             (["--port", str(busy)], f"cannot listen on 127.0.0.1:{busy}: "),
+                             (["--host", "no-such-host.invalid"], "cannot listen on no-such")):
+            r = subprocess.run([EXE, "serve", "--random-weights", *args],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+            assert "NOISE" not in r.stderr and "Traceback" not in r.stderr
     port = free_port()
     p = subprocess.Popen([EXE, "serve", "--random-weights", "--port", str(port), "--quiet",
                           "--voices-dir", str(tmp_path / "v"), "--max-new-tokens", "8"],

@@ -71,6 +71,26 @@ def add_parser(sub, common) -> None:
     p.set_defaults(run=run)
 
 
+def _check_listen(host: str, port: int, fail) -> None:
+    """Fail before the model loads (and warms up: minutes) if uvicorn could not listen there: a
+    port out of range, an address this machine does not have, a port in use."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        fail(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
 def run(args) -> int:
     from ..cli import SAMPLING_FLAGS, _fail
 
@@ -82,6 +102,7 @@ def run(args) -> int:
         _fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+    _check_listen(args.host, args.port, _fail)
     if getattr(args, "model_parallel", 1) > 1:
         _fail("serve runs a whole copy of the model on each device (--devices); --model-parallel "
               "is not supported by the server yet")
@@ -111,6 +132,7 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     try:
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize)
+        tts.speech_tokenizer           # the codec now: a broken one fails before listening
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     buckets = None
