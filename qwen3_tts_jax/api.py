@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import jax
@@ -59,6 +60,16 @@ def _single(items: list) -> "prompts.Prompt":
     if len(items) != 1:
         raise ValueError(f"streaming takes one text at a time, got {len(items)}")
     return items[0]
+
+
+def _is_pieces(text) -> bool:
+    """Text that arrives in pieces: an iterator of str (a generator), not a str or a list."""
+    return isinstance(text, Iterator)
+
+
+def _official_mode(non_streaming_mode, default: bool) -> bool:
+    """The text mode of a whole text: as given, or the official default of the method."""
+    return default if non_streaming_mode is None else non_streaming_mode
 
 
 def _as_list(x, n: int, name: str) -> list:
@@ -734,40 +745,168 @@ class Qwen3TTS:
                 return
             target = emitted + chunk_frames
 
-    def generate_custom_voice_streaming(self, text: str, speaker: str, language=None,
-                                        instruct=None, non_streaming_mode: bool = True,
+    def generate_custom_voice_streaming(self, text, speaker: str, language=None,
+                                        instruct=None, non_streaming_mode: bool | None = None,
                                         chunk_frames: int = 12, first_chunk_frames: int = 3,
                                         **gen_kwargs):
         """A generator of float32 24 kHz audio chunks (first after `first_chunk_frames` frames,
         then every `chunk_frames` = 80 ms each), for one text. Same arguments as
         `generate_custom_voice`; with the same seed the codes are the offline codes, and the chunks
-        concatenate to the offline audio (float rounding; tests/test_streaming.py)."""
+        concatenate to the offline audio (float rounding; tests/test_streaming.py).
+
+        `text` may also be an iterator of str pieces (a generator: an LLM's output as it comes):
+        the text is then read in the official streaming text mode (`non_streaming_mode` False,
+        one text token per frame), speech starts once the first word is there, and no frame
+        reads text that has not arrived; the audio is the offline streaming-mode audio of the
+        whole text (see `_stream_text`)."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
-        item = self._custom_voice_prompts(text, speaker, language, instruct, non_streaming_mode)
+        if _is_pieces(text):
+            self._custom_voice_prompts("x", speaker, language, instruct, False)   # checks
+            feed = self._text_feed(language, speaker=speaker, instruct=instruct)
+            return self._stream_text(text, feed, settings, non_streaming_mode, chunk_frames,
+                                     first_chunk_frames)
+        item = self._custom_voice_prompts(text, speaker, language, instruct,
+                                          _official_mode(non_streaming_mode, True))
         return self._stream(_single(item), settings, chunk_frames, first_chunk_frames)
 
-    def generate_voice_design_streaming(self, text: str, instruct: str, language=None,
-                                        non_streaming_mode: bool = True, chunk_frames: int = 12,
-                                        first_chunk_frames: int = 3, **gen_kwargs):
-        """Streaming twin of `generate_voice_design` (see `generate_custom_voice_streaming`)."""
+    def generate_voice_design_streaming(self, text, instruct: str, language=None,
+                                        non_streaming_mode: bool | None = None,
+                                        chunk_frames: int = 12, first_chunk_frames: int = 3,
+                                        **gen_kwargs):
+        """Streaming twin of `generate_voice_design` (see `generate_custom_voice_streaming`,
+        text pieces included)."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
-        item = self._voice_design_prompts(text, instruct, language, non_streaming_mode)
+        if _is_pieces(text):
+            self._voice_design_prompts("x", instruct, language, False)          # checks
+            feed = self._text_feed(language, instruct=instruct)
+            return self._stream_text(text, feed, settings, non_streaming_mode, chunk_frames,
+                                     first_chunk_frames)
+        item = self._voice_design_prompts(text, instruct, language,
+                                          _official_mode(non_streaming_mode, True))
         return self._stream(_single(item), settings, chunk_frames, first_chunk_frames)
 
-    def generate_voice_clone_streaming(self, text: str, language=None, ref_audio=None,
+    def generate_voice_clone_streaming(self, text, language=None, ref_audio=None,
                                        ref_text=None, x_vector_only_mode=False,
-                                       voice_clone_prompt=None, non_streaming_mode: bool = False,
+                                       voice_clone_prompt=None,
+                                       non_streaming_mode: bool | None = None,
                                        chunk_frames: int = 12, first_chunk_frames: int = 3,
                                        **gen_kwargs):
-        """Streaming twin of `generate_voice_clone`; in ICL mode the reference codes are decoded
-        first and their audio cut, like the offline decode."""
+        """Streaming twin of `generate_voice_clone` (text pieces included, see
+        `generate_custom_voice_streaming`); in ICL mode the reference codes are decoded first
+        and their audio cut, like the offline decode."""
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
-        built, voice = self._voice_clone_prompts(text, language, ref_audio, ref_text,
-                                                 x_vector_only_mode, voice_clone_prompt,
-                                                 non_streaming_mode)
+        pieces = _is_pieces(text)
+        built, voice = self._voice_clone_prompts(
+            "x" if pieces else text, language, ref_audio, ref_text, x_vector_only_mode,
+            voice_clone_prompt, _official_mode(non_streaming_mode, False) if not pieces else False)
         ref = voice[0].ref_code if voice[0].icl_mode else None
+        if pieces:
+            feed = self._text_feed(language, voice=voice[0])
+            return self._stream_text(text, feed, settings, non_streaming_mode, chunk_frames,
+                                     first_chunk_frames, ref_code=ref)
         return self._stream(_single(built), settings, chunk_frames, first_chunk_frames,
                             ref_code=ref)
+
+    # ------------------------------------------------------------------ text in pieces
+    def _text_feed(self, language: str | None, speaker: str | None = None,
+                   instruct: str | None = None, voice: VoiceClonePromptItem | None = None):
+        """A `server.engine.TextFeed` for one utterance whose text arrives in pieces (checked
+        arguments): the prompt of the official streaming text mode for its speaker, instruction
+        or cloned voice, built from the text tokens received so far. The server's WebSocket
+        sessions and `_stream_text` use it."""
+        from .server.engine import TextFeed
+
+        cfg = self.config
+        language = self._check_languages(["auto" if language is None else language])[0]
+        template = self.tokenizer.encode(text_mod.assistant_text("x"))
+        head, tail = template[:3], template[-5:]
+        if self.tts_model_type == "custom_voice" and cfg.tts_model_size in "0b6":
+            instruct = None              # the 0.6B CustomVoice ignores instruct (official)
+        instruct_ids = self._instruct_ids(instruct)
+        clone: dict = {}
+        room, prefix = 1, []
+        if voice is not None:    # a cloned voice: x-vector, or ICL with its reference
+            clone = dict(xvector=voice.ref_spk_embedding
+                         if (voice.x_vector_only_mode or voice.icl_mode) else None)
+            if voice.icl_mode and voice.ref_code is not None:
+                ref_ids = self.tokenizer.encode(text_mod.ref_text(voice.ref_text))
+                clone.update(ref_ids=ref_ids, ref_code=voice.ref_code)
+                room, prefix = 1 + len(voice.ref_code), ref_ids[3:-2]
+
+        def build(tokens: list[int], final: bool) -> prompts.Prompt:
+            # the prompt takes the text sequence's first `room` ids (TextFeed): one token, or
+            # for an ICL clone as many as its reference frames hold (the rest is trailing)
+            return prompts.build_prompt(cfg, head + tokens[:max(1, room - len(prefix))] + tail,
+                                        language, speaker, instruct_ids, non_streaming_mode=False,
+                                        **clone)
+
+        return TextFeed(self.tokenizer, build, room=room, prefix=prefix,
+                        eos_id=cfg.tts_eos_token_id, pad_id=cfg.tts_pad_token_id)
+
+    def _stream_text(self, pieces, feed, settings: GenerationSettings, non_streaming_mode,
+                     chunk_frames: int, first_chunk_frames: int, ref_code=None):
+        """Audio chunks of one utterance whose text comes from the iterator `pieces`.
+
+        The server's engine runs it (`server.engine.BatchEngine`, one row: what its WebSocket
+        text sessions run): a thread reads the pieces into the `TextFeed` while the engine's
+        thread generates, extending the frame loop's trailing text between chunks and never
+        running a frame past the tokens received until the iterator ends. Tokens are committed
+        up to the last whitespace (a word may still grow), so the codes are those of the
+        offline streaming-mode generation of the whole text with the same seed. Closing the
+        generator early (or an exception from `pieces`) stops the generation."""
+        if non_streaming_mode:
+            raise ValueError("text in pieces is read in the official streaming text mode; "
+                             "non_streaming_mode=True needs the whole text (a str)")
+        for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+        key = self._keys(settings.seed, 1, 1)[0]     # as the same seed for a str text
+        return self._stream_text_chunks(pieces, feed, settings, key, chunk_frames,
+                                        first_chunk_frames, ref_code)
+
+    def _stream_text_chunks(self, pieces, feed, settings, key, chunk_frames, first_chunk_frames,
+                            ref_code):
+        import queue
+        import threading
+
+        from .server.engine import BatchEngine, Job
+
+        out: queue.Queue = queue.Queue()
+        job = Job(None, settings, emit=out.put, key=key, ref_code=ref_code, feed=feed)
+        engine = BatchEngine(self, max_batch_size=1, batch_window=0.0, max_queue=1,
+                             chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
+
+        def read() -> None:
+            try:
+                for i, piece in enumerate(pieces):
+                    if job.cancelled:
+                        return
+                    if not isinstance(piece, str):
+                        raise TypeError(f"text piece {i} is a {type(piece).__name__}, not a str")
+                    feed.push(piece)
+                    engine.wake()
+                if not feed.snapshot()[0] and not feed.text.strip():
+                    raise ValueError("the text pieces ended without any text")
+                feed.push("", final=True)
+                engine.wake()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
+                job.cancelled = True
+                out.put(e)
+
+        engine.start()
+        try:
+            engine.submit(job)
+            threading.Thread(target=read, name="qwen3-tts-text", daemon=True).start()
+            while True:
+                item = out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled = True
+            engine.stop()
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

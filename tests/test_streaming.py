@@ -69,3 +69,87 @@ def test_icl_clone_stream_equals_offline(model_pair):
     stream = np.concatenate(list(base.generate_voice_clone_streaming(**kw, chunk_frames=6)))
     assert 0 <= len(offline[0]) - len(stream) <= 1 and len(stream) % 1920 == 0
     _check(stream, offline[0][len(offline[0]) - len(stream):], 3 * 1920)
+
+
+# ------------------------------------------------------------------------ text arriving in pieces
+def _slowly(pieces, pause=0.0):
+    """An iterator of text pieces, as an LLM would yield them."""
+    import time
+
+    for p in pieces:
+        time.sleep(pause)
+        yield p
+
+
+TEXT = "Hello world, this is a test of text that arrives in pieces."
+PIECES = ["Hel", "lo wor", "ld, this ", "is a", " test of text ", "that arrives in pieces."]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_text_pieces_equal_offline_streaming_mode(tts, sampled):
+    """An iterator of pieces (split mid-word, with and without pauses) gives the audio of the
+    offline generation of the whole text in the official streaming text mode, same seed: the
+    frame loop never runs past the text received."""
+    kw = dict(speaker="ryan", language="english", max_new_tokens=40)
+    kw.update(seed=7) if sampled else kw.update(GREEDY, seed=7)
+    codes = tts.generate_custom_voice_codes(TEXT, non_streaming_mode=False, **kw)[0]
+    offline = tts.decode([codes])[0][0]
+    for pause in (0.0, 0.05):
+        chunks = list(tts.generate_custom_voice_streaming(_slowly(PIECES, pause), **kw,
+                                                          chunk_frames=5, first_chunk_frames=2))
+        assert len(chunks[0]) == 2 * 1920
+        _check(np.concatenate(chunks), offline, 2 * 1920)
+    # the whole text as a str in the same mode: the same audio
+    whole = tts.generate_custom_voice_streaming(TEXT, non_streaming_mode=False, **kw)
+    _check(np.concatenate(list(whole)), offline, 3 * 1920)
+
+
+def test_text_pieces_voice_design_and_clone(model_pair):
+    """Voice design and both clone modes (x-vector; ICL, whose prompt holds as many text tokens
+    as the reference has frames beyond its transcript) from text pieces: the offline
+    streaming-mode audio of the whole text."""
+    _, vd = model_pair("vd_bigvocab")
+    kw = dict(instruct="A calm voice.", language="auto", max_new_tokens=30, seed=2, **GREEDY)
+    offline, _ = vd.generate_voice_design(TEXT, non_streaming_mode=False, **kw)
+    stream = vd.generate_voice_design_streaming(iter(PIECES), **kw, chunk_frames=7)
+    _check(np.concatenate(list(stream)), offline[0], 3 * 1920)
+
+    _, base = model_pair("base")
+    ref = (speech(24000), 24000)
+    for voice in (base.create_voice_clone_prompt(ref, x_vector_only_mode=True),
+                  base.create_voice_clone_prompt(ref, ref_text="Hi.")):
+        kw = dict(language="english", voice_clone_prompt=voice, max_new_tokens=30, seed=3,
+                  **GREEDY)
+        offline, _ = base.generate_voice_clone(TEXT, **kw)        # streaming mode: the default
+        stream = np.concatenate(list(base.generate_voice_clone_streaming(
+            _slowly(PIECES, 0.02), **kw, chunk_frames=6)))
+        want = offline[0][len(offline[0]) - len(stream):]         # ICL: at most 1 sample cut
+        assert 0 <= len(offline[0]) - len(stream) <= 1
+        _check(stream, want, 3 * 1920)
+
+
+def test_text_pieces_errors_and_early_close(tts):
+    kw = dict(speaker="ryan", max_new_tokens=20, **GREEDY)
+    with pytest.raises(ValueError, match="non_streaming_mode=True needs the whole text"):
+        tts.generate_custom_voice_streaming(iter(["Hi."]), non_streaming_mode=True, **kw)
+    with pytest.raises(ValueError, match="unknown speaker"):   # checked at the call
+        tts.generate_custom_voice_streaming(iter(["Hi."]), speaker="bob", max_new_tokens=20)
+    with pytest.raises(ValueError, match="ended without any text"):
+        list(tts.generate_custom_voice_streaming(iter(["", " "]), **kw))
+    with pytest.raises(TypeError, match="text piece 1 is a int"):
+        list(tts.generate_custom_voice_streaming(iter(["Hello ", 5]), **kw))
+
+    def failing():
+        yield "Hello there, "
+        raise RuntimeError("the LLM went away")
+
+    with pytest.raises(RuntimeError, match="the LLM went away"):
+        list(tts.generate_custom_voice_streaming(failing(), **kw))
+    # closing the generator after the first chunk stops the generation (and its threads)
+    import threading
+
+    gen = tts.generate_custom_voice_streaming(_slowly(PIECES, 0.01), **kw, first_chunk_frames=2)
+    assert len(next(gen)) == 2 * 1920
+    gen.close()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("qwen3-tts-")]
+    assert not any(n == "qwen3-tts-engine" for n in alive), alive

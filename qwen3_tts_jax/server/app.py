@@ -33,13 +33,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import prompts
 from ..api import GEN_KWARGS, GenerationSettings
 from ..audio import encode_audio_file, output_formats
 from ..buckets import ladder
-from ..text import assistant_text, ref_text
 from ..voice import load_voice, save_voice
-from .engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
+from .engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -507,38 +505,14 @@ class Server:
         probe = dict(data, input=data.get("input") or "x", response_format="pcm",
                      model=data.get("model") or self.options.model_name, non_streaming_mode=False)
         job = self.parse_speech(probe).job       # validates voice, settings, instructions
-        tts, cfg = self.tts, self.tts.config
-        template = tts.tokenizer.encode(assistant_text("x"))
-        head, tail = template[:3], template[-5:]
-        language = (data.get("language") or self.options.language or "auto").lower()
+        language = data.get("language") or self.options.language or "auto"
         speaker = self._voice(data)
-        instructions = data.get("instructions") or None
-        if self.kind == "custom_voice" and cfg.tts_model_size in "0b6":
-            instructions = None          # the 0.6B CustomVoice ignores instruct (official)
-        instruct_ids = tts._instruct_ids(instructions)
-        clone: dict = {}
-        room, prefix = 1, []
-        if self.kind == "base":   # a registered voice: x-vector, or ICL with its reference
-            it = self.voices.voices[speaker][0]
-            icl = it.icl_mode and it.ref_code is not None
-            clone = dict(xvector=it.ref_spk_embedding if (it.x_vector_only_mode or it.icl_mode)
-                         else None)
-            if icl:
-                ref_ids = tts.tokenizer.encode(ref_text(it.ref_text))
-                clone.update(ref_ids=ref_ids, ref_code=it.ref_code)
-                room, prefix = 1 + len(it.ref_code), ref_ids[3:-2]
-            speaker = None
-
-        def build(tokens: list[int], final: bool) -> prompts.Prompt:
-            # the prompt takes the text sequence's first `room` ids (TextFeed): one token, or
-            # for an ICL clone as many as its reference frames hold (the rest is trailing)
-            return prompts.build_prompt(cfg, head + tokens[:max(1, room - len(prefix))] + tail,
-                                        language, speaker, instruct_ids, non_streaming_mode=False,
-                                        **clone)
-
+        voice = None
+        if self.kind == "base":          # a registered voice: x-vector, or ICL with its reference
+            voice, speaker = self.voices.voices[speaker][0], None
         job.prompt = None
-        job.feed = TextFeed(tts.tokenizer, build, room=room, prefix=prefix,
-                            eos_id=cfg.tts_eos_token_id, pad_id=cfg.tts_pad_token_id)
+        job.feed = self.tts._text_feed(language, speaker=speaker,
+                                       instruct=data.get("instructions") or None, voice=voice)
         return job
 
     async def session(self, ws: WebSocket) -> None:

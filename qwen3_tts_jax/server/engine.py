@@ -144,6 +144,7 @@ class Job:
     settings: GenerationSettings
     emit: Callable[[object], None]
     seed: int | None = None
+    key: jax.Array | None = None            # the PRNG key itself (instead of PRNGKey(seed))
     ref_code: np.ndarray | None = None      # ICL clone: decoded first, its audio cut
     stream: bool = True                     # False: one chunk at the end, the whole utterance
     feed: TextFeed | None = None            # a text session: the text arrives in pieces
@@ -217,6 +218,8 @@ class _Cohort:
 
     @staticmethod
     def _key(job: Job):
+        if job.key is not None:
+            return job.key
         return jax.random.PRNGKey(secrets.randbits(31) if job.seed is None else int(job.seed))
 
     def _ref(self, job: Job) -> np.ndarray:
