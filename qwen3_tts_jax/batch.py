@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -48,10 +49,14 @@ class Request:
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 text file, a leading byte order mark (Windows editors write one) dropped. Text that
-    is not UTF-8 is a ValueError naming the file and the byte offset of the first bad byte."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """A UTF-8 text file ("-": standard input), a leading byte order mark (Windows editors write
+    one) dropped. Text that is not UTF-8 is a ValueError naming the file and the byte offset of
+    the first bad byte."""
+    if path == "-":
+        data, path = sys.stdin.buffer.read(), "standard input"
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
     try:
         # decoded as "utf-8", not "utf-8-sig", so that the offset counts the BOM's bytes too
         return data.decode("utf-8").removeprefix("\ufeff")

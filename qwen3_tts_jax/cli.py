@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     speech = argparse.ArgumentParser(add_help=False)
     io = speech.add_argument_group("input / output")
     io.add_argument("--text", help="text to speak")
-    io.add_argument("--text-file", help="read the text from this file (UTF-8)")
+    io.add_argument("--text-file", help="read the text from this file (UTF-8; - for standard "
+                                        "input)")
     io.add_argument("--output", "-o", default="output.wav",
                     help="audio file to write; the extension picks the format: .wav (16-bit), "
                          ".flac, .mp3, .opus, .ogg (where this libsndfile writes them)")

@@ -10,10 +10,10 @@ import soundfile as sf
 EXE = os.path.join(os.path.dirname(sys.executable), "qwen3-tts-jax")
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, stdin=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=900)
+                          timeout=900, input=stdin)
 
 
 def test_custom_voice_to_wav(tmp_path, make_checkpoint):
@@ -25,6 +25,12 @@ def test_custom_voice_to_wav(tmp_path, make_checkpoint):
     wave, sr = sf.read(str(out))
     assert sr == 24000 and wave.shape == (8 * 1920,) and np.isfinite(wave).all()
     assert "x real time" in r.stdout
+    # the text from standard input: the same utterance
+    r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--speaker", "ryan",
+            "--language", "english", "--text-file", "-", "--greedy", "--max-new-tokens", "9",
+            "--output", str(tmp_path / "b.wav"), "--quiet", stdin="\ufeffHello world.\n")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(sf.read(str(tmp_path / "b.wav"))[0], wave)
 
 
 def test_random_weights_offline_demo(tmp_path):
