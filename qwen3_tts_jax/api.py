@@ -67,6 +67,12 @@ def _is_pieces(text) -> bool:
     return isinstance(text, Iterator)
 
 
+def _check_chunks(chunk_frames, first_chunk_frames) -> None:
+    for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+
+
 def _official_mode(non_streaming_mode, default: bool) -> bool:
     """The text mode of a whole text: as given, or the official default of the method."""
     return default if non_streaming_mode is None else non_streaming_mode
@@ -714,9 +720,7 @@ class Qwen3TTS:
         codes for the same seed. Each chunk's codes go to a `StreamDecoder`, which carries the
         codec's state between chunks: the chunks concatenate to the offline audio (float
         rounding) at any length, and each costs only its new frames."""
-        for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+        _check_chunks(chunk_frames, first_chunk_frames)
         # Checked now, at call time; the generator below runs at the first next().
         return self._stream_chunks(item, settings, chunk_frames, first_chunk_frames, ref_code)
 
@@ -857,9 +861,7 @@ class Qwen3TTS:
         if non_streaming_mode:
             raise ValueError("text in pieces is read in the official streaming text mode; "
                              "non_streaming_mode=True needs the whole text (a str)")
-        for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+        _check_chunks(chunk_frames, first_chunk_frames)
         key = self._keys(settings.seed, 1, 1)[0]     # as the same seed for a str text
         return self._stream_text_chunks(pieces, feed, settings, key, chunk_frames,
                                         first_chunk_frames, ref_code)

@@ -153,3 +153,28 @@ def test_text_pieces_errors_and_early_close(tts):
     gen.close()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("qwen3-tts-")]
     assert not any(n == "qwen3-tts-engine" for n in alive), alive
+
+
+def test_text_pieces_without_spaces_start_before_the_text_ends(tts):
+    """Chinese has no spaces: its words are committed at punctuation, so the first audio comes
+    while the text is still arriving (the last piece waits for it), and the audio is still the
+    offline streaming-mode audio of the whole text."""
+    import threading
+
+    heard = threading.Event()
+
+    def pieces():
+        yield "你好，世界。今天天"
+        yield "气很"
+        assert heard.wait(120), "no audio before the text ended"
+        yield "好！"
+
+    kw = dict(speaker="vivian", language="chinese", max_new_tokens=30, seed=1, **GREEDY)
+    chunks = []
+    for chunk in tts.generate_custom_voice_streaming(pieces(), **kw, first_chunk_frames=1,
+                                                     chunk_frames=4):
+        chunks.append(chunk)
+        heard.set()
+    codes = tts.generate_custom_voice_codes("你好，世界。今天天气很好！", non_streaming_mode=False,
+                                            **kw)[0]
+    _check(np.concatenate(chunks), tts.decode([codes])[0][0], 1920)

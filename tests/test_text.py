@@ -397,3 +397,38 @@ def test_corrupt_tokenizer_files_name_the_file(tmp_path, small_src, name, conten
     (tmp_path / "tok" / name).write_text(content)
     with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "tok" / name))):
         T.TextTokenizer.from_dir(str(tmp_path / "tok"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# text that arrives in pieces (server sessions, the API's text iterators)
+
+@pytest.mark.parametrize("mistral", [False, True])
+def test_text_feed_commits_a_prefix_of_the_whole_texts_tokens(big_src, mistral):
+    """`TextFeed` tokenizes text that is still arriving only up to where both pre-tokenizer
+    splits end a word whatever follows: after every piece of random splits its tokens are the
+    first tokens of the whole text (the tokenizer's merges cross camel-case, contraction and mark
+    boundaries, so a wrong cut would show), and the whole text's tokens at the end. Chinese and
+    Japanese, without spaces, commit at their punctuation before the text ends."""
+    import random
+
+    from qwen3_tts_jax.server.engine import TextFeed
+
+    tok = T.TextTokenizer.from_dir(big_src, mistral_regex=mistral)
+    rng = random.Random(0)
+    texts = [t for t in HARD if t.strip()] + [
+        "你好，世界。今天天气很好！我们去公园散步吧？", "「こんにちは」、世界！カタカナ・ひらがな。",
+        "数字3，字母a，符号＋和€，表情😀之后", "mixed 中文，English, 日本語。done"]
+    for text in texts:
+        whole = tok.encode(T.assistant_text(text))[3:-5]
+        for _ in range(8):
+            cuts = sorted(rng.sample(range(1, len(text)), min(5, len(text) - 1)))
+            feed = TextFeed(tok, build=None)
+            for a, b in zip([0] + cuts, cuts + [len(text)]):
+                feed.push(text[a:b], final=b == len(text))
+                assert feed.tokens == whole[:len(feed.tokens)], (text, text[:b])
+            assert feed.tokens == whole, text
+    feed = TextFeed(tok, build=None)
+    feed.push("你好，世界。今天天")
+    assert feed.tokens == tok.encode(T.assistant_text("你好，世界"))[3:-5]
+    feed.push("<|im_en")           # an ASCII special token still arriving is not cut into
+    assert feed.tokens == tok.encode(T.assistant_text("你好，世界"))[3:-5]

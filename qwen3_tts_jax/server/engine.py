@@ -49,10 +49,10 @@ import dataclasses
 import functools
 import logging
 import queue
-import re
 import secrets
 import threading
 import time
+import unicodedata
 from concurrent.futures import Future
 from typing import Callable
 
@@ -84,8 +84,9 @@ class DeadlineExceeded(Exception):
 class TextFeed:
     """Text that arrives in pieces (thread-safe), tokenized as it comes.
 
-    Tokens are committed only up to the last whitespace (a word can still grow, and BPE merges
-    within it) until the text is final; they are the text tokens of the official prompt,
+    Tokens are committed only up to the last place where the tokenizer's pre-split ends a word
+    whatever follows (`commit_point`: a word can still grow, and BPE merges within it) until the
+    text is final; they are the text tokens of the official prompt,
     `encode(assistant_text(text))[3:-5]`, so a text sent in pieces gives the tokens of the whole
     text (except in the rare case where a later piece changes how an earlier word splits; the
     committed tokens are then kept).
@@ -124,8 +125,7 @@ class TextFeed:
                 raise ValueError("the text was already ended")
             self.text += piece
             self.final = final
-            cut = len(self.text) if final else max(
-                (m.start() for m in re.finditer(r"\s", self.text)), default=0)
+            cut = len(self.text) if final else commit_point(self.text)
             if self.text[:cut].strip():
                 toks = self.tokenizer.encode(assistant_text(self.text[:cut]))[3:-5]
                 if len(toks) > len(self.tokens):
@@ -134,6 +134,22 @@ class TextFeed:
     def snapshot(self) -> tuple[list[int], bool]:
         with self._lock:
             return list(self.tokens), self.final
+
+
+def commit_point(text: str) -> int:
+    """How much of a text that may still grow can be tokenized now: up to the last whitespace,
+    or the last non-ASCII punctuation mark or symbol after a letter or digit ("你好，世界" ->
+    "你好": Chinese and Japanese have no spaces between words). Both pre-tokenizer splits (Qwen2's
+    and the Mistral one, `text.py`) end a word there whatever comes next (a letter run stops at
+    punctuation; a contraction or a punctuation mark starts a new piece), so the tokens of
+    text[:cut] are the first tokens of the whole text. ASCII punctuation is left out: it may be
+    inside a special token that has not fully arrived ("<|im_end|>")."""
+    for p in range(len(text) - 1, 0, -1):
+        c = text[p]
+        if c.isspace() or (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
+                           and unicodedata.category(text[p - 1])[0] in "LN"):
+            return p
+    return 0
 
 
 @dataclasses.dataclass(eq=False)
