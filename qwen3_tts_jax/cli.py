@@ -29,9 +29,19 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtal
                   "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen3-tts-jax")
+    except PackageNotFoundError:        # run from a source tree without installing
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3-tts-jax", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     src = common.add_argument_group("model")

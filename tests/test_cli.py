@@ -80,6 +80,11 @@ def test_bad_input_is_a_clear_error(tmp_path, make_checkpoint, args, needle):
     assert not os.path.exists(tmp_path / "x.wav")
 
 
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("qwen3-tts-jax 0."), r.stdout
+
+
 def test_list_speakers(make_checkpoint):
     r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--list-speakers")
     assert r.returncode == 0 and r.stdout.split() == sorted(
