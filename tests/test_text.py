@@ -402,30 +402,69 @@ def test_corrupt_tokenizer_files_name_the_file(tmp_path, small_src, name, conten
 # ---------------------------------------------------------------------------------------------------
 # text that arrives in pieces (server sessions, the API's text iterators)
 
+FEED_TEXTS = [t for t in HARD if t.strip()] + [
+    "你好，世界。今天天气很好！我们去公园散步吧？", "「こんにちは」、世界！カタカナ・ひらがな。",
+    "数字3，字母a，符号＋和€，表情😀之后", "mixed 中文，English, 日本語。done",
+    # newlines join the whitespace before them and the punctuation before them
+    "Hello.\nWorld\n\nfoo.\n\nbar \n x\r\ny", "a  \n b\t\t\nc", "Hi   there\n\n\n",
+    "你好。\n世界\u3000今天", "a\u00a0b\x1cc. \x0bd", "end.  \n"]
+
+
+@pytest.fixture(scope="module")
+def merging_src(tmp_path_factory):
+    """A tokenizer whose merges were learnt on whole strings, with no pre-split: they join
+    letters, punctuation, spaces and newlines across every pre-token boundary, so tokenizing a
+    text cut where the pre-split does not end a piece gives other tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # the chat template's words whole, as in the real vocabulary (TextFeed takes [3:-5])
+    tok.train_from_iterator(FEED_TEXTS * 20 + ["assistant", "user"] * 200, trainers.BpeTrainer(
+        vocab_size=1500, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PAT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None,
+                              eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    path = str(tmp_path_factory.mktemp("text_merging_src"))
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("src", ["big", "merging"])
 @pytest.mark.parametrize("mistral", [False, True])
-def test_text_feed_commits_a_prefix_of_the_whole_texts_tokens(big_src, mistral):
+def test_text_feed_commits_a_prefix_of_the_whole_texts_tokens(big_src, merging_src, src,
+                                                              mistral):
     """`TextFeed` tokenizes text that is still arriving only up to where both pre-tokenizer
-    splits end a word whatever follows: after every piece of random splits its tokens are the
-    first tokens of the whole text (the tokenizer's merges cross camel-case, contraction and mark
-    boundaries, so a wrong cut would show), and the whole text's tokens at the end. Chinese and
-    Japanese, without spaces, commit at their punctuation before the text ends."""
+    splits end a piece whatever follows: after every piece of random splits its tokens are the
+    first tokens of the whole text, and the whole text's tokens at the end (two tokenizers whose
+    merges cross the pre-split's boundaries, so a wrong cut would show: "Hello.|\n" where ".\n"
+    is one piece, "\n|\n", camel case, contractions, combining marks). Chinese and Japanese,
+    without spaces, commit at their punctuation before the text ends."""
     import random
 
     from qwen3_tts_jax.server.engine import TextFeed
 
-    tok = T.TextTokenizer.from_dir(big_src, mistral_regex=mistral)
+    tok = T.TextTokenizer.from_dir(big_src if src == "big" else merging_src,
+                                   mistral_regex=mistral)
+    assert len(tok.encode(T.assistant_text(""))) == 8     # the template's 3 + 5 tokens
     rng = random.Random(0)
-    texts = [t for t in HARD if t.strip()] + [
-        "你好，世界。今天天气很好！我们去公园散步吧？", "「こんにちは」、世界！カタカナ・ひらがな。",
-        "数字3，字母a，符号＋和€，表情😀之后", "mixed 中文，English, 日本語。done"]
-    for text in texts:
+    for text in FEED_TEXTS:
         whole = tok.encode(T.assistant_text(text))[3:-5]
-        for _ in range(8):
-            cuts = sorted(rng.sample(range(1, len(text)), min(5, len(text) - 1)))
+        splits = [sorted(rng.sample(range(1, len(text)), min(k, len(text) - 1)))
+                  for k in (1, 2, 5, 5, 5, 5, 5, 5, len(text))]
+        for cuts in splits + [[len(text)]]:      # the last: all of it, then "end" alone
             feed = TextFeed(tok, build=None)
             for a, b in zip([0] + cuts, cuts + [len(text)]):
-                feed.push(text[a:b], final=b == len(text))
+                feed.push(text[a:b], final=a == len(text))
                 assert feed.tokens == whole[:len(feed.tokens)], (text, text[:b])
+            if not feed.final:
+                feed.push("", final=True)
             assert feed.tokens == whole, text
     feed = TextFeed(tok, build=None)
     feed.push("你好，世界。今天天")

@@ -84,7 +84,7 @@ class DeadlineExceeded(Exception):
 class TextFeed:
     """Text that arrives in pieces (thread-safe), tokenized as it comes.
 
-    Tokens are committed only up to the last place where the tokenizer's pre-split ends a word
+    Tokens are committed only up to the last place where the tokenizer's pre-split ends a piece
     whatever follows (`commit_point`: a word can still grow, and BPE merges within it) until the
     text is final; they are the text tokens of the official prompt,
     `encode(assistant_text(text))[3:-5]`, so a text sent in pieces gives the tokens of the whole
@@ -137,17 +137,21 @@ class TextFeed:
 
 
 def commit_point(text: str) -> int:
-    """How much of a text that may still grow can be tokenized now: up to the last whitespace,
-    or the last non-ASCII punctuation mark or symbol after a letter or digit ("你好，世界" ->
-    "你好": Chinese and Japanese have no spaces between words). Both pre-tokenizer splits (Qwen2's
-    and the Mistral one, `text.py`) end a word there whatever comes next (a letter run stops at
-    punctuation; a contraction or a punctuation mark starts a new piece), so the tokens of
-    text[:cut] are the first tokens of the whole text. ASCII punctuation is left out: it may be
-    inside a special token that has not fully arrived ("<|im_end|>")."""
+    """How much of a text that may still grow can be tokenized now: up to the start of its last
+    run of spaces or tabs (not newlines: "a.\n" is one pre-token, "\n\n" is one), or its last
+    non-ASCII punctuation mark or symbol after a letter or digit ("你好，世界" -> "你好": Chinese
+    and Japanese have no spaces between words). Both pre-tokenizer splits (Qwen2's and the
+    Mistral one, `text.py`) end a piece there whatever comes next (a letter, digit or
+    punctuation run stops at a space or at punctuation; the space starts a new piece), so the
+    tokens of text[:cut] are the first tokens of the whole text. ASCII punctuation is left out:
+    it may be inside a special token that has not fully arrived ("<|im_end|>")."""
     for p in range(len(text) - 1, 0, -1):
-        c = text[p]
-        if c.isspace() or (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
-                           and unicodedata.category(text[p - 1])[0] in "LN"):
+        c, before = text[p], text[p - 1]
+        if c == "\t" or unicodedata.category(c) == "Zs":
+            if not before.isspace():
+                return p
+        elif (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
+              and unicodedata.category(before)[0] in "LN"):
             return p
     return 0
 
