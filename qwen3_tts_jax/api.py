@@ -855,9 +855,11 @@ class Qwen3TTS:
         text sessions run): a thread reads the pieces into the `TextFeed` while the engine's
         thread generates, extending the frame loop's trailing text between chunks and never
         running a frame past the tokens received until the iterator ends. Tokens are committed
-        up to the last whitespace (a word may still grow), so the codes are those of the
-        offline streaming-mode generation of the whole text with the same seed. Closing the
-        generator early (or an exception from `pieces`) stops the generation."""
+        where a word ends whatever follows (`server.engine.commit_point`), so the codes are
+        those of the offline streaming-mode generation of the whole text with the same seed.
+        Closing the generator early (or an exception from `pieces`) stops the generation.
+        Reading stops once the text holds more tokens than `max_new_tokens` frames can read (an
+        endless iterator ends the utterance at its budget, as the whole text would)."""
         if non_streaming_mode:
             raise ValueError("text in pieces is read in the official streaming text mode; "
                              "non_streaming_mode=True needs the whole text (a str)")
@@ -878,6 +880,12 @@ class Qwen3TTS:
         engine = BatchEngine(self, max_batch_size=1, batch_window=0.0, max_queue=1,
                              chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
 
+        # Text tokens the frames can read (`TextFeed.trailing`): past them, reading stops (an
+        # endless iterator too); so does a text with no place to commit tokens, past 32 chars
+        # a token.
+        readable = feed.room - len(feed.prefix) + settings.max_new_tokens
+        max_chars = 32 * readable + 4096
+
         def read() -> None:
             try:
                 for i, piece in enumerate(pieces):
@@ -887,6 +895,8 @@ class Qwen3TTS:
                         raise TypeError(f"text piece {i} is a {type(piece).__name__}, not a str")
                     feed.push(piece)
                     engine.wake()
+                    if len(feed.tokens) >= readable or len(feed.text) > max_chars:
+                        break         # the rest could not be spoken within max_new_tokens
                 if not feed.snapshot()[0] and not feed.text.strip():
                     raise ValueError("the text pieces ended without any text")
                 feed.push("", final=True)

@@ -178,3 +178,15 @@ def test_text_pieces_without_spaces_start_before_the_text_ends(tts):
     codes = tts.generate_custom_voice_codes("你好，世界。今天天气很好！", non_streaming_mode=False,
                                             **kw)[0]
     _check(np.concatenate(chunks), tts.decode([codes])[0][0], 1920)
+
+
+def test_endless_text_pieces_end_at_the_budget(tts):
+    """An iterator that never ends (or outruns the budget) is read only as far as the frames
+    can read: the utterance ends at max_new_tokens with the audio of a long enough whole text."""
+    import itertools
+
+    kw = dict(speaker="ryan", language="english", max_new_tokens=20, seed=0, **GREEDY)
+    chunks = list(tts.generate_custom_voice_streaming(itertools.repeat("la "), **kw))
+    codes = tts.generate_custom_voice_codes("la " * 100, non_streaming_mode=False, **kw)[0]
+    assert len(codes) == 19
+    _check(np.concatenate(chunks), tts.decode([codes])[0][0], 3 * 1920)

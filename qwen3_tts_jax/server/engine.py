@@ -88,8 +88,8 @@ class TextFeed:
     whatever follows (`commit_point`: a word can still grow, and BPE merges within it) until the
     text is final; they are the text tokens of the official prompt,
     `encode(assistant_text(text))[3:-5]`, so a text sent in pieces gives the tokens of the whole
-    text (except in the rare case where a later piece changes how an earlier word splits; the
-    committed tokens are then kept).
+    text. Only the new part is tokenized on each piece (it starts a piece of the pre-split), so a
+    long text costs linear time, however finely it is split.
 
     The official streaming text mode lays the text sequence, `prefix` (an ICL clone's reference
     transcript; else nothing) + the text tokens + EOS, against the prompt's last `room`
@@ -106,6 +106,7 @@ class TextFeed:
         self.text = ""
         self.final = False
         self.tokens: list[int] = []
+        self._done = 0                  # characters of `text` that `tokens` cover
         self._lock = threading.Lock()
 
     def can_start(self, tokens: list[int], final: bool) -> bool:
@@ -125,18 +126,21 @@ class TextFeed:
                 raise ValueError("the text was already ended")
             self.text += piece
             self.final = final
-            cut = len(self.text) if final else commit_point(self.text)
-            if self.text[:cut].strip():
-                toks = self.tokenizer.encode(assistant_text(self.text[:cut]))[3:-5]
-                if len(toks) > len(self.tokens):
-                    self.tokens = self.tokens + toks[len(self.tokens):]
+            cut = len(self.text) if final else commit_point(self.text, self._done)
+            if cut <= self._done or not self.text[:cut].strip():
+                return
+            if not self.tokens:     # the first words, tokenized as in the prompt's template
+                self.tokens = self.tokenizer.encode(assistant_text(self.text[:cut]))[3:-5]
+            else:                   # the next ones alone: a piece of the pre-split starts there
+                self.tokens = self.tokens + self.tokenizer.encode(self.text[self._done:cut])
+            self._done = cut
 
     def snapshot(self) -> tuple[list[int], bool]:
         with self._lock:
             return list(self.tokens), self.final
 
 
-def commit_point(text: str) -> int:
+def commit_point(text: str, start: int = 0) -> int:
     """How much of a text that may still grow can be tokenized now: up to the start of its last
     run of spaces or tabs (not newlines: "a.\n" is one pre-token, "\n\n" is one), or its last
     non-ASCII punctuation mark or symbol after a letter or digit ("你好，世界" -> "你好": Chinese
@@ -144,8 +148,9 @@ def commit_point(text: str) -> int:
     Mistral one, `text.py`) end a piece there whatever comes next (a letter, digit or
     punctuation run stops at a space or at punctuation; the space starts a new piece), so the
     tokens of text[:cut] are the first tokens of the whole text. ASCII punctuation is left out:
-    it may be inside a special token that has not fully arrived ("<|im_end|>")."""
-    for p in range(len(text) - 1, 0, -1):
+    it may be inside a special token that has not fully arrived ("<|im_end|>"). `start`: a
+    commit point already known (the search stops there; returned if there is none after it)."""
+    for p in range(len(text) - 1, max(start, 0), -1):
         c, before = text[p], text[p - 1]
         if c == "\t" or unicodedata.category(c) == "Zs":
             if not before.isspace():
@@ -153,7 +158,7 @@ def commit_point(text: str) -> int:
         elif (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
               and unicodedata.category(before)[0] in "LN"):
             return p
-    return 0
+    return start
 
 
 @dataclasses.dataclass(eq=False)
