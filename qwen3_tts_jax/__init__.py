@@ -4,18 +4,22 @@
     tts = Qwen3TTS.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
     wavs, sr = tts.generate_custom_voice("Hello.", speaker="ryan", language="english")
 """
-from .api import GenerationSettings, Qwen3TTS, enable_compilation_cache
-from .config import ConfigError
-from .voice import VoiceClonePromptItem, load_voice, save_voice
-from .weights import CheckpointError
+import importlib
 
-__all__ = ["Qwen3TTS", "GenerationSettings", "CheckpointError", "ConfigError", "SpeechTokenizer",
-           "enable_compilation_cache", "VoiceClonePromptItem", "load_voice", "save_voice"]
+# name -> module: imported on first use, so that `import qwen3_tts_jax` (and the command line's
+# `--help`, or a Ctrl-C at its start) does not wait for JAX; the codes-only path never loads the
+# codec.
+_EXPORTS = {
+    "Qwen3TTS": "api", "GenerationSettings": "api", "enable_compilation_cache": "api",
+    "ConfigError": "config", "CheckpointError": "weights", "SpeechTokenizer": "codec",
+    "VoiceClonePromptItem": "voice", "load_voice": "voice", "save_voice": "voice",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "SpeechTokenizer":  # the codec loads lazily: the codes-only path does not need it
-        from .codec import SpeechTokenizer
-
-        return SpeechTokenizer
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

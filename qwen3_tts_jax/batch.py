@@ -53,6 +53,8 @@ def read_text(path: str) -> str:
     one) dropped. Text that is not UTF-8 is a ValueError naming the file and the byte offset of
     the first bad byte."""
     if path == "-":
+        if sys.stdin is None:          # started with standard input closed
+            raise ValueError("standard input is closed")
         data, path = sys.stdin.buffer.read(), "standard input"
     else:
         with open(path, "rb") as f:

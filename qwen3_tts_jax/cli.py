@@ -319,8 +319,18 @@ def _batch(tts, args, stages, requests, problems) -> int:
     return 1 if failed else 0
 
 
+def _interrupted() -> None:
+    print("qwen3-tts-jax: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)                # not SystemExit: a worker may be inside XLA, holding locks
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:
+        _interrupted()
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
     if getattr(args, "run", None) is not None:        # serve, finetune: their own Ctrl-C
         return args.run(args)
@@ -342,10 +352,7 @@ def main(argv=None) -> int:
         while worker.is_alive():
             worker.join(0.1)
     except KeyboardInterrupt:
-        print("qwen3-tts-jax: interrupted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)            # not SystemExit: the worker may be inside XLA, holding locks
+        _interrupted()
     if "raised" in outcome:
         raise outcome["raised"]
     return outcome["rc"]
@@ -374,6 +381,8 @@ def _main(args) -> int:
                 _fail(f"cannot read --text-file {args.text_file}: it is a folder")
             except (OSError, ValueError) as e:
                 _fail(f"cannot read --text-file: {e}")
+        if not args.text.strip():
+            _fail("--text-file has no text" if args.text_file else "--text is empty")
     if bool(args.model) == bool(args.random_weights):
         _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if args.command == "batch":

@@ -200,3 +200,33 @@ def test_broken_codec_fails_before_generating(tmp_path, make_checkpoint):
             "--output", str(tmp_path / "x.wav"))
     assert r.returncode == 2 and f"cannot read {weights}" in r.stderr, r.stderr
     assert "generating" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.0])
+def test_ctrl_c_at_the_start_is_a_short_message(tmp_path, delay):
+    """SIGINT while the command still imports JAX or builds the demo model: exit 130 with one
+    line, no traceback, no file."""
+    import signal
+    import time
+
+    p = subprocess.Popen([EXE, "custom-voice", "--random-weights", "--speaker", "ryan", "--text",
+                          "Hi.", "--output", str(tmp_path / "a.wav")],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "qwen3-tts-jax: interrupted" in err, (p.returncode, err)
+    assert "Traceback" not in err and not (tmp_path / "a.wav").exists()
+
+
+def test_text_file_from_a_closed_or_empty_stdin(tmp_path):
+    args = [EXE, "custom-voice", "--random-weights", "--speaker", "ryan", "--text-file", "-",
+            "--output", str(tmp_path / "a.wav")]
+    r = subprocess.run(args, capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "--text-file has no text" in r.stderr, r.stderr
+    r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=300, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2 and "standard input is closed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "NOISE" not in r.stderr
