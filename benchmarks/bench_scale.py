@@ -60,28 +60,15 @@ DEFAULTS = {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 1.0,
 # (None: the library's default for the backend), packed q|k|v and gate|up weights or not.
 CMDBUF = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
           "CONDITIONAL")
-# session 12's three frame changes together (see the variants below)
-ALL = {"QWEN3_TTS_JAX_CACHE_LAYOUT": "packed", "QWEN3_TTS_JAX_ROPE": "flip",
-       "QWEN3_TTS_JAX_SPLIT_K": "4"}
 VARIANTS = {
     "default": dict(),
     "cmdbuf": dict(env={"XLA_FLAGS": CMDBUF}),
     "nocmdbuf": dict(env={"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}),
     # cuBLAS for every product instead of XLA's Triton GEMMs (few-row products on a GPU)
     "cublas": dict(env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
-    # split-K few-row products with narrow weights (layers.SPLIT_K), RoPE without a concatenate
-    "split-k4": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "4"}),
-    "split-k8": dict(env={"QWEN3_TTS_JAX_SPLIT_K": "8"}),
-    "rope-flip": dict(env={"QWEN3_TTS_JAX_ROPE": "flip"}),
-    # keys and values in one cache array: one cache write per layer step (layers.KVCachePacked)
-    "kv-packed": dict(env={"QWEN3_TTS_JAX_CACHE_LAYOUT": "packed"}),
-    # the sampler's k-th largest logit by pairwise counts instead of lax.top_k (a sort on GPUs)
-    "kth-pairwise": dict(env={"QWEN3_TTS_JAX_KTH": "pairwise"}),
-    # the three frame changes together (one cache write, split-K o/down products, RoPE without a
-    # concatenate), and with the pairwise k-th logit for sampled runs
-    "all-k4": dict(env=ALL),
-    "all-k8": dict(env=ALL | {"QWEN3_TTS_JAX_SPLIT_K": "8"}),
-    "all-k4-kth": dict(env=ALL | {"QWEN3_TTS_JAX_KTH": "pairwise"}),
+    # the sampler's k-th largest logit by `lax.top_k` (a sort on GPUs) instead of the
+    # accelerators' default pairwise counts (sampling.KTH_BY)
+    "kth-top-k": dict(env={"QWEN3_TTS_JAX_KTH": "top_k"}),
     # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
     "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),
     "cudnn": dict(attention="cudnn"),

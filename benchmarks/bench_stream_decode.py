@@ -101,7 +101,7 @@ def main():
     old_err, old_snr = fidelity(windowed(codec, codes[:1], plan, args.left_context)[0])
     audio_s = args.frames * d.total_upsample / 24000
     lines = [f"## Streaming codec decode: stateful vs windowed ({args.frames} frames, "
-             f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"`python benchmarks/bench_stream_decode.py --frames {args.frames} --batch "
              f"{' '.join(map(str, args.batch))}`: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}); the "

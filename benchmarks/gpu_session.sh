@@ -6,14 +6,11 @@
 #
 #   bash benchmarks/gpu_session.sh one       # ~9 min, by priority: the 0.6B at batch 1 (greedy, as
 #                                            # the API runs it: two rows on a GPU) against the
-#                                            # variants prepared in session 12 from its profile,
-#                                            # all three together first (all-k4: one KV-cache
-#                                            # write per layer step, split-K narrow products,
-#                                            # RoPE without a concatenate), then each alone and
-#                                            # all with 8 split-K parts; sampled, the same with
-#                                            # the k-th logit by pairwise counts, and that alone; the
-#                                            # streaming codec, stateful vs windowed, batch 1, 8,
-#                                            # 64; then batch 8, 64, 128; the 1.7B at 1 and 64
+#                                            # predictor's steps as a loop (session 15 made them
+#                                            # unrolled on accelerators); sampled, against the k-th
+#                                            # logit by lax.top_k (session 15: pairwise counts);
+#                                            # then batch 8, 64, 128 with both; the 1.7B at 1 and
+#                                            # 64; the streaming codec, stateful vs windowed
 #   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
 #                                            # profile of the frame (profile.json)
 #
@@ -44,15 +41,14 @@ bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoin
 
 case $part in
 one)
-    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 \
-        --variants default,all-k4,kv-packed,split-k4,all-k8,rope-flip --variant-batches 1
-    bench b1s 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 160 --sampled \
-        --variants default,all-k4-kth,kth-pairwise --variant-batches 1
+    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 --sampled \
+        --variants default,loop,kth-top-k --variant-batches 1
+    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 240 \
+        --variants default,loop --variant-batches 8,64,128
+    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
     timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
         --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
-    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 200
-    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
     ;;
 profile)
     # greedy and sampled at batch 1 with a kernel profile (profile.json: kernels per frame,

@@ -13,6 +13,7 @@ embedding tables have the talker's width; at 0.6B it is the identity and has no 
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -49,14 +50,19 @@ def expected_shapes(cfg: TalkerConfig) -> dict:
     return out
 
 
-# Steps 1..14 as a loop (one compiled body) or unrolled (14 copies). Measured on an H100 (bf16,
-# 0.6B, batch 1; benchmarks/RESULTS.md): unrolled 164 frames/s vs loop 162, for 16 s more compile,
-# so the loop it is everywhere. Read when a program is traced.
-UNROLL = False
+# Steps 1..14 as a loop (one compiled body) or unrolled (14 copies). None picks per backend when
+# a program is traced: unrolled on accelerators, where each loop step costs a read-back of its
+# condition (one H100, bf16, 0.6B, batch 1: greedy 251.0 frames/s unrolled vs 244.2 as a loop in
+# the same run; sampled with the pairwise k-th logit 241.9 vs 234.3; ~10 s more compile;
+# benchmarks/RESULTS.md, session 15); a loop on the CPU, where a step has no such cost and the
+# copies only lengthen the compile. True / False force one; env QWEN3_TTS_JAX_UNROLL=1|0.
+UNROLL = {"1": True, "0": False}.get(os.environ.get("QWEN3_TTS_JAX_UNROLL", ""))
 
 
 def _unroll() -> bool:
-    return bool(UNROLL)
+    if UNROLL is not None:
+        return bool(UNROLL)
+    return jax.default_backend() != "cpu"
 
 
 def stack_tables(params):
@@ -86,7 +92,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
 
     `sample(j, logits_BxV) -> ids_B` picks code j+1 from lm_head[j]'s f32 logits (j may be traced).
     Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
-    `lax.scan` (one compiled body instead of 14 copies: the sampler alone is a sort of the vocab).
+    `lax.scan`, unrolled on accelerators (`UNROLL`).
     Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
     """
     cp = cfg.code_predictor

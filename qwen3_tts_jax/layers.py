@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from .config import TransformerConfig
 from . import cpu_kernels
 from .activations import ACTIVATIONS
-from .cpu_kernels import linear as kernel_linear
+from .cpu_kernels import linear
 
 
 class KVCache(NamedTuple):
@@ -94,44 +94,16 @@ class KVCacheHeadsMajor(NamedTuple):
         return KVCacheHeadsMajor(jnp.roll(self.k, -m, axis=3), jnp.roll(self.v, -m, axis=3))
 
 
-class KVCachePacked(NamedTuple):
-    """Positions-major with keys and values in one array: kv (B, S, 2K, Dh), the K key heads
-    first. A step writes one slice instead of two (on a GPU each write is a kernel: 196 a frame
-    of the 0.6B in the session 12 profile, ~6 % of it); attention reads the two halves."""
-    kv: jax.Array
-
-    @property
-    def length(self) -> int:
-        return self.kv.shape[1]
-
-    def write(self, k_BxTxKxD, v_BxTxKxD, index) -> "KVCachePacked":
-        new = jnp.concatenate([k_BxTxKxD, v_BxTxKxD], axis=2).astype(self.kv.dtype)
-        return KVCachePacked(jax.lax.dynamic_update_slice_in_dim(self.kv, new, index, axis=1))
-
-    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
-        K = self.kv.shape[2] // 2
-        return dot_product_attention(q_BxTxHxD, self.kv[:, :, :K], self.kv[:, :, K:], mask_BxTxS)
-
-    def grow(self, extra: int) -> "KVCachePacked":
-        return KVCachePacked(jnp.pad(self.kv, [(0, 0), (0, extra), (0, 0), (0, 0)]))
-
-    def drop(self, m) -> "KVCachePacked":
-        """Slots moved m to the left (traced m; the first m go to the end, stale)."""
-        return KVCachePacked(jnp.roll(self.kv, -m, axis=1))
-
-
 # The cache layout: None picks per backend when a program is traced (heads-major on the CPU,
-# positions-major elsewhere); "positions" / "heads" / "packed" force one. Measured on the 2-core
-# CPU (f32, 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache
-# lengths 300-560 (benchmarks/RESULTS.md). "packed" (`KVCachePacked`) is a GPU variant, not
-# measured yet. Env QWEN3_TTS_JAX_CACHE_LAYOUT.
+# positions-major elsewhere); "positions" / "heads" force one. Measured on the 2-core CPU (f32,
+# 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache lengths
+# 300-560 (benchmarks/RESULTS.md). Env QWEN3_TTS_JAX_CACHE_LAYOUT.
 CACHE_LAYOUT = os.environ.get("QWEN3_TTS_JAX_CACHE_LAYOUT") or None
 
 
 def cache_layout() -> str:
-    if CACHE_LAYOUT not in (None, "positions", "heads", "packed"):
-        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions', 'heads' "
-                         "or 'packed'")
+    if CACHE_LAYOUT not in (None, "positions", "heads"):
+        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions' or 'heads'")
     if CACHE_LAYOUT is not None:
         return CACHE_LAYOUT
     return "heads" if jax.default_backend() == "cpu" else "positions"
@@ -142,41 +114,12 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype,
     """Zeroed caches for every layer, in `layout` (default: `cache_layout()`)."""
     K, Dh = cfg.num_key_value_heads, cfg.head_dim
     layout = layout or cache_layout()
-    if layout == "packed":
-        return [KVCachePacked(jnp.zeros((batch, length, 2 * K, Dh), dtype))
-                for _ in range(cfg.num_hidden_layers)]
     if layout == "heads":
         cls, shape = KVCacheHeadsMajor, (batch, K, Dh, length)
     else:
         cls, shape = KVCache, (batch, length, K, Dh)
     return [cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             for _ in range(cfg.num_hidden_layers)]
-
-
-# Split-K for the decode steps' narrow products (opt-in, accelerators; read when a program is
-# traced; env QWEN3_TTS_JAX_SPLIT_K): a product of a few rows with a weight of at most
-# SPLIT_K_MAX_N output columns (the 0.6B's o and down projections, 1024 columns from 2048 and
-# 3072) runs as SPLIT_K partial products over slices of the contraction, summed in float32. At two
-# rows a GPU product tiles only the output columns, 16 tiles of 64 for 1024 columns on 132
-# multiprocessors, and reads the weight at about 1 TB/s (benchmarks/RESULTS.md, session 12); the
-# partial products give it SPLIT_K times the tiles. Not measured yet: off by default.
-SPLIT_K = int(os.environ.get("QWEN3_TTS_JAX_SPLIT_K") or 0)
-SPLIT_K_MAX_N = 2048
-SPLIT_K_MAX_ROWS = 16
-
-
-def linear(x, w):
-    """x (..., K) @ w (K, N): `cpu_kernels.linear` (XLA, or the CPU kernels for packed weights),
-    or with `SPLIT_K` a split-K product for few rows and narrow weights."""
-    s = SPLIT_K
-    if s > 1 and isinstance(w, jax.Array) and w.ndim == 2:
-        K, N = w.shape
-        rows = math.prod(x.shape[:-1])
-        if rows <= SPLIT_K_MAX_ROWS and N <= SPLIT_K_MAX_N and K % s == 0:
-            parts = jnp.einsum("rsk,skn->srn", x.reshape(rows, s, K // s),
-                               w.reshape(s, K // s, N), preferred_element_type=jnp.float32)
-            return parts.sum(0).astype(x.dtype).reshape(*x.shape[:-1], N)
-    return kernel_linear(x, w)
 
 
 def rms_norm(w_D, x_BxTxD, eps):
@@ -251,24 +194,10 @@ def transformer_rope(pos_BxT, cfg: TransformerConfig, dtype):
                         cfg.max_position_embeddings)
 
 
-# How RoPE's rotate-half is written (read when a program is traced; env QWEN3_TTS_JAX_ROPE):
-# "concat" (-x2 | x1, a concatenate: its own kernel on a GPU, 98 a frame in the session 12
-# profile) or "flip" (the halves reversed and signed, element-wise ops XLA can fuse with their
-# neighbours). The same values either way. Not measured yet: "concat" by default.
-ROPE = os.environ.get("QWEN3_TTS_JAX_ROPE") or "concat"
-
-
 def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
     Dh = x_BxTxHxD.shape[-1]
     half = Dh // 2
-    if ROPE == "flip":
-        halves = x_BxTxHxD.reshape(*x_BxTxHxD.shape[:-1], 2, half)
-        sign = jnp.asarray([-1, 1], x_BxTxHxD.dtype)[:, None]
-        rot = (jnp.flip(halves, axis=-2) * sign).reshape(x_BxTxHxD.shape)
-    elif ROPE == "concat":
-        rot = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
-    else:
-        raise ValueError(f"unknown RoPE form {ROPE!r}: use 'concat' or 'flip'")
+    rot = jnp.concatenate([-x_BxTxHxD[..., half:], x_BxTxHxD[..., :half]], axis=-1)
     return x_BxTxHxD * cos_BxTxD[:, :, None] + rot * sin_BxTxD[:, :, None]
 
 

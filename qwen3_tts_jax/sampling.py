@@ -360,22 +360,29 @@ def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
 # lowers it to a sort of the row on GPUs: 15 us a step on an H100, 211 us of a sampled frame in the
 # session 12 profile) or "pairwise" (for every logit, how many are >= it; the k-th largest is the
 # largest logit with at least k: two fused reductions over rows x V x V comparisons, no sort;
-# only for few rows). Not measured yet: "top_k" by default. Read when a program is traced; env
-# QWEN3_TTS_JAX_KTH.
-KTH_BY = os.environ.get("QWEN3_TTS_JAX_KTH") or "top_k"
+# only for few rows). None picks per backend when a program is traced: "pairwise" on
+# accelerators (one H100, bf16, 0.6B, batch 1 sampled: 234.3 frames/s vs 224.7 with "top_k";
+# benchmarks/RESULTS.md, session 15), "top_k" on the CPU. Env QWEN3_TTS_JAX_KTH.
+KTH_BY = os.environ.get("QWEN3_TTS_JAX_KTH") or None
 PAIRWISE_MAX = 1 << 26  # comparisons per call above which "pairwise" uses `lax.top_k` anyway
+
+
+def kth_by() -> str:
+    if KTH_BY not in (None, "top_k", "pairwise"):
+        raise ValueError(f"unknown k-th value method {KTH_BY!r}: use 'top_k' or 'pairwise'")
+    if KTH_BY is not None:
+        return KTH_BY
+    return "top_k" if jax.default_backend() == "cpu" else "pairwise"
 
 
 def kth_largest(x_BxV: jax.Array, k_B: jax.Array) -> jax.Array:
     """Each row's k-th largest value (duplicates counted: the value HF's top-k keeps down to),
     ``1 <= k <= min(TOP_K_CANDIDATES, V)``, shape (B, 1)."""
     B, V = x_BxV.shape
-    if KTH_BY == "pairwise" and B * V * V <= PAIRWISE_MAX:
+    if kth_by() == "pairwise" and B * V * V <= PAIRWISE_MAX:
         at_least_BxV = jnp.sum(x_BxV[:, None, :] >= x_BxV[:, :, None], axis=-1, dtype=jnp.int32)
         return jnp.max(jnp.where(at_least_BxV >= k_B[:, None], x_BxV, -jnp.inf), axis=-1,
                        keepdims=True)
-    if KTH_BY not in ("top_k", "pairwise"):
-        raise ValueError(f"unknown k-th value method {KTH_BY!r}: use 'top_k' or 'pairwise'")
     vals_BxN = lax.top_k(x_BxV, min(TOP_K_CANDIDATES, x_BxV.shape[1]))[0]
     return jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
 

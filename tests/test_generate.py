@@ -244,18 +244,14 @@ def test_positions_major_cache_layout(models, name, positions_major_cache):
         test_greedy_codes_single_and_batched(models, "cv_eos")
 
 
-def test_packed_cache_layout(models, monkeypatch):
-    """`layers.KVCachePacked` (keys and values in one array, a GPU variant): the official logits
-    and greedy codes through it, cache growth included (a budget past the first capacity)."""
-    monkeypatch.setattr(layers, "CACHE_LAYOUT", "packed")
+@pytest.mark.parametrize("layout", ["heads", "positions"])
+def test_cache_growth(models, monkeypatch, layout):
+    """A budget past the caches' first capacity (they grow twice): the official greedy codes, in
+    both KV-cache layouts."""
+    monkeypatch.setattr(layers, "CACHE_LAYOUT", layout)
+    monkeypatch.setattr(gen, "FIRST_FRAMES", 16)
     jax.clear_caches()
     try:
-        cache = layers.init_cache(models("cv_proj")[1].config.talker, 2, 4, jnp.float32)[0]
-        assert isinstance(cache, layers.KVCachePacked) and cache.kv.shape[1] == cache.length == 4
-        test_talker_logits_prefill_and_decode_steps(models, "vd_bigvocab")
-        test_code_predictor_logits(models, "cv_proj")
-        test_greedy_codes_single_and_batched(models, "cv_eos")
-        monkeypatch.setattr(gen, "FIRST_FRAMES", 16)   # the caches grow twice below
         off, ours = models("cv_identity_0b6")
         kw = dict(text=TEXTS[0], speaker="ryan", language="english", max_new_tokens=40)
         _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY),
@@ -270,17 +266,27 @@ def test_cpu_default_cache_layout_is_heads_major(models):
                       layers.KVCacheHeadsMajor)
 
 
-def test_gpu_frame_variants_together(models, monkeypatch):
-    """The GPU variants that `benchmarks/gpu_session.sh` measures together ("all-k4": the packed
-    KV cache, split-K products, RoPE without a concatenate; "all-k4-kth": also the pairwise k-th
-    logit) give the official logits and greedy codes on this CPU, and sampled codes equal to
-    those without the pairwise k-th logit (it finds the same threshold)."""
+def test_gpu_frame_defaults_together(models, monkeypatch):
+    """What an accelerator's frame runs by default (positions-major caches, the predictor's steps
+    unrolled, the pairwise k-th logit for top-k sampling, weights as arrays), on this CPU: the
+    official logits and greedy codes, and the CPU defaults' sampled codes for the same seed."""
     from qwen3_tts_jax import Qwen3TTS
 
-    for name, value in (("CACHE_LAYOUT", "packed"), ("SPLIT_K", 4), ("ROPE", "flip")):
-        monkeypatch.setattr(layers, name, value)
-    # weights as arrays, as on a GPU (the CPU kernels' packed panels take no split-K)
-    monkeypatch.setenv("QWEN3_TTS_JAX_CPU_KERNELS", "0")
+    assert (code_predictor.UNROLL, sampling.KTH_BY) == (None, None)
+    assert (code_predictor._unroll(), sampling.kth_by()) == (False, "top_k")   # CPU defaults
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert (code_predictor._unroll(), sampling.kth_by(), layers.cache_layout()) == (
+        True, "pairwise", "positions")
+    monkeypatch.undo()
+    _, cpu = models("cv_identity_0b6")
+    kw = dict(text=TEXTS[:2], speaker="ryan", language="english", max_new_tokens=12, seed=5)
+    jax.clear_caches()
+    on_cpu = cpu.generate_custom_voice_codes(**kw)
+    for module, name, value in ((layers, "CACHE_LAYOUT", "positions"),
+                                (code_predictor, "UNROLL", True), (sampling, "KTH_BY", "pairwise"),
+                                (sampling, "PAIRWISE_MAX", 1 << 40)):
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setenv("QWEN3_TTS_JAX_CPU_KERNELS", "0")   # weights as arrays, as on a GPU
     loaded = {}
 
     def as_on_gpu(name):
@@ -297,12 +303,7 @@ def test_gpu_frame_variants_together(models, monkeypatch):
         test_code_predictor_logits(as_on_gpu, "cv_proj")
         test_greedy_codes_single_and_batched(as_on_gpu, "cv_eos")
         _, ours = as_on_gpu("cv_identity_0b6")
-        kw = dict(text=TEXTS[:2], speaker="ryan", language="english", max_new_tokens=12, seed=5)
-        by_top_k = ours.generate_custom_voice_codes(**kw)
-        monkeypatch.setattr(sampling, "KTH_BY", "pairwise")
-        monkeypatch.setattr(sampling, "PAIRWISE_MAX", 1 << 40)
-        jax.clear_caches()
-        for a, b in zip(ours.generate_custom_voice_codes(**kw), by_top_k):
+        for a, b in zip(ours.generate_custom_voice_codes(**kw), on_cpu):
             np.testing.assert_array_equal(a, b)
     finally:
         jax.clear_caches()
@@ -386,60 +387,3 @@ def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
     ref = official_codes(off, "custom_voice", **kw, **GREEDY)
     _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY), ref)
     jax.clear_caches()
-
-
-@pytest.fixture
-def rope_flip():
-    yield from _layers_setting("ROPE", "flip")
-
-
-def test_rope_flip_form_is_the_same_rope(models, rope_flip):
-    """RoPE's rotate-half written without a concatenate (`layers.ROPE = "flip"`, a GPU variant):
-    bit-identical rotations, and the official logits and greedy codes through it."""
-    rng = np.random.default_rng(0)
-    for dtype, Dh in ((jnp.float32, 128), (jnp.bfloat16, 64), (jnp.float32, 16)):
-        x = jnp.asarray(rng.normal(size=(2, 3, 4, Dh)) * 30, dtype)
-        cos, sin = (jnp.asarray(rng.normal(size=(2, 3, Dh)), dtype) for _ in range(2))
-        flip = layers.apply_rope(x, cos, sin)
-        layers.ROPE = "concat"
-        concat = layers.apply_rope(x, cos, sin)
-        layers.ROPE = "flip"
-        np.testing.assert_array_equal(np.asarray(flip, np.float32), np.asarray(concat, np.float32))
-    test_talker_logits_prefill_and_decode_steps(models, "cv_proj")
-    test_greedy_codes_single_and_batched(models, "cv_eos")
-    layers.ROPE = "other"
-    with pytest.raises(ValueError, match="unknown RoPE form"):
-        layers.apply_rope(x, cos, sin)
-
-
-def test_split_k_products(monkeypatch):
-    """`layers.SPLIT_K` (a GPU variant): few-row products with narrow weights as partial products
-    over slices of the contraction, within float32 rounding of the plain product; other products
-    unchanged; a whole decoder stack's output as close."""
-    rng = np.random.default_rng(1)
-    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-    monkeypatch.setattr(layers, "SPLIT_K", 4)
-    for x, w, split in ((f(2, 1, 2048), f(2048, 1024), True), (f(3, 3072), f(3072, 1024), True),
-                        (f(2, 1, 1024), f(1024, 4096), False),    # wide: left alone
-                        (f(32, 2048), f(2048, 1024), False),      # many rows: left alone
-                        (f(2, 1, 1022), f(1022, 512), False)):    # K not divisible
-        got, want = layers.linear(x, w), x @ w
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
-        assert (not np.array_equal(got, want)) == split  # the split ran (other rounding) or not
-    cfg = type("Cfg", (), dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               rms_norm_eps=1e-6, hidden_act="silu"))
-    D, F = 64, 192
-    p = {"attn": {"qkv": f(D, 8 * 16) * 0.1, "o": f(64, D) * 0.1, "q_norm": jnp.ones(16),
-                  "k_norm": jnp.ones(16)},
-         "mlp": {"gate_up": f(D, 2 * F) * 0.1, "down": f(F, D) * 0.1},
-         "input_norm": jnp.ones(D), "post_norm": jnp.ones(D)}
-    x = f(2, 1, D)
-    cos_sin = (jnp.ones((2, 1, 16)), jnp.zeros((2, 1, 16)))
-    cache = layers.KVCache(jnp.zeros((2, 4, 2, 16)), jnp.zeros((2, 4, 2, 16)))
-    mask = jnp.ones((2, 1, 4), bool)
-    split, _ = layers.decoder_layer(p, x, cos_sin, cache, 0, mask, cfg)
-    monkeypatch.setattr(layers, "SPLIT_K", 0)
-    plain, _ = layers.decoder_layer(p, x, cos_sin, cache, 0, mask, cfg)
-    np.testing.assert_allclose(split, plain, rtol=1e-5, atol=1e-5)
-    assert not np.array_equal(split, plain)
