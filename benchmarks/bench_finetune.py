@@ -78,10 +78,11 @@ def run_ours(args, cfg, params, batches, xvec):
     import jax.numpy as jnp
 
     from qwen3_tts_jax.finetune import data, train
+    from qwen3_tts_jax.sharding import data_sharding
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype)
-    batch_sh, repl = train.data_sharding()
+    batch_sh, repl = data_sharding()
     params = jax.device_put(params, repl)
     state = jax.device_put(train.init_opt_state(train.make_optimizer(), params), repl)
     devices = len(jax.local_devices())

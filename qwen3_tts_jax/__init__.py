@@ -10,7 +10,8 @@ import importlib
 # `--help`, or a Ctrl-C at its start) does not wait for JAX; the codes-only path never loads the
 # codec.
 _EXPORTS = {
-    "Qwen3TTS": "api", "GenerationSettings": "api", "enable_compilation_cache": "api",
+    "Qwen3TTS": "api", "GenerationSettings": "settings", "SettingError": "settings",
+    "enable_compilation_cache": "compilation_cache",
     "ConfigError": "config", "CheckpointError": "weights", "SpeechTokenizer": "codec",
     "VoiceClonePromptItem": "voice", "load_voice": "voice", "save_voice": "voice",
 }

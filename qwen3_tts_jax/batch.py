@@ -7,13 +7,13 @@ Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mo
 "instruct", "voice" (a voice file), "language", "seed"} (the mode is the checkpoint's); or a plain
 text file, one utterance per line, named line-00001... with the voice from the command line. A line
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
-skipped. Requests are sorted by length and run as continuous batches (`server.engine.BatchEngine`):
+skipped. Requests are sorted by length and run as continuous batches (`engine.BatchEngine`):
 a row whose utterance ended takes the next request at the next host check, and each WAV is
 written as its utterance ends. Each WAV is written atomically (temp file + rename), and a file
 that already exists is not generated again, so a killed job restarts where it stopped without
 losing or redoing finished work.
 
-Data parallel (several local devices): one engine per device (`server.engine.EnginePool`), the
+Data parallel (several local devices): one engine per device (`engine.EnginePool`), the
 weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
 With `continuous=False` (`--no-continuous-batching`), padded batches instead, each split over a
 1-D "data" `jax.sharding` mesh of the local devices (params replicated). Tensor parallel
@@ -33,7 +33,8 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import prompts
 
 
 @dataclasses.dataclass
@@ -127,46 +128,6 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
     return out, problems
 
 
-def data_sharding(model_parallel: int = 1):
-    """(rows, replicated) shardings over all local devices. With `model_parallel` = m > 1 the
-    devices form a (data, model) mesh of shape (n / m, m): rows split over "data", and
-    `model_sharding` splits the weights over "model"."""
-    devices = np.array(jax.local_devices())
-    if model_parallel < 1 or len(devices) % model_parallel:
-        raise ValueError(f"model_parallel={model_parallel} does not divide the {len(devices)} "
-                         "local devices")
-    mesh = Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
-    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-
-
-# Tensor-parallel layout (Megatron style): the matmuls that widen (packed q|k|v, gate|up, the heads)
-# split their output columns (and an int8 weight's scale), the ones that narrow (o, down) their
-# input rows (their scale stays whole); XLA's SPMD partitioner inserts the collectives.
-# Everything else (norms, embeddings, the speaker encoder) is replicated.
-_COLUMNS = ("qkv", "q", "k", "v", "gate_up", "gate", "up", "codec_head", "lm_head")
-_ROWS = ("o", "down")
-
-
-def model_sharding(params, model_parallel: int):
-    """Shardings for `params` (same tree) that split the decoder weights over the "model" axis
-    of the `data_sharding(model_parallel)` mesh; a dimension that does not divide stays whole."""
-    rows, _ = data_sharding(model_parallel)
-    mesh, m = rows.mesh, model_parallel
-
-    def spec(path, x):
-        name, field = getattr(path[-1], "key", None), None
-        if name is None and len(path) > 1:      # a field of a `quantize.Int8Weight`
-            name, field = getattr(path[-2], "key", None), getattr(path[-1], "name", None)
-        if name in _COLUMNS and x.shape and x.shape[-1] % m == 0 and (x.ndim >= 2 or
-                                                                       field == "scale"):
-            return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))
-        if name in _ROWS and x.ndim == 2 and x.shape[0] % m == 0:
-            return NamedSharding(mesh, P("model", None))
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(spec, params)
-
-
 def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
         progress: bool = True, num_hosts: int = 1, host_index: int = 0,
         continuous: bool = True, fmt: str = "wav") -> dict:
@@ -258,8 +219,8 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
     requests started in a running batch."""
     import threading
 
-    from .api import GenerationSettings
-    from .server.engine import BatchEngine, EnginePool, Job
+    from .engine import BatchEngine, EnginePool, Job
+    from .settings import GenerationSettings
 
     kw = dict(max_batch_size=batch_size, batch_window=0.0, max_queue=len(todo) + 1,
               chunk_frames=CONTINUOUS_CHUNK_FRAMES, first_chunk_frames=CONTINUOUS_CHUNK_FRAMES)
@@ -327,27 +288,21 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
 
 def _prompts(tts, chunk: list[Request], gen: dict):
     """(prompts, ICL reference codes or None, seeds) of requests; pops the text mode from gen."""
-    kind = tts.tts_model_type
-    texts = [r.text for r in chunk]
-    langs = [r.language or "auto" for r in chunk]
-    seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
-    refs = [None] * len(chunk)
-    if kind == "custom_voice":
-        items = tts._custom_voice_prompts(texts, [r.speaker for r in chunk], langs,
-                                          [r.instruct or "" for r in chunk],
-                                          gen.pop("non_streaming_mode", True))
-    elif kind == "voice_design":
-        items = tts._voice_design_prompts(texts, [r.instruct for r in chunk], langs,
-                                          gen.pop("non_streaming_mode", True))
-    else:
-        from .voice import load_voice
+    from .voice import load_voice
 
+    seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
+    voices = None
+    if tts.tts_model_type == "base":
         voices = [load_voice(r.voice)[0] if r.voice else None for r in chunk]
         if any(v is None for v in voices):
             raise ValueError("a Base checkpoint needs a \"voice\" file for every request")
-        items, used = tts._voice_clone_prompts(texts, langs, None, None, False, voices,
-                                               gen.pop("non_streaming_mode", False))
-        refs = [u.ref_code if u.icl_mode and u.ref_code is not None else None for u in used]
+    items = prompts.for_mode(tts.config, tts.tokenizer, [r.text for r in chunk],
+                             [r.language or "auto" for r in chunk],
+                             speaker=[r.speaker for r in chunk],
+                             instruct=[r.instruct or "" for r in chunk], voices=voices,
+                             non_streaming_mode=gen.pop("non_streaming_mode", None))
+    refs = [v.ref_code if v is not None and v.icl_mode and v.ref_code is not None else None
+            for v in (voices or [None] * len(chunk))]
     return items, refs, seeds
 
 

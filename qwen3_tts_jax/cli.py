@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> None:
+def fail(msg: str) -> None:
     print(f"qwen3-tts-jax: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -174,7 +174,7 @@ def _check_writable(folder: str, what: str) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        _fail(f"cannot write {what}: {e.strerror or e}")
+        fail(f"cannot write {what}: {e.strerror or e}")
 
 
 def _check_output(path: str, audio: bool = True) -> None:
@@ -183,17 +183,17 @@ def _check_output(path: str, audio: bool = True) -> None:
 
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        _fail(f"cannot write {path}: it is a folder")
+        fail(f"cannot write {path}: it is a folder")
     if not os.path.isdir(folder):
-        _fail(f"cannot write {path}: folder {folder} does not exist")
+        fail(f"cannot write {path}: folder {folder} does not exist")
     _check_writable(folder, path)
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        _fail(f"cannot write {path}: permission denied")
+        fail(f"cannot write {path}: permission denied")
     if audio:
         try:
             format_for_path(path)
         except AudioError as e:
-            _fail(str(e))
+            fail(str(e))
 
 
 def _check_batch(args):
@@ -201,24 +201,24 @@ def _check_batch(args):
     from . import batch
 
     if os.path.isdir(args.input):
-        _fail(f"input {args.input} is a folder, not a file")
+        fail(f"input {args.input} is a folder, not a file")
     if not os.path.isfile(args.input):
-        _fail(f"input file {args.input} does not exist")
+        fail(f"input file {args.input} does not exist")
     if args.batch_size < 1:
-        _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+        fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        _fail(f"--out-dir {args.out_dir} exists and is not a folder")
+        fail(f"--out-dir {args.out_dir} exists and is not a folder")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
-        _fail(f"cannot create --out-dir {args.out_dir}: {e.strerror or e}")
+        fail(f"cannot create --out-dir {args.out_dir}: {e.strerror or e}")
     _check_writable(args.out_dir, f"to --out-dir {args.out_dir}")
     defaults = {k: getattr(args, k) for k in ("speaker", "instruct", "language", "voice")
                 if getattr(args, k) is not None}
     try:
         requests, problems = batch.read_requests(args.input, defaults)
     except (OSError, ValueError) as e:
-        _fail(f"cannot read {args.input}: {e}" if isinstance(e, OSError) else str(e))
+        fail(f"cannot read {args.input}: {e}" if isinstance(e, OSError) else str(e))
     if not requests:
         for p in problems:
             print(f"qwen3-tts-jax: skipping {p}", file=sys.stderr)
@@ -251,7 +251,7 @@ def _clone_voice(tts, args):
     from . import load_voice, save_voice
 
     if bool(args.voice) == bool(args.ref_audio):
-        _fail("give exactly one of --ref-audio (with --ref-text, or --x-vector-only) or --voice")
+        fail("give exactly one of --ref-audio (with --ref-text, or --x-vector-only) or --voice")
     if args.voice:
         return load_voice(args.voice)
     voice = tts.create_voice_clone_prompt(args.ref_audio, ref_text=args.ref_text,
@@ -261,7 +261,7 @@ def _clone_voice(tts, args):
         try:
             save_voice(voice, args.save_voice)
         except Exception as e:                         # OSError, or safetensors' own error
-            _fail(f"cannot write voice file {args.save_voice}: {e}")
+            fail(f"cannot write voice file {args.save_voice}: {e}")
         print(f"saved voice to {args.save_voice}", file=sys.stderr)
     return voice
 
@@ -270,29 +270,29 @@ def _hosts(args) -> None:
     """The batch command's share of the input: --num-hosts/--host-index as given, or from
     `jax.distributed.initialize()` with --distributed (before anything starts a JAX backend)."""
     if args.coordinator and not args.distributed:
-        _fail("--coordinator needs --distributed")
+        fail("--coordinator needs --distributed")
     if args.distributed:
         import jax
 
         if args.coordinator and (args.num_hosts is None or args.host_index is None):
-            _fail("--coordinator needs --num-hosts and --host-index")
+            fail("--coordinator needs --num-hosts and --host-index")
         try:
             jax.distributed.initialize(coordinator_address=args.coordinator,
                                        num_processes=args.num_hosts, process_id=args.host_index)
         except (RuntimeError, ValueError) as e:
-            _fail(f"jax.distributed.initialize() failed: {e} (outside a TPU pod slice or a "
+            fail(f"jax.distributed.initialize() failed: {e} (outside a TPU pod slice or a "
                   "cluster JAX detects, give --coordinator, --num-hosts and --host-index)")
         args.num_hosts, args.host_index = jax.process_count(), jax.process_index()
     args.num_hosts = 1 if args.num_hosts is None else args.num_hosts
     args.host_index = 0 if args.host_index is None else args.host_index
     if args.num_hosts < 1 or not 0 <= args.host_index < args.num_hosts:
-        _fail(f"--host-index must be in 0..{args.num_hosts - 1} for --num-hosts "
+        fail(f"--host-index must be in 0..{args.num_hosts - 1} for --num-hosts "
               f"{args.num_hosts}, got {args.host_index}")
 
 
 def _batch(tts, args, stages, requests, problems) -> int:
     from . import batch
-    from .api import GenerationSettings
+    from .settings import GenerationSettings
 
     stages.close()
     for p in problems:
@@ -303,7 +303,7 @@ def _batch(tts, args, stages, requests, problems) -> int:
     try:        # once here, not once per line: the settings are the same for every request
         GenerationSettings.merge(tts.generate_defaults, **gen)
     except (ValueError, TypeError) as e:
-        _fail(_in_flags(e))
+        fail(_in_flags(e))
     if args.text_mode is not None:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     def work():
         try:
             outcome["rc"] = _main(args)
-        except BaseException as e:                     # SystemExit from _fail included
+        except BaseException as e:                     # SystemExit from fail included
             outcome["raised"] = e
 
     worker = threading.Thread(target=work, name="qwen3-tts-jax", daemon=True)
@@ -364,11 +364,11 @@ def _main(args) -> int:
         from .audio import output_formats
 
         if args.format not in output_formats():
-            _fail(f"--format {args.format}: this libsndfile cannot write it (choose one of "
+            fail(f"--format {args.format}: this libsndfile cannot write it (choose one of "
                   f"{', '.join(output_formats())})")
     elif not listing:
         if (args.text is None) == (args.text_file is None):
-            _fail("give exactly one of --text or --text-file")
+            fail("give exactly one of --text or --text-file")
         _check_output(args.output)
         if getattr(args, "save_voice", None):
             _check_output(args.save_voice, audio=False)
@@ -378,13 +378,13 @@ def _main(args) -> int:
             try:
                 args.text = read_text(args.text_file).strip()
             except IsADirectoryError:
-                _fail(f"cannot read --text-file {args.text_file}: it is a folder")
+                fail(f"cannot read --text-file {args.text_file}: it is a folder")
             except (OSError, ValueError) as e:
-                _fail(f"cannot read --text-file: {e}")
+                fail(f"cannot read --text-file: {e}")
         if not args.text.strip():
-            _fail("--text-file has no text" if args.text_file else "--text is empty")
+            fail("--text-file has no text" if args.text_file else "--text is empty")
     if bool(args.model) == bool(args.random_weights):
-        _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+        fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if args.command == "batch":
         requests, problems = _check_batch(args)
         _hosts(args)
@@ -414,7 +414,7 @@ def _main(args) -> int:
             tts.speech_tokenizer       # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:
         stages.close()
-        _fail(str(e))
+        fail(str(e))
     if listing:
         if args.list_speakers:
             print("\n".join(tts.get_supported_speakers())
@@ -452,14 +452,14 @@ def _main(args) -> int:
             wavs, sr = tts.decode(codes)
     except (ValueError, TypeError, FileNotFoundError) as e:  # AudioError is a ValueError
         stages.close()
-        _fail(_in_flags(e))
+        fail(_in_flags(e))
     from .audio import write_audio
 
     try:
         write_audio(args.output, wavs[0], sr)
     except OSError as e:                               # the disk filled up, ...
         stages.close()
-        _fail(f"cannot write {args.output}: {e}")
+        fail(f"cannot write {args.output}: {e}")
     stages("done")
     stages.close()
     t2 = time.perf_counter()

@@ -28,9 +28,9 @@ import numpy as np
 from . import code_predictor, layers, sampling, talker, xla_options
 from .buckets import fine, ladder, power_of_two as bucket
 from .config import Qwen3TTSConfig
-from .prompts import NONE
 
 MIN_NEW_TOKENS = 2  # hard-coded in the official generate
+NONE = -1           # "no such part" in a prompt's id arrays (prompts.py)
 
 
 class Settings(NamedTuple):
@@ -319,6 +319,12 @@ def shift(state: State, ctx: Context, m):
 FIRST_FRAMES = 256  # frame capacity of the first segment (20 s of audio); doubled as needed
 
 
+def capacity(max_frames: int) -> int:
+    """The frame capacity of a batch's first KV-cache segment for `max_frames` frames: their
+    bucket, at most FIRST_FRAMES (the cache doubles while some row is still speaking)."""
+    return min(bucket(max_frames, 16), FIRST_FRAMES)
+
+
 def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_frames: int):
     """Offline generation of a PromptBatch (arrays already bucketed). Returns the final State.
 
@@ -326,7 +332,7 @@ def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max
     frames) only when some row is still speaking, so that attention never reads a cache much longer
     than the audio so far: one host check per segment, never per frame.
     """
-    frames = min(bucket(max_frames, 16), FIRST_FRAMES)
+    frames = capacity(max_frames)
     state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
                          batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
                          batch.trailing_len_B, settings, keys_B, frames=frames,
@@ -337,6 +343,36 @@ def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max
             return state
         frames = min(2 * frames, bucket(max_frames, 16))
         state = grow(state, frames)
+
+
+def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_frames: int,
+           chunk_frames: int, first_chunk_frames: int):
+    """The streaming twin of `generate`: yields each chunk's new frames, a list of (n, G) int32
+    arrays (one per row, maybe empty), first after `first_chunk_frames` frames, then every
+    `chunk_frames`, until every row has ended or `max_frames` exist. The frame loop is the same
+    compiled `decode` with a growing `until` and the state kept on device, so the codes are
+    exactly `generate`'s for the same keys. Closing the generator stops the generation."""
+    frames = capacity(max_frames)
+    state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
+                         batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
+                         batch.trailing_len_B, settings, keys_B, frames=frames,
+                         compute=prefill_length(batch.mask_BxL))
+    limit = bucket(max_frames, 16)
+    emitted = np.zeros(state.length_B.shape[0], int)
+    target = first_chunk_frames
+    while True:
+        while target > frames and frames < limit:
+            frames = min(2 * frames, limit)
+            state = grow(state, frames)
+        state = decode(params, cfg, state, ctx, settings, min(target, frames))
+        lengths, done = np.asarray(state.length_B), np.asarray(state.done_B)
+        if (lengths > emitted).any():
+            codes = np.asarray(state.codes_BxFxG)
+            yield [codes[b, emitted[b]:lengths[b]] for b in range(len(lengths))]
+            emitted = np.maximum(emitted, lengths)
+        if done.all() or emitted.min() >= max_frames:
+            return
+        target = int(emitted.max()) + chunk_frames
 
 
 def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, settings: Settings,

@@ -23,13 +23,19 @@ Layout (rows = positions; T = text part, C = codec part; see shared NOTES.md sec
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import logging
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+from . import text as text_mod
 from .config import Qwen3TTSConfig
+from .generate import NONE
+from .settings import as_list
+from .voice import VoiceClonePromptItem, check_items
 
-NONE = -1  # "no such part" in the id arrays
+log = logging.getLogger("qwen3_tts_jax")
+
 
 
 @dataclasses.dataclass
@@ -178,3 +184,195 @@ def batch_prompts(cfg: Qwen3TTSConfig, prompts: list[Prompt], length: int | None
         trailing[b, :len(p.trailing)] = p.trailing
         trailing_len[b] = len(p.trailing)
     return PromptBatch(text, codec, mask, extra, extra_pos, trailing, trailing_len)
+
+
+# ---------------------------------------------------------------------- per-mode builders
+# The checked prompts of each mode, from the user's arguments (a value, or one per text: the
+# official broadcasting). Every front door (API, batch tool, server) builds its prompts here.
+
+def check_texts(texts: list) -> None:
+    if not texts:
+        raise ValueError("no text given: `text` is an empty list")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text[{i}] must be a str, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"text[{i}] is empty or whitespace only: nothing to say")
+
+
+def check_languages(cfg: Qwen3TTSConfig, languages: list) -> list[str]:
+    """Lower-cased languages, each one the checkpoint has ("auto" included)."""
+    supported = set(cfg.languages)
+    bad = [lang for lang in languages if lang is None or str(lang).lower() not in supported]
+    if bad:
+        raise ValueError(f"unsupported language(s) {bad}; supported: {sorted(supported)}")
+    return [str(lang).lower() for lang in languages]
+
+
+def check_speakers(cfg: Qwen3TTSConfig, speakers: list) -> None:
+    if any(s is None or s == "" for s in speakers):
+        raise ValueError(f"a speaker is required; this checkpoint has: {sorted(cfg.speakers)}")
+    bad = [s for s in speakers if str(s).lower() not in cfg.speakers]
+    if bad:
+        raise ValueError(f"unknown speaker(s) {bad}; this checkpoint has: {sorted(cfg.speakers)}")
+
+
+def _texts(text) -> list:
+    texts = text if isinstance(text, list) else [text]
+    check_texts(texts)
+    return texts
+
+
+def _languages(cfg, language, n: int) -> list[str]:
+    return check_languages(cfg, as_list("auto" if language is None else language, n, "language"))
+
+
+def input_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of the text to speak, in the assistant turn of the chat template."""
+    return tokenizer.encode(text_mod.assistant_text(text))
+
+
+def instruct_ids(tokenizer, instruct) -> list[int] | None:
+    if instruct is None or instruct == "":
+        return None
+    if not isinstance(instruct, str):
+        raise TypeError(f"instruct must be a str, got {type(instruct).__name__}")
+    return tokenizer.encode(text_mod.instruct_text(instruct))
+
+
+def _instructs_heard(cfg: Qwen3TTSConfig, instructs: list) -> list:
+    """The 0.6B CustomVoice model ignores instructions, like the official qwen-tts."""
+    if cfg.tts_model_type == "custom_voice" and cfg.tts_model_size in "0b6" and any(instructs):
+        log.warning("the 0.6B CustomVoice model ignores `instruct` (like the official "
+                    "qwen-tts); use a 1.7B CustomVoice checkpoint for instructions")
+        return [""] * len(instructs)
+    return instructs
+
+
+def custom_voice(cfg: Qwen3TTSConfig, tokenizer, text, speaker, language=None, instruct=None,
+                 non_streaming_mode: bool = True) -> list[Prompt]:
+    """Prompts of preset speakers (CustomVoice checkpoints); instruct only on the 1.7B."""
+    texts = _texts(text)
+    n = len(texts)
+    languages = _languages(cfg, language, n)
+    speakers = as_list(speaker, n, "speaker")
+    check_speakers(cfg, speakers)
+    instructs = _instructs_heard(cfg, as_list(instruct if instruct is not None else "", n,
+                                              "instruct"))
+    return [build_prompt(cfg, input_ids(tokenizer, t), lang, spk, instruct_ids(tokenizer, ins),
+                         non_streaming_mode)
+            for t, spk, lang, ins in zip(texts, speakers, languages, instructs)]
+
+
+def _check_design(instruct) -> None:
+    if instruct is None:
+        raise ValueError("generate_voice_design needs `instruct`: a description of the voice, "
+                         "e.g. 'A warm, low female voice, speaking slowly.'")
+
+
+def voice_design(cfg: Qwen3TTSConfig, tokenizer, text, instruct, language=None,
+                 non_streaming_mode: bool = True) -> list[Prompt]:
+    """Prompts of a voice described in words (VoiceDesign checkpoints)."""
+    texts = _texts(text)
+    n = len(texts)
+    _check_design(instruct)
+    instructs = as_list(instruct, n, "instruct")
+    languages = _languages(cfg, language, n)
+    return [build_prompt(cfg, input_ids(tokenizer, t), lang, None, instruct_ids(tokenizer, ins),
+                         non_streaming_mode)
+            for t, lang, ins in zip(texts, languages, instructs)]
+
+
+def check_voices(cfg: Qwen3TTSConfig, voices: list) -> None:
+    t = cfg.talker
+    check_items(voices, t.hidden_size, t.num_code_groups, t.code_predictor.vocab_size)
+
+
+def _clone_parts(cfg: Qwen3TTSConfig, tokenizer, voice: VoiceClonePromptItem) -> dict:
+    """The `build_prompt` arguments of a cloned voice: its x-vector, and for ICL its reference
+    transcript and codes."""
+    icl = voice.icl_mode and voice.ref_code is not None
+    return dict(
+        xvector=voice.ref_spk_embedding if (voice.x_vector_only_mode or voice.icl_mode) else None,
+        ref_ids=tokenizer.encode(text_mod.ref_text(voice.ref_text)) if icl else None,
+        ref_code=voice.ref_code if icl else None)
+
+
+def voice_clone(cfg: Qwen3TTSConfig, tokenizer, text, voices: list[VoiceClonePromptItem],
+                language=None, non_streaming_mode: bool = False) -> list[Prompt]:
+    """Prompts in cloned voices (Base checkpoints): one voice, or one per text."""
+    texts = _texts(text)
+    n = len(texts)
+    languages = _languages(cfg, language, n)
+    voices = as_list(voices, n, "voice_clone_prompt")
+    check_voices(cfg, voices)
+    return [build_prompt(cfg, input_ids(tokenizer, t), lang, None, None, non_streaming_mode,
+                         **_clone_parts(cfg, tokenizer, v))
+            for t, lang, v in zip(texts, languages, voices)]
+
+
+def for_mode(cfg: Qwen3TTSConfig, tokenizer, text, language=None, speaker=None, instruct=None,
+             voices=None, non_streaming_mode: bool | None = None) -> list[Prompt]:
+    """The prompts of the checkpoint's own mode (one dispatch for every front door): preset
+    `speaker`s with optional `instruct` (CustomVoice), `instruct` descriptions (VoiceDesign) or
+    cloned `voices` (Base). `non_streaming_mode` None is each mode's official default (True,
+    True, False)."""
+    kind = cfg.tts_model_type
+    if kind == "custom_voice":
+        return custom_voice(cfg, tokenizer, text, speaker, language, instruct,
+                            True if non_streaming_mode is None else non_streaming_mode)
+    if kind == "voice_design":
+        return voice_design(cfg, tokenizer, text, instruct, language,
+                            True if non_streaming_mode is None else non_streaming_mode)
+    if voices is None:
+        raise ValueError("a Base checkpoint speaks in a cloned voice: pass its voice")
+    return voice_clone(cfg, tokenizer, text, voices, language,
+                       False if non_streaming_mode is None else non_streaming_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class PiecesPrompt:
+    """The prompt of one utterance whose text arrives in pieces, read in the official streaming
+    text mode: `build(tokens, final)` makes the prompt from the text tokens received so far. The
+    prompt holds the text sequence's first `room` ids (one token, or for an ICL clone as many as
+    its reference frames hold, the reference transcript's `prefix` first); the rest is the
+    trailing text the frame loop reads one token per frame (`engine.TextFeed`)."""
+    build: Callable[[list[int], bool], Prompt]
+    room: int
+    prefix: list[int]
+    eos_id: int
+    pad_id: int
+
+
+def pieces(cfg: Qwen3TTSConfig, tokenizer, language=None, speaker: str | None = None,
+           instruct: str | None = None, voice: VoiceClonePromptItem | None = None) -> PiecesPrompt:
+    """The checked `PiecesPrompt` of the checkpoint's mode: a preset `speaker` (CustomVoice, with
+    an optional `instruct` on the 1.7B), an `instruct` (VoiceDesign) or a cloned `voice` (Base)."""
+    kind = cfg.tts_model_type
+    language = check_languages(cfg, ["auto" if language is None else language])[0]
+    if kind == "custom_voice":
+        check_speakers(cfg, [speaker])
+        instruct = _instructs_heard(cfg, [instruct or ""])[0]
+    elif kind == "voice_design":
+        _check_design(instruct)
+        speaker = None
+    else:
+        if voice is None:
+            raise ValueError("a Base checkpoint speaks in a cloned voice: pass its voice")
+        check_voices(cfg, [voice])
+        speaker, instruct = None, None
+    template = input_ids(tokenizer, "x")
+    head, tail = template[:3], template[-5:]
+    ins_ids = instruct_ids(tokenizer, instruct)
+    clone: dict = {}
+    room, prefix = 1, []
+    if voice is not None:
+        clone = _clone_parts(cfg, tokenizer, voice)
+        if clone["ref_code"] is not None:
+            room, prefix = 1 + len(voice.ref_code), clone["ref_ids"][3:-2]
+
+    def build(tokens: list[int], final: bool) -> Prompt:
+        return build_prompt(cfg, head + tokens[:max(1, room - len(prefix))] + tail, language,
+                            speaker, ins_ids, non_streaming_mode=False, **clone)
+
+    return PiecesPrompt(build, room, prefix, cfg.tts_eos_token_id, cfg.tts_pad_token_id)

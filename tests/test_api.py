@@ -76,9 +76,9 @@ def test_wrong_mode_for_checkpoint(cv, vd):
 def test_0b6_custom_voice_drops_instruct_with_a_warning(make_checkpoint, caplog):
     tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_identity_0b6"))
     with caplog.at_level(logging.WARNING, logger="qwen3_tts_jax"):
-        items = tts._custom_voice_prompts("Hi.", "ryan", None, "Speak slowly.", True)
+        items = tts.custom_voice_prompts("Hi.", "ryan", None, "Speak slowly.", True)
     assert "ignores `instruct`" in caplog.text
-    assert len(items[0]) == len(tts._custom_voice_prompts("Hi.", "ryan", None, None, True)[0])
+    assert len(items[0]) == len(tts.custom_voice_prompts("Hi.", "ryan", None, None, True)[0])
 
 
 def test_checkpoint_without_codec_gives_clear_error(tmp_path, make_checkpoint):
@@ -116,7 +116,7 @@ def test_warmup_compiles_what_requests_use(cv):
 
     kw = dict(max_new_tokens=77, do_sample=False, subtalker_dosample=False)  # own frame bucket
     texts = ["Hello there.", "Hi.", "Yes.", "No."]
-    lengths = [len(p) for p in cv._custom_voice_prompts(texts, "ryan", None, None, True)]
+    lengths = [len(p) for p in cv.custom_voice_prompts(texts, "ryan", None, None, True)]
     assert len({ladder(n) for n in lengths}) == 1, lengths   # one prompt bucket
     before = gen.prefill._cache_size(), gen.decode._cache_size()
     seconds = cv.warmup(texts[:1], batch_sizes=(1, 3), **kw)
@@ -153,7 +153,7 @@ def test_specialized_sampler_gives_the_same_codes(cv, kw, monkeypatch):
 
 
 def test_setting_errors_name_the_param(cv):
-    from qwen3_tts_jax.api import GenerationSettings, SettingError
+    from qwen3_tts_jax.settings import GenerationSettings, SettingError
 
     with pytest.raises(SettingError) as e:
         GenerationSettings.merge(cv.generate_defaults, temperature="hot")

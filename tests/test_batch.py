@@ -166,7 +166,7 @@ SHARDED = textwrap.dedent("""
     texts = ["Hello world.", "Hi.", "The quick brown fox.", "A", "Speak slowly.",
              "Numbers 0123.", "The lazy dog.", "Hello again.", "One more."]
     speakers = ["ryan", "vivian", "eric", "dylan", "serena", "aiden", "sohee", "uncle_fu", "ryan"]
-    items = tts._custom_voice_prompts(texts, speakers, "auto", None, True)
+    items = tts.custom_voice_prompts(texts, speakers, "auto", None, True)
     out = {}
     for name, kw in [("greedy", dict(do_sample=False, subtalker_dosample=False)),
                      ("sampled", dict(seed=list(range(9))))]:
@@ -249,7 +249,7 @@ POOL = textwrap.dedent("""
     import numpy as np
     import soundfile as sf
     from qwen3_tts_jax import Qwen3TTS, batch
-    from qwen3_tts_jax.server.engine import EnginePool
+    from qwen3_tts_jax.engine import EnginePool
 
     assert len(jax.local_devices()) == 8
     tts = Qwen3TTS.from_pretrained(sys.argv[1])

@@ -31,7 +31,7 @@ def settings_of(reqs):
 
 
 def prompt_of(tts, req):
-    return tts._custom_voice_prompts([req[0]], req[1], "english", None, req[2])[0]
+    return tts.custom_voice_prompts([req[0]], req[1], "english", None, req[2])[0]
 
 
 def alone(tts, req):
@@ -124,8 +124,8 @@ def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypat
     Every request's audio (streamed, or whole for D) equals its offline audio for the seed."""
     import threading
 
-    from qwen3_tts_jax.api import GenerationSettings
-    from qwen3_tts_jax.server.engine import BatchEngine, Job
+    from qwen3_tts_jax.settings import GenerationSettings
+    from qwen3_tts_jax.engine import BatchEngine, Job
 
     _, tts = model_pair("cv_proj")
     calls = []
@@ -164,7 +164,7 @@ def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypat
               "temperature": mode["temperature"] or None, "top_k": mode["top_k"],
               "top_p": mode["top_p"], "subtalker_dosample": False}
         gen_kw[k] = kw
-        prompt = tts._custom_voice_prompts([text], speaker, "english", None, True)[0]
+        prompt = tts.custom_voice_prompts([text], speaker, "english", None, True)[0]
         engine.submit(Job(prompt, GenerationSettings.merge(tts.generate_defaults, **kw),
                           emit=emit_to(k), seed=10 + i, stream=stream))
     engine.start()
@@ -197,7 +197,7 @@ def test_engine_whole_file_clone_cut_like_offline(model_pair):
     the offline API and the official do: int(ref / total * samples), which for 1 reference frame
     in 49 keeps one sample of the reference (float rounding); other lengths cut exactly (1 in
     187 too, which int(ref / total * total * 1920) would not)."""
-    from qwen3_tts_jax.server.engine import BatchEngine
+    from qwen3_tts_jax.engine import BatchEngine
 
     _, tts = model_pair("cv_proj")
     rng = np.random.default_rng(0)

@@ -54,13 +54,13 @@ def test_prompt_embeddings_match_official(models, name, non_streaming):
         if ours.config.tts_model_size == "0b6":
             kw["instruct"] = None
         call = lambda: off.generate_custom_voice(non_streaming_mode=non_streaming, **kw, **GREEDY)
-        items = ours._custom_voice_prompts(kw["text"], kw["speaker"], kw["language"],
+        items = ours.custom_voice_prompts(kw["text"], kw["speaker"], kw["language"],
                                            kw["instruct"], non_streaming)
     else:
         kw = dict(text=TEXTS[:2], instruct=["A warm female voice.", "Fast and loud."],
                   language=["english", "auto"])
         call = lambda: off.generate_voice_design(non_streaming_mode=non_streaming, **kw, **GREEDY)
-        items = ours._voice_design_prompts(kw["text"], kw["instruct"], kw["language"],
+        items = ours.voice_design_prompts(kw["text"], kw["instruct"], kw["language"],
                                            non_streaming)
     ref = capture_official_inputs(off, call)
     batch = prompts.batch_prompts(ours.config, items)
@@ -88,12 +88,12 @@ def test_talker_logits_prefill_and_decode_steps(models, name):
 
     if ours.tts_model_type == "custom_voice":
         args = dict(text=TEXTS[:2], speaker=["ryan", "sohee"], language=["english", "auto"])
-        items = ours._custom_voice_prompts(args["text"], args["speaker"], args["language"], None,
+        items = ours.custom_voice_prompts(args["text"], args["speaker"], args["language"], None,
                                            True)
         fn = off.generate_custom_voice
     else:
         args = dict(text=TEXTS[:2], instruct="Deep voice.", language="english")
-        items = ours._voice_design_prompts(args["text"], args["instruct"], args["language"], True)
+        items = ours.voice_design_prompts(args["text"], args["instruct"], args["language"], True)
         fn = off.generate_voice_design
     off.model.talker.generate = spy
     try:
@@ -375,7 +375,7 @@ def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
     words = "one two three four five six seven eight nine ten eleven twelve".split()
     for k in range(1, len(words) + 1):  # the first text whose prompt is low in its bucket
         text = " ".join(words[:k]) + "."
-        n = len(ours._custom_voice_prompts([text], "ryan", None, None, True)[0])
+        n = len(ours.custom_voice_prompts([text], "ryan", None, None, True)[0])
         if fine(n) < ladder(n):
             break
     else:

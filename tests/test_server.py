@@ -30,7 +30,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from qwen3_tts_jax import Qwen3TTS  # noqa: E402
+from qwen3_tts_jax import Qwen3TTS, prompts  # noqa: E402
 from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
 
 TOKENS = 16                       # frames = 15 per utterance
@@ -440,7 +440,7 @@ def test_voice_design_takes_instructions(make_checkpoint):
     with pytest.raises(ApiError, match="describe the voice"):
         srv.parse_speech(speech(voice="alloy"))
     req = srv.parse_speech(speech(voice="alloy", instructions="A calm, low voice."))
-    want = vd._voice_design_prompts("Hello world. This is a test.", "A calm, low voice.",
+    want = vd.voice_design_prompts("Hello world. This is a test.", "A calm, low voice.",
                                     "auto", True)[0]
     assert np.array_equal(req.job.prompt.text_L, want.text_L)
     assert srv.voice_names() == []
@@ -538,7 +538,7 @@ def test_text_session_equals_offline_streaming_mode(server, tts):
     ref = offline(tts, text, "ryan", 4, non_streaming_mode=False, **GEN)
     assert wave.shape == ref.shape
     np.testing.assert_allclose(wave, np.clip(ref, -1, 1), atol=2e-4 + 1e-4 * np.abs(ref).max())
-    assert done["input_tokens"] == len(tts._input_ids(text)) - 8
+    assert done["input_tokens"] == len(prompts.input_ids(tts.tokenizer, text)) - 8
 
 
 @pytest.mark.parametrize("first,pieces,needle", [
@@ -577,7 +577,7 @@ def test_default_batch_buckets_start_at_the_backends_fewest_rows(monkeypatch):
     import jax
 
     from qwen3_tts_jax import buckets
-    from qwen3_tts_jax.server.engine import BatchEngine
+    from qwen3_tts_jax.engine import BatchEngine
 
     monkeypatch.setattr(buckets, "MIN_ROWS", {})
     assert BatchEngine(None, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
@@ -643,7 +643,7 @@ def test_clone_text_session_equals_offline_streaming_mode(make_checkpoint, tmp_p
         save_voice(items, str(tmp_path / "v" / f"{name}.voice"))
     room = 1 + len(voices["icl"][0].ref_code)
     long_text = "Hello world, this is a longer test of a cloned voice in a text session."
-    assert len(base._input_ids(long_text)) - 8 > room       # past the ICL prompt's share
+    assert len(prompts.input_ids(base.tokenizer, long_text)) - 8 > room       # past the ICL prompt's share
     opts = ServerOptions(voices_dir=str(tmp_path / "v"), max_new_tokens=TOKENS,
                          min_prompt_bucket=64)
     # The layout itself (a tiny random model's audio barely depends on one text position): the
@@ -655,8 +655,8 @@ def test_clone_text_session_equals_offline_streaming_mode(make_checkpoint, tmp_p
     for voice in voices:
         for text in (long_text, "Hi there.", "A"):
             feed = srv.parse_session({"voice": voice, **GEN}).feed
-            tokens = base._input_ids(text)[3:-5]
-            (want,), _ = base._voice_clone_prompts(text, None, None, None, False, voices[voice],
+            tokens = prompts.input_ids(base.tokenizer, text)[3:-5]
+            (want,), _ = base.voice_clone_prompts(text, None, None, None, False, voices[voice],
                                                    False)
             got = feed.build(tokens, True)
             assert np.array_equal(got.text_L, want.text_L), (voice, text)
@@ -790,7 +790,7 @@ def test_sampler_kinds_reuse_compiled_programs(tts, monkeypatch):
     import jax
 
     from qwen3_tts_jax import sampling
-    from qwen3_tts_jax.server.engine import BatchEngine
+    from qwen3_tts_jax.engine import BatchEngine
 
     monkeypatch.setattr(sampling, "SPECIALIZE", True)
     e = BatchEngine(None, max_batch_size=2)
@@ -834,7 +834,7 @@ def test_warmup_whole_file_compiles_the_codec_windows(tts, caplog):
     the longest utterance, per batch bucket, and never past a full chunk's 325 frames."""
     import jax
 
-    from qwen3_tts_jax.server.engine import BatchEngine
+    from qwen3_tts_jax.engine import BatchEngine
 
     e = BatchEngine(None, max_batch_size=2, batch_buckets=(1, 2))
     assert e.whole_file_windows(40) == [(B, T) for B in (1, 2) for T in (16, 24, 32, 48)]

@@ -56,7 +56,7 @@ def test_icl_prompt_embeddings_match_official(base, non_streaming):
                                      **GREEDY)
     finally:
         off.model.talker.generate = orig
-    items, _ = ours._voice_clone_prompts(TEXT, "english", ref, "Hello world.", False, None,
+    items, _ = ours.voice_clone_prompts(TEXT, "english", ref, "Hello world.", False, None,
                                          non_streaming)
     batch = prompts.batch_prompts(ours.config, items)
     emb = gen.embed_prompts(ours.params, ours.config, batch.text_BxL, batch.codec_BxLxG,

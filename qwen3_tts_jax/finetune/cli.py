@@ -102,7 +102,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_finetune(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from ..api import enable_compilation_cache
+    from ..compilation_cache import enable_compilation_cache
     from .train import finetune
 
     if not args.no_compile_cache:      # a resumed run after a kill starts without recompiling

@@ -43,6 +43,7 @@ import optax
 from .. import code_predictor as cp_mod
 from .. import layers, talker
 from ..buckets import ladder
+from ..sharding import data_sharding
 from ..config import Qwen3TTSConfig, TransformerConfig
 from .data import SPEAKER_SLOT
 
@@ -288,12 +289,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled example order of an epoch (a pure function of seed and epoch, so a resumed
     run sees the same batches)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def data_sharding():
-    from ..batch import data_sharding as shard
-
-    return shard()
 
 
 def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,

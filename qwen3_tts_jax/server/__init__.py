@@ -92,19 +92,19 @@ def _check_listen(host: str, port: int, fail) -> None:
 
 
 def run(args) -> int:
-    from ..cli import SAMPLING_FLAGS, _fail
+    from ..cli import SAMPLING_FLAGS, fail
 
     try:
         import uvicorn
 
         from .app import ServerOptions, create_app
     except ImportError as e:
-        _fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
+        fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
     if bool(args.model) == bool(args.random_weights):
-        _fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
-    _check_listen(args.host, args.port, _fail)
+        fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
+    _check_listen(args.host, args.port, fail)
     if getattr(args, "model_parallel", 1) > 1:
-        _fail("serve runs a whole copy of the model on each device (--devices); --model-parallel "
+        fail("serve runs a whole copy of the model on each device (--devices); --model-parallel "
               "is not supported by the server yet")
     warmup = ()
     if args.warmup:
@@ -113,9 +113,9 @@ def run(args) -> int:
         except ValueError:
             warmup = (0,)
         if min(warmup) < 1:
-            _fail(f"--warmup takes comma-separated prompt lengths >= 1, got {args.warmup!r}")
+            fail(f"--warmup takes comma-separated prompt lengths >= 1, got {args.warmup!r}")
     if args.warmup_whole_file and not warmup:
-        _fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
+        fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
 
     import jax.numpy as jnp
@@ -134,13 +134,13 @@ def run(args) -> int:
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize)
         tts.speech_tokenizer           # the codec now: a broken one fails before listening
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     buckets = None
     if args.batch_buckets:
         try:
             buckets = tuple(int(b) for b in args.batch_buckets.split(","))
         except ValueError:
-            _fail(f"--batch-buckets takes comma-separated integers, got {args.batch_buckets!r}")
+            fail(f"--batch-buckets takes comma-separated integers, got {args.batch_buckets!r}")
     defaults = {k: getattr(args, k) for k in SAMPLING_FLAGS
                 if k != "max_new_tokens" and getattr(args, k) is not None}
     if args.greedy:
@@ -161,6 +161,6 @@ def run(args) -> int:
     try:
         app = create_app(tts, options)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0

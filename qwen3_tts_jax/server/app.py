@@ -33,11 +33,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import GEN_KWARGS, GenerationSettings
+from .. import prompts
 from ..audio import encode_audio_file, output_formats
 from ..buckets import ladder
 from ..voice import load_voice, save_voice
-from .engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
+from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
+from ..settings import GEN_KWARGS, GenerationSettings
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -373,27 +374,20 @@ class Server:
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), getattr(e, "param", None)) from None
         voice = self._voice(data)
-        tts, ref_code = self.tts, None
+        tts, ref_code, voices = self.tts, None, None
+        if self.kind == "voice_design" and not instructions:
+            raise ApiError(400, "this is a VoiceDesign model: describe the voice in "
+                                "`instructions` (e.g. 'A warm, low female voice')", "instructions")
+        if self.kind == "base":
+            if instructions:
+                raise ApiError(400, "`instructions` are not supported by voice cloning (Base "
+                                    "models); leave them out", "instructions")
+            voices = self.voices.voices[voice][:1]
+            if voices[0].icl_mode and voices[0].ref_code is not None:
+                ref_code = voices[0].ref_code
         try:
-            if self.kind == "custom_voice":
-                items = tts._custom_voice_prompts(text, voice, language, instructions,
-                                                  True if nsm is None else nsm)
-            elif self.kind == "voice_design":
-                if not instructions:
-                    raise ApiError(400, "this is a VoiceDesign model: describe the voice in "
-                                        "`instructions` (e.g. 'A warm, low female voice')",
-                                   "instructions")
-                items = tts._voice_design_prompts(text, instructions, language,
-                                                  True if nsm is None else nsm)
-            else:
-                if instructions:
-                    raise ApiError(400, "`instructions` are not supported by voice cloning (Base "
-                                        "models); leave them out", "instructions")
-                voice_items = self.voices.voices[voice]
-                items, used = tts._voice_clone_prompts(text, language, None, None, False,
-                                                       voice_items, False if nsm is None else nsm)
-                if used[0].icl_mode and used[0].ref_code is not None:
-                    ref_code = used[0].ref_code
+            items = prompts.for_mode(tts.config, tts.tokenizer, text, language, speaker=voice,
+                                     instruct=instructions, voices=voices, non_streaming_mode=nsm)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
         prompt = items[0]
@@ -511,8 +505,8 @@ class Server:
         if self.kind == "base":          # a registered voice: x-vector, or ICL with its reference
             voice, speaker = self.voices.voices[speaker][0], None
         job.prompt = None
-        job.feed = self.tts._text_feed(language, speaker=speaker,
-                                       instruct=data.get("instructions") or None, voice=voice)
+        job.feed = TextFeed.of(self.tts.tokenizer, self.tts.text_prompt(
+            language, speaker=speaker, instruct=data.get("instructions") or None, voice=voice))
         return job
 
     async def session(self, ws: WebSocket) -> None:

@@ -1,5 +1,6 @@
-"""Dynamic batching for the server: one worker thread owns the model and runs the requests that
-arrive together as one padded batch, streaming each row's audio as it is generated.
+"""The batching engine under every front door (the server, the batch tool, the API's text in
+pieces): one worker thread owns the model and runs the requests that arrive together as one
+padded batch, streaming each row's audio as it is generated.
 
     engine = BatchEngine(tts, max_batch_size=8, batch_window=0.01)
     engine.start()
@@ -7,7 +8,7 @@ arrive together as one padded batch, streaming each row's audio as it is generat
 
 Batching. Waiting requests are collected until `batch_window` seconds pass with no new arrival
 (at most 10 windows in all) or `max_batch_size` are waiting, then run as one batch (a "cohort")
-with the same compiled programs as offline generation and `Qwen3TTS._stream`: `generate.prefill`
+with the same compiled programs as offline generation and `generate.stream`: `generate.prefill`
 once, then `generate.decode` with a growing `until` (first after `first_chunk_frames` frames, then
 every `chunk_frames`), the state kept on device. After each chunk, every row's new frames go to
 the cohort's `StreamDecoder` (one codec call for all rows, the codec's state carried on device
@@ -60,15 +61,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import generate as gen, prompts, sampling, talker
-from ..api import GenerationSettings
-from ..buckets import batch_rows, ladder, power_of_two
-from ..codec import StreamDecoder, bucketed_decode
-from ..codec import decoder as codec_decoder
-from ..codec.tokenizer import CHUNK_SIZE, LEFT_CONTEXT, frame_bucket
-from ..text import assistant_text
+from . import generate as gen, prompts, sampling, talker
+from .settings import GenerationSettings, traced
+from .buckets import batch_rows, ladder, power_of_two
+from .codec import StreamDecoder, bucketed_decode
+from .codec import decoder as codec_decoder
+from .codec.tokenizer import CHUNK_SIZE, LEFT_CONTEXT, frame_bucket
+from .text import assistant_text
 
-log = logging.getLogger("qwen3_tts_jax.server")
+log = logging.getLogger("qwen3_tts_jax.server")  # the server logs it
 
 MAX_COLLECT_WINDOWS = 10     # a batch waits at most this many windows for company
 
@@ -108,6 +109,12 @@ class TextFeed:
         self.tokens: list[int] = []
         self._done = 0                  # characters of `text` that `tokens` cover
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, tokenizer, prompt: prompts.PiecesPrompt) -> "TextFeed":
+        """The feed of a `prompts.pieces` prompt."""
+        return cls(tokenizer, prompt.build, room=prompt.room, prefix=prompt.prefix,
+                   eos_id=prompt.eos_id, pad_id=prompt.pad_id)
 
     def can_start(self, tokens: list[int], final: bool) -> bool:
         return final or bool(tokens) and len(self.prefix) + len(tokens) >= self.room
@@ -675,24 +682,10 @@ class BatchEngine:
         return kind
 
     def _settings(self, rows: list[Job | None]) -> gen.Settings:
-        """Per-row settings of a cohort's rows; a row without a job (padding) copies the first
-        job's settings with a budget of 1 (it stops at once)."""
-        first = next(j for j in rows if j is not None).settings
-        rows_s = [first if j is None else j.settings for j in rows]
-        col = lambda name: [getattr(s, name) for s in rows_s]
-        B = len(rows)
-        def params(role, prefix):
-            cols = dict(do_sample=col(prefix + "dosample" if prefix else "do_sample"),
-                        temperature=col(prefix + "temperature"), top_k=col(prefix + "top_k"),
-                        top_p=col(prefix + "top_p"))
-            return sampling.SamplingParams.create(
-                B, **cols, kind=self._sampler_kind(role, sampling.kind_of(**cols)))
-
-        talker_p, predictor = params("talker", ""), params("predictor", "subtalker_")
-        budget = [1 if j is None else j.settings.max_new_tokens for j in rows]
-        return gen.Settings(talker_p, predictor,
-                            jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
-                            jnp.asarray(np.asarray(budget, np.int32)))
+        """Per-row settings of a cohort's rows (padding rows stop at once), with the sampler
+        kinds this engine has compiled (`_sampler_kind`)."""
+        return traced([None if j is None else j.settings for j in rows],
+                      kind=lambda role, cols: self._sampler_kind(role, sampling.kind_of(**cols)))
 
     def _decode(self, histories: list[np.ndarray], new: list[np.ndarray]) -> list[np.ndarray]:
         """Whole utterances (rows of whole-file formats, once they ended), each after its prefix
@@ -712,6 +705,61 @@ class BatchEngine:
                for c, x in zip(histories, new)]
         return [wave[i, k:(len(c) + len(x)) * up].copy()
                 for i, (k, c, x) in enumerate(zip(cut, histories, new))]
+
+
+def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, key,
+                  chunk_frames: int, first_chunk_frames: int, ref_code=None):
+    """Audio chunks of one utterance whose text comes from the iterator `pieces`, on a one-row
+    engine of its own (what the server's WebSocket text sessions run): a thread reads the pieces
+    into `feed` while the engine's thread generates, extending the frame loop's trailing text
+    between chunks and never running a frame past the tokens received until the iterator ends.
+    Tokens are committed where a word ends whatever follows (`commit_point`), so the codes are
+    those of the offline streaming-mode generation of the whole text with the same key. Closing
+    the generator early (or an exception from `pieces`) stops the generation. Reading stops once
+    the text holds more tokens than `max_new_tokens` frames can read (an endless iterator ends
+    the utterance at its budget, as the whole text would)."""
+    out: queue.Queue = queue.Queue()
+    job = Job(None, settings, emit=out.put, key=key, ref_code=ref_code, feed=feed)
+    engine = BatchEngine(model, max_batch_size=1, batch_window=0.0, max_queue=1,
+                         chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
+    # Text tokens the frames can read (`TextFeed.trailing`): past them, reading stops (an endless
+    # iterator too); so does a text with no place to commit tokens, past 32 chars a token.
+    readable = feed.room - len(feed.prefix) + settings.max_new_tokens
+    max_chars = 32 * readable + 4096
+
+    def read() -> None:
+        try:
+            for i, piece in enumerate(pieces):
+                if job.cancelled:
+                    return
+                if not isinstance(piece, str):
+                    raise TypeError(f"text piece {i} is a {type(piece).__name__}, not a str")
+                feed.push(piece)
+                engine.wake()
+                if len(feed.tokens) >= readable or len(feed.text) > max_chars:
+                    break         # the rest could not be spoken within max_new_tokens
+            if not feed.snapshot()[0] and not feed.text.strip():
+                raise ValueError("the text pieces ended without any text")
+            feed.push("", final=True)
+            engine.wake()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
+            job.cancelled = True
+            out.put(e)
+
+    engine.start()
+    try:
+        engine.submit(job)
+        threading.Thread(target=read, name="qwen3-tts-text", daemon=True).start()
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        job.cancelled = True
+        engine.stop()
 
 
 class EnginePool:

@@ -1,0 +1,105 @@
+"""Offline generation of built prompts on one loaded model: the batch padded to its shape buckets,
+placed on the devices, run by `generate.generate` (or chunk by chunk by `generate.stream`), the
+codes read back. The API and the batch tool's padded batches run here; the batching engine
+(`engine.py`) serves requests that arrive over time.
+
+`model` is a loaded `Qwen3TTS` (its `config`, `params`, `model_parallel`, `speech_tokenizer`)."""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from . import generate as gen, prompts
+from .buckets import batch_rows, ladder
+from .config import Qwen3TTSConfig
+from .settings import GenerationSettings, keys, traced
+
+
+def check_chunks(chunk_frames, first_chunk_frames) -> None:
+    for name, v in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
+
+
+def prepare(cfg: Qwen3TTSConfig, items: list[prompts.Prompt], settings: GenerationSettings,
+            data_parallel: int = 1):
+    """Built prompts -> (PromptBatch, generate.Settings, keys) padded to shape buckets: the batch
+    to a power of two, at least the backend's fewest rows (`buckets.batch_rows`; extra rows stop
+    at once) and a multiple of `data_parallel`; prompt and trailing text to the ladder."""
+    n = len(items)
+    longest = max(len(p) for p in items)
+    # A text longer than the model's positions is refused; generation may run past them, as in
+    # the official code (RoPE has no table to run out of; max_new_tokens bounds it).
+    limit = cfg.talker.max_position_embeddings
+    if longest > limit:
+        raise ValueError(f"the prompt is {longest} tokens, more than the model's {limit} "
+                         "positions; split the text")
+    B = batch_rows(n, jax.default_backend())
+    B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
+    items = items + [items[0]] * (B - n)
+    # Prompt lengths on the finer 16, 24, 32, 48, ... ladder: prefill is most of the time to the
+    # first frame, and a power of two could nearly double it.
+    batch = prompts.batch_prompts(cfg, items, length=ladder(longest),
+                                  trailing_length=ladder(max(len(p.trailing) for p in items)))
+    return batch, traced([settings] * n + [None] * (B - n)), keys(settings.seed, n, B)
+
+
+def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
+        data_parallel: bool = False) -> list[np.ndarray]:
+    """Codes (frames, 16) of built prompts: one padded, bucketed batch on device, or with
+    `data_parallel` the batch split over all local devices (params replicated)."""
+    from .sharding import data_sharding
+
+    m = model.model_parallel
+    devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
+    batch, run_settings, ks = prepare(model.config, items, settings, devices)
+    params = model.params
+    if m > 1:                      # params already split over the mesh's "model" axis
+        rows, _ = data_sharding(m)
+        batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
+    elif devices > 1:
+        rows, _ = data_sharding()
+        batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
+        params = model.replicated_params()
+    state = gen.generate(params, model.config, batch, run_settings, ks,
+                         max_frames=settings.max_new_tokens - 1)
+    codes = np.asarray(state.codes_BxFxG)
+    lengths = np.asarray(state.length_B)
+    return [codes[b, :lengths[b]] for b in range(len(items))]
+
+
+def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: GenerationSettings) -> float:
+    """Compile the programs that batches of these prompts use, for each batch size: the exact
+    shapes `run` gives (prompt and text buckets, padded batch, first KV-cache segment), by
+    running the prefill at each of its compute lengths in the prompt bucket
+    (`generate.prefill_lengths`) and one frame. Returns seconds."""
+    t = time.perf_counter()
+    capacity = gen.capacity(settings.max_new_tokens - 1)
+    for B in batch_sizes:
+        rows = (list(items) * B)[:B]
+        batch, run_settings, ks = prepare(model.config, rows, settings)
+        for compute in gen.prefill_lengths(batch.text_BxL.shape[1]):
+            state, ctx = gen.prefill(model.params, model.config, batch.text_BxL,
+                                     batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
+                                     batch.extra_pos_B, batch.trailing_BxLt, batch.trailing_len_B,
+                                     run_settings, ks, frames=capacity, compute=compute)
+        jax.block_until_ready(gen.decode(model.params, model.config, state, ctx, run_settings,
+                                         1).step)
+    return time.perf_counter() - t
+
+
+def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_frames: int,
+           first_chunk_frames: int, ref_code=None):
+    """Float32 audio chunks of one utterance while it is generated (`generate.stream`'s code
+    chunks through a `StreamDecoder`, which carries the codec's state between chunks: the chunks
+    concatenate to the offline audio, and each costs only its new frames). An ICL reference
+    (`ref_code`) is decoded first and its audio cut."""
+    batch, run_settings, ks = prepare(model.config, [item], settings)
+    codec = model.speech_tokenizer.stream_decoder()
+    codec.reset(0, prefix=ref_code)
+    for codes in gen.stream(model.params, model.config, batch, run_settings, ks,
+                            max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
+                            first_chunk_frames=first_chunk_frames):
+        yield codec.push([codes[0]])[0]

@@ -1,0 +1,163 @@
+"""Generation settings: the user's values checked and bounded (`GenerationSettings`), and their one
+conversion to the traced per-row arrays of the compiled program (`traced`), with the PRNG keys of a
+seed (`keys`). A request layer: it knows nothing of devices beyond building arrays."""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import generate as gen, sampling
+from .config import GenerationDefaults
+
+GEN_KWARGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty",
+              "subtalker_dosample", "subtalker_top_k", "subtalker_top_p", "subtalker_temperature",
+              "max_new_tokens", "seed")
+
+# Frames are generated into a KV cache that grows by doubling (`generate.grow`) and positions are
+# int32; generation may run past max_position_embeddings (as in the official code), so the bound is
+# practical rather than architectural: 2**20 frames is ~23 hours of 12.5 Hz audio, far above any
+# checkpoint's generation_config (8192), and keeps every frame count an int32.
+MAX_NEW_TOKENS = 2 ** 20
+# Seeds are PRNGKey seeds; with 32-bit JAX, values from 2**32 on alias smaller ones. The server and
+# the batch tool accept [0, 2**31): the same range here.
+SEED_LIMIT = 2 ** 31
+
+
+class SettingError(ValueError, TypeError):
+    """A generation setting of the wrong type or out of range; `param` names it (the server
+    answers 400 with that param)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_seed(s) -> int:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+        raise SettingError(f"seed must be an integer (or a list of one integer per text), "
+                           f"got {s!r}", "seed")
+    if not 0 <= s < SEED_LIMIT:
+        raise SettingError(f"seed must be in [0, 2**31), got {s!r}", "seed")
+    return int(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Validated generation settings for one call (per-row values allowed for `seed`)."""
+    do_sample: bool
+    top_k: int
+    top_p: float
+    temperature: float
+    repetition_penalty: float
+    subtalker_dosample: bool
+    subtalker_top_k: int
+    subtalker_top_p: float
+    subtalker_temperature: float
+    max_new_tokens: int
+    seed: Any = None
+
+    @classmethod
+    def merge(cls, defaults: GenerationDefaults, **kw) -> "GenerationSettings":
+        """User value > generation_config.json value > official hard default; then validate."""
+        unknown = sorted(set(kw) - set(GEN_KWARGS))
+        if unknown:
+            raise TypeError(f"unknown generation argument(s) {unknown}; valid: {list(GEN_KWARGS)}")
+        vals = dataclasses.asdict(defaults)
+        vals.update({k: v for k, v in kw.items() if v is not None})
+        s = cls(**{k: vals.get(k) for k in GEN_KWARGS})
+        s.validate()
+        return s
+
+    def validate(self):
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
+                                                                      np.floating)):
+                raise SettingError(f"{name} must be a number, got {type(v).__name__} {v!r}", name)
+            if not np.isfinite(v):
+                raise SettingError(f"{name} must be a finite number, got {v!r}", name)
+            return v
+
+        for name in ("do_sample", "subtalker_dosample"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise SettingError(f"{name} must be True or False, got {type(v).__name__} {v!r}",
+                                   name)
+        for prefix, do_sample in (("", self.do_sample), ("subtalker_", self.subtalker_dosample)):
+            t, p = number(prefix + "temperature"), number(prefix + "top_p")
+            k = getattr(self, prefix + "top_k")
+            if do_sample and not t > 0:
+                raise SettingError(f"{prefix}temperature must be > 0 when sampling (got {t}); "
+                                   f"use {prefix or ''}{'do_sample' if not prefix else 'dosample'}"
+                                   "=False for greedy decoding", prefix + "temperature")
+            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+                raise SettingError(f"{prefix}top_k must be an integer >= 0 (0 = off), got {k!r}",
+                                   prefix + "top_k")
+            if not 0 < p <= 1:
+                raise SettingError(f"{prefix}top_p must be in (0, 1], got {p!r}", prefix + "top_p")
+        if not number("repetition_penalty") > 0:
+            raise SettingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+                               "repetition_penalty")
+        m = self.max_new_tokens
+        # At least 2, like the official generate (min_new_tokens=2): N talker tokens give at most
+        # N - 1 frames (the last token's codes are never predicted), so 1 would give no audio.
+        if (not isinstance(m, (int, np.integer)) or isinstance(m, bool)
+                or not 2 <= m <= MAX_NEW_TOKENS):
+            raise SettingError(f"max_new_tokens must be an integer in [2, {MAX_NEW_TOKENS}] "
+                               f"(2**20), got {m!r}", "max_new_tokens")
+        if self.seed is not None:
+            for s in self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]:
+                check_seed(s)
+
+
+def as_list(x, n: int, name: str) -> list:
+    """A scalar for every item, or one value per item (the official broadcasting rules)."""
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(xs) == 1 and n > 1:
+        xs = xs * n
+    if len(xs) != n:
+        raise ValueError(f"batch size mismatch: {n} text(s) but {len(xs)} {name} value(s)")
+    return xs
+
+
+def keys(seed, n: int, B: int) -> jax.Array:
+    """Per-row PRNG keys (B, 2) of n requests padded to B rows: `seed` an int (row b gets
+    fold_in(key(seed), b)), a list of ints (one per row: a row then samples the same whatever else
+    is in the batch), or None (fresh random)."""
+    if isinstance(seed, (list, tuple)):
+        ks = [jax.random.PRNGKey(check_seed(s)) for s in as_list(seed, n, "seed")]
+    else:
+        base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else check_seed(seed))
+        ks = [jax.random.fold_in(base, b) for b in range(n)]
+    ks += [ks[0]] * (B - n)
+    return jnp.stack(ks)
+
+
+def traced(rows: Sequence[GenerationSettings | None],
+           kind: Callable[[str, dict], str | None] | None = None) -> gen.Settings:
+    """The traced per-row `generate.Settings` of a batch. A row without settings (None: padding)
+    copies the first row's with a budget of 1 token, so it stops at once. `kind(role, columns)`
+    may name the sampler kind for "talker" / "predictor" (`sampling.KINDS`; None: the
+    settings' own), so that a batch can reuse a program compiled for a wider kind."""
+    first = next(s for s in rows if s is not None)
+    filled = [first if s is None else s for s in rows]
+    B = len(rows)
+
+    def col(name):
+        return [getattr(s, name) for s in filled]
+
+    def params(role, prefix):
+        cols = dict(do_sample=col(prefix + "dosample" if prefix else "do_sample"),
+                    temperature=col(prefix + "temperature"), top_k=col(prefix + "top_k"),
+                    top_p=col(prefix + "top_p"))
+        return sampling.SamplingParams.create(B, **cols, kind=kind(role, cols) if kind else None)
+
+    budget = [1 if s is None else s.max_new_tokens for s in rows]
+    return gen.Settings(params("talker", ""), params("predictor", "subtalker_"),
+                        jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
+                        jnp.asarray(np.asarray(budget, np.int32)))
