@@ -49,7 +49,7 @@ def log(*a):
 
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")]
+    names = [s.split(":", 1)[1].strip() for s in out.splitlines() if s.startswith("Model name")]
     return names[0] if names else "unknown CPU"
 
 

@@ -191,7 +191,7 @@ def _read(source, what: str, max_seconds) -> tuple[np.ndarray, int]:
         samples, sr = sf.read(source, dtype="float32", always_2d=True)
     except AudioError:
         raise
-    except Exception as e:  # libsndfile says "Format not recognised", "System error", ...
+    except Exception as e:  # noqa: BLE001 - libsndfile: "Format not recognised", "System error", ...
         raise AudioError(f"cannot read {what}: {e} (readable formats: WAV, FLAC, OGG, MP3 and "
                          f"the others libsndfile knows)") from None
     return np.mean(samples, axis=-1), int(sr)

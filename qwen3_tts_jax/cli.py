@@ -23,7 +23,8 @@ import time
 # Subcommands that live in their own module. Each module defines `add_parser(sub, common)`, which
 # adds its subparser(s) with `set_defaults(run=FUNCTION)`; `main` calls `args.run(args)` for them.
 # Keep such modules' top-level imports light: `--help` imports them.
-EXTRA_COMMANDS: list[str] = ["qwen3_tts_jax.server", "qwen3_tts_jax.finetune.cli"]
+EXTRA_COMMANDS: list[str] = ["qwen3_tts_jax.server", "qwen3_tts_jax.finetune.cli",
+                             "qwen3_tts_jax.convert"]
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtalker_temperature",
                   "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")

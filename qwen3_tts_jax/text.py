@@ -150,7 +150,7 @@ def _qwen2_backend_from_files(vocab_file: str, merges_file: str) -> Tokenizer:
         bpe = models.BPE(vocab=vocab, merges=list(merges), dropout=None, unk_token=None,
                          continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
                          byte_fallback=False)
-    except Exception as e:  # tokenizers raises plain Exception: name the files instead
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception: name the files instead
         raise ConfigError(f"{vocab_file} + {merges_file} do not make a BPE tokenizer: "
                           f"{e}") from None
     tok = Tokenizer(bpe)
@@ -233,7 +233,7 @@ def _load_backend(path: str) -> Tokenizer:
     if tokenizer_file is not None and not init.get("from_slow", False):
         try:
             backend = Tokenizer.from_file(tokenizer_file)
-        except Exception as e:  # tokenizers raises plain Exception ("EOF while parsing ...")
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception ("EOF while parsing ...")
             raise ConfigError(f"{tokenizer_file} cannot be loaded as a tokenizer: {e}") from None
     else:
         vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
@@ -298,7 +298,7 @@ def _load_backend(path: str) -> Tokenizer:
             cls = getattr(pre_tokenizers, state.pop("type"))
             state["add_prefix_space"] = add_prefix_space
             backend.pre_tokenizer = cls(**state)
-    except Exception:  # no / unserializable pre-tokenizer: transformers ignores it too
+    except Exception:  # noqa: BLE001 - no / unserializable pre-tokenizer: transformers ignores it too
         pass
     return backend
 

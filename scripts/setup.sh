@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up qwen3-tts-jax in ./.venv on a fresh machine.
 #   bash scripts/setup.sh          the package and its runtime dependencies (JAX on CPU)
-#   bash scripts/setup.sh --test   also pytest and the official PyTorch reference stack (CPU torch,
-#                                  qwen-tts 0.1.1) that the parity tests compare against
+#   bash scripts/setup.sh --test   also pytest, ruff (`.venv/bin/ruff check .`, as CI runs it) and the
+#                                  official PyTorch reference stack (CPU torch, qwen-tts 0.1.1)
+#                                  that the parity tests compare against
 # On a CUDA 12 machine, add the GPU build of JAX afterwards: .venv/bin/pip install -e ".[cuda12]"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 """Configs, weight conversion and loading: official keys in, our pytree out, one error listing every
-bad key, the fast-loading form (`python -m convert`), hub ids offline."""
+bad key, the fast-loading form (`qwen3-tts-jax convert`), hub ids offline."""
 import json
 import os
 import re
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert.__main__ import convert
 from qwen3_tts_jax import CheckpointError, Qwen3TTS, checkpoint
 from qwen3_tts_jax.config import ConfigError, load_config, load_generation_defaults
+from qwen3_tts_jax.convert import convert
 
 
 def test_config_reads_official_values(make_checkpoint):
@@ -256,7 +256,7 @@ def test_generation_config_field_types(tmp_path):
 
 
 def test_convert_command_errors_are_one_line(tmp_path, make_checkpoint, capsys):
-    from convert.__main__ import main
+    from qwen3_tts_jax.convert import main
 
     src = make_checkpoint("cv_proj")
     (tmp_path / "afile").write_text("x")

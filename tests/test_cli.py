@@ -230,3 +230,56 @@ def test_text_file_from_a_closed_or_empty_stdin(tmp_path):
                        timeout=300, preexec_fn=lambda: os.close(0))
     assert r.returncode == 2 and "standard input is closed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "NOISE" not in r.stderr
+
+
+def test_convert_command(tmp_path, make_checkpoint):
+    """`qwen3-tts-jax convert SRC DST`: the fast-loading form, which the CLI then speaks with;
+    bad input is one line naming the problem, before anything is written."""
+    src = make_checkpoint("cv_proj")
+    dst = tmp_path / "fast"
+    r = run("convert", src, str(dst), "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"converted {src} -> {dst} (float32)"
+    assert (dst / "jax_params.safetensors").is_file() and not (dst / "model.safetensors").exists()
+    assert (dst / "speech_tokenizer" / "params.safetensors").is_file()
+    out = tmp_path / "a.wav"
+    r = run("custom-voice", "--model", str(dst), "--speaker", "ryan", "--text", "Hi.", "--greedy",
+            "--max-new-tokens", "4", "--output", str(out), "--quiet")
+    assert r.returncode == 0 and sf.info(str(out)).frames > 0, r.stderr
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    (broken / "speech_tokenizer").mkdir(parents=True)
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)):
+            (broken / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    (broken / "speech_tokenizer" / "config.json").write_text("{")
+    for args, needle in [
+            ([src, src], "is the source checkpoint"),
+            ([src, str(tmp_path / "afile")], "is an existing file, not a folder"),
+            ([src, str(tmp_path / "afile" / "out")], "cannot write DST"),
+            ([str(tmp_path / "nope"), str(tmp_path / "out")], "'" + str(tmp_path / "nope")
+             + "' does not exist"),
+            ([str(tmp_path / "empty"), str(tmp_path / "out")], "has no config.json"),
+            ([str(broken), str(tmp_path / "out")], "speech_tokenizer/config.json is not valid "
+                                                   "JSON")]:
+        r = run("convert", *args)
+        assert r.returncode == 2, r
+        assert r.stderr.startswith("qwen3-tts-jax convert: error: ") and needle in r.stderr, \
+            r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists()          # nothing written for bad input
+    r = run("--help")
+    assert r.returncode == 0 and "convert" in r.stdout
+
+
+def test_convert_is_not_installed_as_a_top_level_package():
+    """The wheel holds qwen3_tts_jax only: the checkout's convert/ (`python -m convert`) is not
+    installed into site-packages, where any other `convert` would clash with it."""
+    pyprojecttoml = pytest.importorskip("setuptools.config.pyprojecttoml")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = pyprojecttoml.read_configuration(os.path.join(root, "pyproject.toml"))
+    packages = cfg["tool"]["setuptools"]["packages"]       # the `find` directive, expanded
+    assert "qwen3_tts_jax" in packages and "qwen3_tts_jax.server" in packages
+    assert {p.split(".")[0] for p in packages} == {"qwen3_tts_jax"}, packages
+    assert os.path.isfile(os.path.join(root, "convert", "__main__.py"))   # still in the checkout
