@@ -9,8 +9,8 @@ computation (qwen-tts 0.1.1 modules driven like finetuning/sft_12hz.py, tests/te
 Backend: JAX's default (a GPU when jax[cuda] sees one; `--device cpu|gpu` forces). Ours runs bf16
 compute with f32 master weights on accelerators, f32 on CPU (the trainer's defaults; `--dtype`
 overrides). The official side runs on the CPU in float32, or with `--official-device cuda` in
-bfloat16 weights under autocast like sft_12hz.py; skip it with --no-official (then torch is not imported at all and the weights are
-random JAX arrays).
+bfloat16 weights under autocast like sft_12hz.py; skip it with --no-official (then torch is not
+imported at all and the weights are random JAX arrays).
 
 A step = one micro-batch: forward, backward, and every `--accum` micro-batches gradient clipping +
 AdamW, exactly the trainer's `train_step` / the official loop body. Batches: `--batch-size` examples

@@ -163,7 +163,7 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         nonlocal audio_s, done
         try:
             write_audio(path(r), wave, sr, fmt)
-        except Exception as e:                         # a full disk, ...: the others still go on
+        except Exception as e:  # noqa: BLE001 - a full disk, ...: the others still go on
             failed.append(f"line {r.line} ({r.name}): cannot write {path(r)}: {e}")
             bar.update(1)
             return
@@ -251,7 +251,7 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                 else:
                     failed.append(f"line {r.line} ({r.name}): {x}")
                     bar.update(1)
-            except Exception as e:      # never lose the count: the job waits for every row
+            except Exception as e:  # noqa: BLE001 - never lose the count: the job waits for every row
                 failed.append(f"line {r.line} ({r.name}): {e}")
                 bar.update(1)
             finally:

@@ -42,7 +42,7 @@ def resolve(path_or_id: str, what: str = "model") -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(path_or_id)
-    except Exception as e:  # offline, unknown repo, no disk: one clear message, not a hub trace
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no disk: one clear message
         raise FileNotFoundError(
             f"could not get {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}).\n"

@@ -261,7 +261,7 @@ def _clone_voice(tts, args):
     if args.save_voice:
         try:
             save_voice(voice, args.save_voice)
-        except Exception as e:                         # OSError, or safetensors' own error
+        except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error
             fail(f"cannot write voice file {args.save_voice}: {e}")
         print(f"saved voice to {args.save_voice}", file=sys.stderr)
     return voice
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     def work():
         try:
             outcome["rc"] = _main(args)
-        except BaseException as e:                     # SystemExit from fail included
+        except BaseException as e:  # noqa: BLE001 - SystemExit from fail included
             outcome["raised"] = e
 
     worker = threading.Thread(target=work, name="qwen3-tts-jax", daemon=True)
@@ -412,7 +412,7 @@ def _main(args) -> int:
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel,
                                        quantize=args.quantize)
         if not listing:
-            tts.speech_tokenizer       # the codec now: a broken one fails before generating
+            _ = tts.speech_tokenizer   # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:
         stages.close()
         fail(str(e))

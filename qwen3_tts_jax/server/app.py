@@ -89,9 +89,9 @@ class ApiError(Exception):
 
 
 def _error_type(status: int) -> str:
-    return {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
-            413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error"}.get(
-        status, "server_error")
+    return {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+            409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
+            504: "timeout_error"}.get(status, "server_error")
 
 
 def _error_response(status: int, message: str, param=None, code=None, headers=None):
