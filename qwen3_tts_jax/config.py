@@ -301,10 +301,15 @@ def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
         raise ConfigError(f"code_predictor_config num_code_groups "
                           f"({talker.code_predictor.num_code_groups}) is below the talker's "
                           f"({talker.num_code_groups}): the predictor lacks heads for some groups")
-    for c, name in ((talker, "talker"), (talker.code_predictor, "code_predictor")):
+    # Shapes the official model cannot run either (it fails in forward): refused by name.
+    for c, name in ((talker, "talker_config"), (talker.code_predictor, "code_predictor_config")):
         if c.num_attention_heads % c.num_key_value_heads:
-            raise ConfigError(f"{name}: num_attention_heads ({c.num_attention_heads}) is not a "
-                              f"multiple of num_key_value_heads ({c.num_key_value_heads})")
+            raise ConfigError(f"{name} num_attention_heads ({c.num_attention_heads}) is not a "
+                              f"multiple of num_key_value_heads ({c.num_key_value_heads}); the "
+                              "official model cannot run it either")
+        if c.head_dim % 2:
+            raise ConfigError(f"{name} head_dim ({c.head_dim}) must be even (rotate-half RoPE); "
+                              "the official model cannot run it either")
     _check_codec_ids(talker)
     return talker
 

@@ -147,6 +147,15 @@ def test_activations_match_transformers():
     ("cp", dict(num_code_groups=8), "num_code_groups (8) is below the talker's (16)"),
     ("talker", dict(attention_bias=True), "talker_config sets attention_bias"),
     ("talker", dict(use_sliding_window=True), "talker_config sets use_sliding_window"),
+    # the official model fails in forward on these too
+    ("talker", dict(num_attention_heads=4, num_key_value_heads=3),
+     "talker_config num_attention_heads (4) is not a multiple of num_key_value_heads (3); the "
+     "official model cannot run it either"),
+    ("cp", dict(num_attention_heads=4, num_key_value_heads=3),
+     "code_predictor_config num_attention_heads (4) is not a multiple"),
+    ("talker", dict(head_dim=7), "talker_config head_dim (7) must be even"),
+    ("cp", dict(head_dim=7), "code_predictor_config head_dim (7) must be even (rotate-half "
+     "RoPE); the official model cannot run it either"),
     # a window of 4 on predictor layers from 0 on hides positions; 4096 (cv_config_variants,
     # below: the official's codes equal ours) or sliding layers from 28 on hide none
     ("cp", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
