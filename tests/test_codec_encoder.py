@@ -451,6 +451,20 @@ def test_config_refuses_what_official_cannot_run(over, match):
         E.parse_encoder_config(d)
 
 
+def test_encoder_config_error_names_the_file(parity_codec, tmp_path):
+    import json
+
+    from qwen3_tts_jax.codec import SpeechTokenizer
+
+    path, *_ = parity_codec("tiny")
+    raw = json.load(open(os.path.join(path, "config.json")))
+    raw["encoder_config"]["head_dim"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: encoder_config head_dim"):
+        SpeechTokenizer.from_pretrained(str(tmp_path))
+
+
 def test_more_valid_quantizers_than_codebooks_encodes_like_official(tmp_path):
     """encoder_valid_num_quantizers (24) above the encoder's num_quantizers (20): the official
     keeps every code (its slice stops at 20); so do we, through the saved folder."""
