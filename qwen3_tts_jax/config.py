@@ -301,12 +301,46 @@ def parse_talker(d: Mapping[str, Any]) -> TalkerConfig:
         raise ConfigError(f"code_predictor_config num_code_groups "
                           f"({talker.code_predictor.num_code_groups}) is below the talker's "
                           f"({talker.num_code_groups}): the predictor lacks heads for some groups")
-    for c, name in ((talker, "talker"), (talker.code_predictor, "code_predictor")):
+    # Shapes the official model cannot run either (it fails in forward): refused by name.
+    for c, name in ((talker, "talker_config"), (talker.code_predictor, "code_predictor_config")):
         if c.num_attention_heads % c.num_key_value_heads:
-            raise ConfigError(f"{name}: num_attention_heads ({c.num_attention_heads}) is not a "
-                              f"multiple of num_key_value_heads ({c.num_key_value_heads})")
+            raise ConfigError(f"{name} num_attention_heads ({c.num_attention_heads}) is not a "
+                              f"multiple of num_key_value_heads ({c.num_key_value_heads}); the "
+                              "official model cannot run it either")
+        if c.head_dim % 2:
+            raise ConfigError(f"{name} head_dim ({c.head_dim}) must be even (rotate-half RoPE); "
+                              "the official model cannot run it either")
     _check_codec_ids(talker)
     return talker
+
+
+def check_speaker_encoder(cfg: SpeakerEncoderConfig) -> None:
+    """ConfigError for a speaker_encoder_config the official `Qwen3TTSSpeakerEncoder` cannot run
+    either: it refuses lists of unequal length, fails in forward on the channel shapes, and
+    `extract_speaker_embedding` makes 128 mel bands of 24 kHz audio whatever the config says."""
+    ch, n = cfg.enc_channels, len(cfg.enc_channels)
+    problems = []
+    if not n == len(cfg.enc_kernel_sizes) == len(cfg.enc_dilations) or n < 3:
+        problems.append("enc_channels, enc_kernel_sizes and enc_dilations need the same length "
+                        "(>= 3)")
+    elif any(c != ch[0] for c in ch[:-1]):
+        problems.append(f"enc_channels[:-1] must be equal (the SE-Res2Net residual adds them): "
+                        f"{list(ch)}")
+    elif sum(ch[1:-1]) != ch[-1]:
+        problems.append(f"enc_channels[-1] must be the sum of enc_channels[1:-1] (the MFA "
+                        f"input): {list(ch)}")
+    elif ch[0] % cfg.enc_res2net_scale:
+        problems.append(f"enc_channels {ch[0]} must be divisible by enc_res2net_scale "
+                        f"{cfg.enc_res2net_scale}")
+    if cfg.mel_dim != 128:
+        problems.append(f"mel_dim is {cfg.mel_dim}; extract_speaker_embedding always makes 128 "
+                        "mel bands")
+    if cfg.sample_rate != 24000:
+        problems.append(f"sample_rate is {cfg.sample_rate}; extract_speaker_embedding only "
+                        "supports 24000 Hz")
+    if problems:
+        raise ConfigError("speaker_encoder_config: " + "; ".join(problems)
+                          + " (the official speaker encoder cannot run it either)")
 
 
 def parse_config(d: Mapping[str, Any]) -> Qwen3TTSConfig:
@@ -325,6 +359,7 @@ def parse_config(d: Mapping[str, Any]) -> Qwen3TTSConfig:
         spk = dataclasses.replace(spk, enc_channels=tuple(spk.enc_channels),
                                   enc_kernel_sizes=tuple(spk.enc_kernel_sizes),
                                   enc_dilations=tuple(spk.enc_dilations))
+        check_speaker_encoder(spk)
     top = _pick({k: v for k, v in d.items() if k not in ("talker", "speaker_encoder")},
                 Qwen3TTSConfig, "config.json")
     return Qwen3TTSConfig(talker=parse_talker(d["talker_config"]), speaker_encoder=spk,

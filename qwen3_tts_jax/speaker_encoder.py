@@ -37,7 +37,7 @@ import numpy as np
 
 from . import weights
 from .buckets import ladder
-from .config import SpeakerEncoderConfig
+from .config import SpeakerEncoderConfig, check_speaker_encoder
 from .weights import Rule
 
 # Hard-coded in the official `extract_speaker_embedding` (M:1941-1952), whatever the config says.
@@ -67,29 +67,9 @@ RULES = [
 
 
 def check_config(cfg: SpeakerEncoderConfig) -> None:
-    """ValueError for configs the official module cannot run (it would fail deep inside torch)."""
-    ch, n = cfg.enc_channels, len(cfg.enc_channels)
-    problems = []
-    if not n == len(cfg.enc_kernel_sizes) == len(cfg.enc_dilations) or n < 3:
-        problems.append("enc_channels, enc_kernel_sizes and enc_dilations need the same length "
-                        "(>= 3)")
-    elif any(c != ch[0] for c in ch[:-1]):
-        problems.append(f"enc_channels[:-1] must be equal (the SE-Res2Net residual adds them): "
-                        f"{ch}")
-    elif sum(ch[1:-1]) != ch[-1]:
-        problems.append(f"enc_channels[-1] must be the sum of enc_channels[1:-1] (the MFA "
-                        f"input): {ch}")
-    elif ch[0] % cfg.enc_res2net_scale:
-        problems.append(f"enc_channels {ch[0]} must be divisible by enc_res2net_scale "
-                        f"{cfg.enc_res2net_scale}")
-    if cfg.mel_dim != NUM_MELS:
-        problems.append(f"mel_dim is {cfg.mel_dim}; extract_speaker_embedding always makes "
-                        f"{NUM_MELS} mel bands")
-    if cfg.sample_rate != SAMPLE_RATE:
-        problems.append(f"sample_rate is {cfg.sample_rate}; extract_speaker_embedding only "
-                        f"supports {SAMPLE_RATE} Hz")
-    if problems:
-        raise ValueError("unsupported speaker_encoder_config: " + "; ".join(problems))
+    """ConfigError for configs the official module cannot run either (`config.check_speaker_encoder`,
+    which `config.parse_config` runs on every Base config)."""
+    check_speaker_encoder(cfg)
 
 
 def expected_shapes(cfg: SpeakerEncoderConfig) -> dict:

@@ -147,6 +147,15 @@ def test_activations_match_transformers():
     ("cp", dict(num_code_groups=8), "num_code_groups (8) is below the talker's (16)"),
     ("talker", dict(attention_bias=True), "talker_config sets attention_bias"),
     ("talker", dict(use_sliding_window=True), "talker_config sets use_sliding_window"),
+    # the official model fails in forward on these too
+    ("talker", dict(num_attention_heads=4, num_key_value_heads=3),
+     "talker_config num_attention_heads (4) is not a multiple of num_key_value_heads (3); the "
+     "official model cannot run it either"),
+    ("cp", dict(num_attention_heads=4, num_key_value_heads=3),
+     "code_predictor_config num_attention_heads (4) is not a multiple"),
+    ("talker", dict(head_dim=7), "talker_config head_dim (7) must be even"),
+    ("cp", dict(head_dim=7), "code_predictor_config head_dim (7) must be even (rotate-half "
+     "RoPE); the official model cannot run it either"),
     # a window of 4 on predictor layers from 0 on hides positions; 4096 (cv_config_variants,
     # below: the official's codes equal ours) or sliding layers from 28 on hide none
     ("cp", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0,
@@ -270,3 +279,29 @@ def test_convert_command_errors_are_one_line(tmp_path, make_checkpoint, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("convert: error: ") and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(enc_channels=[32, 32, 32, 32, 90]), "enc_channels[-1] must be the sum"),
+    (dict(enc_channels=[32, 32, 24, 32, 88]), "enc_channels[:-1] must be equal"),
+    (dict(enc_channels=[36, 36, 36, 36, 108]), "divisible by enc_res2net_scale 8"),
+    (dict(enc_kernel_sizes=[5, 3, 3, 1]), "the same length"),
+    (dict(mel_dim=80), "mel_dim is 80"),
+])
+def test_speaker_encoder_config_errors_name_the_file(tmp_path, make_checkpoint, change, needle):
+    """Speaker encoder shapes the official module cannot run (it refuses them or fails in forward,
+    checked here) are a ConfigError naming config.json and the field, at config load."""
+    import torch
+    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSSpeakerEncoderConfig
+    from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSSpeakerEncoder
+
+    raw = json.load(open(os.path.join(make_checkpoint("base"), "config.json")))
+    spk = dict(raw["speaker_encoder_config"], **change)
+    with pytest.raises((ValueError, RuntimeError)):
+        official = Qwen3TTSSpeakerEncoder(Qwen3TTSSpeakerEncoderConfig(**spk))
+        with torch.no_grad():
+            official(torch.randn(1, 40, 128))
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, speaker_encoder_config=spk)))
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "config.json")) + ".*"
+                       + re.escape(needle) + ".*official speaker encoder cannot run it either"):
+        load_config(str(tmp_path))

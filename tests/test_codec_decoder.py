@@ -61,12 +61,25 @@ DECODERS = {
                       rope_scaling={"rope_type": "yarn", "factor": 8.0,
                                     "original_max_position_embeddings": 64}),
 }
+# Shapes the official decoder builds and runs though no released codec has them (each refused by
+# an earlier version of this port); `test_odd_shapes_match_official` only.
+ODD_DECODERS = {
+    # decoder_dim 100 through four halvings floors to 50, 25, 12, 6 channels; an odd codebook_dim
+    # (a 16-dim quantizer); 3 heads of 8 on a 32-wide transformer (explicit head_dim: 3 does not
+    # divide 32); 5 codebooks.
+    "floor_dims": dict(CODEC_DECODER, decoder_dim=100, codebook_dim=33, num_attention_heads=3,
+                       num_key_value_heads=1, num_hidden_layers=1, num_quantizers=5),
+    # No decoder block at all (4 samples a frame, from the ConvNeXt stages only) and an odd
+    # decoder_dim.
+    "no_decoder_blocks": dict(CODEC_DECODER, decoder_dim=37, upsample_rates=[],
+                              num_hidden_layers=1),
+}
 STAGE_FRAMES = 90          # > the largest window (72), so the sliding window masks something
 SMALL_USAGE_ROWS = 4       # codebook rows whose cluster_usage is below the 1e-5 clamp
 
 
-def random_codes(rng, frames, codebook_size=2048, batch=None):
-    shape = (frames, 16) if batch is None else (batch, frames, 16)
+def random_codes(rng, frames, codebook_size=2048, batch=None, quantizers=16):
+    shape = (frames, quantizers) if batch is None else (batch, frames, quantizers)
     codes = rng.integers(0, codebook_size, shape)
     codes[..., :SMALL_USAGE_ROWS + 1, :] = np.arange(SMALL_USAGE_ROWS + 1)[:, None]  # clamped rows
     return codes
@@ -109,10 +122,11 @@ def assert_close_to_peak(ours, ref, what, rel=1e-4):
 def build_parity_codec(path, decoder_config, seed=0, frames=STAGE_FRAMES):
     """The official codec saved at `path` with `randomize_for_parity_` weights, the last conv scaled
     so that decoding `frames` random frames peaks at ~0.9 before the clamp. Returns the codec."""
-    codec = build_codec(path, codec_config(decoder=decoder_config), seed=seed)
+    codec = build_codec(path, codec_config(decoder=decoder_config), seed=seed, audible=False)
     dec = codec.decoder
     randomize_for_parity_(dec, seed)
-    codes = random_codes(np.random.default_rng(seed), frames, batch=1)
+    codes = random_codes(np.random.default_rng(seed), frames, batch=1,
+                         quantizers=decoder_config["num_quantizers"])
     peak = np.abs(official_stages(dec, codes)[f"decoder.{len(dec.decoder) - 1}"]).max()
     with torch.no_grad():
         dec.decoder[-1].conv.weight *= 0.9 / peak
@@ -129,7 +143,7 @@ def parity_codec(tmp_path_factory):
     def get(name):
         if name not in built:
             path = str(tmp_path_factory.mktemp(f"codec_{name}"))
-            codec = build_parity_codec(path, DECODERS[name], seed=len(built))
+            codec = build_parity_codec(path, (DECODERS | ODD_DECODERS)[name], seed=len(built))
             built[name] = (path, codec, SpeechTokenizer.from_pretrained(path))
         return built[name]
 
@@ -151,6 +165,57 @@ def test_decode_stages_match_official_forward(parity_codec, name):
     assert np.sqrt(np.mean(wave ** 2)) > 1e-3 and np.abs(wave).max() > 0.1, "reference is silent"
     for k in ref:
         assert_close_to_peak(ours[k], ref[k], f"{name} {k}")
+
+
+@pytest.mark.parametrize("name", list(ODD_DECODERS))
+def test_odd_shapes_match_official(parity_codec, name):
+    """Configs the official decoder runs though no released codec has them load and decode like
+    it: every stage of `Decoder.forward`, and `SpeechTokenizer.decode` vs the official
+    `Qwen3TTSTokenizer.decode` (-1 padding, per-item trimming) on a batch of two lengths."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    path, codec, tok = parity_codec(name)
+    d = ODD_DECODERS[name]
+    assert (tok.config.decoder.decoder_dim, tok.config.decoder.num_quantizers) == \
+        (d["decoder_dim"], d["num_quantizers"])
+    rng = np.random.default_rng(100)
+    codes = random_codes(rng, STAGE_FRAMES, batch=2, quantizers=d["num_quantizers"])
+    ref = official_stages(codec.decoder, codes)
+    ours = jit_stages(tok.params, tok.config.decoder, codes)
+    assert set(ours) == set(ref)
+    assert np.sqrt(np.mean(ref["wave"] ** 2)) > 1e-3, "reference is silent"
+    for k in ref:
+        assert_close_to_peak(ours[k], ref[k], f"{name} {k}")
+    items = [codes[0, :40], codes[1, :25]]
+    ref_wavs, _ = Qwen3TTSTokenizer.from_pretrained(path).decode([{"audio_codes": c}
+                                                                  for c in items])
+    wavs, _ = tok.decode(items)
+    for i, (w, r) in enumerate(zip(wavs, ref_wavs)):
+        assert_close_to_peak(w, r, f"{name} decode item {i}")
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(num_quantizers=1), "num_quantizers"),
+    (dict(codebook_dim=1), "codebook_dim"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(decoder_dim=15), "decoder_dim"),          # 15 // 2**4 == 0 channels
+])
+def test_config_refuses_what_official_cannot_run(over, match):
+    """Each of these makes the official decoder fail at construction or in forward (checked
+    here too); we refuse it by field name when parsing the config."""
+    from qwen_tts.core import Qwen3TTSTokenizerV2Config
+    from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
+        Qwen3TTSTokenizerV2Decoder)
+
+    d = dict(CODEC_DECODER, num_hidden_layers=1, **over)
+    with pytest.raises((AssertionError, RuntimeError)):
+        cfg = Qwen3TTSTokenizerV2Config(**codec_config(decoder=d))
+        dec = Qwen3TTSTokenizerV2Decoder._from_config(cfg.decoder_config).eval()
+        with torch.no_grad():
+            dec(torch.zeros((1, d["num_quantizers"], 4), dtype=torch.long))
+    with pytest.raises(ConfigError, match=f"{match}.*official decoder cannot run it either"):
+        parse_decoder_config(d)
 
 
 def test_chunked_batch_matches_official_decode(parity_codec):

@@ -424,7 +424,66 @@ def test_parse_encoder_config():
         with pytest.raises(ConfigError):
             E.parse_encoder_config(d)
     with pytest.raises(ConfigError, match="encoder_valid_num_quantizers"):
-        E.parse_encoder_config({}, valid_num_quantizers=33)
+        E.parse_encoder_config({}, valid_num_quantizers=0)
+    # More kept codes than codebooks: the official slice keeps all of them.
+    assert E.parse_encoder_config({}, valid_num_quantizers=33).used_codebooks == (1, 31)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(num_attention_heads=6, num_key_value_heads=6), "must divide hidden_size"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(codebook_dim=16), "codebook_dim"),
+    (dict(num_semantic_quantizers=0), "num_semantic_quantizers"),
+    (dict(num_semantic_quantizers=32), "num_semantic_quantizers"),
+])
+def test_config_refuses_what_official_cannot_run(over, match):
+    """Each of these makes the official encoder fail at construction or in `encode` (checked here
+    too); we refuse it by field name when parsing the config."""
+    from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
+
+    d = dict(CODEC_ENCODER, num_hidden_layers=1, **over)
+    with pytest.raises((ValueError, RuntimeError)):
+        codec = Qwen3TTSTokenizerV2Model(Qwen3TTSTokenizerV2Config(**codec_config(encoder=d)))
+        with torch.no_grad():
+            codec.eval().encode(torch.randn(1, 4000), torch.ones(1, 4000, dtype=torch.long))
+    with pytest.raises(ConfigError, match=f"{match}.*official encoder cannot run it either"):
+        E.parse_encoder_config(d)
+
+
+def test_encoder_config_error_names_the_file(parity_codec, tmp_path):
+    import json
+
+    from qwen3_tts_jax.codec import SpeechTokenizer
+
+    path, *_ = parity_codec("tiny")
+    raw = json.load(open(os.path.join(path, "config.json")))
+    raw["encoder_config"]["head_dim"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: encoder_config head_dim"):
+        SpeechTokenizer.from_pretrained(str(tmp_path))
+
+
+def test_more_valid_quantizers_than_codebooks_encodes_like_official(tmp_path):
+    """encoder_valid_num_quantizers (24) above the encoder's num_quantizers (20): the official
+    keeps every code (its slice stops at 20); so do we, through the saved folder."""
+    from qwen_tts import Qwen3TTSTokenizer
+
+    from qwen3_tts_jax.codec import SpeechTokenizer
+
+    path = str(tmp_path)
+    enc = dict(CODEC_ENCODER, num_quantizers=20)
+    codec = build_codec(path, dict(codec_config(encoder=enc, decoder=CODEC_DECODER),
+                                   encoder_valid_num_quantizers=24), seed=12, audible=False)
+    randomize_encoder_(codec.encoder, 12)
+    codec.save_pretrained(path)
+    wave = speech_like(1.3, 44)
+    (ref,) = [c.numpy() for c in Qwen3TTSTokenizer.from_pretrained(path).encode(
+        [wave], sr=SR).audio_codes]
+    (got,) = SpeechTokenizer.from_pretrained(path).encode([wave], sr=SR)
+    assert ref.shape == got.shape == (-(-len(wave) // 1920), 20)
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_load_keeps_used_tensors_and_lists_bad_keys(parity_codec, tmp_path):

@@ -91,14 +91,26 @@ def parse_decoder_config(d: Mapping[str, Any]) -> DecoderConfig:
     if d.get("attention_bias", False):
         raise ConfigError("decoder_config attention_bias=true is not supported (the released "
                           "speech tokenizer has none)")
+    # Shapes the official decoder cannot run either (it fails at construction or in forward):
+    # refused here by name. Everything else it builds, we load, e.g. a decoder_dim that
+    # 2**len(upsample_rates) does not divide (block i has decoder_dim // 2**i channels, floored).
+    official = "; the official decoder cannot run it either"
     if cfg.num_quantizers < 2:
-        raise ConfigError("decoder_config num_quantizers must be >= 2 (one semantic + acoustic)")
+        raise ConfigError(f"decoder_config num_quantizers ({cfg.num_quantizers}) must be >= 2 "
+                          f"(one semantic + acoustic){official}")
+    if cfg.codebook_dim < 2:
+        raise ConfigError(f"decoder_config codebook_dim ({cfg.codebook_dim}) must be >= 2 (the "
+                          f"quantizer works in codebook_dim // 2 dimensions){official}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ConfigError(f"decoder_config num_attention_heads ({cfg.num_attention_heads}) is not "
-                          f"a multiple of num_key_value_heads ({cfg.num_key_value_heads})")
-    if cfg.decoder_dim % 2 ** len(cfg.upsample_rates):
-        raise ConfigError(f"decoder_config decoder_dim ({cfg.decoder_dim}) must be divisible by "
-                          f"2**len(upsample_rates) = {2 ** len(cfg.upsample_rates)}")
+                          f"a multiple of num_key_value_heads ({cfg.num_key_value_heads}){official}")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"decoder_config head_dim ({cfg.head_dim}) must be even (rotate-half "
+                          f"RoPE){official}")
+    if cfg.decoder_dim // 2 ** len(cfg.upsample_rates) < 1:
+        raise ConfigError(f"decoder_config decoder_dim ({cfg.decoder_dim}) leaves no channel after "
+                          f"{len(cfg.upsample_rates)} halvings (decoder_dim // 2**len(upsample_rates)"
+                          f" is 0){official}")
     return cfg
 
 

@@ -164,22 +164,35 @@ def parse_encoder_config(d: Mapping[str, Any], *, valid_num_quantizers: int = 16
         raise ConfigError("encoder_config residual_kernel_size must be one integer (the official "
                           f"MimiResnetBlock uses (residual_kernel_size, 1)); got "
                           f"{cfg.residual_kernel_size!r}")
+    # Shapes the official encoder cannot run either (MimiModel refuses them at construction or
+    # fails in forward): refused here by name.
+    official = "; the official encoder cannot run it either"
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
-    if cfg.hidden_size % H or H % K:
+    if cfg.hidden_size % H:
         raise ConfigError(f"encoder_config num_attention_heads ({H}) must divide hidden_size "
-                          f"({cfg.hidden_size}) and be a multiple of num_key_value_heads ({K})")
+                          f"({cfg.hidden_size}) (MimiAttention requires it even with an explicit "
+                          f"head_dim){official}")
+    if H % K:
+        raise ConfigError(f"encoder_config num_attention_heads ({H}) must be a multiple of "
+                          f"num_key_value_heads ({K}){official}")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"encoder_config head_dim ({cfg.head_dim}) must be even (rotate-half "
+                          f"RoPE){official}")
     q_dim = cfg.vector_quantization_hidden_dimension if cfg.has_input_proj else cfg.hidden_size
     if cfg.codebook_dim != q_dim:
         raise ConfigError(f"encoder_config codebook_dim ({cfg.codebook_dim}) must equal the "
                           f"quantizer input width ({q_dim}: vector_quantization_hidden_dimension, "
-                          "or hidden_size when they are equal)")
+                          f"or hidden_size when they are equal){official}")
     if not 1 <= cfg.num_semantic_quantizers < cfg.num_quantizers:
         raise ConfigError(f"encoder_config num_semantic_quantizers ({cfg.num_semantic_quantizers})"
-                          f" must be in [1, num_quantizers = {cfg.num_quantizers}) (the official "
-                          "encoder cannot encode without a semantic quantizer)")
-    if not 1 <= valid_num_quantizers <= cfg.num_quantizers:
-        raise ConfigError(f"encoder_valid_num_quantizers ({valid_num_quantizers}) must be in "
-                          f"[1, encoder_config num_quantizers = {cfg.num_quantizers}]")
+                          f" must be in [1, num_quantizers = {cfg.num_quantizers}){official}")
+    if valid_num_quantizers < 1:
+        raise ConfigError(f"encoder_valid_num_quantizers ({valid_num_quantizers}) must be >= 1 "
+                          "(the official encode would return codes of no codebook, which no "
+                          "decoder reads)")
+    # The official keeps codes[:, :encoder_valid_num_quantizers]: a larger value keeps all of them.
+    cfg = dataclasses.replace(cfg, valid_num_quantizers=min(valid_num_quantizers,
+                                                            cfg.num_quantizers))
     return cfg
 
 

@@ -285,6 +285,12 @@ class SpeechTokenizer:
             path = _download(path, revision, cache_dir)
         folder = _resolve_folder(path)
         cfg, raw = load_config(folder)
+        try:    # the encoder's config too, before any tensor is read
+            encoder.parse_encoder_config(
+                cfg.encoder_config, valid_num_quantizers=cfg.encoder_valid_num_quantizers,
+                encode_downsample_rate=cfg.encode_downsample_rate)
+        except ConfigError as e:
+            raise ConfigError(f"{os.path.join(folder, 'config.json')}: {e}") from None
         expected = decoder.expected_shapes(cfg.decoder)
         fast = os.path.join(folder, PARAMS_FILE)
         if os.path.exists(fast):
