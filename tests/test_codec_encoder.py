@@ -30,6 +30,7 @@ from official import CODEC_DECODER, CODEC_ENCODER, build_codec, codec_config
 from safetensors.numpy import load_file, save_file
 
 from qwen3_tts_jax.codec import encoder as E
+from qwen3_tts_jax.codec import tokenizer as T
 from qwen3_tts_jax.config import ConfigError
 from qwen3_tts_jax.weights import CheckpointError, flatten, safetensors_files
 
@@ -339,8 +340,8 @@ def test_encode_audio_matches_official_tokenizer_encode(parity_codec, tmp_path):
     tok = Qwen3TTSTokenizer.from_pretrained(path)
     for what, (audios, sr) in cases.items():
         ref = tok.encode(audios, sr=sr).audio_codes
-        ours = E.encode_audio(params, cfg, audios, sr=sr)
-        waves = E.prepare_audio(audios, sr, SR)
+        ours = T.encode_audio(params, cfg, audios, sr=sr)
+        waves = T.prepare_audio(audios, sr, SR)
         wave_BxT, _ = E.pad_batch(waves)
         assert E.frame_bucket(-(-wave_BxT.shape[1] // 1920)) == 24
         for b in range(len(audios)):
@@ -390,15 +391,15 @@ def test_prepare_audio_errors():
     from qwen3_tts_jax.audio import AudioError
 
     with pytest.raises(ValueError, match="sampling rate"):
-        E.prepare_audio(np.zeros(100, np.float32), None, SR)
+        T.prepare_audio(np.zeros(100, np.float32), None, SR)
     with pytest.raises(AudioError, match="does not exist"):
-        E.prepare_audio("/no/such/file.wav", None, SR)
+        T.prepare_audio("/no/such/file.wav", None, SR)
     with pytest.raises(ValueError, match="NaN"):
-        E.prepare_audio(np.full(100, np.nan, np.float32), SR, SR)
+        T.prepare_audio(np.full(100, np.nan, np.float32), SR, SR)
     with pytest.raises(ValueError, match="empty"):
-        E.prepare_audio([], SR, SR)
+        T.prepare_audio([], SR, SR)
     x = np.random.default_rng(0).standard_normal(2001).astype(np.float32)
-    assert [w.shape for w in E.prepare_audio([np.stack([x, x], -1), (x, 16000)], 24000, 24000)
+    assert [w.shape for w in T.prepare_audio([np.stack([x, x], -1), (x, 16000)], 24000, 24000)
             ] == [(2001,), (3002,)]
 
 

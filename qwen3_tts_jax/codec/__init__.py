@@ -16,11 +16,12 @@ from .config import DecoderConfig, SpeechTokenizerConfig, parse_config
 from . import decoder
 from .decoder import chunked_decode, decode, decode_stages, stream_decode
 from .streaming import StreamDecoder
-from .encoder import EncoderConfig, encode_audio, parse_encoder_config
+from .encoder import EncoderConfig, parse_encoder_config
 from .tokenizer import (SpeechTokenizer, bucketed_decode, check_codes, chunk_plan, decode_padded,
-                        frame_bucket)
+                        encode_audio, frame_bucket)
 
-__all__ = ["SpeechTokenizer", "StreamDecoder", "stream_decode", "SpeechTokenizerConfig", "DecoderConfig", "parse_config", "decoder",
-           "decode", "decode_stages", "chunked_decode", "bucketed_decode", "chunk_plan",
+__all__ = ["SpeechTokenizer", "StreamDecoder", "stream_decode", "SpeechTokenizerConfig",
+           "DecoderConfig", "parse_config", "decoder", "decode", "decode_stages", "chunked_decode",
+           "bucketed_decode", "chunk_plan",
            "decode_padded", "check_codes", "frame_bucket", "EncoderConfig", "encode_audio",
            "parse_encoder_config"]

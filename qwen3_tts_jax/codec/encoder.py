@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import audio, layers
+from .. import layers
 from ..buckets import ladder
 from ..activations import ACTIVATIONS
 from ..config import ConfigError, rope_scaling_of
@@ -504,47 +504,3 @@ def encode(params, cfg: EncoderConfig, wave_BxT, lengths_B) -> list[np.ndarray]:
     frames = np.minimum(_ceil_div(lengths, cfg.encode_downsample_rate),
                         _ceil_div(T, cfg.frame_size))
     return [codes[b, :frames[b]].copy() for b in range(B)]
-
-
-def prepare_audio(audios, sr: int | None, target_sr: int) -> list[np.ndarray]:
-    """What the official `Qwen3TTSTokenizer._normalize_audio_inputs` (WT:160-206) makes of the
-    inputs, reusing `audio.py`: a numpy waveform (with `sr`), a path / URL / base64 string or a
-    (wave, sample_rate) tuple (`audio.load_audio`), or a list of those -> 1-D float32 waveforms at
-    `target_sr`, channels averaged (`audio.to_mono`), resampled like librosa (`audio.resample`).
-
-    Differences, all for inputs the official mishandles: the kinds may be mixed in one list, 2-D
-    arrays may be (channels, samples) too, integer arrays are scaled as PCM, and strings go through
-    `audio.load_audio`'s checks (readable, not silent, >= 0.08 s; no length limit here)."""
-    if isinstance(audios, (str, np.ndarray)) or (
-            isinstance(audios, tuple) and len(audios) == 2 and np.isscalar(audios[1])):
-        audios = [audios]
-    audios = list(audios)
-    if not audios:
-        raise ValueError("no audio to encode: the list is empty")
-    out = []
-    for i, a in enumerate(audios):
-        if isinstance(a, np.ndarray):
-            if sr is None:
-                raise ValueError("numpy waveforms need their sampling rate: encode(audios, sr=...)"
-                                 " (or pass (wave, sample_rate) tuples)")
-            wave, a_sr = audio.to_mono(a), sr
-        else:
-            wave, a_sr = audio.load_audio(a, max_seconds=None)
-        if wave.size == 0 or not np.isfinite(wave).all():
-            raise ValueError(f"audio {i} is empty or has NaN or infinite samples")
-        out.append(audio.resample(wave, a_sr, target_sr))
-    return out
-
-
-def encode_audio(params, cfg: EncoderConfig, audios, sr: int | None = None,
-                 target_sr: int | None = None) -> list[np.ndarray]:
-    """The official `Qwen3TTSTokenizer.encode(audios, sr)` of the 12 Hz tokenizer: `prepare_audio`,
-    the feature extractor's right zero padding (`pad_batch`) and `encode`. One (frames, 16) int32
-    array per input, frames = ceil(samples at 24 kHz / 1920). Inputs are resampled to `target_sr`,
-    the feature extractor's rate (preprocessor_config.json; default: the encoder's own rate).
-
-    >>> codes = encode_audio(params, cfg, [wave_16k, wave2_16k], sr=16000)
-    >>> codes = encode_audio(params, cfg, "reference.wav")    # or a URL, base64, (wave, sr)
-    """
-    target = target_sr or cfg.sampling_rate   # the feature extractor's rate (`SpeechTokenizer`)
-    return encode(params, cfg, *pad_batch(prepare_audio(audios, sr, target)))
