@@ -152,17 +152,6 @@ def test_specialized_sampler_gives_the_same_codes(cv, kw, monkeypatch):
     assert sum(len(c) for c in codes[True]) > 10
 
 
-def test_setting_errors_name_the_param(cv):
-    from qwen3_tts_jax.settings import GenerationSettings, SettingError
-
-    with pytest.raises(SettingError) as e:
-        GenerationSettings.merge(cv.generate_defaults, temperature="hot")
-    assert e.value.param == "temperature"
-    s = GenerationSettings.merge(cv.generate_defaults, do_sample=np.bool_(False), top_k=np.int64(3),
-                                 max_new_tokens=2 ** 20, seed=2 ** 31 - 1)
-    assert s.top_k == 3 and s.max_new_tokens == 2 ** 20
-
-
 def test_warmup_and_streaming_arguments_are_checked_at_call_time(cv):
     for bad in ((0,), (), (1.5,), 4):
         with pytest.raises(ValueError, match="batch_sizes"):
