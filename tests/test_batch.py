@@ -84,6 +84,35 @@ def test_a_failing_write_fails_only_its_request(tmp_path, make_checkpoint):
         assert sorted(os.listdir(out)) == ["a.wav", "c.wav"]
 
 
+def test_write_audio_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                           monkeypatch):
+    """A crash leaves the output whole or absent: the temp file's bytes are fsynced before the
+    rename gives it the output's name, and the folder (the rename) after."""
+    import stat
+
+    from qwen3_tts_jax import audio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.stat(src).st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "a.wav"
+    audio.write_audio(str(out), [0.1] * 1000, 24000)
+    ino, size = os.stat(out).st_ino, os.stat(out).st_size
+    assert events == [("fsync", ino), ("replace", ino, size), ("fsync", "folder")], events
+    assert os.listdir(tmp_path) == ["a.wav"]
+
+
 def test_read_requests_bom_and_encoding(tmp_path):
     from qwen3_tts_jax import batch
 
