@@ -259,19 +259,24 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
             chunk = todo[start:start + batch_size]
             try:
                 waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
-            except (ValueError, TypeError, OSError):   # one bad request: retry one by one
-                waves, sr = [], 24000
-                for r in chunk:
-                    try:
-                        w, sr = _generate(tts, [r], dict(gen or {}), devices)
-                        waves.append(w[0])
-                    except (ValueError, TypeError, OSError) as e1:
-                        failed.append(f"line {r.line} ({r.name}): {e1}")
-                        waves.append(None)
-                        bar.update(1)
-            for r, w in zip(chunk, waves):
-                if w is not None:
+            except Exception as e:  # noqa: BLE001 - the batch's own requests fail, not the run
+                waves, error = None, e
+            if waves is not None:
+                for r, w in zip(chunk, waves):
                     written(r, w, sr)
+                continue
+            if len(chunk) == 1:
+                failed.append(f"line {chunk[0].line} ({chunk[0].name}): {_why(error)}")
+                bar.update(1)
+                continue
+            for r in chunk:          # which request failed it: each alone, the others written
+                try:
+                    w, sr = _generate(tts, [r], dict(gen or {}), devices)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    failed.append(f"line {r.line} ({r.name}): {_why(e)}")
+                    bar.update(1)
+                    continue
+                written(r, w[0], sr)
     bar.close()
     return {"done": done, "skipped": skipped, "failed": failed, "redone": redone,
             "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0,
@@ -324,10 +329,10 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                 if x is None:
                     written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr)
                 else:
-                    failed.append(f"line {r.line} ({r.name}): {x}")
+                    failed.append(f"line {r.line} ({r.name}): {_why(x)}")
                     bar.update(1)
             except Exception as e:  # noqa: BLE001 - never lose the count: the job waits for every row
-                failed.append(f"line {r.line} ({r.name}): {e}")
+                failed.append(f"line {r.line} ({r.name}): {_why(e)}")
                 bar.update(1)
             finally:
                 submit_next()
@@ -342,8 +347,8 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
         try:
             items, ref_code, seed = _prompts(tts, [r], dict(gen))
             settings = GenerationSettings.merge(tts.generate_defaults, **settings_kw)
-        except (ValueError, TypeError, OSError) as e:
-            failed.append(f"line {r.line} ({r.name}): {e}")
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            failed.append(f"line {r.line} ({r.name}): {_why(e)}")
             bar.update(1)
             continue
         jobs.append(Job(items[0], settings, emit=emit_for(r), seed=seed[0],

@@ -1,7 +1,8 @@
 """The batch tool (`qwen3-tts-jax batch`): bad lines reported and skipped, restart after a kill
 without redoing or losing finished files (written durably; a broken one redone, temp files
-removed), data-parallel sharding over 8 simulated devices giving the same codes as one device,
-and tensor-parallel weights (2 and 8 ways) giving the same greedy codes."""
+removed), a failing request or padded batch failing only itself, data-parallel sharding over 8
+simulated devices giving the same codes as one device, and tensor-parallel weights (2 and 8 ways)
+giving the same greedy codes."""
 import json
 import os
 import subprocess
@@ -210,6 +211,90 @@ def test_resume_redoes_broken_outputs_and_removes_our_temp_files(tmp_path, monke
     for i in range(8):
         assert batch.unfinished(str(out / f"r{i}.wav")) is None
         assert sf.info(str(out / f"r{i}.wav")).frames == (2400 if i == 0 else 250 + 10 * i)
+
+
+def test_a_failing_padded_batch_fails_only_its_own_requests(tmp_path, monkeypatch):
+    """`--no-continuous-batching`: a runtime error in one padded batch does not end the run; that
+    batch's requests are tried one by one (the one that fails alone is reported, with the
+    error's type), and every other batch is written."""
+    from qwen3_tts_jax import batch
+
+    calls = []
+    monkeypatch.setattr(batch, "_generate", _fake_generate(calls, raise_for="Text 03."))
+    out = tmp_path / "wavs"
+    s = batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert s["failed"] == ["line 4 (r3): RuntimeError: device lost"], s
+    assert s["done"] == 7, s
+    assert calls[1:4] == [["Text 02.", "Text 03."], ["Text 02."], ["Text 03."]], calls
+    assert sorted(os.listdir(out)) == [f"r{i}.wav" for i in range(8) if i != 3]
+    # a device error that every try hits: each of the batch's requests fails, the rest written
+    calls.clear()
+    reqs = [batch.Request(line=i + 1, text=f"Text {10 + i}.", name=f"q{i}") for i in range(6)]
+    bad = {"Text 12.", "Text 13."}
+
+    def every_try(tts, chunk, gen, devices):
+        if bad & {r.text for r in chunk}:
+            raise MemoryError("out of device memory")
+        return _fake_generate(calls)(tts, chunk, gen, devices)
+
+    monkeypatch.setattr(batch, "_generate", every_try)
+    s = batch.run(_FakeTTS(), reqs, str(out), batch_size=2, progress=False, continuous=False)
+    assert s["failed"] == ["line 3 (q2): MemoryError: out of device memory",
+                           "line 4 (q3): MemoryError: out of device memory"], s
+    assert s["done"] == 4
+    assert sorted(f for f in os.listdir(out) if f.startswith("q")) == [
+        "q0.wav", "q1.wav", "q4.wav", "q5.wav"]
+
+
+def _poison_continuous(monkeypatch, text):
+    """Make the engine fail (a RuntimeError where the request starts: a new batch's prefill, or
+    taking a free row of a running one) for the request with `text`; returns nothing."""
+    from qwen3_tts_jax import batch, engine
+
+    poisoned = []
+    real_prompts, real_init, real_take = batch._prompts, engine._Cohort.__init__, engine._Cohort.take
+
+    def prompts(tts, chunk, gen):
+        items, refs, seeds = real_prompts(tts, chunk, gen)
+        if chunk[0].text == text:
+            poisoned.append(items[0])
+        return items, refs, seeds
+
+    def check(jobs):
+        if any(j.prompt is p for j in jobs for p in poisoned):
+            raise RuntimeError("device lost")
+
+    def init(self, eng, jobs):
+        check(jobs)
+        real_init(self, eng, jobs)
+
+    def take(self, job, row):
+        check([job])
+        real_take(self, job, row)
+
+    monkeypatch.setattr(batch, "_prompts", prompts)
+    monkeypatch.setattr(engine._Cohort, "__init__", init)
+    monkeypatch.setattr(engine._Cohort, "take", take)
+
+
+GEN3 = {"max_new_tokens": 3, "do_sample": False, "subtalker_dosample": False}
+
+
+def test_continuous_batching_a_failing_request_fails_only_itself(tmp_path, monkeypatch,
+                                                                 make_checkpoint):
+    """Continuous batching (one row: every request starts alone): a request the engine fails
+    is reported with its error, every other request is written."""
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=i + 1, text=t, name=f"r{i}", speaker="ryan")
+            for i, t in enumerate(["Hi.", "Hello there.", "Hello world.", "Good morning all."])]
+    _poison_continuous(monkeypatch, "Hello there.")
+    s = batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    assert s["failed"] == ["line 2 (r1): RuntimeError: device lost"], s
+    assert s["done"] == 3, s
+    assert sorted(os.listdir(tmp_path)) == ["r0.wav", "r2.wav", "r3.wav"]
 
 
 def test_read_requests_bom_and_encoding(tmp_path):
