@@ -247,6 +247,28 @@ def test_a_failing_padded_batch_fails_only_its_own_requests(tmp_path, monkeypatc
         "q0.wav", "q1.wav", "q4.wav", "q5.wav"]
 
 
+def test_an_interrupt_mid_run_keeps_every_finished_output(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the third padded batch ends the run; the two batches
+    written before stay whole, nothing half-written is left, and a restart does the rest."""
+    from qwen3_tts_jax import batch
+
+    calls = []
+    monkeypatch.setattr(batch, "_generate",
+                        _fake_generate(calls, raise_for=("#", 3), exc=KeyboardInterrupt()))
+    out = tmp_path / "wavs"
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert sorted(os.listdir(out)) == ["r0.wav", "r1.wav", "r2.wav", "r3.wav"]
+    assert all(batch.unfinished(str(out / f)) is None for f in os.listdir(out))
+    calls.clear()
+    monkeypatch.setattr(batch, "_generate", _fake_generate(calls))
+    s = batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert s["done"] == 4 and s["skipped"] == 4 and not s["redone"], s
+    assert calls == [["Text 04.", "Text 05."], ["Text 06.", "Text 07."]]
+
+
 def _poison_continuous(monkeypatch, text):
     """Make the engine fail (a RuntimeError where the request starts: a new batch's prefill, or
     taking a free row of a running one) for the request with `text`; returns nothing."""
@@ -295,6 +317,48 @@ def test_continuous_batching_a_failing_request_fails_only_itself(tmp_path, monke
     assert s["failed"] == ["line 2 (r1): RuntimeError: device lost"], s
     assert s["done"] == 3, s
     assert sorted(os.listdir(tmp_path)) == ["r0.wav", "r2.wav", "r3.wav"]
+
+
+def test_continuous_batching_an_interrupt_keeps_every_finished_output(tmp_path, monkeypatch,
+                                                                      make_checkpoint):
+    """Ctrl-C (KeyboardInterrupt in the main thread, which waits while the engine's thread
+    writes) after two requests were written: the run ends, the written files stay whole, no
+    temp file is left, and a restart generates only the rest."""
+    import threading
+
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=i + 1, text=f"Sentence number {i}.", name=f"r{i}",
+                          speaker="ryan") for i in range(12)]
+    wavs = lambda: sorted(f for f in os.listdir(tmp_path) if f.endswith(".wav"))  # noqa: E731
+    at_interrupt = []
+
+    class Interrupting(threading.Event):
+        def wait(self, timeout=None):
+            if timeout is not None or threading.current_thread() is not threading.main_thread():
+                return super().wait(timeout)
+            while not super().wait(0.01):
+                if len(wavs()) >= 2:
+                    at_interrupt.extend(wavs())
+                    raise KeyboardInterrupt
+            return True
+
+    monkeypatch.setattr(threading, "Event", Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    monkeypatch.undo()
+    finished = wavs()
+    assert 2 <= len(at_interrupt) and set(at_interrupt) <= set(finished), finished
+    assert len(finished) < 12, "the run was not interrupted"
+    assert all(f.endswith(".wav") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
+    assert all(batch.unfinished(str(tmp_path / f)) is None for f in finished)
+    mtimes = {f: os.stat(tmp_path / f).st_mtime_ns for f in finished}
+    s = batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    assert s["done"] == 12 - len(finished) and s["skipped"] == len(finished), s
+    assert not s["failed"] and not s["redone"], s
+    assert wavs() == sorted(f"r{i}.wav" for i in range(12))
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in finished} == mtimes
 
 
 def test_read_requests_bom_and_encoding(tmp_path):
