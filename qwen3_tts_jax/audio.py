@@ -295,10 +295,17 @@ def encode_audio_file(wave, sample_rate: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+# The names of `write_audio`'s temp files: ".NAME.XXXXXXXX.part" for the file NAME (`tempfile`'s
+# random part); the group "name" is the finished file's name.
+PART_FILE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.part")
+
+
 def write_audio(path: str, wave, sample_rate: int, fmt: str | None = None) -> None:
-    """Write a speech file atomically: the bytes go to a hidden temp file in the same folder
-    (".NAME.XXXX.part", so that one left behind by a killed process is never taken for a finished
-    file), then a rename. `fmt` defaults to the format the extension names (`format_for_path`)."""
+    """Write a speech file atomically and durably: the bytes go to a hidden temp file in the same
+    folder (`PART_FILE`, so that one left behind by a killed process is never taken for a finished
+    file), flushed to the disk (fsync), then a rename, and the folder synced where the OS allows,
+    so that after a crash the file exists whole or not at all. `fmt` defaults to the format the
+    extension names (`format_for_path`)."""
     fmt = fmt or format_for_path(path)
     data = encode_audio_file(wave, sample_rate, fmt)
     folder = os.path.dirname(os.path.abspath(path))
@@ -308,6 +315,8 @@ def write_audio(path: str, wave, sample_rate: int, fmt: str | None = None) -> No
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())        # the bytes on the disk before the rename names them
         # mkstemp makes the file 0600; a finished audio file gets the usual 0666 & ~umask
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
@@ -315,3 +324,13 @@ def write_audio(path: str, wave, sample_rate: int, fmt: str | None = None) -> No
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:                                # the rename itself on the disk (the folder's entry)
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:                     # Windows: a folder cannot be opened
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:                     # file systems that cannot sync a folder
+        pass
+    finally:
+        os.close(dir_fd)

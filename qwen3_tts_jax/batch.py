@@ -9,9 +9,12 @@ text file, one utterance per line, named line-00001... with the voice from the c
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
 skipped. Requests are sorted by length and run as continuous batches (`engine.BatchEngine`):
 a row whose utterance ended takes the next request at the next host check, and each WAV is
-written as its utterance ends. Each WAV is written atomically (temp file + rename), and a file
-that already exists is not generated again, so a killed job restarts where it stopped without
-losing or redoing finished work.
+written as its utterance ends. Each WAV is written atomically and durably (temp file, fsync,
+rename: `audio.write_audio`), and a file that already exists and decodes whole is not generated
+again, so a killed job restarts where it stopped without losing or redoing finished work; an
+existing file that does not decode (empty, cut short, not audio) is generated again, and temp
+files of this job's names left by a killed run are removed. A request that fails (a bad voice
+file, a generation error, a failed write) is reported and the others go on.
 
 Data parallel (several local devices): one engine per device (`engine.EnginePool`), the
 weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
@@ -35,6 +38,63 @@ import jax
 import numpy as np
 
 from . import prompts
+
+
+def _why(e: BaseException) -> str:
+    """An error as the summary lists it: a request's own problem (ValueError, TypeError, OSError)
+    by its message, anything else (a device or runtime error) with its type too."""
+    if isinstance(e, (ValueError, TypeError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def unfinished(path: str) -> str | None:
+    """Why the audio file at `path` cannot stand as a finished output, or None: it must decode to
+    the end, as many frames as its header declares, at least one (`write_audio` never writes an
+    empty file), and a WAV must be as long as its RIFF header says (libsndfile reads a cut WAV
+    as a shorter one)."""
+    import soundfile as sf
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            size = os.fstat(f.fileno()).st_size
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            declared = int.from_bytes(head[4:8], "little") + 8
+            if size < declared:
+                return f"it is cut short ({size} of {declared} bytes)"
+        with sf.SoundFile(path) as f:
+            frames, got = f.frames, 0
+            while True:
+                n = len(f.read(1 << 16, dtype="float32"))
+                if n == 0:
+                    break
+                got += n
+    except Exception as e:  # noqa: BLE001 - whatever the decoder says: not a finished file
+        return f"it does not decode ({_why(e)})"
+    if got == 0:
+        return "it has no audio"
+    if got < frames:
+        return f"it decodes to {got} of the {frames} frames its header declares"
+    return None
+
+
+def remove_stale_parts(out_dir: str, outputs: set[str]) -> list[str]:
+    """Remove `write_audio`'s temp files in `out_dir` for the file names in `outputs` (left by a
+    killed run; the names of other jobs' files, e.g. another host's share, are left alone).
+    Returns the names removed."""
+    from .audio import PART_FILE
+
+    removed = []
+    for entry in os.listdir(out_dir):
+        m = PART_FILE.fullmatch(entry)
+        if m and m["name"] in outputs:
+            try:
+                os.unlink(os.path.join(out_dir, entry))
+            except FileNotFoundError:           # gone meanwhile
+                continue
+            removed.append(entry)
+    return removed
 
 
 @dataclasses.dataclass
@@ -132,7 +192,12 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         progress: bool = True, num_hosts: int = 1, host_index: int = 0,
         continuous: bool = True, fmt: str = "wav") -> dict:
     """Generate every request not yet on disk (OUT_DIR/NAME.FMT, `fmt` a format of
-    `audio.output_formats()`). Returns a summary dict (done, skipped, failed).
+    `audio.output_formats()`). Returns a summary dict (done, skipped, failed, redone).
+
+    Restartable: an existing output is kept if it decodes whole (`unfinished`), generated again
+    if not (one stderr line each); temp files of our names left by a killed run are removed. A
+    request that fails is listed in "failed" and the others go on; an exception that ends the
+    run (KeyboardInterrupt) leaves every finished output in place.
 
     `continuous`: rows refill as requests end, one engine per local device (the default);
     False: padded batches of `batch_size`, each waiting for its longest row, split over a
@@ -152,7 +217,17 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     def path(r: Request) -> str:
         return os.path.join(out_dir, f"{r.name}.{fmt}")
 
-    todo = [r for r in mine if not os.path.exists(path(r))]
+    # every format's: a run with another --format may have left them
+    remove_stale_parts(out_dir, {f"{r.name}.{f}" for r in mine for f in output_formats()})
+    todo, redone = [], []
+    for r in mine:
+        if os.path.lexists(path(r)):
+            why = unfinished(path(r))
+            if why is None:
+                continue
+            print(f"qwen3-tts-jax: generating {path(r)} again: {why}", file=sys.stderr)
+            redone.append(r.name)
+        todo.append(r)
     skipped = len(mine) - len(todo)
     todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
@@ -184,21 +259,26 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
             chunk = todo[start:start + batch_size]
             try:
                 waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
-            except (ValueError, TypeError, OSError):   # one bad request: retry one by one
-                waves, sr = [], 24000
-                for r in chunk:
-                    try:
-                        w, sr = _generate(tts, [r], dict(gen or {}), devices)
-                        waves.append(w[0])
-                    except (ValueError, TypeError, OSError) as e1:
-                        failed.append(f"line {r.line} ({r.name}): {e1}")
-                        waves.append(None)
-                        bar.update(1)
-            for r, w in zip(chunk, waves):
-                if w is not None:
+            except Exception as e:  # noqa: BLE001 - the batch's own requests fail, not the run
+                waves, error = None, e
+            if waves is not None:
+                for r, w in zip(chunk, waves):
                     written(r, w, sr)
+                continue
+            if len(chunk) == 1:
+                failed.append(f"line {chunk[0].line} ({chunk[0].name}): {_why(error)}")
+                bar.update(1)
+                continue
+            for r in chunk:          # which request failed it: each alone, the others written
+                try:
+                    w, sr = _generate(tts, [r], dict(gen or {}), devices)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    failed.append(f"line {r.line} ({r.name}): {_why(e)}")
+                    bar.update(1)
+                    continue
+                written(r, w[0], sr)
     bar.close()
-    return {"done": done, "skipped": skipped, "failed": failed,
+    return {"done": done, "skipped": skipped, "failed": failed, "redone": redone,
             "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0,
             "refilled": refilled}
 
@@ -249,10 +329,10 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                 if x is None:
                     written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr)
                 else:
-                    failed.append(f"line {r.line} ({r.name}): {x}")
+                    failed.append(f"line {r.line} ({r.name}): {_why(x)}")
                     bar.update(1)
             except Exception as e:  # noqa: BLE001 - never lose the count: the job waits for every row
-                failed.append(f"line {r.line} ({r.name}): {e}")
+                failed.append(f"line {r.line} ({r.name}): {_why(e)}")
                 bar.update(1)
             finally:
                 submit_next()
@@ -267,8 +347,8 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
         try:
             items, ref_code, seed = _prompts(tts, [r], dict(gen))
             settings = GenerationSettings.merge(tts.generate_defaults, **settings_kw)
-        except (ValueError, TypeError, OSError) as e:
-            failed.append(f"line {r.line} ({r.name}): {e}")
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            failed.append(f"line {r.line} ({r.name}): {_why(e)}")
             bar.update(1)
             continue
         jobs.append(Job(items[0], settings, emit=emit_for(r), seed=seed[0],

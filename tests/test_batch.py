@@ -1,7 +1,8 @@
 """The batch tool (`qwen3-tts-jax batch`): bad lines reported and skipped, restart after a kill
-without redoing or losing finished files, and data-parallel sharding over 8 simulated devices giving
-the same codes as one device, and tensor-parallel weights (2 and 8 ways) giving the same greedy
-codes."""
+without redoing or losing finished files (written durably; a broken one redone, temp files
+removed), a failing request or padded batch failing only itself, data-parallel sharding over 8
+simulated devices giving the same codes as one device, and tensor-parallel weights (2 and 8 ways)
+giving the same greedy codes."""
 import json
 import os
 import subprocess
@@ -84,6 +85,282 @@ def test_a_failing_write_fails_only_its_request(tmp_path, make_checkpoint):
         assert sorted(os.listdir(out)) == ["a.wav", "c.wav"]
 
 
+class _FakeTTS:
+    """What `batch.run` reads of the model on the padded path (`_generate` is faked)."""
+    model_parallel = 1
+
+
+def _fake_generate(calls, raise_for=None, exc=None):
+    """A stand-in for `batch._generate`: records each batch's texts, raises `exc` for a batch
+    holding the text `raise_for` (every one, or the n-th with raise_for=("#", n)), else returns
+    a short tone per request."""
+    import numpy as np
+
+    def generate(tts, chunk, gen, devices):
+        calls.append([r.text for r in chunk])
+        if raise_for == ("#", len(calls)) or any(r.text == raise_for for r in chunk):
+            raise exc or RuntimeError("device lost")
+        return [np.full(240 + 10 * r.line, 0.25, np.float32) for r in chunk], 24000
+    return generate
+
+
+def _reqs(n):
+    from qwen3_tts_jax import batch
+
+    return [batch.Request(line=i + 1, text=f"Text {i:02d}.", name=f"r{i}") for i in range(n)]
+
+
+def test_write_audio_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                           monkeypatch):
+    """A crash leaves the output whole or absent: the temp file's bytes are fsynced before the
+    rename gives it the output's name, and the folder (the rename) after."""
+    import stat
+
+    from qwen3_tts_jax import audio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.stat(src).st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "a.wav"
+    audio.write_audio(str(out), [0.1] * 1000, 24000)
+    ino, size = os.stat(out).st_ino, os.stat(out).st_size
+    assert events == [("fsync", ino), ("replace", ino, size), ("fsync", "folder")], events
+    assert os.listdir(tmp_path) == ["a.wav"]
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "ogg"])
+def test_unfinished_accepts_whole_files_only(tmp_path, fmt):
+    import numpy as np
+
+    from qwen3_tts_jax import audio, batch
+
+    if fmt not in audio.output_formats():
+        pytest.skip(f"this libsndfile does not write {fmt}")
+    f = tmp_path / f"a.{fmt}"
+    audio.write_audio(str(f), (0.5 * np.sin(np.arange(24000) / 10)).astype(np.float32), 24000)
+    assert batch.unfinished(str(f)) is None
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])               # cut short (a copy that stopped, ...)
+    assert batch.unfinished(str(f)) is not None
+    f.write_bytes(b"")
+    assert "does not decode" in batch.unfinished(str(f))
+    f.write_bytes(b"RIFF" + os.urandom(200))
+    assert "does not decode" in batch.unfinished(str(f))
+
+
+def test_resume_redoes_broken_outputs_and_removes_our_temp_files(tmp_path, monkeypatch, capsys):
+    """On restart an existing output counts as finished only if it decodes whole: an empty, a
+    garbage, a cut and a zero-frame file are generated again (one stderr line each), a whole file
+    is kept as it is; temp files of our names (any format) are removed, other jobs' stay."""
+    import tempfile
+
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_jax import audio, batch
+
+    out = tmp_path / "wavs"
+    out.mkdir()
+    names = []                         # the temp file names write_audio really makes
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        fd, name = real_mkstemp(*a, **k)
+        names.append(os.path.basename(name))
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    audio.write_audio(str(out / "r0.wav"), np.full(2400, 0.25, np.float32), 24000)  # whole
+    audio.write_audio(str(out / "r3.wav"), np.full(2400, 0.25, np.float32), 24000)
+    (out / "r3.wav").write_bytes((out / "r3.wav").read_bytes()[:1000])             # cut
+    (out / "r1.wav").write_bytes(b"")                                               # empty
+    (out / "r2.wav").write_bytes(b"this is not a WAV file" * 10)                    # garbage
+    sf.write(str(out / "r4.wav"), np.zeros(0, np.float32), 24000)                   # 0 frames
+    assert sf.info(str(out / "r4.wav")).frames == 0
+    stale = [names[0], ".r5.flac.k2j4x_0a.part", ".r6.wav.zzzzzzzz.part"]
+    for n in stale + [".other.wav.abcdefgh.part", ".r5.wav.notes", "r7.wav.part"]:
+        (out / n).write_bytes(b"partial")
+    kept = os.stat(out / "r0.wav").st_mtime_ns
+    calls = []
+    monkeypatch.setattr(batch, "_generate", _fake_generate(calls))
+    s = batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=8, progress=False,
+                  continuous=False)
+    assert calls == [[f"Text {i:02d}." for i in range(1, 8)]], calls     # r0 not generated
+    assert s["done"] == 7 and s["skipped"] == 1 and not s["failed"], s
+    assert s["redone"] == ["r1", "r2", "r3", "r4"], s
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all("again" in line for line in err), err
+    for i, why in [(1, "does not decode"), (2, "does not decode"), (3, "cut short"),
+                   (4, "no audio")]:
+        assert any(f"r{i}.wav again: it " in line and why in line for line in err), (i, err)
+    assert os.stat(out / "r0.wav").st_mtime_ns == kept
+    assert sorted(os.listdir(out)) == sorted(
+        [".other.wav.abcdefgh.part", ".r5.wav.notes", "r7.wav.part"]
+        + [f"r{i}.wav" for i in range(8)])
+    for i in range(8):
+        assert batch.unfinished(str(out / f"r{i}.wav")) is None
+        assert sf.info(str(out / f"r{i}.wav")).frames == (2400 if i == 0 else 250 + 10 * i)
+
+
+def test_a_failing_padded_batch_fails_only_its_own_requests(tmp_path, monkeypatch):
+    """`--no-continuous-batching`: a runtime error in one padded batch does not end the run; that
+    batch's requests are tried one by one (the one that fails alone is reported, with the
+    error's type), and every other batch is written."""
+    from qwen3_tts_jax import batch
+
+    calls = []
+    monkeypatch.setattr(batch, "_generate", _fake_generate(calls, raise_for="Text 03."))
+    out = tmp_path / "wavs"
+    s = batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert s["failed"] == ["line 4 (r3): RuntimeError: device lost"], s
+    assert s["done"] == 7, s
+    assert calls[1:4] == [["Text 02.", "Text 03."], ["Text 02."], ["Text 03."]], calls
+    assert sorted(os.listdir(out)) == [f"r{i}.wav" for i in range(8) if i != 3]
+    # a device error that every try hits: each of the batch's requests fails, the rest written
+    calls.clear()
+    reqs = [batch.Request(line=i + 1, text=f"Text {10 + i}.", name=f"q{i}") for i in range(6)]
+    bad = {"Text 12.", "Text 13."}
+
+    def every_try(tts, chunk, gen, devices):
+        if bad & {r.text for r in chunk}:
+            raise MemoryError("out of device memory")
+        return _fake_generate(calls)(tts, chunk, gen, devices)
+
+    monkeypatch.setattr(batch, "_generate", every_try)
+    s = batch.run(_FakeTTS(), reqs, str(out), batch_size=2, progress=False, continuous=False)
+    assert s["failed"] == ["line 3 (q2): MemoryError: out of device memory",
+                           "line 4 (q3): MemoryError: out of device memory"], s
+    assert s["done"] == 4
+    assert sorted(f for f in os.listdir(out) if f.startswith("q")) == [
+        "q0.wav", "q1.wav", "q4.wav", "q5.wav"]
+
+
+def test_an_interrupt_mid_run_keeps_every_finished_output(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the third padded batch ends the run; the two batches
+    written before stay whole, nothing half-written is left, and a restart does the rest."""
+    from qwen3_tts_jax import batch
+
+    calls = []
+    monkeypatch.setattr(batch, "_generate",
+                        _fake_generate(calls, raise_for=("#", 3), exc=KeyboardInterrupt()))
+    out = tmp_path / "wavs"
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert sorted(os.listdir(out)) == ["r0.wav", "r1.wav", "r2.wav", "r3.wav"]
+    assert all(batch.unfinished(str(out / f)) is None for f in os.listdir(out))
+    calls.clear()
+    monkeypatch.setattr(batch, "_generate", _fake_generate(calls))
+    s = batch.run(_FakeTTS(), _reqs(8), str(out), batch_size=2, progress=False,
+                  continuous=False)
+    assert s["done"] == 4 and s["skipped"] == 4 and not s["redone"], s
+    assert calls == [["Text 04.", "Text 05."], ["Text 06.", "Text 07."]]
+
+
+def _poison_continuous(monkeypatch, text):
+    """Make the engine fail (a RuntimeError where the request starts: a new batch's prefill, or
+    taking a free row of a running one) for the request with `text`; returns nothing."""
+    from qwen3_tts_jax import batch, engine
+
+    poisoned = []
+    real_prompts, real_init, real_take = batch._prompts, engine._Cohort.__init__, engine._Cohort.take
+
+    def prompts(tts, chunk, gen):
+        items, refs, seeds = real_prompts(tts, chunk, gen)
+        if chunk[0].text == text:
+            poisoned.append(items[0])
+        return items, refs, seeds
+
+    def check(jobs):
+        if any(j.prompt is p for j in jobs for p in poisoned):
+            raise RuntimeError("device lost")
+
+    def init(self, eng, jobs):
+        check(jobs)
+        real_init(self, eng, jobs)
+
+    def take(self, job, row):
+        check([job])
+        real_take(self, job, row)
+
+    monkeypatch.setattr(batch, "_prompts", prompts)
+    monkeypatch.setattr(engine._Cohort, "__init__", init)
+    monkeypatch.setattr(engine._Cohort, "take", take)
+
+
+GEN3 = {"max_new_tokens": 3, "do_sample": False, "subtalker_dosample": False}
+
+
+def test_continuous_batching_a_failing_request_fails_only_itself(tmp_path, monkeypatch,
+                                                                 make_checkpoint):
+    """Continuous batching (one row: every request starts alone): a request the engine fails
+    is reported with its error, every other request is written."""
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=i + 1, text=t, name=f"r{i}", speaker="ryan")
+            for i, t in enumerate(["Hi.", "Hello there.", "Hello world.", "Good morning all."])]
+    _poison_continuous(monkeypatch, "Hello there.")
+    s = batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    assert s["failed"] == ["line 2 (r1): RuntimeError: device lost"], s
+    assert s["done"] == 3, s
+    assert sorted(os.listdir(tmp_path)) == ["r0.wav", "r2.wav", "r3.wav"]
+
+
+def test_continuous_batching_an_interrupt_keeps_every_finished_output(tmp_path, monkeypatch,
+                                                                      make_checkpoint):
+    """Ctrl-C (KeyboardInterrupt in the main thread, which waits while the engine's thread
+    writes) after two requests were written: the run ends, the written files stay whole, no
+    temp file is left, and a restart generates only the rest."""
+    import threading
+
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=i + 1, text=f"Sentence number {i}.", name=f"r{i}",
+                          speaker="ryan") for i in range(12)]
+    wavs = lambda: sorted(f for f in os.listdir(tmp_path) if f.endswith(".wav"))  # noqa: E731
+    at_interrupt = []
+
+    class Interrupting(threading.Event):
+        def wait(self, timeout=None):
+            if timeout is not None or threading.current_thread() is not threading.main_thread():
+                return super().wait(timeout)
+            while not super().wait(0.01):
+                if len(wavs()) >= 2:
+                    at_interrupt.extend(wavs())
+                    raise KeyboardInterrupt
+            return True
+
+    monkeypatch.setattr(threading, "Event", Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    monkeypatch.undo()
+    finished = wavs()
+    assert 2 <= len(at_interrupt) and set(at_interrupt) <= set(finished), finished
+    assert len(finished) < 12, "the run was not interrupted"
+    assert all(f.endswith(".wav") for f in os.listdir(tmp_path)), os.listdir(tmp_path)
+    assert all(batch.unfinished(str(tmp_path / f)) is None for f in finished)
+    mtimes = {f: os.stat(tmp_path / f).st_mtime_ns for f in finished}
+    s = batch.run(tts, reqs, str(tmp_path), batch_size=1, progress=False, gen=GEN3)
+    assert s["done"] == 12 - len(finished) and s["skipped"] == len(finished), s
+    assert not s["failed"] and not s["redone"], s
+    assert wavs() == sorted(f"r{i}.wav" for i in range(12))
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in finished} == mtimes
+
+
 def test_read_requests_bom_and_encoding(tmp_path):
     from qwen3_tts_jax import batch
 
@@ -147,9 +424,18 @@ def test_restart_after_kill_loses_and_redoes_nothing(tmp_path, make_checkpoint):
     assert all(f.startswith(".line-") and f.endswith(".part")
                for f in os.listdir(out) if not f.endswith(".wav"))
     assert all(f.startswith("line-") for f in os.listdir(out) if f.endswith(".wav"))
+    # a finished file cut short since (a copy that stopped, a disk that lost its tail) and a temp
+    # file of ours: the restart generates the first again, saying so, and removes the second
+    cut = min(finished)
+    data = (out / cut).read_bytes()
+    (out / cut).write_bytes(data[:len(data) // 2])
+    del finished[cut]
+    (out / ".line-00040.wav.abcd_123.part").write_bytes(b"partial")
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert r.returncode == 0, r.stderr
     assert f"{40 - len(finished)} written, {len(finished)} already there" in r.stdout
+    assert f"{out / cut} again: it is cut short" in r.stderr, r.stderr
+    assert not [f for f in os.listdir(out) if not f.endswith(".wav")]
     wavs = sorted(f for f in os.listdir(out) if f.endswith(".wav"))
     assert wavs == [f"line-{i:05d}.wav" for i in range(1, 41)]
     for f, mtime in finished.items():                  # finished files were not redone
