@@ -209,6 +209,16 @@ def page_wav(browser) -> bytes:
     return base64.b64decode(data)
 
 
+def speech(server, body) -> bytes:
+    """The pcm of POST /v1/audio/speech (with the key) for `body`."""
+    body = dict(body, model="qwen3-tts", response_format="pcm")
+    req = urllib.request.Request(server.url + "/v1/audio/speech", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=WAIT) as r:
+        return r.read()
+
+
 def test_speak_streams_plays_and_downloads(browser, custom_voice, tmp_path):
     """Pick a voice, type, Speak: pcm arrives, is scheduled back to back on the WebAudio clock and
     plays; the metrics show; the WAV built in the page holds exactly the server's audio for the
@@ -243,14 +253,9 @@ def test_speak_streams_plays_and_downloads(browser, custom_voice, tmp_path):
     assert len(wav) == s["wavBytes"] == 44 + 2 * s["samplesReceived"]
     assert wav[:4] == b"RIFF" and wav[8:16] == b"WAVEfmt " and wav[36:40] == b"data"
     assert struct.unpack("<IHHIIHH", wav[16:36]) == (16, 1, 1, 24000, 48000, 2, 16)
-    body = {"model": "qwen3-tts", "input": "Hello from the playground.", "voice": "vivian",
-            "language": "english", "seed": 7, "response_format": "pcm"}
-    req = urllib.request.Request(custom_voice.url + "/v1/audio/speech",
-                                 data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          "Authorization": f"Bearer {KEY}"})
-    with urllib.request.urlopen(req, timeout=WAIT) as r:
-        assert wav[44:] == r.read()
+    assert wav[44:] == speech(custom_voice, {"input": "Hello from the playground.",
+                                             "voice": "vivian", "language": "english",
+                                             "seed": 7})
     wave, sr = sf.read(io.BytesIO(wav))
     assert sr == 24000 and len(wave) == s["samplesReceived"] and np.abs(wave).max() > 0.01
     assert by_id(browser, "download").is_displayed()
@@ -258,6 +263,19 @@ def test_speak_streams_plays_and_downloads(browser, custom_voice, tmp_path):
     assert (tmp_path / "playground.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if SCREENSHOT:
         shutil.copy(tmp_path / "playground.png", SCREENSHOT)
+
+
+def test_pcm_split_at_odd_bytes(browser, custom_voice):
+    """fetch may hand the stream over in pieces of any length: a sample split between two
+    pieces is joined."""
+    open_page(browser, custom_voice)
+    got = browser.execute_script("""
+        resetPlayback();
+        for (const piece of [[1, 0, 2], [0, 255], [255], [0], [128]]) receive(new Uint8Array(piece));
+        const out = play.pcm.flatMap((a) => [...a]);
+        resetPlayback();
+        return out;""")
+    assert got == [1, 2, -1, -32768]
 
 
 def test_stop_cancels_the_request(browser, custom_voice):
@@ -281,11 +299,15 @@ def test_stop_cancels_the_request(browser, custom_voice):
 
 def test_text_streaming_over_the_websocket(browser, custom_voice):
     """The second mode: text typed in pieces goes over the WebSocket as it is typed; audio comes
-    back and plays; "End of text" ends it and the server's frame count shows."""
+    back and plays; "End of text" ends it and the server's frame count shows. The audio is that
+    of the whole text spoken in the streaming text mode (same seed)."""
     open_page(browser, custom_voice)
+    browser.set_script_timeout(60)
     browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=ws]").click()
     assert by_id(browser, "speak").text == "Start session"
     Select(by_id(browser, "voice")).select_by_value("ryan")
+    by_id(browser, "settings").find_element(By.TAG_NAME, "summary").click()
+    by_id(browser, "set-seed").send_keys("3")
     text = by_id(browser, "text")
     text.clear()
     text.send_keys("Hello")
@@ -301,6 +323,9 @@ def test_text_streaming_over_the_websocket(browser, custom_voice):
     assert s["error"] is None and s["frames"] > 0
     assert s["samplesReceived"] == s["samplesScheduled"] == s["frames"] * 1920
     wait_for(browser, "s.samplesPlayed > 0", 60)
+    assert page_wav(browser)[44:] == speech(custom_voice, {
+        "input": "Hello there, my friend.", "voice": "ryan", "seed": 3,
+        "non_streaming_mode": False})
 
 
 @pytest.fixture(scope="module")
