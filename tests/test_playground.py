@@ -362,3 +362,36 @@ def test_base_registers_a_voice_from_a_file_and_speaks_with_it(browser, base, tm
     wait_for(browser, "s.status === 'done'", server=base)
     s = state(browser)
     assert s["error"] is None and s["samplesReceived"] == s["frames"] * 1920 > 0
+    # from the microphone (Chromium's fake device: a beep), recorded to WAV in the page
+    by_id(browser, "reg-name").clear()
+    by_id(browser, "reg-name").send_keys("mic")
+    by_id(browser, "reg-file").clear()
+    by_id(browser, "record").click()
+    wait_for(browser, "document.getElementById('record').getAttribute('aria-pressed') === 'true'",
+             30)
+    time.sleep(1.5)
+    by_id(browser, "record").click()
+    wait_for(browser, "document.getElementById('record-status').textContent.startsWith("
+                      "'Recorded')", 30)
+    by_id(browser, "register").click()
+    wait_for(browser, "s.registered === 'mic'", server=base)
+    assert state(browser)["voices"] == ["me", "mic"]
+
+
+def test_the_page_adapts_to_the_checkpoint(browser, custom_voice):
+    """VoiceDesign: no voice list, a required description; a 0.6B CustomVoice: no instructions;
+    Base: the registration form and no instructions."""
+    open_page(browser, custom_voice)
+    shown = """
+        adaptToModel();
+        const shown = (id) => !document.getElementById(id).hidden;
+        return [shown('voice-row'), shown('instructions-row'), shown('register-form'),
+                document.getElementById('instructions-label').textContent,
+                document.getElementById('instructions').required];"""
+    assert browser.execute_script(shown) == [True, True, False, "Instructions (optional)", False]
+    browser.execute_script("window.playground.kind = 'voice_design'")
+    assert browser.execute_script(shown) == [False, True, False, "Voice description", True]
+    browser.execute_script("window.playground.kind = 'custom_voice'; window.playground.size = '0b6'")
+    assert browser.execute_script(shown)[:3] == [True, False, False]
+    browser.execute_script("window.playground.kind = 'base'")
+    assert browser.execute_script(shown)[:3] == [True, False, True]

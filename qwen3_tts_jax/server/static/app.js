@@ -134,10 +134,10 @@ function adaptToModel() {
   $("voice-row").hidden = kind === "voice_design";
   $("register-form").hidden = kind !== "base";
   const instructions = $("instructions");
+  instructions.required = kind === "voice_design";
   if (kind === "voice_design") {
     $("instructions-label").textContent = "Voice description";
     instructions.placeholder = "A warm, low female voice, speaking slowly.";
-    instructions.required = true;
     $("instructions-row").hidden = false;
   } else if (kind === "custom_voice") {
     $("instructions-label").textContent = "Instructions (optional)";
