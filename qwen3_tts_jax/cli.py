@@ -26,6 +26,13 @@ import time
 EXTRA_COMMANDS: list[str] = ["qwen3_tts_jax.server", "qwen3_tts_jax.finetune.cli",
                              "qwen3_tts_jax.convert"]
 
+# The checkpoint type each speech command needs (and that --random-weights builds for it), and
+# what each command is given to pick a voice.
+COMMAND_KINDS = {"custom-voice": "custom_voice", "voice-design": "voice_design", "clone": "base"}
+KIND_NAMES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
+VOICE_FLAGS = {"custom-voice": "--speaker NAME", "voice-design": "--instruct \"DESCRIPTION\"",
+               "clone": "--ref-audio FILE --ref-text TEXT (or --voice FILE)"}
+
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtalker_temperature",
                   "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")
 
@@ -48,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     src = common.add_argument_group("model")
     src.add_argument("--model", help="checkpoint folder or Hugging Face hub id")
     src.add_argument("--random-weights", action="store_true",
-                     help="OFFLINE CHECK: build a tiny random-weight checkpoint in the official "
-                          "layout and run the whole pipeline with it (the audio is noise)")
+                     help="OFFLINE CHECK: build a tiny random-weight checkpoint of the type the "
+                          "command needs (CustomVoice, VoiceDesign, or Base for clone) in the "
+                          "official layout and run the whole pipeline with it (the audio is noise)")
     src.add_argument("--dtype", choices=["float32", "bfloat16"],
                      help="weights dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     src.add_argument("--quantize", choices=["int8"],
@@ -167,6 +175,34 @@ def _in_flags(e: Exception) -> str:
     return msg
 
 
+def _check_voice_flags(args) -> None:
+    """The flags that pick the voice, checked before the model loads: the API's own errors would
+    name its arguments, not these flags."""
+    if args.command == "voice-design" and not (args.instruct or "").strip():
+        fail('voice-design needs --instruct "DESCRIPTION": the voice in words, e.g. '
+             '--instruct "A warm, low female voice, speaking slowly."')
+    if args.command == "clone":
+        if bool(args.voice) == bool(args.ref_audio):
+            fail("give exactly one of --ref-audio (with --ref-text, or --x-vector-only) or "
+                 "--voice")
+        if args.ref_audio and not args.x_vector_only and not (args.ref_text or "").strip():
+            fail("--ref-audio needs --ref-text TRANSCRIPT (the words spoken in it), or "
+                 "--x-vector-only to clone from the speaker embedding alone")
+
+
+def _kind_mismatch(tts, args) -> str | None:
+    """Why the checkpoint does not fit the command (None: it does), naming the command (and its
+    voice flags) that fits the checkpoint: checked before generating."""
+    need, have = COMMAND_KINDS.get(args.command), tts.tts_model_type
+    if need is None or need == have:
+        return None
+    other = next((c for c, k in COMMAND_KINDS.items() if k == have), None)
+    hint = (f": use `qwen3-tts-jax {other} --model {args.model} {VOICE_FLAGS[other]} ...`"
+            if other else "")
+    return (f"the {args.command} command needs a {KIND_NAMES[need]} checkpoint, but --model "
+            f"{args.model} is a {KIND_NAMES.get(have, have)} checkpoint{hint}")
+
+
 def _check_writable(folder: str, what: str) -> None:
     """Fail unless a file can be created in `folder`. A real try: `os.access` says yes to root,
     and to a folder on a read-only file system."""
@@ -251,8 +287,6 @@ def _clone_voice(tts, args):
     """The reference voice: a saved voice file, or encoded now from --ref-audio (and saved)."""
     from . import load_voice, save_voice
 
-    if bool(args.voice) == bool(args.ref_audio):
-        fail("give exactly one of --ref-audio (with --ref-text, or --x-vector-only) or --voice")
     if args.voice:
         return load_voice(args.voice)
     voice = tts.create_voice_clone_prompt(args.ref_audio, ref_text=args.ref_text,
@@ -384,6 +418,7 @@ def _main(args) -> int:
                 fail(f"cannot read --text-file: {e}")
         if not args.text.strip():
             fail("--text-file has no text" if args.text_file else "--text is empty")
+        _check_voice_flags(args)
     if bool(args.model) == bool(args.random_weights):
         fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if args.command == "batch":
@@ -402,7 +437,8 @@ def _main(args) -> int:
         print("qwen3-tts-jax: --random-weights: building a tiny RANDOM-WEIGHT checkpoint; the "
               "output is NOISE, not speech (it proves the install works end to end)",
               file=sys.stderr)
-        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"))
+        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"),
+                            kind=COMMAND_KINDS.get(args.command, "custom_voice"))
     else:
         folder = args.model
     try:
@@ -416,6 +452,13 @@ def _main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         stages.close()
         fail(str(e))
+    unfit = None if listing else _kind_mismatch(tts, args)
+    if not unfit and args.command == "custom-voice" and not listing and not args.speaker:
+        unfit = ("custom-voice needs --speaker NAME; this checkpoint has: "
+                 f"{', '.join(tts.get_supported_speakers())}")
+    if unfit:
+        stages.close()
+        fail(unfit)
     if listing:
         if args.list_speakers:
             print("\n".join(tts.get_supported_speakers())

@@ -34,11 +34,6 @@ def test_custom_voice_to_wav(tmp_path, make_checkpoint):
 
 
 def test_random_weights_offline_demo(tmp_path):
-    out = tmp_path / "demo.wav"
-    r = run("voice-design", "--random-weights", "--instruct", "x", "--text", "Hi.", "--seed", "0",
-            "--max-new-tokens", "6", "--output", str(out), "--quiet")
-    # the demo checkpoint is custom_voice: voice-design must be refused with a clear message
-    assert r.returncode == 2 and "custom_voice checkpoint" in r.stderr
     out = tmp_path / "demo.flac"                       # the extension picks the format
     r = run("custom-voice", "--random-weights", "--speaker", "vivian", "--text", "Hi.",
             "--seed", "0", "--max-new-tokens", "6", "--output", str(out), "--quiet")
@@ -49,8 +44,41 @@ def test_random_weights_offline_demo(tmp_path):
     assert sr == 24000 and len(wave) % 1920 == 0 and 0 < len(wave) <= 5 * 1920
 
 
+def test_random_weights_builds_the_checkpoint_each_command_needs(tmp_path):
+    """voice-design builds a VoiceDesign checkpoint, clone a Base one with a speaker encoder and
+    a codec encoder (ICL); errors name the commands and flags, not the API's methods."""
+    from qwen3_tts_jax import demo
+
+    ref = tmp_path / "ref.wav"
+    sf.write(str(ref), 0.3 * np.sin(np.arange(48000) / 24000 * 2 * np.pi * 220), 24000)
+    for args in (["voice-design", "--instruct", "A calm voice."],
+                 ["clone", "--ref-audio", str(ref), "--ref-text", "Hello there."]):
+        out = tmp_path / f"{args[0]}.wav"
+        r = run(*args, "--random-weights", "--text", "Hi.", "--seed", "0", "--max-new-tokens",
+                "6", "--output", str(out), "--quiet")
+        assert r.returncode == 0 and "NOISE" in r.stderr, r.stderr[-2000:]
+        assert 0 < len(sf.read(str(out))[0]) <= 5 * 1920
+    # the voice flags are checked before any model is built
+    for args, needle in ((["voice-design"], 'voice-design needs --instruct "DESCRIPTION"'),
+                         (["clone", "--ref-audio", str(ref)],
+                          "--ref-audio needs --ref-text TRANSCRIPT (the words spoken in it), or "
+                          "--x-vector-only")):
+        r = run(*args, "--random-weights", "--text", "Hi.", "--output", str(out), "--quiet")
+        assert r.returncode == 2 and needle in r.stderr and "NOISE" not in r.stderr, r.stderr
+    # a checkpoint of another type: the command that fits it
+    folder = demo.build(str(tmp_path / "vd"), kind="voice_design")
+    r = run("custom-voice", "--model", folder, "--speaker", "ryan", "--text", "Hi.",
+            "--output", str(out), "--quiet")
+    assert r.returncode == 2 and (
+        f"the custom-voice command needs a CustomVoice checkpoint, but --model {folder} is a "
+        f"VoiceDesign checkpoint: use `qwen3-tts-jax voice-design --model {folder} --instruct"
+        in r.stderr), r.stderr
+    assert "generate_" not in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--speaker", "bob", "--text", "Hi."], "unknown speaker"),
+    (["--text", "Hi."], "custom-voice needs --speaker NAME; this checkpoint has: aiden, dylan"),
     (["--speaker", "ryan", "--language", "klingon", "--text", "Hi."], "unsupported language"),
     (["--speaker", "ryan", "--text", "   "], "empty"),
     (["--speaker", "ryan", "--text", "Hi.", "--output", "/nonexistent/dir/x.wav"], "does not exist"),

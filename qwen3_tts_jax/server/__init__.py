@@ -1,6 +1,7 @@
 """`qwen3-tts-jax serve`: an HTTP server with OpenAI's speech API, dynamic batching and streaming.
 
     qwen3-tts-jax serve --model Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice --port 8000
+    # then open http://127.0.0.1:8000/ in a browser: the playground
     curl -s localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \\
         -d '{"model": "qwen3-tts", "input": "Hello.", "voice": "ryan", "response_format": "wav"}' \\
         -o hello.wav
@@ -20,8 +21,19 @@ import tempfile
 
 def add_parser(sub, common) -> None:
     """The `serve` subcommand (cli.EXTRA_COMMANDS)."""
-    p = sub.add_parser("serve", parents=[common],
-                       help="an HTTP server: OpenAI's POST /v1/audio/speech, batched and streamed")
+    import copy
+
+    # serve's --random-weights takes the checkpoint type (the speech commands build the one they
+    # need): "resolve" replaces the common flag, on a copy (it edits the parent's actions)
+    p = sub.add_parser("serve", parents=[copy.deepcopy(common)], conflict_handler="resolve",
+                       help="an HTTP server: OpenAI's POST /v1/audio/speech, batched and streamed, "
+                            "and a playground page at /")
+    p.add_argument_group("offline check").add_argument(
+        "--random-weights", nargs="?", const="custom_voice", default=None, metavar="TYPE",
+        choices=("custom_voice", "voice_design", "base"),
+        help="OFFLINE CHECK: serve a tiny random-weight checkpoint (the audio is noise) of TYPE: "
+             "custom_voice (default), voice_design or base (with a speaker encoder: register "
+             "voices and clone them)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
@@ -128,7 +140,8 @@ def run(args) -> int:
     if args.random_weights:
         print("qwen3-tts-jax: --random-weights: a tiny RANDOM-WEIGHT checkpoint; the audio is "
               "NOISE, not speech", file=sys.stderr)
-        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"))
+        folder = demo.build(os.path.join(tempfile.mkdtemp(prefix="qwen3-tts-jax-demo-"), "ckpt"),
+                            kind=args.random_weights)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     try:
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize)

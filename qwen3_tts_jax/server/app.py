@@ -756,4 +756,25 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     async def health():
         return server.health()
 
+    _add_playground(app, server)
     return app
+
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+def _add_playground(app: FastAPI, server: Server) -> None:
+    """GET / : the playground, a static page (static/: HTML, CSS, JavaScript; no build step, no
+    CDN) that uses only the public API above. The model size, which no endpoint reports, is
+    written into the page (a 0.6B CustomVoice model has no instructions)."""
+    from fastapi.responses import HTMLResponse
+    from starlette.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as f:
+            page = f.read()
+        size = re.sub(r"[^0-9a-z]", "", str(server.tts.config.tts_model_size))
+        return HTMLResponse(page.replace('data-model-size=""', f'data-model-size="{size}"'))
