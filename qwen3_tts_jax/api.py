@@ -25,6 +25,7 @@ from . import audio as audio_mod
 from . import checkpoint, generate as gen, prompts, sampling, speaker_encoder, text as text_mod
 from .buckets import batch_rows, ladder
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
+from .options import Options
 from .voice import VoiceClonePromptItem, load_voice
 
 log = logging.getLogger("qwen3_tts_jax")
@@ -209,8 +210,9 @@ class Qwen3TTS:
     """A loaded Qwen3-TTS checkpoint (CustomVoice, VoiceDesign or Base)."""
 
     def __init__(self, cfg: Qwen3TTSConfig, params, tokenizer: text_mod.TextTokenizer,
-                 defaults: GenerationDefaults, folder: str):
+                 defaults: GenerationDefaults, folder: str, options: Options | None = None):
         self.config = cfg
+        self.options = options or Options.for_backend()   # static choices of every program
         self.params = params
         self.tokenizer = tokenizer
         self.generate_defaults = defaults
@@ -222,7 +224,8 @@ class Qwen3TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
-                        quantize: str | None = None) -> "Qwen3TTS":
+                        quantize: str | None = None,
+                        options: Options | None = None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `python -m convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -235,10 +238,14 @@ class Qwen3TTS:
         a model that does not fit one device's memory, e.g. the 1.7B on small TPU cores): the
         local devices form a (data, model) mesh of shape (n / m, m); the weights go from host
         memory straight to their shards (never whole on one device); batches are split over the
-        "data" axis. Same codes as one device (tests/test_batch.py)."""
+        "data" axis. Same codes as one device (tests/test_batch.py).
+
+        `options`: the static kernel and layout choices of generation (`options.Options`; None:
+        `Options.for_backend()` for the weights' dtype), used by every call on this model."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
+        options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
         if model_parallel > 1:
@@ -247,13 +254,15 @@ class Qwen3TTS:
             dtype = dtype or checkpoint.default_dtype()
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 params = checkpoint.pack_for_inference(
-                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize)
+                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize,
+                    options=options)
             params = jax.device_put(params, model_sharding(params, model_parallel))
         else:
             params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
-                                                   consume=True, quantize=quantize)
+                                                   consume=True, quantize=quantize,
+                                                   options=options)
         tok = text_mod.TextTokenizer.from_dir(folder)
-        tts = cls(cfg, params, tok, load_generation_defaults(folder), folder)
+        tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
         return tts
 
@@ -345,7 +354,7 @@ class Qwen3TTS:
     def _prepare(self, items: list[prompts.Prompt], settings: GenerationSettings,
                  data_parallel: int = 1):
         """Built prompts -> (PromptBatch, gen.Settings, keys) padded to shape buckets: the batch to
-        a power of two, at least the backend's `buckets.MIN_ROWS` (extra rows stop at once),
+        a power of two, at least `Options.min_rows` (extra rows stop at once),
         prompt and trailing text to the ladder."""
         cfg = self.config
         n = len(items)
@@ -357,7 +366,7 @@ class Qwen3TTS:
         if longest > limit:
             raise ValueError(f"the prompt is {longest} tokens, more than the model's {limit} "
                              "positions; split the text")
-        B = batch_rows(n, jax.default_backend())
+        B = batch_rows(n, self.options.min_rows)
         B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
         items = items + [items[0]] * (B - n)
         # Prompt lengths on the finer 16, 24, 32, 48, ... ladder: prefill is most of the time to
@@ -367,10 +376,11 @@ class Qwen3TTS:
         budget = np.array([settings.max_new_tokens] * n + [1] * (B - n), np.int32)
         talker = sampling.SamplingParams.create(
             B, do_sample=settings.do_sample, temperature=settings.temperature,
-            top_k=settings.top_k, top_p=settings.top_p)
+            top_k=settings.top_k, top_p=settings.top_p, options=self.options)
         predictor = sampling.SamplingParams.create(
             B, do_sample=settings.subtalker_dosample, temperature=settings.subtalker_temperature,
-            top_k=settings.subtalker_top_k, top_p=settings.subtalker_top_p)
+            top_k=settings.subtalker_top_k, top_p=settings.subtalker_top_p,
+            options=self.options)
         run_settings = gen.Settings(talker, predictor,
                                     jnp.full((B,), settings.repetition_penalty, jnp.float32),
                                     jnp.asarray(budget))
@@ -398,7 +408,7 @@ class Qwen3TTS:
                 self._replicated = jax.device_put(self.params, replicated)
             params = self._replicated
         state = gen.generate(params, self.config, batch, run_settings, keys,
-                             max_frames=settings.max_new_tokens - 1)
+                             max_frames=settings.max_new_tokens - 1, options=self.options)
         codes = np.asarray(state.codes_BxFxG)
         lengths = np.asarray(state.length_B)
         return [codes[b, :lengths[b]] for b in range(len(items))]
@@ -422,18 +432,15 @@ class Qwen3TTS:
         if not items:
             raise ValueError("warmup needs at least one prompt (texts is empty)")
         settings = GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
-        capacity = min(gen.bucket(settings.max_new_tokens - 1), gen.FIRST_FRAMES)
+        capacity = gen.capacity(settings.max_new_tokens - 1, self.options)
         for B in batch_sizes:
             rows = (list(items) * B)[:B]
             batch, run_settings, keys = self._prepare(rows, settings)
             for compute in gen.prefill_lengths(batch.text_BxL.shape[1]):
-                state, ctx = gen.prefill(self.params, self.config, batch.text_BxL,
-                                         batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
-                                         batch.extra_pos_B, batch.trailing_BxLt,
-                                         batch.trailing_len_B, run_settings, keys,
-                                         frames=capacity, compute=compute)
+                state, ctx = gen.prefill(self.params, self.config, batch, run_settings, keys,
+                                         frames=capacity, compute=compute, options=self.options)
             jax.block_until_ready(gen.decode(self.params, self.config, state, ctx, run_settings,
-                                             1).step)
+                                             1, self.options).step)
         return time.perf_counter() - t
 
     def warmup(self, texts=("Hello.",), batch_sizes=(1,), language=None, speaker=None,
@@ -727,11 +734,10 @@ class Qwen3TTS:
     def _stream_chunks(self, item, settings, chunk_frames, first_chunk_frames, ref_code):
         batch, run_settings, keys = self._prepare([item], settings)
         max_frames = settings.max_new_tokens - 1
-        capacity = min(gen.bucket(max_frames), gen.FIRST_FRAMES)
-        state, ctx = gen.prefill(self.params, self.config, batch.text_BxL, batch.codec_BxLxG,
-                                 batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                                 batch.trailing_BxLt, batch.trailing_len_B, run_settings, keys,
-                                 frames=capacity, compute=gen.prefill_length(batch.mask_BxL))
+        capacity = gen.capacity(max_frames, self.options)
+        state, ctx = gen.prefill(self.params, self.config, batch, run_settings, keys,
+                                 frames=capacity, compute=gen.prefill_length(batch.mask_BxL),
+                                 options=self.options)
         codec = self.speech_tokenizer.stream_decoder()
         codec.reset(0, prefix=ref_code)     # ICL: the reference is decoded first, its audio cut
         emitted, target = 0, first_chunk_frames
@@ -740,7 +746,7 @@ class Qwen3TTS:
                 capacity = min(2 * capacity, gen.bucket(max_frames))
                 state = gen.grow(state, capacity)
             state = gen.decode(self.params, self.config, state, ctx, run_settings,
-                               min(target, capacity))
+                               min(target, capacity), self.options)
             length, done = int(state.length_B[0]), bool(state.done_B[0])
             if length > emitted:
                 yield codec.push([np.asarray(state.codes_BxFxG[0, emitted:length])])[0]
