@@ -101,9 +101,12 @@ def role_ours(args) -> dict:
     from qwen3_tts_jax import generate as gen
     from qwen3_tts_jax.codec import SpeechTokenizer
     from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.options import Options
 
+    options = Options.for_backend(dtype=jnp.float32)
     cfg = load_config(args.folder)
-    params = jax.block_until_ready(checkpoint.load_params(args.folder, cfg, jnp.float32))
+    params = jax.block_until_ready(checkpoint.pack_for_inference(
+        checkpoint.load_params(args.folder, cfg, jnp.float32), consume=True, options=options))
     tok = SpeechTokenizer.from_pretrained(os.path.join(args.folder, "speech_tokenizer"))
     keys = jnp.stack([jax.random.PRNGKey(0)])
     greedy = sampling.SamplingParams.create(1, do_sample=False, temperature=1.0, top_k=50,
@@ -118,7 +121,8 @@ def role_ours(args) -> dict:
                                       non_streaming_mode=True)
         batch = prompts.batch_prompts(cfg, [prompt], length=gen.bucket(len(prompt)),
                                       trailing_length=gen.bucket(len(prompt.trailing)))
-        state = gen.generate(params, cfg, batch, settings, keys, max_frames=args.frames)
+        state = gen.generate(params, cfg, batch, settings, keys, max_frames=args.frames,
+                             options=options)
         codes = np.asarray(state.codes_BxFxG[0])[:int(state.length_B[0])]
         t1 = time.perf_counter()
         wavs, sr = tok.decode(codes)

@@ -186,10 +186,13 @@ def run_ours(args) -> dict:
     from qwen3_tts_jax import checkpoint, prompts, sampling
     from qwen3_tts_jax import generate as gen
     from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.options import Options
 
+    options = Options.for_backend(dtype=jnp.float32)   # what Qwen3TTS.from_pretrained uses
     t0 = time.perf_counter()
     cfg = load_config(args.folder)
-    params = jax.block_until_ready(checkpoint.load_params(args.folder, cfg, jnp.float32))
+    params = jax.block_until_ready(checkpoint.pack_for_inference(
+        checkpoint.load_params(args.folder, cfg, jnp.float32), consume=True, options=options))
     load_s = time.perf_counter() - t0
     prompt = prompts.build_prompt(cfg, prompt_ids(), LANGUAGE, SPEAKER, None,
                                   non_streaming_mode=True)
@@ -208,7 +211,8 @@ def run_ours(args) -> dict:
         def params_for(prefix):
             return sampling.SamplingParams.create(
                 1, do_sample=do_sample, temperature=DEFAULTS[prefix + "temperature"],
-                top_k=DEFAULTS[prefix + "top_k"], top_p=DEFAULTS[prefix + "top_p"])
+                top_k=DEFAULTS[prefix + "top_k"], top_p=DEFAULTS[prefix + "top_p"],
+                options=options)
 
         return gen.Settings(params_for(""), params_for("subtalker_"),
                             jnp.full((1,), DEFAULTS["repetition_penalty"], jnp.float32),
@@ -216,18 +220,16 @@ def run_ours(args) -> dict:
 
     def generate(s):
         t = time.perf_counter()
-        state = gen.generate(params, cfg, batch, s, keys, max_frames=args.frames)
+        state = gen.generate(params, cfg, batch, s, keys, max_frames=args.frames, options=options)
         codes = np.asarray(state.codes_BxFxG[0])[:int(state.length_B[0])]
         return codes, time.perf_counter() - t
 
     def first_frame(s):
         # The frame bucket of generate's first segment: the same compiled programs, no compiling.
-        frames = min(gen.bucket(args.frames), gen.FIRST_FRAMES)
+        frames = gen.capacity(args.frames, options)
         t = time.perf_counter()
-        state, ctx = gen.prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                                 batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                                 batch.trailing_len_B, s, keys, frames=frames)
-        jax.block_until_ready(gen.decode(params, cfg, state, ctx, s, 1))
+        state, ctx = gen.prefill(params, cfg, batch, s, keys, frames=frames, options=options)
+        jax.block_until_ready(gen.decode(params, cfg, state, ctx, s, 1, options))
         return time.perf_counter() - t
 
     modes = {}

@@ -54,6 +54,7 @@ def main():
     from qwen3_tts_jax import generate as gen
     from qwen3_tts_jax.buckets import ladder
     from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.options import Options
 
     cfg = load_config(args.folder)
     B = args.rows
@@ -68,21 +69,22 @@ def main():
     keys = jnp.stack([jax.random.PRNGKey(b) for b in range(B)])
 
     def measure(dtype, quantize, ref=None):
+        options = Options.for_backend(dtype=dtype)
         params = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg, dtype),
-                                               consume=True, quantize=quantize)
-        state, ctx = gen.prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                                 batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                                 batch.trailing_len_B, settings, keys, frames=args.frames + 1)
+                                               consume=True, quantize=quantize, options=options)
+        state, ctx = gen.prefill(params, cfg, batch, settings, keys, frames=args.frames + 1,
+                                 options=options)
         code0 = np.asarray(state.logits_BxV, np.float64)[:, :cfg.talker.vocab_size]
         # the predictor's 15 steps of the first frame, teacher-forced: fed float32's code 0 and
         # float32's codes 1..15 (its sampler returns them), so each step's logits compare
         tokens = ref[3] if ref else state.token_B
         force = (lambda j, lg: ref[4][:, j]) if ref else (lambda j, lg: jnp.argmax(lg, -1))
-        cp_codes, cp_logits = jax.jit(code_predictor.predict, static_argnums=(1, 4))(
+        cp_codes, cp_logits = jax.jit(code_predictor.predict, static_argnums=(1, 4, 5))(
             params["code_predictor"], cfg.talker, state.hidden_BxD,
-            talker.embed_codec(params["talker"], tokens), force)
+            talker.embed_codec(params["talker"], tokens), force, options)
         cp_logits = np.asarray(cp_logits, np.float64)
-        out = gen.generate(params, cfg, batch, settings, keys, max_frames=args.frames)
+        out = gen.generate(params, cfg, batch, settings, keys, max_frames=args.frames,
+                           options=options)
         codes = np.asarray(out.codes_BxFxG)
         return code0, cp_logits, codes, state.token_B, cp_codes
 

@@ -56,8 +56,8 @@ LANGUAGE, SPEAKER = "english", "ryan"
 DEFAULTS = {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 1.0,
             "repetition_penalty": 1.05, "subtalker_dosample": True, "subtalker_temperature": 0.9,
             "subtalker_top_k": 50, "subtalker_top_p": 1.0, "max_new_tokens": 8192}
-# Variants of ours: XLA flags (GPU only), attention backend, predictor steps unrolled or a loop
-# (None: the library's default for the backend), packed q|k|v and gate|up weights or not.
+# Variants of ours: XLA flags (GPU only), and `options` fields set over the backend's defaults
+# (`Options.for_backend`): attention backend, predictor steps unrolled or a loop, sampler choices.
 CMDBUF = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
           "CONDITIONAL")
 VARIANTS = {
@@ -67,24 +67,24 @@ VARIANTS = {
     # cuBLAS for every product instead of XLA's Triton GEMMs (few-row products on a GPU)
     "cublas": dict(env={"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}),
     # the sampler's k-th largest logit by `lax.top_k` (a sort on GPUs) instead of the
-    # accelerators' default pairwise counts (sampling.KTH_BY)
-    "kth-top-k": dict(env={"QWEN3_TTS_JAX_KTH": "top_k"}),
+    # accelerators' default pairwise counts (Options.kth_by)
+    "kth-top-k": dict(options=dict(kth_by="top_k")),
     # the Triton GEMM autotuner tries every tiling (few-row products are ~50 % of bandwidth)
     "exhaustive": dict(env={"XLA_FLAGS": "--xla_gpu_exhaustive_tiling_search=true"}),
-    "cudnn": dict(attention="cudnn"),
-    "loop": dict(unroll=False),
-    "unrolled": dict(unroll=True),
-    "unpacked": dict(pack=False),
-    "xla-products": dict(cpu_kernel=False),   # CPU: XLA's products instead of cpu_kernels.py
-    "unpacked-loop": dict(pack=False, unroll=False),
-    # batches as given, without the backend's fewest rows (buckets.MIN_ROWS: 2 on a GPU)
-    "rows-as-given": dict(min_rows={}),
+    "cudnn": dict(options=dict(attention="cudnn")),
+    "loop": dict(options=dict(unroll_predictor=False)),
+    "unrolled": dict(options=dict(unroll_predictor=True)),
+    # CPU: XLA's products and attention instead of cpu_kernels.py
+    "xla-products": dict(options=dict(cpu_kernels=False)),
+    # batches as given, without the backend's fewest rows (Options.min_rows: 2 on a GPU)
+    "rows-as-given": dict(options=dict(min_rows=1)),
     # the sampler's run-time top-k path (the CPU default) on any backend
-    "topk-dispatch": dict(runtime_dispatch=True),
+    "topk-dispatch": dict(options=dict(runtime_dispatch=True)),
     # one general sampler program for any settings (no `SamplingParams.kind` specialization;
-    # the CPU's default, the accelerators' until session 12)
-    "general-sampler": dict(specialize=False),
-    "general-sampler-cmdbuf": dict(specialize=False, env={"XLA_FLAGS": CMDBUF}),
+    # the CPU's default)
+    "general-sampler": dict(options=dict(specialize_sampler=False)),
+    "general-sampler-cmdbuf": dict(options=dict(specialize_sampler=False),
+                                   env={"XLA_FLAGS": CMDBUF}),
     # int8 weights for the decoder products (quantize.py; not the official codes)
     "int8": dict(quantize="int8"),
 }
@@ -239,28 +239,25 @@ def run_ours(args) -> dict:
     if args.dtype == "f32":
         jax.config.update("jax_default_matmul_precision", "highest")
     sys.path.insert(0, ROOT)
-    from qwen3_tts_jax import buckets, checkpoint, code_predictor, layers, prompts, sampling
+    from qwen3_tts_jax import checkpoint, prompts, sampling
     from qwen3_tts_jax import generate as gen
     from qwen3_tts_jax.buckets import batch_rows, ladder
     from qwen3_tts_jax.codec.tokenizer import SpeechTokenizer
     from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.options import Options
 
-    if "min_rows" in variant:
-        buckets.MIN_ROWS = variant["min_rows"]
-    sampling.RUNTIME_DISPATCH = variant.get("runtime_dispatch")
-    sampling.SPECIALIZE = variant.get("specialize")
-    layers.set_attention_implementation(variant.get("attention"))
-    code_predictor.UNROLL = variant.get("unroll")
-    dev = jax.devices()[0]
     dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, None: None}[args.dtype]
+    options = Options.for_backend(dtype=dtype or checkpoint.default_dtype(),
+                                  **variant.get("options", {}))
+    log(f"ours[{args.variant}]: {options}")
+    dev = jax.devices()[0]
     t0 = time.perf_counter()
     cfg = load_config(args.folder)
     params = checkpoint.load_params(args.folder, cfg, dtype)
     params_m = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
-    if variant.get("pack", True):  # what Qwen3TTS.from_pretrained does
-        params = checkpoint.pack_for_inference(params, consume=True,
-                                               cpu_kernel=variant.get("cpu_kernel"),
-                                               quantize=variant.get("quantize"))
+    # what Qwen3TTS.from_pretrained does
+    params = checkpoint.pack_for_inference(params, consume=True, quantize=variant.get("quantize"),
+                                           options=options)
     params = jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     codec = SpeechTokenizer.from_pretrained(os.path.join(args.folder, "speech_tokenizer"))
@@ -270,13 +267,14 @@ def run_ours(args) -> dict:
         if event in COMPILE_EVENTS else None)
 
     def rows(B):  # the API's padded batch (one row is two on a GPU; extra rows stop at once)
-        return batch_rows(B, dev.platform)
+        return batch_rows(B, options.min_rows)
 
     def settings(B, do_sample, frames):
         def sp(prefix):
             return sampling.SamplingParams.create(
                 rows(B), do_sample=do_sample, temperature=DEFAULTS[prefix + "temperature"],
-                top_k=DEFAULTS[prefix + "top_k"], top_p=DEFAULTS[prefix + "top_p"])
+                top_k=DEFAULTS[prefix + "top_k"], top_p=DEFAULTS[prefix + "top_p"],
+                options=options)
         budget = np.array([frames + 1] * B + [1] * (rows(B) - B), np.int32)
         return gen.Settings(sp(""), sp("subtalker_"),
                             jnp.full((rows(B),), DEFAULTS["repetition_penalty"], jnp.float32),
@@ -293,18 +291,15 @@ def run_ours(args) -> dict:
 
     def timed_generate(batch, s, keys, frames):
         t = time.perf_counter()
-        state = gen.generate(params, cfg, batch, s, keys, max_frames=frames)
+        state = gen.generate(params, cfg, batch, s, keys, max_frames=frames, options=options)
         codes = np.asarray(state.codes_BxFxG)
         lengths = np.asarray(state.length_B)
         return codes, lengths, time.perf_counter() - t
 
     def timed_prefill(batch, s, keys, frames):
         t = time.perf_counter()
-        state, _ = gen.prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                               batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                               batch.trailing_len_B, s, keys,
-                               frames=min(gen.bucket(frames, 16), gen.FIRST_FRAMES),
-                               compute=gen.prefill_length(batch.mask_BxL))
+        state, _ = gen.prefill(params, cfg, batch, s, keys, frames=gen.capacity(frames, options),
+                               compute=gen.prefill_length(batch.mask_BxL), options=options)
         jax.block_until_ready(state.token_B)
         return time.perf_counter() - t
 
@@ -369,15 +364,13 @@ def run_ours(args) -> dict:
     try:
         batch, keys = make_batch(1)
         s = settings(1, True, args.frames)
-        capacity = min(gen.bucket(args.frames), gen.FIRST_FRAMES)
+        capacity = gen.capacity(args.frames, options)
 
         def first_audio():
             t = time.perf_counter()
-            state, ctx = gen.prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG,
-                                     batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                                     batch.trailing_BxLt, batch.trailing_len_B, s, keys,
-                                     frames=capacity)
-            state = gen.decode(params, cfg, state, ctx, s, args.first_chunk)
+            state, ctx = gen.prefill(params, cfg, batch, s, keys, frames=capacity,
+                                     options=options)
+            state = gen.decode(params, cfg, state, ctx, s, args.first_chunk, options)
             n = int(state.length_B[0])
             wav = codec.decode([np.asarray(state.codes_BxFxG[0, :n])], chunk_size=None)[0][0]
             return time.perf_counter() - t, len(wav)
@@ -574,7 +567,8 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
             lines.append(f"- {name}: time to first audio (prefill + {args.first_chunk} frames + "
                          f"codec decode, warm, median of 5): {1000 * res['ttfa_s']:.0f} ms.")
         lines.append(f"- {name}: load {res['load_s']:.1f} s, peak host RSS "
-                     f"{res['peak_rss_gb']:.1f} GB{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
+                     f"{res['peak_rss_gb']:.1f} GB"
+                     f"{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
     from bench_generate import first_difference
     for name, res in list(ours.items())[1:]:  # each variant against the first, same dtype
         if first and "codes_b1" in first and "codes_b1" in res:

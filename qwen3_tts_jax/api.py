@@ -19,6 +19,7 @@ import numpy as np
 from . import audio as audio_mod
 from . import checkpoint, prompts, runner, speaker_encoder, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
+from .options import Options
 from .compilation_cache import enable_compilation_cache  # noqa: F401 - public here too
 from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, keys  # noqa: F401
 from .voice import VoiceClonePromptItem, as_items
@@ -44,8 +45,9 @@ class Qwen3TTS:
     """A loaded Qwen3-TTS checkpoint (CustomVoice, VoiceDesign or Base)."""
 
     def __init__(self, cfg: Qwen3TTSConfig, params, tokenizer: text_mod.TextTokenizer,
-                 defaults: GenerationDefaults, folder: str):
+                 defaults: GenerationDefaults, folder: str, options: Options | None = None):
         self.config = cfg
+        self.options = options or Options.for_backend()   # static choices of every program
         self.params = params
         self.tokenizer = tokenizer
         self.generate_defaults = defaults
@@ -57,7 +59,8 @@ class Qwen3TTS:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
-                        quantize: str | None = None) -> "Qwen3TTS":
+                        quantize: str | None = None,
+                        options: Options | None = None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -70,10 +73,14 @@ class Qwen3TTS:
         a model that does not fit one device's memory, e.g. the 1.7B on small TPU cores): the
         local devices form a (data, model) mesh of shape (n / m, m); the weights go from host
         memory straight to their shards (never whole on one device); batches are split over the
-        "data" axis. Same codes as one device (tests/test_batch.py)."""
+        "data" axis. Same codes as one device (tests/test_batch.py).
+
+        `options`: the static kernel and layout choices of generation (`options.Options`; None:
+        `Options.for_backend()` for the weights' dtype), used by every call on this model."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
+        options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
         if model_parallel > 1:
@@ -82,13 +89,15 @@ class Qwen3TTS:
             dtype = dtype or checkpoint.default_dtype()
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 params = checkpoint.pack_for_inference(
-                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize)
+                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize,
+                    options=options)
             params = jax.device_put(params, model_sharding(params, model_parallel))
         else:
             params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
-                                                   consume=True, quantize=quantize)
+                                                   consume=True, quantize=quantize,
+                                                   options=options)
         tok = text_mod.TextTokenizer.from_dir(folder)
-        tts = cls(cfg, params, tok, load_generation_defaults(folder), folder)
+        tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
         return tts
 
@@ -254,7 +263,7 @@ class Qwen3TTS:
                              non_streaming_mode: bool = True, **gen_kwargs):
         """(PromptBatch, generate.Settings, keys) for the functional form `generate.synthesize`."""
         settings = self._settings(gen_kwargs)
-        return runner.prepare(self.config, self.custom_voice_prompts(
+        return runner.prepare(self.config, self.options, self.custom_voice_prompts(
             text, speaker, language, instruct, non_streaming_mode), settings)
 
     def generate_custom_voice(self, text, speaker, language=None, instruct=None,
@@ -277,7 +286,7 @@ class Qwen3TTS:
                              **gen_kwargs):
         """(PromptBatch, generate.Settings, keys) for the functional form `generate.synthesize`."""
         settings = self._settings(gen_kwargs)
-        return runner.prepare(self.config, self.voice_design_prompts(
+        return runner.prepare(self.config, self.options, self.voice_design_prompts(
             text, instruct, language, non_streaming_mode), settings)
 
     def generate_voice_design(self, text, instruct, language=None,

@@ -25,13 +25,7 @@ def fine(n: int, minimum: int = 16) -> int:
     return max(minimum, -(-int(n) // step) * step)
 
 
-# The fewest rows a generation batch runs with, per JAX backend. On NVIDIA GPUs XLA's program for
-# one row is slower than for two (0.6B, bfloat16, H200: 100 frames in 0.60 s at one row, 0.45 s
-# at two, four or eight; benchmarks/RESULTS.md, "Session 6"), so a lone request is padded to two
-# rows there; the extra row stops at once and its output is dropped.
-MIN_ROWS = {"gpu": 2}
-
-
-def batch_rows(n: int, backend: str) -> int:
-    """The padded batch size for n rows on `backend`: a power of two, at least MIN_ROWS."""
-    return power_of_two(max(n, MIN_ROWS.get(backend, 1)), 1)
+def batch_rows(n: int, min_rows: int = 1) -> int:
+    """The padded batch size for n rows: a power of two, at least `min_rows`
+    (`Options.min_rows`: two on a GPU)."""
+    return power_of_two(max(n, min_rows), 1)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from . import code_predictor, layers, cpu_kernels, speaker_encoder, talker, weights
 from . import quantize as quantize_mod
 from .config import Qwen3TTSConfig
+from .options import Options
 from .weights import CheckpointError
 
 FAST_FILE = "jax_params.safetensors"
@@ -81,25 +82,25 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
     return params
 
 
-def pack_for_inference(params, consume: bool = False, cpu_kernel: bool | None = None,
-                       quantize: str | None = None):
-    """The generation layout: each decoder layer's q|k|v and gate|up concatenated
-    (`layers.pack_layers`), with `quantize="int8"` its products as int8 (`quantize.py`), and on
-    a single CPU device with float32 or int8 weights the decoder products packed for the CPU
-    kernel (`cpu_kernels`; `cpu_kernel` None: when `cpu_kernels.enabled()`).
+def pack_for_inference(params, consume: bool = False, quantize: str | None = None,
+                       options: Options | None = None):
+    """The generation layout, one per `options` (None: `Options.for_backend()`): each decoder
+    layer's attention and MLP as `layers.Attention` / `layers.MLP` blocks (q|k|v and gate|up
+    concatenated, `layers.pack_layer`), with `quantize="int8"` its products as int8
+    (`quantize.py`), and with `options.cpu_kernels` the float32 or int8 products packed for the
+    CPU kernel (`cpu_kernels`).
     With `consume`, the caller's layer lists are emptied as each layer is packed, so that memory
     peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
     the converters use the unpacked form."""
     quantize_mod.check_method(quantize)
-    if cpu_kernel is None:
-        cpu_kernel = cpu_kernels.enabled()
+    cpu_kernel = (options or Options.for_backend()).cpu_kernels
     out = dict(params)
     for part in ("talker", "code_predictor"):
         sub = dict(out[part])
         src = sub["layers"] if consume else list(sub["layers"])
         packed = []
         for i in range(len(src)):
-            layer, = layers.pack_layers([src[i]])
+            layer = layers.pack_layer(src[i])
             if quantize:
                 layer = quantize_mod.quantize_layer(layer, quantize)
             packed.append(cpu_kernels.pack_layer(layer) if cpu_kernel else layer)

@@ -13,7 +13,6 @@ embedding tables have the talker's width; at 0.6B it is the identity and has no 
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 
 from . import layers
 from .config import TalkerConfig
+from .options import Options
 from .talker import logits as head_logits
 from .weights import Rule
 
@@ -50,21 +50,6 @@ def expected_shapes(cfg: TalkerConfig) -> dict:
     return out
 
 
-# Steps 1..14 as a loop (one compiled body) or unrolled (14 copies). None picks per backend when
-# a program is traced: unrolled on accelerators, where each loop step costs a read-back of its
-# condition (one H100, bf16, 0.6B, batch 1: greedy 251.0 frames/s unrolled vs 244.2 as a loop in
-# the same run; sampled with the pairwise k-th logit 241.9 vs 234.3; ~10 s more compile;
-# benchmarks/RESULTS.md, session 15); a loop on the CPU, where a step has no such cost and the
-# copies only lengthen the compile. True / False force one; env QWEN3_TTS_JAX_UNROLL=1|0.
-UNROLL = {"1": True, "0": False}.get(os.environ.get("QWEN3_TTS_JAX_UNROLL", ""))
-
-
-def _unroll() -> bool:
-    if UNROLL is not None:
-        return bool(UNROLL)
-    return jax.default_backend() != "cpu"
-
-
 def stack_tables(params):
     """Official per-group lists -> stacked arrays (done once at load time)."""
     cp = dict(params["code_predictor"])
@@ -87,12 +72,12 @@ def embed_codes(p, codes_BxG):
 
 
 def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
-            sample: Callable[["jnp.ndarray", "jnp.ndarray"], "jnp.ndarray"]):
+            sample: Callable[["jnp.ndarray", "jnp.ndarray"], "jnp.ndarray"], options: Options):
     """Codes 1..15 of one frame, autoregressively, with a fresh 16-slot KV cache.
 
     `sample(j, logits_BxV) -> ids_B` picks code j+1 from lm_head[j]'s f32 logits (j may be traced).
     Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
-    `lax.scan`, unrolled on accelerators (`UNROLL`).
+    `lax.scan`, unrolled with `options.unroll_predictor`.
     Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
     """
     cp = cfg.code_predictor
@@ -100,11 +85,11 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     G = cfg.num_code_groups - 1
     S = G + 1
     slots = jnp.arange(S)
-    caches = layers.init_cache(cp, B, S, past_hidden_BxD.dtype)
+    caches = layers.init_cache(cp, B, S, past_hidden_BxD.dtype, options)
     x = project(p, jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1))
     pos = jnp.broadcast_to(jnp.arange(2), (B, 2))
     mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (B, 2, S))
-    h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp)
+    h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp, options)
     lg0 = head_logits(p["lm_head"][0], h[:, -1])
     code0 = sample(0, lg0).astype(jnp.int32)
 
@@ -112,13 +97,14 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
         code, caches = carry
         x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[code][:, None])
         mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))
-        h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp)
+        h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp,
+                                       options)
         lg = head_logits(jnp.take(p["lm_head"], j, axis=0), h[:, -1])
         code = sample(j, lg).astype(jnp.int32)
         return (code, caches), (code, lg)
 
     _, (codes, logits) = jax.lax.scan(step, (code0, caches), jnp.arange(1, G),
-                                      unroll=G - 1 if _unroll() else 1)
+                                      unroll=G - 1 if options.unroll_predictor else 1)
     codes = jnp.concatenate([code0[:, None], codes.T], axis=1)
     logits = jnp.concatenate([lg0[:, None], jnp.moveaxis(logits, 0, 1)], axis=1)
     return codes, logits

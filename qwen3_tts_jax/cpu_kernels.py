@@ -12,12 +12,12 @@ Attention. The KV cache is preallocated for hundreds of frames; a decode step ne
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
 slots of the heads-major cache (`layers.KVCacheHeadsMajor`) only.
 
-When: `enabled()`: the CPU backend with a single local device (the custom calls have no sharding
-rule, so data- and tensor-parallel meshes keep XLA's ops), the kernels built and loaded (into
-~/.cache/qwen3-tts-jax/kernels, keyed by source, compiler flags, JAX version and CPU), and not
-switched off with QWEN3_TTS_JAX_CPU_KERNELS=0. `checkpoint.pack_for_inference` packs float32
-decoder weights when it is true; without a compiler everything runs on XLA's ops as before, with
-one warning.
+When: `Options.cpu_kernels`, which `Options.for_backend` sets where `available()`: the CPU backend
+with a single local device (the custom calls have no sharding rule, so data- and tensor-parallel
+meshes keep XLA's ops) and the kernels built and loaded (into ~/.cache/qwen3-tts-jax/kernels,
+keyed by source, compiler flags, JAX version and CPU). `checkpoint.pack_for_inference` packs
+float32 decoder weights when it is on; without a compiler everything runs on XLA's ops, with one
+warning.
 """
 from __future__ import annotations
 
@@ -104,12 +104,13 @@ def packable(w) -> bool:
 
 
 def pack_layer(lp: dict) -> dict:
-    """One decoder layer's products (q|k|v or q, k, v; o; gate|up or gate, up; down; float32 or
-    `Int8Weight`) packed, the rest (norms) as they are. Weights whose width is not a multiple of
-    PANEL stay as they are."""
-    def sub(d):
-        return {k: pack(v) if packable(v) else v for k, v in d.items()}
-    return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
+    """One decoder layer in the inference layout (`layers.Attention`, `layers.MLP`) with its
+    products (q|k|v, o, gate|up, down; float32 or `Int8Weight`) packed, the norms as they are.
+    Weights whose width is not a multiple of PANEL stay as they are."""
+    a, m = lp["attn"], lp["mlp"]
+    p = lambda w: pack(w) if packable(w) else w
+    return {**lp, "attn": a._replace(qkv=p(a.qkv), o=p(a.o)),
+            "mlp": m._replace(gate_up=p(m.gate_up), down=p(m.down))}
 
 
 # From this many rows (a prefill of a large batch) XLA's library product beats the kernel (its
@@ -131,7 +132,7 @@ def linear(x, w):
     if not _registered():
         raise RuntimeError("a packed weight needs the CPU kernels, which did not build or "
                            "load here (see the warning above); load the params with "
-                           "pack_for_inference(..., cpu_kernel=False)")
+                           "Options(cpu_kernels=False)")
     K, N = w.shape
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
@@ -155,10 +156,9 @@ def attend(q_BxHxD, k_BxKxDxS, v_BxKxDxS, mask_BxS, filled):
         mask_BxS.astype(f32), jnp.reshape(filled, (1,)).astype(jnp.int32))
 
 
-def enabled() -> bool:
-    """Use the kernels? The CPU backend, one local device, the kernels built and loaded."""
-    if os.environ.get("QWEN3_TTS_JAX_CPU_KERNELS", "1") == "0":
-        return False
+def available() -> bool:
+    """Can the kernels run here? The CPU backend, one local device, the kernels built and loaded
+    (`Options.for_backend` turns `Options.cpu_kernels` on where they can)."""
     if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
         return False
     return _registered()

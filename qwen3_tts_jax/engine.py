@@ -229,11 +229,9 @@ class _Cohort:
         keys = [self._key(j) for j in jobs]
         keys = jnp.stack(keys + [keys[0]] * (B - n))
         self.first_frame = [0] * B              # host copy of ctx.first_frame_B
-        self.capacity = min(power_of_two(self._need(range(n))), gen.FIRST_FRAMES)
-        self.state, self.ctx = gen.prefill(
-            tts.params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
-            batch.extra_pos_B, batch.trailing_BxLt, batch.trailing_len_B, self.settings, keys,
-            frames=self.capacity)
+        self.capacity = gen.capacity(self._need(range(n)), tts.options)
+        self.state, self.ctx = gen.prefill(tts.params, cfg, batch, self.settings, keys,
+                                           frames=self.capacity, options=tts.options)
         # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
         self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
         self.codec = StreamDecoder(tts.speech_tokenizer.params, tts.speech_tokenizer.config.decoder,
@@ -282,9 +280,8 @@ class _Cohort:
         rows[row] = job
         settings = self.engine._settings(rows)
         self.state, self.ctx = gen.insert(
-            tts.params, cfg, self.state, self.ctx, settings, row, one.text_BxL, one.codec_BxLxG,
-            one.mask_BxL, one.extra_BxD, one.extra_pos_B, one.trailing_BxLt, one.trailing_len_B,
-            self._key(job), compute=gen.prefill_length(one.mask_BxL))
+            tts.params, cfg, self.state, self.ctx, settings, row, one, self._key(job),
+            compute=gen.prefill_length(one.mask_BxL), options=tts.options)
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
         self.codec.reset(row, prefix=job.ref_code)
@@ -360,7 +357,7 @@ class _Cohort:
         if self._until() > self.capacity:
             self._make_room()
         self.state = gen.decode(tts.params, cfg, self.state, self.ctx, self.settings,
-                                min(self._until(), self.capacity))
+                                min(self._until(), self.capacity), tts.options)
         codes = np.asarray(self.state.codes_BxFxG)
         lengths, ended = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
         self.step_n = step = int(self.state.step)
@@ -432,11 +429,10 @@ class BatchEngine:
         self.chunk_frames = chunk_frames
         self.first_chunk_frames = first_chunk_frames
         # Padded batch sizes (one compiled program set each): powers of two up to the maximum by
-        # default, from the backend's fewest rows (`buckets.MIN_ROWS`: two on a GPU); a single
+        # default, from the fewest rows (`Options.min_rows`: two on a GPU); a single
         # bucket (e.g. (8,)) compiles once and pads every batch to it.
-        backend = jax.default_backend()
-        self.batch_buckets = tuple(sorted(batch_buckets or {batch_rows(n, backend) for n in
-                                                            range(1, max_batch_size + 1)}))
+        self.batch_buckets = tuple(sorted(batch_buckets or {
+            batch_rows(n, tts.options.min_rows) for n in range(1, max_batch_size + 1)}))
         if self.batch_buckets[-1] < max_batch_size:
             raise ValueError(f"batch buckets {list(self.batch_buckets)} do not reach "
                              f"max_batch_size {max_batch_size}")
@@ -684,8 +680,10 @@ class BatchEngine:
     def _settings(self, rows: list[Job | None]) -> gen.Settings:
         """Per-row settings of a cohort's rows (padding rows stop at once), with the sampler
         kinds this engine has compiled (`_sampler_kind`)."""
-        return traced([None if j is None else j.settings for j in rows],
-                      kind=lambda role, cols: self._sampler_kind(role, sampling.kind_of(**cols)))
+        options = self.tts.options
+        return traced([None if j is None else j.settings for j in rows], options,
+                      kind=lambda role, cols: self._sampler_kind(
+                          role, sampling.kind_of(**cols, options=options)))
 
     def _decode(self, histories: list[np.ndarray], new: list[np.ndarray]) -> list[np.ndarray]:
         """Whole utterances (rows of whole-file formats, once they ended), each after its prefix

@@ -1,8 +1,8 @@
 """Generation as one compiled program: prefill, then a `lax.while_loop` over frames with the 15
 code-predictor steps inside, preallocated KV caches and sampling on device.
 
-    state = prefill(params, cfg, batch, settings, keys, frames=F)   # jitted once per (B, L, Lt, F)
-    state = decode(params, cfg, state, ctx, until=F)                # the frame loop; resumable
+    state, ctx = prefill(params, cfg, batch, settings, keys, frames=F, options=o)  # (B, L, Lt, F)
+    state = decode(params, cfg, state, ctx, settings, F, o)   # the frame loop; resumable
     codes, lengths = state.codes, state.length
 
 `decode` runs frames until every row has emitted EOS, the token budget is used, or `until` frames
@@ -10,7 +10,9 @@ exist; calling it again continues where it stopped, which is what chunked stream
 compiled step serves offline generation (one call) and streaming (a Python loop over chunks).
 
 Static (compile-time) values are only shapes: batch B, prompt bucket L, trailing-text bucket Lt and
-frame bucket F, plus the configs (and the prefill's compute length, on finer steps than L). Everything that changes per request is traced: the prompt ids,
+frame bucket F, plus the configs, the `options.Options` (kernel and layout choices) and the
+prefill's compute length (on finer steps than L). Everything that changes per request is traced:
+the prompt ids,
 the settings (temperature, top-k, top-p, penalty, greedy or not, per row), `max_new_tokens`, the PRNG
 keys. Official semantics (shared NOTES.md section 7): the repetition penalty covers the code-0 tokens
 generated so far; EOS is blocked for the first 2 tokens; ids vocab-1024..vocab-1 except EOS are
@@ -25,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import code_predictor, layers, sampling, talker, xla_options
+from . import code_predictor, layers, sampling, talker
 from .buckets import fine, ladder, power_of_two as bucket
 from .config import Qwen3TTSConfig
+from .options import Options
 
 MIN_NEW_TOKENS = 2  # hard-coded in the official generate
 NONE = -1           # "no such part" in a prompt's id arrays (prompts.py)
@@ -85,14 +88,15 @@ def embed_prompts(p, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, extra_BxD, extr
     return jnp.where(at_extra, x + extra_BxD[:, None].astype(x.dtype), x)
 
 
-def _next_token(cfg: Qwen3TTSConfig, logits_BxV, seen_BxV, n_generated, settings, keys_B):
+def _next_token(cfg: Qwen3TTSConfig, logits_BxV, seen_BxV, n_generated, settings, keys_B,
+                options: Options):
     """The official talker processors (penalty, min new tokens, suppression), then sampling."""
     t = cfg.talker
     lg = sampling.process_talker_logits(
         logits_BxV, seen_BxV, settings.repetition_penalty, n_generated,
         sampling.talker_suppress_mask(t.vocab_size, t.codec_eos_token_id), t.codec_eos_token_id,
         MIN_NEW_TOKENS)
-    return sampling.sample(keys_B, lg, settings.talker)
+    return sampling.sample(keys_B, lg, settings.talker, options)
 
 
 def _fold(keys_B, data):
@@ -123,23 +127,24 @@ def prefill_lengths(L: int) -> list[int | None]:
                   key=lambda c: L if c is None else c)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "frames", "compute"))
-def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_BxD, extra_pos_B,
-            trailing_BxLt, trailing_len_B, settings: Settings, keys_B, frames: int,
-            compute: int | None = None):
-    """Embed and run the prompt, sample the first code-0 token. Returns (State, Context).
+@functools.partial(jax.jit, static_argnames=("cfg", "frames", "compute", "options"))
+def prefill(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
+            frames: int, compute: int | None = None, *, options: Options):
+    """Embed and run the prompt batch, sample the first code-0 token. Returns (State, Context).
 
     `compute` (static; None: L): run only the last `compute` of the L prompt positions, which must
     hold every row's real tokens (`prefill_length`); the cache keeps L prompt slots, the first
     L - compute of them unwritten and masked like any left padding, so the frame loop is the same
     program as after a full prefill, and so are its results."""
     tp = params["talker"]
-    B, L = text_BxL.shape
+    mask_BxL = batch.mask_BxL
+    B, L = batch.text_BxL.shape
     C = L if compute is None else compute
     dtype = tp["codec_embedding"].dtype
-    x = embed_prompts(params, cfg, text_BxL, codec_BxLxG, extra_BxD, extra_pos_B).astype(dtype)
+    x = embed_prompts(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.extra_BxD,
+                      batch.extra_pos_B).astype(dtype)
     act = cfg.talker.hidden_act
-    trailing = talker.embed_text(tp, trailing_BxLt, act).astype(dtype)
+    trailing = talker.embed_text(tp, batch.trailing_BxLt, act).astype(dtype)
     pad_embed = talker.embed_text(tp, jnp.asarray([cfg.tts_pad_token_id]), act)[0].astype(dtype)
     pad_count = L - mask_BxL.sum(-1).astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(mask_BxL, axis=-1) - 1, 0)
@@ -147,21 +152,22 @@ def prefill(params, cfg: Qwen3TTSConfig, text_BxL, codec_BxLxG, mask_BxL, extra_
     slots = jnp.arange(S)
     causal = slots[None, None, :] <= jnp.arange(L - C, L)[None, :, None]
     mask = causal & (slots[None, None, :] >= pad_count[:, None, None])
-    caches = layers.init_cache(cfg.talker, B, S, dtype)
+    caches = layers.init_cache(cfg.talker, B, S, dtype, options)
     h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, L - C, mask,
-                                       cfg.talker)
+                                       cfg.talker, options)
     seen = jnp.zeros((B, cfg.talker.vocab_size), bool)
-    token = _next_token(cfg, logits[:, -1], seen, 0, settings, _fold(keys_B, 0))
+    token = _next_token(cfg, logits[:, -1], seen, 0, settings, _fold(keys_B, 0), options)
     state = State(step=jnp.zeros((), jnp.int32), token_B=token, hidden_BxD=h[:, -1], caches=caches,
                   codes_BxFxG=jnp.zeros((B, frames, cfg.talker.num_code_groups), jnp.int32),
                   done_B=settings.max_new_tokens <= 1, length_B=jnp.zeros((B,), jnp.int32),
                   seen_BxV=seen, keys_B=keys_B, logits_BxV=logits[:, -1])
-    ctx = Context(trailing, trailing_len_B, pad_embed, pad_count, L - pad_count,
+    ctx = Context(trailing, batch.trailing_len_B, pad_embed, pad_count, L - pad_count,
                   jnp.zeros((B,), jnp.int32))
     return state, ctx
 
 
-def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings) -> State:
+def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings,
+               options: Options) -> State:
     """One frame: codes 1..15 for the current code-0 token, then the talker step that samples the
     next code-0 token. The batch writes one cache slot (L + step); each row reads its own frame
     number (positions, trailing text, PRNG folding, minimum length, budget), so rows that joined
@@ -175,9 +181,10 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     code0_emb = talker.embed_codec(tp, state.token_B)
 
     def sample_cp(j, logits_BxV):
-        return sampling.sample(_fold(keys, 1000 + j), logits_BxV, settings.predictor)
+        return sampling.sample(_fold(keys, 1000 + j), logits_BxV, settings.predictor, options)
 
-    rest, _ = code_predictor.predict(cpp, cfg.talker, state.hidden_BxD, code0_emb, sample_cp)
+    rest, _ = code_predictor.predict(cpp, cfg.talker, state.hidden_BxD, code0_emb, sample_cp,
+                                     options)
     frame = jnp.concatenate([state.token_B[:, None], rest], axis=1)
     codes = jax.lax.dynamic_update_slice_in_dim(state.codes_BxFxG, frame[:, None], n, axis=1)
 
@@ -191,9 +198,9 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
             & (jnp.arange(S)[None, :] <= L + n))[:, None, :]
     pos = (ctx.real_len_B + n_B)[:, None]
     h, logits, caches = talker.forward(tp, x.astype(code0_emb.dtype), pos, state.caches, L + n,
-                                       mask, cfg.talker)
+                                       mask, cfg.talker, options)
     seen = sampling.mark_seen(state.seen_BxV, state.token_B)
-    token = _next_token(cfg, logits[:, -1], seen, n_B + 1, settings, keys)
+    token = _next_token(cfg, logits[:, -1], seen, n_B + 1, settings, keys, options)
 
     # This frame is real for rows not yet done; a row ends when it samples EOS or its budget
     # (max_new_tokens - 1 frames) is used.
@@ -205,17 +212,44 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
                  logits[:, -1])
 
 
-@xla_options.lazy_jit(xla_options.decode_options, static_argnames=("cfg",),
-                      donate_argnames=("state",))
-def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until):
-    """Run frames while some row is live and fewer than `until` (<= F) frames exist."""
+def _decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,
+            options: Options):
     F = state.codes_BxFxG.shape[1]
     until = jnp.minimum(until, F)
 
     def cond(s):
         return (s.step < until) & ~jnp.all(s.done_B)
 
-    return jax.lax.while_loop(cond, lambda s: frame_step(params, cfg, s, ctx, settings), state)
+    return jax.lax.while_loop(cond, lambda s: frame_step(params, cfg, s, ctx, settings, options),
+                              state)
+
+
+_DECODE_JITS: dict = {}   # options.decode_compiler_options -> the jitted `_decode`
+
+
+def _decode_jit(compiler_options: tuple | None):
+    if compiler_options not in _DECODE_JITS:
+        _DECODE_JITS[compiler_options] = jax.jit(
+            _decode, static_argnames=("cfg", "options"), donate_argnames=("state",),
+            compiler_options=dict(compiler_options) if compiler_options else None)
+    return _DECODE_JITS[compiler_options]
+
+
+def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,
+           options: Options):
+    """Run frames while some row is live and fewer than `until` (<= F) frames exist. Jitted
+    (`options` static, `state` donated) with `options.decode_compiler_options`; inside another
+    jit (e.g. `synthesize` under the caller's jit) only the outer program has compile options."""
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(state))
+    f = _decode_jit(None if traced else options.decode_compiler_options)
+    return f(params, cfg, state, ctx, settings, until, options=options)
+
+
+def program_counts() -> dict:
+    """Compiled programs of `prefill`, `decode` (over all compiler options) and `insert`: what a
+    test reads to check that a call compiled nothing new, or that options give new programs."""
+    return {"prefill": prefill._cache_size(), "insert": insert._cache_size(),
+            "decode": sum(f._cache_size() for f in _DECODE_JITS.values())}
 
 
 @functools.partial(jax.jit, static_argnames=("frames",))
@@ -241,14 +275,15 @@ def _put_row(a, row, value):
     return a.at[row].set(value.astype(a.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "compute"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "compute", "options"),
+                   donate_argnames=("state",))
 def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, row,
-           text_1xL, codec_1xLxG, mask_1xL, extra_1xD, extra_pos_1, trailing_1xLt, trailing_len_1,
-           key, compute: int | None = None):
+           prompt, key, compute: int | None = None, *, options: Options):
     """Start a new request in row `row` of a running batch (continuous batching: a server refills
     the row of a finished request). Returns (state, ctx).
 
-    The prompt (one row, padded to the batch's prompt bucket L and trailing-text bucket Lt) runs
+    The prompt (a one-row PromptBatch, padded to the batch's prompt bucket L and trailing-text
+    bucket Lt) runs
     into that row's cache slots [step, step + L), so its last position sits just before the
     batch's next frame slot L + step; the row's earlier slots (its previous request's) are masked
     off by `first_slot_B`, and its frame 0 is the batch's current step (`first_frame_B`). Its
@@ -260,6 +295,7 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     B, F, G = state.codes_BxFxG.shape
     S = state.caches[0].length
     L = S - F
+    text_1xL, mask_1xL, trailing_1xLt = prompt.text_BxL, prompt.mask_BxL, prompt.trailing_BxLt
     if text_1xL.shape != (1, L) or trailing_1xLt.shape[1] != ctx.trailing_BxLtxD.shape[1]:
         raise ValueError(f"insert takes one row of the batch's buckets (prompt {L}, trailing "
                          f"{ctx.trailing_BxLtxD.shape[1]}), not {text_1xL.shape} / "
@@ -267,7 +303,8 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     C = L if compute is None else compute
     dtype = tp["codec_embedding"].dtype
     n0 = state.step
-    x = embed_prompts(params, cfg, text_1xL, codec_1xLxG, extra_1xD, extra_pos_1).astype(dtype)
+    x = embed_prompts(params, cfg, text_1xL, prompt.codec_BxLxG, prompt.extra_BxD,
+                      prompt.extra_pos_B).astype(dtype)
     pad = L - mask_1xL.sum(-1).astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(mask_1xL, axis=-1) - 1, 0)
     first = n0 + L - C                                    # slot of the first computed position
@@ -277,12 +314,12 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     one = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
     caches = [jax.tree.map(one, c) for c in state.caches]
     h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, first, mask,
-                                       cfg.talker)
+                                       cfg.talker, options)
     caches = [jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis=0),
                            c, rc) for c, rc in zip(state.caches, caches)]
     mine = jax.tree.map(one, settings)
     seen = jnp.zeros((1, cfg.talker.vocab_size), bool)
-    token = _next_token(cfg, logits[:, -1], seen, 0, mine, _fold(key[None], 0))
+    token = _next_token(cfg, logits[:, -1], seen, 0, mine, _fold(key[None], 0), options)
     state = State(
         step=n0, token_B=_put_row(state.token_B, row, token[0]),
         hidden_BxD=_put_row(state.hidden_BxD, row, h[0, -1]), caches=caches,
@@ -295,7 +332,7 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     trailing = talker.embed_text(tp, trailing_1xLt, cfg.talker.hidden_act)
     ctx = ctx._replace(
         trailing_BxLtxD=_put_row(ctx.trailing_BxLtxD, row, trailing[0]),
-        trailing_len_B=_put_row(ctx.trailing_len_B, row, trailing_len_1[0]),
+        trailing_len_B=_put_row(ctx.trailing_len_B, row, prompt.trailing_len_B[0]),
         first_slot_B=_put_row(ctx.first_slot_B, row, n0 + pad[0]),
         real_len_B=_put_row(ctx.real_len_B, row, L - pad[0]),
         first_frame_B=_put_row(ctx.first_frame_B, row, n0))
@@ -316,29 +353,25 @@ def shift(state: State, ctx: Context, m):
     return state, ctx
 
 
-FIRST_FRAMES = 256  # frame capacity of the first segment (20 s of audio); doubled as needed
+def capacity(max_frames: int, options: Options) -> int:
+    """The frame capacity of the first KV-cache segment for up to `max_frames` frames: their
+    bucket, at most `options.first_frames`; `grow` doubles it as needed."""
+    return min(bucket(max_frames, 16), options.first_frames)
 
 
-def capacity(max_frames: int) -> int:
-    """The frame capacity of a batch's first KV-cache segment for `max_frames` frames: their
-    bucket, at most FIRST_FRAMES (the cache doubles while some row is still speaking)."""
-    return min(bucket(max_frames, 16), FIRST_FRAMES)
-
-
-def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_frames: int):
+def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
+             max_frames: int, options: Options):
     """Offline generation of a PromptBatch (arrays already bucketed). Returns the final State.
 
     The frame loop runs on device in segments whose KV-cache capacity doubles (256, 512, ...
     frames) only when some row is still speaking, so that attention never reads a cache much longer
     than the audio so far: one host check per segment, never per frame.
     """
-    frames = capacity(max_frames)
-    state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                         batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                         batch.trailing_len_B, settings, keys_B, frames=frames,
-                         compute=prefill_length(batch.mask_BxL))
+    frames = capacity(max_frames, options)
+    state, ctx = prefill(params, cfg, batch, settings, keys_B, frames=frames,
+                         compute=prefill_length(batch.mask_BxL), options=options)
     while True:
-        state = decode(params, cfg, state, ctx, settings, frames)
+        state = decode(params, cfg, state, ctx, settings, frames, options)
         if bool(jnp.all(state.done_B)) or int(state.step) >= max_frames:
             return state
         frames = min(2 * frames, bucket(max_frames, 16))
@@ -346,17 +379,15 @@ def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max
 
 
 def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_frames: int,
-           chunk_frames: int, first_chunk_frames: int):
+           chunk_frames: int, first_chunk_frames: int, options: Options):
     """The streaming twin of `generate`: yields each chunk's new frames, a list of (n, G) int32
     arrays (one per row, maybe empty), first after `first_chunk_frames` frames, then every
     `chunk_frames`, until every row has ended or `max_frames` exist. The frame loop is the same
     compiled `decode` with a growing `until` and the state kept on device, so the codes are
     exactly `generate`'s for the same keys. Closing the generator stops the generation."""
-    frames = capacity(max_frames)
-    state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                         batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                         batch.trailing_len_B, settings, keys_B, frames=frames,
-                         compute=prefill_length(batch.mask_BxL))
+    frames = capacity(max_frames, options)
+    state, ctx = prefill(params, cfg, batch, settings, keys_B, frames=frames,
+                         compute=prefill_length(batch.mask_BxL), options=options)
     limit = bucket(max_frames, 16)
     emitted = np.zeros(state.length_B.shape[0], int)
     target = first_chunk_frames
@@ -364,7 +395,7 @@ def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_f
         while target > frames and frames < limit:
             frames = min(2 * frames, limit)
             state = grow(state, frames)
-        state = decode(params, cfg, state, ctx, settings, min(target, frames))
+        state = decode(params, cfg, state, ctx, settings, min(target, frames), options)
         lengths, done = np.asarray(state.length_B), np.asarray(state.done_B)
         if (lengths > emitted).any():
             codes = np.asarray(state.codes_BxFxG)
@@ -375,8 +406,8 @@ def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_f
         target = int(emitted.max()) + chunk_frames
 
 
-def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, settings: Settings,
-               keys_B, frames: int):
+def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch,
+               settings: Settings, keys_B, frames: int, options: Options | None = None):
     """The whole pipeline as one pure function, for JAX users to `jit`, `shard_map` or embed:
     prompt batch -> (codes (B, frames, 16) int32, lengths (B,), audio (B, frames * 1920) f32).
 
@@ -386,14 +417,16 @@ def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch, sett
     its audio there: the codec decoder is causal, so each row's audio up to its length is exactly
     the decode of its own codes.
 
-        synth = jax.jit(synthesize, static_argnames=("cfg", "codec_cfg", "frames"))
+        synth = jax.jit(synthesize, static_argnames=("cfg", "codec_cfg", "frames", "options"))
+
+    `options` (static): None is `Options.for_backend()`, decided when the function is traced.
     """
     from .codec import decoder as codec_decoder
 
-    state, ctx = prefill(params, cfg, batch.text_BxL, batch.codec_BxLxG, batch.mask_BxL,
-                         batch.extra_BxD, batch.extra_pos_B, batch.trailing_BxLt,
-                         batch.trailing_len_B, settings, keys_B, frames=frames)
-    state = decode(params, cfg, state, ctx, settings, frames)
+    options = options or Options.for_backend()
+
+    state, ctx = prefill(params, cfg, batch, settings, keys_B, frames=frames, options=options)
+    state = decode(params, cfg, state, ctx, settings, frames, options)
     valid_BxF = jnp.arange(frames)[None, :] < state.length_B[:, None]
     codes = jnp.where(valid_BxF[..., None], state.codes_BxFxG, 0)
     audio = codec_decoder.chunked_decode(codec_params, codec_cfg, codes)

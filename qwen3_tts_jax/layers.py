@@ -1,8 +1,13 @@
 """The Qwen3 decoder layer shared by the talker and the code predictor, as pure functions.
 
-Params are nested dicts of arrays (see `talker.RULES`); linear weights are stored (in, out).
+Params are nested dicts of arrays (see `talker.RULES`); linear weights are stored (in, out). The
+checkpoint layout (what `checkpoint.load_params` returns and training uses) has attn {q, k, v, o,
+q_norm, k_norm} and mlp {gate, up, down}; generation runs the one inference layout
+(`pack_layer`): each layer's attention and MLP as the typed blocks `Attention` and `MLP`.
 Activations run in the params' dtype (bf16 on accelerators, f32 on CPU); RMSNorm statistics,
 RoPE angles and softmax are computed in float32 like the official code.
+
+Kernel and layout choices come from a static `options.Options` argument.
 
 KV caches are preallocated: one cache per layer with room for S positions; a call writes its T new
 positions at `write_index` (the same for every row: batches are left-padded so that all rows
@@ -14,8 +19,7 @@ copying: with the first, XLA:CPU transposes every layer's whole cache on every s
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ from .config import TransformerConfig
 from . import cpu_kernels
 from .activations import ACTIVATIONS
 from .cpu_kernels import linear
+from .options import Options
 
 
 class KVCache(NamedTuple):
@@ -39,8 +44,8 @@ class KVCache(NamedTuple):
         put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
         return KVCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
 
-    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
-        return dot_product_attention(q_BxTxHxD, self.k, self.v, mask_BxTxS)
+    def attend(self, q_BxTxHxD, mask_BxTxS, filled, options: Options):
+        return dot_product_attention(q_BxTxHxD, self.k, self.v, mask_BxTxS, options.attention)
 
     def grow(self, extra: int) -> "KVCache":
         pad = lambda a: jnp.pad(a, [(0, 0), (0, extra), (0, 0), (0, 0)])
@@ -52,7 +57,7 @@ class KVCache(NamedTuple):
 
 
 class KVCacheHeadsMajor(NamedTuple):
-    """Heads-major cache: k, v (B, K, Dh, S), for XLA:CPU (see `cache_layout`)."""
+    """Heads-major cache: k, v (B, K, Dh, S), for XLA:CPU (see `Options.cache_layout`)."""
     k: jax.Array
     v: jax.Array
 
@@ -65,14 +70,14 @@ class KVCacheHeadsMajor(NamedTuple):
             c, jnp.transpose(x, (0, 2, 3, 1)).astype(c.dtype), index, axis=3)
         return KVCacheHeadsMajor(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
 
-    def attend(self, q_BxTxHxD, mask_BxTxS, filled=None):
-        """One query position (a decode step) with the CPU kernels enabled: `cpu_kernels.attend`,
+    def attend(self, q_BxTxHxD, mask_BxTxS, filled, options: Options):
+        """One query position (a decode step) with `options.cpu_kernels`: `cpu_kernels.attend`,
         which reads the `filled` slots only. Otherwise
         `jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, masked
         logits set to its large negative number) on this layout; in float32 throughout (XLA:CPU's
         own products have no bfloat16 x bfloat16 -> float32), the result in q's dtype."""
         B, T, H, Dh = q_BxTxHxD.shape
-        if T == 1 and filled is not None and cpu_kernels.enabled():
+        if T == 1 and filled is not None and options.cpu_kernels:
             out = cpu_kernels.attend(q_BxTxHxD[:, 0], self.k, self.v, mask_BxTxS[:, 0], filled)
             return out[:, None].astype(q_BxTxHxD.dtype)
         K = self.k.shape[1]
@@ -94,27 +99,10 @@ class KVCacheHeadsMajor(NamedTuple):
         return KVCacheHeadsMajor(jnp.roll(self.k, -m, axis=3), jnp.roll(self.v, -m, axis=3))
 
 
-# The cache layout: None picks per backend when a program is traced (heads-major on the CPU,
-# positions-major elsewhere); "positions" / "heads" force one. Measured on the 2-core CPU (f32,
-# 0.6B talker attention, one step): heads-major is 2-4x faster at batch 8-32 and cache lengths
-# 300-560 (benchmarks/RESULTS.md). Env QWEN3_TTS_JAX_CACHE_LAYOUT.
-CACHE_LAYOUT = os.environ.get("QWEN3_TTS_JAX_CACHE_LAYOUT") or None
-
-
-def cache_layout() -> str:
-    if CACHE_LAYOUT not in (None, "positions", "heads"):
-        raise ValueError(f"unknown KV-cache layout {CACHE_LAYOUT!r}: use 'positions' or 'heads'")
-    if CACHE_LAYOUT is not None:
-        return CACHE_LAYOUT
-    return "heads" if jax.default_backend() == "cpu" else "positions"
-
-
-def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype,
-               layout: str | None = None) -> list:
-    """Zeroed caches for every layer, in `layout` (default: `cache_layout()`)."""
+def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype, options: Options) -> list:
+    """Zeroed caches for every layer, in `options.cache_layout`."""
     K, Dh = cfg.num_key_value_heads, cfg.head_dim
-    layout = layout or cache_layout()
-    if layout == "heads":
+    if options.cache_layout == "heads":
         cls, shape = KVCacheHeadsMajor, (batch, K, Dh, length)
     else:
         cls, shape = KVCache, (batch, length, K, Dh)
@@ -201,89 +189,93 @@ def apply_rope(x_BxTxHxD, cos_BxTxD, sin_BxTxD):
     return x_BxTxHxD * cos_BxTxD[:, :, None] + rot * sin_BxTxD[:, :, None]
 
 
-def attention(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig):
+class Attention(NamedTuple):
+    """A decoder layer's attention block in the inference layout: q|k|v concatenated along the
+    output dimension (one product instead of three). Products are arrays, `quantize.Int8Weight`
+    or `cpu_kernels` packed weights (`cpu_kernels.linear` dispatches on their type)."""
+    qkv: Any
+    o: Any
+    q_norm: jax.Array
+    k_norm: jax.Array
+
+
+class MLP(NamedTuple):
+    """A decoder layer's MLP block in the inference layout: gate|up concatenated."""
+    gate_up: Any
+    down: Any
+
+
+def attention(p: Attention, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS,
+              cfg: TransformerConfig, options: Options):
     """GQA self-attention with q/k RMSNorm over head_dim, before RoPE. Returns (out, new cache)."""
     B, T, _ = x_BxTxD.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if "qkv" in p:  # packed (see `pack_layers`): one matmul instead of three
-        q, k, v = jnp.split(linear(x_BxTxD, p["qkv"]), [H * Dh, (H + K) * Dh], axis=-1)
-    else:
-        q, k, v = linear(x_BxTxD, p["q"]), linear(x_BxTxD, p["k"]), linear(x_BxTxD, p["v"])
+    q, k, v = jnp.split(linear(x_BxTxD, p.qkv), [H * Dh, (H + K) * Dh], axis=-1)
     q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
-    q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
-    k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
+    q = rms_norm(p.q_norm, q, cfg.rms_norm_eps)
+    k = rms_norm(p.k_norm, k, cfg.rms_norm_eps)
     q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
     cache = cache.write(k, v, write_index)
-    out = cache.attend(q, mask_BxTxS, write_index + T)  # slots [0, write_index + T) are written
-    return linear(out.reshape(B, T, -1), p["o"]), cache
+    # slots [0, write_index + T) are written
+    out = cache.attend(q, mask_BxTxS, write_index + T, options)
+    return linear(out.reshape(B, T, -1), p.o), cache
 
 
-# The attention backend: None lets `jax.nn.dot_product_attention` choose (XLA), "cudnn" asks for
-# cuDNN's fused kernel on NVIDIA GPUs. Read when a program is traced; set it before the first call
-# (QWEN3_TTS_JAX_ATTENTION=xla|cudnn, or `set_attention_implementation`). benchmarks/bench_scale.py
-# measures both; see benchmarks/RESULTS.md for which one wins where.
-ATTENTION_IMPLEMENTATION = os.environ.get("QWEN3_TTS_JAX_ATTENTION") or None
-
-
-def set_attention_implementation(name: str | None) -> None:
-    """None / "xla" / "cudnn"; affects programs traced afterwards."""
-    if name not in (None, "xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {name!r}: use None, 'xla' or 'cudnn'")
-    global ATTENTION_IMPLEMENTATION
-    ATTENTION_IMPLEMENTATION = name
-
-
-def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-    """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; the one place that picks the
-    attention backend (`ATTENTION_IMPLEMENTATION`; cuDNN only takes 16-bit inputs, so float32
-    calls, such as the codec's, stay on XLA)."""
-    impl = ATTENTION_IMPLEMENTATION
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS,
+                          implementation: str | None = None):
+    """softmax(q k^T / sqrt(Dh) + mask) v with grouped kv heads; `implementation` is
+    `Options.attention` (cuDNN only takes 16-bit inputs, so float32 calls, such as the codec's,
+    stay on XLA)."""
+    impl = None if implementation == "xla" else implementation
     if impl == "cudnn" and q_BxTxHxD.dtype not in (jnp.bfloat16, jnp.float16):
         impl = None
     return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
                                         mask=mask_BxTxS[:, None], implementation=impl)
 
 
-def mlp(p, x_BxTxD, act: str = "silu"):
-    if "gate_up" in p:  # packed (see `pack_layers`)
-        gate, up = jnp.split(linear(x_BxTxD, p["gate_up"]), 2, axis=-1)
-    else:
-        gate, up = linear(x_BxTxD, p["gate"]), linear(x_BxTxD, p["up"])
+def mlp(p: dict, x_BxTxD, act: str = "silu"):
+    """The MLP in the checkpoint layout ({"gate", "up", "down"}: training, the codec)."""
+    gate, up = linear(x_BxTxD, p["gate"]), linear(x_BxTxD, p["up"])
     return linear(ACTIVATIONS[act](gate) * up, p["down"])
 
 
-def pack_layers(layers_list: list) -> list:
-    """Inference layout of a decoder stack: q|k|v and gate|up concatenated along the output
-    dimension, so that a layer is 4 matmuls instead of 7 (at batch 1 on a GPU each matmul is a
-    kernel launch, and launches, not bytes, bound the frame time). The values are the same;
-    `attention` and `mlp` accept both layouts. The official key names map to the unpacked one
-    (what `checkpoint.load_params` returns and training uses)."""
-    out = []
-    for lp in layers_list:
-        a, m = lp["attn"], lp["mlp"]
-        if "qkv" not in a:
-            a = {k: v for k, v in a.items() if k not in ("q", "k", "v")} | {
-                "qkv": jnp.concatenate([a["q"], a["k"], a["v"]], axis=-1)}
-        if "gate_up" not in m:
-            m = {"gate_up": jnp.concatenate([m["gate"], m["up"]], axis=-1), "down": m["down"]}
-        out.append({**lp, "attn": a, "mlp": m})
-    return out
+def packed_mlp(p: MLP, x_BxTxD, act: str = "silu"):
+    """The MLP in the inference layout (`MLP`)."""
+    gate, up = jnp.split(linear(x_BxTxD, p.gate_up), 2, axis=-1)
+    return linear(ACTIVATIONS[act](gate) * up, p.down)
 
 
-def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig):
+def pack_layer(lp: dict) -> dict:
+    """The inference layout of one decoder layer in the checkpoint layout (what
+    `checkpoint.load_params` returns and training uses: attn {q, k, v, o, q_norm, k_norm}, mlp
+    {gate, up, down}): `Attention` and `MLP` blocks, so that a layer is 4 matmuls instead of 7
+    (at batch 1 on a GPU each matmul is a kernel launch, and launches, not bytes, bound the frame
+    time). The values are the same."""
+    a, m = lp["attn"], lp["mlp"]
+    return {**lp,
+            "attn": Attention(jnp.concatenate([a["q"], a["k"], a["v"]], axis=-1), a["o"],
+                              a["q_norm"], a["k_norm"]),
+            "mlp": MLP(jnp.concatenate([m["gate"], m["up"]], axis=-1), m["down"])}
+
+
+def decoder_layer(p, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg: TransformerConfig,
+                  options: Options):
     h, cache = attention(p["attn"], rms_norm(p["input_norm"], x_BxTxD, cfg.rms_norm_eps), cos_sin,
-                         cache, write_index, mask_BxTxS, cfg)
+                         cache, write_index, mask_BxTxS, cfg, options)
     x = x_BxTxD + h
-    x = x + mlp(p["mlp"], rms_norm(p["post_norm"], x, cfg.rms_norm_eps), cfg.hidden_act)
+    x = x + packed_mlp(p["mlp"], rms_norm(p["post_norm"], x, cfg.rms_norm_eps), cfg.hidden_act)
     return x, cache
 
 
-def transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TransformerConfig):
-    """The decoder stack + final norm. Returns (normed hidden (B, T, D), new caches)."""
+def transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TransformerConfig,
+                options: Options):
+    """The decoder stack (inference layout, `pack_layer`) + final norm. Returns (normed hidden
+    (B, T, D), new caches)."""
     cos_sin = transformer_rope(pos_BxT, cfg, x_BxTxD.dtype)
     new = []
     for lp, cache in zip(p["layers"], caches):
-        x_BxTxD, cache = decoder_layer(lp, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg)
+        x_BxTxD, cache = decoder_layer(lp, x_BxTxD, cos_sin, cache, write_index, mask_BxTxS, cfg,
+                                       options)
         new.append(cache)
     return rms_norm(p["norm"], x_BxTxD, cfg.rms_norm_eps), new
 

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 METHODS = ("int8",)
-PRODUCTS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
 
 
 @jax.tree_util.register_dataclass
@@ -63,13 +62,13 @@ def quantize_int8(w) -> Int8Weight:
 
 
 def quantize_layer(lp: dict, method: str = "int8") -> dict:
-    """One decoder layer (packed or not, see `layers.pack_layers`) with its products quantized."""
+    """One decoder layer in the inference layout (`layers.Attention`, `layers.MLP`, see
+    `layers.pack_layer`) with its products (q|k|v, o, gate|up, down) quantized."""
     check_method(method)
-
-    def sub(d):
-        return {k: quantize_int8(v) if k in PRODUCTS and getattr(v, "ndim", 0) == 2 else v
-                for k, v in d.items()}
-    return {**lp, "attn": sub(lp["attn"]), "mlp": sub(lp["mlp"])}
+    a, m = lp["attn"], lp["mlp"]
+    q = quantize_int8
+    return {**lp, "attn": a._replace(qkv=q(a.qkv), o=q(a.o)),
+            "mlp": m._replace(gate_up=q(m.gate_up), down=q(m.down))}
 
 
 def matmul(x, w: Int8Weight):

@@ -14,6 +14,7 @@ import numpy as np
 from . import generate as gen, prompts
 from .buckets import batch_rows, ladder
 from .config import Qwen3TTSConfig
+from .options import Options
 from .settings import GenerationSettings, keys, traced
 
 
@@ -23,11 +24,11 @@ def check_chunks(chunk_frames, first_chunk_frames) -> None:
             raise ValueError(f"{name} must be an integer >= 1 (frames of 80 ms), got {v!r}")
 
 
-def prepare(cfg: Qwen3TTSConfig, items: list[prompts.Prompt], settings: GenerationSettings,
-            data_parallel: int = 1):
+def prepare(cfg: Qwen3TTSConfig, options: Options, items: list[prompts.Prompt],
+            settings: GenerationSettings, data_parallel: int = 1):
     """Built prompts -> (PromptBatch, generate.Settings, keys) padded to shape buckets: the batch
-    to a power of two, at least the backend's fewest rows (`buckets.batch_rows`; extra rows stop
-    at once) and a multiple of `data_parallel`; prompt and trailing text to the ladder."""
+    to a power of two, at least `options.min_rows` (extra rows stop at once) and a multiple of
+    `data_parallel`; prompt and trailing text to the ladder."""
     n = len(items)
     longest = max(len(p) for p in items)
     # A text longer than the model's positions is refused; generation may run past them, as in
@@ -36,14 +37,14 @@ def prepare(cfg: Qwen3TTSConfig, items: list[prompts.Prompt], settings: Generati
     if longest > limit:
         raise ValueError(f"the prompt is {longest} tokens, more than the model's {limit} "
                          "positions; split the text")
-    B = batch_rows(n, jax.default_backend())
+    B = batch_rows(n, options.min_rows)
     B = -(-B // data_parallel) * data_parallel   # every device gets the same number of rows
     items = items + [items[0]] * (B - n)
     # Prompt lengths on the finer 16, 24, 32, 48, ... ladder: prefill is most of the time to the
     # first frame, and a power of two could nearly double it.
     batch = prompts.batch_prompts(cfg, items, length=ladder(longest),
                                   trailing_length=ladder(max(len(p.trailing) for p in items)))
-    return batch, traced([settings] * n + [None] * (B - n)), keys(settings.seed, n, B)
+    return batch, traced([settings] * n + [None] * (B - n), options), keys(settings.seed, n, B)
 
 
 def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
@@ -54,7 +55,7 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
 
     m = model.model_parallel
     devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
-    batch, run_settings, ks = prepare(model.config, items, settings, devices)
+    batch, run_settings, ks = prepare(model.config, model.options, items, settings, devices)
     params = model.params
     if m > 1:                      # params already split over the mesh's "model" axis
         rows, _ = data_sharding(m)
@@ -64,7 +65,7 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
         batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
         params = model.replicated_params()
     state = gen.generate(params, model.config, batch, run_settings, ks,
-                         max_frames=settings.max_new_tokens - 1)
+                         max_frames=settings.max_new_tokens - 1, options=model.options)
     codes = np.asarray(state.codes_BxFxG)
     lengths = np.asarray(state.length_B)
     return [codes[b, :lengths[b]] for b in range(len(items))]
@@ -76,17 +77,16 @@ def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: Generation
     running the prefill at each of its compute lengths in the prompt bucket
     (`generate.prefill_lengths`) and one frame. Returns seconds."""
     t = time.perf_counter()
-    capacity = gen.capacity(settings.max_new_tokens - 1)
+    options = model.options
+    capacity = gen.capacity(settings.max_new_tokens - 1, options)
     for B in batch_sizes:
         rows = (list(items) * B)[:B]
-        batch, run_settings, ks = prepare(model.config, rows, settings)
+        batch, run_settings, ks = prepare(model.config, options, rows, settings)
         for compute in gen.prefill_lengths(batch.text_BxL.shape[1]):
-            state, ctx = gen.prefill(model.params, model.config, batch.text_BxL,
-                                     batch.codec_BxLxG, batch.mask_BxL, batch.extra_BxD,
-                                     batch.extra_pos_B, batch.trailing_BxLt, batch.trailing_len_B,
-                                     run_settings, ks, frames=capacity, compute=compute)
+            state, ctx = gen.prefill(model.params, model.config, batch, run_settings, ks,
+                                     frames=capacity, compute=compute, options=options)
         jax.block_until_ready(gen.decode(model.params, model.config, state, ctx, run_settings,
-                                         1).step)
+                                         1, options).step)
     return time.perf_counter() - t
 
 
@@ -96,10 +96,10 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
     chunks through a `StreamDecoder`, which carries the codec's state between chunks: the chunks
     concatenate to the offline audio, and each costs only its new frames). An ICL reference
     (`ref_code`) is decoded first and its audio cut."""
-    batch, run_settings, ks = prepare(model.config, [item], settings)
+    batch, run_settings, ks = prepare(model.config, model.options, [item], settings)
     codec = model.speech_tokenizer.stream_decoder()
     codec.reset(0, prefix=ref_code)
     for codes in gen.stream(model.params, model.config, batch, run_settings, ks,
                             max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
-                            first_chunk_frames=first_chunk_frames):
+                            first_chunk_frames=first_chunk_frames, options=model.options):
         yield codec.push([codes[0]])[0]

@@ -44,20 +44,21 @@ Cost per :func:`warp` call on the CPU, with the official settings (top-k 50): a 
 ``(B, V)`` logits (``TOP_K_CANDIDATES`` = 64 candidates), a sort of those candidates, one softmax
 + cumsum over them, and a few element-wise ops; with top-k off (or above 64) one stable ascending
 sort of the whole ``(B, V)`` logits instead (a ``lax.cond`` picks at run time; on other backends
-always the sort, see ``RUNTIME_DISPATCH``). No scatter: the
+always the sort, see ``Options.runtime_dispatch``). No scatter: the
 top-p cut is mapped back to vocabulary order by a lexicographic ``(value, id)`` comparison
 against the last removed element of the sorted order. When no row samples, nothing is warped.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from .options import Options
 
 __all__ = [
     "SamplingParams",
@@ -101,13 +102,14 @@ class SamplingParams:
     @classmethod
     def create(cls, batch_size: int, *, do_sample: _Scalars = True, temperature: _Scalars = 0.9,
                top_k: _Scalars = 50, top_p: _Scalars = 1.0,
-               kind: str | None = None) -> "SamplingParams":
+               kind: str | None = None, options: Options | None = None) -> "SamplingParams":
         """From Python scalars (broadcast to all rows) or length-``batch_size`` sequences/arrays.
 
         Host-side (NumPy) constructor; inside traced code build ``SamplingParams(...)`` directly.
 
         Defaults are the official Qwen3-TTS ones (do_sample, temperature 0.9, top_k 50, top_p 1.0).
-        ``kind``: None picks `kind_of` the settings; a wider kind than the settings need (see
+        ``kind``: None picks `kind_of` the settings under ``options`` (None: ``Options()``,
+        which does not specialize); a wider kind than the settings need (see
         `KINDS`) may be asked for, to reuse a program already compiled; a narrower one is an error.
         """
 
@@ -123,7 +125,7 @@ class SamplingParams:
                     top_k=col(top_k, np.int32), top_p=col(top_p, np.float32))
         host = {k: np.asarray(v) for k, v in cols.items()}
         if kind is None:
-            kind = kind_of(**host)
+            kind = kind_of(**host, options=options)
         elif kind not in KINDS or KINDS.index(kind) < KINDS.index(exact_kind(**host)):
             raise ValueError(f"sampler kind {kind!r} cannot serve these settings (they need "
                              f"{exact_kind(**host)!r} or a wider one of {KINDS})")
@@ -138,26 +140,16 @@ jax.tree_util.register_dataclass(
     SamplingParams, data_fields=["do_sample", "temperature", "top_k", "top_p"],
     meta_fields=["kind"])
 
-# Whether `SamplingParams.create` specializes the sampler to the settings' kind (None: on for
-# accelerator backends, where the sampler's sort and draw are dozens of small kernels a frame and
-# `lax.cond` would read its predicate back to the host; the CPU dispatches at run time instead,
-# see RUNTIME_DISPATCH). A kind costs one compiled program the first time it is used. Read when
-# params are created; env QWEN3_TTS_JAX_SAMPLER_KINDS=0|1 (on an H100, batch 1 greedy: 1.12x).
-_KINDS_ENV = os.environ.get("QWEN3_TTS_JAX_SAMPLER_KINDS", "")
-if _KINDS_ENV not in ("", "0", "1"):
-    raise ValueError(f"QWEN3_TTS_JAX_SAMPLER_KINDS={_KINDS_ENV!r}: use 0 or 1")
-SPECIALIZE = None if _KINDS_ENV == "" else _KINDS_ENV == "1"
-
-
 # The sampler kinds, narrowest first: each serves every setting the ones before it serve.
 KINDS = ("greedy", "top_k", "full")
 
 
-def kind_of(do_sample, temperature, top_k, top_p) -> str:
+def kind_of(do_sample, temperature, top_k, top_p, options: Options | None = None) -> str:
     """The sampler kind `SamplingParams.create` gives host-side settings arrays: `exact_kind`
-    where the backend specializes (`SPECIALIZE`), else "full"."""
-    specialize = SPECIALIZE if SPECIALIZE is not None else jax.default_backend() != "cpu"
-    return exact_kind(do_sample, temperature, top_k, top_p) if specialize else "full"
+    with `options.specialize_sampler`, else "full"."""
+    if (options or Options()).specialize_sampler:
+        return exact_kind(do_sample, temperature, top_k, top_p)
+    return "full"
 
 
 def exact_kind(do_sample, temperature, top_k, top_p) -> str:
@@ -256,18 +248,8 @@ def mark_seen(seen_BxV: jax.Array, ids_B: jax.Array) -> jax.Array:
 # instead of a sort of the whole vocabulary. Static: it is a shape.
 TOP_K_CANDIDATES = 64
 
-# The fast path and the all-greedy skip are picked at run time by `lax.cond`. On the CPU a
-# conditional is free; on GPUs XLA reads a conditional's predicate back to the host (outside
-# command buffers), 32 times a frame here, which has not been measured yet, so there the sampler
-# stays the single full-sort program it was (the same results). None: on for the CPU backend only;
-# True / False force it. Read when a program is traced.
-RUNTIME_DISPATCH = None
-
-
-def _runtime_dispatch() -> bool:
-    if RUNTIME_DISPATCH is not None:
-        return bool(RUNTIME_DISPATCH)
-    return jax.default_backend() == "cpu"
+# The fast path and the all-greedy skip are picked at run time by `lax.cond` where
+# `Options.runtime_dispatch` is on (the CPU); elsewhere the sampler is one full-sort program.
 
 
 def _warp_prologue(logits_BxV, params):
@@ -331,24 +313,27 @@ def _warp_top_k(x_BxV, vals_BxN, idx_BxN, use_k_B, use_p_B, params):
     return jnp.where(keep_k_BxV & keep_p_BxV, x_BxV, -jnp.inf)
 
 
-def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
+def warp(logits_BxV: jax.Array, params: SamplingParams,
+         options: Options | None = None) -> jax.Array:
     """HF Temperature -> TopK -> TopP on sampling rows (filtered ids become ``-inf``); float32.
 
     Rows with ``do_sample=False`` are returned unchanged (HF applies no warper when greedy).
     See the module docstring for the exact tie semantics.
 
-    On the CPU (`RUNTIME_DISPATCH`), when every sampling row has ``1 <= top_k <=
-    TOP_K_CANDIDATES`` (the official settings), the work is a `lax.top_k` of the vocabulary and a sort of those candidates; otherwise (top-k off or
-    larger, or more ties at the k-th value than candidates) one stable sort of the whole
+    With `options.runtime_dispatch` (None: ``Options()``, on), when every sampling row has
+    ``1 <= top_k <= TOP_K_CANDIDATES`` (the official settings), the work is a `lax.top_k` of the
+    vocabulary and a sort of those candidates; otherwise (top-k off or larger, or more ties at the
+    k-th value than candidates) one stable sort of the whole
     vocabulary (`warp_by_sort`). A `lax.cond` picks at run time, so the settings stay traced.
     The two give the same kept set; at a top-p cut the float32 cumulative sums may differ in the
     last bit (summed over n candidates instead of V with zeros), which the HF comparison
     tolerates anyway (see the module docstring).
     """
+    options = options or Options()
     x_BxV, use_k_B, use_p_B = _warp_prologue(logits_BxV, params)
     if params.kind == "top_k":
-        return _warp_top_k_only(x_BxV, use_k_B, params)
-    if TOP_K_CANDIDATES >= x_BxV.shape[1] or not _runtime_dispatch():
+        return _warp_top_k_only(x_BxV, use_k_B, params, options)
+    if TOP_K_CANDIDATES >= x_BxV.shape[1] or not options.runtime_dispatch:
         return warp_by_sort(logits_BxV, params)
     vals_BxN, idx_BxN = lax.top_k(x_BxV, TOP_K_CANDIDATES)
     return lax.cond(jnp.all(_top_k_path_rows(x_BxV, vals_BxN, params)),
@@ -356,30 +341,12 @@ def warp(logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
                     lambda: warp_by_sort(logits_BxV, params))
 
 
-# How the "top_k" kind finds each row's k-th largest value: "top_k" (`lax.top_k` candidates; XLA
-# lowers it to a sort of the row on GPUs: 15 us a step on an H100, 211 us of a sampled frame in the
-# session 12 profile) or "pairwise" (for every logit, how many are >= it; the k-th largest is the
-# largest logit with at least k: two fused reductions over rows x V x V comparisons, no sort;
-# only for few rows). None picks per backend when a program is traced: "pairwise" on
-# accelerators (one H100, bf16, 0.6B, batch 1 sampled: 234.3 frames/s vs 224.7 with "top_k";
-# benchmarks/RESULTS.md, session 15), "top_k" on the CPU. Env QWEN3_TTS_JAX_KTH.
-KTH_BY = os.environ.get("QWEN3_TTS_JAX_KTH") or None
-PAIRWISE_MAX = 1 << 26  # comparisons per call above which "pairwise" uses `lax.top_k` anyway
-
-
-def kth_by() -> str:
-    if KTH_BY not in (None, "top_k", "pairwise"):
-        raise ValueError(f"unknown k-th value method {KTH_BY!r}: use 'top_k' or 'pairwise'")
-    if KTH_BY is not None:
-        return KTH_BY
-    return "top_k" if jax.default_backend() == "cpu" else "pairwise"
-
-
-def kth_largest(x_BxV: jax.Array, k_B: jax.Array) -> jax.Array:
+def kth_largest(x_BxV: jax.Array, k_B: jax.Array, options: Options | None = None) -> jax.Array:
     """Each row's k-th largest value (duplicates counted: the value HF's top-k keeps down to),
-    ``1 <= k <= min(TOP_K_CANDIDATES, V)``, shape (B, 1)."""
+    ``1 <= k <= min(TOP_K_CANDIDATES, V)``, shape (B, 1), by `options.kth_by`."""
+    options = options or Options()
     B, V = x_BxV.shape
-    if kth_by() == "pairwise" and B * V * V <= PAIRWISE_MAX:
+    if options.kth_by == "pairwise" and B * V * V <= options.pairwise_max:
         at_least_BxV = jnp.sum(x_BxV[:, None, :] >= x_BxV[:, :, None], axis=-1, dtype=jnp.int32)
         return jnp.max(jnp.where(at_least_BxV >= k_B[:, None], x_BxV, -jnp.inf), axis=-1,
                        keepdims=True)
@@ -387,13 +354,13 @@ def kth_largest(x_BxV: jax.Array, k_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(vals_BxN, (k_B - 1)[:, None], axis=1)
 
 
-def _warp_top_k_only(x_BxV, use_k_B, params):
+def _warp_top_k_only(x_BxV, use_k_B, params, options: Options):
     """`warp` for settings of kind "top_k" (no row uses top-p, every top_k <= TOP_K_CANDIDATES):
     keep x >= the k-th largest value (ties with it kept, like HF), which the candidates hold
     exactly whatever the ties; no sort of the vocabulary, no top-p, no conditional."""
     n = min(TOP_K_CANDIDATES, x_BxV.shape[1])
     k_B = jnp.clip(params.top_k.astype(jnp.int32), 1, n)
-    kth_Bx1 = kth_largest(x_BxV, k_B)
+    kth_Bx1 = kth_largest(x_BxV, k_B, options)
     keep_BxV = (x_BxV >= kth_Bx1) | ~use_k_B[:, None]
     return jnp.where(keep_BxV, x_BxV, -jnp.inf)
 
@@ -423,25 +390,28 @@ def _is_batched_key(key: jax.Array) -> bool:
     return key.ndim == 2  # raw uint32 keys: (2,) single, (B, 2) batched
 
 
-def sample(key: jax.Array, logits_BxV: jax.Array, params: SamplingParams) -> jax.Array:
+def sample(key: jax.Array, logits_BxV: jax.Array, params: SamplingParams,
+           options: Options | None = None) -> jax.Array:
     """Pick one id per row -> int32 ``(B,)``.
 
     Greedy rows: argmax of ``logits_BxV`` (already penalized / masked, NOT warped). Sampling rows:
     a categorical draw from ``softmax(warp(logits_BxV))``; ``-inf`` ids are never drawn.
 
     ``key``: one PRNG key for the whole batch, or a batch of ``B`` keys (one per row; then a row's
-    draw does not depend on the rest of the batch).
+    draw does not depend on the rest of the batch). ``options`` (static; None: ``Options()``):
+    `Options.runtime_dispatch`, `Options.kth_by`.
     """
+    options = options or Options()
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     if params.kind == "greedy":  # known when the params were made: no warp, no draw
         return greedy_B
     # All rows greedy (a run-time fact: the settings are traced): no warping at all.
-    if _runtime_dispatch() and params.kind == "full":
-        warped_BxV = lax.cond(jnp.any(params.do_sample), lambda: warp(logits_BxV, params),
-                              lambda: logits_BxV)
+    if options.runtime_dispatch and params.kind == "full":
+        warped_BxV = lax.cond(jnp.any(params.do_sample),
+                              lambda: warp(logits_BxV, params, options), lambda: logits_BxV)
     else:
-        warped_BxV = warp(logits_BxV, params)
+        warped_BxV = warp(logits_BxV, params, options)
     if _is_batched_key(key):
         drawn_B = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, warped_BxV)
     else:

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import generate as gen, sampling
 from .config import GenerationDefaults
+from .options import Options
 
 GEN_KWARGS = ("do_sample", "top_k", "top_p", "temperature", "repetition_penalty",
               "subtalker_dosample", "subtalker_top_k", "subtalker_top_p", "subtalker_temperature",
@@ -138,12 +139,13 @@ def keys(seed, n: int, B: int) -> jax.Array:
     return jnp.stack(ks)
 
 
-def traced(rows: Sequence[GenerationSettings | None],
+def traced(rows: Sequence[GenerationSettings | None], options: Options,
            kind: Callable[[str, dict], str | None] | None = None) -> gen.Settings:
     """The traced per-row `generate.Settings` of a batch. A row without settings (None: padding)
     copies the first row's with a budget of 1 token, so it stops at once. `kind(role, columns)`
     may name the sampler kind for "talker" / "predictor" (`sampling.KINDS`; None: the
-    settings' own), so that a batch can reuse a program compiled for a wider kind."""
+    settings' own under `options`), so that a batch can reuse a program compiled for a wider
+    kind."""
     first = next(s for s in rows if s is not None)
     filled = [first if s is None else s for s in rows]
     B = len(rows)
@@ -155,7 +157,8 @@ def traced(rows: Sequence[GenerationSettings | None],
         cols = dict(do_sample=col(prefix + "dosample" if prefix else "do_sample"),
                     temperature=col(prefix + "temperature"), top_k=col(prefix + "top_k"),
                     top_p=col(prefix + "top_p"))
-        return sampling.SamplingParams.create(B, **cols, kind=kind(role, cols) if kind else None)
+        return sampling.SamplingParams.create(B, **cols, kind=kind(role, cols) if kind else None,
+                                              options=options)
 
     budget = [1 if s is None else s.max_new_tokens for s in rows]
     return gen.Settings(params("talker", ""), params("predictor", "subtalker_"),

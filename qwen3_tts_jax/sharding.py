@@ -35,10 +35,13 @@ def model_sharding(params, model_parallel: int):
     rows, _ = data_sharding(model_parallel)
     mesh, m = rows.mesh, model_parallel
 
+    def key(k):   # a dict key, or a field of `layers.Attention` / `layers.MLP` / `Int8Weight`
+        return getattr(k, "key", None) or getattr(k, "name", None)
+
     def spec(path, x):
-        name, field = getattr(path[-1], "key", None), None
-        if name is None and len(path) > 1:      # a field of a `quantize.Int8Weight`
-            name, field = getattr(path[-2], "key", None), getattr(path[-1], "name", None)
+        name, field = key(path[-1]), None
+        if name in ("values", "scale") and len(path) > 1:   # a field of a `quantize.Int8Weight`
+            name, field = key(path[-2]), name
         if name in _COLUMNS and x.shape and x.shape[-1] % m == 0 and (x.ndim >= 2 or
                                                                        field == "scale"):
             return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))

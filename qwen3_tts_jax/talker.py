@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from . import layers
 from .activations import ACTIVATIONS
 from .config import TalkerConfig
+from .options import Options
 from .weights import Rule
 
 RULES = [
@@ -55,9 +56,11 @@ def embed_codec(p, ids):
     return p["codec_embedding"][ids]
 
 
-def forward(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TalkerConfig):
+def forward(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg: TalkerConfig,
+            options: Options):
     """Trunk + codec head. Returns (final-norm hidden (B,T,D), logits (B,T,3072) f32, caches)."""
-    h, caches = layers.transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg)
+    h, caches = layers.transformer(p, x_BxTxD, pos_BxT, caches, write_index, mask_BxTxS, cfg,
+                                   options)
     return h, logits(p["codec_head"], h), caches
 
 

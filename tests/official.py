@@ -356,3 +356,11 @@ def official_codes(tts, mode, **kw):
     finally:
         tts.model.generate = orig
     return captured["codes"]
+
+
+def with_options(tts, **fields):
+    """A shallow copy of our loaded `Qwen3TTS` whose `options` has `fields` changed (the same
+    weights: for fields that do not change the weights' layout, i.e. all but cpu_kernels)."""
+    other = copy.copy(tts)
+    other.options = dataclasses.replace(tts.options, **fields)
+    return other

@@ -118,13 +118,14 @@ def test_warmup_compiles_what_requests_use(cv):
     texts = ["Hello there.", "Hi.", "Yes.", "No."]
     lengths = [len(p) for p in cv.custom_voice_prompts(texts, "ryan", None, None, True)]
     assert len({ladder(n) for n in lengths}) == 1, lengths   # one prompt bucket
-    before = gen.prefill._cache_size(), gen.decode._cache_size()
+    before = gen.program_counts()
     seconds = cv.warmup(texts[:1], batch_sizes=(1, 3), **kw)
-    after = gen.prefill._cache_size(), gen.decode._cache_size()
-    assert seconds > 0 and after[0] >= before[0] + 2 and after[1] >= before[1] + 2
+    after = gen.program_counts()
+    assert seconds > 0 and after["prefill"] >= before["prefill"] + 2
+    assert after["decode"] >= before["decode"] + 2
     cv.generate_custom_voice_codes(texts[1], speaker="ryan", **kw)
     cv.generate_custom_voice_codes(texts[1:], speaker=["ryan", "eric", "vivian"], **kw)
-    assert (gen.prefill._cache_size(), gen.decode._cache_size()) == after
+    assert gen.program_counts() == after
 
 
 def test_warmup_needs_a_voice_on_base(make_checkpoint):
@@ -136,17 +137,16 @@ def test_warmup_needs_a_voice_on_base(make_checkpoint):
 @pytest.mark.parametrize("kw", [dict(do_sample=False, subtalker_dosample=False),
                                 dict(seed=5),                     # the defaults: top-k 50 only
                                 dict(seed=6, top_p=0.8, subtalker_top_k=0)])
-def test_specialized_sampler_gives_the_same_codes(cv, kw, monkeypatch):
+def test_specialized_sampler_gives_the_same_codes(cv, kw):
     """The sampler specialized to the settings' kind (the accelerator default: no warp for greedy
     rows, no vocabulary sort without top-p) generates exactly the general sampler's codes."""
-    from qwen3_tts_jax import sampling
+    from official import with_options
 
     texts = ["Hello there, how are you?", "Fine."]
     codes = {}
     for on in (False, True):
-        monkeypatch.setattr(sampling, "SPECIALIZE", on)
-        codes[on] = cv.generate_custom_voice_codes(texts, speaker=["ryan", "eric"],
-                                                   max_new_tokens=24, **kw)
+        codes[on] = with_options(cv, specialize_sampler=on).generate_custom_voice_codes(
+            texts, speaker=["ryan", "eric"], max_new_tokens=24, **kw)
     for a, b in zip(codes[False], codes[True]):
         np.testing.assert_array_equal(a, b)
     assert sum(len(c) for c in codes[True]) > 10

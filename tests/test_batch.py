@@ -446,9 +446,12 @@ SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from qwen3_tts_jax import Qwen3TTS, sampling
+    from qwen3_tts_jax.options import Options
     assert len(jax.local_devices()) == 8, jax.local_devices()
-    assert sampling.SamplingParams.create(2, do_sample=False).kind == "greedy"  # kinds on
-    tts = Qwen3TTS.from_pretrained(sys.argv[1])
+    OPTS = Options.for_backend(specialize_sampler=True)   # the sampler kinds on
+    assert not OPTS.cpu_kernels                           # several devices: XLA's ops
+    assert sampling.SamplingParams.create(2, do_sample=False, options=OPTS).kind == "greedy"
+    tts = Qwen3TTS.from_pretrained(sys.argv[1], options=OPTS)
     texts = ["Hello world.", "Hi.", "The quick brown fox.", "A", "Speak slowly.",
              "Numbers 0123.", "The lazy dog.", "Hello again.", "One more."]
     speakers = ["ryan", "vivian", "eric", "dylan", "serena", "aiden", "sohee", "uncle_fu", "ryan"]
@@ -462,8 +465,8 @@ SHARDED = textwrap.dedent("""
         if name == "greedy":
             # Tensor parallel: weights split over 2 (x 4 data rows) and over all 8 devices.
             for m in (2, 8):
-                tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=m)
-                qkv = tp.params["talker"]["layers"][0]["attn"]["qkv"]
+                tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=m, options=OPTS)
+                qkv = tp.params["talker"]["layers"][0]["attn"].qkv
                 assert len(qkv.sharding.device_set) == 8, qkv.sharding
                 assert qkv.addressable_shards[0].data.shape[1] == qkv.shape[1] // m
                 got = tp.generate_prompts_codes(items, max_new_tokens=12, **kw)
@@ -471,10 +474,11 @@ SHARDED = textwrap.dedent("""
                                     for a, b in zip(one, got))
             # int8 weights (quantize.py) split the same way: values and the widening products'
             # scales over "model", the same codes as the int8 model on one device
-            q8 = Qwen3TTS.from_pretrained(sys.argv[1], quantize="int8")
+            q8 = Qwen3TTS.from_pretrained(sys.argv[1], quantize="int8", options=OPTS)
             want = q8.generate_prompts_codes(items, max_new_tokens=12, **kw)
-            tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=2, quantize="int8")
-            qkv = tp.params["talker"]["layers"][0]["attn"]["qkv"]
+            tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=2, quantize="int8",
+                                          options=OPTS)
+            qkv = tp.params["talker"]["layers"][0]["attn"].qkv
             assert qkv.values.addressable_shards[0].data.shape[1] == qkv.shape[1] // 2
             assert qkv.scale.addressable_shards[0].data.shape[0] == qkv.shape[1] // 2
             got = tp.generate_prompts_codes(items, max_new_tokens=12, **kw)
@@ -485,14 +489,13 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_batch_equals_single_device(tmp_path, make_checkpoint):
-    """With the sampler kinds of accelerators on (`QWEN3_TTS_JAX_SAMPLER_KINDS=1`: greedy and
+    """With the sampler kinds of accelerators on (`Options.specialize_sampler`: greedy and
     top-k programs, their static kind carried through the sharded settings)."""
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
     r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_proj")],
                        capture_output=True, text=True, timeout=900,
-                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                                QWEN3_TTS_JAX_SAMPLER_KINDS="1"))
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {
         "greedy": True, "sampled": True, "tp2": True, "tp8": True, "tp2_int8": True}

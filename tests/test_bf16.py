@@ -10,16 +10,15 @@ def test_bf16_close_to_f32(make_checkpoint):
     path = make_checkpoint("cv_proj")
     f32, bf16 = Qwen3TTS.from_pretrained(path, jnp.float32), Qwen3TTS.from_pretrained(path,
                                                                                         "bfloat16")
-    assert bf16.params["talker"]["layers"][0]["attn"]["qkv"].dtype == jnp.bfloat16
+    assert bf16.params["talker"]["layers"][0]["attn"].qkv.dtype == jnp.bfloat16
+    assert bf16.options.decode_compiler_options is None      # XLA's defaults for bf16
     kw = dict(text=["Hello world. This is a tiny test.", "Hi."], speaker=["ryan", "vivian"],
               do_sample=False, subtalker_dosample=False, max_new_tokens=17)
     logits = []
     for tts in (f32, bf16):
         batch, settings, keys = tts.prepare_custom_voice(**kw)
-        state, _ = gen.prefill(tts.params, tts.config, batch.text_BxL, batch.codec_BxLxG,
-                               batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                               batch.trailing_BxLt, batch.trailing_len_B, settings, keys,
-                               frames=16)
+        state, _ = gen.prefill(tts.params, tts.config, batch, settings, keys, frames=16,
+                               options=tts.options)
         logits.append(np.asarray(state.logits_BxV[:2, :2048]))
     err = np.abs(logits[1] - logits[0]).max() / logits[0].std()
     assert err < 0.1, f"bf16 prefill logits off by {err:.3f} of their spread"

@@ -2,6 +2,7 @@
 float64 numpy over row counts that hit every row tile and panel split, the packed layout, what is
 packed at load, generation with the kernel vs XLA's products, and the fallback when the kernel
 cannot be built."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from official import GREEDY, official_codes
 from qwen3_tts_jax import Qwen3TTS, checkpoint, cpu_kernels, layers, prompts, sampling
 from qwen3_tts_jax import generate as gen
 from qwen3_tts_jax.config import load_config
+from qwen3_tts_jax.options import Options
 from qwen3_tts_jax.text import assistant_text
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(), reason="kernel not built here")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="kernel not built here")
+KERNELS = Options(cpu_kernels=True)
 
 
 def reference(x, w):
@@ -85,16 +88,17 @@ def test_packed_layout_roundtrip_and_what_is_packed():
     assert p.panels.shape == (2, 24, 16) and p.shape == (24, 32)
     assert np.array_equal(p.unpack(), w)
     assert np.array_equal(p.panels[1, 3], w[3, 16:32])
-    layer = {"attn": {"qkv": w, "o": jnp.ones((32, 24)), "q_norm": jnp.ones(8)},
-             "mlp": {"gate_up": jnp.ones((24, 96)), "down": jnp.ones((48, 24))},
+    layer = {"attn": layers.Attention(w, jnp.ones((32, 24)), jnp.ones(8), jnp.ones(8)),
+             "mlp": layers.MLP(jnp.ones((24, 96)), jnp.ones((48, 24))),
              "input_norm": jnp.ones(24)}
     out = cpu_kernels.pack_layer(layer)
-    assert isinstance(out["attn"]["qkv"], cpu_kernels.PackedWeight)
-    assert isinstance(out["mlp"]["gate_up"], cpu_kernels.PackedWeight)
+    assert isinstance(out["attn"].qkv, cpu_kernels.PackedWeight)
+    assert isinstance(out["mlp"].gate_up, cpu_kernels.PackedWeight)
     # widths that are not whole panels, norms, and non-float32 weights stay arrays
-    assert not isinstance(out["attn"]["o"], cpu_kernels.PackedWeight)
-    assert not isinstance(out["mlp"]["down"], cpu_kernels.PackedWeight)
-    assert out["attn"]["q_norm"] is layer["attn"]["q_norm"]
+    assert not isinstance(out["attn"].o, cpu_kernels.PackedWeight)
+    assert not isinstance(out["mlp"].down, cpu_kernels.PackedWeight)
+    assert out["attn"].q_norm is layer["attn"].q_norm
+    assert type(out["attn"]) is layers.Attention and type(out["mlp"]) is layers.MLP
     assert not cpu_kernels.packable(w.astype(jnp.bfloat16))
     # a pytree: leaves, device_put and tree_map keep the type
     assert len(jax.tree_util.tree_leaves(p)) == 1
@@ -105,10 +109,11 @@ def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoi
     path = make_checkpoint("cv_identity_0b6")
     tts = Qwen3TTS.from_pretrained(path)
     kinds = {type(v).__name__ for lp in tts.params["talker"]["layers"]
-             for part in ("attn", "mlp") for v in lp[part].values()}
-    assert "PackedWeight" in kinds
+             for part in ("attn", "mlp") for v in lp[part]._asdict().values()}
+    assert "PackedWeight" in kinds and tts.options.cpu_kernels
     cfg = load_config(path)
-    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), cpu_kernel=False)
+    xla = dataclasses.replace(tts.options, cpu_kernels=False)
+    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), options=xla)
     assert not any(isinstance(x, cpu_kernels.PackedWeight) for x in jax.tree_util.tree_leaves(
         plain, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight)))
     items = [prompts.build_prompt(cfg, tts.tokenizer.encode(assistant_text(t)), "english", "ryan", None,
@@ -121,14 +126,16 @@ def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoi
 
     def settings(do_sample):
         sp = lambda: sampling.SamplingParams.create(B, do_sample=do_sample, temperature=0.9,
-                                                    top_k=50, top_p=1.0)
+                                                    top_k=50, top_p=1.0, options=tts.options)
         return gen.Settings(sp(), sp(), jnp.full((B,), 1.05, jnp.float32),
                             jnp.full((B,), 24, jnp.int32))
 
     keys = jnp.stack([jax.random.PRNGKey(i) for i in range(B)])
     for do_sample in (False, True):
-        a = gen.generate(tts.params, cfg, batch, settings(do_sample), keys, max_frames=23)
-        b = gen.generate(plain, cfg, batch, settings(do_sample), keys, max_frames=23)
+        a = gen.generate(tts.params, cfg, batch, settings(do_sample), keys, max_frames=23,
+                         options=tts.options)
+        b = gen.generate(plain, cfg, batch, settings(do_sample), keys, max_frames=23,
+                         options=xla)
         assert np.array_equal(np.asarray(a.length_B), np.asarray(b.length_B))
         assert np.array_equal(np.asarray(a.codes_BxFxG), np.asarray(b.codes_BxFxG)), do_sample
 
@@ -154,7 +161,7 @@ def test_library_product_path_keeps_official_codes(model_pair, monkeypatch):
 
 def _probe(tmp_path, **env):
     code = ("import logging, sys; logging.basicConfig(stream=sys.stderr)\n"
-            "from qwen3_tts_jax import cpu_kernels; print(cpu_kernels.enabled())")
+            "from qwen3_tts_jax import cpu_kernels; print(cpu_kernels.available())")
     full = dict(os.environ, HOME=str(tmp_path), JAX_PLATFORMS="cpu", **env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=full, timeout=300)
@@ -165,8 +172,6 @@ def test_without_a_compiler_it_warns_and_uses_xla(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
     assert "CPU kernels are not available" in r.stderr
-    r = _probe(tmp_path, QWEN3_TTS_JAX_CPU_KERNELS="0")
-    assert r.stdout.strip() == "False" and "not available" not in r.stderr
 
 
 def test_builds_into_the_cache_once(tmp_path):
@@ -193,11 +198,13 @@ def test_attention_matches_xla(B, K, G, Dh, S):
         slots = np.arange(S)[None, :]
         mask = (slots < filled) & (slots >= np.minimum(np.arange(B)[:, None], filled - 1))
         mask = jnp.asarray(mask[:, None, :])
-        want = cache.attend(q, mask)          # no `filled`: XLA's computation over every slot
-        got = jax.jit(cache.attend)(q, mask, jnp.int32(filled))
+        # without the kernels: XLA's computation over every slot
+        want = cache.attend(q, mask, jnp.int32(filled), Options(cpu_kernels=False))
+        got = jax.jit(cache.attend, static_argnums=3)(q, mask, jnp.int32(filled), KERNELS)
         assert got.shape == want.shape == (B, 1, K * G, Dh)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"filled={filled}")
         # slots past `filled` are never read: garbage there changes nothing
         junk = layers.KVCacheHeadsMajor(cache.k.at[..., filled:].set(jnp.nan),
                                         cache.v.at[..., filled:].set(1e30))
-        assert np.array_equal(jax.jit(junk.attend)(q, mask, jnp.int32(filled)), got)
+        assert np.array_equal(jax.jit(junk.attend, static_argnums=3)(q, mask, jnp.int32(filled),
+                                                                     KERNELS), got)

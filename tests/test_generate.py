@@ -1,14 +1,17 @@
 """Parity of the talker, code predictor, prompts and the jitted generation loop with the official
 qwen-tts 0.1.1 (`Qwen3TTSForConditionalGeneration.generate`, `Qwen3TTSModel.generate_custom_voice`,
 `generate_voice_design`) on tiny random checkpoints of several shapes, float32 on CPU."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from official import GREEDY, official_codes
+from official import GREEDY, official_codes, with_options
 from qwen3_tts_jax import code_predictor, generate as gen, layers, prompts, sampling, talker
+from qwen3_tts_jax.options import CPU_DECODE_OPTIONS, Options
 
 TEXTS = ["Hello world. This is a tiny test.", "Hi.", "The quick brown fox jumps over the lazy dog.",
          "Numbers 0123, 你好世界!", "Speak slowly\nand calmly.", "A", "Ünïcödé wörds?",
@@ -37,7 +40,7 @@ def capture_official_inputs(off, fn):
         with torch.no_grad():
             try:
                 fn()
-            except Exception:  # the wrapper may fail on the truncated output; inputs are captured
+            except Exception:  # noqa: BLE001 - the wrapper may fail on the truncated output
                 pass
     finally:
         off.model.talker.generate = orig
@@ -106,12 +109,11 @@ def test_talker_logits_prefill_and_decode_steps(models, name):
     sp = sampling.SamplingParams.create(B, do_sample=False)
     settings = gen.Settings(sp, sp, jnp.full((B,), 1.05), jnp.full((B,), 6, jnp.int32))
     keys = jnp.stack([jax.random.PRNGKey(0)] * B)
-    state, ctx = gen.prefill(ours.params, ours.config, batch.text_BxL, batch.codec_BxLxG,
-                             batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                             batch.trailing_BxLt, batch.trailing_len_B, settings, keys, frames=16)
+    state, ctx = gen.prefill(ours.params, ours.config, batch, settings, keys, frames=16,
+                             options=ours.options)
     for step, want in enumerate(captured["logits"]):
         if step:
-            state = gen.decode(ours.params, ours.config, state, ctx, settings, step)
+            state = gen.decode(ours.params, ours.config, state, ctx, settings, step, ours.options)
         np.testing.assert_allclose(np.asarray(state.logits_BxV), want, atol=1e-4, rtol=0,
                                    err_msg=f"talker logits at step {step}")
 
@@ -136,7 +138,7 @@ def test_code_predictor_logits(models, name):
     codes, logits = code_predictor.predict(
         ours.params["code_predictor"], cfg, jnp.asarray(hidden),
         talker.embed_codec(ours.params["talker"], jnp.asarray(code0)),
-        lambda j, lg: jnp.argmax(lg, -1))
+        lambda j, lg: jnp.argmax(lg, -1), ours.options)
     np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(codes), want_codes)
 
@@ -216,97 +218,116 @@ def test_greedy_codes_voice_design(models, non_streaming):
     _assert_same_codes(ours.generate_voice_design_codes(**kw, **GREEDY), ref)
 
 
-def _layers_setting(name, value):
-    """Set a `layers` switch read when programs are traced, with fresh traces before and after."""
-    old = getattr(layers, name)
-    setattr(layers, name, value)
-    jax.clear_caches()
-    yield
-    setattr(layers, name, old)
-    jax.clear_caches()
-
-
-@pytest.fixture
-def positions_major_cache():
-    """The accelerators' KV-cache layout (layers.py) on this CPU, whose default is heads-major:
-    both layouts must give the official numbers. The layout is read when a program is traced."""
-    yield from _layers_setting("CACHE_LAYOUT", "positions")
+def _with(models, **fields):
+    """`models` whose our-side models run with these option fields."""
+    return lambda name: (models(name)[0], with_options(models(name)[1], **fields))
 
 
 @pytest.mark.parametrize("name", ["cv_proj", "vd_bigvocab"])
-def test_positions_major_cache_layout(models, name, positions_major_cache):
-    assert layers.cache_layout() == "positions"
-    assert isinstance(layers.init_cache(models(name)[1].config.talker, 1, 4, jnp.float32)[0],
-                      layers.KVCache)
-    test_talker_logits_prefill_and_decode_steps(models, name)
-    test_code_predictor_logits(models, "cv_proj")
+def test_positions_major_cache_layout(models, name):
+    """The accelerators' KV-cache layout on this CPU, whose default is heads-major: both layouts
+    give the official numbers."""
+    positions = _with(models, cache_layout="positions")
+    assert isinstance(layers.init_cache(models(name)[1].config.talker, 1, 4, jnp.float32,
+                                        positions(name)[1].options)[0], layers.KVCache)
+    test_talker_logits_prefill_and_decode_steps(positions, name)
+    test_code_predictor_logits(positions, "cv_proj")
     if name == "cv_proj":
-        test_greedy_codes_single_and_batched(models, "cv_eos")
+        test_greedy_codes_single_and_batched(positions, "cv_eos")
 
 
 @pytest.mark.parametrize("layout", ["heads", "positions"])
-def test_cache_growth(models, monkeypatch, layout):
+def test_cache_growth(models, layout):
     """A budget past the caches' first capacity (they grow twice): the official greedy codes, in
     both KV-cache layouts."""
-    monkeypatch.setattr(layers, "CACHE_LAYOUT", layout)
-    monkeypatch.setattr(gen, "FIRST_FRAMES", 16)
-    jax.clear_caches()
-    try:
-        off, ours = models("cv_identity_0b6")
-        kw = dict(text=TEXTS[0], speaker="ryan", language="english", max_new_tokens=40)
-        _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY),
-                           official_codes(off, "custom_voice", **kw, **GREEDY))
-    finally:
-        jax.clear_caches()
+    off, ours = _with(models, cache_layout=layout, first_frames=16)("cv_identity_0b6")
+    assert gen.capacity(39, ours.options) == 16
+    kw = dict(text=TEXTS[0], speaker="ryan", language="english", max_new_tokens=40)
+    _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY),
+                       official_codes(off, "custom_voice", **kw, **GREEDY))
 
 
 def test_cpu_default_cache_layout_is_heads_major(models):
-    assert layers.CACHE_LAYOUT is None and layers.cache_layout() == "heads"
-    assert isinstance(layers.init_cache(models("cv_proj")[1].config.talker, 1, 4, jnp.float32)[0],
-                      layers.KVCacheHeadsMajor)
+    opts = models("cv_proj")[1].options
+    assert opts == Options.for_backend("cpu") and opts.cache_layout == "heads"
+    assert isinstance(layers.init_cache(models("cv_proj")[1].config.talker, 1, 4, jnp.float32,
+                                        opts)[0], layers.KVCacheHeadsMajor)
 
 
-def test_gpu_frame_defaults_together(models, monkeypatch):
+def test_gpu_frame_defaults_together(models):
     """What an accelerator's frame runs by default (positions-major caches, the predictor's steps
-    unrolled, the pairwise k-th logit for top-k sampling, weights as arrays), on this CPU: the
-    official logits and greedy codes, and the CPU defaults' sampled codes for the same seed."""
+    unrolled, sampler kinds without run-time dispatch, the pairwise k-th logit for top-k
+    sampling, weights as arrays, two rows at least), on this CPU: the official logits and greedy
+    codes, and the CPU defaults' sampled codes for the same seed."""
     from qwen3_tts_jax import Qwen3TTS
 
-    assert (code_predictor.UNROLL, sampling.KTH_BY) == (None, None)
-    assert (code_predictor._unroll(), sampling.kth_by()) == (False, "top_k")   # CPU defaults
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert (code_predictor._unroll(), sampling.kth_by(), layers.cache_layout()) == (
-        True, "pairwise", "positions")
-    monkeypatch.undo()
-    _, cpu = models("cv_identity_0b6")
+    cpu = Options.for_backend("cpu")
+    assert (cpu.cache_layout, cpu.unroll_predictor, cpu.kth_by, cpu.specialize_sampler,
+            cpu.runtime_dispatch, cpu.min_rows, cpu.attention) == (
+        "heads", False, "top_k", False, True, 1, None)
+    assert cpu.decode_compiler_options in (CPU_DECODE_OPTIONS, None)   # None: jaxlib refuses it
+    assert Options.for_backend("cpu", dtype=jnp.bfloat16).decode_compiler_options is None
+    gpu = Options.for_backend("gpu")
+    assert gpu == Options(cache_layout="positions", unroll_predictor=True, kth_by="pairwise",
+                          specialize_sampler=True, runtime_dispatch=False, cpu_kernels=False,
+                          decode_compiler_options=None, attention=None, min_rows=2)
+    assert Options.for_backend("tpu").min_rows == 1
+    assert Options.for_backend("gpu", attention="cudnn").attention == "cudnn"
+
+    _, on_cpu_model = models("cv_identity_0b6")
     kw = dict(text=TEXTS[:2], speaker="ryan", language="english", max_new_tokens=12, seed=5)
-    jax.clear_caches()
-    on_cpu = cpu.generate_custom_voice_codes(**kw)
-    for module, name, value in ((layers, "CACHE_LAYOUT", "positions"),
-                                (code_predictor, "UNROLL", True), (sampling, "KTH_BY", "pairwise"),
-                                (sampling, "PAIRWISE_MAX", 1 << 40)):
-        monkeypatch.setattr(module, name, value)
-    monkeypatch.setenv("QWEN3_TTS_JAX_CPU_KERNELS", "0")   # weights as arrays, as on a GPU
+    on_cpu = on_cpu_model.generate_custom_voice_codes(**kw)
+    as_gpu = dataclasses.replace(gpu, pairwise_max=1 << 40)   # pairwise for every batch here
     loaded = {}
 
     def as_on_gpu(name):
         if name not in loaded:
             off, ours = models(name)
-            loaded[name] = off, Qwen3TTS.from_pretrained(ours.folder)
-            assert isinstance(loaded[name][1].params["talker"]["layers"][0]["mlp"]["down"],
+            loaded[name] = off, Qwen3TTS.from_pretrained(ours.folder, options=as_gpu)
+            assert isinstance(loaded[name][1].params["talker"]["layers"][0]["mlp"].down,
                               jax.Array)
         return loaded[name]
 
-    jax.clear_caches()
-    try:
-        test_talker_logits_prefill_and_decode_steps(as_on_gpu, "vd_bigvocab")
-        test_code_predictor_logits(as_on_gpu, "cv_proj")
-        test_greedy_codes_single_and_batched(as_on_gpu, "cv_eos")
-        _, ours = as_on_gpu("cv_identity_0b6")
-        for a, b in zip(ours.generate_custom_voice_codes(**kw), on_cpu):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        jax.clear_caches()
+    test_talker_logits_prefill_and_decode_steps(as_on_gpu, "vd_bigvocab")
+    test_code_predictor_logits(as_on_gpu, "cv_proj")
+    test_greedy_codes_single_and_batched(as_on_gpu, "cv_eos")
+    _, ours = as_on_gpu("cv_identity_0b6")
+    for a, b in zip(ours.generate_custom_voice_codes(**kw), on_cpu):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_options_are_part_of_the_program_key(models):
+    """Options are static arguments: the same options reuse the compiled programs, other
+    options compile their own (no cache clearing, no globals)."""
+    _, ours = models("cv_proj")
+    kw = dict(text="Hi.", speaker="ryan", max_new_tokens=4, **GREEDY)
+    want = ours.generate_custom_voice_codes(**kw)
+    before = gen.program_counts()
+    ours.generate_custom_voice_codes(**kw)
+    assert gen.program_counts() == before
+    other = with_options(ours, unroll_predictor=not ours.options.unroll_predictor)
+    got = other.generate_custom_voice_codes(**kw)
+    after = gen.program_counts()
+    assert (after["prefill"], after["decode"]) == (before["prefill"] + 1, before["decode"] + 1)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("cache_layout", "rows"), ("kth_by", "sort"), ("attention", "flash"),
+    ("unroll_predictor", 1), ("cpu_kernels", None), ("min_rows", 0), ("first_frames", 0),
+    ("pairwise_max", -1), ("decode_compiler_options", [("x", [1])])])
+def test_invalid_option_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"Options\.{field}="):
+        Options(**{field: value})
+    with pytest.raises(ValueError, match=rf"Options\.{field}="):
+        Options.for_backend("cpu", **{field: value})
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="no field.*'unroll'"):
+        Options.for_backend("gpu", unroll=True)
+    with pytest.raises(TypeError):
+        Options(unroll=True)
 
 
 def test_max_new_tokens_semantics(models):
@@ -339,10 +360,10 @@ def test_sampling_reproducible_per_seed(models):
 def test_same_bucket_does_not_recompile(models):
     _, ours = models("cv_proj")
     ours.generate_custom_voice_codes("Hello world.", "ryan", max_new_tokens=6, **GREEDY)
-    before = gen.decode._cache_size(), gen.prefill._cache_size()
+    before = gen.program_counts()
     ours.generate_custom_voice_codes("The lazy dog.", "vivian", language="english",
                                      max_new_tokens=9, temperature=0.5, top_k=3, seed=4)
-    assert (gen.decode._cache_size(), gen.prefill._cache_size()) == before
+    assert gen.program_counts() == before
 
 
 def test_layers_rope_is_plain_rope_of_official_mrope():
@@ -363,15 +384,13 @@ def test_layers_rope_is_plain_rope_of_official_mrope():
 
 
 @pytest.mark.parametrize("layout", ["heads", "positions"])
-def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
+def test_prefill_runs_only_the_positions_rows_use(models, layout):
     """A batch whose longest prompt sits low in its bucket (e.g. 33-40 positions in the bucket of
     48) prefills only the last `prefill_length` positions, into a cache of the full bucket: greedy
     codes still equal the official's, in both KV-cache layouts, with rows of different lengths."""
     from qwen3_tts_jax.buckets import fine, ladder
 
-    off, ours = models("cv_proj")
-    monkeypatch.setattr(layers, "CACHE_LAYOUT", layout)
-    jax.clear_caches()
+    off, ours = _with(models, cache_layout=layout)("cv_proj")
     words = "one two three four five six seven eight nine ten eleven twelve".split()
     for k in range(1, len(words) + 1):  # the first text whose prompt is low in its bucket
         text = " ".join(words[:k]) + "."
@@ -386,4 +405,3 @@ def test_prefill_runs_only_the_positions_rows_use(models, layout, monkeypatch):
     assert gen.prefill_length(batch.mask_BxL) == fine(n) < batch.text_BxL.shape[1] == ladder(n)
     ref = official_codes(off, "custom_voice", **kw, **GREEDY)
     _assert_same_codes(ours.generate_custom_voice_codes(**kw, **GREEDY), ref)
-    jax.clear_caches()

@@ -133,7 +133,9 @@ def test_no_private_names_across_modules():
         for n in ast.walk(tree):
             if (isinstance(n, ast.Attribute) and n.attr.startswith("_")
                     and not n.attr.startswith("__") and n.attr not in own
-                    and n.attr not in ("_replace", "_asdict", "_fields", "_make", "_exit")):
+                    and n.attr not in ("_replace", "_asdict", "_fields", "_make",   # NamedTuple
+                                       "_exit",                # os._exit
+                                       "_cache_size")):        # a jax.jit's program count
                 bad.append(f"{name}:{n.lineno} reads {ast.unparse(n)}")
     assert not bad, bad
 

@@ -54,10 +54,11 @@ def test_functional_synthesize_under_jit(pair):
     want_codes = ours.generate_custom_voice_codes(**kw)
     want_audio, _ = ours.decode(want_codes)
     batch, settings, keys = ours.prepare_custom_voice(**kw)
-    synth = jax.jit(generate.synthesize, static_argnames=("cfg", "codec_cfg", "frames"))
+    synth = jax.jit(generate.synthesize,
+                    static_argnames=("cfg", "codec_cfg", "frames", "options"))
     codec = ours.speech_tokenizer
     codes, lengths, audio = synth(ours.params, ours.config, codec.params, codec.config.decoder,
-                                  batch, settings, keys, frames=64)
+                                  batch, settings, keys, frames=64, options=ours.options)
     codes, lengths, audio = map(np.asarray, (codes, lengths, audio))
     assert len({len(c) for c in want_codes}) > 1          # rows really end at different frames
     for b, (c, w) in enumerate(zip(want_codes, want_audio)):
@@ -68,19 +69,19 @@ def test_functional_synthesize_under_jit(pair):
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_lone_request_padded_to_the_backends_fewest_rows(pair, monkeypatch, do_sample):
-    """Where the backend's `buckets.MIN_ROWS` is 2 (the GPU's), one request runs as a batch of two
-    rows (the second stops at once and is dropped) and gives the same codes as one row alone."""
-    from qwen3_tts_jax import buckets
+def test_lone_request_padded_to_the_backends_fewest_rows(pair, do_sample):
+    """Where `Options.min_rows` is 2 (the GPU's), one request runs as a batch of two rows (the
+    second stops at once and is dropped) and gives the same codes as one row alone."""
+    from official import with_options
 
     _, ours = pair("cv_eos")
     kw = dict(text="Hello world. This is a tiny test.", speaker="ryan", max_new_tokens=30,
               seed=7, **(dict(do_sample=True, subtalker_dosample=True) if do_sample else GREEDY))
-    monkeypatch.setattr(buckets, "MIN_ROWS", {})
+    assert ours.options.min_rows == 1
     assert ours.prepare_custom_voice(**kw)[0].text_BxL.shape[0] == 1
     alone = ours.generate_custom_voice_codes(**kw)
-    monkeypatch.setattr(buckets, "MIN_ROWS", {jax.default_backend(): 2})
-    assert ours.prepare_custom_voice(**kw)[0].text_BxL.shape[0] == 2
-    padded = ours.generate_custom_voice_codes(**kw)
+    two = with_options(ours, min_rows=2)
+    assert two.prepare_custom_voice(**kw)[0].text_BxL.shape[0] == 2
+    padded = two.generate_custom_voice_codes(**kw)
     assert len(alone) == len(padded) == 1 and len(alone[0]) > 3
     np.testing.assert_array_equal(padded[0], alone[0])

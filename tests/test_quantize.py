@@ -2,6 +2,7 @@
 kernel's int8 products against float64 and against XLA's int8 product, what a quantized load
 holds, generation through the kernel equal to XLA's int8 products, closeness to float32 (measured
 next to bf16's), and the errors."""
+import dataclasses
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_int8_quantizer_error_bound():
     np.testing.assert_allclose(np.asarray(q.dequantize()), v * s, rtol=1e-6)
 
 
-@pytest.mark.skipif(not cpu_kernels.enabled(), reason="kernel not built here")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="kernel not built here")
 @pytest.mark.parametrize("K,N", [(8, 16), (37, 48), (1024, 6144), (3072, 1024)])
 def test_int8_kernel_matches_float64_and_xla(K, N):
     rng = np.random.default_rng(K + N)
@@ -64,39 +65,40 @@ def test_int8_kernel_matches_float64_and_xla(K, N):
 
 def _kinds(params):
     return {type(v).__name__ for part in ("talker", "code_predictor")
-            for lp in params[part]["layers"] for sub in ("attn", "mlp") for v in lp[sub].values()}
+            for lp in params[part]["layers"] for sub in ("attn", "mlp") for v in lp[sub]._asdict().values()}
 
 
 def test_quantized_load_and_kernel_codes_equal_xla(make_checkpoint):
     path = make_checkpoint("cv_identity_0b6")
     tts = Qwen3TTS.from_pretrained(path, quantize="int8")
     cfg = load_config(path)
-    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), cpu_kernel=False,
-                                          quantize="int8")
+    xla = dataclasses.replace(tts.options, cpu_kernels=False)
+    plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), quantize="int8",
+                                          options=xla)
     assert _kinds(plain) == {"Int8Weight", "ArrayImpl"}
     lp = plain["talker"]["layers"][0]
-    assert set(k for k, v in {**lp["attn"], **lp["mlp"]}.items()
+    assert set(k for k, v in {**lp["attn"]._asdict(), **lp["mlp"]._asdict()}.items()
                if isinstance(v, quantize.Int8Weight)) == {"qkv", "o", "gate_up", "down"}
     # norms, embeddings and the heads stay float32
     assert plain["talker"]["codec_head"].dtype == jnp.float32
-    assert lp["attn"]["q_norm"].dtype == jnp.float32
-    if cpu_kernels.enabled():
+    assert lp["attn"].q_norm.dtype == jnp.float32
+    if cpu_kernels.available():
         assert "PackedInt8Weight" in _kinds(tts.params)
     kw = dict(text=["Hello there, a test of int8.", "Short."], speaker=["ryan", "vivian"],
               max_new_tokens=20)
     for sampled in (dict(do_sample=False, subtalker_dosample=False), dict(seed=[3, 4])):
         batch, settings, keys = tts.prepare_custom_voice(**kw, **sampled)
-        a = gen.generate(tts.params, cfg, batch, settings, keys, max_frames=20)
-        b = gen.generate(plain, cfg, batch, settings, keys, max_frames=20)
+        a = gen.generate(tts.params, cfg, batch, settings, keys, max_frames=20,
+                         options=tts.options)
+        b = gen.generate(plain, cfg, batch, settings, keys, max_frames=20, options=xla)
         assert np.array_equal(np.asarray(a.length_B), np.asarray(b.length_B))
         assert np.array_equal(np.asarray(a.codes_BxFxG), np.asarray(b.codes_BxFxG)), sampled
 
 
 def _prefill_logits(tts, mode, kw):
     batch, settings, keys = getattr(tts, f"prepare_{mode}")(**kw)
-    state, _ = gen.prefill(tts.params, tts.config, batch.text_BxL, batch.codec_BxLxG,
-                           batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                           batch.trailing_BxLt, batch.trailing_len_B, settings, keys, frames=16)
+    state, _ = gen.prefill(tts.params, tts.config, batch, settings, keys, frames=16,
+                           options=tts.options)
     return np.asarray(state.logits_BxV[:2, :2048], np.float64)
 
 
@@ -141,7 +143,7 @@ def test_int8_under_bf16_activations(make_checkpoint):
     q = quantize.quantize_int8(jnp.asarray(rng.standard_normal((64, 32), dtype=np.float32)))
     x = jnp.asarray(rng.standard_normal((3, 64), dtype=np.float32)).astype(jnp.bfloat16)
     assert quantize.matmul(x, q).dtype == jnp.bfloat16
-    if cpu_kernels.enabled():
+    if cpu_kernels.available():
         y = cpu_kernels.linear(x, cpu_kernels.pack(q))
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32),

@@ -9,6 +9,7 @@ XLA-CPU compiles are slow (seconds each), so every setting combination is packed
 of ONE jitted call per vocabulary (the settings are per-row traced values anyway): the chain tests
 check hundreds of (settings, logits) rows against HF with two compiled programs.
 """
+import dataclasses
 import functools
 import itertools
 import warnings
@@ -25,6 +26,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.utils import GenerationMixin
 
 from qwen3_tts_jax import sampling as S
+from qwen3_tts_jax.options import Options
 
 EOS = 2150
 TALKER_V = 3072
@@ -455,7 +457,8 @@ def test_params_is_pytree():
 
 
 def test_accelerator_sampler_program_gives_the_same_ids():
-    """Off the CPU `sample` is one full-sort program without conditionals (RUNTIME_DISPATCH):
+    """Off the CPU `sample` is one full-sort program without conditionals
+    (`Options.runtime_dispatch` off):
     the same warped logits and the same draws as the CPU's dispatching program, whose fast path
     runs for the second settings (all top_k in 1..64) and its fallback for the first."""
     rng = np.random.default_rng(11)
@@ -466,13 +469,11 @@ def test_accelerator_sampler_program_gives_the_same_ids():
                                          temperature=rng.choice(TEMPS, 16),
                                          top_k=rng.choice(top_ks, 16), top_p=rng.choice(TOPPS, 16))
         outs = {}
+        f = jax.jit(lambda k, x, p, o: (S.warp(x, p, o), S.sample(k, x, p, o)),
+                    static_argnames="o")
         for dispatch in (True, False):
-            S.RUNTIME_DISPATCH = dispatch
-            try:  # a fresh jit: the setting is read when tracing
-                f = jax.jit(lambda k, x, p: (S.warp(x, p), S.sample(k, x, p)))
-                outs[dispatch] = [np.asarray(a) for a in f(keys, x, params)]
-            finally:
-                S.RUNTIME_DISPATCH = None
+            outs[dispatch] = [np.asarray(a) for a in f(keys, x, params,
+                                                        o=Options(runtime_dispatch=dispatch))]
         assert_same_logits(outs[True][0], outs[False][0])
         np.testing.assert_array_equal(outs[True][1], outs[False][1])
 
@@ -481,47 +482,44 @@ def test_accelerator_sampler_program_gives_the_same_ids():
 # Sampler kinds (`SamplingParams.kind`, specialized programs on accelerators)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def specialize():
-    S.SPECIALIZE = True
-    yield
-    S.SPECIALIZE = None
+SPECIALIZE = Options(specialize_sampler=True)
 
 
-def test_kind_of_settings(specialize):
-    create = S.SamplingParams.create
+def test_kind_of_settings():
+    create = functools.partial(S.SamplingParams.create, options=SPECIALIZE)
     assert create(3, do_sample=False, top_p=0.5, top_k=5000).kind == "greedy"
     assert create(3).kind == "top_k"                        # the official defaults
     assert create(3, do_sample=[1, 0, 1], top_k=[50, 0, 64], top_p=[1.0, 0.2, 1.0]).kind == "top_k"
     assert create(3, top_k=[50, 0, 1]).kind == "top_k"      # top-k off: temperature only
     assert create(3, top_k=[50, 65, 1]).kind == "full"      # beyond the candidates
     assert create(3, do_sample=[0, 1, 0], top_p=[1.0, 0.9, 1.0]).kind == "full"
-    S.SPECIALIZE = False
-    assert create(3, do_sample=False).kind == "full"
-    S.SPECIALIZE = None  # the default: specialized off the CPU only
-    assert create(3, do_sample=False).kind == ("full" if jax.default_backend() == "cpu"
-                                               else "greedy")
+    assert create(3, do_sample=False, options=Options()).kind == "full"
+    assert S.SamplingParams.create(3, do_sample=False).kind == "full"     # options None
+    # the backends' defaults: specialized off the CPU only
+    for backend, want in (("cpu", "full"), ("gpu", "greedy"), ("tpu", "greedy")):
+        assert create(3, do_sample=False, options=Options.for_backend(backend)).kind == want
 
 
-def _kind_program_impl(keys_B, x_BxV, seen_BxV, penalty_B, params, talker):
+def _kind_program_impl(keys_B, x_BxV, seen_BxV, penalty_B, params, talker, options):
     if talker:
         x_BxV = S.process_talker_logits(x_BxV, seen_BxV, penalty_B, jnp.full_like(penalty_B, 1),
                                         S.talker_suppress_mask(x_BxV.shape[1], EOS), EOS)
-    return S.warp(x_BxV, params), S.sample(keys_B, x_BxV, params)
+    return S.warp(x_BxV, params, options), S.sample(keys_B, x_BxV, params, options)
+
+
+_kind_program = jax.jit(_kind_program_impl, static_argnames=("talker", "options"))
 
 
 @pytest.mark.parametrize("kth", ["top_k", "pairwise"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_specialized_kinds_give_the_full_samplers_ids(kind, kth, specialize, monkeypatch):
+def test_specialized_kinds_give_the_full_samplers_ids(kind, kth):
     """Each kind's program (no sort for "top_k", no warp or draw for "greedy") warps to the same
     logits and draws the same ids as the general program, for the talker (penalty, masks) and the
     predictor, with ties at the k-th value beyond the candidates ("ties" rows), greedy rows mixed
     in, top-k off in some rows, and under either sampler dispatch; the k-th largest value from
-    `lax.top_k` candidates or by pairwise counts (`KTH_BY`)."""
-    monkeypatch.setattr(S, "KTH_BY", kth)
-    monkeypatch.setattr(S, "PAIRWISE_MAX", 1 << 40)   # pairwise for all 32 rows here
-    _kind_program = jax.jit(lambda *a, talker: _kind_program_impl(*a, talker),  # a new trace
-                            static_argnames="talker")
+    `lax.top_k` candidates or by pairwise counts (`Options.kth_by`)."""
+    # pairwise for all 32 rows here
+    base = Options(specialize_sampler=True, kth_by=kth, pairwise_max=1 << 40)
     rng = np.random.default_rng([3000, KINDS.index(kind)])
     B = 32
     for V, talker in ((TALKER_V, True), (PREDICTOR_V, False)):
@@ -532,20 +530,18 @@ def test_specialized_kinds_give_the_full_samplers_ids(kind, kth, specialize, mon
         cols = dict(temperature=rng.choice(TEMPS, B),
                     top_k=rng.choice((0, 1, 2, 50, S.TOP_K_CANDIDATES, -3), B))
         for do_sample, want in ((rng.random(B) < 0.7, "top_k"), (np.zeros(B, bool), "greedy")):
-            params = S.SamplingParams.create(B, do_sample=do_sample, top_p=1.0, **cols)
+            params = S.SamplingParams.create(B, do_sample=do_sample, top_p=1.0, **cols,
+                                             options=base)
             assert params.kind == want
             full = S.SamplingParams(params.do_sample, params.temperature, params.top_k,
                                     params.top_p)
             assert full.kind == "full"
             for dispatch in (True, False):
-                S.RUNTIME_DISPATCH = dispatch
-                try:
-                    got = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, params,
-                                                                talker=talker)]
-                    ref = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, full,
-                                                                talker=talker)]
-                finally:
-                    S.RUNTIME_DISPATCH = None
+                o = dataclasses.replace(base, runtime_dispatch=dispatch)
+                got = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, params,
+                                                            talker=talker, options=o)]
+                ref = [np.asarray(a) for a in _kind_program(keys, x, seen, penalty, full,
+                                                            talker=talker, options=o)]
                 np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{want} V={V}")
                 if want == "top_k":
                     assert_same_logits(got[0], ref[0], f"{want} V={V}")
@@ -553,21 +549,3 @@ def test_specialized_kinds_give_the_full_samplers_ids(kind, kth, specialize, mon
                 assert (np.isfinite(got[0]).sum(-1)[do_sample & (cols["top_k"] == 1)] >= 1).all()
                 if kind == "ties":  # more survivors than candidates somewhere: still exact
                     assert (np.isfinite(got[0]).sum(-1) > S.TOP_K_CANDIDATES).any()
-
-
-def test_sampler_kinds_env_switch():
-    """QWEN3_TTS_JAX_SAMPLER_KINDS=0|1 turns the kinds off or on for any backend; other values
-    are refused at import, naming the variable."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("from qwen3_tts_jax import sampling as S; "
-            "print(S.SamplingParams.create(2, do_sample=False).kind)")
-    for value, want in (("1", "greedy"), ("0", "full")):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**os.environ, "QWEN3_TTS_JAX_SAMPLER_KINDS": value}, timeout=120)
-        assert r.returncode == 0 and r.stdout.split()[-1] == want, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "QWEN3_TTS_JAX_SAMPLER_KINDS": "yes"}, timeout=120)
-    assert r.returncode != 0 and "QWEN3_TTS_JAX_SAMPLER_KINDS='yes'" in r.stderr

@@ -572,18 +572,17 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
     assert code == 200 and len(data) == (TOKENS - 1) * 1920 * 2
 
 
-def test_default_batch_buckets_start_at_the_backends_fewest_rows(monkeypatch):
-    """Powers of two up to max_batch_size, from `buckets.MIN_ROWS` (two rows on a GPU)."""
-    import jax
+def test_default_batch_buckets_start_at_the_backends_fewest_rows():
+    """Powers of two up to max_batch_size, from `Options.min_rows` (two rows on a GPU)."""
+    from types import SimpleNamespace
 
-    from qwen3_tts_jax import buckets
     from qwen3_tts_jax.engine import BatchEngine
+    from qwen3_tts_jax.options import Options
 
-    monkeypatch.setattr(buckets, "MIN_ROWS", {})
-    assert BatchEngine(None, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
-    monkeypatch.setattr(buckets, "MIN_ROWS", {jax.default_backend(): 2})
-    assert BatchEngine(None, max_batch_size=5).batch_buckets == (2, 4, 8)
-    assert BatchEngine(None, max_batch_size=1).batch_buckets == (2,)
+    one, two = (SimpleNamespace(options=Options(min_rows=n)) for n in (1, 2))
+    assert BatchEngine(one, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
+    assert BatchEngine(two, max_batch_size=5).batch_buckets == (2, 4, 8)
+    assert BatchEngine(two, max_batch_size=1).batch_buckets == (2,)
     assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)
 
 
@@ -782,18 +781,19 @@ def test_api_key(tts):
         s.stop()
 
 
-def test_sampler_kinds_reuse_compiled_programs(tts, monkeypatch):
+def test_sampler_kinds_reuse_compiled_programs(tts):
     """With the sampler specialized (the accelerators' default), a cohort runs the narrowest
     kind this server has already used that serves its rows: a greedy request after sampled ones
     runs their program (no new trace) and still gives its offline audio; a top-p request needs
     the general kind and compiles it; the kinds themselves are in `sampling.KINDS` order."""
     import jax
 
+    from official import with_options
     from qwen3_tts_jax import sampling
     from qwen3_tts_jax.engine import BatchEngine
 
-    monkeypatch.setattr(sampling, "SPECIALIZE", True)
-    e = BatchEngine(None, max_batch_size=2)
+    tts = with_options(tts, specialize_sampler=True)
+    e = BatchEngine(tts, max_batch_size=2)
     assert [e._sampler_kind("talker", k) for k in ("top_k", "greedy", "full", "top_k",
                                                    "greedy")] == ["top_k", "top_k", "full",
                                                                   "top_k", "top_k"]
