@@ -8,7 +8,7 @@ as it is generated. Two ways, measured side by side in one run on the same codec
 - stateful (`codec.StreamDecoder`, what the code does now): the codec's state (convolution tails,
   the attention layers' last 71 frames of keys and values) is carried from chunk to chunk, with
   the official decode's restarts every 300 frames; a chunk costs its new frames only.
-- windowed (what it did before session 10): each chunk decoded after `--left-context` (72) frames
+- windowed (the decode that `codec.StreamDecoder` replaced): each chunk decoded after `--left-context` (72) frames
   of earlier codes, only the new samples kept; a 12-frame chunk decodes 84 frames.
 Fidelity: max |streamed - offline| over the offline peak and the SNR against the offline audio
 (`SpeechTokenizer.decode`: the official 300-frame chunks, 25 frames of left context), one stream
@@ -107,7 +107,7 @@ def main():
              f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}); the "
              f"released decoder size, random weights, random codes (seed {args.seed}), float32; "
              f"chunks of {args.first} then {args.chunk} frames; windowed = each chunk after "
-             f"{args.left_context} frames of earlier codes (the decode before session 10).", "",
+             f"{args.left_context} frames of earlier codes (the decode StreamDecoder replaced).", "",
              f"Fidelity (one stream; offline = `SpeechTokenizer.decode`, peak {peak:.3f}): "
              f"stateful max diff / peak {new_err:.1e}, SNR {new_snr:.0f} dB; windowed "
              f"{old_err:.1e}, {old_snr:.1f} dB.", "",

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed by issue #5, prepared for one short device call (an H100 or H200
+# The GPU measurements, prepared for one short device call (an H100 or H200
 # with the workplace's 'cuda' image: JAX with its CUDA plugin, pytest; nothing downloaded). Results
 # land in $OUT (or ./gpu_out): gpu.txt, all.log, RESULTS.md (sections to paste into
 # benchmarks/RESULTS.md) and one JSON per part.
 #
 #   bash benchmarks/gpu_session.sh one       # ~9 min, by priority: the 0.6B at batch 1 (greedy, as
 #                                            # the API runs it: two rows on a GPU) against the
-#                                            # predictor's steps as a loop (session 15 made them
-#                                            # unrolled on accelerators); sampled, against the k-th
-#                                            # logit by lax.top_k (session 15: pairwise counts);
+#                                            # predictor's steps as a loop (accelerators unroll
+#                                            # them); sampled, against the k-th logit by
+#                                            # lax.top_k (accelerators use pairwise counts);
 #                                            # then batch 8, 64, 128 with both; the 1.7B at 1 and
 #                                            # 64; the streaming codec, stateful vs windowed
 #   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
@@ -52,7 +52,7 @@ one)
     ;;
 profile)
     # greedy and sampled at batch 1 with a kernel profile (profile.json: kernels per frame,
-    # busy time, the costliest kernels), as in session 12
+    # busy time, the costliest kernels)
     bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 240 --sampled \
         --profile "$OUT/prof" --variants default --variant-batches 1
     python3 - "$OUT" <<'PY'   # the kernel summaries in one small file that comes back

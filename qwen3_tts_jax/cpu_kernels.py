@@ -6,7 +6,7 @@ times a weight read from memory once. XLA:CPU's products (Eigen, YNNPACK) repack
 every call; at 8 rows they reach a third of the memory bandwidth. Here the decoder weights are
 packed once, at load time, into column panels (`PackedWeight`), and the kernel streams each panel
 once: 1.7-2.5x XLA's product at 8-16 rows, as fast as YNNPACK at hundreds (the prefill), so every
-product with a packed weight takes it (benchmarks/RESULTS.md, "CPU kernels").
+product with a packed weight takes it (benchmarks/RESULTS.md, Decisions: "C++ kernels").
 
 Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
@@ -115,8 +115,9 @@ def pack_layer(lp: dict) -> dict:
 
 # From this many rows (a prefill of a large batch) XLA's library product beats the kernel (its
 # register tile re-reads x once per 16-column panel): 118-138 vs 94-105 GFLOP/s at 1024-6144 rows,
-# while the kernel leads at 128-256 rows (benchmarks/RESULTS.md, "Batch 128"). Such a call takes
-# the weight back to (K, N) (a copy of a few ms next to a product of 100+ ms) and XLA's product.
+# while the kernel leads at 128-256 rows (benchmarks/RESULTS.md, Decisions: "products of 1024+
+# rows"). Such a call takes the weight back to (K, N) (a copy of a few ms next to a product of
+# 100+ ms) and XLA's product.
 LIBRARY_ROWS = 1024
 
 

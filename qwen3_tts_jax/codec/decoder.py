@@ -207,7 +207,7 @@ def sin_squared(x):
     squared sine, and a polynomial takes it from there. Within 3e-7 of float64 sin(x)^2 for
     |x| < 2e5 (jnp.sin(x)**2: 1e-7), as plain multiply-adds that XLA vectorizes: 3.8x faster than
     jnp.sin on XLA:CPU, where the decoder's Snake activations were a third of the decode time
-    (benchmarks/RESULTS.md, session 11)."""
+    (benchmarks/RESULTS.md, Decisions: "Snake's sin(x)^2")."""
     k = jnp.round(x * (1.0 / jnp.pi))
     r = ((x - k * _PI_1) - k * _PI_2) - k * _PI_3
     u = r * r
