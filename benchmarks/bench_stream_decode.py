@@ -8,8 +8,8 @@ as it is generated. Two ways, measured side by side in one run on the same codec
 - stateful (`codec.StreamDecoder`, what the code does now): the codec's state (convolution tails,
   the attention layers' last 71 frames of keys and values) is carried from chunk to chunk, with
   the official decode's restarts every 300 frames; a chunk costs its new frames only.
-- windowed (the decode that `codec.StreamDecoder` replaced): each chunk decoded after `--left-context` (72) frames
-  of earlier codes, only the new samples kept; a 12-frame chunk decodes 84 frames.
+- windowed (the decode `codec.StreamDecoder` replaced): each chunk decoded after `--left-context`
+  (72) frames of earlier codes, only the new samples kept; a 12-frame chunk decodes 84 frames.
 Fidelity: max |streamed - offline| over the offline peak and the SNR against the offline audio
 (`SpeechTokenizer.decode`: the official 300-frame chunks, 25 frames of left context), one stream
 of `--frames` frames. Speed: `--batch` streams of `--frames` frames at once (the server decodes a

@@ -414,7 +414,7 @@ class Qwen3TTS:
         """A generator of float32 24 kHz audio chunks (first after `first_chunk_frames` frames,
         then every `chunk_frames` = 80 ms each), for one text. Same arguments as
         `generate_custom_voice`; with the same seed the codes are the offline codes, and the chunks
-        concatenate to the offline audio (float rounding; tests/test_streaming.py).
+        concatenate to the offline audio (float rounding; tests/test_runner.py).
 
         `text` may also be an iterator of str pieces (a generator: an LLM's output as it comes):
         the text is then read in the official streaming text mode (`non_streaming_mode` False,

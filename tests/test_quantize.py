@@ -106,8 +106,9 @@ def _prefill_logits(tts, mode, kw):
     ("cv_proj", "custom_voice", dict(speaker=["ryan", "vivian"])),
     ("vd_bigvocab", "voice_design", dict(instruct=["A calm voice.", "Fast and bright."]))])
 def test_int8_close_to_float32(make_checkpoint, name, mode, voice):
-    """The measure: the talker's prefill logits, error over their spread (as tests/test_bf16.py),
-    next to bf16's error on the same checkpoint; and the first frame's code 0. Greedy frames
+    """The measure: the talker's prefill logits, error over their spread (as
+    tests/test_api.py::test_bf16_close_to_f32), next to bf16's error on the same checkpoint; and
+    the first frame's code 0. Greedy frames
     after a near-tie flips diverge whatever the error (random tiny models have many)."""
     path = make_checkpoint(name)
     f32 = Qwen3TTS.from_pretrained(path, jnp.float32)

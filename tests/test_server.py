@@ -572,20 +572,6 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
     assert code == 200 and len(data) == (TOKENS - 1) * 1920 * 2
 
 
-def test_default_batch_buckets_start_at_the_backends_fewest_rows():
-    """Powers of two up to max_batch_size, from `Options.min_rows` (two rows on a GPU)."""
-    from types import SimpleNamespace
-
-    from qwen3_tts_jax.engine import BatchEngine
-    from qwen3_tts_jax.options import Options
-
-    one, two = (SimpleNamespace(options=Options(min_rows=n)) for n in (1, 2))
-    assert BatchEngine(one, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
-    assert BatchEngine(two, max_batch_size=5).batch_buckets == (2, 4, 8)
-    assert BatchEngine(two, max_batch_size=1).batch_buckets == (2,)
-    assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)
-
-
 def test_warmup_compiles_before_the_first_request(tts, caplog):
     """`--warmup`: the first request of the warmed shapes compiles nothing (no JAX tracing on
     its path); the control, the same request on a server of other shapes without warm-up,

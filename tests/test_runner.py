@@ -1,5 +1,6 @@
-"""Streaming generation: the same compiled frame loop as offline, chunk by chunk, and the codec's
-state carried from chunk to chunk (`StreamDecoder`); codes identical to offline for the same seed,
+"""runner.py's streamed runs and the API's streaming methods (text in pieces through the
+engine's `stream_pieces` included): the same compiled frame loop as offline, chunk by chunk, and
+the codec's state carried from chunk to chunk (`StreamDecoder`); codes identical to offline for the same seed,
 audio equal to the offline decode (float rounding) at any length, the official 300-frame codec
 restarts included."""
 import numpy as np

@@ -1,0 +1,121 @@
+"""engine.py: the batching engine under the server, the batch tool and the API's text in pieces.
+Requests that arrive over time start in a running batch's free rows and generate exactly what
+they generate alone; per-row settings, sampler kinds and batch buckets."""
+
+import numpy as np
+
+from qwen3_tts_jax import generate as gen
+
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=5, top_p=0.9)
+GREEDY = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+
+
+
+def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypatch):
+    """Five requests, batches of two: A and B start; C starts in B's row once B ended, D in A's;
+    the batch then forgets the frames before C (a shift) and grows for C; E's prompt is longer
+    than the batch's prompt bucket, so it closes the batch and runs next, in a batch of its own.
+    Every request's audio (streamed, or whole for D) equals its offline audio for the seed."""
+    import threading
+
+    from qwen3_tts_jax.settings import GenerationSettings
+    from qwen3_tts_jax.engine import BatchEngine, Job
+
+    _, tts = model_pair("cv_proj")
+    calls = []
+    for name in ("shift", "grow"):
+        def spy(*a, _f=getattr(gen, name), _n=name, **kw):  # noqa: B008 - bound per name
+            calls.append((_n, int(a[2]) if _n == "shift" else a[1]))
+            return _f(*a, **kw)
+        monkeypatch.setattr(gen, name, spy)
+    long_text = " ".join(["A much longer sentence that needs a bigger prompt bucket."] * 3)
+    spec = {  # text, speaker, tokens, settings, stream
+        "A": ("Hello world. This is a test.", "ryan", 20, GREEDY, True),
+        "B": ("Hi.", "vivian", 6, SAMPLED, True),
+        "C": ("The quick brown fox.", "eric", 40, SAMPLED, True),
+        "D": ("A", "serena", 10, GREEDY, False),
+        "E": (long_text, "aiden", 8, SAMPLED, True),
+    }
+    engine = BatchEngine(tts, max_batch_size=2, batch_window=0.01, chunk_frames=4,
+                         first_chunk_frames=2, batch_buckets=(2,), min_prompt_bucket=48)
+    out = {k: [] for k in spec}
+    ended = {k: threading.Event() for k in spec}
+    order = []
+
+    def emit_to(k):
+        def emit(x):
+            if x is None or isinstance(x, Exception):
+                out[k].append(x)
+                order.append(k)
+                ended[k].set()
+            else:
+                out[k].append(np.asarray(x))
+        return emit
+
+    gen_kw = {}
+    for i, (k, (text, speaker, tokens, mode, stream)) in enumerate(spec.items()):
+        kw = {"max_new_tokens": tokens, "do_sample": mode["do_sample"],
+              "temperature": mode["temperature"] or None, "top_k": mode["top_k"],
+              "top_p": mode["top_p"], "subtalker_dosample": False}
+        gen_kw[k] = kw
+        prompt = tts.custom_voice_prompts([text], speaker, "english", None, True)[0]
+        engine.submit(Job(prompt, GenerationSettings.merge(tts.generate_defaults, **kw),
+                          emit=emit_to(k), seed=10 + i, stream=stream))
+    engine.start()
+    try:
+        assert all(e.wait(300) for e in ended.values()), {k: e.is_set() for k, e in ended.items()}
+    finally:
+        engine.stop()
+    assert order.index("B") < order.index("D") and order[-1] == "E", order
+    assert engine.stats["joined"] == 2 and engine.stats["cohorts"] == 2, engine.stats
+    assert engine.stats["finished"] == 5 and engine.stats["errors"] == 0
+    assert calls == [("shift", 6), ("grow", 64)], calls     # C started at frame 6
+    # C's first audio after first_chunk_frames (an extra boundary for it alone); A keeps its
+    # cadence: 2 frames, then 4 per chunk (the last: what was left)
+    assert len(out["C"][0]) == 2 * 1920, len(out["C"][0])
+    assert [len(w) // 1920 for w in out["A"][:-2]] == [2] + [4] * (len(out["A"]) - 3)
+    for i, (k, (text, speaker, tokens, _, stream)) in enumerate(spec.items()):
+        assert out[k][-1] is None, (k, out[k][-1])
+        chunks = out[k][:-1]
+        assert len(chunks) == 1 if not stream else len(chunks) > 1, (k, len(chunks))
+        wave = np.concatenate(chunks)
+        codes = tts.generate_custom_voice_codes(text, speaker=speaker, language="english",
+                                                seed=[10 + i], **gen_kw[k])
+        ref = tts.decode(codes)[0][0]
+        assert wave.shape == ref.shape == ((tokens - 1) * 1920,), (k, wave.shape, ref.shape)
+        np.testing.assert_allclose(wave, ref, atol=1e-5 + 1e-4 * np.abs(ref).max(), err_msg=k)
+
+
+def test_engine_whole_file_clone_cut_like_offline(model_pair):
+    """A whole-file ICL row is decoded after its reference codes and the reference's part cut as
+    the offline API and the official do: int(ref / total * samples), which for 1 reference frame
+    in 49 keeps one sample of the reference (float rounding); other lengths cut exactly (1 in
+    187 too, which int(ref / total * total * 1920) would not)."""
+    from qwen3_tts_jax.engine import BatchEngine
+
+    _, tts = model_pair("cv_proj")
+    rng = np.random.default_rng(0)
+    engine = BatchEngine(tts, max_batch_size=4, batch_buckets=(4,))
+    refs, codes = [rng.integers(0, 2048, (n, 16)) for n in (1, 3, 1)], \
+        [rng.integers(0, 2048, (n, 16)) for n in (48, 20, 186)]
+    got = engine._decode(refs, codes)
+    for r, c, w in zip(refs, codes, got):
+        full = tts.decode([np.concatenate([r, c])])[0][0]
+        cut = int(len(r) / (len(r) + len(c)) * len(full))
+        assert w.shape == full[cut:].shape
+        np.testing.assert_allclose(w, full[cut:], atol=1e-5 * np.abs(full).max())  # other batch
+    assert [len(w) for w in got] == [48 * 1920 + 1, 20 * 1920, 186 * 1920]
+
+
+def test_default_batch_buckets_start_at_the_backends_fewest_rows():
+    """Powers of two up to max_batch_size, from `Options.min_rows` (two rows on a GPU)."""
+    from types import SimpleNamespace
+
+    from qwen3_tts_jax.engine import BatchEngine
+    from qwen3_tts_jax.options import Options
+
+    one, two = (SimpleNamespace(options=Options(min_rows=n)) for n in (1, 2))
+    assert BatchEngine(one, max_batch_size=5).batch_buckets == (1, 2, 4, 8)
+    assert BatchEngine(two, max_batch_size=5).batch_buckets == (2, 4, 8)
+    assert BatchEngine(two, max_batch_size=1).batch_buckets == (2,)
+    assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)
