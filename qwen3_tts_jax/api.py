@@ -1,6 +1,7 @@
 """`Qwen3TTS`: the official-style API (qwen_tts.Qwen3TTSModel names, arguments and defaults) over
-the pure JAX core. This layer validates input, tokenizes, builds and buckets prompts, and turns the
-device results into numpy; everything per frame happens in `generate.py`.
+the pure JAX core. It loads a checkpoint, checks the mode and the settings, and delegates: the
+prompts to `prompts.py`, the runs to `runner.py` (offline, streamed) and `engine.py` (text in
+pieces), the audio to the codec; everything per frame happens in `generate.py`.
 
     from qwen3_tts_jax import Qwen3TTS
     tts = Qwen3TTS.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
@@ -16,8 +17,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from . import audio as audio_mod
-from . import checkpoint, prompts, runner, speaker_encoder, text as text_mod
+from . import checkpoint, prompts, runner, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .options import Options
 from .compilation_cache import enable_compilation_cache  # noqa: F401 - public here too
@@ -307,41 +307,8 @@ class Qwen3TTS:
         sound into the first generated frames, which continue it; half a second of silence is
         the usual remedy. The x-vector is taken from the reference as given."""
         self._require("base", "create_voice_clone_prompt")
-        if (isinstance(ref_tail_silence, bool) or not isinstance(ref_tail_silence, (int, float))
-                or not 0 <= ref_tail_silence <= 5):
-            raise ValueError(f"ref_tail_silence must be seconds in [0, 5], got {ref_tail_silence!r}")
-        audios = [os.fspath(a) if isinstance(a, os.PathLike) else a
-                  for a in (ref_audio if isinstance(ref_audio, list) else [ref_audio])]
-        n = len(audios)
-        texts = as_list(ref_text, n, "ref_text")
-        xvec_only = as_list(x_vector_only_mode, n, "x_vector_only_mode")
-        for i, (t, x) in enumerate(zip(texts, xvec_only)):
-            if not x and (t is None or not str(t).strip()):
-                raise ValueError(f"ref_text[{i}] is required in ICL mode (x_vector_only_mode="
-                                 "False): pass the transcript of the reference audio, or "
-                                 "x_vector_only_mode=True to clone from the x-vector alone")
-        enc_cfg = self.config.speaker_encoder
-        loaded = [audio_mod.load_audio(a) for a in audios]
-        rates = {sr for _, sr in loaded}
-        codes = [None] * n
-        if not all(xvec_only):
-            padded = [np.concatenate([w, np.zeros(int(round(ref_tail_silence * sr)), w.dtype)])
-                      for w, sr in loaded]
-            # Like the official: one padded batch when the rates agree (the last frame of a
-            # shorter item depends on the batch width, so batching matters), else one by one.
-            if len(rates) == 1:
-                codes = self.speech_tokenizer.encode(padded, sr=rates.pop())
-            else:
-                codes = [self.speech_tokenizer.encode((w, sr))[0]
-                         for w, (_, sr) in zip(padded, loaded)]
-        items = []
-        for (wave, sr), code, text, x in zip(loaded, codes, texts, xvec_only):
-            wave24 = wave if sr == enc_cfg.sample_rate else audio_mod.resample(
-                wave, sr, enc_cfg.sample_rate)
-            xvec = np.asarray(speaker_encoder.extract_xvector(self.params["speaker_encoder"],
-                                                              enc_cfg, wave24), np.float32)
-            items.append(VoiceClonePromptItem(None if x else code, xvec, bool(x), not x, text))
-        return items
+        return runner.encode_voices(self, ref_audio, ref_text, x_vector_only_mode,
+                                    ref_tail_silence)
 
     def generate_voice_clone_codes(self, text, language=None, ref_audio=None, ref_text=None,
                                    x_vector_only_mode=False, voice_clone_prompt=None,

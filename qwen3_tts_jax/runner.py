@@ -6,16 +6,18 @@ codes read back. The API and the batch tool's padded batches run here; the batch
 `model` is a loaded `Qwen3TTS` (its `config`, `params`, `model_parallel`, `speech_tokenizer`)."""
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import numpy as np
 
-from . import generate as gen, prompts
+from . import audio, generate as gen, prompts, speaker_encoder
 from .buckets import batch_rows, ladder
 from .config import Qwen3TTSConfig
 from .options import Options
-from .settings import GenerationSettings, keys, traced
+from .settings import GenerationSettings, as_list, keys, traced
+from .voice import VoiceClonePromptItem
 
 
 def check_chunks(chunk_frames, first_chunk_frames) -> None:
@@ -103,3 +105,45 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
                             max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
                             first_chunk_frames=first_chunk_frames, options=model.options):
         yield codec.push([codes[0]])[0]
+
+
+def encode_voices(model, ref_audio, ref_text=None, x_vector_only_mode=False,
+                  ref_tail_silence: float = 0.0) -> list[VoiceClonePromptItem]:
+    """Reference voice(s) encoded once (`Qwen3TTS.create_voice_clone_prompt`): the x-vector
+    (speaker encoder) and, in ICL mode, the reference codes (codec encoder) with the transcript,
+    `ref_tail_silence` seconds of silence appended before the codes are taken."""
+    if (isinstance(ref_tail_silence, bool) or not isinstance(ref_tail_silence, (int, float))
+            or not 0 <= ref_tail_silence <= 5):
+        raise ValueError(f"ref_tail_silence must be seconds in [0, 5], got {ref_tail_silence!r}")
+    audios = [os.fspath(a) if isinstance(a, os.PathLike) else a
+              for a in (ref_audio if isinstance(ref_audio, list) else [ref_audio])]
+    n = len(audios)
+    texts = as_list(ref_text, n, "ref_text")
+    xvec_only = as_list(x_vector_only_mode, n, "x_vector_only_mode")
+    for i, (t, x) in enumerate(zip(texts, xvec_only)):
+        if not x and (t is None or not str(t).strip()):
+            raise ValueError(f"ref_text[{i}] is required in ICL mode (x_vector_only_mode="
+                             "False): pass the transcript of the reference audio, or "
+                             "x_vector_only_mode=True to clone from the x-vector alone")
+    enc_cfg = model.config.speaker_encoder
+    loaded = [audio.load_audio(a) for a in audios]
+    rates = {sr for _, sr in loaded}
+    codes = [None] * n
+    if not all(xvec_only):
+        padded = [np.concatenate([w, np.zeros(int(round(ref_tail_silence * sr)), w.dtype)])
+                  for w, sr in loaded]
+        # Like the official: one padded batch when the rates agree (the last frame of a
+        # shorter item depends on the batch width, so batching matters), else one by one.
+        if len(rates) == 1:
+            codes = model.speech_tokenizer.encode(padded, sr=rates.pop())
+        else:
+            codes = [model.speech_tokenizer.encode((w, sr))[0]
+                     for w, (_, sr) in zip(padded, loaded)]
+    items = []
+    for (wave, sr), code, text, x in zip(loaded, codes, texts, xvec_only):
+        wave24 = wave if sr == enc_cfg.sample_rate else audio.resample(
+            wave, sr, enc_cfg.sample_rate)
+        xvec = np.asarray(speaker_encoder.extract_xvector(model.params["speaker_encoder"],
+                                                          enc_cfg, wave24), np.float32)
+        items.append(VoiceClonePromptItem(None if x else code, xvec, bool(x), not x, text))
+    return items
