@@ -19,7 +19,8 @@ LAYERS = {
     1: {"text", "prompts", "settings", "voice", "audio"},                          # requests
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
         "codec", "codec.tokenizer"},
-    3: {"api", "cli", "batch", "convert", "demo", "server", "server.app", "server.engine",          # front doors
+    3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
+        "server", "server.app", "server.engine",
         "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train"},
 }
 LAYER_OF = {m: n for n, ms in LAYERS.items() for m in ms}
