@@ -557,7 +557,7 @@ def test_text_session_errors(server, first, pieces, needle):
 def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
     """A failure inside generation reaches the client as an OpenAI-shaped 500; the next request
     is served normally."""
-    from qwen3_tts_jax.server import engine as engine_mod
+    from qwen3_tts_jax import engine as engine_mod
 
     def boom(*a, **k):
         raise RuntimeError("planted failure")
