@@ -235,7 +235,7 @@ def test_unknown_voice_does_not_list_registered_voices(make_checkpoint):
 
 # ---------------------------------------------------------------------------------- 4. malformed
 @pytest.mark.parametrize("body,needle", [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
     (b'{"model": "tiny", "input": "\xff\xfe"}', "not UTF-8"),
     (b"hello", "not valid JSON"),
     (b'{"model": "tiny", "max_new_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
@@ -386,6 +386,8 @@ def test_api_key_guards_docs_and_stays_out_of_logs(tts):
                                ("1.2.3.4:5", "GET", "/v1/models?api_key=abc&b=2", "1.1", 200),
                                None)
     assert RedactApiKey().filter(record) and "abc" not in record.getMessage()
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "GET /x?api_key=abc", (), None)
+    assert RedactApiKey().filter(record) and record.getMessage() == "GET /x?api_key=[redacted]"
 
 
 def test_serve_refuses_an_empty_key_and_bad_origins():

@@ -369,17 +369,17 @@ def bounded(request: Request, limit: int, what: str) -> Request:
     return Request(request.scope, receive)
 
 
-def loads(text) -> object:
+def loads(text, what: str = "the request body") -> object:
     """json.loads with every malformed input a 400: bad syntax, invalid UTF-8, nesting past the
     parser's recursion limit, integers too long to convert."""
     try:
         return json.loads(text)
     except RecursionError:
-        raise ApiError(400, "the JSON is nested too deeply") from None
+        raise ApiError(400, f"{what} is JSON nested too deeply") from None
     except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not UTF-8 text: {e}") from None
+        raise ApiError(400, f"{what} is not UTF-8 text: {e}") from None
     except ValueError as e:       # JSONDecodeError, and int() limits
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
 
 
 def _unicode(value: str, field: str) -> None:
@@ -410,6 +410,8 @@ class AudioStream(StreamingResponse):
             await self.stream_response(send)
         except (Truncated, OSError, ClientDisconnect):
             return
+        finally:
+            await self.body_iterator.aclose()      # its `finally` cancels the job at once
 
 
 # ---------------------------------------------------------------------------------- voices
@@ -816,7 +818,7 @@ class Server:
             return msg["text"]
 
         try:
-            data = loads(await receive_text())
+            data = loads(await receive_text(), "the first message")
             job = self.parse_session(data)
         except WebSocketDisconnect:
             return
@@ -849,7 +851,7 @@ class Server:
         async def receive():
             try:
                 while not feed.final:
-                    msg = loads(await receive_text())
+                    msg = loads(await receive_text(), "the message")
                     kind = msg.get("type") if isinstance(msg, dict) else None
                     if kind not in ("text", "end"):
                         raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
