@@ -52,6 +52,7 @@ SPEAKER_ENCODER_RATE = 24000
 MIN_SAMPLES_24K = 1920        # one 12.5 Hz codec frame at 24 kHz
 MAX_SECONDS = 60.0
 MAX_CHANNELS = 8
+MAX_DECODED_SAMPLES = 1 << 24   # frames x channels a length-limited file read may decode
 SILENCE_PEAK = 1e-6           # below this peak amplitude a clip carries no voice
 URL_TIMEOUT_S = 30.0
 MAX_DOWNLOAD_BYTES = 256 * 2 ** 20
@@ -62,6 +63,10 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 class AudioError(ValueError):
     """Reference audio that cannot be used; the message says why and what to pass instead."""
+
+
+class AudioTooLong(AudioError):
+    """Reference audio over the length limit (found from the file's header where it has one)."""
 
 
 def load_audio(audio, max_seconds: float | None = MAX_SECONDS) -> tuple[np.ndarray, int]:
@@ -179,22 +184,53 @@ def _b64decode(s: str, what: str) -> bytes:
         raise AudioError(f"{what} is not valid base64 ({e})") from None
 
 
-def _read(source, what: str, max_seconds) -> tuple[np.ndarray, int]:
-    """libsndfile -> (samples, channels) float32 (integer formats scaled to [-1, 1)) -> mono."""
+def read_file(source, what: str = "the audio", max_seconds: float | None = MAX_SECONDS
+              ) -> tuple[np.ndarray, int]:
+    """A file libsndfile reads (a path or a binary file object) -> ((frames, channels) float32,
+    sample rate), integer formats scaled to [-1, 1). With `max_seconds`, the length is checked
+    from the header before anything is decoded (AudioTooLong), and so is the work the header
+    promises (frames x channels at most MAX_DECODED_SAMPLES: a small compressed file of hours of
+    silence, or a header with an absurd sample rate, is refused undecoded); the decode itself
+    reads at most max_seconds of frames, so a header that lies about its length costs no more."""
     try:
         info = sf.info(source)
-        if max_seconds is not None and info.duration > max_seconds:
-            raise AudioError(f"{what} is {info.duration:.1f} s long; the limit is "
-                             f"{max_seconds:g} s (trim it to the part with the voice)")
         if hasattr(source, "seek"):
             source.seek(0)
-        samples, sr = sf.read(source, dtype="float32", always_2d=True)
+        limit = None
+        if max_seconds is not None:
+            limit = int(max_seconds * info.samplerate)
+            if info.frames > limit:
+                raise AudioTooLong(f"{what} is {_seconds(info.frames, info.samplerate)} long; "
+                                   f"the limit is {max_seconds:g} s (trim it to the part with "
+                                   f"the voice)")
+            if limit * info.channels > MAX_DECODED_SAMPLES:
+                raise AudioTooLong(f"{what} has {info.channels} channel(s) at "
+                                   f"{info.samplerate} Hz: {max_seconds:g} s of it is more than "
+                                   f"{MAX_DECODED_SAMPLES} samples to decode")
+        with sf.SoundFile(source) as f:
+            samples = f.read(-1 if limit is None else limit + 1, dtype="float32",
+                             always_2d=True)
+            sr = f.samplerate
     except AudioError:
         raise
     except Exception as e:  # noqa: BLE001 - libsndfile: "Format not recognised", "System error", ...
-        raise AudioError(f"cannot read {what}: {e} (readable formats: WAV, FLAC, OGG, MP3 and "
-                         f"the others libsndfile knows)") from None
-    return np.mean(samples, axis=-1), int(sr)
+        reason = getattr(e, "error_string", None) or str(e)   # not the repr of a file object
+        raise AudioError(f"cannot read {what}: {reason} (readable formats: WAV, FLAC, OGG, MP3 "
+                         f"and the others libsndfile knows)") from None
+    if limit is not None and samples.shape[0] > limit:
+        raise AudioTooLong(f"{what} is longer than its header says, over the limit of "
+                           f"{max_seconds:g} s (trim it to the part with the voice)")
+    return samples, int(sr)
+
+
+def _seconds(frames: int, sr: int) -> str:
+    return f"{frames / sr:.1f} s" if frames < 2 ** 62 else "of unknown length (no length given)"
+
+
+def _read(source, what: str, max_seconds) -> tuple[np.ndarray, int]:
+    """libsndfile -> mono float32 (`read_file`)."""
+    samples, sr = read_file(source, what, max_seconds)
+    return np.mean(samples, axis=-1), sr
 
 
 def _from_tuple(t: tuple) -> tuple[np.ndarray, int]:

@@ -57,7 +57,7 @@ class Running:
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 60
+        deadline = time.time() + 300          # a --warmup compiles before it starts (loaded CPU)
         while not self.server.started:
             assert time.time() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.02)

@@ -67,9 +67,13 @@ def add_parser(sub, common) -> None:
                    help="local devices to serve on, one batching engine (and a copy of the "
                         "weights) each; requests go to the least busy (default: all)")
     s.add_argument("--api-key", default=os.environ.get("QWEN3_TTS_JAX_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/... (default: the "
-                        "QWEN3_TTS_JAX_API_KEY environment variable, which keeps the key out of "
-                        "the process list; unset: no authentication)")
+                   help="require `Authorization: Bearer KEY` on every path but /health (default: "
+                        "the QWEN3_TTS_JAX_API_KEY environment variable, which keeps the key out "
+                        "of the process list; unset: no authentication; an empty key is an error)")
+    s.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated web origins (scheme://host[:port], or *) whose pages may "
+                        "open the WebSocket and POST non-JSON bodies; others are refused "
+                        "(default: none but the server's own)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,
@@ -126,6 +130,16 @@ def run(args) -> int:
             warmup = (0,)
         if min(warmup) < 1:
             fail(f"--warmup takes comma-separated prompt lengths >= 1, got {args.warmup!r}")
+    if args.api_key is not None and not args.api_key.strip():
+        fail("the API key is empty (--api-key or QWEN3_TTS_JAX_API_KEY): give a key, or leave "
+             "both unset for no authentication")
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    try:
+        from .app import parse_origins
+
+        parse_origins(origins)
+    except ValueError as e:
+        fail(f"--allowed-origins: {e}")
     if args.warmup_whole_file and not warmup:
         fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
@@ -170,7 +184,7 @@ def run(args) -> int:
         defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
         warmup_whole_file=args.warmup_whole_file,
         continuous_batching=args.continuous_batching, devices=args.devices,
-        api_key=args.api_key or None)
+        api_key=args.api_key, allowed_origins=origins)
     try:
         app = create_app(tts, options)
     except ValueError as e:

@@ -10,8 +10,11 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
     GET    /v1/models, GET /health
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status saying
-who must act: 400 bad request, 404 unknown voice id, 409 name taken, 413 input too long, 429 queue
-full (with Retry-After), 504 out of time, 500 a server bug. See docs/serving.md.
+who must act: 400 bad request, 401 no key, 403 a browser origin not allowed, 404 unknown voice id,
+409 name taken, 413 too long or too large, 415 not a JSON body, 421 a Host not this server's, 429
+queue full (with Retry-After), 504 out of time, 500 a server bug. A stream cut after its status
+was sent ends visibly: an SSE `error` event, or a raw (pcm/wav) body closed without its end. See
+docs/serving.md ("Limits, and what the client gets").
 """
 from __future__ import annotations
 
@@ -19,22 +22,28 @@ import asyncio
 import base64
 import dataclasses
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
+import secrets
 import struct
 import time
+import urllib.parse
 
 import jax
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import prompts
-from ..audio import encode_audio_file, output_formats
+from ..audio import MAX_SECONDS, AudioError, AudioTooLong, encode_audio_file, output_formats, \
+    read_file
 from ..buckets import ladder
 from ..voice import load_voice, save_voice
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
@@ -53,6 +62,9 @@ SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instruc
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
+FORM_BYTES = 1 << 20               # a voice registration's other fields (name, transcript, ...)
+JSON_PATHS = ("/v1/audio/speech",)  # POST endpoints that take a JSON body
+OPEN_PATHS = ("/health",)          # answered without the API key (load balancers' probes)
 
 
 @dataclasses.dataclass
@@ -77,7 +89,10 @@ class ServerOptions:
     warmup_whole_file: bool = False  # with warmup: also the whole-file formats' codec windows
     continuous_batching: bool = True # waiting requests start in a running batch's free rows
     devices: int | None = None       # local devices, one engine each (default: all)
-    api_key: str | None = None       # /v1/... needs `Authorization: Bearer <api_key>`
+    api_key: str | None = None       # every path but /health needs `Authorization: Bearer <key>`
+    allowed_origins: tuple[str, ...] = ()   # browser origins (scheme://host[:port]) let in; "*": any
+    max_body_bytes: int = MAX_BODY_BYTES       # a JSON request body, counted as it arrives
+    max_upload_bytes: int = MAX_UPLOAD_BYTES   # a voice registration's audio file
 
 
 class ApiError(Exception):
@@ -89,14 +104,18 @@ class ApiError(Exception):
 
 
 def _error_type(status: int) -> str:
-    return {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-            409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
+    return {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+            404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
+            415: "invalid_request_error", 421: "invalid_request_error", 429: "rate_limit_error",
             504: "timeout_error"}.get(status, "server_error")
 
 
+def _error_body(status: int, message: str, param=None, code=None) -> dict:
+    return {"message": message, "type": _error_type(status), "param": param, "code": code}
+
+
 def _error_response(status: int, message: str, param=None, code=None, headers=None):
-    return JSONResponse({"error": {"message": message, "type": _error_type(status),
-                                   "param": param, "code": code}},
+    return JSONResponse({"error": _error_body(status, message, param, code)},
                         status_code=status, headers=headers)
 
 
@@ -132,45 +151,270 @@ def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
     return encode_audio_file(wave, SAMPLE_RATE, fmt)
 
 
-# ---------------------------------------------------------------------------------- voices
+# ---------------------------------------------------------------------------------- guards
+async def _refuse(scope, receive, send, status: int, message: str, code: str, headers=None):
+    """An OpenAI-shaped error from an ASGI middleware; a WebSocket handshake is refused instead
+    (uvicorn answers 403)."""
+    if scope["type"] == "websocket":
+        await receive()                        # the websocket.connect message
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await _error_response(status, message, code=code, headers=headers)(scope, receive, send)
+
+
 class ApiKeyCheck:
-    """ASGI middleware: every /v1/... request needs `Authorization: Bearer <key>` (what OpenAI's
-    clients send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass
-    `?api_key=<key>` (browsers cannot set its headers); without it the handshake is refused
-    (403). /health stays open for load balancers' probes."""
+    """ASGI middleware: every path but /health (/v1/..., /docs and /openapi.json included) needs
+    `Authorization: Bearer <key>` (what OpenAI's clients send for `api_key`), else 401 in OpenAI's
+    error shape. A WebSocket may instead pass `?api_key=<key>` (browsers cannot set its headers);
+    without it the handshake is refused (403). /health stays open for load balancers' probes."""
 
     def __init__(self, app, key: str):
-        if not key:
-            raise ValueError("the API key is empty")
+        if not key or not key.strip():
+            raise ValueError("the API key is empty: give a key, or leave --api-key and "
+                             "QWEN3_TTS_JAX_API_KEY unset for no authentication")
         self.app, self.key = app, key.encode()
 
     def _ok(self, scope) -> bool:
-        import secrets
-        from urllib.parse import parse_qs
-
         given = [v[7:] for k, v in scope.get("headers", ())
                  if k.lower() == b"authorization" and v[:7].lower() == b"bearer "]
         if scope["type"] == "websocket":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
             given += [v.encode() for v in query.get("api_key", [])]
         return any(secrets.compare_digest(g.strip(), self.key) for g in given)
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] in ("http", "websocket") and scope["path"].startswith("/v1")
+        if (scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS
                 and not self._ok(scope)):
-            if scope["type"] == "websocket":
-                await receive()                        # the websocket.connect message
-                await send({"type": "websocket.close", "code": 1008})
-                return
             message = ("a valid API key is needed: send the header `Authorization: Bearer "
                        "<key>` (OpenAI clients: api_key=<key>)")
-            response = _error_response(401, message, code="invalid_api_key",
-                                       headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
-            return
+            return await _refuse(scope, receive, send, 401, message, "invalid_api_key",
+                                 {"WWW-Authenticate": "Bearer"})
         await self.app(scope, receive, send)
 
 
+def _loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int | None]:
+    """A Host header ("name", "name:port", "[::1]:port") -> (name, port); port None if invalid."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        name, port = value.split(":")
+    else:
+        name, port = value, ""
+    if not port:
+        return name, default_port
+    return name, int(port) if port.isdigit() else None
+
+
+def _origin(value: str) -> tuple[str, str, int] | None:
+    """"scheme://host[:port]" -> (scheme, host, port) with the scheme's default port; None for
+    anything else ("null", a path, another scheme)."""
+    try:
+        u = urllib.parse.urlsplit(value.strip().lower())
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
+            return None
+        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def parse_origins(origins) -> tuple[tuple[str, str, int], ...] | None:
+    """`--allowed-origins` entries -> normalized origins; None for "*" (any origin). A ValueError
+    names an entry that is not an origin."""
+    out = []
+    for entry in origins:
+        if entry.strip() == "*":
+            return None
+        o = _origin(entry)
+        if o is None:
+            raise ValueError(f"allowed origin {entry!r} is not an origin: give scheme://host[:port]"
+                             f" (e.g. https://app.example.com or http://localhost:3000), or *")
+        out.append(o)
+    return tuple(out)
+
+
+class BrowserGuard:
+    """ASGI middleware for what a web page can make a browser send (the server may hold an API
+    key, or none when it listens on loopback only):
+      - DNS rebinding: on a loopback connection the Host header must be a loopback name with the
+        server's port (or the host of an allowed origin, for a proxy in front), else 421;
+      - a WebSocket handshake with an Origin that is neither allowed nor the server's own is
+        refused (403);
+      - a POST to a JSON endpoint with another content type (text/plain, a form: what a page can
+        send cross-site without a CORS preflight) is 415 unless its Origin is allowed; a request
+        with no content type and no Origin (a script) passes;
+      - any other POST (the multipart voice upload) with an Origin not allowed is 403."""
+
+    def __init__(self, app, allowed_origins=()):
+        self.app = app
+        self.allowed = parse_origins(allowed_origins)          # None: any
+        self.hosts = {(h, p) for _, h, p in self.allowed or ()}
+
+    def _origin_ok(self, origin: str, host: str | None) -> bool:
+        o = _origin(origin)
+        if o is None:
+            return False
+        if self.allowed is None or o in self.allowed:
+            return True
+        return host is not None and _host_port(host, o[2]) == o[1:]      # same origin
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host"), headers.get("origin")
+        local = scope.get("server") or (None, None)
+        if host is not None and local[1] and isinstance(local[0], str) and _loopback(local[0]):
+            default = 443 if scope.get("scheme") in ("https", "wss") else 80
+            name, port = _host_port(host, default)
+            if not ((_loopback(name) and port == local[1]) or (name, port) in self.hosts):
+                return await _refuse(
+                    scope, receive, send, 421, f"this server answers to localhost:{local[1]} "
+                    f"(it listens on loopback), not to Host {host[:100]!r}; a proxy in front "
+                    "must pass the Host through or be listed in --allowed-origins",
+                    "host_not_allowed")
+        if scope["type"] == "websocket":
+            if origin is not None and not self._origin_ok(origin, host):
+                return await _refuse(scope, receive, send, 403, "", "origin_not_allowed")
+        elif scope["method"] == "POST":
+            allowed = origin is not None and self._origin_ok(origin, host)
+            if scope["path"] in JSON_PATHS:
+                kind = (headers.get("content-type") or "").split(";")[0].strip().lower()
+                is_json = kind == "application/json" or kind.endswith("+json")
+                if not is_json and (kind or origin is not None) and not allowed:
+                    return await _refuse(
+                        scope, receive, send, 415, f"{scope['path']} takes a JSON body: send "
+                        f"`Content-Type: application/json` (got {kind[:80] or 'none'!r}; from a "
+                        "browser page, other content types need its origin in "
+                        "--allowed-origins)", "unsupported_media_type")
+            elif origin is not None and not allowed:
+                return await _refuse(
+                    scope, receive, send, 403, f"requests from the web origin {origin[:100]!r} "
+                    "are not allowed here (--allowed-origins)", "origin_not_allowed")
+        await self.app(scope, receive, send)
+
+
+class RedactApiKey(logging.Filter):
+    """Log filter: `api_key=...` in a logged path (uvicorn's access lines and WebSocket lines
+    print the query string) becomes `api_key=[redacted]`."""
+    PATTERN = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str)
+                                else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = self.PATTERN.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_api_keys_in_logs() -> None:
+    """Install `RedactApiKey` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKey) for f in logger.filters):
+            logger.addFilter(RedactApiKey())
+
+
+async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
+    """The body, counted as it arrives: a Content-Length over `limit` is refused before reading,
+    and the reading stops at once (413) when the bytes pass it, so no more than `limit` is held."""
+    _check_length(request, limit, what)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"{what} is over {limit} bytes; at most {limit}",
+                           code="body_too_large")
+    return bytes(body)
+
+
+def _check_length(request: Request, limit: int, what: str) -> None:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise ApiError(400, f"Content-Length {length[:40]!r} is not a number")
+        if int(length) > limit:
+            raise ApiError(413, f"{what} is {int(length)} bytes; at most {limit}",
+                           code="body_too_large")
+
+
+def bounded(request: Request, limit: int, what: str) -> Request:
+    """The request with a receive that counts body bytes and raises 413 past `limit` (for
+    parsers that read the stream themselves: the multipart form)."""
+    _check_length(request, limit, what)
+    seen = 0
+
+    async def receive():
+        nonlocal seen
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, f"{what} is over {limit} bytes; at most {limit}",
+                               code="body_too_large")
+        return message
+
+    return Request(request.scope, receive)
+
+
+def loads(text, what: str = "the request body") -> object:
+    """json.loads with every malformed input a 400: bad syntax, invalid UTF-8, nesting past the
+    parser's recursion limit, integers too long to convert."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ApiError(400, f"{what} is JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"{what} is not UTF-8 text: {e}") from None
+    except ValueError as e:       # JSONDecodeError, and int() limits
+        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
+
+
+def _unicode(value: str, field: str) -> None:
+    """Text must encode to UTF-8 (JSON's \\ud800 escapes decode to unpaired surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"`{field}` holds an unpaired surrogate (\\ud800-\\udfff): not "
+                            "valid Unicode text", field) from None
+
+
+class ClientGone(Exception):
+    """The client disconnected (the request was cancelled)."""
+
+
+class Truncated(Exception):
+    """Ends a raw audio stream without its terminator, so the client sees a cut body."""
+
+
+class AudioStream(StreamingResponse):
+    """A streamed audio body. It does not listen for the disconnect itself (the request's own
+    watcher does, from before the first chunk); when the body iterator raises Truncated, the
+    response ends without its final (empty) chunk: uvicorn closes the connection and the client
+    sees an incomplete chunked body instead of a clean end."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.stream_response(send)
+        except (Truncated, OSError, ClientDisconnect):
+            return
+        finally:
+            await self.body_iterator.aclose()      # its `finally` cancels the job at once
+
+
+# ---------------------------------------------------------------------------------- voices
 class VoiceStore:
     """Cloned voices: one voice file per name in `folder` (`save_voice` format), loaded at start."""
 
@@ -245,6 +489,7 @@ class Server:
         self.devices = n
         self.engine = BatchEngine(tts, **kw) if n == 1 else EnginePool(tts, local[:n], **kw)
         self.started = time.time()
+        self.truncated = 0           # streams cut after their status was sent (deadline, failure)
 
     # ----------------------------------------------------------------------------- warm-up
     def warmup(self) -> float | None:
@@ -290,6 +535,8 @@ class Server:
 
     # ----------------------------------------------------------------------------- voices
     def voice_names(self) -> list[str]:
+        """The voices a request may name: a CustomVoice checkpoint's preset speakers, a Base
+        checkpoint's registered voices (not listed in errors: GET /v1/audio/voices has them)."""
         if self.kind == "custom_voice":
             return self.tts.get_supported_speakers()
         if self.kind == "base":
@@ -302,9 +549,10 @@ class Server:
             voice = voice.get("id")
         if self.kind == "voice_design":
             return None     # the voice is described in `instructions`
+        listed = (f"valid voices: {self.voice_names()}" if self.kind == "custom_voice" else
+                  "the registered voices are listed by GET /v1/audio/voices")
         if voice is None or voice == "":
-            raise ApiError(400, f"`voice` is required; this server has: {self.voice_names()}",
-                           "voice")
+            raise ApiError(400, f"`voice` is required; {listed}", "voice")
         if not isinstance(voice, str):
             raise ApiError(400, "`voice` must be a string or {\"id\": string}", "voice")
         names = self.voice_names()
@@ -314,7 +562,7 @@ class Server:
                     if voice.lower() in OPENAI_VOICES else "")
             if self.kind == "base" and not names:
                 hint += "; register one first with POST /v1/audio/voices"
-            raise ApiError(400, f"unknown voice {voice!r}{hint}; valid voices: {names}", "voice")
+            raise ApiError(400, f"unknown voice {voice!r}{hint}; {listed}", "voice")
         return match
 
     # ----------------------------------------------------------------------------- speech
@@ -334,9 +582,7 @@ class Server:
             raise ApiError(400, "`input` is required: the text to speak (a string)", "input")
         if not text.strip():
             raise ApiError(400, "`input` is empty or whitespace only: nothing to say", "input")
-        if len(text) > self.options.max_input_chars:
-            raise ApiError(413, f"`input` is {len(text)} characters; this server takes at most "
-                                f"{self.options.max_input_chars}: split the text", "input")
+        self._check_chars("input", text)
         fmt = _check_type(data, "response_format", (str,), "a string") or "mp3"
         if fmt not in self.formats:
             raise ApiError(400, f"response_format {fmt!r} is not supported here; supported: "
@@ -354,6 +600,8 @@ class Server:
                                 "and resampling would change the pitch; leave speed at 1.0 (or "
                                 "ask for a pace in `instructions` on a 1.7B model)", "speed")
         instructions = _check_type(data, "instructions", (str,), "a string")
+        if instructions:
+            self._check_chars("instructions", instructions)
         language = (_check_type(data, "language", (str,), "a string") or self.options.language
                     or "auto")
         nsm = _check_type(data, "non_streaming_mode", (bool,), "true or false")
@@ -385,6 +633,12 @@ class Server:
             voices = self.voices.voices[voice][:1]
             if voices[0].icl_mode and voices[0].ref_code is not None:
                 ref_code = voices[0].ref_code
+        transcript = (voices[0].ref_text or "") if ref_code is not None else ""
+        total = len(text) + len(instructions or "") + len(transcript)
+        if total > 2 * self.options.max_input_chars:
+            raise ApiError(413, f"`input`, `instructions` and the voice's transcript are {total} "
+                                f"characters together; this server takes at most "
+                                f"{2 * self.options.max_input_chars}: split the text", "input")
         try:
             items = prompts.for_mode(tts.config, tts.tokenizer, text, language, speaker=voice,
                                      instruct=instructions, voices=voices, non_streaming_mode=nsm)
@@ -402,15 +656,21 @@ class Server:
                   deadline=time.monotonic() + self.options.request_timeout)
         return SpeechRequest(job, fmt, stream_format == "sse")
 
+    def _check_chars(self, field: str, text: str) -> None:
+        """`--max-input-chars` holds for each text field (`input`, `instructions`, a voice's
+        `transcript`); their sum in one prompt for twice it (parse_speech)."""
+        _unicode(text, field)
+        limit = self.options.max_input_chars
+        if len(text) > limit:
+            raise ApiError(413, f"`{field}` is {len(text)} characters; this server takes at most "
+                                f"{limit}: split the text", field)
+
     async def speech(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        req = self.parse_speech(data)
+            body = await read_body(request, self.options.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)       # nobody reads it
+        req = self.parse_speech(loads(body))
         job = req.job
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
@@ -419,6 +679,16 @@ class Server:
             self.engine.submit(job)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
+
+        async def watch():
+            """The client's disconnect, from the queue to the last chunk, for every format:
+            the job is cancelled (the engine drops it, queued or running)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancelled = True
+            chunks.put_nowait(ClientGone())
+
+        watcher = asyncio.create_task(watch())
 
         async def next_chunk():
             try:
@@ -430,32 +700,36 @@ class Server:
                 raise item
             return item
 
+        streaming = False
         try:
             first = await next_chunk()
-        except DeadlineExceeded as e:
-            raise ApiError(504, f"{e} (the limit is {self.options.request_timeout:g} s)") from None
-        except BaseException:
-            job.cancelled = True
-            raise
-        if req.fmt in STREAMED:
-            return StreamingResponse(self._stream(req, first, next_chunk),
-                                     media_type="text/event-stream" if req.sse
-                                     else MEDIA_TYPES[req.fmt])
-        waves = []
-        try:
+            if req.fmt in STREAMED:
+                streaming = True     # the watcher lives on with the body (`_stream` ends it)
+                return AudioStream(self._stream(req, first, next_chunk, watcher),
+                                   media_type="text/event-stream" if req.sse
+                                   else MEDIA_TYPES[req.fmt])
+            waves = []
             while first is not None:
                 waves.append(first)
                 first = await next_chunk()
+        except ClientGone:
+            return Response(status_code=499)       # nobody reads it
         except DeadlineExceeded as e:
             raise ApiError(504, f"{e} (the limit is {self.options.request_timeout:g} s)") from None
         finally:
-            job.cancelled = True     # no-op once finished; stops the row if the client left
-        wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
-        return Response(encode_audio(wave, req.fmt), media_type=MEDIA_TYPES[req.fmt])
+            if not streaming:
+                job.cancelled = True   # no-op once finished; stops the row if the client left
+                watcher.cancel()
+        fmt = req.fmt
+        data = await asyncio.to_thread(lambda: encode_audio(
+            np.concatenate(waves) if waves else np.zeros(0, np.float32), fmt))
+        return Response(data, media_type=MEDIA_TYPES[fmt])
 
-    async def _stream(self, req: SpeechRequest, first, next_chunk):
-        """The response body of a streamed request. Once it has started the status is sent, so a
-        later failure (deadline, error) can only end the stream early; it is logged."""
+    async def _stream(self, req: SpeechRequest, first, next_chunk, watcher):
+        """The response body of a streamed request. Once it has started its status (200) is sent,
+        so a deadline or failure can only end it, visibly: SSE with an `error` event, a raw
+        stream (pcm, wav) by closing the connection without the body's end (`Truncated`); both
+        count in /health `stats.truncated`. A client that left ends it quietly."""
         job, chunk = req.job, first
 
         def piece(data: bytes) -> bytes:
@@ -471,8 +745,18 @@ class Server:
                 yield piece(pcm16(chunk))
                 try:
                     chunk = await next_chunk()
+                except ClientGone:
+                    return
                 except Exception as e:  # noqa: BLE001 - the status is already sent
-                    log.warning("stream ended early after %d frames: %s", job.frames, e)
+                    self.truncated += 1
+                    log.warning("stream cut after %d frames: %s", job.frames, e)
+                    if not req.sse:
+                        raise Truncated(str(e)) from e
+                    status = 504 if isinstance(e, DeadlineExceeded) else 500
+                    error = _error_body(status, f"the stream was cut after {job.frames} frames: "
+                                                f"{e}", code="deadline_exceeded"
+                                        if status == 504 else "generation_failed")
+                    yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n".encode()
                     return
             if req.sse:
                 tokens = len(job.prompt)
@@ -482,6 +766,7 @@ class Server:
                 yield f"data: {json.dumps(done)}\n\n".encode()
         finally:
             job.cancelled = True
+            watcher.cancel()
 
     # ----------------------------------------------------------------------------- sessions
     def parse_session(self, data) -> Job:
@@ -533,12 +818,10 @@ class Server:
             return msg["text"]
 
         try:
-            data = json.loads(await receive_text())
+            data = loads(await receive_text(), "the first message")
             job = self.parse_session(data)
         except WebSocketDisconnect:
             return
-        except json.JSONDecodeError as e:
-            return await error(400, f"the first message is not valid JSON: {e}")
         except ApiError as e:
             return await error(e.status, e.message, e.param)
         loop = asyncio.get_running_loop()
@@ -549,6 +832,7 @@ class Server:
         def push(text, final: bool):
             if not isinstance(text, str):
                 raise ApiError(400, "`text` must be a string", "text")
+            _unicode(text, "text")
             if len(feed.text) + len(text) > limit:
                 raise ApiError(413, f"the session's text would be {len(feed.text) + len(text)} "
                                     f"characters; at most {limit}", "text")
@@ -567,7 +851,7 @@ class Server:
         async def receive():
             try:
                 while not feed.final:
-                    msg = json.loads(await receive_text())
+                    msg = loads(await receive_text(), "the message")
                     kind = msg.get("type") if isinstance(msg, dict) else None
                     if kind not in ("text", "end"):
                         raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
@@ -606,8 +890,14 @@ class Server:
         if self.kind != "base":
             raise ApiError(400, f"voice cloning needs a Base checkpoint; this server runs a "
                                 f"{self.kind} model (its voices: GET /v1/audio/voices)")
+        limit = self.options.max_upload_bytes
         try:
-            form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
+            form = await bounded(request, limit + FORM_BYTES, "the upload").form(
+                max_part_size=FORM_BYTES)
+        except ApiError:
+            raise
+        except ClientDisconnect:
+            return {}                              # nobody reads it
         except Exception as e:  # noqa: BLE001 - starlette raises several kinds
             raise ApiError(400, f"expected a multipart/form-data body: {e}") from None
         name = form.get("name")
@@ -625,23 +915,29 @@ class Server:
         if upload is None:
             raise ApiError(400, "the reference audio is required: a file field `audio_sample` "
                                 "(WAV, FLAC, OGG or MP3)", "audio_sample")
-        data = await upload.read()
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ApiError(413, f"the audio file is {len(data)} bytes; at most {MAX_UPLOAD_BYTES}")
+        if (upload.size or 0) > limit:
+            raise ApiError(413, f"the audio file is {upload.size} bytes; at most {limit}", field,
+                           code="body_too_large")
         transcript = form.get("transcript") or form.get("ref_text")
         transcript = transcript.strip() if isinstance(transcript, str) else ""
-        try:
-            import soundfile as sf
+        if transcript:
+            self._check_chars("transcript", transcript)
+        # the upload is decoded from memory (never a path or URL), off the event loop; its length
+        # is checked from the header first, so a small file of hours of audio is never decoded
+        what = (f"the uploaded audio (field `{field}`, file "
+                f"{getattr(upload, 'filename', None)!r})")
+        data = await upload.read()
 
-            wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001 - libsndfile's errors
-            # Its message names the in-memory buffer (<_io.BytesIO object at 0x...>): name the
-            # upload instead.
-            reason = getattr(e, "error_string", None) or str(e)
-            raise ApiError(400, f"cannot read the uploaded audio (field `{field}`, file "
-                                f"{getattr(upload, 'filename', None)!r}): {reason}; send WAV, "
-                                "FLAC, OGG or MP3", field) from None
-        wave = wave.mean(axis=1)
+        def decode():
+            samples, sr = read_file(io.BytesIO(data), what, MAX_SECONDS)
+            return samples.mean(axis=1), sr
+
+        try:
+            wave, sr = await asyncio.to_thread(decode)
+        except AudioTooLong as e:
+            raise ApiError(413, str(e), field, code="audio_too_long") from None
+        except AudioError as e:
+            raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", field) from None
         silence = form.get("ref_tail_silence") or "0"
         try:
             silence = float(silence)
@@ -674,6 +970,7 @@ class Server:
 
     def health(self) -> dict:
         stats = dict(self.engine.stats)
+        stats["truncated"] = self.truncated
         stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
         return {"status": "ok", "model": self.options.model_name, "tts_model_type": self.kind,
                 "queue": self.engine.waiting, "active": self.engine.active,
@@ -690,6 +987,9 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
 
     server = Server(tts, options or ServerOptions())
+    if server.options.api_key is not None:
+        ApiKeyCheck(None, server.options.api_key)        # an empty key is an error, not "no auth"
+    parse_origins(server.options.allowed_origins)         # a ValueError names a bad entry
 
     @asynccontextmanager
     async def lifespan(app):
@@ -704,6 +1004,8 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     app.state.server = server
     if server.options.api_key is not None:
         app.add_middleware(ApiKeyCheck, key=server.options.api_key)
+        redact_api_keys_in_logs()
+    app.add_middleware(BrowserGuard, allowed_origins=server.options.allowed_origins)  # outermost
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -741,8 +1043,8 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str):
         if server.kind != "base" or voice_id not in server.voices.voices:
-            raise ApiError(404, f"no registered voice {voice_id!r}; registered: "
-                                f"{sorted(server.voices.voices)}", "voice_id")
+            raise ApiError(404, f"no registered voice {voice_id!r} (GET /v1/audio/voices lists "
+                                "them)", "voice_id")
         server.voices.remove(voice_id)
         return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
 
