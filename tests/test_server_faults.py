@@ -364,6 +364,11 @@ def test_api_key_guards_docs_and_stays_out_of_logs(tts):
                                         "Authorization: Bearer s3cret")
             assert code == (404 if path == "/nothing" else 200), (path, code)
         assert get(s.url + "/health")["status"] == "ok"
+        # the playground's page and files hold no data: open, so that the page can ask for the key
+        for path, want in (("/", 200), ("/static/app.js", 200), ("/staticx", 401),
+                           ("/static/../openapi.json", 404)):   # StaticFiles: no way out
+            code, _, _ = raw(s.port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{s.port}")
+            assert code == want, (path, code)
         for lg in loggers:
             lg.addHandler(handler)
             lg.setLevel(logging.INFO)

@@ -64,7 +64,10 @@ MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
 FORM_BYTES = 1 << 20               # a voice registration's other fields (name, transcript, ...)
 JSON_PATHS = ("/v1/audio/speech",)  # POST endpoints that take a JSON body
-OPEN_PATHS = ("/health",)          # answered without the API key (load balancers' probes)
+# Answered without the API key: load balancers' probes, and the playground's static page, which
+# holds no data and asks for the key itself before it calls the API.
+OPEN_PATHS = ("/health", "/")
+OPEN_PREFIXES = ("/static/",)
 
 
 @dataclasses.dataclass
@@ -163,8 +166,8 @@ async def _refuse(scope, receive, send, status: int, message: str, code: str, he
 
 
 class ApiKeyCheck:
-    """ASGI middleware: every path but /health (/v1/..., /docs and /openapi.json included) needs
-    `Authorization: Bearer <key>` (what OpenAI's clients send for `api_key`), else 401 in OpenAI's
+    """ASGI middleware: every path but /health and the playground page (/, /static/...; /v1/...,
+    /docs and /openapi.json included) needs `Authorization: Bearer <key>` (what OpenAI's clients send for `api_key`), else 401 in OpenAI's
     error shape. A WebSocket may instead pass `?api_key=<key>` (browsers cannot set its headers);
     without it the handshake is refused (403). /health stays open for load balancers' probes."""
 
@@ -183,8 +186,9 @@ class ApiKeyCheck:
         return any(secrets.compare_digest(g.strip(), self.key) for g in given)
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] in ("http", "websocket") and scope["path"] not in OPEN_PATHS
-                and not self._ok(scope)):
+        path = scope.get("path", "")
+        if (scope["type"] in ("http", "websocket") and path not in OPEN_PATHS
+                and not path.startswith(OPEN_PREFIXES) and not self._ok(scope)):
             message = ("a valid API key is needed: send the header `Authorization: Bearer "
                        "<key>` (OpenAI clients: api_key=<key>)")
             return await _refuse(scope, receive, send, 401, message, "invalid_api_key",
