@@ -297,6 +297,7 @@ def test_commit_points_are_found_in_linear_time(monkeypatch):
 
     def counted(c, before):
         calls["n"] += 1
+        assert calls["n"] <= 2 * 200_000, "characters are examined more than once"
         return real(c, before)
 
     monkeypatch.setattr(engine_mod, "_is_break", counted)
