@@ -5,6 +5,8 @@ and latency percentiles with 1, 4 and 16 concurrent clients. One command:
     python benchmarks/bench_server.py --size 0b6           # full-size 0.6B shapes, random weights
     python benchmarks/bench_server.py --max-new-tokens 16 31 61 121 --continuous both
                                        # mixed lengths, continuous batching on and off
+    python benchmarks/bench_server.py --faults --duration 120 --clients 4
+                                       # a soak: good, bad and dropped traffic (`soak`)
 
 The checkpoint has random weights (no download): `--size tiny` is the `--random-weights` demo
 checkpoint; `--size 0b6|1b7` gives the released CustomVoice shapes (talker, code predictor, codec
@@ -340,6 +342,143 @@ def serve_and_measure(args, folder: str, continuous: bool):
     return continuous, single, levels
 
 
+# ------------------------------------------------------------------------------------------------
+# --faults: a soak of mixed good, bad and dropped traffic
+# ------------------------------------------------------------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def bad_request(url: str, i: int) -> int:
+    """One request the server must refuse (and survive): its status."""
+    long_instructions = " ".join(["a"] * 20_000)           # ~20,000 prompt tokens
+    bodies = [b"{not json", json.dumps({"model": "m", "input": "Hi.", "voice": "nobody"}).encode(),
+              json.dumps({"model": "m", "input": "Hi.", "voice": "ryan",
+                          "instructions": long_instructions}).encode(),
+              json.dumps({"model": "m", "input": "Hi.", "voice": "ryan",
+                          "temperature": 10 ** 400}).encode(),
+              json.dumps({"model": "m", "input": "Hi.", "voice": "ryan",
+                          "max_new_tokens": 10 ** 9}).encode()]
+    req = urllib.request.Request(url + "/v1/audio/speech", data=bodies[i % len(bodies)],
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return -1
+
+
+def dropped_request(port: int, i: int) -> None:
+    """A streamed request whose client goes away after the first bytes (or before any)."""
+    body = json.dumps({"model": "m", "input": TEXTS[i % len(TEXTS)], "voice": "ryan",
+                       "response_format": "pcm", "seed": i}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        if i % 2:
+            try:
+                s.recv(1024)
+            except OSError:
+                pass
+
+
+def idle_session(port: int) -> None:
+    """A WebSocket text session that sends its settings, no text, and leaves."""
+    from websockets.sync.client import connect
+
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/audio/speech/stream", open_timeout=30) as ws:
+            ws.send(json.dumps({"voice": "ryan"}))
+            time.sleep(1.0)
+    except Exception:  # noqa: BLE001 - a refused session (429) is part of the soak
+        pass
+
+
+def soak(args, folder: str) -> str:
+    """`--duration` seconds of traffic from `--clients` threads: each request is good (60 %:
+    a streamed pcm request), bad (20 %: malformed JSON, unknown voice, a prompt past
+    --max-prompt-tokens, a number past float's range, max_new_tokens past the cap), dropped
+    (15 %: the client leaves after the first bytes or before) or an idle text session (5 %).
+    Reports the good requests' success rate and latency, and the server's RSS."""
+    import random
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args.clients = [max(args.clients)]
+    server = start_server(args, folder, port)
+    try:
+        for i in range(2 * max(args.clients)):                         # compile the shapes
+            stream_request(url, i, args.lengths[0], args.timeout)
+        rss0, t0 = rss_mib(server.pid), time.perf_counter()
+        end = t0 + args.duration
+
+        def client(c):
+            rng, out = random.Random(c), []
+            i = 0
+            while time.perf_counter() < end:
+                i += 1
+                x = rng.random()
+                if x < 0.6:
+                    out.append(("good", stream_request(url, 1000 * c + i, args.lengths[0],
+                                                       args.timeout)))
+                elif x < 0.8:
+                    out.append(("bad", bad_request(url, i)))
+                elif x < 0.95:
+                    dropped_request(port, i)
+                    out.append(("dropped", None))
+                else:
+                    idle_session(port)
+                    out.append(("session", None))
+            return out
+
+        with ThreadPoolExecutor(max(args.clients)) as pool:
+            done = [r for rs in pool.map(client, range(max(args.clients))) for r in rs]
+        wall = time.perf_counter() - t0
+        time.sleep(2)
+        rss1 = rss_mib(server.pid)
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+                state = f"{r.status} {json.loads(r.read())['status']}"
+        except urllib.error.HTTPError as e:
+            state = f"{e.code}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    good = [r for k, r in done if k == "good"]
+    ok = [r for r in good if r["status"] == 200 and r["audio_s"] > 0]
+    bad = [r for k, r in done if k == "bad"]
+    lat = [r["total"] for r in ok]
+    count = lambda kind: sum(k == kind for k, _ in done)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    return "\n".join([
+        f"## Server fault soak, {args.size} CustomVoice, {device()} ({now}, commit {commit})", "",
+        f"`python benchmarks/bench_server.py {' '.join(sys.argv[1:])}`: {wall:.0f} s of traffic "
+        f"from {max(args.clients)} clients against `qwen3-tts-jax serve` (random weights, "
+        f"max_new_tokens {args.lengths[0]}): 60 % good streamed requests, 20 % bad ones "
+        f"(malformed JSON, unknown voice, a ~20,000-token prompt, a number past float's range, "
+        f"max_new_tokens past the cap), 15 % dropped after the first bytes or before, 5 % idle "
+        f"text sessions. Machine: {cpu_model()}, {os.cpu_count()} cores; {versions()}.", "",
+        "| good requests | good succeeded | latency p50 / p95 s | bad (refused 4xx) "
+        "| dropped | idle sessions | RSS start / end MiB | /health at the end |",
+        "|" + " --- |" * 8,
+        f"| {len(good)} | {len(ok)} ({100 * len(ok) / max(len(good), 1):.1f} %) "
+        f"| {pct(lat, 50):.2f} / {pct(lat, 95):.2f} "
+        f"| {len(bad)} ({sum(400 <= s < 500 for s in bad)}) | {count('dropped')} "
+        f"| {count('session')} | {rss0:.0f} / {rss1:.0f} | {state} |", ""])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,7 +498,22 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true", help="print the table only")
+    ap.add_argument("--faults", action="store_true",
+                    help="a soak instead: mixed good, bad and dropped traffic and idle sessions "
+                         "from the largest --clients count for --duration seconds")
+    ap.add_argument("--duration", type=float, default=600.0,
+                    help="with --faults: seconds of traffic (default 600)")
     args = ap.parse_args(argv)
+    if args.faults:
+        with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
+            args.workdir = workdir
+            folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
+            text = soak(args, folder)
+        print(text)
+        if not args.no_append:
+            with open(args.results, "a") as f:
+                f.write("\n" + text)
+        return 0
     loads = [os.getloadavg()]
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.continuous]
     with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:

@@ -82,6 +82,69 @@ class DeadlineExceeded(Exception):
     """The job's deadline passed before it finished (the server answers 504)."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine could not run the job: its worker failed (and restarted) or the engine is
+    stopping (the server answers 503; a retry may succeed)."""
+
+
+MAX_RESTARTS = 5             # worker failures within RESTART_WINDOW before it stays down
+RESTART_WINDOW = 60.0
+
+
+# ---------------------------------------------------------------------------------- memory bound
+MEMORY_FRACTION = 0.5        # of the device's free memory a batch's prompts may take (default)
+
+
+def memory_budget(fraction: float = MEMORY_FRACTION, device=None) -> tuple[int, str]:
+    """(bytes, what they are) a batch may use: `fraction` of the device's free memory
+    (`memory_stats()`: bytes_limit - bytes_in_use, so after the weights are loaded); where the
+    device reports none (the CPU), of the host's available RAM (os.sysconf)."""
+    import os
+
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        where = f"{fraction:g} x {free / 2 ** 30:.1f} GiB free on {device.platform}"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = f"{fraction:g} x {free / 2 ** 30:.1f} GiB of available host RAM"
+    return int(fraction * free), where
+
+
+def batch_bytes(tts, rows: int, prompt_bucket: int, max_new_tokens: int) -> int:
+    """Device bytes a batch of `rows` rows with prompts padded to `prompt_bucket` positions holds
+    at most: the talker's KV cache over the prompt and every frame, rows x (L + F) x
+    (layers x 2 x kv_heads x head_dim x dtype bytes), plus prefill's attention (float32 logits
+    and probabilities), rows x 2 x heads x L x (L + F0) x 4, F0 the first cache segment
+    (`Options.first_frames`). The weights and the code predictor's small caches are not in it
+    (the budget is taken from what is free after loading)."""
+    t = tts.config.talker
+    itemsize = np.dtype(tts.params["talker"]["codec_embedding"].dtype).itemsize
+    kv = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * itemsize
+    first = min(max_new_tokens, tts.options.first_frames)
+    return rows * ((prompt_bucket + max_new_tokens) * kv
+                   + 2 * t.num_attention_heads * prompt_bucket * (prompt_bucket + first) * 4)
+
+
+def max_prompt_tokens(tts, rows: int, max_new_tokens: int, budget: int,
+                      min_prompt_bucket: int = 16) -> int:
+    """The longest prompt (tokens: the prompt's positions and its trailing text) whose largest
+    batch (`rows` rows, every prompt padded to its bucket) fits `budget` bytes by
+    `batch_bytes`: the largest prompt bucket that fits, at least the smallest bucket, at most
+    the model's positions less `max_new_tokens`."""
+    limit = max(tts.config.talker.max_position_embeddings - max_new_tokens, min_prompt_bucket)
+    best, L = min_prompt_bucket, min_prompt_bucket
+    while batch_bytes(tts, rows, L, max_new_tokens) <= budget:
+        if L >= limit:
+            return limit
+        best, L = L, ladder(L + 1, min_prompt_bucket)
+    return min(best, limit)
+
+
 class TextFeed:
     """Text that arrives in pieces (thread-safe), tokenized as it comes.
 
@@ -104,11 +167,24 @@ class TextFeed:
         self.build = build              # (committed text tokens, final) -> the prompt
         self.room, self.prefix = max(1, room), list(prefix)
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.text = ""
         self.final = False
         self.tokens: list[int] = []
-        self._done = 0                  # characters of `text` that `tokens` cover
+        self.chars = 0                  # characters received
+        self.scanned = 0                # characters examined for commit points (linear in chars)
+        self._parts: list[str] = []     # the text received, in pieces (joined when read)
+        self._tail: list[str] = []      # the pieces after the committed text
+        self._done = 0                  # characters of the text that `tokens` cover
+        self._cut = 0                   # the last commit point found (>= _done)
+        self._last = ""                 # the last character received
         self._lock = threading.Lock()
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        with self._lock:
+            if len(self._parts) > 1:
+                self._parts = ["".join(self._parts)]
+            return self._parts[0] if self._parts else ""
 
     @classmethod
     def of(cls, tokenizer, prompt: prompts.PiecesPrompt) -> "TextFeed":
@@ -128,23 +204,55 @@ class TextFeed:
         return np.asarray(seq[self.room:], np.int32)
 
     def push(self, piece: str, final: bool = False) -> None:
+        """Add a piece. Each character is examined once for a commit point (the scan goes on
+        where the last one stopped), and the uncommitted text is joined only when a commit
+        point moved: a text without break points costs linear time, however finely split."""
         with self._lock:
             if self.final:
                 raise ValueError("the text was already ended")
-            self.text += piece
+            if piece:
+                self._parts.append(piece)
+                self._tail.append(piece)
+                cut = _last_break(self._last + piece, self._done - self.chars + len(self._last))
+                if cut is not None:
+                    self._cut = self.chars - len(self._last) + cut
+                self.scanned += len(piece)
+                self.chars += len(piece)
+                self._last = piece[-1]
             self.final = final
-            cut = len(self.text) if final else commit_point(self.text, self._done)
-            if cut <= self._done or not self.text[:cut].strip():
+            cut = self.chars if final else self._cut
+            if cut <= self._done:
                 return
+            tail = "".join(self._tail)          # text[_done:]
+            new = tail[:cut - self._done]
+            if not self.tokens and not new.strip():
+                return                          # only spaces so far: wait for words
             if not self.tokens:     # the first words, tokenized as in the prompt's template
-                self.tokens = self.tokenizer.encode(assistant_text(self.text[:cut]))[3:-5]
+                self.tokens = self.tokenizer.encode(assistant_text(new))[3:-5]
             else:                   # the next ones alone: a piece of the pre-split starts there
-                self.tokens = self.tokens + self.tokenizer.encode(self.text[self._done:cut])
+                self.tokens = self.tokens + self.tokenizer.encode(new)
+            self._tail = [tail[cut - self._done:]]
             self._done = cut
 
     def snapshot(self) -> tuple[list[int], bool]:
         with self._lock:
             return list(self.tokens), self.final
+
+
+def _is_break(c: str, before: str) -> bool:
+    """Whether a commit point is at character `c` (after `before`): see `commit_point`."""
+    if c == "\t" or unicodedata.category(c) == "Zs":
+        return not before.isspace()
+    return (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
+            and unicodedata.category(before)[0] in "LN")
+
+
+def _last_break(text: str, start: int) -> int | None:
+    """The last commit point p of `text` with p > start (and p >= 1), or None."""
+    for p in range(len(text) - 1, max(start, 0), -1):
+        if _is_break(text[p], text[p - 1]):
+            return p
+    return None
 
 
 def commit_point(text: str, start: int = 0) -> int:
@@ -156,16 +264,11 @@ def commit_point(text: str, start: int = 0) -> int:
     punctuation run stops at a space or at punctuation; the space starts a new piece), so the
     tokens of text[:cut] are the first tokens of the whole text. ASCII punctuation is left out:
     it may be inside a special token that has not fully arrived ("<|im_end|>"). `start`: a
-    commit point already known (the search stops there; returned if there is none after it)."""
-    for p in range(len(text) - 1, max(start, 0), -1):
-        c, before = text[p], text[p - 1]
-        if c == "\t" or unicodedata.category(c) == "Zs":
-            if not before.isspace():
-                return p
-        elif (ord(c) > 127 and unicodedata.category(c)[0] in "PS"
-              and unicodedata.category(before)[0] in "LN"):
-            return p
-    return start
+    commit point already known (the search stops there; returned if there is none after it).
+    Whether p is a commit point depends on text[p - 1:p + 1] only, so `TextFeed` examines each
+    character once, as it arrives."""
+    cut = _last_break(text, start)
+    return start if cut is None else cut
 
 
 @dataclasses.dataclass(eq=False)
@@ -184,8 +287,9 @@ class Job:
     cancelled: bool = False                 # set by the client side: stop generating it
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     started: float | None = None
-    frames: int = 0
+    frames: int = 0                         # frames emitted (streamed rows: sent to the client)
     batch_size: int = 0                     # requests in the cohort it ran in
+    retried: bool = False                   # restarted alone after its cohort failed
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "act"))
@@ -248,9 +352,11 @@ class _Cohort:
 
     @staticmethod
     def _key(job: Job):
-        if job.key is not None:
-            return job.key
-        return jax.random.PRNGKey(secrets.randbits(31) if job.seed is None else int(job.seed))
+        """The job's PRNG key, kept on the job: a job restarted alone samples the same."""
+        if job.key is None:
+            job.key = jax.random.PRNGKey(secrets.randbits(31) if job.seed is None
+                                         else int(job.seed))
+        return job.key
 
     def _ref(self, job: Job) -> np.ndarray:
         G = self.engine.tts.config.talker.num_code_groups
@@ -340,18 +446,26 @@ class _Cohort:
     def ready(self) -> bool:
         if self.feed is not None and not self.text_final:
             self._update_text()
+        now = time.monotonic()
         return self.text_final or self._until() > self.step_n or any(
-            self.rows[b].cancelled for b in self.open_rows)
+            self.rows[b].cancelled or now > self.rows[b].deadline for b in self.open_rows)
 
     # ------------------------------------------------------------------ one chunk
     def step(self) -> bool:
         """One chunk: decode frames, emit audio, end rows. False when the cohort is finished."""
         engine, tts, cfg = self.engine, self.engine.tts, self.engine.tts.config
         rows, open_rows, stats = self.rows, self.open_rows, engine.stats
+        now = time.monotonic()
         for b in list(open_rows):
             if rows[b].cancelled:
                 open_rows.discard(b)
                 stats["cancelled"] += 1
+            elif now > rows[b].deadline:     # e.g. a text session waiting for text
+                open_rows.discard(b)
+                rows[b].cancelled = True
+                stats["timeouts"] += 1
+                rows[b].emit(DeadlineExceeded(
+                    f"the request ran out of time after {rows[b].frames} frames"))
         if not open_rows:
             return False
         if self._until() > self.capacity:
@@ -409,16 +523,30 @@ class _Cohort:
                 self.rows[b].emit(e)
         self.open_rows.clear()
 
+    def release(self) -> list[Job]:
+        """The jobs of the open rows that a client still waits on; the cohort keeps none."""
+        jobs = [self.rows[b] for b in sorted(self.open_rows) if not self.rows[b].cancelled]
+        self.open_rows.clear()
+        return jobs
+
 
 class BatchEngine:
     """The worker thread and its queue. `submit` is thread-safe; so is `call`, which runs a
     function on the worker between chunks (device work that must not overlap generation), and
-    `wake`, which a text session's feeder calls when text arrived."""
+    `wake`, which a text session's feeder calls when text arrived.
+
+    Faults. A cohort whose prefill, refill or step raises, with several requests in it, does not
+    fail them all: each request restarts alone (`_isolate`), so only the one at fault fails; a
+    request that already sent audio cannot restart unseen and fails with the error. The worker
+    survives any exception (a BaseException too): the requests it held fail with
+    `EngineUnavailable` and the loop starts again (at most MAX_RESTARTS times in RESTART_WINDOW
+    seconds; then the thread ends). `health()` names a worker that is not running, or that made
+    no progress for `stall_timeout` seconds while it had requests."""
 
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  batch_buckets: tuple[int, ...] | None = None,
-                 min_prompt_bucket: int = 16, refill: bool = True):
+                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -445,13 +573,24 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self.active = 0                       # rows in running cohorts
         self._kinds: dict[str, set] = {}      # sampler kinds used, per role (`_sampler_kind`)
+        self.stall_timeout = stall_timeout
+        self.beat = time.monotonic()          # the worker's last sign of progress
+        self.last_failure: str | None = None  # the worker's last failure (restarted)
+        self._failures: list[float] = []      # when the worker failed (MAX_RESTARTS)
+        # the worker's work in hand: waiting jobs, sessions waiting for their first token,
+        # running cohorts (at most one batch cohort, retries and sessions)
+        self._pending: list[Job] = []
+        self._sessions: list[Job] = []
+        self._units: list[_Cohort] = []
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
-                      "frames": 0, "batch_sizes": collections.Counter()}
+                      "frames": 0, "retried": 0, "worker_restarts": 0,
+                      "batch_sizes": collections.Counter()}
 
     # ------------------------------------------------------------------ client side
     def start(self) -> "BatchEngine":
-        self._thread = threading.Thread(target=self._loop, name="qwen3-tts-engine", daemon=True)
+        self.beat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="qwen3-tts-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -465,14 +604,34 @@ class BatchEngine:
     def waiting(self) -> int:
         return self._waiting
 
+    def health(self) -> str | None:
+        """None while the worker runs and makes progress; else why not (the server's /health
+        answers 503 with it)."""
+        if self._thread is None:
+            return "the engine's worker has not started"
+        if not self._thread.is_alive():
+            return ("the engine's worker thread is not running"
+                    + (f" (last failure: {self.last_failure})" if self.last_failure else ""))
+        idle = time.monotonic() - self.beat
+        busy = self.active or self._waiting or self._units or self._sessions
+        if busy and idle > self.stall_timeout:
+            return (f"the engine's worker made no progress for {idle:.0f} s with requests in "
+                    f"hand (the limit is {self.stall_timeout:g} s)")
+        return None
+
     def submit(self, job: Job) -> None:
-        """Queue a job (or a text session); QueueFull if `max_queue` jobs are already waiting."""
+        """Queue a job or a text session. A job waits in the queue (QueueFull if `max_queue`
+        jobs already wait there); a session does not count against it (the server caps its
+        sessions itself), whether it waits for text or runs."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            raise EngineUnavailable(f"the server's engine is down ({self.health()})")
         with self._lock:
-            if self._waiting >= self.max_queue:
-                self.stats["rejected_queue_full"] += 1
-                raise QueueFull(f"{self._waiting} requests are already waiting (the limit is "
-                                f"{self.max_queue}); retry later")
-            self._waiting += 1
+            if job.feed is None:
+                if self._waiting >= self.max_queue:
+                    self.stats["rejected_queue_full"] += 1
+                    raise QueueFull(f"{self._waiting} requests are already waiting (the limit "
+                                    f"is {self.max_queue}); retry later")
+                self._waiting += 1
             self.stats["requests"] += 1
         self._queue.put(job)
 
@@ -536,13 +695,81 @@ class BatchEngine:
         return time.perf_counter() - t
 
     # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        """The worker thread: `_loop`, started again after a failure (the requests it held fail
+        with EngineUnavailable; those still queued run); it ends after MAX_RESTARTS failures
+        within RESTART_WINDOW seconds (`health()` then says so) or at `stop()`, failing what it
+        holds and what is queued."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._loop()
+                except BaseException as e:  # noqa: BLE001 - the worker outlives any failure
+                    now = time.monotonic()
+                    self.last_failure = f"{type(e).__name__}: {e}"
+                    self._failures = [t for t in self._failures if now - t < RESTART_WINDOW]
+                    self._failures.append(now)
+                    self.stats["worker_restarts"] += 1
+                    log.error("the engine's worker failed (%s); restarting it", self.last_failure,
+                              exc_info=e)
+                    self._drop(EngineUnavailable(f"the server's engine failed "
+                                                 f"({self.last_failure}) and restarted; retry"))
+                    if len(self._failures) > MAX_RESTARTS:
+                        log.error("the engine's worker failed %d times within %g s; it stays "
+                                  "down", len(self._failures), RESTART_WINDOW)
+                        return
+        finally:
+            stopped = EngineUnavailable("the server is shutting down or its engine stopped")
+            self._drop(stopped)
+            try:
+                queued = self._pull(0.0)
+            except BaseException:  # noqa: BLE001 - stopping anyway
+                queued = []
+            for item in queued:
+                if isinstance(item, Job):
+                    self._drop_job(item, stopped)
+                elif item is not None and item[1].set_running_or_notify_cancel():
+                    item[1].set_exception(stopped)
+
+    def _drop(self, e: Exception) -> None:
+        """Fail every request the worker holds (waiting, sessions, running) with `e`."""
+        units, self._units = self._units, []
+        for u in units:
+            try:
+                jobs = u.release()
+            except BaseException:  # noqa: BLE001 - a broken cohort: its rows as they are
+                jobs = [j for j in u.rows if j is not None and not j.cancelled]
+            for j in jobs:
+                self._fail_job(j, e)
+        held, self._pending, self._sessions = self._pending + self._sessions, [], []
+        for j in held:
+            self._drop_job(j, e)
+        self.active = 0
+
+    def _drop_job(self, job: Job, e: Exception) -> None:
+        """Fail a job that was submitted but not started."""
+        if job.feed is None:
+            with self._lock:
+                self._waiting -= 1
+        if not job.cancelled:
+            self._fail_job(job, e)
+
+    def _fail_job(self, job: Job, e: Exception) -> None:
+        self.stats["errors"] += 1
+        job.cancelled = True
+        try:
+            job.emit(e)
+        except Exception:  # noqa: BLE001 - a client callback must not stop the others
+            log.exception("a request's callback failed")
+
     def _loop(self) -> None:
-        pending: list[Job] = []          # waiting for the next batch
-        sessions: list[Job] = []         # text sessions waiting for their first token
-        units: list[_Cohort] = []        # running: at most one batch cohort, and sessions
+        pending = self._pending          # waiting for the next batch
+        sessions = self._sessions        # text sessions waiting for their first token
+        units = self._units              # running: at most one batch cohort, retries, sessions
         while not self._stop.is_set():
+            self.beat = time.monotonic()
             batch_running = any(u.feed is None for u in units)
-            runnable = [u for u in units if u.ready()]
+            runnable = [u for u in list(units) if self._ready(units, u)]
             now = time.monotonic()
             if runnable:
                 timeout = 0.0
@@ -560,9 +787,11 @@ class BatchEngine:
                             fut.set_result(fn())
                         except BaseException as e:  # noqa: BLE001 - handed to the caller
                             fut.set_exception(e)
+            self.beat = time.monotonic()
             for job in list(sessions):
                 tokens, final = job.feed.snapshot()
-                if job.cancelled or job.feed.can_start(tokens, final):
+                if (job.cancelled or time.monotonic() > job.deadline
+                        or job.feed.can_start(tokens, final)):
                     sessions.remove(job)
                     if not self._admit(job):
                         continue
@@ -571,9 +800,9 @@ class BatchEngine:
                         continue
                     self.stats["sessions"] += 1
                     self._start(units, [job])
-            batch = next((u for u in units if u.feed is None), None)
+            batch = next((u for u in units if u.feed is None and not u.closed), None)
             if pending and batch is not None and self.refill:
-                self._refill(batch, pending)
+                self._refill(units, batch, pending)
             now = time.monotonic()
             if pending and not batch_running and (len(pending) >= self.max_batch_size
                                                   or now >= self._form_at(pending)):
@@ -584,21 +813,52 @@ class BatchEngine:
                     self.stats["batch_sizes"][len(jobs)] += 1
                     self._start(units, jobs)
             for u in list(units):
-                if u.ready():
+                if u in units and self._ready(units, u):
                     try:
                         alive = u.step()
                     except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                         log.exception("generation failed")
-                        u.fail(e)
-                        alive = False
+                        units.remove(u)
+                        self._isolate(units, u.release(), e)
+                        continue
+                    finally:
+                        self.beat = time.monotonic()
                     if not alive:
                         units.remove(u)
             self.active = sum(len(u.open_rows) for u in units)
 
-    def _refill(self, batch: _Cohort, pending: list[Job]) -> None:
+    def _ready(self, units: list, u: _Cohort) -> bool:
+        """`u.ready()`, guarded: a failure there (a session's text update) fails that cohort's
+        requests (each restarted alone, as a failed step)."""
+        try:
+            return u.ready()
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the server
+            log.exception("updating a cohort failed")
+            if u in units:
+                units.remove(u)
+            self._isolate(units, u.release(), e)
+            return False
+
+    def _isolate(self, units: list, jobs: list[Job], e: Exception) -> None:
+        """The requests of a cohort that failed: alone, or one restarted already, a request
+        fails with the error; with others, each restarts alone in a cohort of its own (same
+        key: the same codes as in the failed cohort), so only the request at fault fails. A
+        request that has sent audio cannot restart unseen: it fails with the error (a
+        whole-file request has sent nothing until it ends, so it restarts)."""
+        retry = [j for j in jobs if not j.retried and j.frames == 0] if len(jobs) > 1 else []
+        for j in jobs:
+            if j not in retry:
+                self._fail_job(j, e)
+        for j in retry:
+            j.retried = True
+            self.stats["retried"] += 1
+            self._start(units, [j], retry=True)
+
+    def _refill(self, units: list, batch: _Cohort, pending: list[Job]) -> None:
         """Start waiting jobs, oldest first, in the running batch's free rows. A job that does
         not fit its shapes closes the batch (it drains, and the next one forms with that job
-        first), so a long prompt is not passed over forever by short ones."""
+        first), so a long prompt is not passed over forever by short ones. A job whose start
+        fails restarts alone (once), and the batch takes no more."""
         while pending and not batch.closed:
             row = batch.free_row()
             if row is None:
@@ -613,10 +873,14 @@ class BatchEngine:
                 batch.take(job, row)
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                 log.exception("starting a request in a running batch failed")
-                self.stats["errors"] += 1
-                job.cancelled = True
-                job.emit(e)
                 batch.closed = True
+                batch.open_rows.discard(row)
+                if job.retried:
+                    self._fail_job(job, e)
+                else:
+                    job.retried = True
+                    self.stats["retried"] += 1
+                    self._start(units, [job], retry=True)
                 return
             self.stats["joined"] += 1
 
@@ -638,19 +902,22 @@ class BatchEngine:
         last = max(j.submitted for j in pending)
         return min(last + self.batch_window, first + MAX_COLLECT_WINDOWS * self.batch_window)
 
-    def _start(self, units: list, jobs: list[Job]) -> None:
+    def _start(self, units: list, jobs: list[Job], retry: bool = False) -> None:
+        """A cohort of `jobs` (prefill); a retry runs alone (it takes no waiting jobs). A
+        failing prefill goes to `_isolate`."""
         try:
-            units.append(_Cohort(self, jobs))
+            cohort = _Cohort(self, jobs)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the server
             log.exception("prefill failed")
-            for j in jobs:
-                self.stats["errors"] += 1
-                j.cancelled = True
-                j.emit(e)
+            self._isolate(units, [j for j in jobs if not j.cancelled], e)
+            return
+        cohort.closed = cohort.closed or retry
+        units.append(cohort)
 
     def _admit(self, job: Job) -> bool:
-        with self._lock:
-            self._waiting -= 1
+        if job.feed is None:           # sessions do not count as waiting (`submit`)
+            with self._lock:
+                self._waiting -= 1
         if job.cancelled:
             self.stats["cancelled"] += 1
             return False
@@ -734,7 +1001,7 @@ def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, k
                     raise TypeError(f"text piece {i} is a {type(piece).__name__}, not a str")
                 feed.push(piece)
                 engine.wake()
-                if len(feed.tokens) >= readable or len(feed.text) > max_chars:
+                if len(feed.tokens) >= readable or feed.chars > max_chars:
                     break         # the rest could not be spoken within max_new_tokens
             if not feed.snapshot()[0] and not feed.text.strip():
                 raise ValueError("the text pieces ended without any text")
@@ -802,11 +1069,17 @@ class EnginePool:
     def active(self) -> int:
         return sum(e.active for e in self.engines)
 
+    def health(self) -> str | None:
+        """None while every device's worker is healthy; else the first one's reason."""
+        return next((f"{d}: {r}" for d, r in ((d, e.health()) for d, e in
+                                               zip(self.devices, self.engines)) if r), None)
+
     def submit(self, job: Job) -> None:
-        """Queue a job on the least busy device; QueueFull if `max_queue` jobs already wait."""
+        """Queue a job on the least busy device; QueueFull if `max_queue` jobs already wait (a
+        text session does not count, as in `BatchEngine.submit`)."""
         with self._lock:
             waiting = self.waiting
-            if waiting >= self.max_queue:
+            if job.feed is None and waiting >= self.max_queue:
                 self._rejected += 1
                 raise QueueFull(f"{waiting} requests are already waiting (the limit is "
                                 f"{self.max_queue}); retry later")

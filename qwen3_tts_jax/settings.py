@@ -27,6 +27,14 @@ MAX_NEW_TOKENS = 2 ** 20
 # Seeds are PRNGKey seeds; with 32-bit JAX, values from 2**32 on alias smaller ones. The server and
 # the batch tool accept [0, 2**31): the same range here.
 SEED_LIMIT = 2 ** 31
+# Every setting reaches the compiled program as int32 / float32 (`traced`). Values the official
+# accepts but those types cannot hold are clamped there to values that sample the same: a top_k
+# above the vocabulary keeps every token (as the official's), so any top_k >= 0 becomes at most
+# TOP_K_MAX; a temperature or repetition penalty is clamped to FACTOR_RANGE (past 1e6 a
+# temperature samples uniformly and a penalty zeroes or floors a logit already; below 1e-6 a
+# temperature is greedy to float32 precision), where float32 holds it and its inverse.
+TOP_K_MAX = 2 ** 31 - 1
+FACTOR_RANGE = (1e-6, 1e6)
 
 
 class SettingError(ValueError, TypeError):
@@ -80,8 +88,12 @@ class GenerationSettings:
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
                                                                       np.floating)):
                 raise SettingError(f"{name} must be a number, got {type(v).__name__} {v!r}", name)
-            if not np.isfinite(v):
-                raise SettingError(f"{name} must be a finite number, got {v!r}", name)
+            try:
+                finite = np.isfinite(float(v))
+            except OverflowError:            # an int past float's range
+                finite = False
+            if not finite:
+                raise SettingError(f"{name} must be a finite number, got {str(v)[:40]}", name)
             return v
 
         for name in ("do_sample", "subtalker_dosample"):
@@ -153,14 +165,18 @@ def traced(rows: Sequence[GenerationSettings | None], options: Options,
     def col(name):
         return [getattr(s, name) for s in filled]
 
+    def factor(values):
+        return [min(max(float(v), FACTOR_RANGE[0]), FACTOR_RANGE[1]) for v in values]
+
     def params(role, prefix):
         cols = dict(do_sample=col(prefix + "dosample" if prefix else "do_sample"),
-                    temperature=col(prefix + "temperature"), top_k=col(prefix + "top_k"),
-                    top_p=col(prefix + "top_p"))
+                    temperature=factor(col(prefix + "temperature")),
+                    top_k=[min(int(k), TOP_K_MAX) for k in col(prefix + "top_k")],
+                    top_p=[float(p) for p in col(prefix + "top_p")])
         return sampling.SamplingParams.create(B, **cols, kind=kind(role, cols) if kind else None,
                                               options=options)
 
     budget = [1 if s is None else s.max_new_tokens for s in rows]
     return gen.Settings(params("talker", ""), params("predictor", "subtalker_"),
-                        jnp.asarray(np.asarray(col("repetition_penalty"), np.float32)),
+                        jnp.asarray(np.asarray(factor(col("repetition_penalty")), np.float32)),
                         jnp.asarray(np.asarray(budget, np.int32)))

@@ -84,6 +84,21 @@ def add_parser(sub, common) -> None:
                    help="frames per streamed chunk (12 frames = 0.96 s of audio)")
     s.add_argument("--first-chunk-frames", type=int, default=3,
                    help="frames in the first chunk (small: the time to first audio)")
+    f = p.add_argument_group("limits and faults")
+    f.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longer prompts (input, instructions and a voice's reference together, "
+                        "in tokens) are refused with 413 (default: the longest whose largest "
+                        "batch fits half the device's free memory; docs/serving.md)")
+    f.add_argument("--max-sessions", type=int, default=16,
+                   help="WebSocket text sessions open at once; more get a 429 error message")
+    f.add_argument("--session-idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a text session with no message for this long is closed with an error")
+    f.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="GET /health answers 503 when the engine made no progress for this long "
+                        "with requests in hand")
+    f.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or SIGINT, requests in flight get this long to finish; then "
+                        "the server stops")
     p.set_defaults(run=run)
 
 
@@ -140,6 +155,14 @@ def run(args) -> int:
         parse_origins(origins)
     except ValueError as e:
         fail(f"--allowed-origins: {e}")
+    for flag, value in (("--max-sessions", args.max_sessions),
+                        ("--session-idle-timeout", args.session_idle_timeout),
+                        ("--stall-timeout", args.stall_timeout),
+                        ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
+        if not value > 0:
+            fail(f"{flag} must be > 0, got {value}")
+    if args.shutdown_timeout < 0:
+        fail(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.warmup_whole_file and not warmup:
         fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
@@ -184,10 +207,15 @@ def run(args) -> int:
         defaults=defaults, max_new_tokens=args.max_new_tokens, warmup=warmup,
         warmup_whole_file=args.warmup_whole_file,
         continuous_batching=args.continuous_batching, devices=args.devices,
-        api_key=args.api_key, allowed_origins=origins)
+        api_key=args.api_key, allowed_origins=origins, max_prompt_tokens=args.max_prompt_tokens,
+        max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout,
+        stall_timeout=args.stall_timeout)
     try:
         app = create_app(tts, options)
     except ValueError as e:
         fail(str(e))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    # SIGTERM / SIGINT: uvicorn stops listening and lets requests in flight finish for
+    # --shutdown-timeout seconds, then cancels them; the engine then stops (engine.stop)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0

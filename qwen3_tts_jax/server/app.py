@@ -47,6 +47,7 @@ from ..audio import MAX_SECONDS, AudioError, AudioTooLong, encode_audio_file, ou
 from ..buckets import ladder
 from ..voice import load_voice, save_voice
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
+from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
 from ..settings import GEN_KWARGS, GenerationSettings
 
 log = logging.getLogger("qwen3_tts_jax.server")
@@ -96,6 +97,10 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()   # browser origins (scheme://host[:port]) let in; "*": any
     max_body_bytes: int = MAX_BODY_BYTES       # a JSON request body, counted as it arrives
     max_upload_bytes: int = MAX_UPLOAD_BYTES   # a voice registration's audio file
+    max_prompt_tokens: int | None = None  # default: from the device's memory (engine.py)
+    max_sessions: int = 16           # WebSocket text sessions open at once (429 beyond)
+    session_idle_timeout: float = 30.0  # seconds a session may wait for its next message
+    stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
 
 
 class ApiError(Exception):
@@ -167,8 +172,8 @@ async def _refuse(scope, receive, send, status: int, message: str, code: str, he
 
 class ApiKeyCheck:
     """ASGI middleware: every path but /health and the playground page (/, /static/...; /v1/...,
-    /docs and /openapi.json included) needs `Authorization: Bearer <key>` (what OpenAI's clients send for `api_key`), else 401 in OpenAI's
-    error shape. A WebSocket may instead pass `?api_key=<key>` (browsers cannot set its headers);
+    /docs and /openapi.json included) needs `Authorization: Bearer <key>` (what OpenAI's clients
+    send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass `?api_key=<key>` (browsers cannot set its headers);
     without it the handshake is refused (403). /health stays open for load balancers' probes."""
 
     def __init__(self, app, key: str):
@@ -488,12 +493,38 @@ class Server:
                   batch_window=options.batch_window_ms / 1000, max_queue=options.max_queue,
                   chunk_frames=options.chunk_frames, first_chunk_frames=options.first_chunk_frames,
                   batch_buckets=options.batch_buckets, min_prompt_bucket=options.min_prompt_bucket,
-                  refill=options.continuous_batching)
+                  refill=options.continuous_batching, stall_timeout=options.stall_timeout)
         # one device: the engine over the loaded weights; several: an engine per device
         self.devices = n
         self.engine = BatchEngine(tts, **kw) if n == 1 else EnginePool(tts, local[:n], **kw)
         self.started = time.time()
         self.truncated = 0           # streams cut after their status was sent (deadline, failure)
+        self.max_prompt_tokens, self.prompt_budget = self._prompt_limit()
+        self.sessions_open = 0
+
+    def _prompt_limit(self) -> tuple[int, str]:
+        """(--max-prompt-tokens, how it was set): given, or the longest prompt whose largest
+        batch fits half the device's free memory (`engine.max_prompt_tokens`)."""
+        if self.options.max_prompt_tokens is not None:
+            if self.options.max_prompt_tokens < 1:
+                raise ValueError("max_prompt_tokens must be >= 1")
+            return self.options.max_prompt_tokens, "--max-prompt-tokens"
+        budget, where = memory_budget()
+        rows = self.engine.batch_buckets[-1]
+        n = max_prompt_tokens(self.tts, rows, self.max_new_tokens, budget,
+                              self.options.min_prompt_bucket)
+        log.info("prompts are limited to %d tokens: a batch of %d rows fits %s", n, rows, where)
+        return n, f"a batch of {rows} fits {where}"
+
+    def check_prompt_tokens(self, prompt) -> None:
+        """413 for a prompt (its positions and trailing text: input, instructions, a voice's
+        transcript and reference frames) longer than --max-prompt-tokens."""
+        n = len(prompt) + len(prompt.trailing)
+        if n > self.max_prompt_tokens:
+            raise ApiError(413, f"the prompt is {n} tokens (input, instructions and the voice's "
+                                f"reference together); this server takes at most "
+                                f"{self.max_prompt_tokens} (max_prompt_tokens): shorten them",
+                           "input", code="prompt_too_long")
 
     # ----------------------------------------------------------------------------- warm-up
     def warmup(self) -> float | None:
@@ -655,6 +686,7 @@ class Server:
                                 f"{settings.max_new_tokens}: together more than the model's "
                                 f"{limit} positions; split the text or lower max_new_tokens",
                            "input")
+        self.check_prompt_tokens(prompt)
         job = Job(prompt, settings, emit=None, seed=seed, ref_code=ref_code,
                   stream=fmt in STREAMED,
                   deadline=time.monotonic() + self.options.request_timeout)
@@ -788,6 +820,7 @@ class Server:
         probe = dict(data, input=data.get("input") or "x", response_format="pcm",
                      model=data.get("model") or self.options.model_name, non_streaming_mode=False)
         job = self.parse_speech(probe).job       # validates voice, settings, instructions
+        job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
         language = data.get("language") or self.options.language or "auto"
         speaker = self._voice(data)
         voice = None
@@ -814,7 +847,13 @@ class Server:
         async def receive_text() -> str:
             """The next text frame; a binary frame is a 400 (starlette's receive_text would
             raise KeyError 'text' on one)."""
-            msg = await ws.receive()
+            idle = self.options.session_idle_timeout
+            try:
+                msg = await asyncio.wait_for(ws.receive(), idle)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"no message for {idle:g} s (the server's session idle "
+                                    "timeout): the session is closed", code="idle_timeout"
+                               ) from None
             if msg["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(msg.get("code", 1000))
             if msg.get("text") is None:
@@ -837,10 +876,14 @@ class Server:
             if not isinstance(text, str):
                 raise ApiError(400, "`text` must be a string", "text")
             _unicode(text, "text")
-            if len(feed.text) + len(text) > limit:
-                raise ApiError(413, f"the session's text would be {len(feed.text) + len(text)} "
+            if feed.chars + len(text) > limit:
+                raise ApiError(413, f"the session's text would be {feed.chars + len(text)} "
                                     f"characters; at most {limit}", "text")
             feed.push(text, final)
+            if job.base_tokens + len(feed.tokens) > self.max_prompt_tokens:
+                raise ApiError(413, f"the session's prompt would be "
+                                    f"{job.base_tokens + len(feed.tokens)} tokens; at most "
+                                    f"{self.max_prompt_tokens} (max_prompt_tokens)", "text")
             self.engine.wake()
 
         try:
@@ -879,6 +922,7 @@ class Server:
                 if isinstance(item, Exception):
                     status = (item.status if isinstance(item, ApiError) else
                               504 if isinstance(item, DeadlineExceeded) else
+                              503 if isinstance(item, EngineUnavailable) else
                               400 if isinstance(item, (ValueError, json.JSONDecodeError))
                               else 500)
                     return await error(status, getattr(item, "message", None) or str(item))
@@ -972,11 +1016,33 @@ class Server:
         return {"id": name, "object": "audio.voice", "name": name, "type": "preset",
                 "created_at": int(self.started)}
 
+    async def open_session(self, ws: WebSocket) -> None:
+        """`session` within --max-sessions: beyond it the client gets a 429 error message (and
+        the close code 1013, try again later). A session holds no place in the HTTP queue."""
+        if self.sessions_open >= self.options.max_sessions:
+            await ws.accept()
+            await ws.send_json({"type": "error", "status": 429, "param": None, "message":
+                                f"{self.sessions_open} text sessions are open (the limit is "
+                                f"{self.options.max_sessions}); retry later"})
+            await ws.close(1013)
+            return
+        self.sessions_open += 1
+        try:
+            await self.session(ws)
+        finally:
+            self.sessions_open -= 1
+
     def health(self) -> dict:
+        """The server's state; `status` "ok", or "unavailable" with the engine's `reason` (the
+        route answers 503 then)."""
         stats = dict(self.engine.stats)
         stats["truncated"] = self.truncated
         stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
-        return {"status": "ok", "model": self.options.model_name, "tts_model_type": self.kind,
+        reason = self.engine.health()
+        return {"status": "ok" if reason is None else "unavailable", "reason": reason,
+                "sessions": self.sessions_open, "max_sessions": self.options.max_sessions,
+                "max_prompt_tokens": self.max_prompt_tokens,
+                "model": self.options.model_name, "tts_model_type": self.kind,
                 "queue": self.engine.waiting, "active": self.engine.active,
                 "devices": self.engine.per_device if self.devices > 1 else [
                     {"device": str(jax.local_devices()[0]), "queue": self.engine.waiting,
@@ -1002,7 +1068,7 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
         try:
             yield
         finally:
-            server.engine.stop()
+            server.engine.stop(5.0)     # after uvicorn drained (--shutdown-timeout)
 
     app = FastAPI(title="qwen3-tts-jax", lifespan=lifespan)
     app.state.server = server
@@ -1023,6 +1089,11 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     async def validation_error(request, e):
         return _error_response(400, str(e))
 
+    @app.exception_handler(EngineUnavailable)
+    async def engine_unavailable(request, e: EngineUnavailable):
+        return _error_response(503, str(e), code="engine_unavailable",
+                               headers={"Retry-After": "1"})
+
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
         log.error("request failed: %s: %s", type(e).__name__, e)
@@ -1034,7 +1105,7 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @app.websocket("/v1/audio/speech/stream")
     async def speech_stream(ws: WebSocket):
-        await server.session(ws)
+        await server.open_session(ws)
 
     @app.get("/v1/audio/voices")
     async def list_voices():
@@ -1060,7 +1131,8 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return server.health()
+        body = server.health()
+        return body if body["status"] == "ok" else JSONResponse(body, status_code=503)
 
     _add_playground(app, server)
     return app
