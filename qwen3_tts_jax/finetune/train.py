@@ -489,15 +489,17 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     settings.update({k: v for k, v in extra.items() if v is not None})
     epoch, next_batch, opt_steps, log_bytes = 0, 0, 0, 0
     best_loss, best_epoch = None, None
-    loaded = load_state(resume_dir, params, opt_state)
-    if loaded is not None:
-        params, opt_state, info = loaded
-        changed = {k: (info["settings"].get(k), v) for k, v in settings.items()
-                   if info["settings"].get(k) != v}
-        changed.update({k: (v, None) for k, v in info["settings"].items() if k not in settings})
+    if os.path.exists(os.path.join(resume_dir, "state.npz")):   # settings first, then arrays
+        with np.load(os.path.join(resume_dir, "state.npz")) as z:
+            saved = json.loads(str(z["info"]))["settings"]
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        changed.update({k: (v, None) for k, v in saved.items() if k not in settings})
         if changed:
             raise ValueError(f"{resume_dir} belongs to a run with other settings {changed}; use "
                              "another --output or delete it to start over")
+    loaded = load_state(resume_dir, params, opt_state)
+    if loaded is not None:
+        params, opt_state, info = loaded
         params, opt_state = jax.device_put(params, repl), jax.device_put(opt_state, repl)
         epoch, next_batch, opt_steps = info["epoch"], info["next_batch"], info["opt_steps"]
         log_bytes = info.get("log_bytes", 0)
