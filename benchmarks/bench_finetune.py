@@ -79,6 +79,49 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory_plan(args, cfg, batches, lora_rank=None):
+    """XLA's buffer assignment for our compiled step (no weights allocated: the step is lowered on
+    abstract arrays): argument, output, temporary and aliased bytes, and the peak they imply
+    (arguments + outputs + temporaries - aliased, i.e. donated). Full fine-tuning, or LoRA."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3_tts_jax import checkpoint, lora, weights
+    from qwen3_tts_jax.finetune import data, train
+
+    dtype = train.resolve_dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype))
+    shapes = {k: s for k, s in checkpoint.fast_expected_shapes(cfg).items()
+              if not k.startswith("speaker_encoder/")}
+    params = weights.nest({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+    extra = ()
+    if lora_rank:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype,
+                                     lora_scale=1.0)
+        extra = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params),)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                              lora.init_adapters(params, lora_rank, tuple(lora.TARGETS)))
+    else:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype)
+    state = jax.eval_shape(lambda p: train.init_opt_state(train.make_optimizer(), p), params)
+    length = max(len(e.text_ids) + len(e.codes) for b in batches for e in b) + 8
+    frames = max(len(e.codes) for b in batches for e in b)
+    host = data.pad_to(data.collate(batches[0], cfg, {"ref": np.zeros(cfg.talker.hidden_size,
+                                                                       np.float32)}),
+                       length=data.ladder(length), frames=data.ladder(frames))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    batch["flush"] = jax.ShapeDtypeStruct((), np.bool_)
+    t0 = time.perf_counter()
+    m = step.lower(params, state, batch, jax.random.key(0), *extra).compile().memory_analysis()
+    gib = 1 / 2**30
+    trained = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    return dict(impl=f"ours (JAX), LoRA rank {lora_rank}" if lora_rank else "ours (JAX), full",
+                dtype=str(dtype), trained_params=trained, compile_s=time.perf_counter() - t0,
+                argument_gib=m.argument_size_in_bytes * gib, output_gib=m.output_size_in_bytes * gib,
+                temp_gib=m.temp_size_in_bytes * gib, alias_gib=m.alias_size_in_bytes * gib,
+                peak_gib=(m.argument_size_in_bytes + m.output_size_in_bytes
+                          + m.temp_size_in_bytes - m.alias_size_in_bytes) * gib)
+
+
 def run_ours(args, cfg, params, batches, xvec, lora_rank=None):
     """Our step on the batches: full fine-tuning, or with `lora_rank` LoRA adapters of rank
     lora_rank (alpha = rank) on every product, the base frozen in the compute dtype."""
@@ -187,6 +230,12 @@ def main():
                     help="also run ours with LoRA adapters of this rank (first, so that the "
                          "process's peak memory after it is LoRA's), then full fine-tuning")
     ap.add_argument("--layers", type=int, help="talker layers (default: the preset's)")
+    ap.add_argument("--skip-full", action="store_true",
+                    help="with --lora: run only the LoRA step (full fine-tuning of the preset "
+                         "may not fit this machine's memory)")
+    ap.add_argument("--memory-plan", action="store_true",
+                    help="with --lora: print XLA's memory plan of the LoRA and the full step "
+                         "(compiled on abstract arrays, nothing allocated, no step run) and exit")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
@@ -209,6 +258,12 @@ def main():
     examples = make_examples(cfg, n, seed=0)
     batches = [examples[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     results = []
+    if args.memory_plan:
+        plans = [memory_plan(args, cfg, batches, args.lora), memory_plan(args, cfg, batches)]
+        print(json.dumps(dict(preset=args.preset, layers=args.layers, batch_size=args.batch_size,
+                              plans=plans, date=datetime.datetime.now(
+                                  datetime.timezone.utc).isoformat(timespec="minutes")), indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.no_official:
             params, xvec = random_params(cfg), np.random.default_rng(1).standard_normal(
@@ -217,7 +272,8 @@ def main():
             params, xvec, model, torch_batches = official_setup(conf, cfg, batches, tmp)
         if args.lora:
             results.append(run_ours(args, cfg, params, batches, xvec, args.lora))
-        results.append(run_ours(args, cfg, params, batches, xvec))
+        if not (args.lora and args.skip_full):
+            results.append(run_ours(args, cfg, params, batches, xvec))
         del params
         if not args.no_official:
             results.append(run_official(args, model, torch_batches))

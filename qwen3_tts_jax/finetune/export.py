@@ -2,10 +2,12 @@
 
     OUTPUT/checkpoint-epoch-N/
       config.json          the Base config with tts_model_type "custom_voice",
-                           talker_config.spk_id = {NAME: 3000}, spk_is_dialect = {NAME: false}
+                           talker_config.spk_id = {NAME: 3000, ...} (several speakers: the lowest
+                           free ids from 3000; a CustomVoice start keeps its own speakers),
+                           spk_is_dialect = {NAME: false, ...}
       model.safetensors    every talker.* tensor of the Base checkpoint, trained, in its original
-                           dtype and key names; no speaker_encoder.*; codec_embedding row 3000 =
-                           the speaker's x-vector
+                           dtype and key names; no speaker_encoder.*; codec_embedding row of
+                           each speaker = its x-vector
       ...                  everything else of the Base folder, copied (tokenizer, speech_tokenizer/,
                            generation_config.json, ...)
 
