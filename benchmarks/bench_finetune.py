@@ -5,6 +5,12 @@ computation (qwen-tts 0.1.1 modules driven like finetuning/sft_12hz.py, tests/te
 
     python benchmarks/bench_finetune.py                      # CPU, preset "small", both
     python benchmarks/bench_finetune.py --no-official --preset 0b6 --batch-size 8 --json out.json
+    python benchmarks/bench_finetune.py --no-official --preset 0b6 --lora 8 --memory-plan
+    python benchmarks/bench_finetune.py --no-official --preset 0b6 --batch-size 1 --lora 8 --skip-full
+
+`--lora RANK` runs our step with LoRA adapters (lora.py, alpha = rank, every product) first, then
+full fine-tuning (`--skip-full`: LoRA only); `--memory-plan` prints XLA's memory plan of both
+compiled steps without allocating or running them; `--layers N` overrides the talker depth.
 
 Backend: JAX's default (a GPU when jax[cuda] sees one; `--device cpu|gpu` forces). Ours runs bf16
 compute with f32 master weights on accelerators, f32 on CPU (the trainer's defaults; `--dtype`

@@ -189,3 +189,14 @@ def test_custom_voice_start_keeps_its_speakers(run, tmp_path):
     after = load_file(os.path.join(out, "model.safetensors"))["talker.model.codec_embedding.weight"]
     np.testing.assert_array_equal(after[3000:3002], before[3000:3002])
     assert not np.array_equal(after[3002], before[3002])
+
+
+def test_eval_fraction_holds_out_lines_chosen_by_the_seed():
+    from qwen3_tts_jax.finetune import train
+
+    ex = list(range(10))
+    tr, held = train._split(ex, 0.2, seed=0)
+    assert len(held) == 2 and sorted(tr + held) == ex and not set(tr) & set(held)
+    assert train._split(ex, 0.2, seed=0) == (tr, held) and train._split(ex, 0.2, seed=1) != (tr, held)
+    with pytest.raises(ValueError, match="must leave examples on both sides"):
+        train._split([1], 0.5, seed=0)

@@ -62,11 +62,27 @@ def test_lora_loss_falls_and_only_adapters_are_saved(run):
         f.startswith("model") for f in os.listdir(run["adapter"]))
 
 
+def _scaled_adapter(src, dst, factor):
+    """A copy of the adapter at `src` with every B multiplied by `factor` (same base, same
+    speakers): 0 gives the base model with the speaker rows only; a large factor makes the
+    adapter's effect on greedy codes certain on this tiny model."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    t = load_file(os.path.join(src, lora.ADAPTER_FILE))
+    t = {k: (v * np.float32(factor) if k.endswith(".B") else v) for k, v in t.items()}
+    save_file(t, os.path.join(dst, lora.ADAPTER_FILE))
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
 def merged(run):
+    """merge-adapter of the trained adapter with its B scaled x30 (the trained one moves the
+    greedy codes of this tiny model too little to tell a merge from none)."""
+    amp = _scaled_adapter(run["adapter"], run["tmp"] / "amp", 30.0)
     out = str(run["tmp"] / "merged")
-    assert main(["merge-adapter", run["folder"], run["adapter"], out]) == 0
-    return out
+    assert main(["merge-adapter", run["folder"], amp, out]) == 0
+    return dict(path=out, adapter=amp)
 
 
 def test_merge_is_exact_in_f32(run, merged):
@@ -74,8 +90,8 @@ def test_merge_is_exact_in_f32(run, merged):
     from safetensors.numpy import load_file
 
     base = load_file(os.path.join(run["folder"], "model.safetensors"))
-    got = load_file(os.path.join(merged, "model.safetensors"))
-    ad = load_file(os.path.join(run["adapter"], lora.ADAPTER_FILE))
+    got = load_file(os.path.join(merged["path"], "model.safetensors"))
+    ad = load_file(os.path.join(merged["adapter"], lora.ADAPTER_FILE))
     names = {"talker": "talker.model.layers.{i}.", "code_predictor":
              "talker.code_predictor.model.layers.{i}."}
     official = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -97,7 +113,7 @@ def test_merge_is_exact_in_f32(run, merged):
     same = [k for k in base if k.startswith("talker.") and "layers" not in k
             and "codec_embedding.weight" not in k]
     assert same and all(np.array_equal(got[k], base[k]) for k in same)
-    conf = json.load(open(os.path.join(merged, "config.json")))
+    conf = json.load(open(os.path.join(merged["path"], "config.json")))
     assert conf["tts_model_type"] == "custom_voice" and conf["talker_config"]["spk_id"] == {NAME: 3000}
 
 
@@ -107,19 +123,24 @@ def test_merged_checkpoint_same_codes_as_adapter_at_load_and_official(run, merge
     from official import load_official
     from qwen3_tts_jax import Qwen3TTS
 
-    at_load = Qwen3TTS.from_pretrained(run["folder"], adapters=[run["adapter"]])
-    ours = Qwen3TTS.from_pretrained(merged)
+    at_load = Qwen3TTS.from_pretrained(run["folder"], adapters=[merged["adapter"]])
+    ours = Qwen3TTS.from_pretrained(merged["path"])
     assert at_load.get_supported_speakers() == ours.get_supported_speakers() == [NAME]
     kw = dict(text=["Hello world.", "Speak slowly."], speaker=[NAME, NAME],
               language=["auto", "english"], max_new_tokens=12)
     a = at_load.generate_custom_voice_codes(**kw, **GREEDY)
     b = ours.generate_custom_voice_codes(**kw, **GREEDY)
     with torch.no_grad():
-        ref = official_codes(load_official(merged), "custom_voice", **kw, **GREEDY)
+        ref = official_codes(load_official(merged["path"]), "custom_voice", **kw, **GREEDY)
     assert len(a) == len(b) == len(ref) == 2
     for x, y, r in zip(a, b, ref):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(y, r)
+    # the adapter matters: the same speaker rows without it (B = 0) give other codes
+    none = _scaled_adapter(run["adapter"], run["tmp"] / "zero", 0.0)
+    c = Qwen3TTS.from_pretrained(run["folder"], adapters=[none]).generate_custom_voice_codes(
+        **kw, **GREEDY)
+    assert any(x.shape != z.shape or not np.array_equal(x, z) for x, z in zip(a, c))
 
 
 def test_bad_adapters_are_refused(run, make_checkpoint, tmp_path, capsys):
