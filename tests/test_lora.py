@@ -177,3 +177,13 @@ def test_resumed_lora_run_equals_uninterrupted(run):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     with pytest.raises(ValueError, match="other settings"):
         finetune(run["folder"], run["jsonl"], out, NAME, **dict(TRAIN, lora_rank=2))
+
+
+def test_cli_adapter_flag(run, make_checkpoint, capsys):
+    assert main(["custom-voice", "--model", run["folder"], "--adapter", run["adapter"],
+                 "--list-speakers"]) == 0
+    assert capsys.readouterr().out.split() == [NAME]
+    with pytest.raises(SystemExit) as e:
+        main(["custom-voice", "--model", make_checkpoint("cv_identity_0b6"), "--adapter",
+              run["adapter"], "--list-speakers"])
+    assert e.value.code == 2 and "another base checkpoint" in capsys.readouterr().err
