@@ -5,6 +5,12 @@ computation (qwen-tts 0.1.1 modules driven like finetuning/sft_12hz.py, tests/te
 
     python benchmarks/bench_finetune.py                      # CPU, preset "small", both
     python benchmarks/bench_finetune.py --no-official --preset 0b6 --batch-size 8 --json out.json
+    python benchmarks/bench_finetune.py --no-official --preset 0b6 --lora 8 --memory-plan
+    python benchmarks/bench_finetune.py --no-official --preset 0b6 --batch-size 1 --lora 8 --skip-full
+
+`--lora RANK` runs our step with LoRA adapters (lora.py, alpha = rank, every product) first, then
+full fine-tuning (`--skip-full`: LoRA only); `--memory-plan` prints XLA's memory plan of both
+compiled steps without allocating or running them; `--layers N` overrides the talker depth.
 
 Backend: JAX's default (a GPU when jax[cuda] sees one; `--device cpu|gpu` forces). Ours runs bf16
 compute with f32 master weights on accelerators, f32 on CPU (the trainer's defaults; `--dtype`
@@ -73,18 +79,80 @@ def make_examples(cfg, n: int, seed: int):
                     "ref") for i in range(n)]
 
 
-def run_ours(args, cfg, params, batches, xvec):
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_plan(args, cfg, batches, lora_rank=None):
+    """XLA's buffer assignment for our compiled step (no weights allocated: the step is lowered on
+    abstract arrays): argument, output, temporary and aliased bytes, and the peak they imply
+    (arguments + outputs + temporaries - aliased, i.e. donated). Full fine-tuning, or LoRA."""
     import jax
     import jax.numpy as jnp
 
+    from qwen3_tts_jax import checkpoint, lora, weights
+    from qwen3_tts_jax.finetune import data, train
+
+    dtype = train.resolve_dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype))
+    shapes = {k: s for k, s in checkpoint.fast_expected_shapes(cfg).items()
+              if not k.startswith("speaker_encoder/")}
+    params = weights.nest({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+    extra = ()
+    if lora_rank:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype,
+                                     lora_scale=1.0)
+        extra = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), params),)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                              lora.init_adapters(params, lora_rank, tuple(lora.TARGETS)))
+    else:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype)
+    state = jax.eval_shape(lambda p: train.init_opt_state(train.make_optimizer(), p), params)
+    length = max(len(e.text_ids) + len(e.codes) for b in batches for e in b) + 8
+    frames = max(len(e.codes) for b in batches for e in b)
+    host = data.pad_to(data.collate(batches[0], cfg, {"ref": np.zeros(cfg.talker.hidden_size,
+                                                                       np.float32)}),
+                       length=data.ladder(length), frames=data.ladder(frames))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+    batch["flush"] = jax.ShapeDtypeStruct((), np.bool_)
+    t0 = time.perf_counter()
+    m = step.lower(params, state, batch, jax.random.key(0), *extra).compile().memory_analysis()
+    gib = 1 / 2**30
+    trained = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    return dict(impl=f"ours (JAX), LoRA rank {lora_rank}" if lora_rank else "ours (JAX), full",
+                dtype=str(dtype), trained_params=trained, compile_s=time.perf_counter() - t0,
+                argument_gib=m.argument_size_in_bytes * gib, output_gib=m.output_size_in_bytes * gib,
+                temp_gib=m.temp_size_in_bytes * gib, alias_gib=m.alias_size_in_bytes * gib,
+                peak_gib=(m.argument_size_in_bytes + m.output_size_in_bytes
+                          + m.temp_size_in_bytes - m.alias_size_in_bytes) * gib)
+
+
+def run_ours(args, cfg, params, batches, xvec, lora_rank=None):
+    """Our step on the batches: full fine-tuning, or with `lora_rank` LoRA adapters of rank
+    lora_rank (alpha = rank) on every product, the base frozen in the compute dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3_tts_jax import lora
     from qwen3_tts_jax.finetune import data, train
     from qwen3_tts_jax.sharding import data_sharding
 
+    rss0 = _peak_rss_mib()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
-    step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype)
     batch_sh, repl = data_sharding()
+    extra = ()
+    if lora_rank:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype,
+                                     lora_scale=1.0)
+        extra = (jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, train.resolve_dtype(dtype)),
+                                             params), repl),)
+        params = lora.init_adapters(params, lora_rank, tuple(lora.TARGETS))
+    else:
+        step = train.make_train_step(cfg, 2e-5, accum_steps=args.accum, compute_dtype=dtype)
     params = jax.device_put(params, repl)
     state = jax.device_put(train.init_opt_state(train.make_optimizer(), params), repl)
+    trained = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     devices = len(jax.local_devices())
     rows = -(-args.batch_size // devices) * devices
     length = max(len(e.text_ids) + len(e.codes) for b in batches for e in b) + 8
@@ -97,14 +165,16 @@ def run_ours(args, cfg, params, batches, xvec):
         t0 = time.perf_counter()
         batch = jax.device_put(h, batch_sh)
         batch["flush"] = jax.device_put(np.bool_(False), repl)
-        params, state, m = step(params, state, batch, jax.random.key(0))
+        params, state, m = step(params, state, batch, jax.random.key(0), *extra)
         losses.append(float(m["loss"]))             # waits for the step
         times.append(time.perf_counter() - t0)
         if i == 0:
             first = time.perf_counter() - t_first
     timed = times[args.warmup:]
     n_frames = sum(data.batch_frames(h) for h in host[args.warmup:])
-    return dict(impl="ours (JAX)", device=f"{jax.devices()[0].device_kind} x{devices}",
+    return dict(impl=f"ours (JAX), LoRA rank {lora_rank}" if lora_rank else "ours (JAX)",
+                trained_params=trained, peak_rss_mib=_peak_rss_mib(), rss_before_mib=rss0,
+                device=f"{jax.devices()[0].device_kind} x{devices}",
                 dtype=str(jnp.dtype(dtype or (jnp.float32 if jax.default_backend() == "cpu"
                                               else jnp.bfloat16))),
                 frames_per_s=n_frames / sum(timed), step_s=float(np.median(timed)),
@@ -162,6 +232,16 @@ def main():
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--official-device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: the official in bf16 weights + autocast, as sft_12hz.py runs")
+    ap.add_argument("--lora", type=int, metavar="RANK",
+                    help="also run ours with LoRA adapters of this rank (first, so that the "
+                         "process's peak memory after it is LoRA's), then full fine-tuning")
+    ap.add_argument("--layers", type=int, help="talker layers (default: the preset's)")
+    ap.add_argument("--skip-full", action="store_true",
+                    help="with --lora: run only the LoRA step (full fine-tuning of the preset "
+                         "may not fit this machine's memory)")
+    ap.add_argument("--memory-plan", action="store_true",
+                    help="with --lora: print XLA's memory plan of the LoRA and the full step "
+                         "(compiled on abstract arrays, nothing allocated, no step run) and exit")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
@@ -177,18 +257,29 @@ def main():
     if jax.default_backend() == "cpu":
         jax.config.update("jax_default_matmul_precision", "float32")
     conf = model_config(args.preset)
+    if args.layers:
+        conf["talker_config"]["num_hidden_layers"] = args.layers
     cfg = parse_config(conf)
     n = args.batch_size * (args.warmup + args.steps)
     examples = make_examples(cfg, n, seed=0)
     batches = [examples[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     results = []
+    if args.memory_plan:
+        plans = [memory_plan(args, cfg, batches, args.lora), memory_plan(args, cfg, batches)]
+        print(json.dumps(dict(preset=args.preset, layers=args.layers, batch_size=args.batch_size,
+                              plans=plans, date=datetime.datetime.now(
+                                  datetime.timezone.utc).isoformat(timespec="minutes")), indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.no_official:
             params, xvec = random_params(cfg), np.random.default_rng(1).standard_normal(
                 cfg.talker.hidden_size).astype(np.float32) * 0.1
         else:
             params, xvec, model, torch_batches = official_setup(conf, cfg, batches, tmp)
-        results.append(run_ours(args, cfg, params, batches, xvec))
+        if args.lora:
+            results.append(run_ours(args, cfg, params, batches, xvec, args.lora))
+        if not (args.lora and args.skip_full):
+            results.append(run_ours(args, cfg, params, batches, xvec))
         del params
         if not args.no_official:
             results.append(run_official(args, model, torch_batches))
@@ -270,10 +361,10 @@ def report(args, results, load0, load1):
                steps=args.steps, warmup=args.warmup, date=now.isoformat(timespec="minutes"),
                cpu=cpu, cpus=os.cpu_count(), versions=versions, load_start=load0, load_end=load1,
                results=results)
-    if len(results) == 2:
-        l_ours, l_off = results[0]["losses"][0], results[1]["losses"][0]
+    if not args.no_official:
+        l_ours, l_off = results[-2]["losses"][0], results[-1]["losses"][0]
         out["first_loss_rel_diff"] = abs(l_ours - l_off) / abs(l_off)
-        out["speedup"] = results[0]["frames_per_s"] / results[1]["frames_per_s"]
+        out["speedup"] = results[-2]["frames_per_s"] / results[-1]["frames_per_s"]
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:
@@ -283,18 +374,22 @@ def report(args, results, load0, load1):
     lines = [f"\n## Fine-tuning throughput, preset {args.preset}, batch {args.batch_size}, "
              f"accumulation {args.accum} ({now:%Y-%m-%d %H:%M} UTC)\n",
              f"`python benchmarks/bench_finetune.py --preset {args.preset} --batch-size "
-             f"{args.batch_size} --accum {args.accum} --steps {args.steps}"
+             f"{args.batch_size} --accum {args.accum} --steps {args.steps} --warmup "
+             f"{args.warmup}" + (f" --layers {args.layers}" if args.layers else "")
+             + (f" --lora {args.lora}" if args.lora else "")
              + (" --no-official" if args.no_official else "") + "`: random weights, random "
              "codes of 38-62 frames (3-5 s) and 23-33 text tokens per example, one shape bucket; "
              f"{args.steps} timed micro-batches after {args.warmup} warm-up ones.",
              f"{cpu}, {os.cpu_count()} CPUs; {versions}. Load average (1/5/15 min) at start "
              f"{'/'.join(f'{x:.2f}' for x in load0)}, at end {'/'.join(f'{x:.2f}' for x in load1)}.",
-             "", "| implementation | device | dtype | frames/s | median step s | first step s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "", "| implementation | device | dtype | frames/s | median step s | first step s | "
+             "trained params | peak RSS MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['impl']} | {r['device']} | {r['dtype']} | {r['frames_per_s']:.1f} | "
-                     f"{r['step_s']:.3f} | {r['first_step_s']:.2f} |")
-    if len(results) == 2:
+                     f"{r['step_s']:.3f} | {r['first_step_s']:.2f} | "
+                     f"{r.get('trained_params', '')} | {r.get('peak_rss_mib', 0):.0f} |")
+    if not args.no_official:
         lines.append(f"\n- ours / official: **{out['speedup']:.2f}x** frames/s; first-step loss "
                      f"relative difference {out['first_loss_rel_diff']:.1e} (same weights and "
                      "batches). Ours' first step includes XLA compilation.")

@@ -60,7 +60,7 @@ class Qwen3TTS:
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
                         quantize: str | None = None,
-                        options: Options | None = None) -> "Qwen3TTS":
+                        options: Options | None = None, adapters=None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -76,24 +76,40 @@ class Qwen3TTS:
         "data" axis. Same codes as one device (tests/test_batch.py).
 
         `options`: the static kernel and layout choices of generation (`options.Options`; None:
-        `Options.for_backend()` for the weights' dtype), used by every call on this model."""
+        `Options.for_backend()` for the weights' dtype), used by every call on this model.
+
+        `adapters`: LoRA adapter folders (`finetune --lora`) merged into the weights at load, in
+        float32, before packing and quantization (`lora.merge`); their speakers make the model a
+        CustomVoice one, like `qwen3-tts-jax merge-adapter` would."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
+
+        def load(dtype):
+            nonlocal cfg
+            if not adapters:
+                return checkpoint.load_params(folder, cfg, dtype)
+            import jax.numpy as jnp
+
+            from . import lora
+            params, cfg = lora.merge(checkpoint.load_params(folder, cfg, jnp.float32), cfg,
+                                     folder, adapters, dtype or checkpoint.default_dtype())
+            return params
+
         if model_parallel > 1:
             from .sharding import model_sharding
 
             dtype = dtype or checkpoint.default_dtype()
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 params = checkpoint.pack_for_inference(
-                    checkpoint.load_params(folder, cfg, dtype), consume=True, quantize=quantize,
+                    load(dtype), consume=True, quantize=quantize,
                     options=options)
             params = jax.device_put(params, model_sharding(params, model_parallel))
         else:
-            params = checkpoint.pack_for_inference(checkpoint.load_params(folder, cfg, dtype),
+            params = checkpoint.pack_for_inference(load(dtype),
                                                    consume=True, quantize=quantize,
                                                    options=options)
         tok = text_mod.TextTokenizer.from_dir(folder)

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="store the transformers' decoder weights as int8 with a scale per "
                           "column: a quarter of the float32 bytes, 3x the CPU's batch-1 "
                           "speed, not the exact official codes (default: the weights as they are)")
+    src.add_argument("--adapter", action="append", metavar="FOLDER",
+                     help="a LoRA adapter (finetune --lora) merged into --model at load; "
+                          "repeat for several")
     src.add_argument("--model-parallel", type=int, default=1, metavar="M",
                      help="split the weights over M local devices (tensor parallel; the other "
                           "devices factor split the batch)")
@@ -446,7 +449,7 @@ def _main(args) -> int:
 
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel,
-                                       quantize=args.quantize)
+                                       quantize=args.quantize, adapters=args.adapter)
         if not listing:
             _ = tts.speech_tokenizer   # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:

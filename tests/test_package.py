@@ -18,10 +18,11 @@ LAYERS = {
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
     1: {"text", "prompts", "settings", "voice", "audio"},                          # requests
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
-        "codec", "codec.tokenizer"},
+        "codec", "codec.tokenizer", "lora"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine",
-        "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train"},
+        "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train",
+        "finetune.plot"},
 }
 LAYER_OF = {m: n for n, ms in LAYERS.items() for m in ms}
 NAMES = {0: "core", 1: "requests", 2: "runtime", 3: "front doors"}

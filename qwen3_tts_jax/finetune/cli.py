@@ -40,7 +40,9 @@ def add_parser(sub, common) -> None:
     ft.add_argument("--init-model", required=True, help="Base checkpoint folder or hub id")
     ft.add_argument("--train-jsonl", required=True, help="JSONL with audio_codes (prepare-data)")
     ft.add_argument("--output", required=True, help="output folder")
-    ft.add_argument("--speaker-name", required=True, help="name of the new speaker")
+    ft.add_argument("--speaker-name",
+                    help="name of the new speaker: the speaker of every line without a "
+                         "\"speaker\" key (required unless every line has one)")
     ft.add_argument("--batch-size", type=int, default=2, help="examples per micro-batch (2)")
     ft.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (2e-5)")
     ft.add_argument("--epochs", type=int, default=3, help="epochs (3)")
@@ -62,8 +64,49 @@ def add_parser(sub, common) -> None:
                          "program (default: per-batch shape buckets, less padding)")
     ft.add_argument("--no-compile-cache", action="store_true",
                     help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla")
+    ms = ft.add_argument_group("several speakers (a line's \"speaker\" key)")
+    ms.add_argument("--speaker-balance", action=argparse.BooleanOptionalAction, default=True,
+                    help="give every speaker an equal share of each epoch, repeating the lines "
+                         "of a speaker with few (default: on)")
+    ms.add_argument("--replace-speaker", action="store_true",
+                    help="starting from a CustomVoice checkpoint: retrain a speaker it already "
+                         "has (default: an existing name is an error)")
+    ms.add_argument("--speaker-encoder", metavar="BASE",
+                    help="starting from a CustomVoice checkpoint (--init-model): a Base "
+                         "checkpoint of the same size whose speaker encoder makes the x-vectors")
+    lo = ft.add_argument_group("LoRA adapters (instead of full fine-tuning)")
+    lo.add_argument("--lora", type=int, metavar="RANK",
+                    help="train rank-RANK adapters only (the base stays frozen); each epoch "
+                         "writes an adapter folder (adapter.safetensors + adapter_config.json) "
+                         "for --adapter or merge-adapter")
+    lo.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (alpha "
+                                                     "default: the rank)")
+    lo.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                    help="adapted products of every talker and code predictor layer "
+                         "(default: q,k,v,o,gate,up,down)")
+    ev = ft.add_argument_group("evaluation")
+    evx = ev.add_mutually_exclusive_group()
+    evx.add_argument("--eval-jsonl", help="held-out JSONL (with audio_codes): its loss after "
+                                          "each epoch")
+    evx.add_argument("--eval-fraction", type=float,
+                     help="hold out this fraction of the training lines (chosen by --seed)")
+    ev.add_argument("--best", action="store_true",
+                    help="keep OUTPUT/checkpoint-best: the epoch with the lowest eval loss")
+    ev.add_argument("--plot", action="store_true",
+                    help="draw OUTPUT/metrics.jsonl (loss per step, eval loss per epoch) to "
+                         "OUTPUT/loss.png at the end")
     ft.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     ft.set_defaults(run=run_finetune)
+
+    mg = sub.add_parser(
+        "merge-adapter", help="merge a LoRA adapter into its base: a full checkpoint",
+        description="Write BASE with the adapter merged (float32 arithmetic, rounded once to "
+                    "each tensor's dtype) and its speakers added, as a CustomVoice checkpoint "
+                    "in the official layout (the official qwen-tts loads it).")
+    mg.add_argument("base", help="the base checkpoint the adapter was trained on")
+    mg.add_argument("adapter", nargs="+", help="adapter folder(s) (finetune --lora output)")
+    mg.add_argument("out", help="output checkpoint folder")
+    mg.set_defaults(run=run_merge)
 
 
 def _errors_as_messages(fn):
@@ -114,9 +157,29 @@ def run_finetune(args: argparse.Namespace) -> int:
                    accum_steps=args.grad_accum, weight_decay=args.weight_decay,
                    max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
                    compute_dtype=dtype, remat=remat, progress=not args.quiet,
-                   fixed_shapes=args.fixed_shapes)
+                   fixed_shapes=args.fixed_shapes, speaker_balance=args.speaker_balance,
+                   replace_speaker=args.replace_speaker, speaker_encoder=args.speaker_encoder,
+                   lora_rank=args.lora, lora_alpha=args.lora_alpha,
+                   lora_targets=args.lora_targets, eval_jsonl=args.eval_jsonl,
+                   eval_fraction=args.eval_fraction, best=args.best)
+    if args.plot:
+        import os
+
+        from .plot import plot_metrics
+
+        print("plot:", plot_metrics(os.path.join(args.output, "metrics.jsonl"),
+                                    os.path.join(args.output, "loss.png")))
     fps = res["frames_per_second"]
     print(f"done: {res['steps']} batch(es) this run"
           + (f", {fps:.1f} frames/s" if fps else "") + "; checkpoints: "
           + (", ".join(res["checkpoints"]) or "none new"))
+    return 0
+
+
+@_errors_as_messages
+def run_merge(args: argparse.Namespace) -> int:
+    from .export import merge_adapters
+
+    out = merge_adapters(args.base, args.adapter, args.out)
+    print(f"wrote {out}")
     return 0

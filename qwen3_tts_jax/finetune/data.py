@@ -53,6 +53,7 @@ class Example:
     text_ids: np.ndarray       # (L,) int32: role tokens + text tokens
     codes: np.ndarray          # (F, 16) int32
     ref_audio: str
+    speaker: str | None = None  # the line's "speaker" (None: the run's --speaker-name)
 
 
 # ----------------------------------------------------------------------------- JSONL lines
@@ -91,6 +92,16 @@ def check_fields(d, required: Iterable[str]) -> str | None:
     for k in ("audio", "ref_audio"):
         if k in required and not (isinstance(d[k], str) and d[k].strip()):
             return f"{k!r} must be a path (a non-empty string), got {d[k]!r}"
+    if "speaker" in d and check_speaker_name(d["speaker"]):
+        return check_speaker_name(d["speaker"])
+    return None
+
+
+def check_speaker_name(name) -> str | None:
+    """Why `name` cannot be a speaker name (non-empty, printable, no spaces), or None."""
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name) \
+            or not name.isprintable():
+        return f"speaker name {name!r} must be non-empty, without spaces"
     return None
 
 
@@ -127,7 +138,8 @@ def load_examples(path: str, tokenizer) -> list[Example]:
         except ValueError as e:
             problems.append(f"line {i}: {e}")
             continue
-        out.append(Example(i, text_ids(tokenizer, d["text"]), codes, d["ref_audio"]))
+        spk = d["speaker"].lower() if "speaker" in d else None
+        out.append(Example(i, text_ids(tokenizer, d["text"]), codes, d["ref_audio"], spk))
     if problems:
         raise DataError(f"{path}: {len(problems)} unusable line(s):\n  " + "\n  ".join(problems)
                         + "\n(make the codes with `qwen3-tts-jax prepare-data` or the official "
@@ -164,6 +176,19 @@ def reference_xvectors(refs: Iterable[str], params, cfg, base: str = "."
         except (ValueError, OSError) as e:
             problems.append(f"ref_audio {ref!r}: {e}")
     return out, problems
+
+
+def speaker_xvectors(examples: list[Example], xvectors: dict[str, np.ndarray],
+                     default: str) -> dict[str, np.ndarray]:
+    """{speaker: its x-vector} in the order speakers first appear. The rule: a speaker's x-vector
+    is the float32 mean (np.mean, dtype float32) over the x-vectors of that speaker's DISTINCT
+    ref_audio files, each counted once however many lines name it (in the order they first
+    appear); lines without "speaker" belong to `default`."""
+    refs: dict[str, dict[str, None]] = {}
+    for e in examples:
+        refs.setdefault(e.speaker or default, {})[e.ref_audio] = None
+    return {s: np.mean(np.stack([np.asarray(xvectors[r], np.float32) for r in rs]), axis=0,
+                       dtype=np.float32) for s, rs in refs.items()}
 
 
 # ----------------------------------------------------------------------------- the batch

@@ -42,6 +42,7 @@ import optax
 
 from .. import code_predictor as cp_mod
 from .. import layers, talker
+from ..activations import ACTIVATIONS
 from ..buckets import ladder
 from ..sharding import data_sharding
 from ..config import Qwen3TTSConfig, TransformerConfig
@@ -53,28 +54,43 @@ SUB_TALKER_WEIGHT = 0.3
 
 # ----------------------------------------------------------------------------- forward + loss
 
-def _stack(p, x_BxTxD, pos_BxT, mask_BxTxT, cfg: TransformerConfig, remat: bool):
+def _stack(p, x_BxTxD, pos_BxT, mask_BxTxT, cfg: TransformerConfig, remat: bool,
+           lora_p=None, lora_scale: float = 1.0):
     """A full-sequence pass of a Qwen3 decoder stack (no KV cache), from layers.py's pieces.
+    `lora_p` ({"layers": [{target: {"a", "b"}}]}, lora.py): each adapted product x @ W becomes
+    x @ W + scale * (x @ A) @ B (W itself never changes: its gradient is not formed).
     Returns the final-norm hidden states."""
     cos_sin = layers.transformer_rope(pos_BxT, cfg, x_BxTxD.dtype)
     H, K, Dh, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
 
-    def layer(lp, x):
+    def layer(lp, ad, x):
         B, T, _ = x.shape
-        a = lp["attn"]
+        a, m = lp["attn"], lp["mlp"]
+
+        def mm(h, w, t):
+            y = h @ w
+            if t in ad:
+                y = y + ((h @ ad[t]["a"]) @ ad[t]["b"]) * jnp.asarray(lora_scale, y.dtype)
+            return y
+
         h = layers.rms_norm(lp["input_norm"], x, eps)
-        q = layers.rms_norm(a["q_norm"], (h @ a["q"]).reshape(B, T, H, Dh), eps)
-        k = layers.rms_norm(a["k_norm"], (h @ a["k"]).reshape(B, T, K, Dh), eps)
-        v = (h @ a["v"]).reshape(B, T, K, Dh)
+        q = layers.rms_norm(a["q_norm"], mm(h, a["q"], "q").reshape(B, T, H, Dh), eps)
+        k = layers.rms_norm(a["k_norm"], mm(h, a["k"], "k").reshape(B, T, K, Dh), eps)
+        v = mm(h, a["v"], "v").reshape(B, T, K, Dh)
         q, k = layers.apply_rope(q, *cos_sin), layers.apply_rope(k, *cos_sin)
         o = layers.dot_product_attention(q, k, v, mask_BxTxT)
-        x = x + o.reshape(B, T, H * Dh) @ a["o"]
-        return x + layers.mlp(lp["mlp"], layers.rms_norm(lp["post_norm"], x, eps), cfg.hidden_act)
+        x = x + mm(o.reshape(B, T, H * Dh), a["o"], "o")
+        h = layers.rms_norm(lp["post_norm"], x, eps)
+        if not ad:
+            return x + layers.mlp(m, h, cfg.hidden_act)
+        act = ACTIVATIONS[cfg.hidden_act]
+        return x + mm(act(mm(h, m["gate"], "gate")) * mm(h, m["up"], "up"), m["down"], "down")
 
     if remat:
         layer = jax.checkpoint(layer)
-    for lp in p["layers"]:
-        x_BxTxD = layer(lp, x_BxTxD)
+    ads = lora_p["layers"] if lora_p is not None else [{}] * len(p["layers"])
+    for lp, ad in zip(p["layers"], ads):
+        x_BxTxD = layer(lp, ad, x_BxTxD)
     return layers.rms_norm(p["norm"], x_BxTxD, eps)
 
 
@@ -104,18 +120,23 @@ def _embed_groups(cp, codes_BxTxG):
     return cp["codec_embedding"][jnp.arange(G), codes_BxTxG]
 
 
-def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat: bool = False):
+def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat: bool = False,
+            lora_p=None, lora_scale: float = 1.0):
     """(loss, metrics) of one batch (see the module docstring). params: {"talker",
-    "code_predictor"} (float32 master weights; cast to compute_dtype here)."""
+    "code_predictor"} (float32 master weights, or the frozen base in the compute dtype under
+    LoRA; cast to compute_dtype here). `lora_p`: adapters {"talker", "code_predictor"} (lora.py)
+    added to the products they target, with `lora_scale` = alpha / rank."""
     p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     tp, cp = p["talker"], p["code_predictor"]
+    lp = jax.tree.map(lambda a: a.astype(compute_dtype), lora_p) if lora_p is not None else None
+    lt, lc = (lp["talker"], lp["code_predictor"]) if lp is not None else (None, None)
     tc = cfg.talker
     x = input_embeddings(tp, cp, batch, compute_dtype, tc.hidden_act)
     B, T, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
     mask = causal[None] & (batch["attention_mask"] > 0)[:, None, :]
-    h = _stack(tp, x, pos, mask, tc, remat)                              # (B, T, D)
+    h = _stack(tp, x, pos, mask, tc, remat, lt, lora_scale)                            # (B, T, D)
 
     # Talker: the hidden state at p predicts code 0 (or EOS) at p + 1.
     logits = talker.logits(tp["codec_head"], h[:, :-1])                 # (B, T-1, V) f32
@@ -136,7 +157,7 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
     S = G + 1
     cmask = jnp.broadcast_to(jnp.arange(S)[None, :] <= jnp.arange(S)[:, None], (B * F, S, S))
     hc = _stack(cp, xs, jnp.broadcast_to(jnp.arange(S), (B * F, S)), cmask, tc.code_predictor,
-                remat)
+                remat, lc, lora_scale)
     sub_logits = jnp.einsum("ngd,gdv->ngv", hc[:, 1:], cp["lm_head"][:G],
                             preferred_element_type=jnp.float32)          # (N, 15, 2048)
     sub_valid = jnp.broadcast_to(valid.reshape(B * F, 1), (B * F, G))
@@ -145,7 +166,7 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
 
     loss = talker_loss + SUB_TALKER_WEIGHT * sub_loss
     return loss, {"loss": loss, "talker_loss": talker_loss, "sub_talker_loss": sub_loss,
-                  "frames": jnp.sum(valid)}
+                  "frames": jnp.sum(valid), "talker_count": t_count, "sub_talker_count": s_count}
 
 
 # ----------------------------------------------------------------------------- optimizer + step
@@ -190,19 +211,25 @@ def init_opt_state(optimizer, params) -> AccumState:
                       jnp.zeros((), jnp.int32))
 
 
-def train_step(params, opt_state: AccumState, batch, rng, *, cfg: Qwen3TTSConfig,
+def train_step(params, opt_state: AccumState, batch, rng, frozen=None, *, cfg: Qwen3TTSConfig,
                optimizer: optax.GradientTransformation, accum_steps: int = 4,
-               compute_dtype=jnp.float32, remat: bool = False):
+               compute_dtype=jnp.float32, remat: bool = False, lora_scale: float = 1.0):
     """One micro-batch: gradients of `loss_fn`, accumulated; every `accum_steps`-th call (or when
     batch["flush"] is true: the epoch's last batch) clips, applies AdamW and clears the sum.
+    With `frozen` (LoRA): `params` are the adapters (lora.py) and `frozen` the base weights,
+    which are inputs only (no gradient, no optimizer state).
 
-    Pure: (params, opt_state, batch, rng) -> (params, opt_state, metrics). `rng` is accepted for
-    the standard signature; the official computation has no randomness (no dropout)."""
+    Pure: (params, opt_state, batch, rng[, frozen]) -> (params, opt_state, metrics). `rng` is
+    accepted for the standard signature; the official computation has no randomness (no dropout)."""
     del rng
     flush = batch["flush"]
     batch = {k: v for k, v in batch.items() if k != "flush"}
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, cfg, compute_dtype, remat)
+    if frozen is None:
+        objective = lambda p: loss_fn(p, batch, cfg, compute_dtype, remat)  # noqa: E731
+    else:
+        objective = lambda ad: loss_fn(frozen, batch, cfg, compute_dtype, remat,  # noqa: E731
+                                       ad, lora_scale)
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) / accum_steps, opt_state.grads, grads)
     micro = opt_state.micro + 1
     apply = (micro >= accum_steps) | flush
@@ -222,25 +249,49 @@ def train_step(params, opt_state: AccumState, batch, rng, *, cfg: Qwen3TTSConfig
 
 def make_train_step(cfg: Qwen3TTSConfig, lr: float = 2e-5, weight_decay: float = 0.01,
                     max_grad_norm: float = 1.0, accum_steps: int = 4, compute_dtype=None,
-                    remat: bool | None = None):
+                    remat: bool | None = None, lora_scale: float | None = None):
     """`train_step` with `make_optimizer(lr, weight_decay, max_grad_norm)`, jitted with its static
     settings bound and params / opt_state donated; one jitted function per distinct setting (so a
     resumed run in the same process reuses the compiled programs). compute_dtype defaults to
     bfloat16 on accelerators and float32 on CPU; remat (recompute each layer in the backward pass:
-    less memory) defaults to on for accelerators."""
+    less memory) defaults to on for accelerators. `lora_scale` (alpha / rank) for LoRA steps,
+    which take the frozen base as a fifth argument."""
     on_cpu = jax.default_backend() == "cpu"
-    compute_dtype = jnp.dtype(compute_dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
+    compute_dtype = resolve_dtype(compute_dtype)
     remat = (not on_cpu) if remat is None else bool(remat)
     return _jitted_step(cfg, float(lr), float(weight_decay), float(max_grad_norm),
-                        int(accum_steps), compute_dtype, remat)
+                        int(accum_steps), compute_dtype, remat,
+                        None if lora_scale is None else float(lora_scale))
+
+
+def resolve_dtype(compute_dtype=None):
+    on_cpu = jax.default_backend() == "cpu"
+    return jnp.dtype(compute_dtype or (jnp.float32 if on_cpu else jnp.bfloat16))
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat):
+def _jitted_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat,
+                 lora_scale=None):
     fn = functools.partial(train_step, cfg=cfg,
                            optimizer=make_optimizer(lr, weight_decay, max_grad_norm),
-                           accum_steps=accum_steps, compute_dtype=compute_dtype, remat=remat)
+                           accum_steps=accum_steps, compute_dtype=compute_dtype, remat=remat,
+                           lora_scale=1.0 if lora_scale is None else lora_scale)
     return jax.jit(fn, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_eval(cfg, compute_dtype, lora_scale=None):
+    """(params, batch, frozen) -> the loss terms' sums and counts of one batch (no gradient)."""
+    def fn(params, batch, frozen=None):
+        if frozen is None:
+            _, m = loss_fn(params, batch, cfg, compute_dtype)
+        else:
+            _, m = loss_fn(frozen, batch, cfg, compute_dtype, False, params, lora_scale)
+        return {"talker_sum": m["talker_loss"] * m["talker_count"],
+                "talker_count": m["talker_count"],
+                "sub_talker_sum": m["sub_talker_loss"] * m["sub_talker_count"],
+                "sub_talker_count": m["sub_talker_count"]}
+    return jax.jit(fn)
 
 
 def trainable(params) -> dict:
@@ -291,104 +342,255 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
+def balanced_order(speakers: list[str], seed: int, epoch: int) -> np.ndarray:
+    """An epoch of len(speakers) examples in which every speaker has an equal share (the first
+    n % S speakers in order of appearance one more): a speaker's share walks through its
+    examples in a fresh shuffled order each pass (repeating them when it has fewer lines than its
+    share, leaving some for a later epoch when it has more), then the epoch is shuffled. A pure
+    function of (speakers, seed, epoch); one speaker: `epoch_order`."""
+    names = list(dict.fromkeys(speakers))
+    n, S = len(speakers), len(names)
+    if S == 1:
+        return epoch_order(n, seed, epoch)
+    rng = np.random.default_rng([seed, epoch, S])
+    of = np.asarray([names.index(s) for s in speakers])
+    picks = []
+    for k in range(S):
+        group = np.flatnonzero(of == k)
+        share = n // S + (k < n % S)
+        passes = -(-share // len(group))
+        picks.append(np.concatenate([rng.permutation(group) for _ in range(passes)])[:share])
+    return rng.permutation(np.concatenate(picks))
+
+
+def _split(examples, fraction: float, seed: int):
+    """(train, held out): round(fraction x n) examples (at least 1) chosen by `seed`."""
+    n = len(examples)
+    k = max(1, int(round(fraction * n)))
+    if not 0 < fraction < 1 or k >= n:
+        raise ValueError(f"--eval-fraction {fraction} must leave examples on both sides "
+                         f"({n} example(s))")
+    held = set(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:k].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str | None,
              batch_size: int = 2, lr: float = 2e-5, epochs: int = 3, accum_steps: int = 4,
              weight_decay: float = 0.01, max_grad_norm: float = 1.0, seed: int = 0,
              save_every: int = 50, compute_dtype=None, remat: bool | None = None,
              progress: bool = True, log=print, max_steps: int | None = None,
-             fixed_shapes: bool = False) -> dict:
-    """Fine-tune a Base checkpoint on one speaker; writes OUTPUT/checkpoint-epoch-N (a CustomVoice
-    checkpoint, official layout) after each epoch and OUTPUT/resume/ (params + optimizer state)
-    every `save_every` optimizer steps and at each epoch end. Rerunning the same command after a
-    kill resumes from OUTPUT/resume. Every input problem is reported before training starts.
-    `max_steps` stops after that many micro-batches (for tests and benchmarks).
+             fixed_shapes: bool = False, speaker_balance: bool = True,
+             replace_speaker: bool = False, speaker_encoder: str | None = None,
+             lora_rank: int | None = None, lora_alpha: float | None = None,
+             lora_targets=None, eval_jsonl: str | None = None, eval_fraction: float | None = None,
+             best: bool = False) -> dict:
+    """Fine-tune a Base checkpoint (or a CustomVoice one, with `speaker_encoder`) on one or more
+    speakers; writes OUTPUT/checkpoint-epoch-N after each epoch (a CustomVoice checkpoint in the
+    official layout, or with `lora_rank` an adapter folder, lora.py) and OUTPUT/resume/ (params
+    + optimizer state) every `save_every` optimizer steps and at each epoch end. Rerunning the
+    same command after a kill resumes from OUTPUT/resume. Every input problem is reported before
+    training starts. `max_steps` stops after that many micro-batches (for tests and benchmarks).
+
+    Speakers: a line's "speaker" key, else `speaker_name`; each speaker's x-vector is the float32
+    mean over its distinct references (`data.speaker_xvectors`); with `speaker_balance` every
+    speaker has an equal share of each epoch (`balanced_order`).
+    LoRA (`lora_rank` >= 1): adapters of `lora_targets` (default all of lora.TARGETS) with scale
+    `lora_alpha` / rank (alpha default: the rank) are the only trained tensors; the base stays
+    frozen in the compute dtype.
+    Evaluation: `eval_jsonl` or a held-out `eval_fraction` of the training lines gives the
+    held-out loss (the same talker + 0.3 x sub-talker terms) after each epoch; with `best`,
+    OUTPUT/checkpoint-best is the checkpoint with the lowest one. OUTPUT/metrics.jsonl gets a line
+    per optimizer step and per evaluation.
     Shapes: each batch is padded to the shape buckets of its own longest example (`data.pad_to`;
     a few compiled programs, at most 1.5x padding), or with `fixed_shapes` to the dataset's
     longest (one program; more padding when lengths vary).
     Returns {"epochs", "steps" (this run), "losses" (per micro-batch), "checkpoints" (written by
-    this run), "frames_per_second" (steps that did not compile), "params" (trained, float32)}."""
+    this run), "frames_per_second" (steps that did not compile), "params" (trained, float32:
+    the adapters under LoRA), "eval_losses" ({epoch: loss}), "speakers" ({name: codec id})}."""
     from tqdm import tqdm
 
-    from .. import checkpoint
+    from .. import checkpoint, lora
+    from .. import speaker_encoder as spk_mod
+    from ..config import load_config
     from ..text import TextTokenizer
     from . import data, export
 
-    folder, cfg, speaker = export.check_base(init_model, speaker_name)
-    tok = TextTokenizer.from_dir(folder)
+    if best and not (eval_jsonl or eval_fraction):
+        raise ValueError("--best needs --eval-jsonl or --eval-fraction")
+    if lora_rank is not None and int(lora_rank) < 1:
+        raise lora.AdapterError(f"--lora rank must be >= 1, got {lora_rank}")
+    targets = lora.parse_targets(lora_targets or tuple(lora.TARGETS))
+    tok = TextTokenizer.from_dir(checkpoint.resolve(init_model))
     examples = data.load_examples(train_jsonl, tok)
+    if speaker_name is None:
+        unnamed = [e.line for e in examples if e.speaker is None]
+        if unnamed:
+            raise data.DataError(f"{train_jsonl}: line(s) {unnamed[:10]} have no \"speaker\" "
+                                 "and no --speaker-name was given")
+    folder, cfg, ids, enc_folder = export.check_init(
+        init_model, [e.speaker or speaker_name for e in examples], replace_speaker,
+        speaker_encoder)
+    default = speaker_name.lower() if speaker_name else None
+    eval_examples = []
+    if eval_jsonl:
+        eval_examples = data.load_examples(eval_jsonl, tok)
+    elif eval_fraction:
+        examples, eval_examples = _split(examples, eval_fraction, seed)
     full = checkpoint.load_params(folder, cfg, jnp.float32)
+    if "speaker_encoder" not in full:
+        full["speaker_encoder"] = spk_mod.load_params(enc_folder,
+                                                      load_config(enc_folder).speaker_encoder)
     base = os.path.dirname(os.path.abspath(train_jsonl))
-    xvecs, problems = data.reference_xvectors([e.ref_audio for e in examples],
-                                              full["speaker_encoder"], cfg.speaker_encoder, base)
+    enc_cfg = cfg.speaker_encoder or load_config(enc_folder).speaker_encoder
+    xvecs, problems = data.reference_xvectors([e.ref_audio for e in examples + eval_examples],
+                                              full["speaker_encoder"], enc_cfg, base)
     if problems:
         raise data.DataError(f"{train_jsonl}: unusable reference audio:\n  "
                              + "\n  ".join(problems))
-    # The speaker's x-vector in the exported checkpoint: the first example's reference (the
-    # official keeps that of the first row of the first shuffled batch; the same when every line
-    # has the same ref_audio, as the official README recommends).
-    speaker_xvec = xvecs[examples[0].ref_audio]
+    # Each speaker's exported x-vector: the float32 mean over its distinct references.
+    spk_x = data.speaker_xvectors(examples, xvecs, default)
+    rows = {name: (ids[name], spk_x[name]) for name in spk_x}
+    names_of = [e.speaker or default for e in examples]
 
     devices = len(jax.local_devices())
-    rows = -(-batch_size // devices) * devices
+    rows_per_batch = -(-batch_size // devices) * devices
     batch_sh, repl = data_sharding()
-    params = jax.device_put(trainable(full), repl)
+    dtype = resolve_dtype(compute_dtype)
+    use_lora = lora_rank is not None
+    alpha = float(lora_alpha if lora_alpha is not None else lora_rank or 1)
+    frozen, lora_scale = None, None
+    if use_lora:
+        base_sha = lora.base_hash(folder)
+        frozen = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, dtype), trainable(full)), repl)
+        params = jax.device_put(lora.init_adapters(full, int(lora_rank), targets, seed), repl)
+        lora_scale = lora.scale_of(lora_rank, alpha)
+    else:
+        params = jax.device_put(trainable(full), repl)
     del full
     optimizer = make_optimizer(lr, weight_decay, max_grad_norm)
     opt_state = jax.device_put(init_opt_state(optimizer, params), repl)
-    step = make_train_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat)
+    step = make_train_step(cfg, lr, weight_decay, max_grad_norm, accum_steps, compute_dtype, remat,
+                           lora_scale)
+    step_args = (frozen,) if use_lora else ()
 
+    os.makedirs(output, exist_ok=True)
     resume_dir = os.path.join(output, "resume")
+    log_file = os.path.join(output, "metrics.jsonl")
     settings = dict(train_jsonl=os.path.abspath(train_jsonl), examples=len(examples),
                     batch_size=batch_size, accum_steps=accum_steps, seed=seed, lr=lr,
-                    speaker=speaker, init_model=os.path.abspath(folder))
-    epoch, next_batch, opt_steps = 0, 0, 0
-    loaded = load_state(resume_dir, params, opt_state)
-    if loaded is not None:
-        params, opt_state, info = loaded
-        changed = {k: (info["settings"].get(k), v) for k, v in settings.items()
-                   if info["settings"].get(k) != v}
+                    speaker=default, init_model=os.path.abspath(folder))
+    # keys only when used: a resume state of a run made before they existed still matches
+    extra = dict(speakers=sorted(rows) if len(rows) > 1 else None,
+                 speaker_balance=speaker_balance if len(rows) > 1 else None,
+                 lora=[int(lora_rank), alpha, list(targets)] if use_lora else None,
+                 eval=[os.path.abspath(eval_jsonl) if eval_jsonl else None, eval_fraction,
+                       bool(best)] if eval_examples else None)
+    settings.update({k: v for k, v in extra.items() if v is not None})
+    epoch, next_batch, opt_steps, log_bytes = 0, 0, 0, 0
+    best_loss, best_epoch = None, None
+    if os.path.exists(os.path.join(resume_dir, "state.npz")):   # settings first, then arrays
+        with np.load(os.path.join(resume_dir, "state.npz")) as z:
+            saved = json.loads(str(z["info"]))["settings"]
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        changed.update({k: (v, None) for k, v in saved.items() if k not in settings})
         if changed:
             raise ValueError(f"{resume_dir} belongs to a run with other settings {changed}; use "
                              "another --output or delete it to start over")
+    loaded = load_state(resume_dir, params, opt_state)
+    if loaded is not None:
+        params, opt_state, info = loaded
         params, opt_state = jax.device_put(params, repl), jax.device_put(opt_state, repl)
         epoch, next_batch, opt_steps = info["epoch"], info["next_batch"], info["opt_steps"]
+        log_bytes = info.get("log_bytes", 0)
+        best_loss, best_epoch = info.get("best_loss"), info.get("best_epoch")
         log(f"resuming from {resume_dir}: epoch {epoch}, batch {next_batch}")
+    # the metrics log holds exactly the lines of the steps the saved state has seen
+    with open(log_file, "a+b") as f:
+        f.truncate(log_bytes)
+
+    def write_log(record: dict) -> None:
+        nonlocal log_bytes
+        with open(log_file, "ab") as f:
+            f.write((json.dumps(record) + "\n").encode())
+            log_bytes = f.tell()
 
     def state_info():
-        return dict(settings=settings, epoch=epoch, next_batch=next_batch, opt_steps=opt_steps)
+        return dict(settings=settings, epoch=epoch, next_batch=next_batch, opt_steps=opt_steps,
+                    log_bytes=log_bytes, best_loss=best_loss, best_epoch=best_epoch)
+
+    def order_of(ep):
+        if speaker_balance and len(rows) > 1:
+            return balanced_order(names_of, seed, ep)
+        return epoch_order(len(examples), seed, ep)
+
+    def export_epoch(path):
+        if use_lora:
+            return lora.save_adapter(path, jax.device_get(params), rank=int(lora_rank),
+                                     alpha=alpha, targets=targets, base_sha256=base_sha,
+                                     speakers=rows)
+        return export.export_checkpoint(folder, path, params, cfg, rows)
 
     n_batches = -(-len(examples) // batch_size)
     fixed = {}
     if fixed_shapes:
-        fixed = dict(length=ladder(max(len(e.text_ids) + len(e.codes) for e in examples) + 8),
-                     frames=ladder(max(len(e.codes) for e in examples)))
-    losses, ckpts, steps_done = [], [], 0
+        everything = examples + eval_examples
+        fixed = dict(length=ladder(max(len(e.text_ids) + len(e.codes) for e in everything) + 8),
+                     frames=ladder(max(len(e.codes) for e in everything)))
+
+    def evaluate():
+        ev = _jitted_eval(cfg, dtype, lora_scale)
+        tot = {"talker_sum": 0.0, "talker_count": 0, "sub_talker_sum": 0.0, "sub_talker_count": 0}
+        for i in range(0, len(eval_examples), batch_size):
+            host = data.pad_to(data.collate(eval_examples[i:i + batch_size], cfg, xvecs),
+                               rows=rows_per_batch, **fixed)
+            m = ev(params, jax.device_put(host, batch_sh), *step_args)
+            for k in tot:
+                tot[k] += float(m[k])
+        t = tot["talker_sum"] / max(tot["talker_count"], 1)
+        sub = tot["sub_talker_sum"] / max(tot["sub_talker_count"], 1)
+        return {"eval_loss": t + SUB_TALKER_WEIGHT * sub, "eval_talker_loss": t,
+                "eval_sub_talker_loss": sub}
+
+    losses, ckpts, steps_done, eval_losses = [], [], 0, {}
     # Throughput: codec frames / seconds of the steps that did not compile (a step with a new
     # shape compiles); checkpoint writing is not counted.
     frames_done, train_s, shapes_seen = 0, 0.0, set()
+    group = []            # the micro-batches of the optimizer step in progress (for the log)
     while epoch < epochs:
-        order = epoch_order(len(examples), seed, epoch)
+        order = order_of(epoch)
         bar = tqdm(total=n_batches, initial=next_batch, disable=not progress,
                    desc=f"epoch {epoch}", unit="batch")
         while next_batch < n_batches:
             idx = order[next_batch * batch_size:(next_batch + 1) * batch_size]
-            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs), rows=rows,
-                               **fixed)
+            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs),
+                               rows=rows_per_batch, **fixed)
             t_step = time.perf_counter()
             batch = jax.device_put(host, batch_sh)
             batch["flush"] = jax.device_put(np.bool_(next_batch == n_batches - 1), repl)
-            params, opt_state, m = step(params, opt_state, batch, jax.random.key(0))
+            params, opt_state, m = step(params, opt_state, batch, jax.random.key(0), *step_args)
             loss = float(m["loss"])                      # waits for the step
+            dt = time.perf_counter() - t_step
             shape = (host["input_ids"].shape, host["frame_valid"].shape)
             if shape in shapes_seen:
                 frames_done += data.batch_frames(host)
-                train_s += time.perf_counter() - t_step
+                train_s += dt
             shapes_seen.add(shape)
+            group.append((loss, float(m["talker_loss"]), float(m["sub_talker_loss"]),
+                          data.batch_frames(host), int(host["attention_mask"].sum()), dt))
             losses.append(loss)
             next_batch += 1
             steps_done += 1
             if bool(m["applied"]):
                 opt_steps += 1
+                g = np.asarray(group, np.float64)
+                secs = g[:, 5].sum()
+                write_log({"event": "step", "step": opt_steps, "epoch": epoch,
+                           "loss": g[:, 0].mean(), "talker_loss": g[:, 1].mean(),
+                           "sub_talker_loss": g[:, 2].mean(), "grad_norm": float(m["grad_norm"]),
+                           "lr": lr, "frames_per_s": g[:, 3].sum() / secs,
+                           "tokens_per_s": g[:, 4].sum() / secs})
+                group = []
                 if save_every and opt_steps % save_every == 0:
                     save_state(resume_dir, params, opt_state, state_info())
             rate = f", {frames_done / train_s:.1f} frames/s" if train_s > 0 else ""
@@ -400,12 +602,36 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str,
         if next_batch < n_batches:       # stopped by max_steps
             save_state(resume_dir, params, opt_state, state_info())
             break
-        path = export.export_checkpoint(folder, os.path.join(output, f"checkpoint-epoch-{epoch}"),
-                                        params, cfg, speaker, speaker_xvec)
+        path = export_epoch(os.path.join(output, f"checkpoint-epoch-{epoch}"))
         ckpts.append(path)
         log(f"epoch {epoch}: wrote {path}")
+        if eval_examples:
+            ev = evaluate()
+            eval_losses[epoch] = ev["eval_loss"]
+            write_log({"event": "eval", "epoch": epoch, "step": opt_steps, **ev})
+            log(f"epoch {epoch}: eval loss {ev['eval_loss']:.4f}")
+            if best and (best_loss is None or ev["eval_loss"] < best_loss):
+                best_loss, best_epoch = ev["eval_loss"], epoch
+                _copy_best(path, os.path.join(output, "checkpoint-best"),
+                           {"epoch": epoch, "eval_loss": best_loss, "source": path})
+                log(f"epoch {epoch}: best so far -> {os.path.join(output, 'checkpoint-best')}")
         epoch, next_batch = epoch + 1, 0
         save_state(resume_dir, params, opt_state, state_info())
     return {"epochs": epoch, "steps": steps_done, "losses": losses, "checkpoints": ckpts,
             "frames_per_second": frames_done / train_s if train_s > 0 else None,
-            "params": params}
+            "params": params, "eval_losses": eval_losses, "speakers": ids,
+            "best_epoch": best_epoch}
+
+
+def _copy_best(src: str, dst: str, info: dict) -> None:
+    """dst = a copy of the checkpoint folder src plus best.json; replaced atomically."""
+    import shutil
+
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    with open(os.path.join(tmp, "best.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)

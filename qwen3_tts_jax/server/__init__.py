@@ -181,7 +181,8 @@ def run(args) -> int:
                             kind=args.random_weights)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     try:
-        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize)
+        tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize,
+                                       adapters=args.adapter)
         _ = tts.speech_tokenizer       # the codec now: a broken one fails before listening
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))

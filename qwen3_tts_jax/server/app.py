@@ -173,8 +173,9 @@ async def _refuse(scope, receive, send, status: int, message: str, code: str, he
 class ApiKeyCheck:
     """ASGI middleware: every path but /health and the playground page (/, /static/...; /v1/...,
     /docs and /openapi.json included) needs `Authorization: Bearer <key>` (what OpenAI's clients
-    send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass `?api_key=<key>` (browsers cannot set its headers);
-    without it the handshake is refused (403). /health stays open for load balancers' probes."""
+    send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass
+    `?api_key=<key>` (browsers cannot set its headers); without it the handshake is refused
+    (403). /health stays open for load balancers' probes."""
 
     def __init__(self, app, key: str):
         if not key or not key.strip():
