@@ -138,7 +138,7 @@ def test_clone_saves_and_reuses_a_voice(tmp_path, make_checkpoint):
     assert sr == 24000 and len(wa) > 0 and np.array_equal(wa, wb)   # same voice, greedy
     r = run("clone", "--model", model, "--ref-audio", str(ref), "--text", "Hi.",
             "--output", str(tmp_path / "c.wav"), "--quiet")
-    assert r.returncode == 2 and "ref_text" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--ref-text" in r.stderr and "Traceback" not in r.stderr
     padded = tmp_path / "padded.voice"
     r = run("clone", "--model", model, "--ref-audio", str(ref), "--ref-text", "Hello world.",
             "--ref-tail-silence", "0.5", "--save-voice", str(padded), "--text", "Hi.", "--greedy",
