@@ -290,6 +290,8 @@ class Job:
     frames: int = 0                         # frames emitted (streamed rows: sent to the client)
     batch_size: int = 0                     # requests in the cohort it ran in
     retried: bool = False                   # restarted alone after its cohort failed
+    sent_samples: int = 0                   # audio samples emitted so far
+    skip_samples: int = 0                   # a restarted stream: samples its client already has
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "act"))
@@ -494,9 +496,17 @@ class _Cohort:
                                       for b in range(len(rows))])
             waves.update((b, pushed[b]) for b in streamed)
         for b in streamed + whole:
-            self.emitted[b] = rows[b].frames = int(lengths[b])
-            rows[b].emit(waves[b])
+            job, wave = rows[b], waves[b]
+            self.emitted[b] = job.frames = int(lengths[b])
             stats["frames"] += len(new[b])
+            if job.skip_samples:          # a restarted stream: what its client has is dropped
+                cut = min(job.skip_samples, len(wave))
+                job.skip_samples -= cut
+                wave = wave[cut:]
+                if not len(wave):
+                    continue
+            job.sent_samples += len(wave)
+            job.emit(wave)
         for b in due:
             self.first_due.pop(b, None)
         now = time.monotonic()
@@ -537,7 +547,8 @@ class BatchEngine:
 
     Faults. A cohort whose prefill, refill or step raises, with several requests in it, does not
     fail them all: each request restarts alone (`_isolate`), so only the one at fault fails; a
-    request that already sent audio cannot restart unseen and fails with the error. The worker
+    stream that already sent audio restarts too, its client's samples dropped, and goes on where
+    it was (a text session that started fails with the error). The worker
     survives any exception (a BaseException too): the requests it held fail with
     `EngineUnavailable` and the loop starts again (at most MAX_RESTARTS times in RESTART_WINDOW
     seconds; then the thread ends). `health()` names a worker that is not running, or that made
@@ -843,14 +854,18 @@ class BatchEngine:
         """The requests of a cohort that failed: alone, or one restarted already, a request
         fails with the error; with others, each restarts alone in a cohort of its own (same
         key: the same codes as in the failed cohort), so only the request at fault fails. A
-        request that has sent audio cannot restart unseen: it fails with the error (a
-        whole-file request has sent nothing until it ends, so it restarts)."""
-        retry = [j for j in jobs if not j.retried and j.frames == 0] if len(jobs) > 1 else []
+        stream that has sent audio restarts too, unseen: the samples its client already has
+        are generated again and dropped (`skip_samples`), and the rest follows, the audio it
+        would have had. A text session that has started cannot restart (its text was read):
+        it fails with the error."""
+        retry = [j for j in jobs if not j.retried and (j.frames == 0 or j.feed is None)] \
+            if len(jobs) > 1 else []
         for j in jobs:
             if j not in retry:
                 self._fail_job(j, e)
         for j in retry:
             j.retried = True
+            j.skip_samples, j.frames = j.sent_samples, 0
             self.stats["retried"] += 1
             self._start(units, [j], retry=True)
 
