@@ -15,6 +15,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from official import SPECS, build_checkpoint, build_codec, build_text_tokenizer  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends: the suite compiles
+    thousands in one process, and each holds executable memory and its own memory maps."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpts")
