@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qwen3_tts_jax.config import GenerationDefaults
+from qwen3_tts_jax.options import Options
 from qwen3_tts_jax.settings import GenerationSettings, SettingError, as_list, keys, traced
 
 DEFAULTS = GenerationDefaults()
@@ -26,7 +27,7 @@ def test_traced_rows_and_padding():
                                  repetition_penalty=1.1, max_new_tokens=30)
     b = GenerationSettings.merge(DEFAULTS, do_sample=True, temperature=0.8, top_k=0,
                                  repetition_penalty=1.3, max_new_tokens=9)
-    t = traced([a, b, None, None])
+    t = traced([a, b, None, None], Options())
     np.testing.assert_array_equal(np.asarray(t.talker.do_sample), [False, True, False, False])
     np.testing.assert_allclose(np.asarray(t.talker.temperature), [0.5, 0.8, 0.5, 0.5])
     np.testing.assert_array_equal(np.asarray(t.talker.top_k), [7, 0, 7, 7])
@@ -36,7 +37,7 @@ def test_traced_rows_and_padding():
     np.testing.assert_array_equal(np.asarray(t.predictor.top_k),
                                   [a.subtalker_top_k, b.subtalker_top_k] + [a.subtalker_top_k] * 2)
     kinds = []
-    traced([a, None], kind=lambda role, cols: kinds.append(role) or "full")
+    traced([a, None], Options(), kind=lambda role, cols: kinds.append(role) or "full")
     assert kinds == ["talker", "predictor"]
 
 
