@@ -269,12 +269,16 @@ def test_speaker_rows_get_no_weight_decay():
     np.testing.assert_array_equal(np.asarray(new["speaker_rows"]), 1.0)
 
 
-def test_freeze_speaker_rows_keeps_the_mean_xvector(run, tmp_path):
+def test_freeze_speaker_rows_keeps_the_mean_xvector(run, tmp_path, capsys):
     from safetensors.numpy import load_file
 
     with pytest.raises(ValueError, match="--lora runs only"):
         finetune(run["folder"], run["jsonl"], str(tmp_path / "full"), NAME,
                  **dict(TRAIN, lora_rank=None, freeze_speaker_rows=True))
+    assert main(["finetune", "--init-model", run["folder"], "--train-jsonl", run["jsonl"],
+                 "--output", str(tmp_path / "cli"), "--speaker-name", NAME,
+                 "--freeze-speaker-rows"]) == 2
+    assert "--lora runs only" in capsys.readouterr().err
     res = finetune(run["folder"], run["jsonl"], str(tmp_path / "frozen"), NAME,
                    **dict(TRAIN, epochs=1, freeze_speaker_rows=True))
     assert "speaker_rows" not in res["params"]
