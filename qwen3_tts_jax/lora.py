@@ -6,7 +6,9 @@ layout W_t = W.T this is W_t + scale * B.T @ A.T. Targets are the attention and 
 every decoder layer of both stacks: q, k, v, o, gate, up, down (`TARGETS`).
 
     ADAPTER/adapter.safetensors   "{stack}.layers.{i}.{target}.A" (in, r), ".B" (r, out), float32;
-                                  "speaker_rows" (S, D): the x-vectors of the speakers it adds
+                                  "speaker_rows" (S, D): the codec embedding rows of the speakers
+                                  it adds (trained with the adapters from their mean x-vectors,
+                                  or those x-vectors with finetune --freeze-speaker-rows)
     ADAPTER/adapter_config.json   {"format", "rank", "alpha", "targets", "base_sha256",
                                    "speakers": {name: codec id} in row order}
 

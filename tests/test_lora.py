@@ -1,7 +1,9 @@
-"""LoRA fine-tuning on the tiny Base checkpoint: the loss falls with only the adapters trained;
-the merge is exact in float32; the merged checkpoint (merge-adapter, official layout) gives the
-same greedy codes as the base with the adapter merged at load, in ours and in the official;
-unusable adapters are refused; a resumed LoRA run equals an uninterrupted one."""
+"""LoRA fine-tuning on the tiny Base checkpoint: the loss falls with only the adapters and the
+speaker rows trained; each line feeds its speaker's row; the rows move (no weight decay) and the
+saved rows are the trained ones; the merge is exact in float32 and writes the trained rows; the
+merged checkpoint (merge-adapter, official layout) gives the same greedy codes as the base with
+the adapter merged at load, in ours and in the official; unusable adapters are refused; a resumed
+LoRA run equals an uninterrupted one; --freeze-speaker-rows keeps the mean x-vectors."""
 from __future__ import annotations
 
 import json
@@ -41,7 +43,22 @@ def run(make_checkpoint, tmp_path_factory):
     out = str(tmp / "run")
     res = finetune(folder, jsonl, out, NAME, **TRAIN)
     return dict(res, tmp=tmp, folder=folder, jsonl=jsonl, out=out,
-                adapter=res["checkpoints"][-1])
+                adapter=res["checkpoints"][-1], xvector=_mean_xvector(folder, jsonl))
+
+
+def _mean_xvector(folder, jsonl):
+    """The speaker's mean x-vector (data.speaker_xvectors): where its row starts."""
+    from qwen3_tts_jax import checkpoint
+    from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.finetune import data
+    from qwen3_tts_jax.text import TextTokenizer
+
+    cfg = load_config(folder)
+    ex = data.load_examples(jsonl, TextTokenizer.from_dir(folder))
+    enc = checkpoint.load_params(folder, cfg)["speaker_encoder"]
+    xv, problems = data.reference_xvectors([e.ref_audio for e in ex], enc, cfg.speaker_encoder)
+    assert not problems
+    return data.speaker_xvectors(ex, xv, NAME)[NAME]
 
 
 def test_lora_loss_falls_and_only_adapters_are_saved(run):
@@ -58,6 +75,9 @@ def test_lora_loss_falls_and_only_adapters_are_saved(run):
     assert len(t) == 4 * 7 * 2 + 1 and t["speaker_rows"].shape == (1, 32)
     assert all(k.endswith((".A", ".B")) for k in t if k != "speaker_rows")
     assert np.abs(t["talker.layers.0.q.B"]).max() > 0        # B starts at zero: it trained
+    # the speaker row trained (it starts at the mean x-vector) and is saved as trained
+    np.testing.assert_array_equal(t["speaker_rows"], np.asarray(run["params"]["speaker_rows"]))
+    assert np.abs(t["speaker_rows"][0] - run["xvector"]).max() > 1e-3
     assert os.listdir(run["adapter"]) and not any(
         f.startswith("model") for f in os.listdir(run["adapter"]))
 
@@ -115,6 +135,11 @@ def test_merge_is_exact_in_f32(run, merged):
     assert same and all(np.array_equal(got[k], base[k]) for k in same)
     conf = json.load(open(os.path.join(merged["path"], "config.json")))
     assert conf["tts_model_type"] == "custom_voice" and conf["talker_config"]["spk_id"] == {NAME: 3000}
+    # the speaker's codec embedding row is the trained row, not the x-vector it started from
+    emb = got["talker.model.codec_embedding.weight"]
+    np.testing.assert_array_equal(emb[3000], ad["speaker_rows"][0].astype(emb.dtype))
+    np.testing.assert_array_equal(np.asarray(run["params"]["speaker_rows"][0]), ad["speaker_rows"][0])
+    assert not np.array_equal(emb[3000], run["xvector"].astype(emb.dtype))
 
 
 def test_merged_checkpoint_same_codes_as_adapter_at_load_and_official(run, merged):
@@ -187,3 +212,76 @@ def test_cli_adapter_flag(run, make_checkpoint, capsys):
         main(["custom-voice", "--model", make_checkpoint("cv_identity_0b6"), "--adapter",
               run["adapter"], "--list-speakers"])
     assert e.value.code == 2 and "another base checkpoint" in capsys.readouterr().err
+
+
+def test_each_line_feeds_its_speakers_row(run):
+    """Under LoRA the speaker slot holds speaker_rows[speaker_index]: the loss equals the one with
+    those rows given as the lines' x-vectors, and a row's gradient comes from its own lines only."""
+    import dataclasses
+
+    import jax
+
+    from qwen3_tts_jax import checkpoint
+    from qwen3_tts_jax.config import load_config
+    from qwen3_tts_jax.finetune import data, train
+    from qwen3_tts_jax.text import TextTokenizer
+
+    folder = run["folder"]
+    cfg = load_config(folder)
+    ex = data.load_examples(run["jsonl"], TextTokenizer.from_dir(folder))
+    ex = [dataclasses.replace(e, speaker="bob" if i == 2 else e.speaker) for i, e in enumerate(ex)]
+    params = checkpoint.load_params(folder, cfg)
+    base = train.trainable(params)
+    xv = {e.ref_audio: run["xvector"] for e in ex}
+    rows = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)  # row 2: no lines
+    batch = data.collate(ex, cfg, xv, {NAME: 0, "bob": 1, "carl": 2}, NAME)
+    np.testing.assert_array_equal(batch["speaker_index"], [0, 0, 1, 0])
+    ad = train.lora_params(lora.init_adapters(params, 2, tuple(lora.TARGETS)), rows)
+
+    def loss(p):
+        return train.loss_fn(base, batch, cfg, lora_p=p, lora_scale=1.0)[0]
+
+    got, grads = jax.value_and_grad(loss)(ad)
+    want, _ = train.loss_fn(base, dict(batch, x_vectors=rows[[0, 0, 1, 0]]), cfg)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    g = np.asarray(grads["speaker_rows"])
+    assert np.abs(g[0]).max() > 0 and np.abs(g[1]).max() > 0 and not g[2].any()
+    # without bob's line, bob's row has no gradient
+    solo = data.collate(ex[:2], cfg, xv, {NAME: 0, "bob": 1, "carl": 2}, NAME)
+    g = np.asarray(jax.grad(lambda p: train.loss_fn(base, solo, cfg, lora_p=p)[0])(ad)["speaker_rows"])
+    assert np.abs(g[0]).max() > 0 and not g[1].any()
+
+
+def test_speaker_rows_get_no_weight_decay():
+    """AdamW's decoupled decay applies to the adapters (and every full fine-tuning param) but not
+    to the speaker rows: with zero gradients only the decayed params move."""
+    import jax.numpy as jnp
+    import optax
+
+    from qwen3_tts_jax.finetune import train
+
+    opt = train.make_optimizer(lr=0.1, weight_decay=0.5)
+    p = {"talker": {"w": jnp.ones((2, 2))}, "speaker_rows": jnp.ones((1, 2))}
+    zero = {"talker": {"w": jnp.zeros((2, 2))}, "speaker_rows": jnp.zeros((1, 2))}
+    upd, _ = opt.update(zero, opt.init(p), p)
+    new = optax.apply_updates(p, upd)
+    np.testing.assert_allclose(np.asarray(new["talker"]["w"]), 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new["speaker_rows"]), 1.0)
+
+
+def test_freeze_speaker_rows_keeps_the_mean_xvector(run, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    with pytest.raises(ValueError, match="--lora runs only"):
+        finetune(run["folder"], run["jsonl"], str(tmp_path / "full"), NAME,
+                 **dict(TRAIN, lora_rank=None, freeze_speaker_rows=True))
+    assert main(["finetune", "--init-model", run["folder"], "--train-jsonl", run["jsonl"],
+                 "--output", str(tmp_path / "cli"), "--speaker-name", NAME,
+                 "--freeze-speaker-rows"]) == 2
+    assert "--lora runs only" in capsys.readouterr().err
+    res = finetune(run["folder"], run["jsonl"], str(tmp_path / "frozen"), NAME,
+                   **dict(TRAIN, epochs=1, freeze_speaker_rows=True))
+    assert "speaker_rows" not in res["params"]
+    t = load_file(os.path.join(res["checkpoints"][-1], lora.ADAPTER_FILE))
+    np.testing.assert_array_equal(t["speaker_rows"], run["xvector"][None])
+    assert np.abs(t["talker.layers.0.q.B"]).max() > 0

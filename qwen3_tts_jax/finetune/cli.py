@@ -84,6 +84,10 @@ def add_parser(sub, common) -> None:
     lo.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
                     help="adapted products of every talker and code predictor layer "
                          "(default: q,k,v,o,gate,up,down)")
+    lo.add_argument("--freeze-speaker-rows", action="store_true",
+                    help="keep the new speakers' rows at their mean x-vectors and feed each "
+                         "line its own reference's x-vector (default: the rows train with the "
+                         "adapters and each line feeds its speaker's row)")
     ev = ft.add_argument_group("evaluation")
     evx = ev.add_mutually_exclusive_group()
     evx.add_argument("--eval-jsonl", help="held-out JSONL (with audio_codes): its loss after "
@@ -161,7 +165,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                    replace_speaker=args.replace_speaker, speaker_encoder=args.speaker_encoder,
                    lora_rank=args.lora, lora_alpha=args.lora_alpha,
                    lora_targets=args.lora_targets, eval_jsonl=args.eval_jsonl,
-                   eval_fraction=args.eval_fraction, best=args.best)
+                   eval_fraction=args.eval_fraction, best=args.best,
+                   freeze_speaker_rows=args.freeze_speaker_rows)
     if args.plot:
         import os
 

@@ -16,8 +16,9 @@ F frames, positions are
   s..s+F-1      tts_pad + frame codes (s = 8+L-1);  s+F: tts_pad + codec_eos
 and T = max(L + F) + 8 over the batch. `codec_0_labels` holds code 0 of each frame and the EOS at
 the position where it is INPUT (the loss shifts by one). We add what the jitted step needs besides:
-the speaker x-vector of each row, the first frame position and a frame-validity mask, and pad
-everything to shape buckets (`pad_to`) so that a new batch rarely compiles a new program.
+the speaker x-vector of each row (under LoRA: the index of its speaker's trained row), the first
+frame position and a frame-validity mask, and pad everything to shape buckets (`pad_to`) so that a
+new batch rarely compiles a new program.
 """
 from __future__ import annotations
 
@@ -194,10 +195,14 @@ def speaker_xvectors(examples: list[Example], xvectors: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------- the batch
 
 def collate(examples: list[Example], cfg: Qwen3TTSConfig,
-            xvectors: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+            xvectors: dict[str, np.ndarray] | None = None,
+            speaker_index: dict[str, int] | None = None,
+            default: str | None = None) -> dict[str, np.ndarray]:
     """The official collate_fn's arrays (OFFICIAL_KEYS, masks 2-D, i.e. before its unsqueeze(-1))
     plus "x_vectors" (B, D), "frame_start" (B,) and "frame_valid" (B, F_max) when `xvectors`
-    ({ref_audio: (D,)}) is given."""
+    ({ref_audio: (D,)}) is given, and "speaker_index" (B,) int32 (each line's speaker, or
+    `default` for a line without one, looked up in `speaker_index`: the row of the trained
+    speaker rows that LoRA feeds at the speaker slot) when `speaker_index` is given."""
     t = cfg.talker
     B = len(examples)
     T = max(len(e.text_ids) + len(e.codes) for e in examples) + 8
@@ -244,6 +249,9 @@ def collate(examples: list[Example], cfg: Qwen3TTSConfig,
     if xvectors is not None:
         out.update(x_vectors=np.stack([xvectors[e.ref_audio] for e in examples]).astype(np.float32),
                    frame_start=frame_start, frame_valid=frame_valid)
+    if speaker_index is not None:
+        out["speaker_index"] = np.asarray([speaker_index[e.speaker or default] for e in examples],
+                                          np.int32)
     return out
 
 

@@ -5,7 +5,9 @@
 
 `loss_fn` is the official per-batch loss with its evident bugs fixed (docs/finetuning.md):
   inputs   text_projection(text_embedding(text ids)) * text mask          (official: no projection)
-           + codec_embedding(codec ids) * codec mask, the x-vector at position 6
+           + codec_embedding(codec ids) * codec mask, the speaker input at position 6: the line's
+           own x-vector (full fine-tuning, as the official), or under LoRA the trained row of the
+           line's speaker (`speaker_rows`, the row inference reads from codec_embedding)
            + sum over g = 1..15 of code_predictor.codec_embedding[g-1](code g) on frame positions
   talker   28-layer trunk, causal + padding mask; cross-entropy of codec_head(h[p]) against
            codec_0_labels[p + 1]                        (official: p + 2, a double shift)
@@ -19,9 +21,10 @@ conditions the predictor of that frame), so training and inference agree.
 The optimizer is the official one: gradients averaged over `accum_steps` micro-batches (each
 micro-batch loss / accum_steps, like accelerate; an epoch's last, partial group is applied at the
 epoch end with the same scaling), clipped to global norm 1.0 (torch's `clip_grad_norm_` formula),
-then AdamW (lr 2e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter). Only
-the talker and code predictor train; the speaker encoder is frozen (the official detaches its
-output) and is not part of the optimised params.
+then AdamW (lr 2e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter but the
+LoRA speaker rows). Only the talker and code predictor train; the speaker encoder is frozen (the
+official detaches its output) and is not part of the optimised params. Under LoRA the optimised
+params are the adapters and the new speakers' rows (`lora_params`).
 
 Precision: params (master weights) and optimizer state are float32; on GPU/TPU the forward and
 backward run in bfloat16 (`compute_dtype`), with RMSNorm statistics, RoPE angles, softmax, logits
@@ -102,13 +105,17 @@ def _cross_entropy(logits_NxV, labels_N, valid_N):
     return jnp.sum(jnp.where(valid_N, lse - picked, 0.0)), jnp.sum(valid_N)
 
 
-def input_embeddings(tp, cp, batch, dtype, act: str = "silu"):
-    """The talker's input (B, T, D): text + codec streams, x-vector at the speaker slot, and the
-    embeddings of codebooks 1..15 on the frame positions (official sft_12hz.py, projection fixed)."""
+def input_embeddings(tp, cp, batch, dtype, act: str = "silu", speaker_rows=None):
+    """The talker's input (B, T, D): text + codec streams, the speaker input at the speaker slot,
+    and the embeddings of codebooks 1..15 on the frame positions (official sft_12hz.py, projection
+    fixed). The speaker input is batch["x_vectors"] (each line's own reference x-vector, the
+    official full SFT), or with `speaker_rows` (S, D) the row of each line's speaker,
+    speaker_rows[batch["speaker_index"]]: the row that inference puts there for that speaker."""
     ids = batch["input_ids"]
     text = talker.embed_text(tp, ids[..., 0], act) * batch["text_embedding_mask"][..., None].astype(dtype)
     codec = tp["codec_embedding"][ids[..., 1]] * batch["codec_embedding_mask"][..., None].astype(dtype)
-    codec = codec.at[:, SPEAKER_SLOT].set(batch["x_vectors"].astype(dtype))
+    spk = batch["x_vectors"] if speaker_rows is None else speaker_rows[batch["speaker_index"]]
+    codec = codec.at[:, SPEAKER_SLOT].set(spk.astype(dtype))
     x = text + codec
     on_frames = batch["codec_mask"][..., None].astype(dtype)
     return x + _embed_groups(cp, batch["codec_ids"][..., 1:]).sum(axis=-2) * on_frames
@@ -125,13 +132,16 @@ def loss_fn(params, batch, cfg: Qwen3TTSConfig, compute_dtype=jnp.float32, remat
     """(loss, metrics) of one batch (see the module docstring). params: {"talker",
     "code_predictor"} (float32 master weights, or the frozen base in the compute dtype under
     LoRA; cast to compute_dtype here). `lora_p`: adapters {"talker", "code_predictor"} (lora.py)
-    added to the products they target, with `lora_scale` = alpha / rank."""
+    added to the products they target, with `lora_scale` = alpha / rank, and optionally
+    "speaker_rows" (S, D): then each line's speaker input is its speaker's row
+    (`input_embeddings`)."""
     p = jax.tree.map(lambda a: a.astype(compute_dtype), params)
     tp, cp = p["talker"], p["code_predictor"]
     lp = jax.tree.map(lambda a: a.astype(compute_dtype), lora_p) if lora_p is not None else None
     lt, lc = (lp["talker"], lp["code_predictor"]) if lp is not None else (None, None)
     tc = cfg.talker
-    x = input_embeddings(tp, cp, batch, compute_dtype, tc.hidden_act)
+    rows = lp.get("speaker_rows") if lp is not None else None
+    x = input_embeddings(tp, cp, batch, compute_dtype, tc.hidden_act, rows)
     B, T, _ = x.shape
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
@@ -190,12 +200,20 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def decay_mask(params):
+    """Which params get weight decay: all but the LoRA speaker rows (decay would pull a speaker's
+    row towards zero, away from any voice; the x-vectors they start from are not small weights)."""
+    return {k: jax.tree.map(lambda _: k != "speaker_rows", v) for k, v in params.items()}
+
+
 def make_optimizer(lr: float = 2e-5, weight_decay: float = 0.01,
                    max_grad_norm: float = 1.0) -> optax.GradientTransformation:
     """The official optimizer: torch AdamW (betas 0.9/0.999, eps 1e-8, decoupled decay on all
-    params) after clipping to `max_grad_norm`."""
+    params but LoRA speaker rows, `decay_mask`) after clipping to `max_grad_norm` (the global norm
+    over every optimised param, speaker rows included)."""
     return optax.chain(clip_by_global_norm_torch(max_grad_norm),
-                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+                                   mask=decay_mask))
 
 
 class AccumState(NamedTuple):
@@ -216,8 +234,9 @@ def train_step(params, opt_state: AccumState, batch, rng, frozen=None, *, cfg: Q
                compute_dtype=jnp.float32, remat: bool = False, lora_scale: float = 1.0):
     """One micro-batch: gradients of `loss_fn`, accumulated; every `accum_steps`-th call (or when
     batch["flush"] is true: the epoch's last batch) clips, applies AdamW and clears the sum.
-    With `frozen` (LoRA): `params` are the adapters (lora.py) and `frozen` the base weights,
-    which are inputs only (no gradient, no optimizer state).
+    With `frozen` (LoRA): `params` are the adapters (lora.py), with the speaker rows when they
+    train (`lora_params`), and `frozen` the base weights, which are inputs only (no gradient, no
+    optimizer state).
 
     Pure: (params, opt_state, batch, rng[, frozen]) -> (params, opt_state, metrics). `rng` is
     accepted for the standard signature; the official computation has no randomness (no dropout)."""
@@ -297,6 +316,15 @@ def _jitted_eval(cfg, compute_dtype, lora_scale=None):
 def trainable(params) -> dict:
     """The optimised subset of a loaded params tree (talker + code predictor), float32."""
     return {k: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params[k]) for k in TRAINABLE}
+
+
+def lora_params(adapters, speaker_rows=None) -> dict:
+    """The optimised params of a LoRA run: the adapters (lora.init_adapters) and, unless frozen,
+    "speaker_rows" (S, D) float32, row k = the k-th new speaker's row (initialised to its mean
+    x-vector, data.speaker_xvectors); the batch's "speaker_index" picks each line's row."""
+    if speaker_rows is None:
+        return dict(adapters)
+    return dict(adapters, speaker_rows=np.asarray(speaker_rows, np.float32))
 
 
 # ----------------------------------------------------------------------------- resume state
@@ -384,7 +412,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
              replace_speaker: bool = False, speaker_encoder: str | None = None,
              lora_rank: int | None = None, lora_alpha: float | None = None,
              lora_targets=None, eval_jsonl: str | None = None, eval_fraction: float | None = None,
-             best: bool = False) -> dict:
+             best: bool = False, freeze_speaker_rows: bool = False) -> dict:
     """Fine-tune a Base checkpoint (or a CustomVoice one, with `speaker_encoder`) on one or more
     speakers; writes OUTPUT/checkpoint-epoch-N after each epoch (a CustomVoice checkpoint in the
     official layout, or with `lora_rank` an adapter folder, lora.py) and OUTPUT/resume/ (params
@@ -396,8 +424,13 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     mean over its distinct references (`data.speaker_xvectors`); with `speaker_balance` every
     speaker has an equal share of each epoch (`balanced_order`).
     LoRA (`lora_rank` >= 1): adapters of `lora_targets` (default all of lora.TARGETS) with scale
-    `lora_alpha` / rank (alpha default: the rank) are the only trained tensors; the base stays
-    frozen in the compute dtype.
+    `lora_alpha` / rank (alpha default: the rank) and the new speakers' rows are the only trained
+    tensors; the base stays frozen in the compute dtype. The speaker rule under LoRA: every
+    training and eval line feeds ITS SPEAKER'S ROW at the speaker slot (not its own reference's
+    x-vector): the row that inference puts there for that speaker. The rows start at the
+    speakers' mean x-vectors, train with the adapters (AdamW without weight decay) and are saved
+    in the adapter; with `freeze_speaker_rows` they stay the mean x-vectors and each line feeds
+    its own reference's x-vector, as in full fine-tuning.
     Evaluation: `eval_jsonl` or a held-out `eval_fraction` of the training lines gives the
     held-out loss (the same talker + 0.3 x sub-talker terms) after each epoch; with `best`,
     OUTPUT/checkpoint-best is the checkpoint with the lowest one. OUTPUT/metrics.jsonl gets a line
@@ -407,7 +440,8 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     longest (one program; more padding when lengths vary).
     Returns {"epochs", "steps" (this run), "losses" (per micro-batch), "checkpoints" (written by
     this run), "frames_per_second" (steps that did not compile), "params" (trained, float32:
-    the adapters under LoRA), "eval_losses" ({epoch: loss}), "speakers" ({name: codec id})}."""
+    under LoRA the adapters and "speaker_rows", `lora_params`), "eval_losses" ({epoch: loss}),
+    "speakers" ({name: codec id})}."""
     from tqdm import tqdm
 
     from .. import checkpoint, lora
@@ -420,6 +454,9 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
         raise ValueError("--best needs --eval-jsonl or --eval-fraction")
     if lora_rank is not None and int(lora_rank) < 1:
         raise lora.AdapterError(f"--lora rank must be >= 1, got {lora_rank}")
+    if freeze_speaker_rows and lora_rank is None:
+        raise ValueError("--freeze-speaker-rows applies to --lora runs only (full fine-tuning "
+                         "always feeds each line's own x-vector)")
     targets = lora.parse_targets(lora_targets or tuple(lora.TARGETS))
     tok = TextTokenizer.from_dir(checkpoint.resolve(init_model))
     examples = data.load_examples(train_jsonl, tok)
@@ -452,18 +489,27 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     spk_x = data.speaker_xvectors(examples, xvecs, default)
     rows = {name: (ids[name], spk_x[name]) for name in spk_x}
     names_of = [e.speaker or default for e in examples]
+    use_lora = lora_rank is not None
+    train_rows = use_lora and not freeze_speaker_rows
+    row_of = {name: k for k, name in enumerate(spk_x)} if train_rows else None
+    if train_rows:
+        strays = sorted({e.speaker or default for e in eval_examples} - set(spk_x))
+        if strays:
+            raise data.DataError(f"eval speaker(s) {strays} have no training lines: under --lora "
+                                 "an eval line is scored with its speaker's trained row")
 
     devices = len(jax.local_devices())
     rows_per_batch = -(-batch_size // devices) * devices
     batch_sh, repl = data_sharding()
     dtype = resolve_dtype(compute_dtype)
-    use_lora = lora_rank is not None
     alpha = float(lora_alpha if lora_alpha is not None else lora_rank or 1)
     frozen, lora_scale = None, None
     if use_lora:
         base_sha = lora.base_hash(folder)
         frozen = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, dtype), trainable(full)), repl)
-        params = jax.device_put(lora.init_adapters(full, int(lora_rank), targets, seed), repl)
+        params = jax.device_put(lora_params(
+            lora.init_adapters(full, int(lora_rank), targets, seed),
+            np.stack(list(spk_x.values())) if train_rows else None), repl)
         lora_scale = lora.scale_of(lora_rank, alpha)
     else:
         params = jax.device_put(trainable(full), repl)
@@ -484,6 +530,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     extra = dict(speakers=sorted(rows) if len(rows) > 1 else None,
                  speaker_balance=speaker_balance if len(rows) > 1 else None,
                  lora=[int(lora_rank), alpha, list(targets)] if use_lora else None,
+                 freeze_speaker_rows=True if use_lora and freeze_speaker_rows else None,
                  eval=[os.path.abspath(eval_jsonl) if eval_jsonl else None, eval_fraction,
                        bool(best)] if eval_examples else None)
     settings.update({k: v for k, v in extra.items() if v is not None})
@@ -526,9 +573,11 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
 
     def export_epoch(path):
         if use_lora:
-            return lora.save_adapter(path, jax.device_get(params), rank=int(lora_rank),
-                                     alpha=alpha, targets=targets, base_sha256=base_sha,
-                                     speakers=rows)
+            host = jax.device_get(params)
+            saved = rows if not train_rows else {
+                n: (ids[n], host["speaker_rows"][k]) for n, k in row_of.items()}
+            return lora.save_adapter(path, host, rank=int(lora_rank), alpha=alpha,
+                                     targets=targets, base_sha256=base_sha, speakers=saved)
         return export.export_checkpoint(folder, path, params, cfg, rows)
 
     n_batches = -(-len(examples) // batch_size)
@@ -542,7 +591,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
         ev = _jitted_eval(cfg, dtype, lora_scale)
         tot = {"talker_sum": 0.0, "talker_count": 0, "sub_talker_sum": 0.0, "sub_talker_count": 0}
         for i in range(0, len(eval_examples), batch_size):
-            host = data.pad_to(data.collate(eval_examples[i:i + batch_size], cfg, xvecs),
+            host = data.pad_to(data.collate(eval_examples[i:i + batch_size], cfg, xvecs, row_of, default),
                                rows=rows_per_batch, **fixed)
             m = ev(params, jax.device_put(host, batch_sh), *step_args)
             for k in tot:
@@ -563,7 +612,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
                    desc=f"epoch {epoch}", unit="batch")
         while next_batch < n_batches:
             idx = order[next_batch * batch_size:(next_batch + 1) * batch_size]
-            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs),
+            host = data.pad_to(data.collate([examples[i] for i in idx], cfg, xvecs, row_of, default),
                                rows=rows_per_batch, **fixed)
             t_step = time.perf_counter()
             batch = jax.device_put(host, batch_sh)
