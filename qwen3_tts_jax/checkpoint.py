@@ -216,14 +216,12 @@ def load_packed_cache(path: str, key: str, abstract):
     """The packed params from `path` if it was made with `key` and holds exactly the leaves of
     `abstract` (names, shapes, dtypes); None if the file is missing or stale. A file that cannot
     be read (truncated, not safetensors) is None too, with a warning."""
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         return None
     names, specs, treedef = _leaf_names(abstract)
     try:
-        with safe_open(path, framework="np") as f:
-            meta = f.metadata() or {}
+        with weights.TensorFile(path) as f:
+            meta = f.metadata
             if meta.get("format") != PACKED_FORMAT or meta.get("key") != key:
                 log.info("packed-weights cache %s is stale; repacking", path)
                 return None
@@ -232,13 +230,12 @@ def load_packed_cache(path: str, key: str, abstract):
                 return None
             leaves = []
             for n, spec in zip(names, specs):
-                a = f.get_tensor(n)
-                if a.shape != tuple(spec.shape) or a.dtype != spec.dtype:
+                if f.shape(n) != tuple(spec.shape) or f.dtype(n) != spec.dtype:
                     log.warning("packed-weights cache %s: %s is %s %s, expected %s %s; "
-                                "repacking", path, n, a.dtype, a.shape, spec.dtype, spec.shape)
+                                "repacking", path, n, f.dtype(n), f.shape(n), spec.dtype,
+                                spec.shape)
                     return None
-                leaves.append(jnp.asarray(a))
-                del a
+                leaves.append(weights.to_device(f.read(n)))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: load the checkpoint
         log.warning("packed-weights cache %s cannot be read (%s: %s); loading the checkpoint",
                     path, type(e).__name__, str(e)[:200])
