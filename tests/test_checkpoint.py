@@ -400,3 +400,34 @@ def test_from_pretrained_weights_cache(tmp_path, make_checkpoint):
     again = Qwen3TTS.from_pretrained(path, weights_cache=cache)
     _same_tree(cached.params, plain.params)
     _same_tree(again.params, plain.params)
+
+
+def test_tensor_file_reads_what_safetensors_wrote(tmp_path):
+    from safetensors import safe_open
+
+    from qwen3_tts_jax import weights
+
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    tensors = {"f32": rng.standard_normal((3, 17), np.float32),
+               "bf16": rng.standard_normal((5, 4)).astype(ml_dtypes.bfloat16),
+               "i8": rng.integers(-127, 128, (2, 3, 65)).astype(np.int8),
+               "empty": np.zeros((0, 4), np.float32)}
+    file = str(tmp_path / "t.safetensors")
+    save_file(tensors, file, metadata={"a": "b"})
+    with weights.TensorFile(file) as f, safe_open(file, framework="np") as ref:
+        assert f.metadata == {"a": "b"} and sorted(f.keys()) == sorted(tensors)
+        for k in tensors:
+            a = f.read(k)
+            assert a.ctypes.data % weights.ALIGN == 0 or a.size == 0
+            assert a.dtype == ref.get_tensor(k).dtype
+            np.testing.assert_array_equal(a, ref.get_tensor(k))
+            np.testing.assert_array_equal(np.asarray(weights.to_device(a)), tensors[k])
+    with open(file, "r+b") as fh:
+        fh.truncate(os.path.getsize(file) - 8)
+    with weights.TensorFile(file) as f, pytest.raises(CheckpointError, match="ends inside"):
+        for k in f.keys():
+            f.read(k)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        weights.TensorFile(str(tmp_path / "junk.safetensors"))
