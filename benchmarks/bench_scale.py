@@ -14,15 +14,21 @@ Steps (each implementation in its own subprocess, so peak memory is its own):
             too; cudnn = cuDNN attention; rows-as-given = batch 1 as one row on a GPU too, where
             the API pads it to two; topk-dispatch = the sampler's top-k path as on the CPU):
             batches padded to the API's buckets (the extra rows stop at
-            once and are not counted); load in DTYPE, then per batch size a cold generate
-            (compilation included), then the best of two warm generates. Time to first audio (TTFA)
-            at batch 1 is the streaming path's first chunk: prefill, FIRST frames, codec decode of
-            those frames (all compiled, warm).
+            once and are not counted); load in DTYPE, then per batch size a cold generate and
+            codec decode (compilation included), then two warm runs of both. Time to first audio
+            (TTFA) at batch 1 is the streaming path's first chunk: prefill, FIRST frames, codec
+            decode of those frames (all compiled, warm, median of 5).
   official  qwen-tts 0.1.1 `Qwen3TTSForConditionalGeneration.generate` on the same checkpoint and
             device (bf16 on GPU like ours unless --dtype f32; float32 on CPU), at --official-batches.
 
-Reported per batch: aggregate frames/s, x-real-time (seconds of audio per second, 12.5 frames per
-audio second, summed over rows), warm seconds, compile (cold - warm) seconds, peak device memory.
+Reported per batch, side by side (each figure says what it counts; frames/s summed over the rows):
+  codes frames/s         token ids -> codes, prefill included, no codec (best warm generate);
+  whole frames/s         token ids -> codes -> 24 kHz samples, the codec decode of every row
+                         included (best warm generate + decode; ours only: the official's
+                         `generate` stops at codes);
+  TTFA ms                streaming time to first audio at batch 1 (see above);
+and the codes' x-real-time (seconds of audio per second, 12.5 frames per audio second), warm
+seconds, compile (cold - warm) seconds, peak device memory.
 The bandwidth limit: at batch 1 a frame reads the talker layers + codec head once and the code
 predictor's layers + one lm_head 15 times; those bytes over the measured device-copy bandwidth
 (read + write of a large array, in the same run) give the ideal frames/s, and each implementation's
@@ -49,6 +55,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FRAME_RATE = 12.5
+SAMPLE_RATE = 24000
 HEAD = [151644, 77091, 198]
 TAIL = [151645, 198, 151644, 77091, 198]
 TEXT_TOKENS = 24
@@ -296,6 +303,12 @@ def run_ours(args) -> dict:
         lengths = np.asarray(state.length_B)
         return codes, lengths, time.perf_counter() - t
 
+    def timed_decode(codes, lengths):
+        """The API's `decode` of every row's codes (offline chunking): the 24 kHz samples."""
+        t = time.perf_counter()
+        wavs, _ = codec.decode([codes[b, :int(n)] for b, n in enumerate(lengths)])
+        return wavs, time.perf_counter() - t
+
     def timed_prefill(batch, s, keys, frames):
         t = time.perf_counter()
         state, _ = gen.prefill(params, cfg, batch, s, keys, frames=gen.capacity(frames, options),
@@ -326,20 +339,40 @@ def run_ours(args) -> dict:
                 before = compiling["s"]
                 codes, lengths, cold = timed_generate(batch, s, keys, args.frames)
                 lengths = lengths[:B]                     # the requests' rows, not the padding
-                warm = min(timed_generate(batch, s, keys, args.frames)[2] for _ in range(2))
                 frames = int(lengths.sum())
+                whole = {}
+                try:   # the whole utterance: the same codes through the codec, cold then warm
+                    wavs, codec_cold = timed_decode(codes, lengths)
+                    whole = {"codec_cold_s": codec_cold,
+                             "audio_s": sum(len(w) for w in wavs) / SAMPLE_RATE}
+                except Exception as e:  # noqa: BLE001 - a batch the codec cannot hold
+                    whole = {"whole_error": f"{type(e).__name__}: {str(e)[:300]}"}
+                gen_s, dec_s = [], []
+                for _ in range(2):
+                    c, n, g = timed_generate(batch, s, keys, args.frames)
+                    gen_s.append(g)
+                    if "audio_s" in whole:
+                        dec_s.append(timed_decode(c, n[:B])[1])
+                warm = min(gen_s)
+                if dec_s:
+                    both = min(g + d for g, d in zip(gen_s, dec_s))
+                    whole.update(decode_s=min(dec_s), whole_s=both,
+                                 whole_frames_per_s=frames / both,
+                                 whole_xrt=frames / FRAME_RATE / both)
                 row[mode] = {"cold_s": cold, "warm_s": warm, "compile_s": cold - warm,
                              "xla_compile_s": compiling["s"] - before, "frames": frames,
                              "min_len": int(lengths.min()), "frames_per_s": frames / warm,
-                             "xrt": frames / FRAME_RATE / warm}
+                             "xrt": frames / FRAME_RATE / warm, **whole}
                 if B == 1 and mode == "greedy":
                     out["codes_b1"] = codes[0, :int(lengths[0])].tolist()
                 if B == 1 and mode == "greedy" and not args.quick:
                     # the prefill alone (what `generate` runs before the frame loop), warm
                     row[mode]["prefill_s"] = min(timed_prefill(batch, s, keys, args.frames)
                                                  for _ in range(3))
-                log(f"ours[{args.variant}] B={B} {mode}: {frames / warm:.1f} frames/s, "
-                    f"xRT {frames / FRAME_RATE / warm:.1f}, warm {warm:.2f} s, cold {cold:.1f} s")
+                log(f"ours[{args.variant}] B={B} {mode}: codes {frames / warm:.1f} frames/s, "
+                    f"whole utterance {whole.get('whole_frames_per_s', float('nan')):.1f} "
+                    f"frames/s, xRT (codes) {frames / FRAME_RATE / warm:.1f}, warm {warm:.2f} s, "
+                    f"cold {cold:.1f} s")
             row["peak_device_gb"] = memory()
             if args.profile and B == 1:
                 for mode in modes:
@@ -358,8 +391,6 @@ def run_ours(args) -> dict:
             out["batches"][str(B)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             break
     out["peak_rss_gb"] = peak_rss_gb()
-    if args.quick:
-        return out
     # Time to first audio: the streaming path's first chunk, warm.
     try:
         batch, keys = make_batch(1)
@@ -381,6 +412,8 @@ def run_ours(args) -> dict:
         log(f"ours[{args.variant}] TTFA {1000 * out['ttfa_s']:.1f} ms")
     except Exception as e:  # noqa: BLE001
         out["ttfa_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if args.quick:
+        return out
     try:  # the codec program's scratch memory, as XLA plans it (first chunk's window)
         from qwen3_tts_jax.codec import decoder
         from qwen3_tts_jax.codec.tokenizer import frame_bucket
@@ -524,16 +557,21 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
                      + (f"Official: torch {official['torch']}, {official['dtype']}."
                         if official and "torch" in official else "Official: not run."))
         lines.append("")
-    rows = ["| implementation | batch | mode | frames/s | x-real-time | warm s | compile s "
-            "| peak device GiB | ours/official |", "|" + " --- |" * 9]
+    rows = ["| implementation | batch | mode | codes frames/s (token ids to codes, prefill "
+            "incl., no codec) | whole utterance frames/s (token ids to 24 kHz samples, codec "
+            "incl.) | TTFA ms (streaming first audio, batch 1, warm) | codes x-real-time "
+            "| codes warm s | codes compile s | peak device GiB | ours/official (codes) |",
+            "|" + " --- |" * 11]
     ref = (official or {}).get("batches", {})
     for name, res in list(ours.items()) + ([("official", official)] if official else []):
         if "batches" not in res:
-            rows.append(f"| {name} | - | - | failed: {res.get('error', '')[:80]} | | | | | |")
+            rows.append(f"| {name} | - | - | failed: {res.get('error', '')[:80]} |"
+                        + " |" * 7)
             continue
+        ttfa = res.get("ttfa_s")
         for B, row in res["batches"].items():
             if "error" in row:
-                rows.append(f"| {name} | {B} | - | {row['error'][:80]} | | | | | |")
+                rows.append(f"| {name} | {B} | - | {row['error'][:80]} |" + " |" * 7)
                 continue
             for mode in ("greedy", "sampled"):
                 if mode not in row:
@@ -542,8 +580,15 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
                 base = ref.get(B, {}).get(mode)
                 ratio = (f"{m['frames_per_s'] / base['frames_per_s']:.1f}x"
                          if base and name != "official" else "")
-                rows.append(f"| {name} | {B} | {mode} | {m['frames_per_s']:.1f} | {m['xrt']:.1f} "
-                            f"| {m['warm_s']:.2f} | {m.get('compile_s', 0):.1f} "
+                whole = (f"{m['whole_frames_per_s']:.1f}" if "whole_frames_per_s" in m else
+                         "- (codes only)" if name == "official" else
+                         f"failed: {m.get('whole_error', '')[:60]}")
+                ttfa_cell = ""
+                if B == "1" and ttfa is not None:   # one figure, on the first batch-1 row
+                    ttfa_cell, ttfa = f"{1000 * ttfa:.0f}", None
+                rows.append(f"| {name} | {B} | {mode} | {m['frames_per_s']:.1f} | {whole} "
+                            f"| {ttfa_cell} | {m['xrt']:.1f} | {m['warm_s']:.2f} "
+                            f"| {m.get('compile_s', 0):.1f} "
                             f"| {row.get('peak_device_gb', 0):.1f} | {ratio} |")
     lines += rows + [""]
     for name, res in ours.items():
@@ -564,8 +609,13 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
                          f"frames/s ({loop / FRAME_RATE:.1f}x real time; the table counts the "
                          "whole request).")
         if "ttfa_s" in res:
-            lines.append(f"- {name}: time to first audio (prefill + {args.first_chunk} frames + "
-                         f"codec decode, warm, median of 5): {1000 * res['ttfa_s']:.0f} ms.")
+            lines.append(f"- {name}: TTFA = prefill + {args.first_chunk} frames (sampled) + the "
+                         f"codec decode of those frames, warm, median of 5: "
+                         f"{1000 * res['ttfa_s']:.0f} ms.")
+        if b1 and "decode_s" in b1:
+            lines.append(f"- {name}: of the batch-1 greedy whole utterance "
+                         f"({b1['audio_s']:.2f} s of audio), the codec decode takes "
+                         f"{b1['decode_s']:.2f} s (codec compile {b1['codec_cold_s'] - b1['decode_s']:.1f} s).")
         lines.append(f"- {name}: load {res['load_s']:.1f} s, peak host RSS "
                      f"{res['peak_rss_gb']:.1f} GB"
                      f"{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
@@ -612,7 +662,7 @@ def main():
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--ttfa", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # no prefill, TTFA
+    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # no prefill, codec
     args = ap.parse_args()
     if args.role:
         args.batches = [int(b) for b in args.batches.split(",") if b]
@@ -634,7 +684,7 @@ def main():
         for i, v in enumerate(args.variants.split(",")):
             env = VARIANTS[v].get("env", {})
             batches = args.batches if i == 0 else args.variant_batches
-            # the variants after the first: frames/s only (no prefill, TTFA or codec compiles)
+            # the variants after the first: no prefill figure, no codec memory analysis
             ours[f"ours[{v}]"] = child("ours", args, ["--variant", v, "--batches", batches]
                                        + ([] if i == 0 else ["--quick"]),
                                        env, args.timeout if i == 0 else half)

@@ -60,7 +60,8 @@ class Qwen3TTS:
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
                         quantize: str | None = None,
-                        options: Options | None = None, adapters=None) -> "Qwen3TTS":
+                        options: Options | None = None, adapters=None,
+                        weights_cache: str | None = None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -80,7 +81,13 @@ class Qwen3TTS:
 
         `adapters`: LoRA adapter folders (`finetune --lora`) merged into the weights at load, in
         float32, before packing and quantization (`lora.merge`); their speakers make the model a
-        CustomVoice one, like `qwen3-tts-jax merge-adapter` would."""
+        CustomVoice one, like `qwen3-tts-jax merge-adapter` would.
+
+        `weights_cache`: a folder where the packed (and quantized) weights are kept after the
+        first load; a later load with the same checkpoint files, dtype, quantization and options
+        reads them from there instead of converting, packing and quantizing again
+        (`checkpoint.load_for_inference`; one file per checkpoint and choices, about the size of
+        the weights). Not used with `adapters` or `model_parallel` > 1."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
@@ -109,9 +116,9 @@ class Qwen3TTS:
                     options=options)
             params = jax.device_put(params, model_sharding(params, model_parallel))
         else:
-            params = checkpoint.pack_for_inference(load(dtype),
-                                                   consume=True, quantize=quantize,
-                                                   options=options)
+            params = checkpoint.load_for_inference(
+                folder, cfg, dtype, quantize, options, None if adapters else weights_cache,
+                lambda: load(dtype))
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel

@@ -7,10 +7,14 @@ loads without conversion; either form works.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import code_predictor, layers, cpu_kernels, speaker_encoder, talker, weights
 from . import quantize as quantize_mod
@@ -18,8 +22,11 @@ from .config import Qwen3TTSConfig
 from .options import Options
 from .weights import CheckpointError
 
+log = logging.getLogger("qwen3_tts_jax")
+
 FAST_FILE = "jax_params.safetensors"
 RULES = talker.RULES + code_predictor.RULES
+PACKED_FORMAT = "qwen3-tts-jax packed params v1"
 
 
 def default_dtype():
@@ -127,3 +134,137 @@ def save_fast(params, folder: str, source: str) -> str:
     out = os.path.join(folder, FAST_FILE)
     weights.save_params(params, out, {"source": source, "format": "qwen3-tts-jax params v1"})
     return out
+
+
+# ------------------------------------------------------------------ the packed-weights cache
+# A warm start reads the generation layout (`pack_for_inference`'s output: concatenated, packed,
+# quantized) from one file instead of reading the checkpoint, transposing, concatenating, packing
+# and quantizing it again (benchmarks/RESULTS.md, Decisions: "packed-weights cache").
+
+def _layout_modules():
+    """The modules whose code decides the packed layout: a change to any of them is a new key."""
+    import sys
+
+    return [sys.modules[__name__], code_predictor, layers, cpu_kernels, quantize_mod,
+            speaker_encoder, talker, weights]
+
+
+def _source_files(folder: str) -> list[str]:
+    fast = os.path.join(folder, FAST_FILE)
+    return [fast] if os.path.exists(fast) else weights.safetensors_files(folder)
+
+
+def packed_cache_slot(folder: str, dtype, quantize: str | None, options: Options) -> str:
+    """The cache file's name for this checkpoint folder and these choices: one file per folder and
+    choices, rewritten when its key goes stale (so the folder holds one copy per model, not one
+    per edit of the checkpoint or of the code)."""
+    h = hashlib.sha256(json.dumps([os.path.realpath(folder), str(jnp.dtype(dtype)), quantize,
+                                   repr(options)]).encode())
+    return f"packed-{h.hexdigest()[:20]}.safetensors"
+
+
+def packed_cache_key(folder: str, cfg: Qwen3TTSConfig, dtype, quantize: str | None,
+                     options: Options) -> str:
+    """What a cached file must have been made from: the checkpoint's weight files by identity
+    (path, size, modification time; hashing gigabytes of data would cost what the cache saves),
+    its config, the dtype, the quantization, the options, and the source of the code that packs.
+    """
+    h = hashlib.sha256()
+    for f in _source_files(folder):
+        st = os.stat(f)
+        h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(repr(cfg).encode())
+    h.update(json.dumps([str(jnp.dtype(dtype)), quantize, repr(options), PACKED_FORMAT]).encode())
+    for m in _layout_modules():
+        with open(m.__file__, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def abstract_packed(cfg: Qwen3TTSConfig, dtype, quantize: str | None, options: Options):
+    """The packed params' tree with `jax.ShapeDtypeStruct` leaves, from the config alone (traced,
+    not computed): what a cached file must hold, leaf by leaf."""
+    shapes = fast_expected_shapes(cfg)
+    tree = weights.nest({k: jax.ShapeDtypeStruct(s, _f32_encoder(k) or dtype)
+                         for k, s in shapes.items()})
+    return jax.eval_shape(lambda p: pack_for_inference(p, quantize=quantize, options=options),
+                          tree)
+
+
+def _leaf_names(tree) -> list:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [jax.tree_util.keystr(p) for p, _ in paths], [leaf for _, leaf in paths], treedef
+
+
+def save_packed_cache(params, path: str, key: str) -> None:
+    """Write packed params to `path` (atomically: a temp file renamed)."""
+    from safetensors.numpy import save_file
+
+    names, leaves, _ = _leaf_names(params)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file({n: np.asarray(x) for n, x in zip(names, leaves)}, tmp,
+                  metadata={"format": PACKED_FORMAT, "key": key})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_packed_cache(path: str, key: str, abstract):
+    """The packed params from `path` if it was made with `key` and holds exactly the leaves of
+    `abstract` (names, shapes, dtypes); None if the file is missing or stale. A file that cannot
+    be read (truncated, not safetensors) is None too, with a warning."""
+    if not os.path.exists(path):
+        return None
+    names, specs, treedef = _leaf_names(abstract)
+    try:
+        with weights.TensorFile(path) as f:
+            meta = f.metadata
+            if meta.get("format") != PACKED_FORMAT or meta.get("key") != key:
+                log.info("packed-weights cache %s is stale; repacking", path)
+                return None
+            if sorted(f.keys()) != sorted(names):
+                log.warning("packed-weights cache %s does not hold this layout; repacking", path)
+                return None
+            leaves = []
+            for n, spec in zip(names, specs):
+                if f.shape(n) != tuple(spec.shape) or f.dtype(n) != spec.dtype:
+                    log.warning("packed-weights cache %s: %s is %s %s, expected %s %s; "
+                                "repacking", path, n, f.dtype(n), f.shape(n), spec.dtype,
+                                spec.shape)
+                    return None
+                leaves.append(weights.to_device(f.read(n)))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: load the checkpoint
+        log.warning("packed-weights cache %s cannot be read (%s: %s); loading the checkpoint",
+                    path, type(e).__name__, str(e)[:200])
+        return None
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def load_for_inference(folder: str, cfg: Qwen3TTSConfig, dtype=None,
+                       quantize: str | None = None, options: Options | None = None,
+                       cache_dir: str | None = None, load=None):
+    """`pack_for_inference(load_params(folder, cfg, dtype), ...)`; with `cache_dir`, the packed
+    params are read from the cache file made by an earlier load with the same checkpoint, dtype,
+    quantization, options and code, and written there after a load without one (a failed write
+    warns and is otherwise ignored). `load()` replaces `load_params` (the caller's own reading,
+    e.g. with adapters merged; then give no cache_dir: the key does not cover them)."""
+    quantize_mod.check_method(quantize)
+    dtype = dtype or default_dtype()
+    options = options or Options.for_backend(dtype=dtype)
+    load = load or (lambda: load_params(folder, cfg, dtype))
+    if cache_dir is None:
+        return pack_for_inference(load(), consume=True, quantize=quantize, options=options)
+    path = os.path.join(cache_dir, packed_cache_slot(folder, dtype, quantize, options))
+    key = packed_cache_key(folder, cfg, dtype, quantize, options)
+    params = load_packed_cache(path, key, abstract_packed(cfg, dtype, quantize, options))
+    if params is not None:
+        return params
+    params = pack_for_inference(load(), consume=True, quantize=quantize, options=options)
+    try:
+        save_packed_cache(params, path, key)
+    except (OSError, ValueError) as e:   # read-only or full disk: run without the cache
+        log.warning("packed-weights cache: cannot write %s (%s)", path, e)
+    return params

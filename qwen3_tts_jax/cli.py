@@ -105,14 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
     io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
 
-    cv = sub.add_parser("custom-voice", parents=[common, speech],
+    # the commands that load a model in this process (serve has its own flags)
+    start = argparse.ArgumentParser(add_help=False)
+    start.add_argument_group("start-up").add_argument(
+        "--weights-cache", metavar="DIR", default=None,
+        help="keep the packed (and --quantize'd) weights in DIR after the first load, and read "
+             "them from there on later runs with the same checkpoint and flags (faster start; "
+             "one file about the size of the weights per checkpoint and flags)")
+
+    cv = sub.add_parser("custom-voice", parents=[common, speech, start],
                         help="a preset speaker of a CustomVoice checkpoint")
     cv.add_argument("--speaker", help="speaker name (see --list-speakers)")
     cv.add_argument("--instruct", default=None, help="optional instruction (1.7B only)")
-    vd = sub.add_parser("voice-design", parents=[common, speech],
+    vd = sub.add_parser("voice-design", parents=[common, speech, start],
                         help="a voice described in words (VoiceDesign checkpoint)")
     vd.add_argument("--instruct", help="description of the voice")
-    bt = sub.add_parser("batch", parents=[common],
+    bt = sub.add_parser("batch", parents=[common, start],
                         help="many utterances to WAV files (JSONL or one text per line)")
     bt.add_argument("input", help="requests: .jsonl (text, name, speaker, instruct, voice, "
                                   "language, seed) or a text file, one utterance per line")
@@ -142,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                          "and take the host count and index from it")
     bt.add_argument("--coordinator", metavar="HOST:PORT",
                     help="with --distributed: process 0's address, where JAX cannot detect it")
-    cl = sub.add_parser("clone", parents=[common, speech],
+    cl = sub.add_parser("clone", parents=[common, speech, start],
                         help="clone a voice from reference audio (Base checkpoint)")
     cl.add_argument("--ref-audio", help="reference audio: file, URL or base64")
     cl.add_argument("--ref-text", help="transcript of the reference (ICL mode)")
@@ -449,7 +457,8 @@ def _main(args) -> int:
 
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel,
-                                       quantize=args.quantize, adapters=args.adapter)
+                                       quantize=args.quantize, adapters=args.adapter,
+                                       weights_cache=args.weights_cache)
         if not listing:
             _ = tts.speech_tokenizer   # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:

@@ -12,9 +12,11 @@ log = logging.getLogger("qwen3_tts_jax")
 _CACHE_WARNED: set = set()
 
 
-def enable_compilation_cache(path: str | None = None) -> str | None:
+def enable_compilation_cache(path: str | None = None,
+                             min_compile_time_secs: float = 0.5) -> str | None:
     """Keep compiled programs on disk (JAX's persistent compilation cache), so that a new process
     does not compile the same shape buckets again. Default folder: ~/.cache/qwen3-tts-jax/xla.
+    Programs that compile in less than `min_compile_time_secs` are compiled again instead.
     Returns the folder, or None (with one warning) where it cannot be created or written."""
     path = path or os.path.join(os.path.expanduser("~"), ".cache", "qwen3-tts-jax", "xla")
     try:
@@ -27,5 +29,5 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
             log.warning("compilation cache disabled: cannot use %s (%s)", path, e)
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
     return path

@@ -4,7 +4,7 @@ A component (talker, codec decoder, ...) describes its weights with two things:
 - `expected(cfg) -> {official_key: shape}`: every tensor the official module has, from the config;
 - a declarative table of `Rule(src_regex, dst_template, transform)` mapping official keys to our paths.
 
-Loading streams tensor by tensor (`safe_open`, numpy), checks the WHOLE checkpoint against `expected`
+Loading streams tensor by tensor (`TensorFile`, numpy), checks the WHOLE checkpoint against `expected`
 first and fails with ONE `CheckpointError` listing every missing, unexpected and misshapen key, then
 converts (transpose torch Linear weights to (in, out)), casts to the requested dtype and nests the
 result: path components that are integers become list indices, so `layers/3/attn/q` is
@@ -19,8 +19,10 @@ import dataclasses
 import json
 import os
 import re
+import struct
 from typing import Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -153,6 +155,95 @@ def read_header(files: Iterable[str], keep: Callable[[str], bool] = lambda k: Tr
     return out
 
 
+# ------------------------------------------------------------------ reading without extra copies
+# `jnp.asarray(host_array)` copies; `jax.device_put` of a C-contiguous host array aligned to 64
+# bytes does not on the CPU (the array's memory becomes the device buffer). So a tensor is read
+# from its file straight into an aligned buffer and handed over: one copy from the page cache
+# instead of three (benchmarks/RESULTS.md, Decisions: "weights read into aligned buffers").
+ALIGN = 64
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def to_device(a: np.ndarray) -> jax.Array:
+    """A host array that nobody else holds as a JAX array: aliased where the backend can (the
+    CPU), else copied once."""
+    if not (a.flags.c_contiguous and a.ctypes.data % ALIGN == 0):
+        b = aligned_empty(a.shape, a.dtype)
+        np.copyto(b, a)
+        a = b
+    return jax.device_put(a)
+
+
+class TensorFile:
+    """A safetensors file read tensor by tensor into aligned buffers (`read`); raises
+    CheckpointError for a file that is not safetensors or ends early."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self._f = open(file, "rb")
+        try:
+            head = self._f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(self._f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            self._f.close()
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header = header
+        self._base = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        code = self.header[name]["dtype"]
+        if code not in _ST_DTYPES:
+            raise CheckpointError(f"{self.file}: {name} has dtype {code}, which we cannot load")
+        return np.dtype(_ST_DTYPES[code])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        start, stop = info["data_offsets"]
+        a = aligned_empty(self.shape(name), self.dtype(name))
+        if a.nbytes != stop - start:
+            raise CheckpointError(f"{self.file}: {name} has {stop - start} bytes for shape "
+                                  f"{self.shape(name)} {self.dtype(name)}")
+        self._f.seek(self._base + start)
+        if self._f.readinto(memoryview(a.reshape(-1).view(np.uint8))) != a.nbytes:
+            raise CheckpointError(f"cannot read {self.file}: it ends inside {name} "
+                                  "(corrupt or incomplete?)")
+        return a
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def load_official(files: list[str], rules: list[Rule], expected: Mapping[str, tuple], dtype,
                   what: str, prefix: str = "", dtype_for: Callable[[str], object] | None = None):
     """Stream the official tensors whose key starts with `prefix` into our nested params.
@@ -168,15 +259,13 @@ def load_official(files: list[str], rules: list[Rule], expected: Mapping[str, tu
     for k, (file, _) in header.items():
         by_file.setdefault(file, []).append(k)
     for file, keys in by_file.items():
-        with safe_open(file, framework="np") as f:
+        with TensorFile(file) as f:
             for k in keys:
                 dst, transform = map_key(rules, k)
                 dt = np_dtype(dtype_for(dst) if dtype_for else dtype)
-                # One host copy at most (cast and/or transpose) before the device copy: the
-                # 151936-row text embedding alone is 1.2 GB in f32.
-                a = _TRANSFORMS[transform](f.get_tensor(k).astype(dt, copy=False))
-                flat[dst] = jnp.asarray(np.ascontiguousarray(a))
-                del a
+                # One host copy at most (cast and/or transpose) after the read: the 151936-row
+                # text embedding alone is 1.2 GB in f32.
+                flat[dst] = to_device(_TRANSFORMS[transform](f.read(k).astype(dt, copy=False)))
     return nest(flat)
 
 
@@ -201,8 +290,8 @@ def load_params(file: str, expected: Mapping[str, tuple], dtype, what: str,
     header = read_header([file])
     check_keys({k: s for k, (_, s) in header.items()}, expected, what)
     flat = {}
-    with safe_open(file, framework="np") as f:
+    with TensorFile(file) as f:
         for k in f.keys():
             dt = np_dtype(dtype_for(k) if dtype_for else dtype)
-            flat[k] = jnp.asarray(f.get_tensor(k).astype(dt, copy=False))
+            flat[k] = to_device(f.read(k).astype(dt, copy=False))
     return nest(flat)

@@ -182,6 +182,23 @@ def test_compilation_cache_in_an_unusable_folder_warns_and_goes_on(tmp_path, cap
     assert sum("compilation cache disabled" in r.message for r in caplog.records) == 1
 
 
+def test_compilation_cache_threshold_is_an_argument(tmp_path):
+    import jax
+
+    from qwen3_tts_jax import enable_compilation_cache
+
+    keep = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        assert enable_compilation_cache(str(tmp_path / "a"), min_compile_time_secs=0.0)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        enable_compilation_cache(str(tmp_path / "b"))
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+    finally:
+        jax.config.update("jax_compilation_cache_dir", keep[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", keep[1])
+
+
 def test_voice_clone_prompt_checks_and_forms(make_checkpoint, tmp_path):
     import pathlib
 

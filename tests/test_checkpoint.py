@@ -305,3 +305,129 @@ def test_speaker_encoder_config_errors_name_the_file(tmp_path, make_checkpoint, 
     with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "config.json")) + ".*"
                        + re.escape(needle) + ".*official speaker encoder cannot run it either"):
         load_config(str(tmp_path))
+
+
+# ------------------------------------------------------------------ the packed-weights cache
+def _same_tree(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _counting_load(path, cfg, calls):
+    def load():
+        calls.append(1)
+        return checkpoint.load_params(path, cfg)
+    return load
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_weights_cache_gives_the_packed_params_without_loading(tmp_path, make_checkpoint,
+                                                               quantize):
+    path = make_checkpoint("base")          # speaker encoder (float32 whatever the dtype) too
+    cfg = load_config(path)
+    cache = str(tmp_path / "weights")
+    fresh = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), quantize=quantize)
+    calls = []
+    first = checkpoint.load_for_inference(path, cfg, quantize=quantize, cache_dir=cache,
+                                          load=_counting_load(path, cfg, calls))
+    assert calls == [1] and len(os.listdir(cache)) == 1
+    again = checkpoint.load_for_inference(path, cfg, quantize=quantize, cache_dir=cache,
+                                          load=_counting_load(path, cfg, calls))
+    assert calls == [1]                     # read from the cache, the checkpoint not loaded
+    _same_tree(first, fresh)
+    _same_tree(again, fresh)
+
+
+def test_weights_cache_is_per_choice_and_stale_keys_repack(tmp_path, make_checkpoint):
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(make_checkpoint("cv_proj"), path)
+    cfg = load_config(path)
+    cache = str(tmp_path / "weights")
+    calls = []
+    load = _counting_load(path, cfg, calls)
+    checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)
+    checkpoint.load_for_inference(path, cfg, quantize="int8", cache_dir=cache, load=load)
+    assert calls == [1, 1] and len(os.listdir(cache)) == 2      # one file per choice
+    # the checkpoint changes: the cached file is stale, the new weights are loaded and cached
+    file = os.path.join(path, "model.safetensors")
+    sd = load_file(file)
+    key = "talker.model.layers.0.mlp.down_proj.weight"
+    sd[key] = sd[key] * 2
+    save_file(sd, file)
+    got = checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)
+    assert calls == [1, 1, 1] and len(os.listdir(cache)) == 2   # rewritten in place
+    _same_tree(got, checkpoint.pack_for_inference(checkpoint.load_params(path, cfg)))
+    checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)
+    assert calls == [1, 1, 1]
+
+
+def test_corrupt_weights_cache_warns_and_loads_the_checkpoint(tmp_path, make_checkpoint, caplog):
+    path = make_checkpoint("cv_proj")
+    cfg = load_config(path)
+    cache = str(tmp_path / "weights")
+    calls = []
+    load = _counting_load(path, cfg, calls)
+    good = checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)
+    (file,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    with caplog.at_level("WARNING", logger="qwen3_tts_jax"):
+        got = checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)
+    assert calls == [1, 1] and "cannot be read" in caplog.text
+    _same_tree(got, good)
+    checkpoint.load_for_inference(path, cfg, cache_dir=cache, load=load)   # rewritten
+    assert calls == [1, 1]
+
+
+def test_unwritable_weights_cache_warns_and_runs(tmp_path, make_checkpoint, caplog):
+    path = make_checkpoint("cv_proj")
+    cfg = load_config(path)
+    (tmp_path / "file").write_text("")
+    with caplog.at_level("WARNING", logger="qwen3_tts_jax"):
+        got = checkpoint.load_for_inference(path, cfg, cache_dir=str(tmp_path / "file" / "w"))
+    assert "cannot write" in caplog.text
+    _same_tree(got, checkpoint.pack_for_inference(checkpoint.load_params(path, cfg)))
+
+
+def test_from_pretrained_weights_cache(tmp_path, make_checkpoint):
+    path = make_checkpoint("cv_proj")
+    cache = str(tmp_path / "weights")
+    plain = Qwen3TTS.from_pretrained(path)
+    cached = Qwen3TTS.from_pretrained(path, weights_cache=cache)
+    assert os.listdir(cache)
+    again = Qwen3TTS.from_pretrained(path, weights_cache=cache)
+    _same_tree(cached.params, plain.params)
+    _same_tree(again.params, plain.params)
+
+
+def test_tensor_file_reads_what_safetensors_wrote(tmp_path):
+    from safetensors import safe_open
+
+    from qwen3_tts_jax import weights
+
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    tensors = {"f32": rng.standard_normal((3, 17), np.float32),
+               "bf16": rng.standard_normal((5, 4)).astype(ml_dtypes.bfloat16),
+               "i8": rng.integers(-127, 128, (2, 3, 65)).astype(np.int8),
+               "empty": np.zeros((0, 4), np.float32)}
+    file = str(tmp_path / "t.safetensors")
+    save_file(tensors, file, metadata={"a": "b"})
+    with weights.TensorFile(file) as f, safe_open(file, framework="np") as ref:
+        assert f.metadata == {"a": "b"} and sorted(f.keys()) == sorted(tensors)
+        for k in tensors:
+            a = f.read(k)
+            assert a.ctypes.data % weights.ALIGN == 0 or a.size == 0
+            assert a.dtype == ref.get_tensor(k).dtype
+            np.testing.assert_array_equal(a, ref.get_tensor(k))
+            np.testing.assert_array_equal(np.asarray(weights.to_device(a)), tensors[k])
+    with open(file, "r+b") as fh:
+        fh.truncate(os.path.getsize(file) - 8)
+    with weights.TensorFile(file) as f, pytest.raises(CheckpointError, match="ends inside"):
+        for k in f.keys():
+            f.read(k)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        weights.TensorFile(str(tmp_path / "junk.safetensors"))

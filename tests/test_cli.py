@@ -119,6 +119,15 @@ def test_list_speakers(make_checkpoint):
         ["serena", "vivian", "uncle_fu", "ryan", "aiden", "ono_anna", "sohee", "eric", "dylan"])
 
 
+def test_weights_cache_flag(tmp_path, make_checkpoint):
+    cache = tmp_path / "weights"
+    for _ in range(2):      # writes the packed weights, then reads them
+        r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--list-speakers",
+                "--weights-cache", str(cache))
+        assert r.returncode == 0 and "ryan" in r.stdout.split(), r.stderr
+        assert len(os.listdir(cache)) == 1
+
+
 def test_clone_saves_and_reuses_a_voice(tmp_path, make_checkpoint):
     from test_audio import write_speech
 
