@@ -615,7 +615,8 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
         if b1 and "decode_s" in b1:
             lines.append(f"- {name}: of the batch-1 greedy whole utterance "
                          f"({b1['audio_s']:.2f} s of audio), the codec decode takes "
-                         f"{b1['decode_s']:.2f} s (codec compile {b1['codec_cold_s'] - b1['decode_s']:.1f} s).")
+                         f"{b1['decode_s']:.2f} s (codec compile "
+                         f"{b1['codec_cold_s'] - b1['decode_s']:.1f} s).")
         lines.append(f"- {name}: load {res['load_s']:.1f} s, peak host RSS "
                      f"{res['peak_rss_gb']:.1f} GB"
                      f"{', XLA_FLAGS ' + res['xla_flags'] if res['xla_flags'] else ''}.")
