@@ -10,8 +10,9 @@ integer dot instructions ("int8": AVX-512 VNNI or AVX2, picked from CPUID at run
           microseconds of dispatch are included), float32 panels for reference, the "int8" kernel
           on each instruction path this CPU has.
   frames  codes frames/s (greedy, no codec, prefill included) of `generate` on the full-size
-          checkpoint at each batch, both formats loaded side by side and timed alternately (best
-          of --repeats warm runs each), so that other load on the machine hits both alike.
+          checkpoint at each batch, both formats held side by side (the same int8 values in
+          either kernel's panels, every other array shared) and timed alternately (best of
+          --repeats warm runs each), so that other load on the machine hits both alike.
 The load average before and after is printed; the section is appended to --results (RESULTS.md).
 """
 from __future__ import annotations
@@ -57,7 +58,8 @@ def micro(jax, jnp, cpu_kernels, quantize, rows=(1, 8)) -> list[str]:
                     f(x, packed).block_until_ready()
                     times.append(time.perf_counter() - t)
                 cells.append(f"{np.median(times) * 1e6:.0f}")
-            out.append(f"| {name} ({K}, {N}) | {M} | " + " | ".join(cells) + " |")
+            label = name.replace("|", "\\|")
+            out.append(f"| {label} ({K}, {N}) | {M} | " + " | ".join(cells) + " |")
             print(out[-1], flush=True)
     return out
 
@@ -65,7 +67,7 @@ def micro(jax, jnp, cpu_kernels, quantize, rows=(1, 8)) -> list[str]:
 def frames(args, jax, jnp) -> list[str]:
     sys.path.insert(0, HERE)
     from bench_scale import DEFAULTS, LANGUAGE, SPEAKER, prompt_ids
-    from qwen3_tts_jax import checkpoint, prompts, sampling
+    from qwen3_tts_jax import checkpoint, cpu_kernels, prompts, sampling
     from qwen3_tts_jax import generate as gen
     from qwen3_tts_jax.buckets import ladder
     from qwen3_tts_jax.config import load_config
@@ -73,12 +75,17 @@ def frames(args, jax, jnp) -> list[str]:
 
     cfg = load_config(args.folder)
     base = Options.for_backend("cpu")
-    formats = {}
-    for acts in ("float", "int8"):
-        options = dataclasses.replace(base, int8_activations=acts)
-        params = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg),
-                                               consume=True, quantize="int8", options=options)
-        formats[acts] = (jax.block_until_ready(params), options)
+    new = dataclasses.replace(base, int8_activations="int8")
+    params = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg),
+                                           consume=True, quantize="int8", options=new)
+    # the same int8 values in the "float" format's panels; every other array is shared (two
+    # full loads do not fit beside other jobs on a small machine)
+    is_dot = lambda w: isinstance(w, cpu_kernels.PackedInt8DotWeight)
+    old = jax.tree_util.tree_map(lambda w: cpu_kernels.pack(w.unpack(), "float") if is_dot(w)
+                                 else w, params, is_leaf=is_dot)
+    formats = {"float": (jax.block_until_ready(old),
+                         dataclasses.replace(base, int8_activations="float")),
+               "int8": (params, new)}
     F = args.frames
     out = ["| batch | int8, float32 activations (codes frames/s) | int8 x int8 (codes frames/s) "
            "| ratio | first frames' codes equal |", "| --- | --- | --- | --- | --- |"]

@@ -107,11 +107,18 @@ def formats(args):
             f32 = Qwen3TTS.from_pretrained(folder, jnp.float32, options=base)
             ref = run(f32, f32.params, base)
             del f32
+            # one int8 load; each format's panels from its values, every other array shared
+            new = dataclasses.replace(base, int8_activations="int8")
+            tts = Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int8", options=new)
+            is_dot = lambda w: isinstance(w, cpu_kernels.PackedInt8DotWeight)
             for fmt, acts, block in FORMATS:
                 options = dataclasses.replace(base, int8_activations=acts)
-                tts = Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int8",
-                                               options=options)
-                params = with_block(tts.params, block) if block is not None else tts.params
+                if acts == "float":
+                    params = jax.tree_util.tree_map(
+                        lambda w: cpu_kernels.pack(w.unpack(), "float") if is_dot(w) else w,
+                        tts.params, is_leaf=is_dot)
+                else:
+                    params = with_block(tts.params, block)
                 logits, codes, waves = run(tts, params, options)
                 rel = float(np.linalg.norm(logits - ref[0]) / np.linalg.norm(ref[0]))
                 first, equal, snr = [], [], []
@@ -129,7 +136,8 @@ def formats(args):
                             f"of {frames} | {np.mean(equal):.3f} | "
                             f"{' / '.join(f'{x:.1f}' for x in snr)} |")
                 print(rows[-1], flush=True)
-                del tts, params
+                del params
+            del tts
     lines = [f"## int8 formats against float32: logits, codes, audio ({len(folders)} random "
              f"checkpoints, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
              f"`python benchmarks/bench_quantize.py --formats --tiny {args.tiny}"

@@ -8,6 +8,11 @@ packed once, at load time, into column panels (`PackedWeight`), and the kernel s
 once: 1.7-2.5x XLA's product at 8-16 rows, as fast as YNNPACK at hundreds (the prefill), so every
 product with a packed weight takes it (benchmarks/RESULTS.md, Decisions: "C++ kernels").
 
+int8 weights (`quantize.py`) have two kernels, `Options.int8_activations`: "float" widens the
+int8 panels to float32 in registers (`PackedInt8Weight`); "int8" quantizes each activation row
+per block of `ACT_BLOCK` k on the fly and multiplies bytes on the CPU's integer dot instructions,
+AVX-512 VNNI or AVX2, whichever CPUID reports at run time (`PackedInt8DotWeight`).
+
 Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
 slots of the heads-major cache (`layers.KVCacheHeadsMajor`) only.
