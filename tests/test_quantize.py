@@ -274,6 +274,9 @@ def test_int8_activations_option_picks_the_packing_and_the_program(make_checkpoi
     base = Options.for_backend("cpu")
     if not base.cpu_kernels:
         pytest.skip("kernel not built here")
+    # the CPU default: int8 activations where the CPU has an integer dot path
+    want = "int8" if {"avx2", "avx512vnni"} & set(cpu_kernels.int8_paths()) else "float"
+    assert base.int8_activations == want
     old = dataclasses.replace(base, int8_activations="float")
     new = dataclasses.replace(base, int8_activations="int8")
     assert old != new and hash(old) != hash(new)
