@@ -194,6 +194,11 @@ def int8_dot_reference(x, values, wscale, block):
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="kernel not built here")
 
 
+def platform_x86() -> bool:
+    import platform
+    return platform.machine() in ("x86_64", "AMD64", "i686")
+
+
 def _int8_weight(rng, K, N):
     return quantize.quantize_int8(jnp.asarray(rng.standard_normal((K, N), dtype=np.float32)
                                               * 0.05))
@@ -316,3 +321,36 @@ def test_int8_activations_option_picks_the_packing_and_the_program(make_checkpoi
         # measured: rows part at frames 19 and 23 of 40, after which the random model's
         # near-ties make every later frame differ
         assert first >= 12, (row, first)
+
+
+GENERIC_BUILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from qwen3_tts_jax import cpu_kernels
+cpu_kernels.FLAGS = [f if f != "-march=native" else "-march=x86-64" for f in cpu_kernels.FLAGS]
+import numpy as np, jax.numpy as jnp
+from test_quantize import int8_dot_reference, _int8_weight
+assert cpu_kernels.available()
+rng = np.random.default_rng(5)
+q = _int8_weight(rng, 100, 48)
+packed = cpu_kernels.pack(q, "int8")
+x = rng.standard_normal((9, 100), dtype=np.float32)
+want = int8_dot_reference(x, q.values, q.scale, cpu_kernels.ACT_BLOCK)
+for p in cpu_kernels.int8_paths():
+    assert np.array_equal(np.asarray(cpu_kernels.linear(jnp.asarray(x), packed, path=p)), want), p
+print(",".join(cpu_kernels.int8_paths()))
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not platform_x86(), reason="x86 paths")
+def test_int8_paths_are_picked_at_run_time_in_a_generic_build(tmp_path):
+    """Built for the baseline x86-64 (no AVX at compile time), the library still finds and runs
+    the AVX2 and VNNI paths this CPU has (function target attributes, CPUID at run time)."""
+    import os
+
+    r = subprocess.run([sys.executable, "-c", GENERIC_BUILD, os.path.dirname(__file__)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HOME=str(tmp_path), JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].split(",") == list(cpu_kernels.int8_paths())
