@@ -15,10 +15,23 @@ Random weights give flat logits with many near-ties, so greedy frames diverge ea
 small errors: the error-over-spread ratio, int8 next to bf16, is the scale-free measure.
 The checkpoint is built (with bench_scale.py) when the folder has none. Results are printed and
 appended to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_quantize.py --formats [--tiny 3] [--folder /tmp/ckpt0b6] [--frames 200]
+
+The int8 formats of the CPU kernels against float32 (`Options.int8_activations`: "float", the
+int8 weights widened to float32; "int8", the activations quantized per block of 32 or 64 k, or
+per row), on --tiny random tiny checkpoints (tests/official.py, no EOS, built in a temporary
+folder) and on the full-size checkpoint of --folder if given; two prompts each, greedy:
+  logits rel. error   ||logits - float32 logits|| / ||float32 logits||, the first code-0 step
+  first difference    the first frame whose 16 codes differ from float32's (per prompt)
+  codes equal         the fraction of the --frames x 16 codes equal to float32's, position-wise
+  audio SNR           both code sequences through the checkpoint's codec: 10 log10(sum ref^2 /
+                      sum (wave - ref)^2) over the shorter wave, dB
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import subprocess
@@ -30,14 +43,131 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+FORMATS = (("int8 weights, float32 activations", "float", None),
+           ("int8 weights, int8 activations per 32 k", "int8", 32),
+           ("int8 weights, int8 activations per 64 k", "int8", 64),
+           ("int8 weights, int8 activations per row", "int8", 0))
+
+
+def formats(args):
+    import tempfile
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from qwen3_tts_jax import Qwen3TTS, cpu_kernels
+    from qwen3_tts_jax import generate as gen
+    from qwen3_tts_jax.options import Options
+
+    base = Options.for_backend("cpu")
+    if not base.cpu_kernels:
+        sys.exit("the CPU kernels are needed (they did not build here)")
+    texts = ["Hello there, this is a longer test of the quantized formats.", "Short one."]
+    F = args.frames
+
+    def run(tts, params, options):
+        kw = dict(text=texts, speaker=["ryan", "vivian"], language=["english", "english"],
+                  do_sample=False, subtalker_dosample=False, max_new_tokens=F + 1)
+        batch, settings, keys = tts.prepare_custom_voice(**kw)
+        state, _ = gen.prefill(params, tts.config, batch, settings, keys,
+                               frames=gen.capacity(F + 1, options), options=options)
+        logits = np.asarray(state.logits_BxV, np.float64)
+        out = gen.generate(params, tts.config, batch, settings, keys, max_frames=F,
+                           options=options)
+        lengths = np.asarray(out.length_B)
+        codes = [np.asarray(out.codes_BxFxG)[b, :lengths[b]] for b in range(len(texts))]
+        waves = tts.decode(codes)[0]
+        return logits, codes, waves
+
+    def with_block(params, block):
+        is_dot = lambda w: isinstance(w, cpu_kernels.PackedInt8DotWeight)
+        return jax.tree_util.tree_map(
+            lambda w: dataclasses.replace(w, block=block) if is_dot(w) else w, params,
+            is_leaf=is_dot)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_quantize_") as tmp:
+        folders = []
+        if args.tiny:
+            from official import Spec, build_checkpoint, build_codec, build_text_tokenizer
+            tok = build_text_tokenizer(os.path.join(tmp, "_tok"))
+            codec = os.path.join(tmp, "_codec")
+            build_codec(codec)
+            for i in range(args.tiny):
+                spec = Spec(seed=20 + i, eos_scale=0.0, hidden=64, ffn=128, layers=3,
+                            cp_hidden=48, cp_ffn=96)
+                folders.append((f"tiny seed {20 + i}", build_checkpoint(
+                    os.path.join(tmp, f"tiny{i}"), spec, codec_dir=codec, tokenizer=tok)))
+        if args.folder:
+            folders.append((f"full-size {args.size}", args.folder))
+        for name, folder in folders:
+            f32 = Qwen3TTS.from_pretrained(folder, jnp.float32, options=base)
+            ref = run(f32, f32.params, base)
+            del f32
+            # one int8 load; each format's panels from its values, every other array shared
+            new = dataclasses.replace(base, int8_activations="int8")
+            tts = Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int8", options=new)
+            is_dot = lambda w: isinstance(w, cpu_kernels.PackedInt8DotWeight)
+            for fmt, acts, block in FORMATS:
+                options = dataclasses.replace(base, int8_activations=acts)
+                if acts == "float":
+                    params = jax.tree_util.tree_map(
+                        lambda w: cpu_kernels.pack(w.unpack(), "float") if is_dot(w) else w,
+                        tts.params, is_leaf=is_dot)
+                else:
+                    params = with_block(tts.params, block)
+                logits, codes, waves = run(tts, params, options)
+                rel = float(np.linalg.norm(logits - ref[0]) / np.linalg.norm(ref[0]))
+                first, equal, snr = [], [], []
+                for c, r, w, rw in zip(codes, ref[1], waves, ref[2]):
+                    n = min(len(c), len(r))
+                    diff = np.flatnonzero((c[:n] != r[:n]).any(axis=1))
+                    first.append(int(diff[0]) if len(diff) else n)
+                    equal.append(float((c[:n] == r[:n]).mean()) if n else 1.0)
+                    m = min(len(w), len(rw))
+                    err = float(np.sum((w[:m] - rw[:m]) ** 2.0))
+                    snr.append(10 * np.log10(float(np.sum(rw[:m] ** 2.0)) / err) if err > 0
+                               else float("inf"))
+                frames = min(len(c) for c in ref[1])
+                rows.append(f"| {name} | {fmt} | {rel:.4f} | {' / '.join(map(str, first))} "
+                            f"of {frames} | {np.mean(equal):.3f} | "
+                            f"{' / '.join(f'{x:.1f}' for x in snr)} |")
+                print(rows[-1], flush=True)
+                del params
+            del tts
+    lines = [f"## int8 formats against float32: logits, codes, audio ({len(folders)} random "
+             f"checkpoints, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
+             f"`python benchmarks/bench_quantize.py --formats --tiny {args.tiny}"
+             + (f" --folder {args.folder} --size {args.size}" if args.folder else "")
+             + f" --frames {F}`: two prompts per checkpoint, greedy; figures per prompt are "
+             "given as a / b.", "",
+             "| checkpoint | format | first-step logits rel. error | first differing frame "
+             "| codes equal | audio SNR (dB) |", "| --- | --- | --- | --- | --- | --- |", *rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folder", required=True)
+    ap.add_argument("--folder")
+    ap.add_argument("--formats", action="store_true",
+                    help="the int8 formats of the CPU kernels against float32 (see above)")
+    ap.add_argument("--tiny", type=int, default=0, help="--formats: tiny random checkpoints")
     ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = ap.parse_args()
+    if args.formats:
+        return formats(args)
+    if not args.folder:
+        ap.error("--folder is required")
     if not os.path.exists(os.path.join(args.folder, "model.safetensors")):
         subprocess.run([sys.executable, os.path.join(HERE, "bench_scale.py"), "--size", args.size,
                         "--folder", args.folder, "--batches", "", "--official-batches", "",

@@ -100,7 +100,7 @@ def pack_for_inference(params, consume: bool = False, quantize: str | None = Non
     peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
     the converters use the unpacked form."""
     quantize_mod.check_method(quantize)
-    cpu_kernel = (options or Options.for_backend()).cpu_kernels
+    options = options or Options.for_backend()
     out = dict(params)
     for part in ("talker", "code_predictor"):
         sub = dict(out[part])
@@ -110,7 +110,8 @@ def pack_for_inference(params, consume: bool = False, quantize: str | None = Non
             layer = layers.pack_layer(src[i])
             if quantize:
                 layer = quantize_mod.quantize_layer(layer, quantize)
-            packed.append(cpu_kernels.pack_layer(layer) if cpu_kernel else layer)
+            packed.append(cpu_kernels.pack_layer(layer, options.int8_activations)
+                          if options.cpu_kernels else layer)
             src[i] = None
         sub["layers"] = packed
         out[part] = sub

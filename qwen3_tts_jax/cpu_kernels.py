@@ -8,6 +8,11 @@ packed once, at load time, into column panels (`PackedWeight`), and the kernel s
 once: 1.7-2.5x XLA's product at 8-16 rows, as fast as YNNPACK at hundreds (the prefill), so every
 product with a packed weight takes it (benchmarks/RESULTS.md, Decisions: "C++ kernels").
 
+int8 weights (`quantize.py`) have two kernels, `Options.int8_activations`: "float" widens the
+int8 panels to float32 in registers (`PackedInt8Weight`); "int8" quantizes each activation row
+per block of `ACT_BLOCK` k on the fly and multiplies bytes on the CPU's integer dot instructions,
+AVX-512 VNNI or AVX2, whichever CPUID reports at run time (`PackedInt8DotWeight`).
+
 Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
 slots of the heads-major cache (`layers.KVCacheHeadsMajor`) only.
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 PANEL = 16                        # output columns per panel (kernels/cpu_kernels.cc: PANEL)
 TARGET = "qwen3_tts_jax_rows_matmul"
 TARGET_INT8 = "qwen3_tts_jax_rows_matmul_int8"
+TARGET_INT8_DOT = "qwen3_tts_jax_rows_matmul_int8_dot"
 ATTEND = "qwen3_tts_jax_attend"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -86,13 +92,59 @@ class PackedInt8Weight:
         return Int8Weight(jnp.transpose(self.panels, (1, 0, 2)).reshape(K, P * J), self.scale)
 
 
+# int8 x int8 products (`Options.int8_activations="int8"`, kernels/cpu_kernels.cc
+# `RowsMatmulInt8Dot`): the activations are quantized per block of ACT_BLOCK consecutive k of a
+# row (benchmarks/RESULTS.md, Decisions: "int8 activations"), and the products run on the
+# fastest of these instruction paths that the CPU has, picked at run time from CPUID ("auto");
+# naming one forces it (tests).
+ACT_BLOCK = 32
+INT8_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512vnni": 3}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedInt8DotWeight:
+    """An `Int8Weight` for the int8 x int8 kernel: panels (N / PANEL, ceil(K / 4), 4 * PANEL)
+    uint8, panels[p, g, 4 j + i] = values[4 g + i, p * PANEL + j] + 128 (rows past K: 128, a zero
+    weight), the float32 scale (N,) of each output column, K, and the activations' block (`block`
+    consecutive k share a scale; 0: the whole row)."""
+    panels: jax.Array
+    scale: jax.Array
+    k: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(default=ACT_BLOCK, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.k, self.panels.shape[0] * PANEL
+
+    def unpack(self) -> Int8Weight:
+        P, G, _ = self.panels.shape
+        v = (self.panels.astype(jnp.int16) - 128).astype(jnp.int8).reshape(P, G, PANEL, 4)
+        v = jnp.transpose(v, (1, 3, 0, 2)).reshape(G * 4, P * PANEL)[:self.k]
+        return Int8Weight(v, self.scale)
+
+
+def _dot_panels(values):
+    K, N = values.shape
+    G = -(-K // 4)
+    v = jnp.pad(jnp.asarray(values, jnp.int8), ((0, 4 * G - K), (0, 0))).astype(jnp.int16)
+    v = jnp.transpose(v.reshape(G, 4, N // PANEL, PANEL), (2, 0, 3, 1))
+    return (v + 128).astype(jnp.uint8).reshape(N // PANEL, G, 4 * PANEL)
+
+
 def _panels(w):
     K, N = w.shape
     return jnp.transpose(jnp.reshape(w, (K, N // PANEL, PANEL)), (1, 0, 2))
 
 
-def pack(w) -> PackedWeight | PackedInt8Weight:
+def pack(w, int8_activations: str = "float",
+         block: int = ACT_BLOCK) -> PackedWeight | PackedInt8Weight | PackedInt8DotWeight:
+    """The kernel's layout of a float32 weight or an `Int8Weight`; `int8_activations`
+    (`Options.int8_activations`) picks the int8 weight's kernel: "float" (float32 activations,
+    `PackedInt8Weight`) or "int8" (activations quantized per `block`, `PackedInt8DotWeight`)."""
     if isinstance(w, Int8Weight):
+        if int8_activations == "int8":
+            return PackedInt8DotWeight(_dot_panels(w.values), w.scale, int(w.shape[0]), block)
         return PackedInt8Weight(_panels(w.values), w.scale)
     return PackedWeight(_panels(w))
 
@@ -103,12 +155,12 @@ def packable(w) -> bool:
     return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.float32 and w.shape[1] % PANEL == 0)
 
 
-def pack_layer(lp: dict) -> dict:
+def pack_layer(lp: dict, int8_activations: str = "float", block: int = ACT_BLOCK) -> dict:
     """One decoder layer in the inference layout (`layers.Attention`, `layers.MLP`) with its
-    products (q|k|v, o, gate|up, down; float32 or `Int8Weight`) packed, the norms as they are.
-    Weights whose width is not a multiple of PANEL stay as they are."""
+    products (q|k|v, o, gate|up, down; float32 or `Int8Weight`) packed (`pack`), the norms as
+    they are. Weights whose width is not a multiple of PANEL stay as they are."""
     a, m = lp["attn"], lp["mlp"]
-    p = lambda w: pack(w) if packable(w) else w
+    p = lambda w: pack(w, int8_activations, block) if packable(w) else w
     return {**lp, "attn": a._replace(qkv=p(a.qkv), o=p(a.o)),
             "mlp": m._replace(gate_up=p(m.gate_up), down=p(m.down))}
 
@@ -121,12 +173,14 @@ def pack_layer(lp: dict) -> dict:
 LIBRARY_ROWS = 1024
 
 
-def linear(x, w):
-    """x (..., K) @ w (K, N): the kernel for a `PackedWeight` or `PackedInt8Weight` (XLA's
-    product from `LIBRARY_ROWS` rows), XLA for an array or an `Int8Weight`."""
+def linear(x, w, path: str = "auto"):
+    """x (..., K) @ w (K, N): the kernel for a `PackedWeight`, `PackedInt8Weight` or
+    `PackedInt8DotWeight` (XLA's product from `LIBRARY_ROWS` rows, float32 activations), XLA for
+    an array or an `Int8Weight`. `path` (`INT8_PATHS`) forces the int8 x int8 kernel's
+    instruction path (tests); a path the CPU lacks fails when the program runs."""
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w)
-    if not isinstance(w, (PackedWeight, PackedInt8Weight)):
+    if not isinstance(w, (PackedWeight, PackedInt8Weight, PackedInt8DotWeight)):
         return x @ w
     if int(np.prod(x.shape[:-1], dtype=np.int64)) >= LIBRARY_ROWS:
         return linear(x, w.unpack())
@@ -141,6 +195,10 @@ def linear(x, w):
     x32 = x.reshape(rows, K).astype(jnp.float32)
     if isinstance(w, PackedInt8Weight):   # also under bf16 activations: float32 inside
         y = jax.ffi.ffi_call(TARGET_INT8, out)(x32, w.panels, w.scale)
+    elif isinstance(w, PackedInt8DotWeight):
+        y = jax.ffi.ffi_call(TARGET_INT8_DOT, out)(x32, w.panels, w.scale,
+                                                   path=np.int32(INT8_PATHS[path]),
+                                                   block=np.int32(w.block))
     else:
         y = jax.ffi.ffi_call(TARGET, out)(x32, w.panels)
     return y.reshape(*lead, N).astype(x.dtype)
@@ -163,6 +221,18 @@ def available() -> bool:
     if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
         return False
     return _registered()
+
+
+def int8_paths() -> tuple[str, ...]:
+    """The int8 x int8 kernel's instruction paths this CPU runs (CPUID, asked by the kernel
+    library), slowest first; () without the kernels."""
+    lib = _library()
+    if lib is None:
+        return ()
+    fn = lib.qwen3_tts_jax_int8_paths
+    fn.restype = ctypes.c_int32
+    bits = fn()
+    return tuple(name for name, p in INT8_PATHS.items() if p and bits & (1 << p))
 
 
 def _cache_dir() -> str:
@@ -204,19 +274,25 @@ def build(path: str | None = None) -> str:
     return path
 
 
-@functools.cache
 def _registered() -> bool:
+    return _library() is not None
+
+
+@functools.cache
+def _library():
+    """The kernel library, built if needed, with its FFI targets registered; None (and one
+    warning) where it cannot be built or loaded."""
     try:
         path = _library_path()
         if not os.path.exists(path):
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
-        for name in (TARGET, TARGET_INT8, ATTEND):
+        for name in (TARGET, TARGET_INT8, TARGET_INT8_DOT, ATTEND):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
-        return True
+        return lib
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("qwen3-tts-jax: the CPU kernels are not available (%s); using XLA's ops "
                     "(slower at small batches)", detail.strip()[-500:])
-        return False
+        return None

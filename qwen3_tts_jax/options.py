@@ -20,6 +20,7 @@ import functools
 CACHE_LAYOUTS = ("heads", "positions")
 KTH_METHODS = ("top_k", "pairwise")
 ATTENTIONS = (None, "xla", "cudnn")
+INT8_ACTIVATIONS = ("float", "int8")
 
 # XLA:CPU hands matrix products to YNNPACK by default; these options turn its fusions off.
 CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -65,6 +66,14 @@ class Options:
     # device (the custom calls have no sharding rule) and the kernels built.
     cpu_kernels: bool = False
 
+    # With `quantize="int8"` and `cpu_kernels`: the activations of the int8 products. "float":
+    # float32 activations times the int8 weights widened to float32 (`PackedInt8Weight`);
+    # "int8": each row quantized to int8 per block of 32 k on the fly, integer dot instructions
+    # (AVX-512 VNNI or AVX2, picked from CPUID at run time; `PackedInt8DotWeight`). The weights
+    # are packed for it at load (`checkpoint.pack_for_inference`). Measured speed and closeness
+    # to float32: benchmarks/RESULTS.md, Decisions: "int8 activations".
+    int8_activations: str = "float"
+
     # XLA compiler options of the frame loop (`generate.decode`), (name, value) pairs or None.
     # On the CPU with float32 weights YNNPACK's fusions are off: YNNPACK repacks each weight on
     # every call, and the frame costs 1.6x more at batch 8 and 1.1x at batch 1 than with XLA's
@@ -96,6 +105,8 @@ class Options:
             bad("kth_by", self.kth_by, f"use one of {KTH_METHODS}")
         if self.attention not in ATTENTIONS:
             bad("attention", self.attention, f"use one of {ATTENTIONS}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            bad("int8_activations", self.int8_activations, f"use one of {INT8_ACTIVATIONS}")
         for name in ("unroll_predictor", "specialize_sampler", "runtime_dispatch", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "use True or False")
@@ -135,12 +146,15 @@ class Options:
             base = dict(cache_layout="heads", unroll_predictor=False, kth_by="top_k",
                         specialize_sampler=False, runtime_dispatch=True,
                         cpu_kernels=cpu_kernels.available(),
+                        int8_activations=("int8" if {"avx2", "avx512vnni"} &
+                                          set(cpu_kernels.int8_paths()) else "float"),
                         decode_compiler_options=(CPU_DECODE_OPTIONS if f32 and
                                                  _accepted(CPU_DECODE_OPTIONS) else None),
                         min_rows=1)
         else:
             base = dict(cache_layout="positions", unroll_predictor=True, kth_by="pairwise",
                         specialize_sampler=True, runtime_dispatch=False, cpu_kernels=False,
+                        int8_activations="float",
                         decode_compiler_options=None, min_rows=2 if backend == "gpu" else 1)
         return cls(**{**base, **overrides})
 

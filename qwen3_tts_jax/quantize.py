@@ -8,8 +8,11 @@ norms, attention, embeddings and the codec heads stay in the model's dtype (floa
 
 Why: a batch-1 frame on the CPU is bound by memory bandwidth (it reads the talker once and the
 predictor 15 times); int8 weights are a quarter of the float32 bytes. On a single CPU device the
-products run the CPU kernel's int8 form (`cpu_kernels.PackedInt8Weight`: the panels are widened
-to float32 in registers, the scale applied once per output). Elsewhere (GPU, TPU, meshes) the
+products run one of the CPU kernel's int8 forms, `Options.int8_activations`: "float"
+(`cpu_kernels.PackedInt8Weight`: the panels are widened to float32 in registers, the scale
+applied once per output) or "int8" (`cpu_kernels.PackedInt8DotWeight`: the activations are
+quantized to int8 per block of 32 k as well, and the products run on the CPU's integer dot
+instructions). Elsewhere (GPU, TPU, meshes) the
 product is XLA's with the int8 -> activation-dtype convert fused in: a smaller model in memory.
 
 Not the official model: the logits err about twice as much as bf16's against float32, and codes

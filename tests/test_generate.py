@@ -316,7 +316,8 @@ def test_options_are_part_of_the_program_key(models):
 @pytest.mark.parametrize("field, value", [
     ("cache_layout", "rows"), ("kth_by", "sort"), ("attention", "flash"),
     ("unroll_predictor", 1), ("cpu_kernels", None), ("min_rows", 0), ("first_frames", 0),
-    ("pairwise_max", -1), ("decode_compiler_options", [("x", [1])])])
+    ("pairwise_max", -1), ("decode_compiler_options", [("x", [1])]),
+    ("int8_activations", "int4")])
 def test_invalid_option_is_named(field, value):
     with pytest.raises(ValueError, match=rf"Options\.{field}="):
         Options(**{field: value})

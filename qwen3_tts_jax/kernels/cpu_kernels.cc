@@ -1,6 +1,9 @@
 // The CPU kernels of the frame loop, as XLA:CPU FFI custom calls (qwen3_tts_jax/cpu_kernels.py):
 //   qwen3_tts_jax_rows_matmul  y = x @ W for a few rows of x, W stored as column panels
 //   qwen3_tts_jax_rows_matmul_int8  the same with int8 panels and a scale per column
+//   qwen3_tts_jax_rows_matmul_int8_dot  int8 panels times activations quantized to int8, on the
+//                              CPU's integer dot instructions (AVX-512 VNNI, AVX2, or plain C++)
+//   qwen3_tts_jax_int8_paths   (plain C) which of those the CPU running it has
 //   qwen3_tts_jax_attend       one decode step's attention over the filled slots of a KV cache
 //
 // Products. Why: in the frame loop every product is a few rows (the batch) times a weight matrix that is
@@ -26,8 +29,9 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX2__
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#define QWEN3_TTS_X86 1
+#include <immintrin.h>  // functions with a target attribute may use any of it
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -252,6 +256,282 @@ ffi::Error RowsMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 // ---------------------------------------------------------------------------------------------
+// int8 x int8 products on integer dot instructions (`Options.int8_activations="int8"`).
+//
+// Layout (cpu_kernels.py `PackedInt8DotWeight`): panels of PANEL output columns, each k-group of
+// 4 consecutive k as one 32-bit lane per column: W[n / PANEL, g, n % PANEL, k % 4] for k = 4 g +
+// k % 4, K padded to a multiple of 4 with zero weights, stored as uint8 = int8 value + 128 (1..255,
+// padding 128). One k-group of a panel is 64 bytes: one cache line, one 512-bit vector.
+//
+// Activations: each row is quantized on the fly in blocks of `block` consecutive k (a multiple of
+// 4; 0: the whole row), symmetric: scale = max |x| / 127 over the block, q = rint(clamp(x * (127 /
+// max |x|), -127, 127)) (0 and scale 0 for an all-zero block).
+//
+// Arithmetic, the same on every path (exact integers, then float32 in a fixed order, so that the
+// paths agree bit for bit and with a numpy model of it, tests/test_quantize.py):
+//   acc[b, n] = sum_{k in block b} q[k] * w[k, n]                       (int32, exact)
+//   y[n] = (sum_b float(acc[b, n]) * xscale[b]) * wscale[n]             (b in increasing order,
+//                                                                          each * and + rounded)
+// `vpdpbusd` multiplies unsigned by signed bytes, so the weights are the unsigned side (w + 128)
+// and each block's sum starts at -128 * sum_k q[k] (exact). The AVX2 path (`vpmaddubsw`, whose
+// 16-bit pair sums saturate at 255 * 127 * 2) takes the weights back to signed and multiplies |q|
+// by w with q's sign (`vpsignb`): pairs of at most 2 * 127 * 127, no saturation.
+
+enum Int8Path : int32_t { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512_VNNI = 3 };
+
+int32_t int8_paths() {  // bit p set: path p runs on this CPU (CPUID, at run time)
+  int32_t paths = 1 << PATH_SCALAR;
+#ifdef QWEN3_TTS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) paths |= 1 << PATH_AVX2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni"))
+    paths |= 1 << PATH_AVX512_VNNI;
+#endif
+  return paths;
+}
+
+// One call's activations, quantized: M rows of Kp int8 (zero past K), and per (row, block) the
+// float scale and the starting sum -128 * sum(q) of the unsigned-weight paths.
+struct QuantizedRows {
+  int64_t M = 0, Kp = 0, block = 0, blocks = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> offset;
+
+  void quantize(const float* x, int64_t rows, int64_t K, int64_t Kpad, int64_t blk) {
+    M = rows;
+    Kp = Kpad;
+    block = blk > 0 ? blk : Kpad;
+    blocks = (Kp + block - 1) / block;
+    q.assign(M * Kp, 0);
+    scale.assign(M * blocks, 0.0f);
+    offset.assign(M * blocks, 0);
+    for (int64_t r = 0; r < M; ++r) {
+      const float* xr = x + r * K;
+      int8_t* qr = q.data() + r * Kp;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t lo = b * block, hi = std::min(lo + block, K);
+        float amax = 0.0f;
+        bool finite = true;
+        for (int64_t k = lo; k < hi; ++k) {
+          amax = std::max(amax, std::fabs(xr[k]));
+          finite &= std::isfinite(xr[k]);
+        }
+        if (!finite) {  // the block's outputs become NaN, as a float product's would
+          scale[r * blocks + b] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        if (amax == 0.0f) continue;  // q = 0, scale 0
+        const float inv = 127.0f / amax;
+        int32_t sum = 0;
+        for (int64_t k = lo; k < hi; ++k) {
+          const float v = std::nearbyint(std::min(127.0f, std::max(-127.0f, xr[k] * inv)));
+          qr[k] = static_cast<int8_t>(v);
+          sum += qr[k];
+        }
+        scale[r * blocks + b] = amax / 127.0f;
+        offset[r * blocks + b] = -128 * sum;
+      }
+    }
+  }
+};
+
+// A product rounded on its own: the compiler may not fuse it into the add that follows (an FMA
+// rounds once), so that every path rounds as the numpy model does.
+template <typename T>
+inline T rounded(T v) {
+#ifdef QWEN3_TTS_X86
+  __asm__("" : "+v"(v));
+#else
+  volatile T copy = v;
+  v = copy;
+#endif
+  return v;
+}
+
+inline int32_t load32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Plain C++: any CPU; one row at a time.
+void dot_rows_scalar(const QuantizedRows& xq, int64_t r0, int64_t rows, const uint8_t* panel,
+                     const float* wscale, float* y, int64_t N) {
+  const int64_t G = xq.Kp / 4, GB = xq.block / 4;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    const int8_t* qr = xq.q.data() + r * xq.Kp;
+    float out[PANEL] = {};
+    for (int64_t g0 = 0, b = 0; g0 < G; g0 += GB, ++b) {
+      int32_t acc[PANEL] = {};
+      for (int64_t g = g0; g < std::min(g0 + GB, G); ++g)
+        for (int64_t j = 0; j < PANEL; ++j)
+          for (int64_t i = 0; i < 4; ++i)
+            acc[j] += (static_cast<int32_t>(panel[(g * PANEL + j) * 4 + i]) - 128) * qr[g * 4 + i];
+      const float s = xq.scale[r * xq.blocks + b];
+      for (int64_t j = 0; j < PANEL; ++j) {
+        const float term = rounded(static_cast<float>(acc[j]) * s);
+        out[j] = out[j] + term;
+      }
+    }
+    for (int64_t j = 0; j < PANEL; ++j) y[r * N + j] = out[j] * wscale[j];
+  }
+}
+
+#ifdef QWEN3_TTS_X86
+constexpr int64_t DOT_AHEAD = 64;  // k-groups (cache lines) a panel's own stream is prefetched ahead
+
+// AVX-512 VNNI: up to 8 rows x 16 columns; one 512-bit weight vector per k-group, each row's 4
+// activation bytes broadcast into it.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_tile_vnni(
+    const QuantizedRows& xq, int64_t r0, const uint8_t* panel, const float* wscale, float* y,
+    int64_t N) {
+  const int64_t G = xq.Kp / 4, GB = xq.block / 4;
+  __m512 out[ROWS];
+  for (int r = 0; r < ROWS; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g0 = 0, b = 0; g0 < G; g0 += GB, ++b) {
+    const int64_t g1 = std::min(g0 + GB, G);
+    __m512i acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_set1_epi32(xq.offset[(r0 + r) * xq.blocks + b]);
+    for (int64_t g = g0; g < g1; ++g) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (g + DOT_AHEAD) * 64), _MM_HINT_NTA);
+      const __m512i w = _mm512_loadu_si512(panel + g * 64);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i xb = _mm512_set1_epi32(load32(xq.q.data() + (r0 + r) * xq.Kp + g * 4));
+        acc[r] = _mm512_dpbusd_epi32(acc[r], w, xb);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 term = rounded(_mm512_mul_ps(
+          _mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(xq.scale[(r0 + r) * xq.blocks + b])));
+      out[r] = _mm512_add_ps(out[r], term);
+    }
+  }
+  const __m512 ws = _mm512_loadu_ps(wscale);
+  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + (r0 + r) * N, _mm512_mul_ps(out[r], ws));
+}
+
+// AVX2: up to 3 rows x 16 columns as two 8-lane halves.
+template <int ROWS>
+__attribute__((target("avx2"))) void dot_tile_avx2(const QuantizedRows& xq, int64_t r0,
+                                                   const uint8_t* panel, const float* wscale,
+                                                   float* y, int64_t N) {
+  const int64_t G = xq.Kp / 4, GB = xq.block / 4;
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 out[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
+  for (int64_t g0 = 0, b = 0; g0 < G; g0 += GB, ++b) {
+    const int64_t g1 = std::min(g0 + GB, G);
+    __m256i acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t g = g0; g < g1; ++g) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (g + DOT_AHEAD) * 64), _MM_HINT_NTA);
+      const __m256i* wp = reinterpret_cast<const __m256i*>(panel + g * 64);
+      const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256(wp), bias);  // back to int8
+      const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256(wp + 1), bias);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i xb = _mm256_set1_epi32(load32(xq.q.data() + (r0 + r) * xq.Kp + g * 4));
+        const __m256i ax = _mm256_abs_epi8(xb);
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
+            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 s = _mm256_set1_ps(xq.scale[(r0 + r) * xq.blocks + b]);
+      for (int h = 0; h < 2; ++h)
+        out[r][h] = _mm256_add_ps(out[r][h],
+                                  rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s)));
+    }
+  }
+  const __m256 ws0 = _mm256_loadu_ps(wscale), ws1 = _mm256_loadu_ps(wscale + 8);
+  for (int r = 0; r < ROWS; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N, _mm256_mul_ps(out[r][0], ws0));
+    _mm256_storeu_ps(y + (r0 + r) * N + 8, _mm256_mul_ps(out[r][1], ws1));
+  }
+}
+#endif
+
+int64_t dot_max_rows(int32_t path) {
+  return path == PATH_AVX512_VNNI ? 8 : path == PATH_AVX2 ? 3 : 1;
+}
+
+void dot_tile(int32_t path, int64_t rows, const QuantizedRows& xq, int64_t r0,
+              const uint8_t* panel, const float* wscale, float* y, int64_t N) {
+#ifdef QWEN3_TTS_X86
+  if (path == PATH_AVX512_VNNI) {
+    switch (rows) {
+      case 1: return dot_tile_vnni<1>(xq, r0, panel, wscale, y, N);
+      case 2: return dot_tile_vnni<2>(xq, r0, panel, wscale, y, N);
+      case 3: return dot_tile_vnni<3>(xq, r0, panel, wscale, y, N);
+      case 4: return dot_tile_vnni<4>(xq, r0, panel, wscale, y, N);
+      case 5: return dot_tile_vnni<5>(xq, r0, panel, wscale, y, N);
+      case 6: return dot_tile_vnni<6>(xq, r0, panel, wscale, y, N);
+      case 7: return dot_tile_vnni<7>(xq, r0, panel, wscale, y, N);
+      default: return dot_tile_vnni<8>(xq, r0, panel, wscale, y, N);
+    }
+  }
+  if (path == PATH_AVX2) {
+    switch (rows) {
+      case 1: return dot_tile_avx2<1>(xq, r0, panel, wscale, y, N);
+      case 2: return dot_tile_avx2<2>(xq, r0, panel, wscale, y, N);
+      default: return dot_tile_avx2<3>(xq, r0, panel, wscale, y, N);
+    }
+  }
+#endif
+  dot_rows_scalar(xq, r0, rows, panel, wscale, y, N);
+}
+
+// x (M, K) float32, w (N / 16, ceil(K / 4), 64) uint8 as above, scale (N,); attributes `path`
+// (Int8Path: 0 picks the fastest this CPU has; a path it lacks is an error) and `block`.
+ffi::Error RowsMatmulInt8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
+                             int32_t path, int32_t block) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != PANEL * 4 || wd[1] != (xd[1] + 3) / 4 ||
+      sd.size() != 1 || sd[0] != wd[0] * PANEL) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_int8_dot: x must be (M, K), w (N / 16, ceil(K / 4), 64) and scale (N,)");
+  }
+  if (block < 0 || block % 4 != 0) {
+    return ffi::Error::InvalidArgument("rows_matmul_int8_dot: block must be 0 or a multiple of 4");
+  }
+  static const int32_t paths = int8_paths();
+  if (path == PATH_AUTO) {
+    path = paths & (1 << PATH_AVX512_VNNI) ? PATH_AVX512_VNNI
+           : paths & (1 << PATH_AVX2)      ? PATH_AVX2
+                                           : PATH_SCALAR;
+  }
+  if (path < PATH_SCALAR || path > PATH_AVX512_VNNI || !(paths & (1 << path))) {
+    return ffi::Error::InvalidArgument("rows_matmul_int8_dot: this CPU lacks the path asked for");
+  }
+  const int64_t M = xd[0], K = xd[1], Kp = wd[1] * 4, N = wd[0] * PANEL;
+  thread_local QuantizedRows xq;  // the calling thread's; helpers only read it while it waits
+  xq.quantize(x.typed_data(), M, K, Kp, block);
+  const QuantizedRows* xqp = &xq;
+  const uint8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  const int64_t max_rows = dot_max_rows(path);
+  // integer multiply-adds are 4x cheaper than float32's here: the work unit counts k-groups
+  parallel_for(pool, wd[0], M * wd[1] * PANEL, 4, [=](int64_t first, int64_t last) {
+    const int64_t tiles = (M + max_rows - 1) / max_rows;
+    for (int64_t p = first; p < last; ++p) {
+      const uint8_t* panel = wp + p * wd[1] * PANEL * 4;
+      for (int64_t t = 0, r = 0; t < tiles; ++t) {
+        const int64_t rows = (M - r) / (tiles - t);
+        dot_tile(path, rows, *xqp, r, panel, sp + p * PANEL, yp + p * PANEL, N);
+        r += rows;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
 // sum_i a[i] * b[i] in 8 lanes, then the lanes and the tail.
 float dot(const float* a, const float* b, int64_t n) {
   v8 acc{};
@@ -341,6 +621,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8, RowsMatmulInt8,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8_dot, RowsMatmulInt8Dot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("path")
+                                  .Attr<int32_t>("block"));
+
+extern "C" int32_t qwen3_tts_jax_int8_paths() { return int8_paths(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_attend, Attend,
                               ffi::Ffi::Bind()
