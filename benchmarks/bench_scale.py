@@ -94,6 +94,8 @@ VARIANTS = {
                                    env={"XLA_FLAGS": CMDBUF}),
     # int8 weights for the decoder products (quantize.py; not the official codes)
     "int8": dict(quantize="int8"),
+    # int8 weights with float32 activations (the int8 kernel before the integer dot products)
+    "int8-float": dict(quantize="int8", options=dict(int8_activations="float")),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
