@@ -24,8 +24,9 @@ The vocabulary. The random-weight checkpoints carry a toy tokenizer, so the peer
 vocabulary of the talker's text size (151936) in which a prompt's ids are known in advance: the
 256 byte symbols of byte-level BPE at ids 0..255 (GPT-2 order, so newline is 198 as in Qwen's
 vocabulary), the chat specials at the ids the config names, "assistant" at 77091 (one merge chain
-builds it), every other id a placeholder. `prompt_ids(text)` gives the ids the peer's tokenizer
-produces for a text without the letter pair "as", which `bench_peer_cpu.py` feeds to ours.
+builds it; its partial words "as" .. "assistan" at 77084..77090), every other id a placeholder.
+`prompt_ids(text)` gives the ids the peer's tokenizer produces for a text without the letter pair
+"as"; `bench_peer_cpu.py` gives ours a tokenizer over the same vocabulary.
 """
 from __future__ import annotations
 
@@ -206,6 +207,8 @@ def vocabulary(cfg: dict) -> tuple[list[str], list[str]]:
         tokens[i] = text
     word = "assistant"
     merges = [f"{word[:k]} {word[k]}" for k in range(1, len(word))]
+    for k in range(2, len(word)):               # the chain's partial words, just below it
+        tokens[ASSISTANT_ID - len(word) + k] = word[:k]
     return tokens, merges
 
 
