@@ -94,9 +94,12 @@ def talker_name(name: str) -> str:
 
 def codec_name(name: str) -> str | None:
     """The peer's name for one tensor of the official speech_tokenizer/model.safetensors (decoder
-    side). None: not stored (the decoder's RVQ input projections are unused when decoding).
-    Codebooks map to `tok_dec.vq_{first,rest}.{i}.codebook`, fused from their two tensors."""
+    side). None: not stored (the encoder, which the peer loads only to clone voices, and the
+    decoder's RVQ input projections, unused when decoding). Codebooks map to
+    `tok_dec.vq_{first,rest}.{i}.codebook`, fused from their two tensors."""
     p = name.split(".")
+    if name.startswith("encoder."):
+        return None
     if name.startswith("decoder.quantizer."):
         side = p[2][1:]                                  # rvq_first -> vq_first
         if p[3] == "output_proj":
