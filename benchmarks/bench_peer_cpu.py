@@ -86,7 +86,7 @@ def run_peer(args) -> dict:
     lines: list[str] = []
     tts.library.set_log_callback(lambda level, msg: lines.append(str(msg)))
     kw = dict(text=TEXT, lang=LANGUAGE, speaker=SPEAKER, max_new_tokens=args.frames, seed=0,
-              do_sample=False, subtalker_do_sample=False, repetition_penalty=1.05)
+              do_sample=False, subtalker_do_sample=False, repetition_penalty=args.repetition_penalty)
 
     def perf(name: str) -> float:
         got = [ln for ln in lines if ln.startswith(f"[Perf] {name} ")]
@@ -182,7 +182,7 @@ def run_ours(args) -> dict:
     tts.tokenizer = synthetic_tokenizer(cfg)
     want = peer_gguf.prompt_ids(cfg, TEXT)
     kw = dict(speaker=SPEAKER, language=LANGUAGE, max_new_tokens=args.frames, do_sample=False,
-              subtalker_dosample=False, repetition_penalty=1.05)
+              subtalker_dosample=False, repetition_penalty=args.repetition_penalty)
     ids = prompts.input_ids(tts.tokenizer, TEXT)       # what the API feeds the model
     if ids != want:
         raise SystemExit(f"our tokenizer gives {ids}, the peer's {want}")
@@ -231,7 +231,8 @@ def child(args, who: str, quant: str, codes: bool) -> dict:
     cmd = [python, os.path.abspath(__file__), "--role", who, "--quant", quant, "--out", out,
            "--folder", args.folder, "--gguf", args.gguf, "--frames", str(args.frames),
            "--runs", str(args.runs), "--threads", str(args.threads),
-           "--first-chunk", str(args.first_chunk)] + (["--codes"] if codes else [])
+           "--first-chunk", str(args.first_chunk),
+           "--repetition-penalty", str(args.repetition_penalty)] + (["--codes"] if codes else [])
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     load_before = os.getloadavg()
@@ -310,6 +311,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--first-chunk", type=int, default=1, help="our first streamed chunk, frames")
     ap.add_argument("--configs", default="peer:F32,ours:float32,peer:Q8_0,ours:int8")
+    ap.add_argument("--repetition-penalty", type=float, default=1.05)
     ap.add_argument("--codes", action="store_true", help="compare greedy codes (peer dump run)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None, help="also write every figure here")
@@ -358,7 +360,7 @@ def main():
               "date": started.isoformat(timespec="seconds"), "commit": git_commit(),
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "frames": args.frames, "text": TEXT, "rows": rows, "agreement": agree,
-              "raw": results}
+              "repetition_penalty": args.repetition_penalty, "codes": codes, "raw": results}
     print(table(rows, agree, args.frames))
     print("\nload average (1, 5, 15 min) before each subprocess: "
           + "; ".join(f"{k}: " + ", ".join("/".join(f"{x:.1f}" for x in la) for la in r["loadavg"])
