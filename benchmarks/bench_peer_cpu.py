@@ -332,6 +332,7 @@ def main():
             subprocess.run([args.peer_python, os.path.join(HERE, "peer_gguf.py"), args.folder,
                             args.gguf, "--types", quant], check=True)
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()                   # the code as run (before any later commit)
     results: dict[str, list] = {f"{w}:{q}": [] for w, q in configs}
     codes: dict[str, list] = {}
     for rnd in range(args.rounds):
@@ -357,7 +358,7 @@ def main():
     rows = summarize(results, args.frames)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "processor": cpu_name()},
-              "date": started.isoformat(timespec="seconds"), "commit": git_commit(),
+              "date": started.isoformat(timespec="seconds"), "commit": commit,
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "frames": args.frames, "text": TEXT, "rows": rows, "agreement": agree,
               "repetition_penalty": args.repetition_penalty, "codes": codes, "raw": results}
