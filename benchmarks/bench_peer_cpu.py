@@ -35,8 +35,10 @@ prompts are the same ids (checked: the peer's dumped prompt ids, ours' tokenizer
 Agreement: with --codes the peer also runs once with its debug dump (its codes; the dump slows
 that run, which is not timed) and the greedy codes are compared with ours on the same weights:
 the first frame where they differ, and the fraction of equal codes over the FRAMES frames. With
-F32 it checks the converter (frames agree until float rounding flips an argmax); Q8_0 against our
-int8 measures two different quantizations.
+F32 and `--repetition-penalty 1.0` it checks the converter (identical codes, 39 of 39 frames on
+2026-12-06); at the default 1.05 the codes differ from frame 1 on, because the peer's greedy path
+skips the repetition penalty that the official (and ours) apply. Q8_0 against our int8 compares
+two different quantizations.
 """
 from __future__ import annotations
 
