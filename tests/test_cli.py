@@ -10,6 +10,15 @@ import soundfile as sf
 EXE = os.path.join(os.path.dirname(sys.executable), "qwen3-tts-jax")
 
 
+def _sigint_as_in_a_terminal():
+    """For a child that a test interrupts: SIGINT at its default action, as in a terminal, so
+    that Python installs its KeyboardInterrupt handler even where this test process was started
+    with SIGINT ignored (a shell's background job, `nohup ... &`), which a child inherits."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(*args, cwd=None, stdin=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([EXE, *args], capture_output=True, text=True, env=env, cwd=cwd,
@@ -181,7 +190,8 @@ def test_ctrl_c_is_a_short_message(tmp_path, make_checkpoint):
                           make_checkpoint("cv_proj"), "--speaker", "ryan", "--greedy",
                           "--max-new-tokens", "6", "--batch-size", "1", "--quiet"],
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None and not (
             out.exists() and any(f.endswith(".wav") for f in os.listdir(out))):
@@ -211,7 +221,8 @@ def test_ctrl_c_stops_a_running_program(tmp_path, make_checkpoint, command):
     p = subprocess.Popen([EXE, *args, "--model", model, "--speaker", "ryan", "--greedy",
                           "--max-new-tokens", "200000", "--no-compile-cache"],
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_as_in_a_terminal)
     try:
         time.sleep(40)       # loaded, compiled, generating (200000 frames take far longer)
         assert p.poll() is None, p.communicate()
@@ -249,7 +260,8 @@ def test_ctrl_c_at_the_start_is_a_short_message(tmp_path, delay):
     p = subprocess.Popen([EXE, "custom-voice", "--random-weights", "--speaker", "ryan", "--text",
                           "Hi.", "--output", str(tmp_path / "a.wav")],
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_as_in_a_terminal)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
