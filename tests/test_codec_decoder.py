@@ -26,6 +26,7 @@ from qwen3_tts_jax.codec import (SpeechTokenizer, StreamDecoder, check_codes, ch
                                  frame_bucket)
 from qwen3_tts_jax.codec import decoder as D
 from qwen3_tts_jax.codec.config import parse_decoder_config
+from qwen3_tts_jax.codec.streaming import window_frames
 from qwen3_tts_jax.config import ConfigError
 from qwen3_tts_jax.weights import CheckpointError
 
@@ -293,12 +294,21 @@ def _push_in_pieces(dec, streams, splits):
     return [np.concatenate(o) for o in out]
 
 
+def test_stream_windows_are_exact_for_short_pieces():
+    """A piece of 1-4 frames decodes in a window of its own length (a 1-frame first chunk pays
+    one frame of codec time); longer pieces take the ladder's windows, never shorter than the
+    piece."""
+    assert [window_frames(n) for n in range(1, 10)] == [1, 2, 3, 4, 6, 6, 8, 8, 12]
+    assert all(n <= window_frames(n) <= max(4, 1.5 * n) for n in range(1, 400))
+
+
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_stream_decoder_matches_official_forward(parity_codec, name):
     """`StreamDecoder` without restarts (chunk_size=None): two rows pushed in different uneven
-    pieces (1 to 37 frames, rows idle in some calls), each longer than the attention window, equal
-    the official `Decoder.forward` of the whole stream; then row 1 starts another stream (reset)
-    while row 0 goes on, and both still equal the official forward of their stream."""
+    pieces (1 to 37 frames, rows idle in some calls; windows of 1, 2, 8, 30, 12 and 37 frames),
+    each longer than the attention window, equal the official `Decoder.forward` of the whole
+    stream; then row 1 starts another stream (reset) while row 0 goes on, and both still equal
+    the official forward of their stream."""
     _, codec, tok = parity_codec(name)
     rng = np.random.default_rng(7)
     a, b, c = (random_codes(rng, n) for n in (STAGE_FRAMES, 77, 50))
@@ -308,7 +318,8 @@ def test_stream_decoder_matches_official_forward(parity_codec, name):
             return codec.decoder(torch.from_numpy(codes.T[None]).long())[0, 0].numpy()
 
     dec = tok.stream_decoder(batch=2, chunk_size=None)
-    got_a1, got_b = _push_in_pieces(dec, [a[:60], b], [[3, 8, 0, 12, 37], [1, 1, 30, 8, 37]])
+    got_a1, got_b = _push_in_pieces(dec, [a[:60], b],
+                                    [[1, 2, 8, 0, 12, 37], [1, 0, 1, 30, 8, 37]])
     assert_close_to_peak(got_b, official(b), f"{name} stream b")
     dec.reset(1)
     got_a2, got_c = _push_in_pieces(dec, [a[60:], c], [[5, 0, 25], [12, 8, 30]])

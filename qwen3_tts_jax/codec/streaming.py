@@ -11,9 +11,10 @@ rounding): the official decode restarts the decoder every 300 frames after 25 fr
 context (`chunk_plan`), and so does this, at the same frames, from the same 25 frames. With
 chunk_size=None it never restarts: the whole-utterance decode (`decode(..., chunk_size=None)`).
 
-Shapes: a call decodes all rows together as one window of T frames (T the longest row's piece
-rounded up to 4, 6, 8, 12, 16, ...), rows without new frames keep their state at the cost of
-padding; a push that crosses a restart in some row runs a second window for the rest.
+Shapes: a call decodes all rows together as one window of T frames (T the longest row's piece:
+exactly 1, 2, 3 or 4 frames, longer ones rounded up to 6, 8, 12, 16, ...: `window_frames`), rows
+without new frames keep their state at the cost of padding; a push that crosses a restart in some
+row runs a second window for the rest.
 """
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ import numpy as np
 from ..buckets import ladder
 from . import decoder
 
-MIN_WINDOW = 4
+EXACT_WINDOWS = 4   # pieces of up to this many frames decode in a window of their own length
+
+
+def window_frames(n: int) -> int:
+    """The window a piece of n frames decodes in: n itself up to EXACT_WINDOWS (the first chunk
+    of a stream is short, and its decode is on the time to first audio: a 1-frame chunk costs one
+    frame of the codec, not four), then the ladder 6, 8, 12, 16, ... (at most +50 % padding,
+    about two programs per doubling)."""
+    return n if n <= EXACT_WINDOWS else ladder(n, EXACT_WINDOWS)
 
 
 def _checked(codes, what: str, cfg) -> np.ndarray:
@@ -79,7 +88,7 @@ class StreamDecoder:
         included. Returns seconds."""
         t = time.perf_counter()
         extra = 0 if self.chunk_size is None else self.left_context
-        for T in sorted({ladder(n, MIN_WINDOW) for n in range(1, max_frames + extra + 1)}):
+        for T in sorted({window_frames(n) for n in range(1, max_frames + extra + 1)}):
             zeros = jnp.zeros((self.batch,), jnp.int32)
             wave, _ = decoder.jit_stream_decode(
                 self.params, self.cfg, self.state,
@@ -128,7 +137,7 @@ class StreamDecoder:
         audio = [[] for _ in range(self.batch)]
         for k in range(max(len(p) for p in pieces)):
             round_ = [p[k] if k < len(p) else None for p in pieces]
-            T = ladder(max(len(r[1]) for r in round_ if r is not None), MIN_WINDOW)
+            T = window_frames(max(len(r[1]) for r in round_ if r is not None))
             window = np.zeros((self.batch, T, self.cfg.num_quantizers), np.int32)
             n, reset = np.zeros(self.batch, np.int32), np.zeros(self.batch, bool)
             for b, r in enumerate(round_):
