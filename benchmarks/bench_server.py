@@ -39,6 +39,7 @@ import datetime
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -170,10 +171,10 @@ def start_server(args, folder: str, port: int, continuous: bool = True, max_batc
             time.sleep(0.5)
 
 
-def stop_server(server: subprocess.Popen) -> None:
+def stop_server(server: subprocess.Popen, wait: float = 60) -> None:
     server.terminate()
     try:
-        server.wait(60)
+        server.wait(wait)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
@@ -555,6 +556,9 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
     refused = sum(s["rejected_queue_full"] for s in summaries)
     if refused:
         lines += ["", f"Refused with 429 (queue full, --max-queue): {refused}."]
+    if len(summaries) < len(args.poisson):
+        lines += ["", f"Stopped (interrupted) before the rates "
+                      f"{', '.join(f'{r:g}' for r in args.poisson[len(summaries):])} req/s."]
     return "\n".join(lines + [""])
 
 
@@ -572,6 +576,7 @@ def poisson(args, folder: str) -> tuple[str, dict]:
                           min_prompt_bucket=POISSON_PROMPT_BUCKET)
     log(f"server up: {time.perf_counter() - t:.0f} s")
     warm_timeout = max(args.timeout, 900.0)     # the first requests of each shape compile
+    runs = []
     try:
         # compile, none of it measured: the closed-loop levels' pattern (twice over, the
         # shortest and the longest sentence: both prefill lengths, as a batch's first rows and
@@ -594,17 +599,19 @@ def poisson(args, folder: str) -> tuple[str, dict]:
                 f"ok/failed/timeouts {warm['ok']}/{warm['failed']}/{warm['timeouts']}")
             if warm["ttfa_ms"]["max"] < WARM_TTFA_MS:
                 break
-        runs = []
-        for rate in args.poisson:
-            run = run_poisson(url, rate, args.duration, args.seed, args.timeout)
-            s = summarize(run)
-            log(f"{rate:g} req/s: {s['requests']} requests, TTFA p95 {s['ttfa_ms'][95]:.0f} ms, "
-                f"underruns {s['underrun_chunks']}, ok/failed/timeouts "
-                f"{s['ok']}/{s['failed']}/{s['timeouts']}, max send lag "
-                f"{s['max_send_lag_ms']:.1f} ms")
-            runs.append((run, s))
+        try:
+            for rate in args.poisson:
+                run = run_poisson(url, rate, args.duration, args.seed, args.timeout)
+                s = summarize(run)
+                log(f"{rate:g} req/s: {s['requests']} requests, TTFA p95 "
+                    f"{s['ttfa_ms'][95]:.0f} ms, underruns {s['underrun_chunks']}, "
+                    f"ok/failed/timeouts {s['ok']}/{s['failed']}/{s['timeouts']}, max send lag "
+                    f"{s['max_send_lag_ms']:.1f} ms")
+                runs.append((run, s))
+        except KeyboardInterrupt:       # Ctrl-C or SIGTERM (`timeout`): report the rates done
+            log(f"stopped after {len(runs)} of {len(args.poisson)} rates")
     finally:
-        stop_server(server)
+        stop_server(server, wait=60 if len(runs) == len(args.poisson) else 5)
     loads.append(os.getloadavg())
     summaries = [s for _, s in runs]
     text = poisson_report(args, summaries, loads, dev)
@@ -805,10 +812,16 @@ def main(argv=None) -> int:
             log(f"checkpoint {args.folder}: {time.perf_counter() - t:.0f} s")
         args.model = args.folder
     if args.faults or args.poisson:
-        with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
-            args.workdir = workdir
-            folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
-            text, data = poisson(args, folder) if args.poisson else (soak(args, folder), None)
+        # with --poisson, SIGTERM (e.g. from `timeout`) as Ctrl-C: the rates done are reported
+        term = signal.signal(signal.SIGTERM, signal.default_int_handler) if args.poisson else None
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
+                args.workdir = workdir
+                folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
+                text, data = poisson(args, folder) if args.poisson else (soak(args, folder), None)
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
         print(text)
         if not args.no_append:
             with open(args.results, "a") as f:
