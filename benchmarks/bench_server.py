@@ -7,6 +7,8 @@ and latency percentiles with 1, 4 and 16 concurrent clients. One command:
                                        # mixed lengths, continuous batching on and off
     python benchmarks/bench_server.py --faults --duration 120 --clients 4
                                        # a soak: good, bad and dropped traffic (`soak`)
+    python benchmarks/bench_server.py --poisson 10 20 40 --duration 60 --size 1b7
+                                       # open-loop Poisson arrivals (`poisson`, below)
 
 The checkpoint has random weights (no download): `--size tiny` is the `--random-weights` demo
 checkpoint; `--size 0b6|1b7` gives the released CustomVoice shapes (talker, code predictor, codec
@@ -31,6 +33,27 @@ Before measuring, each concurrency level runs every length once per client, twic
 compiles the shapes (batch buckets are the concurrency levels; requests that start in a running
 batch reach their own cache sizes). Results are appended to
 benchmarks/RESULTS.md.
+
+--poisson RATE [RATE ...]: OPEN-loop load, one run of `--duration` seconds (default 60) per rate
+(requests/s). Arrival times are drawn up front (exponential gaps, `--seed`) and each request is
+sent at its time from a thread of its own, however many are in flight; how late each send began
+is recorded (max send lag: a saturated client shows there). A request is a sentence of 5-15 words
+(`sentence`: "Hello" and words that are one token each, so every prompt is in one prompt bucket)
+in a random preset voice, streamed pcm, with max_new_tokens = 5 x words + 1 (`tokens_for`: random
+weights never sample EOS, so it runs the frames a voice at 2.5 words/s would speak). The server
+runs continuous batching with one batch bucket of `--max-batch-size` rows (64; 8 on the CPU): a
+running batch takes newcomers into its free rows only, and its size is fixed when it forms.
+Per request: send time and lag, TTFA, each piece's arrival time and bytes, status (ok; timeout:
+past `--timeout`, default 30 s, or the server's 504; failed: the rest, e.g. 429 queue full).
+
+  underrun     a piece that arrives after the audio before it has finished playing (playback
+               from the first piece; the player waits and plays on from the late piece: `playback`)
+  completed/s  ok requests / wall (from the start of the schedule to the last request's end)
+
+Warm-up, not measured: the closed-loop pattern above with the shortest and the longest sentence,
+then rounds of `--warmup-s` seconds (10) of open-loop traffic at the highest rate until one has no
+first audio later than 1 s (a compile; at most 3 rounds). `--json PATH` writes the figures and
+every request's pieces; SIGTERM reports the rates done.
 """
 from __future__ import annotations
 
