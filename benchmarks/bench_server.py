@@ -7,6 +7,8 @@ and latency percentiles with 1, 4 and 16 concurrent clients. One command:
                                        # mixed lengths, continuous batching on and off
     python benchmarks/bench_server.py --faults --duration 120 --clients 4
                                        # a soak: good, bad and dropped traffic (`soak`)
+    python benchmarks/bench_server.py --poisson 10 20 40 --duration 60 --size 1b7
+                                       # open-loop Poisson arrivals (`poisson`, below)
 
 The checkpoint has random weights (no download): `--size tiny` is the `--random-weights` demo
 checkpoint; `--size 0b6|1b7` gives the released CustomVoice shapes (talker, code predictor, codec
@@ -31,17 +33,41 @@ Before measuring, each concurrency level runs every length once per client, twic
 compiles the shapes (batch buckets are the concurrency levels; requests that start in a running
 batch reach their own cache sizes). Results are appended to
 benchmarks/RESULTS.md.
+
+--poisson RATE [RATE ...]: OPEN-loop load, one run of `--duration` seconds (default 60) per rate
+(requests/s). Arrival times are drawn up front (exponential gaps, `--seed`) and each request is
+sent at its time from a thread of its own, however many are in flight; how late each send began
+is recorded (max send lag: a saturated client shows there). A request is a sentence of 5-15 words
+(`sentence`: "Hello" and words that are one token each, so every prompt is in one prompt bucket)
+in a random preset voice, streamed pcm, with max_new_tokens = 5 x words + 1 (`tokens_for`: random
+weights never sample EOS, so it runs the frames a voice at 2.5 words/s would speak). The server
+runs continuous batching with one batch bucket of `--max-batch-size` rows (64; 8 on the CPU): a
+running batch takes newcomers into its free rows only, and its size is fixed when it forms.
+Per request: send time and lag, TTFA, each piece's arrival time and bytes, status (ok; timeout:
+past `--timeout`, default 30 s, or the server's 504; failed: the rest, e.g. 429 queue full).
+
+  underrun     a piece that arrives after the audio before it has finished playing (playback
+               from the first piece; the player waits and plays on from the late piece: `playback`)
+  completed/s  ok requests / wall (from the start of the schedule to the last request's end)
+
+Warm-up, not measured: the closed-loop pattern above with the shortest and the longest sentence,
+then rounds of `--warmup-s` seconds (10) of open-loop traffic at the highest rate until one has no
+first audio later than 1 s (a compile; at most 3 rounds). `--json PATH` writes the figures and
+every request's pieces; SIGTERM reports the rates done.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -133,13 +159,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, folder: str, port: int, continuous: bool = True) -> subprocess.Popen:
-    buckets = ",".join(str(c) for c in sorted(set(args.clients)))
+def start_server(args, folder: str, port: int, continuous: bool = True, max_batch: int = 0,
+                 buckets: list[int] | None = None, max_new_tokens: int = 0,
+                 min_prompt_bucket: int = 48) -> subprocess.Popen:
+    """`serve` on `port`; the batch size, buckets and token cap default to the closed-loop
+    levels' (`--clients`, `--max-new-tokens`)."""
+    max_batch = max_batch or max(args.clients)
+    buckets = ",".join(str(c) for c in sorted(set(buckets or args.clients)))
     cmd = [sys.executable, "-m", "qwen3_tts_jax.cli", "serve", "--model", folder,
-           "--port", str(port), "--quiet", "--max-new-tokens", str(max(args.lengths)),
-           "--max-batch-size", str(max(args.clients)), "--batch-buckets", buckets,
-           "--min-prompt-bucket", "48", "--batch-window-ms", str(args.batch_window_ms),
-           "--max-queue", str(4 * max(args.clients)), "--voices-dir",
+           "--port", str(port), "--quiet", "--max-new-tokens",
+           str(max_new_tokens or max(args.lengths)),
+           "--max-batch-size", str(max_batch), "--batch-buckets", buckets,
+           "--min-prompt-bucket", str(min_prompt_bucket),
+           "--batch-window-ms", str(args.batch_window_ms),
+           "--max-queue", str(4 * max_batch), "--voices-dir",
            os.path.join(args.workdir, "voices")]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
@@ -161,14 +194,47 @@ def start_server(args, folder: str, port: int, continuous: bool = True) -> subpr
             time.sleep(0.5)
 
 
+def stop_server(server: subprocess.Popen, wait: float = 60) -> None:
+    server.terminate()
+    try:
+        server.wait(wait)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def health(url: str) -> dict:
     with urllib.request.urlopen(url + "/health", timeout=30) as r:
         return json.loads(r.read())
 
 
-def stream_request(url: str, i: int, max_new_tokens: int, timeout: float) -> dict:
-    """One streamed pcm request: arrival time and size of every piece of the body."""
-    body = {"model": "bench", "input": TEXTS[i % len(TEXTS)], "voice": SPEAKERS[i % len(SPEAKERS)],
+def playback(arrivals: list[tuple[float, int]],
+             bytes_per_second: float = BYTES_PER_SECOND) -> dict:
+    """Playing a stream from its first piece: `arrivals` are (seconds, bytes) of each piece in
+    order. Playback starts when the first piece arrives and plays the audio in order; piece k
+    (k >= 1) UNDERRUNS if it arrives after all the audio before it has finished playing (strictly
+    after: arriving exactly as the earlier audio ends is in time). The player then waits for it
+    (a stall of the difference) and plays on from its arrival, so later deadlines move with it.
+    Returns {"underruns": pieces that arrived late, "stall": seconds waited in all}."""
+    underruns, stall, played_until = 0, 0.0, None
+    for t, n in arrivals:
+        if played_until is None:
+            played_until = t
+        elif t > played_until:
+            underruns += 1
+            stall += t - played_until
+            played_until = t
+        played_until += n / bytes_per_second
+    return {"underruns": underruns, "stall": stall}
+
+
+def stream_request(url: str, i: int, max_new_tokens: int, timeout: float, text: str | None = None,
+                   voice: str | None = None) -> dict:
+    """One streamed pcm request: arrival time and size of every piece of the body. `timeout`
+    bounds the whole request (status "timeout" past it); text and voice default to the i-th of
+    TEXTS and SPEAKERS."""
+    body = {"model": "bench", "input": text or TEXTS[i % len(TEXTS)],
+            "voice": voice or SPEAKERS[i % len(SPEAKERS)],
             "response_format": "pcm", "seed": i, "max_new_tokens": max_new_tokens,
             "language": "english"}
     req = urllib.request.Request(url + "/v1/audio/speech", data=json.dumps(body).encode(),
@@ -180,34 +246,33 @@ def stream_request(url: str, i: int, max_new_tokens: int, timeout: float) -> dic
             while True:
                 piece = r.read1(1 << 16)
                 if not piece:
+                    status = 200
                     break
                 arrivals.append((time.perf_counter() - t0, len(piece)))
-        status = 200
+                if arrivals[-1][0] > timeout:
+                    status = "timeout"
+                    break
     except urllib.error.HTTPError as e:
         status = e.code
-    except OSError as e:
-        status = f"{type(e).__name__}: {e}"
+    except (OSError, http.client.HTTPException) as e:   # refused, timed out, a cut stream
+        timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None),
+                                                              TimeoutError)
+        status = "timeout" if timed_out else f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
     nbytes = sum(n for _, n in arrivals)
-    # playback from the first byte: piece k can play once the audio before it has played
-    stall, played_until = 0.0, None
-    for t, n in arrivals:
-        if played_until is None:
-            played_until = t
-        elif t > played_until:
-            stall += t - played_until
-            played_until = t
-        played_until += n / BYTES_PER_SECOND
     return {"status": status, "ttfa": arrivals[0][0] if arrivals else None, "total": total,
-            "audio_s": nbytes / BYTES_PER_SECOND, "stall": stall, "pieces": len(arrivals)}
+            "audio_s": nbytes / BYTES_PER_SECOND, "stall": playback(arrivals)["stall"],
+            "pieces": len(arrivals), "sent": t0, "arrivals": arrivals}
 
 
 def run_clients(url: str, clients: int, per_client: int, lengths: list[int],
-                timeout: float) -> dict:
+                timeout: float, texts: list[str] | None = None) -> dict:
     """`clients` threads, each sending `per_client` requests back to back; client c's k-th
-    request asks for `lengths[(c + k) % len(lengths)]` tokens (mixed lengths at every moment)."""
+    request asks for `lengths[(c + k) % len(lengths)]` tokens (mixed lengths at every moment)
+    and says `texts[(c + k) % len(texts)]` (default: TEXTS)."""
     def client(c):
-        return [stream_request(url, c * per_client + k, lengths[(c + k) % len(lengths)], timeout)
+        return [stream_request(url, c * per_client + k, lengths[(c + k) % len(lengths)], timeout,
+                               text=texts[(c + k) % len(texts)] if texts else None)
                 for k in range(per_client)]
 
     stats = health(url)["stats"]
@@ -260,7 +325,7 @@ def report(args, runs, loads, dev) -> str:
                 f"{args.lengths}[(c + k) % {len(args.lengths)}] (frames = tokens - 1)")
     lines = [
         f"## Server, {args.size} CustomVoice, {dev} ({now})", "",
-        f"`python benchmarks/bench_server.py {' '.join(sys.argv[1:])}`: `qwen3-tts-jax serve` on "
+        f"`python benchmarks/bench_server.py {' '.join(args.argv)}`: `qwen3-tts-jax serve` on "
         f"localhost, random weights ({args.size}{', ' + args.dtype if args.dtype else ''}), "
         f"{work}, streamed pcm, first chunk after 3 frames then every 12, sampling with the "
         f"default settings.",
@@ -333,13 +398,257 @@ def serve_and_measure(args, folder: str, continuous: bool):
                 f"started in a running batch {lv['joined']}")
             levels.append(lv)
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     return continuous, single, levels
+
+
+# ------------------------------------------------------------------------------------------------
+# --poisson: open-loop arrivals of short sentences
+# ------------------------------------------------------------------------------------------------
+
+# Words that are one token each in the demo checkpoint's small BPE (with their leading space; in
+# Qwen's too), so that a sentence of w words ("Hello" and w - 1 of these, a full stop) is a prompt of
+# 12 + w tokens, about as many as real text of w words with Qwen's tokenizer. Every prompt is then
+# in one prompt bucket (any request can start in the running batch's free rows; one that does not
+# fit closes the batch) and the prefill runs at one of two compute lengths: few compiled programs.
+# (Words of the demo BPE's byte-sized pieces would be ~6 tokens a word: several times real length.)
+WORDS = ("a", "is", "of", "this", "demo", "random", "world", "Qwen", "TTS")
+WORDS_PER_SECOND = 2.5        # speaking pace: a sentence of w words is w / 2.5 s of speech
+SENTENCE_WORDS = (5, 15)      # words per sentence, uniform
+POISSON_PROMPT_BUCKET = 48    # every sentence's prompt (17-27 tokens with a preset voice)
+# The open-loop warm-up repeats (at most WARMUP_ROUNDS times) until no request of a round waited
+# WARM_TTFA_MS for its first audio: a longer wait is a program compiling (the KV-cache sizes that
+# rows starting in a running batch reach depend on the traffic)
+WARMUP_ROUNDS, WARM_TTFA_MS = 3, 1000.0
+
+
+def sentence(rng: np.random.Generator) -> tuple[str, int]:
+    """A sentence of 5-15 words (uniform): "Hello", then words drawn from WORDS, a full stop:
+    (text, words). Deterministic for a seeded Generator."""
+    n = int(rng.integers(SENTENCE_WORDS[0], SENTENCE_WORDS[1] + 1))
+    return " ".join(["Hello"] + [WORDS[k] for k in rng.integers(0, len(WORDS), n - 1)]) + ".", n
+
+
+def tokens_for(words: int) -> int:
+    """max_new_tokens for a sentence of `words` words. Random weights never sample EOS, so a request
+    runs max_new_tokens - 1 frames; those are the frames a voice at WORDS_PER_SECOND speaks:
+    round(words / 2.5 * 12.5) = 5 a word (5 words: 25 frames, 2 s; 15 words: 75 frames, 6 s)."""
+    return round(words / WORDS_PER_SECOND * FRAME_RATE) + 1
+
+
+def arrival_times(rate: float, duration: float, seed: int) -> np.ndarray:
+    """Open-loop Poisson arrivals in [0, duration): cumulative sums of exponential gaps of mean
+    1 / rate, drawn up front from `np.random.default_rng(seed)`."""
+    rng = np.random.default_rng(seed)
+    expected = rate * duration
+    gaps = rng.exponential(1 / rate, int(expected + 10 * np.sqrt(expected) + 10))
+    times = np.cumsum(gaps)
+    while times[-1] < duration:           # (practically never) extend with further draws
+        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1 / rate, 64))])
+    return times[times < duration]
+
+
+def poisson_schedule(rate: float, duration: float, seed: int) -> list[dict]:
+    """The requests of one run: arrival time (s from the start), sentence, word count, voice (a
+    preset, mixed) and max_new_tokens (`tokens_for`). Arrivals and contents come from separate
+    generators of `seed`, so the same seed gives the same arrivals whatever the sentences."""
+    times = arrival_times(rate, duration, seed)
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for t in times:
+        text, words = sentence(rng)
+        out.append({"at": float(t), "text": text, "words": words,
+                    "voice": SPEAKERS[int(rng.integers(len(SPEAKERS)))],
+                    "max_new_tokens": tokens_for(words)})
+    return out
+
+
+def open_loop(times, send) -> tuple[list, list[float], float]:
+    """Calls `send(i)` at `start + times[i]` (start: now), each in a thread of its own, however
+    many are in flight: the sender only sleeps until the next arrival and starts a thread, so slow
+    responses do not delay it. Returns (send's results in order, lags, start): lag i is how late
+    send(i) actually began (seconds; grows only when the client machine itself is saturated). A
+    send that raises gives {"status": "<exception>"}."""
+    n = len(times)
+    results, lags = [None] * n, [0.0] * n
+    start = time.perf_counter()
+
+    def one(i):
+        lags[i] = time.perf_counter() - (start + times[i])
+        try:
+            results[i] = send(i)
+        except Exception as e:  # noqa: BLE001 - recorded as the request's status
+            results[i] = {"status": f"{type(e).__name__}: {e}"}
+
+    threads = []
+    for i, at in enumerate(times):
+        wait = start + at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        th = threading.Thread(target=one, args=(i,), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return results, lags, start
+
+
+def run_poisson(url: str, rate: float, duration: float, seed: int, timeout: float) -> dict:
+    """One open-loop run: `poisson_schedule(rate, duration, seed)` against the server, each
+    request streamed (`stream_request`, its `timeout` bounding the whole request)."""
+    schedule = poisson_schedule(rate, duration, seed)
+    stats = health(url)["stats"]
+
+    def send(i):
+        r = schedule[i]
+        return stream_request(url, i, r["max_new_tokens"], timeout, text=r["text"],
+                              voice=r["voice"])
+
+    results, lags, start = open_loop([r["at"] for r in schedule], send)
+    ends = [r["sent"] + r["total"] for r in results if "sent" in r]
+    wall = (max(ends) if ends else time.perf_counter()) - start
+    after = health(url)["stats"]
+    diff = lambda k: after.get(k, 0) - stats.get(k, 0)
+    before = stats["batch_sizes"]
+    sizes = {int(k): v - before.get(k, 0) for k, v in after["batch_sizes"].items()
+             if v - before.get(k, 0)}
+    requests = [dict(r, **{k: s[k] for k in ("at", "words", "voice", "max_new_tokens")}, lag=lag)
+                for r, s, lag in zip(results, schedule, lags)]
+    return {"rate": rate, "duration": duration, "seed": seed, "wall": wall, "requests": requests,
+            "batch_sizes": sizes, "joined": diff("joined"),
+            "rejected_queue_full": diff("rejected_queue_full")}
+
+
+def summarize(run: dict) -> dict:
+    """The figures of one open-loop run. ok: status 200 with audio; timeouts: past the client's
+    deadline or the server's (504); failed: the rest (429 queue full, errors, cut streams).
+    TTFA over the ok requests; underruns and stall (`playback`) over every request with audio."""
+    rs = run["requests"]
+    ok = [r for r in rs if r["status"] == 200 and r.get("audio_s", 0) > 0]
+    timeouts = sum(r["status"] in ("timeout", 504) for r in rs)
+    played = [playback(r["arrivals"]) for r in rs if r.get("arrivals")]
+    ttfa = [r["ttfa"] for r in ok]
+    audio = sum(r.get("audio_s", 0.0) for r in rs)
+    return {"rate": run["rate"], "requests": len(rs), "wall_s": run["wall"],
+            "completed_per_s": len(ok) / run["wall"], "ok": len(ok),
+            "failed": len(rs) - len(ok) - timeouts, "timeouts": timeouts,
+            "ttfa_ms": {q: pct(ttfa, q) * 1000 for q in (50, 95, 99)} | {
+                "max": max(ttfa, default=float("nan")) * 1000},
+            "underrun_chunks": sum(p["underruns"] for p in played),
+            "underrun_requests": sum(p["underruns"] > 0 for p in played),
+            "stall_s": sum(p["stall"] for p in played), "audio_s_per_s": audio / run["wall"],
+            "max_send_lag_ms": max((r["lag"] for r in rs), default=0.0) * 1000,
+            "batch_sizes": run["batch_sizes"], "joined": run["joined"],
+            "rejected_queue_full": run["rejected_queue_full"]}
+
+
+def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
+    load = lambda avg: "/".join(f"{x:.2f}" for x in avg)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    lines = [
+        f"## Server under open-loop Poisson load, {args.size} CustomVoice, {dev} ({now}, "
+        f"commit {commit})", "",
+        f"`python benchmarks/bench_server.py {' '.join(args.argv)}`: `qwen3-tts-jax serve` on "
+        f"localhost, random weights ({args.size}{', ' + args.dtype if args.dtype else ''}), "
+        f"continuous batching, one batch bucket of {args.max_batch_size} rows, prompts padded to "
+        f"{POISSON_PROMPT_BUCKET}. Requests arrive at Poisson times (seed {args.seed}) for "
+        f"{args.duration:g} s, each sent at its time however many are in flight: a sentence of "
+        f"5-15 random words, a random preset voice, 5 frames a word (2.5 words/s; random "
+        f"weights never stop early), streamed pcm, first chunk after 3 frames then every 12. "
+        f"Warm-up before measuring (not counted). Underrun: a piece of the body that arrives after "
+        f"the audio before it has finished playing (playback from the first piece; stall: the "
+        f"waits).",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {versions()}. Load average "
+        f"(1/5/15 min) at start {load(loads[0])}, at end {load(loads[-1])}.", "",
+        "| offered req/s | requests | wall s | completed/s | ok / failed / timeouts "
+        "| TTFA p50 / p95 / p99 / max ms | underrun chunks / requests | stall s "
+        "| audio s / s | max send lag ms | batches formed | started in a running batch |",
+        "|" + " --- |" * 12]
+    for s in summaries:
+        t = s["ttfa_ms"]
+        lines.append(
+            f"| {s['rate']:g} | {s['requests']} | {s['wall_s']:.1f} | {s['completed_per_s']:.2f} "
+            f"| {s['ok']} / {s['failed']} / {s['timeouts']} "
+            f"| {t[50]:.0f} / {t[95]:.0f} / {t[99]:.0f} / {t['max']:.0f} "
+            f"| {s['underrun_chunks']} / {s['underrun_requests']} | {s['stall_s']:.2f} "
+            f"| {s['audio_s_per_s']:.2f} | {s['max_send_lag_ms']:.1f} "
+            f"| {', '.join(f'{k}x{v}' for k, v in sorted(s['batch_sizes'].items()))} "
+            f"| {s['joined']} |")
+    refused = sum(s["rejected_queue_full"] for s in summaries)
+    if refused:
+        lines += ["", f"Refused with 429 (queue full, --max-queue): {refused}."]
+    if len(summaries) < len(args.poisson):
+        lines += ["", f"Stopped (interrupted) before the rates "
+                      f"{', '.join(f'{r:g}' for r in args.poisson[len(summaries):])} req/s."]
+    return "\n".join(lines + [""])
+
+
+def poisson(args, folder: str) -> tuple[str, dict]:
+    """Start the server, warm it up, then one open-loop run per `--poisson` rate."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    loads, dev = [os.getloadavg()], device()
+    if not args.max_batch_size:
+        args.max_batch_size = 8 if dev == "CPU" else 64
+    longest = tokens_for(SENTENCE_WORDS[1])
+    t = time.perf_counter()
+    server = start_server(args, folder, port, max_batch=args.max_batch_size,
+                          buckets=[args.max_batch_size], max_new_tokens=longest,
+                          min_prompt_bucket=POISSON_PROMPT_BUCKET)
+    log(f"server up: {time.perf_counter() - t:.0f} s")
+    warm_timeout = max(args.timeout, 900.0)     # the first requests of each shape compile
+    runs = []
+    try:
+        # compile, none of it measured: the closed-loop levels' pattern (twice over, the
+        # shortest and the longest sentence: both prefill lengths, as a batch's first rows and
+        # as rows started in it), then open-loop traffic at the highest rate (rows starting at
+        # every moment, caches growing and shifting)
+        texts = [" ".join(["Hello"] + ["world"] * (w - 1)) + "." for w in SENTENCE_WORDS]
+        lengths = [tokens_for(SENTENCE_WORDS[0]), longest]
+        for c in (1, 4) * 2:
+            t = time.perf_counter()
+            warm = run_clients(url, c, len(lengths), lengths, warm_timeout, texts)
+            bad = [r["status"] for r in warm["results"] if r["status"] != 200]
+            log(f"warm-up {c} clients: {time.perf_counter() - t:.0f} s, batch sizes "
+                f"{warm['batch_sizes']}, failed {bad}")
+        for k in range(WARMUP_ROUNDS if args.warmup_s > 0 else 0):
+            t = time.perf_counter()
+            warm = summarize(run_poisson(url, max(args.poisson), args.warmup_s,
+                                         args.seed + 1 + k, warm_timeout))
+            log(f"warm-up at {max(args.poisson):g} req/s for {args.warmup_s:g} s: "
+                f"{time.perf_counter() - t:.0f} s, TTFA max {warm['ttfa_ms']['max']:.0f} ms, "
+                f"ok/failed/timeouts {warm['ok']}/{warm['failed']}/{warm['timeouts']}")
+            if warm["ttfa_ms"]["max"] < WARM_TTFA_MS:
+                break
+        try:
+            for rate in args.poisson:
+                run = run_poisson(url, rate, args.duration, args.seed, args.timeout)
+                s = summarize(run)
+                log(f"{rate:g} req/s: {s['requests']} requests, TTFA p95 "
+                    f"{s['ttfa_ms'][95]:.0f} ms, underruns {s['underrun_chunks']}, "
+                    f"ok/failed/timeouts {s['ok']}/{s['failed']}/{s['timeouts']}, max send lag "
+                    f"{s['max_send_lag_ms']:.1f} ms")
+                runs.append((run, s))
+        except KeyboardInterrupt:       # Ctrl-C or SIGTERM (`timeout`): report the rates done
+            log(f"stopped after {len(runs)} of {len(args.poisson)} rates")
+    finally:
+        stop_server(server, wait=60 if len(runs) == len(args.poisson) else 5)
+    loads.append(os.getloadavg())
+    summaries = [s for _, s in runs]
+    text = poisson_report(args, summaries, loads, dev)
+    r3 = lambda x: round(x, 4)
+    data = {"device": dev, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+            "versions": versions(), "command": args.argv, "size": args.size,
+            "max_batch_size": args.max_batch_size, "duration": args.duration, "seed": args.seed,
+            "runs": [dict(s, per_request=[
+                {"at": r3(r["at"]), "lag": r3(r["lag"]), "status": r["status"],
+                 "words": r["words"], "voice": r["voice"], "max_new_tokens": r["max_new_tokens"],
+                 "ttfa": r.get("ttfa") and r3(r["ttfa"]),
+                 "arrivals": [[r3(a), n] for a, n in r.get("arrivals", [])]}
+                for r in run["requests"]]) for run, s in runs]}
+    return text, data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,12 +757,7 @@ def soak(args, folder: str) -> str:
         except urllib.error.HTTPError as e:
             state = f"{e.code}"
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
     good = [r for k, r in done if k == "good"]
     ok = [r for r in good if r["status"] == 200 and r["audio_s"] > 0]
     bad = [r for k, r in done if k == "bad"]
@@ -464,7 +768,7 @@ def soak(args, folder: str) -> str:
                             capture_output=True, text=True).stdout.strip() or "unknown"
     return "\n".join([
         f"## Server fault soak, {args.size} CustomVoice, {device()} ({now}, commit {commit})", "",
-        f"`python benchmarks/bench_server.py {' '.join(sys.argv[1:])}`: {wall:.0f} s of traffic "
+        f"`python benchmarks/bench_server.py {' '.join(args.argv)}`: {wall:.0f} s of traffic "
         f"from {max(args.clients)} clients against `qwen3-tts-jax serve` (random weights, "
         f"max_new_tokens {args.lengths[0]}): 60 % good streamed requests, 20 % bad ones "
         f"(malformed JSON, unknown voice, a ~20,000-token prompt, a number past float's range, "
@@ -495,25 +799,62 @@ def main(argv=None) -> int:
                     help="continuous batching in the server; both: two servers, one after the "
                          "other, and their ratio")
     ap.add_argument("--batch-window-ms", type=float, default=10.0)
-    ap.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="per request, seconds (default 900; with --poisson 30)")
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true", help="print the table only")
     ap.add_argument("--faults", action="store_true",
                     help="a soak instead: mixed good, bad and dropped traffic and idle sessions "
                          "from the largest --clients count for --duration seconds")
-    ap.add_argument("--duration", type=float, default=600.0,
-                    help="with --faults: seconds of traffic (default 600)")
+    ap.add_argument("--poisson", type=float, nargs="+", metavar="RATE",
+                    help="open-loop Poisson arrivals instead, one run of --duration seconds per "
+                         "rate (requests/s): short sentences, mixed voices, streamed pcm")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds of traffic: with --faults (default 600), with --poisson per "
+                         "rate (default 60)")
+    ap.add_argument("--seed", type=int, default=0, help="with --poisson: arrivals and sentences")
+    ap.add_argument("--warmup-s", type=float, default=10.0,
+                    help="with --poisson: seconds of unmeasured traffic at the highest rate "
+                         "before measuring (after the closed-loop warm-up)")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="with --poisson: the server's batch size, its only bucket (a running "
+                         "batch takes new requests into its free rows; default 64, on the CPU 8)")
+    ap.add_argument("--folder", help="reuse (or build once into) this checkpoint folder")
+    ap.add_argument("--json", help="with --poisson: also write the figures and every request's "
+                                   "chunk arrivals here")
     args = ap.parse_args(argv)
-    if args.faults:
-        with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
-            args.workdir = workdir
-            folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
-            text = soak(args, folder)
+    args.argv = sys.argv[1:] if argv is None else list(argv)     # the command, for the reports
+    if args.duration is None:
+        args.duration = 60.0 if args.poisson else 600.0
+    if args.timeout is None:
+        args.timeout = 30.0 if args.poisson else 900.0
+    if args.folder and not args.model:
+        if not os.path.exists(os.path.join(args.folder, "model.safetensors")):
+            t = time.perf_counter()
+            build_checkpoint(args.folder, args.size)
+            log(f"checkpoint {args.folder}: {time.perf_counter() - t:.0f} s")
+        args.model = args.folder
+    if args.faults or args.poisson:
+        # with --poisson, SIGTERM (e.g. from `timeout`) as Ctrl-C: the rates done are reported
+        term = signal.signal(signal.SIGTERM, signal.default_int_handler) if args.poisson else None
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:
+                args.workdir = workdir
+                folder = args.model or build_checkpoint(os.path.join(workdir, "ckpt"), args.size)
+                text, data = poisson(args, folder) if args.poisson else (soak(args, folder), None)
+        finally:
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
         print(text)
         if not args.no_append:
             with open(args.results, "a") as f:
                 f.write("\n" + text)
-        return 0
+        if data is None:
+            return 0
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(data, f)
+        return 0 if all(r["ok"] for r in data["runs"]) else 1     # overload is a result
     loads = [os.getloadavg()]
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.continuous]
     with tempfile.TemporaryDirectory(prefix="bench-server-") as workdir:

@@ -13,6 +13,10 @@
 #                                            # 64; the streaming codec, stateful vs windowed
 #   bash benchmarks/gpu_session.sh profile   # ~2 min: batch 1 greedy and sampled with a kernel
 #                                            # profile of the frame (profile.json)
+#   bash benchmarks/gpu_session.sh server    # ~8-9 min: the server (1.7B CustomVoice) under
+#                                            # open-loop Poisson load, 10, 20 and 40 requests/s
+#                                            # for 60 s each (bench_server --poisson: TTFA
+#                                            # percentiles, underruns; server.json)
 #
 # Missing packages travel as wheels in .whl/ (git-ignored through .git/info/exclude; carry it):
 # the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser. Made here:
@@ -20,9 +24,10 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     soundfile==0.14.0 soxr==1.1.0 cffi==2.0.0 pycparser
-# The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine.
+# The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine
+# (/tmp/ckpt17srv for `server`: the 1.7B shapes with the demo's tokenizer and preset voices).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|profile}
+part=${1:?usage: gpu_session.sh one|profile|server}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -66,6 +71,15 @@ json.dump(prof, open(sys.argv[1] + "/profile.json", "w"), indent=1)
 PY
     rm -rf "$OUT/prof"
     ;;
+server)
+    # builds the checkpoint if missing (~1-2 min), compiles in the warm-up (a few minutes), then
+    # 3 x (60 s of arrivals + the last requests' end; a request past 30 s is a timeout). Stopped
+    # at 560 s it reports the rates done; run it again on the warm machine to finish: the
+    # checkpoint and the compiled programs (~/.cache/qwen3-tts-jax/xla) are kept there
+    timeout 560 python3 benchmarks/bench_server.py --size 1b7 --folder /tmp/ckpt17srv \
+        --poisson 10 20 40 --duration 60 --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
+        2>&1 | tee -a "$OUT/all.log"
+    ;;
 *)
-    echo "unknown part $part: one or profile" >&2; exit 2 ;;
+    echo "unknown part $part: one, profile or server" >&2; exit 2 ;;
 esac
