@@ -36,6 +36,12 @@ first text token; the rest is the trailing text that the frame loop reads one to
 passes the tokens received until the text is final. So its codes are those of the offline
 streaming-mode generation of the whole text, however the text was split in time.
 
+Prompt prefixes: an ICL clone's request-independent prompt prefix (`prompts.Prompt.prefix_len`)
+is prefilled once and its KV kept in the model's `prefix_cache.PrefixCache` (keyed by content):
+a cohort's prefill and a row's refill write it into the rows' caches and compute only the rest,
+so a registered cloned voice's later requests prefill as little as a preset speaker's. The
+cache's counters are in `stats` (prefix_cache_*).
+
 Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` called with
 `seed=[s]`, so its audio does not depend on which other requests share its batch (or device).
 
@@ -62,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import generate as gen, prompts, sampling, talker
+from .prefix_cache import PrefixCache, batch_prefix
 from .settings import GenerationSettings, traced
 from .buckets import batch_rows, ladder, power_of_two
 from .codec import StreamDecoder, bucketed_decode
@@ -336,8 +343,14 @@ class _Cohort:
         keys = jnp.stack(keys + [keys[0]] * (B - n))
         self.first_frame = [0] * B              # host copy of ctx.first_frame_B
         self.capacity = gen.capacity(self._need(range(n)), tts.options)
+        # padding rows copy row 0, its prefix too (a padding row without one would make the
+        # prefill compute every position)
+        prefix = engine._prefix(items)
+        compute = None if prefix is None else gen.prefill_length(batch.mask_BxL,
+                                                                 [p.prefix_len for p in items])
         self.state, self.ctx = gen.prefill(tts.params, cfg, batch, self.settings, keys,
-                                           frames=self.capacity, options=tts.options)
+                                           frames=self.capacity, compute=compute,
+                                           prefix=prefix, options=tts.options)
         # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
         self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
         self.codec = StreamDecoder(tts.speech_tokenizer.params, tts.speech_tokenizer.config.decoder,
@@ -387,9 +400,12 @@ class _Cohort:
         rows = self.rows.copy()
         rows[row] = job
         settings = self.engine._settings(rows)
+        prefix = self.engine._prefix([job.prompt])
         self.state, self.ctx = gen.insert(
             tts.params, cfg, self.state, self.ctx, settings, row, one, self._key(job),
-            compute=gen.prefill_length(one.mask_BxL), options=tts.options)
+            compute=gen.prefill_length(one.mask_BxL,
+                                       None if prefix is None else [job.prompt.prefix_len]),
+            prefix=prefix, options=tts.options)
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
         self.codec.reset(row, prefix=job.ref_code)
@@ -557,7 +573,8 @@ class BatchEngine:
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  batch_buckets: tuple[int, ...] | None = None,
-                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0):
+                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -577,6 +594,10 @@ class BatchEngine:
                              f"max_batch_size {max_batch_size}")
         self.min_prompt_bucket = min_prompt_bucket
         self.refill = refill                  # start waiting jobs in a running batch's free rows
+        # ICL prompt prefixes' KV (None: the model's own, `Qwen3TTS.prefix_cache`, which the
+        # engines of text sessions on the same model share; a model without one: none)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else getattr(
+            tts, "prefix_cache", None)
         self._queue: queue.Queue = queue.Queue()
         self._waiting = 0                     # jobs submitted and not started or dropped
         self._lock = threading.Lock()
@@ -597,6 +618,7 @@ class BatchEngine:
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
                       "frames": 0, "retried": 0, "worker_restarts": 0,
                       "batch_sizes": collections.Counter()}
+        self._sync_prefix_stats()
 
     # ------------------------------------------------------------------ client side
     def start(self) -> "BatchEngine":
@@ -684,6 +706,7 @@ class BatchEngine:
         if whole_file_frames:
             self.warm_whole_file(whole_file_frames)
         self.stats = stats
+        self._sync_prefix_stats()
         return time.perf_counter() - t
 
     def whole_file_windows(self, max_frames: int) -> list[tuple[int, int]]:
@@ -943,6 +966,25 @@ class BatchEngine:
                                       " s in the queue and ran out of time before it started"))
             return False
         return True
+
+    def _prefix(self, items: list[prompts.Prompt]) -> gen.Prefix | None:
+        """The stored prompt-prefix KV of a cohort's rows (`PrefixCache.get`, computed on a
+        miss), or None where no row has one (or there is no cache)."""
+        cache = self.prefix_cache
+        if cache is None or not cache.enabled or not any(p.prefix_len for p in items):
+            return None
+        tts, got = self.tts, {}
+        entries = []
+        for p in items:
+            if id(p) not in got:
+                got[id(p)] = cache.get(tts.params, tts.config, p, tts.options)
+            entries.append(got[id(p)])
+        self._sync_prefix_stats()
+        return batch_prefix(entries, [p.prefix_len for p in items])
+
+    def _sync_prefix_stats(self) -> None:
+        if self.prefix_cache is not None:
+            self.stats.update(self.prefix_cache.stats())
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
