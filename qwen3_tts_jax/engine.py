@@ -306,6 +306,26 @@ def _embed_text(tp, ids_BxL, dtype, act):
     return talker.embed_text(tp, ids_BxL, act).astype(dtype)
 
 
+def prefix_compute(mask_BxL, prefix_len_B) -> int | None:
+    """The prefill's compute length for rows with stored prefixes: the longest row's positions
+    after its prefix on the `buckets.ladder` (not the finer steps of `generate.prefill_length`:
+    the rest's length varies with both the voice and the text, and a warm-up compiles every
+    ladder step below the prompt bucket, `prefix_computes`), None where that is the bucket."""
+    L = mask_BxL.shape[1]
+    n = int((np.asarray(mask_BxL).sum(-1) - np.asarray(prefix_len_B)).max())
+    c = ladder(n)
+    return None if c >= L else c
+
+
+def prefix_computes(L: int) -> list[int | None]:
+    """Every `prefix_compute` of a prompt bucket L."""
+    out, c = [], ladder(1)
+    while c < L:
+        out.append(c)
+        c = ladder(c + 1)
+    return out + [None]
+
+
 class _Cohort:
     """Rows generated together: prefill at creation, then `step()` runs one chunk and emits.
 
@@ -314,7 +334,7 @@ class _Cohort:
     with `generate.insert`, and the cohort forgets the frames before its oldest open row
     (`generate.shift`) when it needs room at the end. `closed`: takes no more jobs (it drains)."""
 
-    def __init__(self, engine: "BatchEngine", jobs: list[Job]):
+    def __init__(self, engine: "BatchEngine", jobs: list[Job], compute: int | None = None):
         self.engine = engine
         self.feed = jobs[0].feed
         tts, cfg = engine.tts, engine.tts.config
@@ -345,9 +365,9 @@ class _Cohort:
         self.capacity = gen.capacity(self._need(range(n)), tts.options)
         # padding rows copy row 0, its prefix too (a padding row without one would make the
         # prefill compute every position)
-        prefix = engine._prefix(items)
-        compute = None if prefix is None else gen.prefill_length(batch.mask_BxL,
-                                                                 [p.prefix_len for p in items])
+        prefix = engine._prefix(items, self.L)
+        if prefix is not None and compute is None:
+            compute = prefix_compute(batch.mask_BxL, [p.prefix_len for p in items])
         self.state, self.ctx = gen.prefill(tts.params, cfg, batch, self.settings, keys,
                                            frames=self.capacity, compute=compute,
                                            prefix=prefix, options=tts.options)
@@ -393,19 +413,21 @@ class _Cohort:
         return (not self.closed and job.feed is None and len(job.prompt) <= self.L
                 and len(job.prompt.trailing) <= self.Lt)
 
-    def take(self, job: Job, row: int) -> None:
-        """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame."""
+    def take(self, job: Job, row: int, compute: int | None = None) -> None:
+        """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame.
+        `compute`: the refill's compute length instead of its own (a warm-up's)."""
         tts, cfg = self.engine.tts, self.engine.tts.config
         one = prompts.batch_prompts(cfg, [job.prompt], length=self.L, trailing_length=self.Lt)
         rows = self.rows.copy()
         rows[row] = job
         settings = self.engine._settings(rows)
-        prefix = self.engine._prefix([job.prompt])
+        prefix = self.engine._prefix([job.prompt], self.L)
+        if compute is None:
+            compute = (gen.prefill_length(one.mask_BxL) if prefix is None
+                       else prefix_compute(one.mask_BxL, [job.prompt.prefix_len]))
         self.state, self.ctx = gen.insert(
             tts.params, cfg, self.state, self.ctx, settings, row, one, self._key(job),
-            compute=gen.prefill_length(one.mask_BxL,
-                                       None if prefix is None else [job.prompt.prefix_len]),
-            prefix=prefix, options=tts.options)
+            compute=compute, prefix=prefix, options=tts.options)
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
         self.codec.reset(row, prefix=job.ref_code)
@@ -681,8 +703,10 @@ class BatchEngine:
     def warmup(self, jobs_like: list[Job], chunks: int = 2, whole_file_frames: int = 0) -> float:
         """Compile before serving (call it before `start`): for every job in `jobs_like` (one per
         prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
-        `chunks` chunks, then starts a copy in a running row and runs one more chunk: the
-        programs that a first request of those shapes would compile (the frame loop at the first
+        `chunks` chunks, then starts a copy in a running row and runs one more chunk (with a
+        cloned voice's stored prompt prefix: also the prefill and the refill at each compute
+        length, `prefix_computes`): the programs that a first request of those shapes would
+        compile (the frame loop at the first
         KV-cache size, a row's refill), and every streaming codec window of a chunk. With
         `whole_file_frames`, also every codec window that whole-file formats (flac, mp3, opus)
         decode utterances of up to that many frames with (`warm_whole_file`). Nothing is emitted
@@ -703,6 +727,12 @@ class BatchEngine:
                 cohort.step()
                 # every codec window a chunk can use (shorter last chunks, codec restarts)
                 cohort.codec.warm(max(self.chunk_frames, self.first_chunk_frames))
+                # a cloned voice's stored prefix: the prefill and refill at every compute
+                # length of the bucket (the rest after the prefix varies with the text)
+                if like.prompt is not None and self._prefix([like.prompt], cohort.L):
+                    for c in prefix_computes(cohort.L):
+                        _Cohort(self, [quiet() for _ in range(B)], compute=c)
+                        cohort.take(quiet(), 0, compute=c)
         if whole_file_frames:
             self.warm_whole_file(whole_file_frames)
         self.stats = stats
@@ -967,9 +997,10 @@ class BatchEngine:
             return False
         return True
 
-    def _prefix(self, items: list[prompts.Prompt]) -> gen.Prefix | None:
+    def _prefix(self, items: list[prompts.Prompt], slots: int) -> gen.Prefix | None:
         """The stored prompt-prefix KV of a cohort's rows (`PrefixCache.get`, computed on a
-        miss), or None where no row has one (or there is no cache)."""
+        miss) padded to `slots` (the prompt bucket: one compiled program whatever the voice),
+        or None where no row has one (or there is no cache)."""
         cache = self.prefix_cache
         if cache is None or not cache.enabled or not any(p.prefix_len for p in items):
             return None
@@ -980,7 +1011,7 @@ class BatchEngine:
                 got[id(p)] = cache.get(tts.params, tts.config, p, tts.options)
             entries.append(got[id(p)])
         self._sync_prefix_stats()
-        return batch_prefix(entries, [p.prefix_len for p in items])
+        return batch_prefix(entries, [p.prefix_len for p in items], slots)
 
     def _sync_prefix_stats(self) -> None:
         if self.prefix_cache is not None:

@@ -26,16 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import generate as gen, layers
-from .buckets import fine
+from .buckets import ladder
 from .prompts import Prompt
 
 DEFAULT_MAX_BYTES = 256 * 2 ** 20   # about 28 voices of 5 s at 0.6B/1.7B in float32 (~9 MiB each)
 
 
 def prefix_bucket(n: int) -> int:
-    """The slots a stored prefix of n positions gets (few compiled `prefix_kv` / prefill
-    shapes): `buckets.fine`."""
-    return fine(n)
+    """The slots a stored prefix of n positions gets (few compiled `prefix_kv` shapes):
+    `buckets.ladder`."""
+    return ladder(n)
 
 
 class PrefixCache:
@@ -132,17 +132,21 @@ class PrefixCache:
                              jnp.asarray(extra), jnp.asarray(extra_pos), options=options)
 
 
-def batch_prefix(entries: list, lengths: list[int]) -> gen.Prefix | None:
+def batch_prefix(entries: list, lengths: list[int], slots: int | None = None
+                 ) -> gen.Prefix | None:
     """The `generate.Prefix` of a batch's rows: `entries[b]` a stored prefix KV (`PrefixCache.get`)
     or None (the row has none: length 0), `lengths[b]` its real positions. None where no row has
-    one. Rows are padded to the longest stored prefix's slots."""
+    one. Rows are padded to `slots` (at least the longest stored prefix's; None: that), e.g. the
+    prompt bucket, so that the prefill's program does not depend on the voice."""
     if all(e is None for e in entries):
         return None
     like = next(e for e in entries if e is not None)
     slot_axis = 1 if isinstance(like[0], layers.KVCache) else 3
     Pb = max(e[0].k.shape[slot_axis] for e in entries if e is not None)
+    Pb = max(Pb, slots or 0)
     length = jnp.asarray([n if e is not None else 0 for e, n in zip(entries, lengths)], jnp.int32)
-    if len(entries) == 1 or all(e is like for e in entries):
+    if like[0].k.shape[slot_axis] == Pb and (len(entries) == 1
+                                              or all(e is like for e in entries)):
         caches = like if len(entries) == 1 else [
             type(c)(*(jnp.concatenate([a] * len(entries)) for a in c)) for c in like]
         return gen.Prefix(caches, length)

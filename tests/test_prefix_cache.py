@@ -12,6 +12,7 @@ import torch
 
 from official import GREEDY, official_codes
 from qwen3_tts_jax import generate as gen, prompts
+from qwen3_tts_jax.buckets import ladder
 from qwen3_tts_jax.prefix_cache import PrefixCache, batch_prefix
 from qwen3_tts_jax.runner import prepare
 from qwen3_tts_jax.settings import GenerationSettings
@@ -251,3 +252,31 @@ def test_engine_reuses_the_models_prefix_and_counts(base):
             stats["prefix_cache_entries"]) == (1, 1, 1), stats
     assert stats_off["prefix_cache_entries"] == 0 and stats_off["prefix_cache_misses"] == 0
     assert isinstance(tts.prefix_cache, PrefixCache) and tts.prefix_cache.enabled
+
+
+def test_warmup_with_a_cloned_voice_compiles_what_its_requests_use(base):
+    """After `BatchEngine.warmup` with an ICL voice, a request of that voice with another text
+    (same prompt bucket) compiles no prefill, refill or frame
+    loop."""
+    from qwen3_tts_jax.engine import BatchEngine, Job
+
+    _, tts = base
+    v = _voice(tts, seed=5)
+    cache = PrefixCache()
+    engine = BatchEngine(tts, max_batch_size=1, batch_window=0.0, batch_buckets=(1,),
+                         prefix_cache=cache)
+    like, other = _prompts(tts, ["Hi.", "Hello world, how are you?"], [v, v], True)
+    assert len(like) != len(other) and ladder(len(like)) == ladder(len(other))
+    engine.warmup([Job(like, _settings(tts), lambda _: None, seed=0, ref_code=v.ref_code)])
+    assert cache.misses == 1 and len(cache) == 1
+    before = gen.program_counts()
+    done = threading.Event()
+    engine.start()
+    try:
+        engine.submit(Job(other, _settings(tts), lambda a: a is None and done.set(), seed=0,
+                          ref_code=v.ref_code, stream=True))
+        assert done.wait(300)
+    finally:
+        engine.stop()
+    assert gen.program_counts() == before
+    assert cache.hits >= 1 and cache.misses == 1
