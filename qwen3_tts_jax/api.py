@@ -20,6 +20,7 @@ import numpy as np
 from . import checkpoint, prompts, runner, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .options import Options
+from .prefix_cache import PrefixCache
 from .compilation_cache import enable_compilation_cache  # noqa: F401 - public here too
 from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, keys  # noqa: F401
 from .voice import VoiceClonePromptItem, as_items
@@ -55,6 +56,9 @@ class Qwen3TTS:
         self._speech_tokenizer = None
         self._replicated = None        # params on every local device, for data-parallel runs
         self.model_parallel = 1        # > 1: params split over a (data, model) mesh
+        # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
+        # (`prefix_cache.py`; `PrefixCache(0)` disables it)
+        self.prefix_cache = PrefixCache()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -135,6 +139,7 @@ class Qwen3TTS:
         other = copy.copy(self)
         other.params = jax.device_put(self.params, device)
         other._replicated = None
+        other.prefix_cache = PrefixCache(self.prefix_cache.max_bytes)   # KV on that device
         codec = copy.copy(self.speech_tokenizer) if os.path.isdir(
             os.path.join(self.folder, "speech_tokenizer")) else None
         if codec is not None:

@@ -36,6 +36,12 @@ first text token; the rest is the trailing text that the frame loop reads one to
 passes the tokens received until the text is final. So its codes are those of the offline
 streaming-mode generation of the whole text, however the text was split in time.
 
+Prompt prefixes: an ICL clone's request-independent prompt prefix (`prompts.Prompt.prefix_len`)
+is prefilled once and its KV kept in the model's `prefix_cache.PrefixCache` (keyed by content):
+a cohort's prefill and a row's refill write it into the rows' caches and compute only the rest,
+so a registered cloned voice's later requests prefill as little as a preset speaker's. The
+cache's counters are in `stats` (prefix_cache_*).
+
 Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` called with
 `seed=[s]`, so its audio does not depend on which other requests share its batch (or device).
 
@@ -62,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import generate as gen, prompts, sampling, talker
+from .prefix_cache import PrefixCache, batch_prefix
 from .settings import GenerationSettings, traced
 from .buckets import batch_rows, ladder, power_of_two
 from .codec import StreamDecoder, bucketed_decode
@@ -299,6 +306,26 @@ def _embed_text(tp, ids_BxL, dtype, act):
     return talker.embed_text(tp, ids_BxL, act).astype(dtype)
 
 
+def prefix_compute(mask_BxL, prefix_len_B) -> int | None:
+    """The prefill's compute length for rows with stored prefixes: the longest row's positions
+    after its prefix on the `buckets.ladder` (not the finer steps of `generate.prefill_length`:
+    the rest's length varies with both the voice and the text, and a warm-up compiles every
+    ladder step below the prompt bucket, `prefix_computes`), None where that is the bucket."""
+    L = mask_BxL.shape[1]
+    n = int((np.asarray(mask_BxL).sum(-1) - np.asarray(prefix_len_B)).max())
+    c = ladder(n)
+    return None if c >= L else c
+
+
+def prefix_computes(L: int) -> list[int | None]:
+    """Every `prefix_compute` of a prompt bucket L."""
+    out, c = [], ladder(1)
+    while c < L:
+        out.append(c)
+        c = ladder(c + 1)
+    return out + [None]
+
+
 class _Cohort:
     """Rows generated together: prefill at creation, then `step()` runs one chunk and emits.
 
@@ -307,7 +334,7 @@ class _Cohort:
     with `generate.insert`, and the cohort forgets the frames before its oldest open row
     (`generate.shift`) when it needs room at the end. `closed`: takes no more jobs (it drains)."""
 
-    def __init__(self, engine: "BatchEngine", jobs: list[Job]):
+    def __init__(self, engine: "BatchEngine", jobs: list[Job], compute: int | None = None):
         self.engine = engine
         self.feed = jobs[0].feed
         tts, cfg = engine.tts, engine.tts.config
@@ -336,8 +363,14 @@ class _Cohort:
         keys = jnp.stack(keys + [keys[0]] * (B - n))
         self.first_frame = [0] * B              # host copy of ctx.first_frame_B
         self.capacity = gen.capacity(self._need(range(n)), tts.options)
+        # padding rows copy row 0, its prefix too (a padding row without one would make the
+        # prefill compute every position)
+        prefix = engine._prefix(items, self.L)
+        if prefix is not None and compute is None:
+            compute = prefix_compute(batch.mask_BxL, [p.prefix_len for p in items])
         self.state, self.ctx = gen.prefill(tts.params, cfg, batch, self.settings, keys,
-                                           frames=self.capacity, options=tts.options)
+                                           frames=self.capacity, compute=compute,
+                                           prefix=prefix, options=tts.options)
         # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
         self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
         self.codec = StreamDecoder(tts.speech_tokenizer.params, tts.speech_tokenizer.config.decoder,
@@ -380,16 +413,21 @@ class _Cohort:
         return (not self.closed and job.feed is None and len(job.prompt) <= self.L
                 and len(job.prompt.trailing) <= self.Lt)
 
-    def take(self, job: Job, row: int) -> None:
-        """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame."""
+    def take(self, job: Job, row: int, compute: int | None = None) -> None:
+        """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame.
+        `compute`: the refill's compute length instead of its own (a warm-up's)."""
         tts, cfg = self.engine.tts, self.engine.tts.config
         one = prompts.batch_prompts(cfg, [job.prompt], length=self.L, trailing_length=self.Lt)
         rows = self.rows.copy()
         rows[row] = job
         settings = self.engine._settings(rows)
+        prefix = self.engine._prefix([job.prompt], self.L)
+        if compute is None:
+            compute = (gen.prefill_length(one.mask_BxL) if prefix is None
+                       else prefix_compute(one.mask_BxL, [job.prompt.prefix_len]))
         self.state, self.ctx = gen.insert(
             tts.params, cfg, self.state, self.ctx, settings, row, one, self._key(job),
-            compute=gen.prefill_length(one.mask_BxL), options=tts.options)
+            compute=compute, prefix=prefix, options=tts.options)
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
         self.codec.reset(row, prefix=job.ref_code)
@@ -557,7 +595,8 @@ class BatchEngine:
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  batch_buckets: tuple[int, ...] | None = None,
-                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0):
+                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -577,6 +616,10 @@ class BatchEngine:
                              f"max_batch_size {max_batch_size}")
         self.min_prompt_bucket = min_prompt_bucket
         self.refill = refill                  # start waiting jobs in a running batch's free rows
+        # ICL prompt prefixes' KV (None: the model's own, `Qwen3TTS.prefix_cache`, which the
+        # engines of text sessions on the same model share; a model without one: none)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else getattr(
+            tts, "prefix_cache", None)
         self._queue: queue.Queue = queue.Queue()
         self._waiting = 0                     # jobs submitted and not started or dropped
         self._lock = threading.Lock()
@@ -597,6 +640,7 @@ class BatchEngine:
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
                       "frames": 0, "retried": 0, "worker_restarts": 0,
                       "batch_sizes": collections.Counter()}
+        self._sync_prefix_stats()
 
     # ------------------------------------------------------------------ client side
     def start(self) -> "BatchEngine":
@@ -659,8 +703,10 @@ class BatchEngine:
     def warmup(self, jobs_like: list[Job], chunks: int = 2, whole_file_frames: int = 0) -> float:
         """Compile before serving (call it before `start`): for every job in `jobs_like` (one per
         prompt bucket) and every batch bucket, a cohort of that many copies runs its prefill and
-        `chunks` chunks, then starts a copy in a running row and runs one more chunk: the
-        programs that a first request of those shapes would compile (the frame loop at the first
+        `chunks` chunks, then starts a copy in a running row and runs one more chunk (with a
+        cloned voice's stored prompt prefix: also the prefill and the refill at each compute
+        length, `prefix_computes`): the programs that a first request of those shapes would
+        compile (the frame loop at the first
         KV-cache size, a row's refill), and every streaming codec window of a chunk. With
         `whole_file_frames`, also every codec window that whole-file formats (flac, mp3, opus)
         decode utterances of up to that many frames with (`warm_whole_file`). Nothing is emitted
@@ -681,9 +727,16 @@ class BatchEngine:
                 cohort.step()
                 # every codec window a chunk can use (shorter last chunks, codec restarts)
                 cohort.codec.warm(max(self.chunk_frames, self.first_chunk_frames))
+                # a cloned voice's stored prefix: the prefill and refill at every compute
+                # length of the bucket (the rest after the prefix varies with the text)
+                if like.prompt is not None and self._prefix([like.prompt], cohort.L):
+                    for c in prefix_computes(cohort.L):
+                        _Cohort(self, [quiet() for _ in range(B)], compute=c)
+                        cohort.take(quiet(), 0, compute=c)
         if whole_file_frames:
             self.warm_whole_file(whole_file_frames)
         self.stats = stats
+        self._sync_prefix_stats()
         return time.perf_counter() - t
 
     def whole_file_windows(self, max_frames: int) -> list[tuple[int, int]]:
@@ -943,6 +996,26 @@ class BatchEngine:
                                       " s in the queue and ran out of time before it started"))
             return False
         return True
+
+    def _prefix(self, items: list[prompts.Prompt], slots: int) -> gen.Prefix | None:
+        """The stored prompt-prefix KV of a cohort's rows (`PrefixCache.get`, computed on a
+        miss) padded to `slots` (the prompt bucket: one compiled program whatever the voice),
+        or None where no row has one (or there is no cache)."""
+        cache = self.prefix_cache
+        if cache is None or not cache.enabled or not any(p.prefix_len for p in items):
+            return None
+        tts, got = self.tts, {}
+        entries = []
+        for p in items:
+            if id(p) not in got:
+                got[id(p)] = cache.get(tts.params, tts.config, p, tts.options)
+            entries.append(got[id(p)])
+        self._sync_prefix_stats()
+        return batch_prefix(entries, [p.prefix_len for p in items], slots)
+
+    def _sync_prefix_stats(self) -> None:
+        if self.prefix_cache is not None:
+            self.stats.update(self.prefix_cache.stats())
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)

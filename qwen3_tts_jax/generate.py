@@ -17,6 +17,13 @@ the settings (temperature, top-k, top-p, penalty, greedy or not, per row), `max_
 keys. Official semantics (shared NOTES.md section 7): the repetition penalty covers the code-0 tokens
 generated so far; EOS is blocked for the first 2 tokens; ids vocab-1024..vocab-1 except EOS are
 suppressed; the last token sampled is never fed back, so frames = tokens - 1.
+
+Prompt prefixes: `prefix_kv` runs a prompt's request-independent leading positions alone
+(`prompts.Prompt.prefix_len`, batch 1, positions 0..P-1) and returns their per-layer KV;
+`prefill` and `insert` take such KV for their rows (`Prefix`), write it into each row's slots
+[pad, pad + P) and compute only the positions after it. RoPE positions start at 0 at a row's
+first real token, so the same KV serves any left padding or slot offset (`prefix_cache.py`
+keeps them).
 """
 from __future__ import annotations
 
@@ -105,16 +112,47 @@ def _fold(keys_B, data):
     return jax.vmap(jax.random.fold_in)(keys_B, data_B)
 
 
-def prefill_length(mask_BxL) -> int | None:
+def prefill_length(mask_BxL, prefix_len_B=None) -> int | None:
     """The `compute` argument of `prefill` for a left-padded batch: its longest row on the finer
     `buckets.fine` steps, or None (all L positions) where that is L or the mask cannot be read on
     this host. The prompt bucket L (`buckets.ladder`) sizes the KV cache and so every frame-loop
-    program; the prefill runs only the positions some row uses (35 tokens in a bucket of 48: 40)."""
+    program; the prefill runs only the positions some row uses (35 tokens in a bucket of 48: 40).
+    `prefix_len_B`: positions of each row that come from a stored prefix (`Prefix.length_B`),
+    which need no computing: the longest row's rest counts."""
     if not getattr(mask_BxL, "is_fully_addressable", True):
         return None
     L = mask_BxL.shape[1]
-    compute = min(L, fine(int(np.asarray(mask_BxL).sum(-1).max())))
+    n_B = np.asarray(mask_BxL).sum(-1)
+    if prefix_len_B is not None:
+        n_B = n_B - np.asarray(prefix_len_B)
+    compute = min(L, fine(int(n_B.max())))
     return None if compute == L else compute
+
+
+class Prefix(NamedTuple):
+    """Stored KV of the leading positions of each row's prompt (`prefix_kv`), for `prefill` and
+    `insert`: per layer a cache of the layout `Options.cache_layout` with room for P slots (the
+    batch's rows, or the one row of `insert`), and how many of them each row uses (0: none; the
+    row is computed whole)."""
+    caches: list
+    length_B: jax.Array             # int32 (B,)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options"))
+def prefix_kv(params, cfg: Qwen3TTSConfig, text_1xP, codec_1xPxG, extra_1xD, extra_pos_1,
+              *, options: Options) -> list:
+    """The per-layer KV of a prompt prefix run alone: one row, positions 0..P-1 from slot 0,
+    causal. Positions past the prefix's real length may hold NONE ids (padding to a bucket):
+    causality keeps them out of the real positions' KV, which `Prefix.length_B` selects."""
+    tp = params["talker"]
+    P = text_1xP.shape[1]
+    dtype = tp["codec_embedding"].dtype
+    x = embed_prompts(params, cfg, text_1xP, codec_1xPxG, extra_1xD, extra_pos_1).astype(dtype)
+    pos = jnp.arange(P, dtype=jnp.int32)[None]
+    mask = jnp.arange(P)[None, None, :] <= jnp.arange(P)[None, :, None]
+    caches = layers.init_cache(cfg.talker, 1, P, dtype, options)
+    _, _, caches = talker.forward(tp, x, pos, caches, 0, mask, cfg.talker, options)
+    return caches
 
 
 def prefill_lengths(L: int) -> list[int | None]:
@@ -129,13 +167,18 @@ def prefill_lengths(L: int) -> list[int | None]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "frames", "compute", "options"))
 def prefill(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
-            frames: int, compute: int | None = None, *, options: Options):
+            frames: int, compute: int | None = None, prefix: Prefix | None = None, *,
+            options: Options):
     """Embed and run the prompt batch, sample the first code-0 token. Returns (State, Context).
 
     `compute` (static; None: L): run only the last `compute` of the L prompt positions, which must
     hold every row's real tokens (`prefill_length`); the cache keeps L prompt slots, the first
     L - compute of them unwritten and masked like any left padding, so the frame loop is the same
-    program as after a full prefill, and so are its results."""
+    program as after a full prefill, and so are its results.
+
+    `prefix`: stored KV of each row's first `length_B[b]` real positions (`prefix_kv`), written
+    into the row's slots [pad, pad + length); then `compute` need only hold every row's real
+    positions after its prefix (`prefill_length(mask, prefix.length_B)`)."""
     tp = params["talker"]
     mask_BxL = batch.mask_BxL
     B, L = batch.text_BxL.shape
@@ -153,6 +196,9 @@ def prefill(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
     causal = slots[None, None, :] <= jnp.arange(L - C, L)[None, :, None]
     mask = causal & (slots[None, None, :] >= pad_count[:, None, None])
     caches = layers.init_cache(cfg.talker, B, S, dtype, options)
+    if prefix is not None:
+        caches = [c.put_prefix(p, pad_count, prefix.length_B)
+                  for c, p in zip(caches, prefix.caches)]
     h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, L - C, mask,
                                        cfg.talker, options)
     seen = jnp.zeros((B, cfg.talker.vocab_size), bool)
@@ -278,7 +324,8 @@ def _put_row(a, row, value):
 @functools.partial(jax.jit, static_argnames=("cfg", "compute", "options"),
                    donate_argnames=("state",))
 def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, row,
-           prompt, key, compute: int | None = None, *, options: Options):
+           prompt, key, compute: int | None = None, prefix: Prefix | None = None, *,
+           options: Options):
     """Start a new request in row `row` of a running batch (continuous batching: a server refills
     the row of a finished request). Returns (state, ctx).
 
@@ -290,7 +337,8 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     first code-0 token is sampled like `prefill`'s, with `settings`' row (the settings of the
     whole batch, this row's already set) and `key`, so the row generates what it would alone
     (the codes from `codes_BxFxG[row, step]` on). Needs step + L <= L + F: room for the prompt;
-    the caller also leaves room (`grow`, `shift`) for the frames it asks for."""
+    the caller also leaves room (`grow`, `shift`) for the frames it asks for. `prefix` (one
+    row): the stored KV of the prompt's first positions, as in `prefill`."""
     tp = params["talker"]
     B, F, G = state.codes_BxFxG.shape
     S = state.caches[0].length
@@ -313,6 +361,9 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
             & (slots[None, None, :] >= (n0 + pad)[:, None, None]))
     one = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
     caches = [jax.tree.map(one, c) for c in state.caches]
+    if prefix is not None:
+        caches = [c.put_prefix(p, n0 + pad, prefix.length_B)
+                  for c, p in zip(caches, prefix.caches)]
     h, logits, caches = talker.forward(tp, x[:, L - C:], pos[:, L - C:], caches, first, mask,
                                        cfg.talker, options)
     caches = [jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis=0),

@@ -31,6 +31,19 @@ from .cpu_kernels import linear
 from .options import Options
 
 
+def _put_rows(cache, prefix, start_B, count_B, axis: int):
+    """`cache` with row b's slots [start_b, start_b + count_b) along `axis` set to `prefix`'s
+    slots [0, count_b) (a gather over the slots, then a select: starts and counts are traced)."""
+    S, P = cache.shape[axis], prefix.shape[axis]
+    idx_BxS = jnp.arange(S)[None, :] - start_B[:, None]
+    take_BxS = (idx_BxS >= 0) & (idx_BxS < count_B[:, None])
+    rows = jax.vmap(lambda p, i: jnp.take(p, i, axis=axis - 1))(prefix,
+                                                                 jnp.clip(idx_BxS, 0, P - 1))
+    shape = [1] * cache.ndim
+    shape[0], shape[axis] = take_BxS.shape
+    return jnp.where(take_BxS.reshape(shape), rows.astype(cache.dtype), cache)
+
+
 class KVCache(NamedTuple):
     """Positions-major cache: k, v (B, S, K, Dh)."""
     k: jax.Array
@@ -43,6 +56,12 @@ class KVCache(NamedTuple):
     def write(self, k_BxTxKxD, v_BxTxKxD, index) -> "KVCache":
         put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
         return KVCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
+
+    def put_prefix(self, prefix: "KVCache", start_B, count_B) -> "KVCache":
+        """Row b's slots [start_b, start_b + count_b) from a stored prompt prefix (the same
+        layout, any number of slots, `count_b` <= them; 0: the row unchanged)."""
+        return KVCache(_put_rows(self.k, prefix.k, start_B, count_B, 1),
+                       _put_rows(self.v, prefix.v, start_B, count_B, 1))
 
     def attend(self, q_BxTxHxD, mask_BxTxS, filled, options: Options):
         return dot_product_attention(q_BxTxHxD, self.k, self.v, mask_BxTxS, options.attention)
@@ -69,6 +88,12 @@ class KVCacheHeadsMajor(NamedTuple):
         put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
             c, jnp.transpose(x, (0, 2, 3, 1)).astype(c.dtype), index, axis=3)
         return KVCacheHeadsMajor(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
+
+    def put_prefix(self, prefix: "KVCacheHeadsMajor", start_B, count_B) -> "KVCacheHeadsMajor":
+        """Row b's slots [start_b, start_b + count_b) from a stored prompt prefix (see
+        `KVCache.put_prefix`)."""
+        return KVCacheHeadsMajor(_put_rows(self.k, prefix.k, start_B, count_B, 3),
+                                 _put_rows(self.v, prefix.v, start_B, count_B, 3))
 
     def attend(self, q_BxTxHxD, mask_BxTxS, filled, options: Options):
         """One query position (a decode step) with `options.cpu_kernels`: `cpu_kernels.attend`,

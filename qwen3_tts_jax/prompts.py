@@ -19,6 +19,17 @@ Layout (rows = positions; T = text part, C = codec part; see shared NOTES.md sec
                   codec_seq = codec_bos + reference frames: non-streaming (text_seq_i, codec_pad)
                   then (pad, codec_seq_j); streaming the two summed position-wise, the longer
                   text going to the trailing text (`_icl_rows`)
+
+Request-independent prefix (`Prompt.prefix_len`, what `prefix_cache.PrefixCache` reuses): the
+leading positions whose ids do not depend on the text to speak. For an ICL clone that is
+[instruct] + role + codec prefix (language id, x-vector) + the first len(ref text) ICL rows: in
+both text modes those rows hold the reference transcript's tokens (streaming: summed with
+codec_bos and the first reference frames), and every later row holds the target text (or, in
+non-streaming mode, sits after it), so its KV depends on the request. The reference frames past
+the transcript's length are therefore prefilled per request: the official layout sums the
+request's text into them. At least the last position is always left to compute (its logits give
+the first code). Other prompts have prefix_len 0: their request-independent part is the role and
+codec prefix, at most 10 positions, which saves less than a cache lookup and a stored KV cost.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ class Prompt:
     trailing: np.ndarray               # int32 (Lt,) text ids fed one per frame after the prompt
     extra_pos: int = NONE              # position of the x-vector (cloned voice), if any
     extra: np.ndarray | None = None    # (D,) float32
+    prefix_len: int = 0                # leading positions independent of the text (module doc)
 
     def __len__(self):
         return len(self.text_L)
@@ -110,9 +122,13 @@ def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
     parts_codec.append(c)
     extra_pos = NONE if xvector is None else prefix_start + len(ctrl)
     text = ids[3:-5]
+    prefix_len = 0
     if ref_code is not None:
-        a, c, trailing = _icl_rows(cfg, np.asarray(ref_ids, np.int32)[3:-2], text,
-                                   np.asarray(ref_code, np.int32), non_streaming_mode)
+        ref_text = np.asarray(ref_ids, np.int32)[3:-2]
+        a, c, trailing = _icl_rows(cfg, ref_text, text, np.asarray(ref_code, np.int32),
+                                   non_streaming_mode)
+        # the rows before the target text enters (streaming: at most the ICL rows there are)
+        prefix_len = sum(len(p) for p in parts_text) + min(len(ref_text), len(a))
     elif non_streaming_mode:
         a, c = _rows(list(text) + [eos, pad], G)
         c[:, 0] = [t.codec_pad_id] * (len(text) + 1) + [t.codec_bos_id]
@@ -123,8 +139,10 @@ def build_prompt(cfg: Qwen3TTSConfig, input_ids: list[int], language: str,
         trailing = np.asarray(list(ids[4:-5]) + [eos], np.int32)
     parts_text.append(a)
     parts_codec.append(c)
-    return Prompt(np.concatenate(parts_text), np.concatenate(parts_codec), trailing, extra_pos,
-                  None if xvector is None else np.asarray(xvector, np.float32))
+    text_L = np.concatenate(parts_text)
+    return Prompt(text_L, np.concatenate(parts_codec), trailing, extra_pos,
+                  None if xvector is None else np.asarray(xvector, np.float32),
+                  min(prefix_len, len(text_L) - 1))
 
 
 def _icl_rows(cfg: Qwen3TTSConfig, ref_text, text, ref_code_TxG, non_streaming_mode: bool):

@@ -18,7 +18,7 @@ LAYERS = {
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
     1: {"text", "prompts", "settings", "voice", "audio"},                          # requests
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
-        "codec", "codec.tokenizer", "lora"},
+        "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine",
         "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train",
