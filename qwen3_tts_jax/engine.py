@@ -40,7 +40,10 @@ Prompt prefixes: an ICL clone's request-independent prompt prefix (`prompts.Prom
 is prefilled once and its KV kept in the model's `prefix_cache.PrefixCache` (keyed by content):
 a cohort's prefill and a row's refill write it into the rows' caches and compute only the rest,
 so a registered cloned voice's later requests prefill as little as a preset speaker's. The
-cache's counters are in `stats` (prefix_cache_*).
+cache's counters are in `stats` (prefix_cache_*). Likewise the codec: the decoder's state after
+a voice's reference codes is kept by the speech tokenizer (`codec.PrefixStates`, counters
+codec_prefix_*), so a later request of that voice decodes only its own frames before its first
+chunk, not the reference's.
 
 Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` called with
 `seed=[s]`, so its audio does not depend on which other requests share its batch (or device).
@@ -373,10 +376,13 @@ class _Cohort:
                                            prefix=prefix, options=tts.options)
         # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
         self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
-        self.codec = StreamDecoder(tts.speech_tokenizer.params, tts.speech_tokenizer.config.decoder,
-                                   B)
+        tok = tts.speech_tokenizer
+        self.codec = StreamDecoder(tok.params, tok.config.decoder, B,
+                                   prefix_states=getattr(tok, "prefix_states", None))
         for b, j in enumerate(jobs):
             self.codec.reset(b, prefix=j.ref_code)
+        if any(j.ref_code is not None for j in jobs):
+            engine._sync_prefix_stats()
         self.emitted = [0] * B                  # frames of each row sent so far
         self.open_rows = set(range(n))          # rows whose client still expects audio
         self.step_n = 0                         # frames the batch ran (host copy of state.step)
@@ -431,6 +437,8 @@ class _Cohort:
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
         self.codec.reset(row, prefix=job.ref_code)
+        if job.ref_code is not None:
+            self.engine._sync_prefix_stats()
         self.emitted[row], self.first_frame[row] = 0, self.step_n
         self.open_rows.add(row)
         job.started, job.batch_size = time.monotonic(), len(self.open_rows)
@@ -1016,6 +1024,9 @@ class BatchEngine:
     def _sync_prefix_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats.update(self.prefix_cache.stats())
+        states = getattr(self.tts.speech_tokenizer, "prefix_states", None)
+        if states is not None:
+            self.stats.update(states.stats())
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)

@@ -363,6 +363,72 @@ def test_stream_decoder_default_equals_official_decode_with_prefix(parity_codec)
     assert_close_to_peak(got_cloned, full[40 * 1920:], "stream after a prefix vs official decode")
 
 
+def test_prefix_states_skip_the_reference_decode_with_the_same_audio(parity_codec):
+    """With `PrefixStates` a row reset with a prefix (a clone reference) takes the decoder's state
+    after it: decoded once (a miss), then reused by another decoder of the same weights (a hit,
+    in another row and batch size). The audio equals the official chunked decode of prefix +
+    codes with the prefix's samples cut, with restarts inside the prefix and after it (40-frame
+    chunks, 5 of context: the frame count and the recent frames come back with the state)."""
+    from qwen3_tts_jax.codec import PrefixStates
+
+    _, codec, tok = parity_codec("tiny")
+    rng = np.random.default_rng(11)
+    ref_code, codes, other = random_codes(rng, 45), random_codes(rng, 50), random_codes(rng, 50)
+    with torch.no_grad():
+        x = torch.from_numpy(np.concatenate([ref_code, codes]).T[None]).long()
+        want = codec.decoder.chunked_decode(x, chunk_size=40, left_context_size=5)[0, 0].numpy()
+    want = want[45 * 1920:]
+    states = PrefixStates()
+    new = lambda B: StreamDecoder(tok.params, tok.config.decoder, B, chunk_size=40,
+                                  left_context=5, prefix_states=states)
+    first = new(1)
+    first.reset(0, prefix=ref_code)
+    assert (states.misses, states.hits, len(states)) == (1, 0, 1)
+    got_first = _push_in_pieces(first, [codes], [[1, 2, 47]])[0]
+    second = new(2)
+    second.reset(0)
+    second.reset(1, prefix=ref_code)
+    assert (states.misses, states.hits) == (1, 1)
+    got_other, got_second = _push_in_pieces(second, [other, codes], [[3, 47], [1, 49]])
+    assert_close_to_peak(got_first, want, "after a decoded prefix")
+    assert_close_to_peak(got_second, want, "after a stored prefix")
+    fresh = StreamDecoder(tok.params, tok.config.decoder, 1, chunk_size=40, left_context=5)
+    assert_close_to_peak(got_other, _push_in_pieces(fresh, [other], [[50]])[0], "other row")
+    # another prefix, or another restart plan, is another entry: never a wrong state
+    new(1).reset(0, prefix=ref_code[:44])
+    StreamDecoder(tok.params, tok.config.decoder, 1, chunk_size=None,
+                  prefix_states=states).reset(0, prefix=ref_code)
+    assert (states.misses, states.hits, len(states)) == (3, 1, 3)
+
+
+def test_prefix_states_are_bounded_and_can_be_off(parity_codec):
+    """The byte bound evicts the least recently used state; max_bytes=0 stores nothing and the
+    prefix is decoded with the first push as without it."""
+    from qwen3_tts_jax.codec import PrefixStates
+
+    _, _, tok = parity_codec("tiny")
+    rng = np.random.default_rng(12)
+    refs = [random_codes(rng, 6) for _ in range(3)]
+    probe = PrefixStates()
+    StreamDecoder(tok.params, tok.config.decoder, 1, prefix_states=probe).reset(0, refs[0])
+    one = probe.bytes
+    states = PrefixStates(max_bytes=2 * one)
+    for r in refs:
+        StreamDecoder(tok.params, tok.config.decoder, 1, prefix_states=states).reset(0, r)
+    assert (len(states), states.evictions, states.bytes) == (2, 1, 2 * one)
+    StreamDecoder(tok.params, tok.config.decoder, 1, prefix_states=states).reset(0, refs[0])
+    assert states.misses == 4                      # the first was evicted
+    off = PrefixStates(0)
+    dec = StreamDecoder(tok.params, tok.config.decoder, 1, prefix_states=off)
+    dec.reset(0, prefix=refs[1])
+    codes = random_codes(rng, 5)
+    got = dec.push([codes])[0]
+    plain = StreamDecoder(tok.params, tok.config.decoder, 1)
+    plain.reset(0, prefix=refs[1])
+    np.testing.assert_array_equal(got, plain.push([codes])[0])
+    assert (len(off), off.misses, off.hits) == (0, 0, 0)
+
+
 def test_stream_decoder_rejects_bad_codes(parity_codec):
     """Bad pushes name the row and the problem (no silent clamping inside the jitted decode), and
     leave the decoder usable."""

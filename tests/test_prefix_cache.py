@@ -213,7 +213,8 @@ def test_byte_bound_evicts_least_recent_and_zero_disables(base):
 
 def test_engine_reuses_the_models_prefix_and_counts(base):
     """Through the engine (the server's path): the same audio with the cache as without, a
-    miss and then hits for the same voice, counters in `stats`."""
+    miss and then hits for the same voice, counters in `stats` (the codec's state after the
+    reference codes too: `codec.PrefixStates`, shared by both runs)."""
     from qwen3_tts_jax.engine import BatchEngine, Job
 
     _, tts = base
@@ -251,6 +252,8 @@ def test_engine_reuses_the_models_prefix_and_counts(base):
     assert (stats["prefix_cache_misses"], stats["prefix_cache_hits"],
             stats["prefix_cache_entries"]) == (1, 1, 1), stats
     assert stats_off["prefix_cache_entries"] == 0 and stats_off["prefix_cache_misses"] == 0
+    # the codec's state after the reference codes: decoded for the first request, then reused
+    assert stats["codec_prefix_misses"] == 1 and stats["codec_prefix_hits"] >= 1, stats
     assert isinstance(tts.prefix_cache, PrefixCache) and tts.prefix_cache.enabled
 
 

@@ -15,12 +15,12 @@ window by window, with bucketed window lengths: few compiled programs) and `Spee
 from .config import DecoderConfig, SpeechTokenizerConfig, parse_config
 from . import decoder
 from .decoder import chunked_decode, decode, decode_stages, stream_decode
-from .streaming import StreamDecoder
+from .streaming import PrefixStates, StreamDecoder
 from .encoder import EncoderConfig, parse_encoder_config
 from .tokenizer import (SpeechTokenizer, bucketed_decode, check_codes, chunk_plan, decode_padded,
                         encode_audio, frame_bucket)
 
-__all__ = ["SpeechTokenizer", "StreamDecoder", "stream_decode", "SpeechTokenizerConfig",
+__all__ = ["SpeechTokenizer", "StreamDecoder", "PrefixStates", "stream_decode", "SpeechTokenizerConfig",
            "DecoderConfig", "parse_config", "decoder", "decode", "decode_stages", "chunked_decode",
            "bucketed_decode", "chunk_plan",
            "decode_padded", "check_codes", "frame_bucket", "EncoderConfig", "encode_audio",

@@ -18,8 +18,13 @@ row runs a second window for the rest.
 """
 from __future__ import annotations
 
+import collections
+import functools
+import hashlib
+import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,15 +59,101 @@ def _checked(codes, what: str, cfg) -> np.ndarray:
     return a.astype(np.int32)
 
 
+DEFAULT_PREFIX_BYTES = 128 * 2 ** 20   # ~25 voices: a row's state is ~5 MiB at the released sizes
+
+
+class PrefixStates:
+    """The decoder's state after a stream's prefix (a cloned voice's reference codes), kept per
+    prefix so that a stream that starts with the same prefix skips its decode: the state after
+    the prefix depends on the prefix alone (every stage is causal), and the prefix's audio is
+    cut anyway. This takes the reference's decode off a cloned voice's time to first audio (63
+    frames of a 5 s reference against the first chunk's 1-3 frames).
+
+    Keyed by the prefix's codes and the stream's restart plan (chunk_size, left_context); one
+    instance belongs to one decoder's weights (`SpeechTokenizer.prefix_states`). An LRU bounded
+    in bytes (`max_bytes`; 0 disables it), with hit, miss and eviction counters. Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_PREFIX_BYTES):
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = int(max_bytes)
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+        self.bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(prefix: np.ndarray, chunk_size: int | None, left_context: int) -> bytes:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(np.asarray([-1 if chunk_size is None else chunk_size, left_context,
+                             *prefix.shape], np.int64).tobytes())
+        h.update(np.ascontiguousarray(prefix, np.int32).tobytes())
+        return h.digest()
+
+    def get(self, key: bytes):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: bytes, value) -> None:
+        size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(value))
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, n) = self._entries.popitem(last=False)
+                self.bytes -= n
+                self.evictions += 1
+
+    def stats(self) -> dict:
+        """Counters for an engine's stats (flat keys, summable over devices)."""
+        return {"codec_prefix_hits": self.hits, "codec_prefix_misses": self.misses,
+                "codec_prefix_evictions": self.evictions, "codec_prefix_entries": len(self),
+                "codec_prefix_bytes": self.bytes}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _with_row(state: dict, row, row_state: dict) -> dict:
+    """`state` with row `row` (traced) replaced by a one-row state."""
+    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, row, axis=0),
+                        state, row_state)
+
+
 class StreamDecoder:
-    """B code streams decoded incrementally (see the module docstring). Not thread-safe."""
+    """B code streams decoded incrementally (see the module docstring). Not thread-safe.
+
+    `prefix_states` (a `PrefixStates`, shared between decoders of the same weights): a row reset
+    with a prefix takes the decoder's state after that prefix from there, or decodes the prefix
+    at once and stores the state; without it the prefix is decoded with the row's first push.
+    The audio is the same either way (float rounding: any split of a stream decodes alike)."""
 
     def __init__(self, params, cfg: decoder.DecoderConfig, batch: int,
-                 chunk_size: int | None = 300, left_context: int = 25):
+                 chunk_size: int | None = 300, left_context: int = 25,
+                 prefix_states: PrefixStates | None = None):
         if chunk_size is not None and not 0 <= left_context <= chunk_size:
             raise ValueError(f"left_context must be in [0, chunk_size], got {left_context}")
         self.params, self.cfg, self.batch = params, cfg, batch
         self.chunk_size, self.left_context = chunk_size, left_context
+        self.prefix_states = prefix_states
         self.up = cfg.total_upsample
         self.state = decoder.init_stream_state(params, cfg, batch)
         Q = cfg.num_quantizers
@@ -81,6 +172,25 @@ class StreamDecoder:
             prefix, f"row {row} prefix", self.cfg)
         self._frames[row], self._fresh[row], self._prefix[row] = 0, True, prefix
         self._recent[row] = self._recent[row][:0]
+        if prefix is not None and self.prefix_states is not None and self.prefix_states.enabled:
+            self._start_after(row, prefix)
+
+    def _start_after(self, row: int, prefix: np.ndarray) -> None:
+        """Row `row` continues from the state after `prefix`: the stored one, or decoded now (this
+        row alone; the others keep their state) and stored."""
+        self._prefix[row] = None
+        key = PrefixStates.key(prefix, self.chunk_size, self.left_context)
+        entry = self.prefix_states.get(key)
+        if entry is None:
+            self.push([prefix if b == row else None for b in range(self.batch)])
+            one = jax.tree.map(lambda a: a[row:row + 1], self.state)
+            entry = (one, self._frames[row], self._recent[row].copy())
+            self.prefix_states.put(key, entry)
+        else:
+            one, frames, recent = entry
+            self.state = _with_row(self.state, jnp.int32(row), one)
+            self._frames[row], self._recent[row] = frames, recent.copy()
+        self._fresh[row] = False
 
     def warm(self, max_frames: int) -> float:
         """Compile (by running, on the current state with no frames, which keeps it) every

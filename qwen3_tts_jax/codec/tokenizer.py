@@ -34,7 +34,7 @@ from .. import audio
 from ..buckets import ladder
 from ..config import ConfigError
 from . import decoder, encoder
-from .streaming import StreamDecoder
+from .streaming import PrefixStates, StreamDecoder
 from .config import DecoderConfig, SpeechTokenizerConfig, load_config
 
 CHUNK_SIZE = 300          # official `chunked_decode` defaults (TM:886)
@@ -236,6 +236,9 @@ class SpeechTokenizer:
         self._folder = folder
         self._preprocessor = preprocessor   # preprocessor_config.json (the feature extractor)
         self._encoder_params = None
+        # the decoder's state after a cloned voice's reference codes, shared by this
+        # tokenizer's stream decoders (`StreamDecoder`, `PrefixStates`)
+        self.prefix_states = PrefixStates()
         self.encoder_config = encoder.parse_encoder_config(
             config.encoder_config, valid_num_quantizers=config.encoder_valid_num_quantizers,
             encode_downsample_rate=config.encode_downsample_rate)
@@ -364,7 +367,8 @@ class SpeechTokenizer:
         >>> dec = tok.stream_decoder()
         >>> for codes in chunks: play(dec.push([codes])[0])
         """
-        return StreamDecoder(self.params, self.config.decoder, batch, chunk_size, LEFT_CONTEXT)
+        return StreamDecoder(self.params, self.config.decoder, batch, chunk_size, LEFT_CONTEXT,
+                             prefix_states=self.prefix_states)
 
 
 def prepare_audio(audios, sr: int | None, target_sr: int) -> list[np.ndarray]:
