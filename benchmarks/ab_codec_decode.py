@@ -1,7 +1,7 @@
 """In-process A/B of the speech tokenizer's decoder: qwen3_tts_jax/codec/decoder.py at a git ref
 against the working tree's, full size, random weights, float32, batch 1, on this CPU.
 
-    python benchmarks/ab_codec_decode.py [--ref HEAD~1] [--frames 40] [--chunk 8] [--repeats 5]
+    python benchmarks/ab_codec_decode.py [--ref HEAD] [--frames 40] [--chunk 8] [--repeats 5]
                                          [--folder DIR]
 
 Both decoders run in one process, alternating call by call (the machine is shared: load varies,
@@ -50,7 +50,7 @@ def module_at(ref: str, folder: str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ref", default="HEAD~1")
+    ap.add_argument("--ref", default="HEAD")
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
