@@ -39,20 +39,43 @@ class Rule:
     """Official keys matching `src` (full match) go to `dst`, where {1}, {2}... are regex groups."""
     src: str
     dst: str
-    transform: str = "keep"   # "keep" | "linear": torch Linear (out, in) -> (in, out)
+    # "keep" | "linear": torch Linear (out, in) -> (in, out) | "conv": torch Conv1d (out, in, k)
+    # -> (k, in, out) | "polyphase1", "polyphase2": torch ConvTranspose1d (in, out, m * s) with m
+    # taps per output phase -> (m, in, s * out), taps reversed (see `polyphase`)
+    transform: str = "keep"
 
     def __post_init__(self):
         object.__setattr__(self, "_re", re.compile(self.src))
 
 
+def polyphase(w_IxOxK, taps: int):
+    """A ConvTranspose1d weight (in, out, k = taps * stride) as the weight of the causal stride-1
+    convolution that computes it polyphase: (taps, in, stride * out), where row i multiplies input
+    frame t - taps + 1 + i and column r * out + o is output sample t * stride + r, channel o.
+    Works on numpy and jax arrays."""
+    cin, cout, k = w_IxOxK.shape
+    assert k % taps == 0, (k, taps)
+    s = k // taps
+    return w_IxOxK.reshape(cin, cout, taps, s).transpose(2, 0, 3, 1).reshape(taps, cin, -1)[::-1]
+
+
 _TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "keep": lambda a: a,
     "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 1, 0),
+    "polyphase1": lambda a: polyphase(a, 1),
+    "polyphase2": lambda a: polyphase(a, 2),
 }
 
 
 def _shape_after(transform: str, shape: tuple) -> tuple:
-    return tuple(reversed(shape)) if transform == "linear" else tuple(shape)
+    if transform in ("linear", "conv"):
+        return tuple(reversed(shape))
+    if transform.startswith("polyphase"):
+        taps = int(transform[len("polyphase"):])
+        cin, cout, k = shape
+        return (taps, cin, k // taps * cout)
+    return tuple(shape)
 
 
 def map_key(rules: Iterable[Rule], key: str) -> tuple[str, str] | None:
@@ -275,6 +298,30 @@ def expected_ours(rules: list[Rule], expected: Mapping[str, tuple]) -> dict[str,
         dst, transform = map_key(rules, k)
         out[dst] = _shape_after(transform, shape)
     return out
+
+
+def without_transforms(rules: list[Rule], transforms: Iterable[str]) -> list[Rule]:
+    """`rules` with the given transforms replaced by "keep": what a fast form written before a
+    component adopted them holds."""
+    transforms = set(transforms)
+    return [Rule(r.src, r.dst, "keep") if r.transform in transforms else r for r in rules]
+
+
+def apply_transforms(params, rules: list[Rule], expected: Mapping[str, tuple],
+                     transforms: Iterable[str]):
+    """params loaded with `without_transforms(rules, transforms)` -> as `rules` would load them."""
+    transforms, flat = set(transforms), flatten(params)
+    for k in expected:
+        dst, transform = map_key(rules, k)
+        if transform in transforms:
+            flat[dst] = to_device(_TRANSFORMS[transform](np.asarray(flat[dst])))
+    return nest(flat)
+
+
+def file_metadata(file: str) -> dict:
+    """The safetensors header's __metadata__ ({} if none)."""
+    with safe_open(file, "numpy") as f:
+        return dict(f.metadata() or {})
 
 
 def save_params(params, file: str, metadata: Mapping[str, str] | None = None) -> None:

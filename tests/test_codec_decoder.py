@@ -582,6 +582,61 @@ def test_save_converted_round_trip(parity_codec, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_first_fast_form_still_loads(parity_codec, tmp_path):
+    """A params.safetensors written before the conv weights were stored in kernel layout (format
+    "qwen3_tts_jax.codec.decoder", torch layout under our paths) loads to the same params."""
+    from qwen3_tts_jax.codec import tokenizer as T
+    from qwen3_tts_jax.weights import load_official, save_params, without_transforms
+
+    path, _, tok = parity_codec("gqa_window8")
+    expected = D.expected_shapes(tok.config.decoder)
+    v1 = load_official([os.path.join(path, "model.safetensors")],
+                       without_transforms(D.RULES, T._V1_TRANSFORMS), expected, jnp.float32,
+                       what="v1", prefix="decoder.")
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(path, name), "rb").read())
+    save_params(v1, str(tmp_path / T.PARAMS_FILE), metadata={"format": "qwen3_tts_jax.codec.decoder"})
+    again = SpeechTokenizer.from_pretrained(str(tmp_path))
+    flat = jax.tree_util.tree_leaves_with_path
+    moved = 0
+    for (ka, a), (kb, b) in zip(flat(tok.params), flat(again.params), strict=True):
+        assert ka == kb
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for (_, a), (_, b) in zip(flat(tok.params), flat(v1), strict=True):
+        moved += np.shape(a) != np.shape(b)
+    assert moved > 20, moved     # the test would pass trivially if nothing were re-laid out
+
+
+def test_polyphase_weight_is_the_transposed_convolution():
+    """`weights.polyphase` + `causal_trans_conv` == torch ConvTranspose1d trimmed on the right
+    (the official `CausalTransConvNet`), for one and two taps per phase, batch 2, odd T."""
+    from qwen3_tts_jax.weights import polyphase
+
+    rng = np.random.default_rng(3)
+    for taps, stride in ((1, 2), (2, 5), (2, 3)):
+        cin, cout, T = 6, 4, 7
+        w = rng.standard_normal((cin, cout, taps * stride)).astype(np.float32)
+        b = rng.standard_normal(cout).astype(np.float32)
+        x = rng.standard_normal((2, T, cin)).astype(np.float32)
+        ref = torch.nn.functional.conv_transpose1d(
+            torch.from_numpy(x).transpose(1, 2), torch.from_numpy(w), torch.from_numpy(b),
+            stride=stride)[:, :, :T * stride].transpose(1, 2).numpy()
+        ours = D.causal_trans_conv({"weight": jnp.asarray(polyphase(w, taps)), "bias": b},
+                                   jnp.asarray(x), stride)
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [5, 7, 13])
+def test_odd_frame_counts_match_official_forward(parity_codec, frames):
+    """`jit_decode` on odd frame counts, batch 2, vs the official `Decoder.forward`."""
+    _, codec, tok = parity_codec("gqa_window8")
+    codes = random_codes(np.random.default_rng(frames), frames, batch=2)
+    with torch.no_grad():
+        ref = codec.decoder(torch.from_numpy(codes).long().transpose(1, 2))[:, 0].numpy()
+    ours = D.jit_decode(tok.params, tok.config.decoder, jnp.asarray(codes))
+    assert_close_to_peak(ours, ref, f"{frames} frames")
+
+
 def test_tts_checkpoint_folder_uses_speech_tokenizer(parity_codec, tmp_path):
     """A Qwen3-TTS model folder (config.json with talker_config) resolves to its speech_tokenizer/."""
     path, _, tok = parity_codec("tiny")

@@ -17,8 +17,11 @@ padding would otherwise be), and each attention layer's keys and values of the l
 sliding_window - 1 frames with the frame counter for RoPE. Decoding frames a chunk at a time that
 way is the whole-sequence decode (float rounding), at the cost of the new frames only.
 
-params (from `RULES`; Linear weights are (in, out), conv weights keep the torch layout: Conv1d
-(out, in / groups, k), ConvTranspose1d (in, out, k)):
+params (from `RULES`; Linear weights are (in, out); the vocoder's conv weights are stored in the
+layout the convolutions take, so that no call copies them (`weights.Rule` transforms): Conv1d
+(out, in / groups, k) as (k, in / groups, out), ConvTranspose1d (in, out, m * stride) as its
+polyphase form (m, in, stride * out), `weights.polyphase`; the quantizer's 1x1 projections keep
+the torch layout):
   quantizer/{first,rest}: codebooks/[i]/{embedding_sum (N, Dq), cluster_usage (N,)},
                           output_proj (codebook_dim, Dq, 1), input_proj (Dq, codebook_dim, 1)
                           (input_proj is only used for encoding; it is loaded so that the fast form
@@ -48,7 +51,8 @@ RULES = [
     Rule(_P + r"quantizer\.rvq_(first|rest)\.vq\.layers\.(\d+)\._codebook\."
               r"(embedding_sum|cluster_usage)", "quantizer/{1}/codebooks/{2}/{3}"),
     Rule(_P + r"quantizer\.rvq_(first|rest)\.(input_proj|output_proj)\.weight", "quantizer/{1}/{2}"),
-    Rule(_P + r"pre_conv\.conv\.(weight|bias)", "pre_conv/{1}"),
+    Rule(_P + r"pre_conv\.conv\.weight", "pre_conv/weight", "conv"),
+    Rule(_P + r"pre_conv\.conv\.bias", "pre_conv/bias"),
     Rule(_P + r"pre_transformer\.(input_proj|output_proj)\.weight", "pre_transformer/{1}/weight",
          "linear"),
     Rule(_P + r"pre_transformer\.(input_proj|output_proj)\.bias", "pre_transformer/{1}/bias"),
@@ -65,22 +69,31 @@ RULES = [
          "pre_transformer/layers/{1}/attn_scale"),
     Rule(_P + r"pre_transformer\.layers\.(\d+)\.mlp_layer_scale\.scale",
          "pre_transformer/layers/{1}/mlp_scale"),
-    Rule(_P + r"upsample\.(\d+)\.0\.conv\.(weight|bias)", "upsample/{1}/trans_conv/{2}"),
-    Rule(_P + r"upsample\.(\d+)\.1\.dwconv\.conv\.(weight|bias)", "upsample/{1}/convnext/dwconv/{2}"),
+    # upsample transposed convs have k = stride (one tap), decoder blocks' k = 2 * stride (two)
+    Rule(_P + r"upsample\.(\d+)\.0\.conv\.weight", "upsample/{1}/trans_conv/weight", "polyphase1"),
+    Rule(_P + r"upsample\.(\d+)\.0\.conv\.bias", "upsample/{1}/trans_conv/bias"),
+    Rule(_P + r"upsample\.(\d+)\.1\.dwconv\.conv\.weight", "upsample/{1}/convnext/dwconv/weight",
+         "conv"),
+    Rule(_P + r"upsample\.(\d+)\.1\.dwconv\.conv\.bias", "upsample/{1}/convnext/dwconv/bias"),
     Rule(_P + r"upsample\.(\d+)\.1\.(pwconv1|pwconv2)\.weight", "upsample/{1}/convnext/{2}/weight",
          "linear"),
     Rule(_P + r"upsample\.(\d+)\.1\.(pwconv1|pwconv2|norm)\.bias", "upsample/{1}/convnext/{2}/bias"),
     Rule(_P + r"upsample\.(\d+)\.1\.norm\.weight", "upsample/{1}/convnext/norm/weight"),
     Rule(_P + r"upsample\.(\d+)\.1\.gamma", "upsample/{1}/convnext/gamma"),
-    Rule(_P + r"decoder\.(\d+)\.conv\.(weight|bias)", "decoder/{1}/{2}"),
+    Rule(_P + r"decoder\.(\d+)\.conv\.weight", "decoder/{1}/weight", "conv"),
+    Rule(_P + r"decoder\.(\d+)\.conv\.bias", "decoder/{1}/bias"),
     Rule(_P + r"decoder\.(\d+)\.(alpha|beta)", "decoder/{1}/{2}"),
     Rule(_P + r"decoder\.(\d+)\.block\.0\.(alpha|beta)", "decoder/{1}/snake/{2}"),
-    Rule(_P + r"decoder\.(\d+)\.block\.1\.conv\.(weight|bias)", "decoder/{1}/trans_conv/{2}"),
+    Rule(_P + r"decoder\.(\d+)\.block\.1\.conv\.weight", "decoder/{1}/trans_conv/weight",
+         "polyphase2"),
+    Rule(_P + r"decoder\.(\d+)\.block\.1\.conv\.bias", "decoder/{1}/trans_conv/bias"),
     # block.2..4 are the residual units (dilations 1, 3, 9): units/0..2 here.
     *(Rule(_P + rf"decoder\.(\d+)\.block\.{u + 2}\.(act1|act2)\.(alpha|beta)",
            f"decoder/{{1}}/units/{u}/{{2}}/{{3}}") for u in range(3)),
-    *(Rule(_P + rf"decoder\.(\d+)\.block\.{u + 2}\.(conv1|conv2)\.conv\.(weight|bias)",
-           f"decoder/{{1}}/units/{u}/{{2}}/{{3}}") for u in range(3)),
+    *(Rule(_P + rf"decoder\.(\d+)\.block\.{u + 2}\.(conv1|conv2)\.conv\.weight",
+           f"decoder/{{1}}/units/{u}/{{2}}/weight", "conv") for u in range(3)),
+    *(Rule(_P + rf"decoder\.(\d+)\.block\.{u + 2}\.(conv1|conv2)\.conv\.bias",
+           f"decoder/{{1}}/units/{u}/{{2}}/bias") for u in range(3)),
 ]
 
 
@@ -153,15 +166,16 @@ def causal_conv(p, x_BxTxC, dilation: int = 1, st: "_Stream | None" = None):
     """`CausalConvNet` with stride 1 (all of the decoder's): left-pad (k - 1) * dilation zeros, so the
     output has T frames (the official right padding is 0 for stride 1). Grouped (depthwise) when the
     weight's in-channels are fewer than the input's. Streaming (`st`): the padding is the previous
-    call's last input samples."""
-    w_OxIxK = p["weight"]
-    pad = (w_OxIxK.shape[-1] - 1) * dilation
+    call's last input samples. Weight (k, in / groups, out): XLA:CPU's layout for the kernel, so
+    that no call copies it."""
+    w_KxIxO = p["weight"]
+    pad = (w_KxIxO.shape[0] - 1) * dilation
     if st is not None:
         x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
     y = jax.lax.conv_general_dilated(
-        x_BxTxC, w_OxIxK, window_strides=(1,), padding=[(pad, 0)], rhs_dilation=(dilation,),
-        dimension_numbers=("NWC", "OIW", "NWC"),
-        feature_group_count=x_BxTxC.shape[-1] // w_OxIxK.shape[1])
+        x_BxTxC, w_KxIxO, window_strides=(1,), padding=[(pad, 0)], rhs_dilation=(dilation,),
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=x_BxTxC.shape[-1] // w_KxIxO.shape[1])
     return y + p["bias"]
 
 
@@ -171,21 +185,17 @@ def causal_trans_conv(p, x_BxTxC, stride: int, st: "_Stream | None" = None):
 
     Computed polyphase, without the zeros a dilated convolution would multiply: with k = m * stride,
     out[t * stride + r] = sum_{j < m} x[t - j] @ w[:, :, j * stride + r], i.e. a causal convolution
-    with m taps and stride * out channels, reshaped. k is stride or 2 * stride in this decoder."""
-    w_IxOxK = p["weight"]
-    cin, cout, k = w_IxOxK.shape
-    assert k % stride == 0, (k, stride)
-    m = k // stride
-    # (I, O, m, stride) -> (m, I, stride * O), taps reversed: tap j multiplies x[t - j], while a
-    # correlation with m - 1 frames of left padding multiplies kernel row i by x[t - m + 1 + i].
-    w_MxIxRO = w_IxOxK.reshape(cin, cout, m, stride).transpose(2, 0, 3, 1).reshape(m, cin, -1)[::-1]
+    with m taps and stride * out channels, reshaped; the weight is stored in that form
+    (m, in, stride * out) (`weights.polyphase`). m is 1 or 2 in this decoder."""
+    w_MxIxRO = p["weight"]
+    m = w_MxIxRO.shape[0]
     B, T, _ = x_BxTxC.shape
     pad = m - 1
     if st is not None:
         x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
     y = jax.lax.conv_general_dilated(x_BxTxC, w_MxIxRO, window_strides=(1,), padding=[(pad, 0)],
                                      dimension_numbers=("NWC", "WIO", "NWC"))
-    return y.reshape(B, T * stride, cout) + p["bias"]
+    return y.reshape(B, T * stride, -1) + p["bias"]
 
 
 def snake_beta(p, x_BxTxC):

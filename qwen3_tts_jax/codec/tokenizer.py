@@ -28,8 +28,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import (CheckpointError, expected_ours, load_official, load_params, safetensors_files,
-                       save_params)
+from ..weights import (CheckpointError, apply_transforms, expected_ours, file_metadata, load_official,
+                       load_params, safetensors_files, save_params, without_transforms)
 from .. import audio
 from ..buckets import ladder
 from ..config import ConfigError
@@ -41,6 +41,11 @@ CHUNK_SIZE = 300          # official `chunked_decode` defaults (TM:886)
 LEFT_CONTEXT = 25
 PARAMS_FILE = "params.safetensors"
 ENCODER_PARAMS_FILE = "encoder_params.safetensors"   # our fast-loading form, written by `save_converted`
+# PARAMS_FILE's "format": v2 stores the vocoder's conv weights in kernel layout (decoder.RULES'
+# "conv" and "polyphase" transforms); the first form (no version) kept them in the torch layout,
+# and is converted when loaded.
+DECODER_FORMAT = "qwen3_tts_jax.codec.decoder v2"
+_V1_TRANSFORMS = ("conv", "polyphase1", "polyphase2")
 MIN_BUCKET = 16
 
 
@@ -298,8 +303,15 @@ class SpeechTokenizer:
         expected = decoder.expected_shapes(cfg.decoder)
         fast = os.path.join(folder, PARAMS_FILE)
         if os.path.exists(fast):
-            params = load_params(fast, expected_ours(decoder.RULES, expected), jnp.float32,
-                                 what=f"speech tokenizer {fast}")
+            if file_metadata(fast).get("format") == DECODER_FORMAT:
+                params = load_params(fast, expected_ours(decoder.RULES, expected), jnp.float32,
+                                     what=f"speech tokenizer {fast}")
+            else:
+                v1_rules = without_transforms(decoder.RULES, _V1_TRANSFORMS)
+                params = apply_transforms(
+                    load_params(fast, expected_ours(v1_rules, expected), jnp.float32,
+                                what=f"speech tokenizer {fast}"),
+                    decoder.RULES, expected, _V1_TRANSFORMS)
         else:
             files = safetensors_files(folder)
             params = load_official(files, decoder.RULES, expected, jnp.float32,
@@ -327,7 +339,7 @@ class SpeechTokenizer:
             with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
                 json.dump(self._preprocessor, f, indent=2)
         save_params(self.params, os.path.join(folder, PARAMS_FILE),
-                    metadata={"format": "qwen3_tts_jax.codec.decoder"})
+                    metadata={"format": DECODER_FORMAT})
         try:
             enc = self.encoder_params
         except CheckpointError:  # a decode-only codec (e.g. the random-weight demo)
