@@ -1,6 +1,7 @@
 """Time to first audio through the public streaming paths, one process, warm:
 
     python benchmarks/bench_ttfa.py --folder /tmp/ckpt0b6 [--quantize int8] [--runs 5]
+    python benchmarks/bench_ttfa.py --folder /tmp/ckpt17srv --build 1b7     # gpu_session.sh icl
 
   api     `generate_custom_voice_streaming` of one sentence, in the official default text mode
           of custom voice (non-streaming: the whole text in the prompt) and in the streaming text
@@ -171,9 +172,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=["int8"], default=None)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--parts", default="api,clone")
+    ap.add_argument("--build", choices=["tiny", "0b6", "1b7"], default=None,
+                    help="build a random-weight CustomVoice checkpoint of these shapes into "
+                         "--folder first if it has none (bench_server.py's builder)")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     from qwen3_tts_jax import Qwen3TTS
+
+    if args.build and not os.path.exists(os.path.join(args.folder, "config.json")):
+        sys.path.insert(0, HERE)
+        from bench_server import build_checkpoint
+        build_checkpoint(args.folder, args.build)
 
     load0 = os.getloadavg()[0]
     tts = Qwen3TTS.from_pretrained(args.folder, quantize=args.quantize)

@@ -17,6 +17,9 @@
 #                                            # open-loop Poisson load, 10, 20 and 40 requests/s
 #                                            # for 60 s each (bench_server --poisson: TTFA
 #                                            # percentiles, underruns; server.json)
+#   bash benchmarks/gpu_session.sh icl       # ~3-4 min: a cloned voice's time to first audio
+#                                            # against a preset speaker, per-voice caches off /
+#                                            # cold / warm; the streaming API's (icl.txt)
 #
 # Missing packages travel as wheels in .whl/ (git-ignored through .git/info/exclude; carry it):
 # the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser. Made here:
@@ -27,7 +30,7 @@
 # The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine
 # (/tmp/ckpt17srv for `server`: the 1.7B shapes with the demo's tokenizer and preset voices).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|profile|server}
+part=${1:?usage: gpu_session.sh one|profile|server|icl}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -80,6 +83,13 @@ server)
         --poisson 10 20 40 --duration 60 --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
         2>&1 | tee -a "$OUT/all.log"
     ;;
+icl)
+    # a cloned voice (ICL, 5 s of reference) against a preset speaker through the engine, with
+    # its per-voice caches (prompt-prefix KV, codec state) off, cold and warm; the streaming API's
+    # time to first audio in both text modes (bench_ttfa.py; the 1.7B shapes, ~3-4 min)
+    timeout 400 python3 benchmarks/bench_ttfa.py --folder /tmp/ckpt17srv --build 1b7 --runs 5 \
+        2>&1 | tee -a "$OUT/all.log" | tee "$OUT/icl.txt"
+    ;;
 *)
-    echo "unknown part $part: one, profile or server" >&2; exit 2 ;;
+    echo "unknown part $part: one, profile, server or icl" >&2; exit 2 ;;
 esac
