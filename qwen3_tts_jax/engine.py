@@ -377,8 +377,9 @@ class _Cohort:
         # an ICL clone's reference codes: decoded before its codes, their audio cut (as offline)
         self.refs = [self._ref(j) for j in jobs] + [None] * (B - n)
         tok = tts.speech_tokenizer
+        engine.codec_prefix_states = getattr(tok, "prefix_states", None)
         self.codec = StreamDecoder(tok.params, tok.config.decoder, B,
-                                   prefix_states=getattr(tok, "prefix_states", None))
+                                   prefix_states=engine.codec_prefix_states)
         for b, j in enumerate(jobs):
             self.codec.reset(b, prefix=j.ref_code)
         if any(j.ref_code is not None for j in jobs):
@@ -628,6 +629,9 @@ class BatchEngine:
         # engines of text sessions on the same model share; a model without one: none)
         self.prefix_cache = prefix_cache if prefix_cache is not None else getattr(
             tts, "prefix_cache", None)
+        # the codec's per-reference states (`codec.PrefixStates` of the model's speech
+        # tokenizer), for the counters; set by the first cohort, which loads the codec
+        self.codec_prefix_states = None
         self._queue: queue.Queue = queue.Queue()
         self._waiting = 0                     # jobs submitted and not started or dropped
         self._lock = threading.Lock()
@@ -1024,9 +1028,8 @@ class BatchEngine:
     def _sync_prefix_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats.update(self.prefix_cache.stats())
-        states = getattr(self.tts.speech_tokenizer, "prefix_states", None)
-        if states is not None:
-            self.stats.update(states.stats())
+        if self.codec_prefix_states is not None:   # known once a cohort has built its codec
+            self.stats.update(self.codec_prefix_states.stats())
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
