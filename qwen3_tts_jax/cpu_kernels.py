@@ -160,7 +160,7 @@ def _int4_panels(w: Int4Weight):
     K, N = w.shape
     G, P = -(-K // INT4_GROUP), -(-N // PANEL)
     v = jnp.pad(jnp.asarray(w.values, jnp.int8), ((0, G * INT4_GROUP - K), (0, P * PANEL - N)))
-    v = (v.astype(jnp.uint8) + 8) & 0x0F                               # 1..15, padding 8
+    v = (v.astype(jnp.uint8) + 8) & 0x0F                               # 0..15, padding 8
     v = jnp.transpose(v.reshape(G * 4, 2, 4, P, PANEL), (3, 0, 1, 4, 2))   # (P, H, 2, PANEL, 4)
     nibbles = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(P, G * 4, 4 * PANEL)
     s = jnp.pad(jnp.asarray(w.scale, jnp.float32), ((0, 0), (0, P * PANEL - N)))

@@ -267,7 +267,7 @@ ffi::Error RowsMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // padding 128). One k-group of a panel is 64 bytes: one cache line, one 512-bit vector.
 //
 // int4 layout (cpu_kernels.py `PackedInt4Weight`): the same lanes with two k-groups per 64-byte
-// line, as nibbles value + 8 (1..15, padding 8): line h holds k-group 2 h in the low nibbles and
+// line, as nibbles value + 8 (0..15, padding 8): line h holds k-group 2 h in the low nibbles and
 // 2 h + 1 in the high ones; K padded to a multiple of INT4_GROUP. The float32 weight scales are
 // per column and per group of INT4_GROUP consecutive k, stored per panel: S[n / PANEL, k / 32,
 // n % PANEL]. The activations' block is the weights' group.
