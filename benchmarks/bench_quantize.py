@@ -20,7 +20,8 @@ appended to benchmarks/RESULTS.md.
 
 The int8 formats of the CPU kernels against float32 (`Options.int8_activations`: "float", the
 int8 weights widened to float32; "int8", the activations quantized per block of 32 or 64 k, or
-per row), on --tiny random tiny checkpoints (tests/official.py, no EOS, built in a temporary
+per row) and int4 weights (`quantize="int4"`; --only SUBSTRING keeps the formats whose name has
+it), on --tiny random tiny checkpoints (tests/official.py, no EOS, built in a temporary
 folder) and on the full-size checkpoint of --folder if given; two prompts each, greedy:
   logits rel. error   ||logits - float32 logits|| / ||float32 logits||, the first code-0 step
   first difference    the first frame whose 16 codes differ from float32's (per prompt)
@@ -46,7 +47,8 @@ ROOT = os.path.dirname(HERE)
 FORMATS = (("int8 weights, float32 activations", "float", None),
            ("int8 weights, int8 activations per 32 k", "int8", 32),
            ("int8 weights, int8 activations per 64 k", "int8", 64),
-           ("int8 weights, int8 activations per row", "int8", 0))
+           ("int8 weights, int8 activations per row", "int8", 0),
+           ("int4 weights (scale per 32 k), int8 activations per 32 k", "int4", 32))
 
 
 def formats(args):
@@ -109,16 +111,24 @@ def formats(args):
             del f32
             # one int8 load; each format's panels from its values, every other array shared
             new = dataclasses.replace(base, int8_activations="int8")
-            tts = Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int8", options=new)
+            chosen = [f for f in FORMATS if args.only in f[0]]
+            tts = (Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int8", options=new)
+                   if any(acts != "int4" for _, acts, _ in chosen) else None)
             is_dot = lambda w: isinstance(w, cpu_kernels.PackedInt8DotWeight)
-            for fmt, acts, block in FORMATS:
-                options = dataclasses.replace(base, int8_activations=acts)
-                if acts == "float":
+            for fmt, acts, block in chosen:
+                if acts == "int4":
+                    del tts
+                    tts = Qwen3TTS.from_pretrained(folder, jnp.float32, quantize="int4",
+                                                   options=new)
+                    params, options = tts.params, new
+                elif acts == "float":
                     params = jax.tree_util.tree_map(
                         lambda w: cpu_kernels.pack(w.unpack(), "float") if is_dot(w) else w,
                         tts.params, is_leaf=is_dot)
                 else:
                     params = with_block(tts.params, block)
+                if acts != "int4":
+                    options = dataclasses.replace(base, int8_activations=acts)
                 logits, codes, waves = run(tts, params, options)
                 rel = float(np.linalg.norm(logits - ref[0]) / np.linalg.norm(ref[0]))
                 first, equal, snr = [], [], []
@@ -138,7 +148,7 @@ def formats(args):
                 print(rows[-1], flush=True)
                 del params
             del tts
-    lines = [f"## int8 formats against float32: logits, codes, audio ({len(folders)} random "
+    lines = [f"## int8 and int4 formats against float32: logits, codes, audio ({len(folders)} random "
              f"checkpoints, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
              f"`python benchmarks/bench_quantize.py --formats --tiny {args.tiny}"
              + (f" --folder {args.folder} --size {args.size}" if args.folder else "")
@@ -159,6 +169,7 @@ def main():
     ap.add_argument("--formats", action="store_true",
                     help="the int8 formats of the CPU kernels against float32 (see above)")
     ap.add_argument("--tiny", type=int, default=0, help="--formats: tiny random checkpoints")
+    ap.add_argument("--only", default="", help="--formats: the formats whose name has this")
     ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--frames", type=int, default=50)

@@ -169,7 +169,7 @@ def clone_table(tts, runs: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", default="/tmp/ckpt0b6")
-    ap.add_argument("--quantize", choices=["int8"], default=None)
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--parts", default="api,clone")
     ap.add_argument("--build", choices=["tiny", "0b6", "1b7"], default=None,

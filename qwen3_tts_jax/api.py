@@ -72,7 +72,9 @@ class Qwen3TTS:
         `quantize="int8"` stores the talker's and the code predictor's decoder products as int8
         with a scale per output column (`quantize.py`): a quarter of the float32 bytes, 3x
         the CPU's batch-1 speed; not the official model's exact codes (benchmarks/RESULTS.md,
-        "int8 weights", gives the measured closeness). Default: the weights as they are.
+        "int8 weights", gives the measured closeness). `quantize="int4"`: 4-bit values with a
+        scale per column and group of 32 k, on the CPU kernels only (elsewhere a ValueError
+        naming the backend). Default: the weights as they are.
 
         `model_parallel` = m > 1 splits the decoder weights over m devices (tensor parallel, for
         a model that does not fit one device's memory, e.g. the 1.7B on small TPU cores): the
@@ -96,6 +98,7 @@ class Qwen3TTS:
 
         quantize_mod.check_method(quantize)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
+        checkpoint.check_quantize(quantize, options)
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
 

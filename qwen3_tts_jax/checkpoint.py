@@ -89,18 +89,34 @@ def load_params(folder: str, cfg: Qwen3TTSConfig, dtype=None):
     return params
 
 
+def check_quantize(quantize: str | None, options: Options) -> None:
+    """A ValueError for an unknown method, or for "int4" where the CPU kernels are off (it has no
+    other implementation worth running: XLA would dequantize every weight in every product)."""
+    quantize_mod.check_method(quantize)
+    if quantize == "int4" and not options.cpu_kernels:
+        import jax
+
+        devices = jax.local_device_count()
+        why = (f"the {jax.default_backend()!r} backend with {devices} local device(s)"
+               if jax.default_backend() != "cpu" or devices != 1 else
+               "Options.cpu_kernels is off (or the kernels did not build: see the warning above)")
+        raise ValueError(f"quantize='int4' runs on the CPU kernels only (the CPU backend, one "
+                         f"device, the kernels built); here: {why}. Use quantize='int8' or none")
+
+
 def pack_for_inference(params, consume: bool = False, quantize: str | None = None,
                        options: Options | None = None):
     """The generation layout, one per `options` (None: `Options.for_backend()`): each decoder
     layer's attention and MLP as `layers.Attention` / `layers.MLP` blocks (q|k|v and gate|up
     concatenated, `layers.pack_layer`), with `quantize="int8"` its products as int8
     (`quantize.py`), and with `options.cpu_kernels` the float32 or int8 products packed for the
-    CPU kernel (`cpu_kernels`).
+    CPU kernel (`cpu_kernels`); `quantize="int4"` needs `options.cpu_kernels`
+    (`check_quantize`).
     With `consume`, the caller's layer lists are emptied as each layer is packed, so that memory
     peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
     the converters use the unpacked form."""
-    quantize_mod.check_method(quantize)
     options = options or Options.for_backend()
+    check_quantize(quantize, options)
     out = dict(params)
     for part in ("talker", "code_predictor"):
         sub = dict(out[part])
@@ -252,9 +268,9 @@ def load_for_inference(folder: str, cfg: Qwen3TTSConfig, dtype=None,
     quantization, options and code, and written there after a load without one (a failed write
     warns and is otherwise ignored). `load()` replaces `load_params` (the caller's own reading,
     e.g. with adapters merged; then give no cache_dir: the key does not cover them)."""
-    quantize_mod.check_method(quantize)
     dtype = dtype or default_dtype()
     options = options or Options.for_backend(dtype=dtype)
+    check_quantize(quantize, options)
     load = load or (lambda: load_params(folder, cfg, dtype))
     if cache_dir is None:
         return pack_for_inference(load(), consume=True, quantize=quantize, options=options)

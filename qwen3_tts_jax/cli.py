@@ -60,10 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                           "official layout and run the whole pipeline with it (the audio is noise)")
     src.add_argument("--dtype", choices=["float32", "bfloat16"],
                      help="weights dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    src.add_argument("--quantize", choices=["int8"],
+    src.add_argument("--quantize", choices=["int8", "int4"],
                      help="store the transformers' decoder weights as int8 with a scale per "
                           "column: a quarter of the float32 bytes, 3x the CPU's batch-1 "
-                          "speed, not the exact official codes (default: the weights as they are)")
+                          "speed, not the exact official codes; int4: 4-bit with a scale per "
+                          "column and group of 32 k, CPU kernels only (default: the weights as "
+                          "they are)")
     src.add_argument("--adapter", action="append", metavar="FOLDER",
                      help="a LoRA adapter (finetune --lora) merged into --model at load; "
                           "repeat for several")

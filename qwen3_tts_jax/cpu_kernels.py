@@ -11,7 +11,9 @@ product with a packed weight takes it (benchmarks/RESULTS.md, Decisions: "C++ ke
 int8 weights (`quantize.py`) have two kernels, `Options.int8_activations`: "float" widens the
 int8 panels to float32 in registers (`PackedInt8Weight`); "int8" quantizes each activation row
 per block of `ACT_BLOCK` k on the fly and multiplies bytes on the CPU's integer dot instructions,
-AVX-512 VNNI or AVX2, whichever CPUID reports at run time (`PackedInt8DotWeight`).
+AVX-512 VNNI or AVX2, whichever CPUID reports at run time (`PackedInt8DotWeight`). int4 weights
+(`quantize="int4"`) have the second only (`PackedInt4Weight`): nibbles unpacked in registers,
+then the same instructions.
 
 Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
@@ -40,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .quantize import Int8Weight, matmul as int8_matmul
+from .quantize import INT4_GROUP, Int4Weight, Int8Weight, matmul as int8_matmul
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ PANEL = 16                        # output columns per panel (kernels/cpu_kernel
 TARGET = "qwen3_tts_jax_rows_matmul"
 TARGET_INT8 = "qwen3_tts_jax_rows_matmul_int8"
 TARGET_INT8_DOT = "qwen3_tts_jax_rows_matmul_int8_dot"
+TARGET_INT4_DOT = "qwen3_tts_jax_rows_matmul_int4_dot"
 ATTEND = "qwen3_tts_jax_attend"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -124,6 +127,47 @@ class PackedInt8DotWeight:
         return Int8Weight(v, self.scale)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedInt4Weight:
+    """An `Int4Weight` for the int4 x int8 kernel (kernels/cpu_kernels.cc `RowsMatmulInt4Dot`):
+    nibbles (N' / PANEL, K' / 8, 4 * PANEL) uint8 and scales (N' / PANEL, K' / INT4_GROUP,
+    PANEL) float32, K' and N' the shape padded with zero weights to multiples of INT4_GROUP and
+    PANEL. Byte 4 j + i of line h holds values[8 h + i, n] + 8 in its low nibble and values[8 h
+    + 4 + i, n] + 8 in its high one, n = p * PANEL + j (the int8 x int8 layout's k-groups, two
+    per byte); scales[p, g, j] = scale[g, n]. The activations are quantized per INT4_GROUP k.
+    `k`, `n`: the weight's shape (the kernel's output is cut to n columns)."""
+    nibbles: jax.Array
+    scales: jax.Array
+    k: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.k, self.n
+
+    def unpack(self) -> Int4Weight:
+        P, H, _ = self.nibbles.shape
+        b = self.nibbles.astype(jnp.int16).reshape(P, H, PANEL, 4)
+        v = jnp.stack([b & 0x0F, b >> 4], axis=2) - 8            # (P, H, 2, PANEL, 4)
+        v = jnp.transpose(v, (1, 2, 4, 0, 3)).reshape(H * 8, P * PANEL)
+        scale = jnp.transpose(self.scales, (1, 0, 2)).reshape(-1, P * PANEL)
+        G = -(-self.k // INT4_GROUP)
+        return Int4Weight(v[:self.k, :self.n].astype(jnp.int8), scale[:G, :self.n])
+
+
+def _int4_panels(w: Int4Weight):
+    K, N = w.shape
+    G, P = -(-K // INT4_GROUP), -(-N // PANEL)
+    v = jnp.pad(jnp.asarray(w.values, jnp.int8), ((0, G * INT4_GROUP - K), (0, P * PANEL - N)))
+    v = (v.astype(jnp.uint8) + 8) & 0x0F                               # 0..15, padding 8
+    v = jnp.transpose(v.reshape(G * 4, 2, 4, P, PANEL), (3, 0, 1, 4, 2))   # (P, H, 2, PANEL, 4)
+    nibbles = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(P, G * 4, 4 * PANEL)
+    s = jnp.pad(jnp.asarray(w.scale, jnp.float32), ((0, 0), (0, P * PANEL - N)))
+    scales = jnp.transpose(s.reshape(G, P, PANEL), (1, 0, 2))
+    return PackedInt4Weight(nibbles, scales, int(K), int(N))
+
+
 def _dot_panels(values):
     K, N = values.shape
     G = -(-K // 4)
@@ -138,10 +182,14 @@ def _panels(w):
 
 
 def pack(w, int8_activations: str = "float",
-         block: int = ACT_BLOCK) -> PackedWeight | PackedInt8Weight | PackedInt8DotWeight:
+         block: int = ACT_BLOCK
+         ) -> PackedWeight | PackedInt8Weight | PackedInt8DotWeight | PackedInt4Weight:
     """The kernel's layout of a float32 weight or an `Int8Weight`; `int8_activations`
     (`Options.int8_activations`) picks the int8 weight's kernel: "float" (float32 activations,
-    `PackedInt8Weight`) or "int8" (activations quantized per `block`, `PackedInt8DotWeight`)."""
+    `PackedInt8Weight`) or "int8" (activations quantized per `block`, `PackedInt8DotWeight`).
+    An `Int4Weight` has one kernel (`PackedInt4Weight`, activations per INT4_GROUP k)."""
+    if isinstance(w, Int4Weight):   # int8 activations whatever `int8_activations` says
+        return _int4_panels(w)
     if isinstance(w, Int8Weight):
         if int8_activations == "int8":
             return PackedInt8DotWeight(_dot_panels(w.values), w.scale, int(w.shape[0]), block)
@@ -150,6 +198,8 @@ def pack(w, int8_activations: str = "float",
 
 
 def packable(w) -> bool:
+    if isinstance(w, Int4Weight):
+        return True
     if isinstance(w, Int8Weight):
         return w.shape[1] % PANEL == 0
     return (getattr(w, "ndim", 0) == 2 and w.dtype == jnp.float32 and w.shape[1] % PANEL == 0)
@@ -175,12 +225,14 @@ LIBRARY_ROWS = 1024
 
 def linear(x, w, path: str = "auto"):
     """x (..., K) @ w (K, N): the kernel for a `PackedWeight`, `PackedInt8Weight` or
-    `PackedInt8DotWeight` (XLA's product from `LIBRARY_ROWS` rows, float32 activations), XLA for
-    an array or an `Int8Weight`. `path` (`INT8_PATHS`) forces the int8 x int8 kernel's
-    instruction path (tests); a path the CPU lacks fails when the program runs."""
-    if isinstance(w, Int8Weight):
+    `PackedInt8DotWeight` or `PackedInt4Weight` (XLA's product from `LIBRARY_ROWS` rows, float32
+    activations), XLA for an array, an `Int8Weight` or an `Int4Weight`. `path` (`INT8_PATHS`)
+    forces the integer dot kernels' instruction path (tests); a path the CPU lacks fails when
+    the program runs."""
+    if isinstance(w, (Int8Weight, Int4Weight)):
         return int8_matmul(x, w)
-    if not isinstance(w, (PackedWeight, PackedInt8Weight, PackedInt8DotWeight)):
+    if not isinstance(w, (PackedWeight, PackedInt8Weight, PackedInt8DotWeight,
+                          PackedInt4Weight)):
         return x @ w
     if int(np.prod(x.shape[:-1], dtype=np.int64)) >= LIBRARY_ROWS:
         return linear(x, w.unpack())
@@ -195,6 +247,10 @@ def linear(x, w, path: str = "auto"):
     x32 = x.reshape(rows, K).astype(jnp.float32)
     if isinstance(w, PackedInt8Weight):   # also under bf16 activations: float32 inside
         y = jax.ffi.ffi_call(TARGET_INT8, out)(x32, w.panels, w.scale)
+    elif isinstance(w, PackedInt4Weight):
+        wide = jax.ShapeDtypeStruct((rows, w.nibbles.shape[0] * PANEL), jnp.float32)
+        y = jax.ffi.ffi_call(TARGET_INT4_DOT, wide)(x32, w.nibbles, w.scales,
+                                                    path=np.int32(INT8_PATHS[path]))[:, :N]
     elif isinstance(w, PackedInt8DotWeight):
         y = jax.ffi.ffi_call(TARGET_INT8_DOT, out)(x32, w.panels, w.scale,
                                                    path=np.int32(INT8_PATHS[path]),
@@ -287,7 +343,7 @@ def _library():
         if not os.path.exists(path):
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
-        for name in (TARGET, TARGET_INT8, TARGET_INT8_DOT, ATTEND):
+        for name in (TARGET, TARGET_INT8, TARGET_INT8_DOT, TARGET_INT4_DOT, ATTEND):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
         return lib

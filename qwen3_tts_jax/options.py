@@ -71,7 +71,8 @@ class Options:
     # "int8": each row quantized to int8 per block of 32 k on the fly, integer dot instructions
     # (AVX-512 VNNI or AVX2, picked from CPUID at run time; `PackedInt8DotWeight`). The weights
     # are packed for it at load (`checkpoint.pack_for_inference`). Measured speed and closeness
-    # to float32: benchmarks/RESULTS.md, Decisions: "int8 activations".
+    # to float32: benchmarks/RESULTS.md, Decisions: "int8 activations". `quantize="int4"` has
+    # int8 activations (per block of 32 k) whatever this field says.
     int8_activations: str = "float"
 
     # XLA compiler options of the frame loop (`generate.decode`), (name, value) pairs or None.

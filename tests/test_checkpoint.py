@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qwen3_tts_jax import CheckpointError, Qwen3TTS, checkpoint
+from qwen3_tts_jax import CheckpointError, Qwen3TTS, checkpoint, cpu_kernels
 from qwen3_tts_jax.config import ConfigError, load_config, load_generation_defaults
 from qwen3_tts_jax.convert import convert
 
@@ -322,7 +322,8 @@ def _counting_load(path, cfg, calls):
     return load
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", pytest.param("int4", marks=pytest.mark.skipif(
+    not cpu_kernels.available(), reason="int4 needs the CPU kernels"))])
 def test_weights_cache_gives_the_packed_params_without_loading(tmp_path, make_checkpoint,
                                                                quantize):
     path = make_checkpoint("base")          # speaker encoder (float32 whatever the dtype) too

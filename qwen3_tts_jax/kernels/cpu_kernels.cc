@@ -3,6 +3,8 @@
 //   qwen3_tts_jax_rows_matmul_int8  the same with int8 panels and a scale per column
 //   qwen3_tts_jax_rows_matmul_int8_dot  int8 panels times activations quantized to int8, on the
 //                              CPU's integer dot instructions (AVX-512 VNNI, AVX2, or plain C++)
+//   qwen3_tts_jax_rows_matmul_int4_dot  the same with 4-bit weights, a scale per column and group
+//                              of 32 k
 //   qwen3_tts_jax_int8_paths   (plain C) which of those the CPU running it has
 //   qwen3_tts_jax_attend       one decode step's attention over the filled slots of a KV cache
 //
@@ -256,12 +258,19 @@ ffi::Error RowsMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 // ---------------------------------------------------------------------------------------------
-// int8 x int8 products on integer dot instructions (`Options.int8_activations="int8"`).
+// int8 x int8 products on integer dot instructions (`Options.int8_activations="int8"`), and the
+// same with 4-bit weights (`quantize="int4"`): one templated kernel, `INT4` picking the format.
 //
-// Layout (cpu_kernels.py `PackedInt8DotWeight`): panels of PANEL output columns, each k-group of
-// 4 consecutive k as one 32-bit lane per column: W[n / PANEL, g, n % PANEL, k % 4] for k = 4 g +
+// int8 layout (cpu_kernels.py `PackedInt8DotWeight`): panels of PANEL output columns, each k-group
+// of 4 consecutive k as one 32-bit lane per column: W[n / PANEL, g, n % PANEL, k % 4] for k = 4 g +
 // k % 4, K padded to a multiple of 4 with zero weights, stored as uint8 = int8 value + 128 (1..255,
 // padding 128). One k-group of a panel is 64 bytes: one cache line, one 512-bit vector.
+//
+// int4 layout (cpu_kernels.py `PackedInt4Weight`): the same lanes with two k-groups per 64-byte
+// line, as nibbles value + 8 (0..15, padding 8): line h holds k-group 2 h in the low nibbles and
+// 2 h + 1 in the high ones; K padded to a multiple of INT4_GROUP. The float32 weight scales are
+// per column and per group of INT4_GROUP consecutive k, stored per panel: S[n / PANEL, k / 32,
+// n % PANEL]. The activations' block is the weights' group.
 //
 // Activations: each row is quantized on the fly in blocks of `block` consecutive k (a multiple of
 // 4; 0: the whole row), symmetric: scale = max |x| / 127 over the block, q = rint(clamp(x * (127 /
@@ -270,14 +279,19 @@ ffi::Error RowsMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // Arithmetic, the same on every path (exact integers, then float32 in a fixed order, so that the
 // paths agree bit for bit and with a numpy model of it, tests/test_quantize.py):
 //   acc[b, n] = sum_{k in block b} q[k] * w[k, n]                       (int32, exact)
-//   y[n] = (sum_b float(acc[b, n]) * xscale[b]) * wscale[n]             (b in increasing order,
-//                                                                          each * and + rounded)
-// `vpdpbusd` multiplies unsigned by signed bytes, so the weights are the unsigned side (w + 128)
-// and each block's sum starts at -128 * sum_k q[k] (exact). The AVX2 path (`vpmaddubsw`, whose
-// 16-bit pair sums saturate at 255 * 127 * 2) takes the weights back to signed and multiplies |q|
-// by w with q's sign (`vpsignb`): pairs of at most 2 * 127 * 127, no saturation.
+//   int8: y[n] = (sum_b float(acc[b, n]) * xscale[b]) * wscale[n]
+//   int4: y[n] = sum_b float(acc[b, n]) * (xscale[b] * wscale[b, n])
+//                  (b in increasing order, each * and + rounded)
+// `vpdpbusd` multiplies unsigned by signed bytes, so the weights are the unsigned side (w + 128,
+// or the nibble w + 8) and each block's sum starts at -128 (-8) * sum_k q[k] (exact). The int8
+// AVX2 path (`vpmaddubsw`, whose 16-bit pair sums saturate at 255 * 127 * 2) takes the weights
+// back to signed and multiplies |q| by w with q's sign (`vpsignb`): pairs of at most 2 * 127 *
+// 127, no saturation; the int4 one multiplies the unsigned nibbles (pairs of at most 2 * 15 *
+// 127) and starts from -8 * sum_k q[k] like VNNI.
 
 enum Int8Path : int32_t { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512_VNNI = 3 };
+
+constexpr int64_t INT4_GROUP = 32;  // k per weight scale of the int4 format (cpu_kernels.py)
 
 int32_t int8_paths() {  // bit p set: path p runs on this CPU (CPUID, at run time)
   int32_t paths = 1 << PATH_SCALAR;
@@ -292,12 +306,12 @@ int32_t int8_paths() {  // bit p set: path p runs on this CPU (CPUID, at run tim
 }
 
 // One call's activations, quantized: M rows of Kp int8 (zero past K), and per (row, block) the
-// float scale and the starting sum -128 * sum(q) of the unsigned-weight paths.
+// float scale and sum(q) (the unsigned-weight paths start a block's sum at -bias * sum(q)).
 struct QuantizedRows {
   int64_t M = 0, Kp = 0, block = 0, blocks = 0;
   std::vector<int8_t> q;
   std::vector<float> scale;
-  std::vector<int32_t> offset;
+  std::vector<int32_t> sum;
 
   void quantize(const float* x, int64_t rows, int64_t K, int64_t Kpad, int64_t blk) {
     M = rows;
@@ -306,7 +320,7 @@ struct QuantizedRows {
     blocks = (Kp + block - 1) / block;
     q.assign(M * Kp, 0);
     scale.assign(M * blocks, 0.0f);
-    offset.assign(M * blocks, 0);
+    sum.assign(M * blocks, 0);
     for (int64_t r = 0; r < M; ++r) {
       const float* xr = x + r * K;
       int8_t* qr = q.data() + r * Kp;
@@ -324,14 +338,14 @@ struct QuantizedRows {
         }
         if (amax == 0.0f) continue;  // q = 0, scale 0
         const float inv = 127.0f / amax;
-        int32_t sum = 0;
+        int32_t total = 0;
         for (int64_t k = lo; k < hi; ++k) {
           const float v = std::nearbyint(std::min(127.0f, std::max(-127.0f, xr[k] * inv)));
           qr[k] = static_cast<int8_t>(v);
-          sum += qr[k];
+          total += qr[k];
         }
         scale[r * blocks + b] = amax / 127.0f;
-        offset[r * blocks + b] = -128 * sum;
+        sum[r * blocks + b] = total;
       }
     }
   }
@@ -356,7 +370,21 @@ inline int32_t load32(const int8_t* p) {
   return v;
 }
 
-// Plain C++: any CPU; one row at a time.
+// The two formats' differences. k-group g of a panel: byte 4 j + i holds k = 4 g + i of column j.
+template <bool INT4>
+struct DotFormat {
+  static constexpr int32_t BIAS = INT4 ? 8 : 128;  // stored = value + BIAS
+  static constexpr int64_t GROUPS_PER_LINE = INT4 ? 2 : 1;
+  static int32_t value(const uint8_t* panel, int64_t g, int64_t byte) {
+    if (!INT4) return static_cast<int32_t>(panel[g * 64 + byte]) - BIAS;
+    const uint8_t b = panel[(g / 2) * 64 + byte];
+    return static_cast<int32_t>(g % 2 ? b >> 4 : b & 0x0F) - BIAS;
+  }
+};
+
+// Plain C++: any CPU; one row at a time. `wscale`: the panel's PANEL column scales (int8) or its
+// (blocks, PANEL) group scales (int4).
+template <bool INT4>
 void dot_rows_scalar(const QuantizedRows& xq, int64_t r0, int64_t rows, const uint8_t* panel,
                      const float* wscale, float* y, int64_t N) {
   const int64_t G = xq.Kp / 4, GB = xq.block / 4;
@@ -368,89 +396,126 @@ void dot_rows_scalar(const QuantizedRows& xq, int64_t r0, int64_t rows, const ui
       for (int64_t g = g0; g < std::min(g0 + GB, G); ++g)
         for (int64_t j = 0; j < PANEL; ++j)
           for (int64_t i = 0; i < 4; ++i)
-            acc[j] += (static_cast<int32_t>(panel[(g * PANEL + j) * 4 + i]) - 128) * qr[g * 4 + i];
+            acc[j] += DotFormat<INT4>::value(panel, g, j * 4 + i) * qr[g * 4 + i];
       const float s = xq.scale[r * xq.blocks + b];
       for (int64_t j = 0; j < PANEL; ++j) {
-        const float term = rounded(static_cast<float>(acc[j]) * s);
+        const float term = INT4 ? rounded(static_cast<float>(acc[j]) *
+                                          rounded(s * wscale[b * PANEL + j]))
+                                : rounded(static_cast<float>(acc[j]) * s);
         out[j] = out[j] + term;
       }
     }
-    for (int64_t j = 0; j < PANEL; ++j) y[r * N + j] = out[j] * wscale[j];
+    for (int64_t j = 0; j < PANEL; ++j) y[r * N + j] = INT4 ? out[j] : out[j] * wscale[j];
   }
 }
 
 #ifdef QWEN3_TTS_X86
-constexpr int64_t DOT_AHEAD = 64;  // k-groups (cache lines) a panel's own stream is prefetched ahead
+constexpr int64_t DOT_AHEAD = 64;  // cache lines a panel's own stream is prefetched ahead
 
-// AVX-512 VNNI: up to 8 rows x 16 columns; one 512-bit weight vector per k-group, each row's 4
-// activation bytes broadcast into it.
-template <int ROWS>
+// AVX-512 VNNI: up to 8 rows x 16 columns; one 512-bit weight vector per k-group (int4: a line
+// of two, split into nibbles in registers), each row's 4 activation bytes broadcast into it.
+template <int ROWS, bool INT4>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_tile_vnni(
     const QuantizedRows& xq, int64_t r0, const uint8_t* panel, const float* wscale, float* y,
     int64_t N) {
+  using F = DotFormat<INT4>;
   const int64_t G = xq.Kp / 4, GB = xq.block / 4;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 out[ROWS];
   for (int r = 0; r < ROWS; ++r) out[r] = _mm512_setzero_ps();
   for (int64_t g0 = 0, b = 0; g0 < G; g0 += GB, ++b) {
     const int64_t g1 = std::min(g0 + GB, G);
     __m512i acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_set1_epi32(xq.offset[(r0 + r) * xq.blocks + b]);
-    for (int64_t g = g0; g < g1; ++g) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (g + DOT_AHEAD) * 64), _MM_HINT_NTA);
-      const __m512i w = _mm512_loadu_si512(panel + g * 64);
+    for (int r = 0; r < ROWS; ++r)
+      acc[r] = _mm512_set1_epi32(-F::BIAS * xq.sum[(r0 + r) * xq.blocks + b]);
+    for (int64_t g = g0; g < g1; g += F::GROUPS_PER_LINE) {
+      const uint8_t* line = panel + (g / F::GROUPS_PER_LINE) * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(line + DOT_AHEAD * 64), _MM_HINT_NTA);
+      const __m512i v = _mm512_loadu_si512(line);
+      const __m512i w0 = INT4 ? _mm512_and_si512(v, nibble) : v;
+      const __m512i w1 = INT4 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble) : v;
       for (int r = 0; r < ROWS; ++r) {
-        const __m512i xb = _mm512_set1_epi32(load32(xq.q.data() + (r0 + r) * xq.Kp + g * 4));
-        acc[r] = _mm512_dpbusd_epi32(acc[r], w, xb);
+        const int8_t* qr = xq.q.data() + (r0 + r) * xq.Kp + g * 4;
+        acc[r] = _mm512_dpbusd_epi32(acc[r], w0, _mm512_set1_epi32(load32(qr)));
+        if (INT4) acc[r] = _mm512_dpbusd_epi32(acc[r], w1, _mm512_set1_epi32(load32(qr + 4)));
       }
     }
+    const __m512 ws = INT4 ? _mm512_loadu_ps(wscale + b * PANEL) : _mm512_setzero_ps();
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 term = rounded(_mm512_mul_ps(
-          _mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(xq.scale[(r0 + r) * xq.blocks + b])));
-      out[r] = _mm512_add_ps(out[r], term);
+      __m512 s = _mm512_set1_ps(xq.scale[(r0 + r) * xq.blocks + b]);
+      if (INT4) s = rounded(_mm512_mul_ps(s, ws));
+      out[r] = _mm512_add_ps(out[r], rounded(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), s)));
     }
   }
   const __m512 ws = _mm512_loadu_ps(wscale);
-  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + (r0 + r) * N, _mm512_mul_ps(out[r], ws));
+  for (int r = 0; r < ROWS; ++r)
+    _mm512_storeu_ps(y + (r0 + r) * N, INT4 ? out[r] : _mm512_mul_ps(out[r], ws));
 }
 
 // AVX2: up to 3 rows x 16 columns as two 8-lane halves.
-template <int ROWS>
+template <int ROWS, bool INT4>
 __attribute__((target("avx2"))) void dot_tile_avx2(const QuantizedRows& xq, int64_t r0,
                                                    const uint8_t* panel, const float* wscale,
                                                    float* y, int64_t N) {
+  using F = DotFormat<INT4>;
   const int64_t G = xq.Kp / 4, GB = xq.block / 4;
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256 out[ROWS][2];
   for (int r = 0; r < ROWS; ++r) out[r][0] = out[r][1] = _mm256_setzero_ps();
   for (int64_t g0 = 0, b = 0; g0 < G; g0 += GB, ++b) {
     const int64_t g1 = std::min(g0 + GB, G);
     __m256i acc[ROWS][2];
-    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    for (int64_t g = g0; g < g1; ++g) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (g + DOT_AHEAD) * 64), _MM_HINT_NTA);
-      const __m256i* wp = reinterpret_cast<const __m256i*>(panel + g * 64);
-      const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256(wp), bias);  // back to int8
-      const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256(wp + 1), bias);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i xb = _mm256_set1_epi32(load32(xq.q.data() + (r0 + r) * xq.Kp + g * 4));
-        const __m256i ax = _mm256_abs_epi8(xb);
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
-            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
-            _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+    for (int r = 0; r < ROWS; ++r)
+      acc[r][0] = acc[r][1] =
+          INT4 ? _mm256_set1_epi32(-F::BIAS * xq.sum[(r0 + r) * xq.blocks + b])
+               : _mm256_setzero_si256();
+    for (int64_t g = g0; g < g1; g += F::GROUPS_PER_LINE) {
+      const uint8_t* line = panel + (g / F::GROUPS_PER_LINE) * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(line + DOT_AHEAD * 64), _MM_HINT_NTA);
+      const __m256i* wp = reinterpret_cast<const __m256i*>(line);
+      const __m256i v0 = _mm256_loadu_si256(wp), v1 = _mm256_loadu_si256(wp + 1);
+      if (INT4) {  // unsigned nibbles times signed q: no saturation (2 * 15 * 127)
+        const __m256i w[2][2] = {
+            {_mm256_and_si256(v0, nibble), _mm256_and_si256(v1, nibble)},
+            {_mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble),
+             _mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble)}};
+        for (int r = 0; r < ROWS; ++r) {
+          const int8_t* qr = xq.q.data() + (r0 + r) * xq.Kp + g * 4;
+          for (int half = 0; half < 2; ++half) {
+            const __m256i xb = _mm256_set1_epi32(load32(qr + 4 * half));
+            for (int h = 0; h < 2; ++h)
+              acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(
+                  _mm256_maddubs_epi16(w[half][h], xb), ones));
+          }
+        }
+      } else {
+        const __m256i w0 = _mm256_xor_si256(v0, bias);  // back to int8
+        const __m256i w1 = _mm256_xor_si256(v1, bias);
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i xb = _mm256_set1_epi32(load32(xq.q.data() + (r0 + r) * xq.Kp + g * 4));
+          const __m256i ax = _mm256_abs_epi8(xb);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
+              _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+              _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+        }
       }
     }
     for (int r = 0; r < ROWS; ++r) {
       const __m256 s = _mm256_set1_ps(xq.scale[(r0 + r) * xq.blocks + b]);
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 c =
+            INT4 ? rounded(_mm256_mul_ps(s, _mm256_loadu_ps(wscale + b * PANEL + 8 * h))) : s;
         out[r][h] = _mm256_add_ps(out[r][h],
-                                  rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s)));
+                                  rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), c)));
+      }
     }
   }
   const __m256 ws0 = _mm256_loadu_ps(wscale), ws1 = _mm256_loadu_ps(wscale + 8);
   for (int r = 0; r < ROWS; ++r) {
-    _mm256_storeu_ps(y + (r0 + r) * N, _mm256_mul_ps(out[r][0], ws0));
-    _mm256_storeu_ps(y + (r0 + r) * N + 8, _mm256_mul_ps(out[r][1], ws1));
+    _mm256_storeu_ps(y + (r0 + r) * N, INT4 ? out[r][0] : _mm256_mul_ps(out[r][0], ws0));
+    _mm256_storeu_ps(y + (r0 + r) * N + 8, INT4 ? out[r][1] : _mm256_mul_ps(out[r][1], ws1));
   }
 }
 #endif
@@ -459,30 +524,67 @@ int64_t dot_max_rows(int32_t path) {
   return path == PATH_AVX512_VNNI ? 8 : path == PATH_AVX2 ? 3 : 1;
 }
 
+template <bool INT4>
 void dot_tile(int32_t path, int64_t rows, const QuantizedRows& xq, int64_t r0,
               const uint8_t* panel, const float* wscale, float* y, int64_t N) {
 #ifdef QWEN3_TTS_X86
   if (path == PATH_AVX512_VNNI) {
     switch (rows) {
-      case 1: return dot_tile_vnni<1>(xq, r0, panel, wscale, y, N);
-      case 2: return dot_tile_vnni<2>(xq, r0, panel, wscale, y, N);
-      case 3: return dot_tile_vnni<3>(xq, r0, panel, wscale, y, N);
-      case 4: return dot_tile_vnni<4>(xq, r0, panel, wscale, y, N);
-      case 5: return dot_tile_vnni<5>(xq, r0, panel, wscale, y, N);
-      case 6: return dot_tile_vnni<6>(xq, r0, panel, wscale, y, N);
-      case 7: return dot_tile_vnni<7>(xq, r0, panel, wscale, y, N);
-      default: return dot_tile_vnni<8>(xq, r0, panel, wscale, y, N);
+      case 1: return dot_tile_vnni<1, INT4>(xq, r0, panel, wscale, y, N);
+      case 2: return dot_tile_vnni<2, INT4>(xq, r0, panel, wscale, y, N);
+      case 3: return dot_tile_vnni<3, INT4>(xq, r0, panel, wscale, y, N);
+      case 4: return dot_tile_vnni<4, INT4>(xq, r0, panel, wscale, y, N);
+      case 5: return dot_tile_vnni<5, INT4>(xq, r0, panel, wscale, y, N);
+      case 6: return dot_tile_vnni<6, INT4>(xq, r0, panel, wscale, y, N);
+      case 7: return dot_tile_vnni<7, INT4>(xq, r0, panel, wscale, y, N);
+      default: return dot_tile_vnni<8, INT4>(xq, r0, panel, wscale, y, N);
     }
   }
   if (path == PATH_AVX2) {
     switch (rows) {
-      case 1: return dot_tile_avx2<1>(xq, r0, panel, wscale, y, N);
-      case 2: return dot_tile_avx2<2>(xq, r0, panel, wscale, y, N);
-      default: return dot_tile_avx2<3>(xq, r0, panel, wscale, y, N);
+      case 1: return dot_tile_avx2<1, INT4>(xq, r0, panel, wscale, y, N);
+      case 2: return dot_tile_avx2<2, INT4>(xq, r0, panel, wscale, y, N);
+      default: return dot_tile_avx2<3, INT4>(xq, r0, panel, wscale, y, N);
     }
   }
 #endif
-  dot_rows_scalar(xq, r0, rows, panel, wscale, y, N);
+  dot_rows_scalar<INT4>(xq, r0, rows, panel, wscale, y, N);
+}
+
+// The path asked for (Int8Path; 0: the fastest this CPU has), or -1 if this CPU lacks it.
+int32_t pick_path(int32_t path) {
+  static const int32_t paths = int8_paths();
+  if (path == PATH_AUTO) {
+    path = paths & (1 << PATH_AVX512_VNNI) ? PATH_AVX512_VNNI
+           : paths & (1 << PATH_AVX2)      ? PATH_AVX2
+                                           : PATH_SCALAR;
+  }
+  return path < PATH_SCALAR || path > PATH_AVX512_VNNI || !(paths & (1 << path)) ? -1 : path;
+}
+
+// Both formats' products: M rows of x (M, K) quantized per `block`, P panels of `panel_bytes`
+// each and `scale_stride` scales each (int8: PANEL, int4: blocks * PANEL).
+template <bool INT4>
+void dot_products(ffi::ThreadPool& pool, int32_t path, const float* x, int64_t M, int64_t K,
+                  int64_t Kp, int64_t block, const uint8_t* wp, int64_t P, int64_t panel_bytes,
+                  const float* sp, int64_t scale_stride, float* yp) {
+  const int64_t N = P * PANEL;
+  thread_local QuantizedRows xq;  // the calling thread's; helpers only read it while it waits
+  xq.quantize(x, M, K, Kp, block);
+  const QuantizedRows* xqp = &xq;
+  const int64_t max_rows = dot_max_rows(path);
+  // integer multiply-adds are 4x cheaper than float32's here: the work unit counts k-groups
+  parallel_for(pool, P, M * (Kp / 4) * PANEL, 4, [=](int64_t first, int64_t last) {
+    const int64_t tiles = (M + max_rows - 1) / max_rows;
+    for (int64_t p = first; p < last; ++p) {
+      const uint8_t* panel = wp + p * panel_bytes;
+      for (int64_t t = 0, r = 0; t < tiles; ++t) {
+        const int64_t rows = (M - r) / (tiles - t);
+        dot_tile<INT4>(path, rows, *xqp, r, panel, sp + p * scale_stride, yp + p * PANEL, N);
+        r += rows;
+      }
+    }
+  });
 }
 
 // x (M, K) float32, w (N / 16, ceil(K / 4), 64) uint8 as above, scale (N,); attributes `path`
@@ -499,35 +601,36 @@ ffi::Error RowsMatmulInt8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (block < 0 || block % 4 != 0) {
     return ffi::Error::InvalidArgument("rows_matmul_int8_dot: block must be 0 or a multiple of 4");
   }
-  static const int32_t paths = int8_paths();
-  if (path == PATH_AUTO) {
-    path = paths & (1 << PATH_AVX512_VNNI) ? PATH_AVX512_VNNI
-           : paths & (1 << PATH_AVX2)      ? PATH_AVX2
-                                           : PATH_SCALAR;
-  }
-  if (path < PATH_SCALAR || path > PATH_AVX512_VNNI || !(paths & (1 << path))) {
+  path = pick_path(path);
+  if (path < 0) {
     return ffi::Error::InvalidArgument("rows_matmul_int8_dot: this CPU lacks the path asked for");
   }
-  const int64_t M = xd[0], K = xd[1], Kp = wd[1] * 4, N = wd[0] * PANEL;
-  thread_local QuantizedRows xq;  // the calling thread's; helpers only read it while it waits
-  xq.quantize(x.typed_data(), M, K, Kp, block);
-  const QuantizedRows* xqp = &xq;
-  const uint8_t* wp = w.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
-  const int64_t max_rows = dot_max_rows(path);
-  // integer multiply-adds are 4x cheaper than float32's here: the work unit counts k-groups
-  parallel_for(pool, wd[0], M * wd[1] * PANEL, 4, [=](int64_t first, int64_t last) {
-    const int64_t tiles = (M + max_rows - 1) / max_rows;
-    for (int64_t p = first; p < last; ++p) {
-      const uint8_t* panel = wp + p * wd[1] * PANEL * 4;
-      for (int64_t t = 0, r = 0; t < tiles; ++t) {
-        const int64_t rows = (M - r) / (tiles - t);
-        dot_tile(path, rows, *xqp, r, panel, sp + p * PANEL, yp + p * PANEL, N);
-        r += rows;
-      }
-    }
-  });
+  dot_products<false>(pool, path, x.typed_data(), xd[0], xd[1], wd[1] * 4, block, w.typed_data(),
+                      wd[0], wd[1] * PANEL * 4, scale.typed_data(), PANEL, y->typed_data());
+  return ffi::Error::Success();
+}
+
+// x (M, K) float32, w (N / 16, Kp / 8, 64) uint8 nibbles and scale (N / 16, Kp / 32, 16) as above
+// (Kp: K rounded up to a multiple of INT4_GROUP), y (M, N); attribute `path` as above.
+ffi::Error RowsMatmulInt4Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
+                             int32_t path) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  const int64_t groups = xd.size() == 2 ? (xd[1] + INT4_GROUP - 1) / INT4_GROUP : 0;
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != PANEL * 4 ||
+      wd[1] != groups * (INT4_GROUP / 8) || sd.size() != 3 || sd[0] != wd[0] ||
+      sd[1] != groups || sd[2] != PANEL) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_int4_dot: x must be (M, K), w (N / 16, ceil(K / 32) * 4, 64) and scale "
+        "(N / 16, ceil(K / 32), 16)");
+  }
+  path = pick_path(path);
+  if (path < 0) {
+    return ffi::Error::InvalidArgument("rows_matmul_int4_dot: this CPU lacks the path asked for");
+  }
+  dot_products<true>(pool, path, x.typed_data(), xd[0], xd[1], groups * INT4_GROUP, INT4_GROUP,
+                     w.typed_data(), wd[0], wd[1] * 64, scale.typed_data(), groups * PANEL,
+                     y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -631,6 +734,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8_dot, RowsMatmulInt8
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("path")
                                   .Attr<int32_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int4_dot, RowsMatmulInt4Dot,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("path"));
 
 extern "C" int32_t qwen3_tts_jax_int8_paths() { return int8_paths(); }
 
