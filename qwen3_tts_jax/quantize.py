@@ -17,8 +17,8 @@ product is XLA's with the int8 -> activation-dtype convert fused in: a smaller m
 
 int4 (`quantize="int4"`, CPU kernels only): 4-bit values in [-8, 7] with a float32 scale per
 output column and group of 32 consecutive k (`Int4Weight`, GGML's Q4_0 rounding), packed two per
-byte for the CPU's int4 x int8 kernel (`cpu_kernels.PackedInt4Weight`, activations quantized per block of 32 as
-above): 5 bits a weight with the scales, 0.625 of int8's bytes.
+byte for the CPU's int4 x int8 kernel (`cpu_kernels.PackedInt4Weight`, activations quantized per
+block of 32 as above): 5 bits a weight with the scales, 0.625 of int8's bytes.
 
 Not the official model: the logits err about twice as much as bf16's against float32, and codes
 differ from the float32 ones after a near-tie. benchmarks/RESULTS.md ("int8 weights") gives the
