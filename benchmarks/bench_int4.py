@@ -2,16 +2,18 @@
 `Options.int8_activations="int8"`) on the CPU kernels, side by side in one process.
 
     python benchmarks/bench_int4.py --folder /tmp/ckpt0b6 [--batches 1,8] [--frames 40]
-                                    [--repeats 3] [--micro-only] [--results FILE]
+                                    [--repeats 3] [--formats int8,int4] [--micro-only | --no-micro]
+                                    [--results FILE]
 
   micro   one product of each 0.6B decoder shape (q|k|v, o, gate|up, down) at 1 and 8 rows:
           median microseconds of 200 calls (each a jitted call of the product alone, a few
           microseconds of dispatch included), both formats on each integer dot path this CPU
           has, the two formats alternating call by call.
   frames  codes frames/s (greedy, no codec, prefill included) of `generate` on the full-size
-          checkpoint at each batch, both formats quantized from the same float32 weights (every
-          other array shared) and timed alternately (best of --repeats warm runs each), so that
-          other load on the machine hits both alike.
+          checkpoint at each batch, each of --formats (int8f: int8 weights x float32 activations,
+          int8: x int8 activations, int4) quantized from the same float32 weights (every other
+          array shared) and timed alternately (best of --repeats warm runs each), so that other
+          load on the machine hits them alike.
 The load average before and after is printed; with --results the section is appended there.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+LABELS = {"int8f": "int8 x float32", "int8": "int8 x int8", "int4": "int4 x int8"}
 SHAPES = {"q|k|v": (1024, 4096), "o": (2048, 1024), "gate|up": (1024, 6144),
           "down": (3072, 1024)}
 
@@ -76,24 +79,28 @@ def frames(args, jax, jnp) -> list[str]:
     options = dataclasses.replace(Options.for_backend("cpu"), int8_activations="int8")
     params = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg),
                                            consume=True, options=options)
-    # the decoder products are the packed float32 weights; both formats from them
+    # the decoder products are the packed float32 weights; every format from them
     is_f32 = lambda w: isinstance(w, cpu_kernels.PackedWeight)
-    p8 = jax.block_until_ready(jax.tree_util.tree_map(
-        lambda w: cpu_kernels.pack(quantize.quantize_int8(w.unpack()), "int8") if is_f32(w)
-        else w, params, is_leaf=is_f32))
-    p4 = jax.block_until_ready(jax.tree_util.tree_map(
-        lambda w: cpu_kernels.pack(quantize.quantize_int4(w.unpack())) if is_f32(w) else w,
-        params, is_leaf=is_f32))
+    makers = {"int8f": lambda w: cpu_kernels.pack(quantize.quantize_int8(w), "float"),
+              "int8": lambda w: cpu_kernels.pack(quantize.quantize_int8(w), "int8"),
+              "int4": lambda w: cpu_kernels.pack(quantize.quantize_int4(w))}
+    formats = {name: jax.block_until_ready(jax.tree_util.tree_map(
+        lambda w, name=name: makers[name](w.unpack()) if is_f32(w) else w, params, is_leaf=is_f32))
+        for name in args.formats}
     del params
-    mb = lambda p, cls: sum(x.nbytes for w in jax.tree_util.tree_leaves(
-        p, is_leaf=lambda w: isinstance(w, cls)) if isinstance(w, cls)
+    nbytes = lambda p: sum(x.nbytes for w in jax.tree_util.tree_leaves(
+        p, is_leaf=lambda w: isinstance(w, PACKED)) if isinstance(w, PACKED)
         for x in jax.tree_util.tree_leaves(w)) / 2**20
-    print(f"decoder products: int8 {mb(p8, cpu_kernels.PackedInt8DotWeight):.0f} MiB, int4 "
-          f"{mb(p4, cpu_kernels.PackedInt4Weight):.0f} MiB", flush=True)
-    formats = {"int8": p8, "int4": p4}
+    PACKED = (cpu_kernels.PackedInt8Weight, cpu_kernels.PackedInt8DotWeight,
+              cpu_kernels.PackedInt4Weight)
+    print("decoder products: " + ", ".join(f"{LABELS[n]} {nbytes(p):.0f} MiB"
+                                           for n, p in formats.items()), flush=True)
     F = args.frames
-    out = ["| batch | int8 x int8 (codes frames/s) | int4 x int8 (codes frames/s) | ratio | "
-           "first frames' codes equal |", "| --- | --- | --- | --- | --- |"]
+    base = args.formats[0]
+    out = ["| batch | " + " | ".join(f"{LABELS[n]} (codes frames/s)" for n in args.formats) + " | "
+           + " | ".join(f"{n} / {base}" for n in args.formats[1:])
+           + f" | first frames' codes equal ({args.formats[-1]} vs {base}) |",
+           "| --- " * (2 * len(args.formats)) + "| --- |"]
     for B in args.batches:
         items = [prompts.build_prompt(cfg, prompt_ids(b), LANGUAGE, SPEAKER, None,
                                       non_streaming_mode=True) for b in range(B)]
@@ -116,11 +123,11 @@ def frames(args, jax, jnp) -> list[str]:
                 dt = time.perf_counter() - t
                 best[name] = max(best.get(name, 0.0), n / dt)
                 codes[name] = np.asarray(state.codes_BxFxG)
-        same = np.all(codes["int8"] == codes["int4"], axis=-1)
+        same = np.all(codes[args.formats[-1]] == codes[base], axis=-1)
         first = [int(np.argmin(r)) if not r.all() else F for r in same]
-        out.append(f"| {B} | {best['int8']:.2f} | {best['int4']:.2f} | "
-                   f"{best['int4'] / best['int8']:.2f}x | {min(first)} of {F} (first "
-                   f"difference, min over rows) |")
+        out.append(f"| {B} | " + " | ".join(f"{best[n]:.2f}" for n in args.formats) + " | "
+                   + " | ".join(f"{best[n] / best[base]:.2f}x" for n in args.formats[1:])
+                   + f" | {min(first)} of {F} (first difference, min over rows) |")
         print(out[-1], flush=True)
     return out
 
@@ -131,10 +138,17 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--formats", default="int8,int4",
+                    help="weight formats timed alternately, the first the ratios' base: int8f "
+                         "(int8 weights x float32 activations), int8 (x int8), int4")
     ap.add_argument("--micro-only", action="store_true")
+    ap.add_argument("--no-micro", action="store_true", help="frames only")
     ap.add_argument("--results", default="")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.formats = [f for f in args.formats.split(",") if f]
+    if not args.formats or any(f not in LABELS for f in args.formats):
+        ap.error(f"--formats: a comma-separated list of {', '.join(LABELS)}")
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
@@ -150,18 +164,20 @@ def main():
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     load0 = os.getloadavg()
-    lines = micro(jax, jnp, cpu_kernels, quantize)
+    lines = [] if args.no_micro else micro(jax, jnp, cpu_kernels, quantize) + [""]
     if not args.micro_only:
-        lines += [""] + frames(args, jax, jnp)
+        lines += frames(args, jax, jnp)
     load1 = os.getloadavg()
-    head = [f"## int4 weights against int8 x int8 on the CPU's dot instructions "
+    head = [f"## Weight formats on the CPU kernels: {', '.join(LABELS[f] for f in args.formats)} "
             f"({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
             f"{model}, {os.cpu_count()} CPUs, paths {', '.join(cpu_kernels.int8_paths())}, "
             f"JAX {jax.__version__}, commit {commit}; load average {load0[0]:.2f} before, "
             f"{load1[0]:.2f} after (other agents share the cores). `python "
             f"benchmarks/bench_int4.py --folder {args.folder} --batches "
             f"{','.join(map(str, args.batches))} --frames {args.frames} --repeats "
-            f"{args.repeats}`" + (" --micro-only" if args.micro_only else "") + ".", ""]
+            f"{args.repeats} --formats {','.join(args.formats)}`"
+            + (" --micro-only" if args.micro_only else "") + (" --no-micro" if args.no_micro else "")
+            + ".", ""]
     text = "\n".join(head + lines) + "\n"
     print(text)
     if args.results:

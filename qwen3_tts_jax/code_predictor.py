@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from . import layers
+from . import cpu_kernels, layers
 from .config import TalkerConfig
 from .options import Options
 from .talker import logits as head_logits
@@ -71,6 +71,15 @@ def embed_codes(p, codes_BxG):
     return p["codec_embedding"][jnp.arange(G)[None, :], codes_BxG].sum(axis=1)
 
 
+def head_at(heads, j, h_BxD):
+    """Logits (B, V) float32 of head j (which may be traced) of the stacked heads (G, D, V): a
+    `cpu_kernels.PackedStack` (`checkpoint.pack_for_inference` with the CPU kernels) is read in
+    place; XLA would copy the picked head out of the stack every step."""
+    if isinstance(heads, cpu_kernels.PackedStack):
+        return cpu_kernels.linear_at(h_BxD, heads, j).astype(jnp.float32)
+    return head_logits(jax.lax.dynamic_index_in_dim(heads, j, keepdims=False), h_BxD)
+
+
 def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
             sample: Callable[["jnp.ndarray", "jnp.ndarray"], "jnp.ndarray"], options: Options):
     """Codes 1..15 of one frame, autoregressively, with a fresh 16-slot KV cache.
@@ -90,7 +99,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     pos = jnp.broadcast_to(jnp.arange(2), (B, 2))
     mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (B, 2, S))
     h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp, options)
-    lg0 = head_logits(p["lm_head"][0], h[:, -1])
+    lg0 = head_at(p["lm_head"], 0, h[:, -1])
     code0 = sample(0, lg0).astype(jnp.int32)
 
     def step(carry, j):
@@ -99,7 +108,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
         mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))
         h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp,
                                        options)
-        lg = head_logits(jnp.take(p["lm_head"], j, axis=0), h[:, -1])
+        lg = head_at(p["lm_head"], j, h[:, -1])
         code = sample(j, lg).astype(jnp.int32)
         return (code, caches), (code, lg)
 

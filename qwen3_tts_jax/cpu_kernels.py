@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PANEL = 16                        # output columns per panel (kernels/cpu_kernels.cc: PANEL)
 TARGET = "qwen3_tts_jax_rows_matmul"
+TARGET_STACKED = "qwen3_tts_jax_rows_matmul_stacked"
 TARGET_INT8 = "qwen3_tts_jax_rows_matmul_int8"
 TARGET_INT8_DOT = "qwen3_tts_jax_rows_matmul_int8_dot"
 TARGET_INT4_DOT = "qwen3_tts_jax_rows_matmul_int4_dot"
@@ -75,6 +76,33 @@ class PackedWeight:
     def unpack(self) -> jax.Array:
         P, K, J = self.panels.shape
         return jnp.transpose(self.panels, (1, 0, 2)).reshape(K, P * J)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedStack:
+    """H float32 (K, N) weights stacked (H, K, N) as panels (H, N / PANEL, K, PANEL), for products
+    with one weight picked by a traced index (`linear_at`): the code predictor's heads, one per
+    step of its loop. XLA copies a weight picked from a stack before its product, every step
+    (benchmarks/RESULTS.md, Decisions: "predictor heads read in place")."""
+    panels: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        H, P, K, J = self.panels.shape
+        return H, K, P * J
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
+
+    def unpack(self) -> jax.Array:
+        H, P, K, J = self.panels.shape
+        return jnp.transpose(self.panels, (0, 2, 1, 3)).reshape(H, K, P * J)
+
+    def __getitem__(self, j: int) -> PackedWeight:
+        """Weight j (a Python int) as a `PackedWeight` (its panels, not a copy's layout)."""
+        return PackedWeight(self.panels[j])
 
 
 @jax.tree_util.register_dataclass
@@ -195,6 +223,39 @@ def pack(w, int8_activations: str = "float",
             return PackedInt8DotWeight(_dot_panels(w.values), w.scale, int(w.shape[0]), block)
         return PackedInt8Weight(_panels(w.values), w.scale)
     return PackedWeight(_panels(w))
+
+
+def pack_stack(w_HxKxN) -> PackedStack:
+    """The kernel's layout of stacked float32 weights (H, K, N), N a multiple of PANEL."""
+    H, K, N = w_HxKxN.shape
+    return PackedStack(jnp.transpose(jnp.reshape(w_HxKxN, (H, K, N // PANEL, PANEL)),
+                                     (0, 2, 1, 3)))
+
+
+def stackable(w) -> bool:
+    return (getattr(w, "ndim", 0) == 3 and w.dtype == jnp.float32 and w.shape[2] % PANEL == 0)
+
+
+def linear_at(x, w, index):
+    """x (..., K) @ w[index] for stacked weights w (H, K, N) and an index that may be traced: a
+    `PackedStack` is read in place by the kernel (from `LIBRARY_ROWS` rows: XLA's product of the
+    picked weight); an array is sliced and multiplied by XLA. An index outside [0, H) is
+    clamped."""
+    if not isinstance(w, PackedStack):
+        return x @ jax.lax.dynamic_index_in_dim(w, index, keepdims=False)
+    H, K, N = w.shape
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    if rows >= LIBRARY_ROWS:
+        return linear_at(x, w.unpack(), index)
+    if not _registered():
+        raise RuntimeError("a packed weight needs the CPU kernels, which did not build or "
+                           "load here (see the warning above); load the params with "
+                           "Options(cpu_kernels=False)")
+    out = jax.ShapeDtypeStruct((rows, N), jnp.float32)
+    y = jax.ffi.ffi_call(TARGET_STACKED, out)(x.reshape(rows, K).astype(jnp.float32), w.panels,
+                                              jnp.asarray(index, jnp.int32).reshape(()))
+    return y.reshape(*lead, N).astype(x.dtype)
 
 
 def packable(w) -> bool:
@@ -343,7 +404,8 @@ def _library():
         if not os.path.exists(path):
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
-        for name in (TARGET, TARGET_INT8, TARGET_INT8_DOT, TARGET_INT4_DOT, ATTEND):
+        for name in (TARGET, TARGET_STACKED, TARGET_INT8, TARGET_INT8_DOT, TARGET_INT4_DOT,
+                     ATTEND):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
         return lib

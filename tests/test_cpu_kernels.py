@@ -105,17 +105,55 @@ def test_packed_layout_roundtrip_and_what_is_packed():
     assert isinstance(jax.device_put(p), cpu_kernels.PackedWeight)
 
 
+@pytest.mark.parametrize("H,K,N", [(1, 8, 16), (3, 37, 48), (15, 256, 2048)])
+def test_stacked_product_reads_the_indexed_weight(H, K, N):
+    """`linear_at`: x @ w[j] for a traced j, the weight read in place from the stack; an index
+    out of range is clamped (XLA's dynamic slice does the same), and the array path agrees."""
+    rng = np.random.default_rng(H + K)
+    w = rng.standard_normal((H, K, N), dtype=np.float32) * 0.05
+    packed = cpu_kernels.pack_stack(jnp.asarray(w))
+    assert packed.shape == (H, K, N) and np.array_equal(packed.unpack(), w)
+    assert np.array_equal(packed.panels[H - 1, 0, :, :], w[H - 1, :, :16])
+    assert np.array_equal(packed[H - 1].unpack(), w[H - 1])
+    f = jax.jit(cpu_kernels.linear_at)
+    for M in (1, 7, 13):
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        for j in sorted({0, H // 2, H - 1}):
+            got = np.asarray(f(jnp.asarray(x), packed, j))
+            want, scale = reference(x, w[j])
+            assert got.shape == (M, N)
+            assert np.all(np.abs(got - want) <= 4 * np.finfo(np.float32).eps * np.sqrt(K) * scale
+                          + 1e-30), (M, j)
+            np.testing.assert_allclose(f(jnp.asarray(x), jnp.asarray(w), j), got, rtol=1e-5,
+                                       atol=1e-5)
+        for j, edge in ((-3, 0), (H + 4, H - 1)):
+            np.testing.assert_array_equal(f(jnp.asarray(x), packed, j),
+                                          f(jnp.asarray(x), packed, edge))
+    # inside a scan over the index, as the code predictor's steps use it
+    x = jnp.asarray(rng.standard_normal((2, K), dtype=np.float32))
+    step = lambda w: jax.jit(lambda x: jax.lax.scan(
+        lambda c, j: (c, cpu_kernels.linear_at(c, w, j)), x, jnp.arange(H))[1])
+    np.testing.assert_allclose(step(packed)(x), np.einsum("bk,hkn->hbn", x, w), rtol=1e-4,
+                               atol=1e-5)
+    # only float32 stacks whose width is whole panels are packed
+    assert cpu_kernels.stackable(jnp.asarray(w))
+    assert not cpu_kernels.stackable(jnp.asarray(w).astype(jnp.bfloat16))
+    assert not cpu_kernels.stackable(jnp.asarray(w[:, :, :N - 1]))
+
+
 def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoint):
     path = make_checkpoint("cv_identity_0b6")
     tts = Qwen3TTS.from_pretrained(path)
     kinds = {type(v).__name__ for lp in tts.params["talker"]["layers"]
              for part in ("attn", "mlp") for v in lp[part]._asdict().values()}
     assert "PackedWeight" in kinds and tts.options.cpu_kernels
+    assert isinstance(tts.params["code_predictor"]["lm_head"], cpu_kernels.PackedStack)
     cfg = load_config(path)
     xla = dataclasses.replace(tts.options, cpu_kernels=False)
     plain = checkpoint.pack_for_inference(checkpoint.load_params(path, cfg), options=xla)
-    assert not any(isinstance(x, cpu_kernels.PackedWeight) for x in jax.tree_util.tree_leaves(
-        plain, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight)))
+    packed_types = (cpu_kernels.PackedWeight, cpu_kernels.PackedStack)
+    assert not any(isinstance(x, packed_types) for x in jax.tree_util.tree_leaves(
+        plain, is_leaf=lambda x: isinstance(x, packed_types)))
     items = [prompts.build_prompt(cfg, tts.tokenizer.encode(assistant_text(t)), "english", "ryan", None,
                                   non_streaming_mode=nsm)
              for t, nsm in (("Hello there, a test.", True), ("Short.", False))]

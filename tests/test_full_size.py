@@ -121,10 +121,8 @@ def test_first_step_talker_logits(official_run, ours):
     _, want = official_run
     batch, settings, keys = ours.prepare_custom_voice(**PROMPT, max_new_tokens=FRAMES + 1,
                                                       **GREEDY)
-    state, _ = gen.prefill(ours.params, ours.config, batch.text_BxL, batch.codec_BxLxG,
-                           batch.mask_BxL, batch.extra_BxD, batch.extra_pos_B,
-                           batch.trailing_BxLt, batch.trailing_len_B, settings, keys,
-                           frames=gen.bucket(FRAMES))
+    state, _ = gen.prefill(ours.params, ours.config, batch, settings, keys,
+                           frames=gen.bucket(FRAMES), options=ours.options)
     got = np.asarray(jax.device_get(state.logits_BxV))[:1]
     assert got.shape == want.shape
     scale = float(np.abs(want).max())

@@ -1,5 +1,6 @@
 // The CPU kernels of the frame loop, as XLA:CPU FFI custom calls (qwen3_tts_jax/cpu_kernels.py):
 //   qwen3_tts_jax_rows_matmul  y = x @ W for a few rows of x, W stored as column panels
+//   qwen3_tts_jax_rows_matmul_stacked  the same with one weight of a stack, picked by an index
 //   qwen3_tts_jax_rows_matmul_int8  the same with int8 panels and a scale per column
 //   qwen3_tts_jax_rows_matmul_int8_dot  int8 panels times activations quantized to int8, on the
 //                              CPU's integer dot instructions (AVX-512 VNNI, AVX2, or plain C++)
@@ -232,6 +233,30 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   parallel_for(pool, wd[0], M * K * PANEL, 4, [=](int64_t first, int64_t last) {
+    panels(xp, M, K, wp, static_cast<const float*>(nullptr), yp, N, first, last);
+  });
+  return ffi::Error::Success();
+}
+
+// The same product with one weight of a stack, w (H, N / 16, K, 16), picked by a scalar index
+// that the program computes (a loop's step): the weight is read in place. XLA would copy the
+// picked weight out of the stack before its product, every step (`code_predictor.predict`'s
+// heads: 8 MB a step at 0.6B). An index outside [0, H) is clamped, as XLA's dynamic slice does.
+ffi::Error RowsMatmulStacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> index,
+                             ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[0] < 1 || wd[3] != PANEL || wd[2] != xd[1] ||
+      index.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_stacked: x must be (M, K), w (H, N / 16, K, 16) and index one int32");
+  }
+  const int64_t M = xd[0], K = xd[1], N = wd[1] * PANEL;
+  const int64_t h = std::clamp<int64_t>(index.typed_data()[0], 0, wd[0] - 1);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data() + h * N * K;
+  float* yp = y->typed_data();
+  parallel_for(pool, wd[1], M * K * PANEL, 4, [=](int64_t first, int64_t last) {
     panels(xp, M, K, wp, static_cast<const float*>(nullptr), yp, N, first, last);
   });
   return ffi::Error::Success();
@@ -715,6 +740,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul, RowsMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_stacked, RowsMatmulStacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8, RowsMatmulInt8,
