@@ -296,6 +296,34 @@ def test_greedy_rows_are_not_warped():
     np.testing.assert_array_equal(ids, x.argmax(-1))
 
 
+def test_all_greedy_batch_draws_no_random_bits():
+    """With `runtime_dispatch` the random draw sits in the branch taken when some row samples:
+    an all-greedy batch computes no random bits (the ids are the same either way)."""
+    def prims(jaxpr, top_only):
+        out = []
+        for e in jaxpr.eqns:
+            out.append(e.primitive.name)
+            if not top_only:
+                for sub in jax.core.jaxprs_in_params(e.params):
+                    out += prims(sub, False)
+        return out
+
+    RANDOM = {"random_bits", "threefry2x32", "random_wrap"}
+    x = jnp.zeros((2, PREDICTOR_V))
+    for dispatch, top_level in ((True, False), (False, True)):
+        params = S.SamplingParams.create(2, do_sample=jnp.array([False, True]),
+                                         options=Options(runtime_dispatch=dispatch))
+        jaxpr = jax.make_jaxpr(lambda x, k: S.sample(k, x, params, Options(
+            runtime_dispatch=dispatch)))(x, jax.random.PRNGKey(0)).jaxpr
+        assert bool(RANDOM & set(prims(jaxpr, True))) == top_level, dispatch
+        assert RANDOM & set(prims(jaxpr, False)), dispatch
+    for do_sample in (False, True):
+        params = S.SamplingParams.create(2, do_sample=do_sample, temperature=0.9, top_k=5)
+        ids = S.sample(jax.random.PRNGKey(1), x + jnp.arange(PREDICTOR_V) * 1e-3, params,
+                       Options(runtime_dispatch=True))
+        assert (np.asarray(ids) == PREDICTOR_V - 1).all() or do_sample
+
+
 @jax.jit
 def _masks_and_penalty():  # one compile instead of many eager ones
     mn = S.min_new_tokens_mask(jnp.array([0, 1, 2, 3]), TALKER_V, EOS)
