@@ -219,9 +219,14 @@ class Executables:
                 self.stats["loaded"] += 1
                 _touch(path)
             else:
+                hits = _persistent_cache_hits()
                 exe = fn.lower(**every).compile()
                 self.stats["compiled"] += 1
-                self._write(exe, path, text)
+                if _persistent_cache_hits() == hits:
+                    self._write(exe, path, text)
+                else:   # re-serialized, an executable read from JAX's cache fails to run
+                    log.info("compiled program %s came from JAX's persistent cache: not kept",
+                             os.path.basename(path))
             self._memory[key] = exe
             return exe
 
@@ -293,6 +298,24 @@ class Executables:
 
 class _Stale(Exception):
     pass
+
+
+_HITS = threading.local()      # this thread's persistent-cache hits (`_persistent_cache_hits`)
+_LISTENING: list = []
+
+
+def _persistent_cache_hits() -> int:
+    """JAX persistent-cache hits in this thread so far. An executable that JAX's cache gave is
+    not serialized again: on jaxlib 0.10.2 (CPU) the copy loads but fails when run ("Function
+    ... not found"), so such a program is kept in memory only."""
+    if not _LISTENING:
+        def on_event(event, **_):
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS.count = getattr(_HITS, "count", 0) + 1
+
+        _LISTENING.append(on_event)
+        jax.monitoring.register_event_listener(on_event)
+    return getattr(_HITS, "count", 0)
 
 
 def _touch(path: str) -> None:

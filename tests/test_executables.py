@@ -175,3 +175,37 @@ def test_from_pretrained_compile_cache_gives_the_same_audio(tmp_path, make_check
     codes = again.generate_custom_voice_codes("Hello there.", **gen)
     np.testing.assert_array_equal(codes[0], plain.generate_custom_voice_codes(
         "Hello there.", **gen)[0])
+
+
+_PERSISTENT = """
+import sys, jax, jax.numpy as jnp
+from qwen3_tts_jax.compilation_cache import Executables
+jax.config.update("jax_compilation_cache_dir", sys.argv[1] + "/xla")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+f = jax.jit(lambda x: jnp.sin(-x ** 2) * jnp.exp(x) + jnp.tanh(x @ x.T).sum())
+x = jnp.linspace(0, 1, 64 * 64).reshape(64, 64)
+if sys.argv[2] == "jit":
+    print(float(f(x).sum()))
+else:
+    ex = Executables(sys.argv[1] + "/programs", environment="env")
+    print(float(ex.wrap(f, "f", ())(x).sum()), ex.stats["loaded"], ex.stats["written"])
+"""
+
+
+def test_a_program_from_jaxs_persistent_cache_is_not_kept(tmp_path):
+    """Re-serialized, an executable that JAX's persistent cache gave fails to run in the next
+    process ("Function ... not found"): such a program is not written."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _PERSISTENT, str(tmp_path), mode],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    want = run("jit")[0]                          # fills JAX's persistent cache
+    assert run("exe") == [want, "0", "0"]         # a persistent-cache hit: not written
+    assert not (tmp_path / "programs").exists()
+    assert run("exe") == [want, "0", "0"]         # nor read (nothing broken to read)
