@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import threading
-from concurrent.futures import Future
 from collections.abc import Iterator
 from typing import Sequence
 
@@ -56,20 +54,6 @@ def _load_codec(folder: str):
     return SpeechTokenizer.from_pretrained(sub)
 
 
-def _in_background(fn, *args) -> Future:
-    """fn(*args) in a daemon thread; its result (or exception) in the Future."""
-    future: Future = Future()
-
-    def run():
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for it
-            future.set_exception(e)
-
-    threading.Thread(target=run, name="qwen3-tts-jax codec", daemon=True).start()
-    return future
-
-
 class Qwen3TTS:
     """A loaded Qwen3-TTS checkpoint (CustomVoice, VoiceDesign or Base)."""
 
@@ -82,7 +66,6 @@ class Qwen3TTS:
         self.generate_defaults = defaults
         self.folder = folder
         self._speech_tokenizer = None
-        self._codec_ahead = None       # a Future of the codec being loaded in the background
         self._replicated = None        # params on every local device, for data-parallel runs
         self.model_parallel = 1        # > 1: params split over a (data, model) mesh
         # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
@@ -131,8 +114,8 @@ class Qwen3TTS:
         `compile_cache`: a folder where the compiled generation and codec programs are kept as
         serialized executables (`compilation_cache.Executables`): a later process with the same
         package, JAX, machine, config, options and shapes loads them instead of tracing and
-        compiling, read ahead while the weights load (and so is the codec, in a background
-        thread). Not used with `model_parallel` > 1."""
+        compiling, read ahead (in a thread) while the weights load. Not used with
+        `model_parallel` > 1."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
@@ -148,9 +131,6 @@ class Qwen3TTS:
             executables = Executables(compile_cache,
                                       group=hashlib.sha256(model).hexdigest()[:12] + "-")
             executables.preload()       # read this model's recent programs while weights load
-        codec_ahead = None
-        if executables is not None and os.path.isdir(os.path.join(folder, "speech_tokenizer")):
-            codec_ahead = _in_background(_load_codec, folder)   # and the codec too
 
         def load(dtype):
             nonlocal cfg
@@ -180,7 +160,6 @@ class Qwen3TTS:
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
         tts.executables = executables
-        tts._codec_ahead = codec_ahead
         return tts
 
     def on_device(self, device) -> "Qwen3TTS":
@@ -214,11 +193,9 @@ class Qwen3TTS:
 
     @property
     def speech_tokenizer(self):
-        """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use (with
-        `from_pretrained(compile_cache=)`: read in a background thread from the load on)."""
+        """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""
         if self._speech_tokenizer is None:
-            ahead, self._codec_ahead = self._codec_ahead, None
-            self._speech_tokenizer = ahead.result() if ahead else _load_codec(self.folder)
+            self._speech_tokenizer = _load_codec(self.folder)
             self._speech_tokenizer.executables = self.executables
         return self._speech_tokenizer
 
