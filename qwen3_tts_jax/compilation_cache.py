@@ -212,7 +212,7 @@ class Executables:
             else:
                 exe = None
                 try:
-                    exe = self._read(path, text)[0]
+                    exe = self._read(self._shared(path), text)[0]
                 except Exception as e:  # noqa: BLE001 - any unreadable file: compile instead
                     self._warn(path, f"{type(e).__name__}: {str(e)[:200]}")
             if exe is not None:
@@ -229,6 +229,25 @@ class Executables:
                              os.path.basename(path))
             self._memory[key] = exe
             return exe
+
+    def _shared(self, path: str) -> str:
+        """`path`, or where it is missing, the same program written by another group (the
+        same key: e.g. two models' codec), linked to `path` for this group's `preload`."""
+        if os.path.exists(path) or not self.group:
+            return path
+        suffix = os.path.basename(path)[len(self.group):]
+        try:
+            other = next((n for n in os.listdir(self.folder)
+                          if n.endswith(suffix) and n[:-len(suffix)].endswith("-")), None)
+        except OSError:
+            return path
+        if other is None:
+            return path
+        try:
+            os.link(os.path.join(self.folder, other), path)
+        except OSError:
+            return os.path.join(self.folder, other)
+        return path
 
     def _write(self, exe, path: str, text: str) -> None:
         from jax.experimental import serialize_executable

@@ -209,3 +209,15 @@ def test_a_program_from_jaxs_persistent_cache_is_not_kept(tmp_path):
     assert run("exe") == [want, "0", "0"]         # a persistent-cache hit: not written
     assert not (tmp_path / "programs").exists()
     assert run("exe") == [want, "0", "0"]         # nor read (nothing broken to read)
+
+
+def test_a_program_of_another_group_is_shared(tmp_path):
+    folder = str(tmp_path)
+    _run(Executables(folder, group="a-", environment="env").wrap(_step, "step", ("scale",)))
+    b = Executables(folder, group="b-", environment="env")
+    np.testing.assert_array_equal(_run(b.wrap(_step, "step", ("scale",)))[0], _run(_step)[0])
+    assert b.stats["loaded"] == 1 and b.stats["compiled"] == 0
+    assert sorted(f[:2] for f in os.listdir(folder)) == ["a-", "b-"]     # linked for its preload
+    ahead = Executables(folder, group="b-", environment="env")
+    ahead.preload().join()
+    assert len(ahead._preloaded) == 1
