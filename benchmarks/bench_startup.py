@@ -102,9 +102,14 @@ def run_child(args) -> dict:
     timed(runner, "run", "codes_s")
     timed(SpeechTokenizer, "decode", "codec_decode_s")
 
-    if args.no_preload:        # programs read when first called, not ahead in a thread
+    if args.preload:           # programs read ahead in a thread while the weights load
         from qwen3_tts_jax import compilation_cache
-        compilation_cache.Executables.preload = lambda self, limit=8: None
+        init = compilation_cache.Executables.__init__
+
+        def init_and_preload(self, *a, **k):
+            init(self, *a, **k)
+            self.preload()
+        compilation_cache.Executables.__init__ = init_and_preload
     xla = enable_compilation_cache(os.path.join(args.cache, "xla"), **(
         {} if args.min_compile_secs is None else {"min_compile_time_secs": args.min_compile_secs}))
     kw = {}
@@ -149,7 +154,7 @@ def child(args, variant: str, cache: str) -> dict:
            "--folder", args.folder, "--cache", cache, "--frames", str(args.frames),
            "--out", out] + (["--no-weights-cache"] if args.no_weights_cache else []) + (
                ["--no-programs"] if args.no_programs else []) + (
-               ["--no-preload"] if args.no_preload else []) + (
+               ["--preload"] if args.preload else []) + (
                [] if args.min_compile_secs is None
                else ["--min-compile-secs", str(args.min_compile_secs)])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -202,7 +207,7 @@ def report(args, results: list[tuple[str, str, dict]], loads) -> str:
              f"{'/'.join(f'{x:.2f}' for x in loads[1])} at end. Weights cache "
              f"{'off' if args.no_weights_cache else 'on'}; serialized programs "
              f"{'off' if args.no_programs else 'on'}"
-             f"{', not read ahead' if args.no_preload else ''}.", "",
+             f"{', read ahead' if args.preload else ''}.", "",
              "| variant | cache | import s | load s | first call s | to first audio s "
              "| second call s | first - second s | trace s | lower s | XLA compile s "
              "| cache hits / writes |", "|" + " --- |" * 12]
@@ -255,9 +260,9 @@ def main():
     ap.add_argument("--no-programs", action="store_true",
                     help="load without serialized programs (from_pretrained(compile_cache=)): "
                          "JAX's jit with the persistent compilation cache only")
-    ap.add_argument("--no-preload", action="store_true",
-                    help="serialized programs read when first called (not ahead, in a thread, "
-                         "while the weights load)")
+    ap.add_argument("--preload", action="store_true",
+                    help="serialized programs read ahead in a thread while the weights load "
+                         "(`Executables.preload`), not when first called")
     ap.add_argument("--min-compile-secs", type=float, default=None,
                     help="programs that compile faster are not kept on disk (default: "
                          "enable_compilation_cache's)")

@@ -114,8 +114,7 @@ class Qwen3TTS:
         `compile_cache`: a folder where the compiled generation and codec programs are kept as
         serialized executables (`compilation_cache.Executables`): a later process with the same
         package, JAX, machine, config, options and shapes loads them instead of tracing and
-        compiling, read ahead (in a thread) while the weights load. Not used with
-        `model_parallel` > 1."""
+        compiling. Not used with `model_parallel` > 1."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
@@ -128,9 +127,10 @@ class Qwen3TTS:
             from .compilation_cache import Executables
 
             model = repr([cfg, options, str(dtype), quantize]).encode()
+            # programs read when first called: reading them ahead in a thread while the weights
+            # load (`Executables.preload`) did not pay on two cores (RESULTS.md, Decisions)
             executables = Executables(compile_cache,
                                       group=hashlib.sha256(model).hexdigest()[:12] + "-")
-            executables.preload()       # read this model's recent programs while weights load
 
         def load(dtype):
             nonlocal cfg

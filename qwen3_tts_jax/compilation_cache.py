@@ -276,9 +276,10 @@ class Executables:
 
     # -------------------------------------------------------------- read ahead
     def preload(self, limit: int = 8) -> threading.Thread:
-        """Read the `limit` most recently used programs of the folder in a background thread
+        """Read the `limit` most recently used programs of the group in a background thread
         (they are used on the first call that needs them, if their key matches; a call waits for
-        this thread first). Returns the thread."""
+        this thread first). Returns the thread. Opt-in: on two shared cores it competed with
+        the weights' load and did not pay (benchmarks/RESULTS.md, Decisions)."""
         def run():
             t = time.perf_counter()
             try:
