@@ -5,7 +5,8 @@ process's start, with an empty and then a warm cache folder.
 
 Each run is a new Python process (`--role child`) that
   imports    jax and qwen3_tts_jax;
-  loads      `Qwen3TTS.from_pretrained(folder, quantize=..., weights_cache=...)` and its codec
+  loads      `Qwen3TTS.from_pretrained(folder, quantize=..., weights_cache=..., compile_cache=...)`
+             and its codec
              (what the CLI does before it generates);
   speaks     `generate_custom_voice(TEXT, speaker, greedy, max_new_tokens=FRAMES)`: text to 24 kHz
              samples, the codec decode included (the first call: tracing, compiling or reading the
