@@ -175,6 +175,17 @@ def test_from_pretrained_compile_cache_gives_the_same_audio(tmp_path, make_check
     codes = again.generate_custom_voice_codes("Hello there.", **gen)
     np.testing.assert_array_equal(codes[0], plain.generate_custom_voice_codes(
         "Hello there.", **gen)[0])
+    # streaming runs the same prefill and frame loop programs, chunk by chunk
+    loaded = again.executables.stats["loaded"]
+    chunks = list(again.generate_custom_voice_streaming("Hello there.", chunk_frames=2,
+                                                        first_chunk_frames=1, **gen))
+    want_chunks = list(plain.generate_custom_voice_streaming("Hello there.", chunk_frames=2,
+                                                             first_chunk_frames=1, **gen))
+    assert len(chunks) == len(want_chunks) > 1
+    for c, w in zip(chunks, want_chunks):
+        np.testing.assert_array_equal(c, w)
+    assert again.executables.stats["loaded"] == loaded and again.executables.stats[
+        "compiled"] == 0
 
 
 _PERSISTENT = """
