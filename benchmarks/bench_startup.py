@@ -5,7 +5,8 @@ process's start, with an empty and then a warm cache folder.
 
 Each run is a new Python process (`--role child`) that
   imports    jax and qwen3_tts_jax;
-  loads      `Qwen3TTS.from_pretrained(folder, quantize=..., weights_cache=...)` and its codec
+  loads      `Qwen3TTS.from_pretrained(folder, quantize=..., weights_cache=..., compile_cache=...)`
+             and its codec
              (what the CLI does before it generates);
   speaks     `generate_custom_voice(TEXT, speaker, greedy, max_new_tokens=FRAMES)`: text to 24 kHz
              samples, the codec decode included (the first call: tracing, compiling or reading the
@@ -13,7 +14,8 @@ Each run is a new Python process (`--role child`) that
   again      the same call (warm: only the run itself).
 The parent starts the child and takes the time from just before the start; "to first audio" is
 import + load + first call, all from the process's start. Per variant the child runs twice with
-the same cache folder (compiled programs: `enable_compilation_cache(DIR/xla)`; packed weights:
+the same cache folder (JAX's persistent compilation cache: `enable_compilation_cache(DIR/xla)`;
+serialized programs: `compile_cache=DIR/programs`, off with `--no-programs`; packed weights:
 `weights_cache=DIR/weights`): first empty ("cold"), then as the first run left it ("warm").
 The child also reports where its time went: JAX's tracing, lowering and backend-compile events,
 persistent-cache hits and misses, and the time inside the loading steps (checkpoint read,
@@ -38,7 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TEXT = "Hello there, this is a short sentence."
-VARIANTS = {"f32": None, "int8": "int8"}
+VARIANTS = {"f32": None, "int8": "int8", "int4": "int4"}
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
                   "/jax/core/compile/backend_compile_duration": "backend_compile_s",
@@ -101,11 +103,21 @@ def run_child(args) -> dict:
     timed(runner, "run", "codes_s")
     timed(SpeechTokenizer, "decode", "codec_decode_s")
 
+    if args.preload:           # programs read ahead in a thread while the weights load
+        from qwen3_tts_jax import compilation_cache
+        init = compilation_cache.Executables.__init__
+
+        def init_and_preload(self, *a, **k):
+            init(self, *a, **k)
+            self.preload()
+        compilation_cache.Executables.__init__ = init_and_preload
     xla = enable_compilation_cache(os.path.join(args.cache, "xla"), **(
         {} if args.min_compile_secs is None else {"min_compile_time_secs": args.min_compile_secs}))
     kw = {}
     if not args.no_weights_cache:
         kw["weights_cache"] = os.path.join(args.cache, "weights")
+    if not args.no_programs:
+        kw["compile_cache"] = os.path.join(args.cache, "programs")
     tts = Qwen3TTS.from_pretrained(args.folder, quantize=VARIANTS[args.variant], **kw)
     _ = tts.speech_tokenizer
     jax.block_until_ready(tts.params)
@@ -125,6 +137,8 @@ def run_child(args) -> dict:
             "interpreter_s": t_python - t_spawn, "import_s": t_import - t_spawn,
             "load_s": t_load - t_import, "first_s": t_first - t_load,
             "to_first_audio_s": t_first - t_spawn, "second_s": t_second - t_first,
+            "programs": dict(getattr(tts, "executables", None).stats)
+            if getattr(tts, "executables", None) is not None else None,
             "audio_s": len(wavs[0]) / sr, "same_audio": bool(
                 len(wavs[0]) == len(wavs2[0]) and float(abs(wavs[0] - wavs2[0]).max()) == 0.0),
             "phases": phases}
@@ -140,6 +154,8 @@ def child(args, variant: str, cache: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--role", "child", "--variant", variant,
            "--folder", args.folder, "--cache", cache, "--frames", str(args.frames),
            "--out", out] + (["--no-weights-cache"] if args.no_weights_cache else []) + (
+               ["--no-programs"] if args.no_programs else []) + (
+               ["--preload"] if args.preload else []) + (
                [] if args.min_compile_secs is None
                else ["--min-compile-secs", str(args.min_compile_secs)])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -156,7 +172,7 @@ def child(args, variant: str, cache: str) -> dict:
 
 def cache_bytes(folder: str) -> dict:
     out = {}
-    for part in ("xla", "weights"):
+    for part in ("xla", "weights", "programs"):
         n = 0
         for root, _, files in os.walk(os.path.join(folder, part)):
             n += sum(os.path.getsize(os.path.join(root, f)) for f in files)
@@ -190,7 +206,9 @@ def report(args, results: list[tuple[str, str, dict]], loads) -> str:
              f"samples, codec included; seconds from the process's start. Load average "
              f"{'/'.join(f'{x:.2f}' for x in loads[0])} at start, "
              f"{'/'.join(f'{x:.2f}' for x in loads[1])} at end. Weights cache "
-             f"{'off' if args.no_weights_cache else 'on'}.", "",
+             f"{'off' if args.no_weights_cache else 'on'}; serialized programs "
+             f"{'off' if args.no_programs else 'on'}"
+             f"{', read ahead' if args.preload else ''}.", "",
              "| variant | cache | import s | load s | first call s | to first audio s "
              "| second call s | first - second s | trace s | lower s | XLA compile s "
              "| cache hits / writes |", "|" + " --- |" * 12]
@@ -222,7 +240,8 @@ def report(args, results: list[tuple[str, str, dict]], loads) -> str:
         lines.append(f"- {variant}, {run}: load = {parts or 'nothing measurable'}; {calls}; "
                      f"{r['audio_s']:.2f} s of audio; python up after {r['interpreter_s']:.1f} "
                      f"s; second call's audio identical to the first: {r['same_audio']}; "
-                     f"cache folder {r.get('cache_mb', 0):.0f} MB.")
+                     f"cache folder {r.get('cache_mb', 0):.0f} MB; serialized programs: "
+                     f"{r.get('programs')}.")
     lines.append("")
     return "\n".join(lines)
 
@@ -239,6 +258,12 @@ def main():
                     help="cache folder to use (default: a new empty temporary one per variant)")
     ap.add_argument("--no-weights-cache", action="store_true",
                     help="load without the packed-weights cache (compiled programs only)")
+    ap.add_argument("--no-programs", action="store_true",
+                    help="load without serialized programs (from_pretrained(compile_cache=)): "
+                         "JAX's jit with the persistent compilation cache only")
+    ap.add_argument("--preload", action="store_true",
+                    help="serialized programs read ahead in a thread while the weights load "
+                         "(`Executables.preload`), not when first called")
     ap.add_argument("--min-compile-secs", type=float, default=None,
                     help="programs that compile faster are not kept on disk (default: "
                          "enable_compilation_cache's)")

@@ -10,6 +10,7 @@ pieces), the audio to the codec; everything per frame happens in `generate.py`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Sequence
@@ -42,6 +43,17 @@ def _official_mode(non_streaming_mode, default: bool) -> bool:
     return default if non_streaming_mode is None else non_streaming_mode
 
 
+def _load_codec(folder: str):
+    from .codec import SpeechTokenizer
+
+    sub = os.path.join(folder, "speech_tokenizer")
+    if not os.path.isdir(sub):
+        raise FileNotFoundError(
+            f"{folder} has no speech_tokenizer/ folder: audio output needs the codec "
+            "(the released checkpoints ship it; the *_codes methods work without it)")
+    return SpeechTokenizer.from_pretrained(sub)
+
+
 class Qwen3TTS:
     """A loaded Qwen3-TTS checkpoint (CustomVoice, VoiceDesign or Base)."""
 
@@ -59,13 +71,17 @@ class Qwen3TTS:
         # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
         # (`prefix_cache.py`; `PrefixCache(0)` disables it)
         self.prefix_cache = PrefixCache()
+        # serialized compiled programs (`compilation_cache.Executables`; from_pretrained's
+        # `compile_cache`), or None: JAX's jit
+        self.executables = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
                         quantize: str | None = None,
                         options: Options | None = None, adapters=None,
-                        weights_cache: str | None = None) -> "Qwen3TTS":
+                        weights_cache: str | None = None,
+                        compile_cache: str | None = None) -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -93,7 +109,12 @@ class Qwen3TTS:
         first load; a later load with the same checkpoint files, dtype, quantization and options
         reads them from there instead of converting, packing and quantizing again
         (`checkpoint.load_for_inference`; one file per checkpoint and choices, about the size of
-        the weights). Not used with `adapters` or `model_parallel` > 1."""
+        the weights). Not used with `adapters` or `model_parallel` > 1.
+
+        `compile_cache`: a folder where the compiled generation and codec programs are kept as
+        serialized executables (`compilation_cache.Executables`): a later process with the same
+        package, JAX, machine, config, options and shapes loads them instead of tracing and
+        compiling. Not used with `model_parallel` > 1."""
         from . import quantize as quantize_mod
 
         quantize_mod.check_method(quantize)
@@ -101,6 +122,15 @@ class Qwen3TTS:
         checkpoint.check_quantize(quantize, options)
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
+        executables = None
+        if compile_cache is not None and model_parallel == 1:
+            from .compilation_cache import Executables
+
+            model = repr([cfg, options, str(dtype), quantize]).encode()
+            # programs read when first called: reading them ahead in a thread while the weights
+            # load (`Executables.preload`) did not pay on two cores (RESULTS.md, Decisions)
+            executables = Executables(compile_cache,
+                                      group=hashlib.sha256(model).hexdigest()[:12] + "-")
 
         def load(dtype):
             nonlocal cfg
@@ -129,6 +159,7 @@ class Qwen3TTS:
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
+        tts.executables = executables
         return tts
 
     def on_device(self, device) -> "Qwen3TTS":
@@ -142,11 +173,13 @@ class Qwen3TTS:
         other = copy.copy(self)
         other.params = jax.device_put(self.params, device)
         other._replicated = None
+        other.executables = None        # its programs are compiled for the first device
         other.prefix_cache = PrefixCache(self.prefix_cache.max_bytes)   # KV on that device
         codec = copy.copy(self.speech_tokenizer) if os.path.isdir(
             os.path.join(self.folder, "speech_tokenizer")) else None
         if codec is not None:
             codec.params = jax.device_put(codec.params, device)
+            codec.executables = None
         other._speech_tokenizer = codec
         return other
 
@@ -162,14 +195,8 @@ class Qwen3TTS:
     def speech_tokenizer(self):
         """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""
         if self._speech_tokenizer is None:
-            from .codec import SpeechTokenizer
-
-            sub = os.path.join(self.folder, "speech_tokenizer")
-            if not os.path.isdir(sub):
-                raise FileNotFoundError(
-                    f"{self.folder} has no speech_tokenizer/ folder: audio output needs the codec "
-                    "(the released checkpoints ship it; the *_codes methods work without it)")
-            self._speech_tokenizer = SpeechTokenizer.from_pretrained(sub)
+            self._speech_tokenizer = _load_codec(self.folder)
+            self._speech_tokenizer.executables = self.executables
         return self._speech_tokenizer
 
     @property

@@ -7,10 +7,12 @@ loads without conversion; either form works.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -218,15 +220,17 @@ def _leaf_names(tree) -> list:
 
 
 def save_packed_cache(params, path: str, key: str) -> None:
-    """Write packed params to `path` (atomically: a temp file renamed)."""
+    """Write packed params to `path` (atomically: a temp file renamed), with their tree (leaf
+    names in order and the pickled tree structure), so that a load needs no tracing."""
     from safetensors.numpy import save_file
 
-    names, leaves, _ = _leaf_names(params)
+    names, leaves, treedef = _leaf_names(params)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         save_file({n: np.asarray(x) for n, x in zip(names, leaves)}, tmp,
-                  metadata={"format": PACKED_FORMAT, "key": key})
+                  metadata={"format": PACKED_FORMAT, "key": key, "names": json.dumps(names),
+                            "tree": base64.b64encode(pickle.dumps(treedef)).decode()})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -236,16 +240,26 @@ def save_packed_cache(params, path: str, key: str) -> None:
 def load_packed_cache(path: str, key: str, abstract):
     """The packed params from `path` if it was made with `key` and holds exactly the leaves of
     `abstract` (names, shapes, dtypes); None if the file is missing or stale. A file that cannot
-    be read (truncated, not safetensors) is None too, with a warning."""
+    be read (truncated, not safetensors) is None too, with a warning. `abstract` may be a
+    function that returns it, called only for a file without its own tree (the key covers
+    everything that decides the tree: the config, the choices and the packing code)."""
     if not os.path.exists(path):
         return None
-    names, specs, treedef = _leaf_names(abstract)
     try:
         with weights.TensorFile(path) as f:
             meta = f.metadata
             if meta.get("format") != PACKED_FORMAT or meta.get("key") != key:
                 log.info("packed-weights cache %s is stale; repacking", path)
                 return None
+            if "tree" in meta and "names" in meta:
+                names, treedef = json.loads(meta["names"]), pickle.loads(
+                    base64.b64decode(meta["tree"]))
+                specs = [jax.ShapeDtypeStruct(f.shape(n), f.dtype(n)) for n in names]
+                if treedef.num_leaves != len(names):
+                    raise ValueError("its tree does not match its tensors")
+            else:
+                names, specs, treedef = _leaf_names(abstract() if callable(abstract)
+                                                    else abstract)
             if sorted(f.keys()) != sorted(names):
                 log.warning("packed-weights cache %s does not hold this layout; repacking", path)
                 return None
@@ -280,7 +294,7 @@ def load_for_inference(folder: str, cfg: Qwen3TTSConfig, dtype=None,
         return pack_for_inference(load(), consume=True, quantize=quantize, options=options)
     path = os.path.join(cache_dir, packed_cache_slot(folder, dtype, quantize, options))
     key = packed_cache_key(folder, cfg, dtype, quantize, options)
-    params = load_packed_cache(path, key, abstract_packed(cfg, dtype, quantize, options))
+    params = load_packed_cache(path, key, lambda: abstract_packed(cfg, dtype, quantize, options))
     if params is not None:
         return params
     params = pack_for_inference(load(), consume=True, quantize=quantize, options=options)

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                         "\"seed\" uses --seed plus its line number, --seed defaulting to 0)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     g.add_argument("--no-compile-cache", action="store_true",
-                   help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla")
+                   help="do not keep compiled programs in ~/.cache/qwen3-tts-jax/xla and "
+                        "~/.cache/qwen3-tts-jax/programs")
 
     # one utterance to one file (custom-voice, voice-design, clone)
     speech = argparse.ArgumentParser(add_help=False)
@@ -440,8 +441,10 @@ def _main(args) -> int:
 
     from . import Qwen3TTS, demo, enable_compilation_cache  # late: `--help` stays instant
 
+    programs = None
     if not args.no_compile_cache:
-        enable_compilation_cache()
+        xla = enable_compilation_cache()
+        programs = xla and os.path.join(os.path.dirname(xla), "programs")
 
     stages = _Stages(args.quiet or listing)
     t0 = time.perf_counter()
@@ -460,7 +463,8 @@ def _main(args) -> int:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, model_parallel=args.model_parallel,
                                        quantize=args.quantize, adapters=args.adapter,
-                                       weights_cache=args.weights_cache)
+                                       weights_cache=args.weights_cache,
+                                       compile_cache=programs)
         if not listing:
             _ = tts.speech_tokenizer   # the codec now: a broken one fails before generating
     except (FileNotFoundError, ValueError) as e:

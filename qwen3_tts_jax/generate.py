@@ -410,35 +410,50 @@ def capacity(max_frames: int, options: Options) -> int:
     return min(bucket(max_frames, 16), options.first_frames)
 
 
+def programs(executables=None):
+    """(prefill, decode) as called by `generate` and `stream`: the jitted functions, or with
+    `executables` (a `compilation_cache.Executables`) the same through its serialized programs."""
+    if executables is None:
+        return prefill, decode
+    return (executables.wrap(prefill, "prefill", ("cfg", "frames", "compute", "options")),
+            lambda params, cfg, state, ctx, settings, until, options: executables.wrap(
+                _decode_jit(options.decode_compiler_options), "decode", ("cfg", "options"))(
+                params, cfg, state, ctx, settings, until, options=options))
+
+
 def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
-             max_frames: int, options: Options):
+             max_frames: int, options: Options, executables=None):
     """Offline generation of a PromptBatch (arrays already bucketed). Returns the final State.
 
     The frame loop runs on device in segments whose KV-cache capacity doubles (256, 512, ...
     frames) only when some row is still speaking, so that attention never reads a cache much longer
-    than the audio so far: one host check per segment, never per frame.
+    than the audio so far: one host check per segment, never per frame. `executables`: see
+    `programs`.
     """
+    run_prefill, run_decode = programs(executables)
     frames = capacity(max_frames, options)
-    state, ctx = prefill(params, cfg, batch, settings, keys_B, frames=frames,
-                         compute=prefill_length(batch.mask_BxL), options=options)
+    state, ctx = run_prefill(params, cfg, batch, settings, keys_B, frames=frames,
+                             compute=prefill_length(batch.mask_BxL), options=options)
     while True:
-        state = decode(params, cfg, state, ctx, settings, frames, options)
-        if bool(jnp.all(state.done_B)) or int(state.step) >= max_frames:
+        state = run_decode(params, cfg, state, ctx, settings, frames, options)
+        if bool(np.all(np.asarray(state.done_B))) or int(state.step) >= max_frames:
             return state
         frames = min(2 * frames, bucket(max_frames, 16))
         state = grow(state, frames)
 
 
 def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_frames: int,
-           chunk_frames: int, first_chunk_frames: int, options: Options):
+           chunk_frames: int, first_chunk_frames: int, options: Options, executables=None):
     """The streaming twin of `generate`: yields each chunk's new frames, a list of (n, G) int32
     arrays (one per row, maybe empty), first after `first_chunk_frames` frames, then every
     `chunk_frames`, until every row has ended or `max_frames` exist. The frame loop is the same
     compiled `decode` with a growing `until` and the state kept on device, so the codes are
-    exactly `generate`'s for the same keys. Closing the generator stops the generation."""
+    exactly `generate`'s for the same keys. Closing the generator stops the generation.
+    `executables`: see `programs`."""
+    run_prefill, run_decode = programs(executables)
     frames = capacity(max_frames, options)
-    state, ctx = prefill(params, cfg, batch, settings, keys_B, frames=frames,
-                         compute=prefill_length(batch.mask_BxL), options=options)
+    state, ctx = run_prefill(params, cfg, batch, settings, keys_B, frames=frames,
+                             compute=prefill_length(batch.mask_BxL), options=options)
     limit = bucket(max_frames, 16)
     emitted = np.zeros(state.length_B.shape[0], int)
     target = first_chunk_frames
@@ -446,7 +461,7 @@ def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_f
         while target > frames and frames < limit:
             frames = min(2 * frames, limit)
             state = grow(state, frames)
-        state = decode(params, cfg, state, ctx, settings, min(target, frames), options)
+        state = run_decode(params, cfg, state, ctx, settings, min(target, frames), options)
         lengths, done = np.asarray(state.length_B), np.asarray(state.done_B)
         if (lengths > emitted).any():
             codes = np.asarray(state.codes_BxFxG)

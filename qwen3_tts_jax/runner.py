@@ -49,6 +49,11 @@ def prepare(cfg: Qwen3TTSConfig, options: Options, items: list[prompts.Prompt],
     return batch, traced([settings] * n + [None] * (B - n), options), keys(settings.seed, n, B)
 
 
+def _executables(model):
+    """The model's serialized-programs cache (`compilation_cache.Executables`), or None."""
+    return getattr(model, "executables", None) if model.model_parallel == 1 else None
+
+
 def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
         data_parallel: bool = False) -> list[np.ndarray]:
     """Codes (frames, 16) of built prompts: one padded, bucketed batch on device, or with
@@ -67,7 +72,8 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
         batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
         params = model.replicated_params()
     state = gen.generate(params, model.config, batch, run_settings, ks,
-                         max_frames=settings.max_new_tokens - 1, options=model.options)
+                         max_frames=settings.max_new_tokens - 1, options=model.options,
+                         executables=_executables(model) if m == 1 and devices == 1 else None)
     codes = np.asarray(state.codes_BxFxG)
     lengths = np.asarray(state.length_B)
     return [codes[b, :lengths[b]] for b in range(len(items))]
@@ -103,7 +109,8 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
     codec.reset(0, prefix=ref_code)
     for codes in gen.stream(model.params, model.config, batch, run_settings, ks,
                             max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
-                            first_chunk_frames=first_chunk_frames, options=model.options):
+                            first_chunk_frames=first_chunk_frames, options=model.options,
+                            executables=_executables(model)):
         yield codec.push([codes[0]])[0]
 
 

@@ -138,10 +138,34 @@ def as_list(x, n: int, name: str) -> list:
     return xs
 
 
+def _threefry2x32(k1, k2, x0, x1):
+    """JAX's Threefry-2x32 hash (`jax._src.random.threefry2x32`, 20 rounds) in NumPy uint32."""
+    ks = [k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA)]
+    x = [x0 + ks[0], x1 + ks[1]]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x[0] = x[0] + x[1]
+            x[1] = x[0] ^ ((x[1] << np.uint32(r)) | (x[1] >> np.uint32(32 - r)))
+        x[0] = x[0] + ks[(i + 1) % 3]
+        x[1] = x[1] + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x
+
+
 def keys(seed, n: int, B: int) -> jax.Array:
     """Per-row PRNG keys (B, 2) of n requests padded to B rows: `seed` an int (row b gets
     fold_in(key(seed), b)), a list of ints (one per row: a row then samples the same whatever else
-    is in the batch), or None (fresh random)."""
+    is in the batch), or None (fresh random). With JAX's default raw threefry keys they are
+    computed on the host (`PRNGKey(s)` is [0, s] for s < 2**31, `fold_in(k, b)` is
+    threefry2x32(k, [0, b])): the same keys without compiling three small programs per process."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng:
+        if isinstance(seed, (list, tuple)):
+            s = np.asarray([check_seed(x) for x in as_list(seed, n, "seed")], np.uint32)
+            ks = np.stack([np.zeros_like(s), s], -1)
+        else:
+            s = np.uint32(secrets.randbits(31) if seed is None else check_seed(seed))
+            ks = np.stack(_threefry2x32(np.uint32(0), s, np.zeros(n, np.uint32),
+                                        np.arange(n, dtype=np.uint32)), -1)
+        return jnp.asarray(np.concatenate([ks, np.repeat(ks[:1], B - n, 0)]))
     if isinstance(seed, (list, tuple)):
         ks = [jax.random.PRNGKey(check_seed(s)) for s in as_list(seed, n, "seed")]
     else:

@@ -341,6 +341,24 @@ def test_weights_cache_gives_the_packed_params_without_loading(tmp_path, make_ch
     _same_tree(again, fresh)
 
 
+def test_weights_cache_read_needs_no_tracing(tmp_path, make_checkpoint, monkeypatch):
+    """The cached file holds its tree: a warm load does not trace the packing to rebuild it."""
+    path = make_checkpoint("cv_proj")
+    cfg = load_config(path)
+    cache = str(tmp_path / "weights")
+    first = checkpoint.load_for_inference(path, cfg, quantize="int8", cache_dir=cache)
+
+    def traced(*a, **k):
+        raise AssertionError("abstract_packed called")
+
+    monkeypatch.setattr(checkpoint, "abstract_packed", traced)
+    calls = []
+    again = checkpoint.load_for_inference(path, cfg, quantize="int8", cache_dir=cache,
+                                          load=_counting_load(path, cfg, calls))
+    assert calls == []
+    _same_tree(again, first)
+
+
 def test_weights_cache_is_per_choice_and_stale_keys_repack(tmp_path, make_checkpoint):
     path = str(tmp_path / "ckpt")
     shutil.copytree(make_checkpoint("cv_proj"), path)

@@ -55,6 +55,18 @@ def test_keys_of_a_seed():
             keys(bad, 1, 1)
 
 
+def test_host_keys_are_jax_keys():
+    """`keys` computes threefry on the host: the keys JAX's PRNGKey / fold_in give."""
+    rng = np.random.default_rng(0)
+    for seed in [0, 1, 2 ** 31 - 1] + [int(x) for x in rng.integers(0, 2 ** 31, 20)]:
+        base = jax.random.PRNGKey(seed)
+        want = np.stack([jax.random.fold_in(base, b) for b in range(9)])
+        got = np.asarray(keys(seed, 9, 16))
+        assert got.dtype == want.dtype == np.uint32
+        np.testing.assert_array_equal(got[:9], want)
+        np.testing.assert_array_equal(got[9:], np.repeat(want[:1], 7, 0))
+
+
 def test_as_list_broadcasts_like_the_official():
     assert as_list("x", 3, "speaker") == ["x"] * 3
     assert as_list(["a", "b"], 2, "speaker") == ["a", "b"]

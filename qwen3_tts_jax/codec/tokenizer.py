@@ -68,11 +68,14 @@ def chunk_plan(num_frames: int, chunk_size: int, left_context: int) -> list[tupl
 
 def bucketed_decode(params, cfg: DecoderConfig, codes_BxTxQ: np.ndarray,
                     chunk_size: int | None = CHUNK_SIZE,
-                    left_context: int = LEFT_CONTEXT) -> np.ndarray:
+                    left_context: int = LEFT_CONTEXT, executables=None) -> np.ndarray:
     """The official `Decoder.chunked_decode`, window by window with bucketed window lengths (see
     the module docstring): codes (B, T, Q) in [0, codebook_size) -> waveform (B, T * total_upsample)
     float32. chunk_size=None decodes the whole utterance in one window (the official
-    `Decoder.forward`; memory grows with T)."""
+    `Decoder.forward`; memory grows with T). `executables`: a `compilation_cache.Executables`
+    to run the program through (serialized), or None (jit)."""
+    run = decoder.jit_decode if executables is None else executables.wrap(
+        decoder.jit_decode, "codec_decode", ("cfg",))
     B, T, Q = codes_BxTxQ.shape
     up = cfg.total_upsample
     if chunk_size is None:
@@ -84,18 +87,19 @@ def bucketed_decode(params, cfg: DecoderConfig, codes_BxTxQ: np.ndarray,
         frames = stop - start + ctx
         window = np.zeros((B, frame_bucket(frames, cap), Q), np.int32)
         window[:, :frames] = codes_BxTxQ[:, start - ctx:stop]
-        pending.append((decoder.jit_decode(params, cfg, jnp.asarray(window)), ctx * up,
+        pending.append((run(params, cfg, jnp.asarray(window)), ctx * up,
                         (stop - start) * up))
     return np.concatenate([np.asarray(w)[:, keep:keep + n] for w, keep, n in pending], axis=1)
 
 
 def decode_padded(params, cfg: SpeechTokenizerConfig, codes_BxTxQ: np.ndarray,
-                  chunk_size: int | None = CHUNK_SIZE) -> list[np.ndarray]:
+                  chunk_size: int | None = CHUNK_SIZE, executables=None) -> list[np.ndarray]:
     """The official `Qwen3TTSTokenizerV2Model.decode`: codes (B, T, Q) padded with -1 -> one float32
     waveform per item, of (#frames with code0 > -1) * decode_upsample_rate samples. Values must
     already be checked (`check_codes`)."""
     lengths_B = (codes_BxTxQ[..., 0] > -1).sum(1) * cfg.decode_upsample_rate
-    wave_BxS = bucketed_decode(params, cfg.decoder, np.maximum(codes_BxTxQ, 0), chunk_size)
+    wave_BxS = bucketed_decode(params, cfg.decoder, np.maximum(codes_BxTxQ, 0), chunk_size,
+                               executables=executables)
     return [wave_BxS[b, :n].copy() for b, n in enumerate(lengths_B)]
 
 
@@ -241,6 +245,7 @@ class SpeechTokenizer:
         self._folder = folder
         self._preprocessor = preprocessor   # preprocessor_config.json (the feature extractor)
         self._encoder_params = None
+        self.executables = None   # a `compilation_cache.Executables` for `decode`, or None: jit
         # the decoder's state after a cloned voice's reference codes, shared by this
         # tokenizer's stream decoders (`StreamDecoder`, `PrefixStates`)
         self.prefix_states = PrefixStates()
@@ -369,7 +374,8 @@ class SpeechTokenizer:
         utterance in one piece (the same up to 300 frames; memory grows with the length)."""
         d = self.config.decoder
         codes = check_codes(encoded, d.num_quantizers, d.codebook_size)
-        return decode_padded(self.params, self.config, codes, chunk_size), self.sample_rate
+        return decode_padded(self.params, self.config, codes, chunk_size,
+                             self.executables), self.sample_rate
 
     def stream_decoder(self, batch: int = 1, *, chunk_size: int | None = CHUNK_SIZE
                        ) -> StreamDecoder:
