@@ -5,7 +5,9 @@ the stacked array that XLA slices every step, side by side in one process.
                                            [--batches 1,8] [--frames 40] [--repeats 3]
 
 For each weight format (f32: float32 products; int8: int8 x int8; int4) the checkpoint is packed
-once; the two variants share every array but the heads and are timed alternately (codes frames/s,
+once; the variants (float32 heads as the stacked array; float32 heads packed; for int8 and int4
+also int8 heads, `cpu_kernels.PackedInt8DotStack`) share every array but the heads and are timed
+alternately (codes frames/s,
 greedy, no codec, prefill included; best of --repeats warm runs each), so that other load on the
 machine hits both alike. Greedy codes of the two are compared (the same products, summed in
 another order). The load average before and after is printed.
@@ -55,17 +57,22 @@ def main():
     cfg = load_config(args.folder)
     options = dataclasses.replace(Options.for_backend("cpu"), int8_activations="int8")
     F = args.frames
-    out = ["| weights | batch | heads as an array, XLA slices (codes frames/s) | heads read in "
-           "place (codes frames/s) | ratio | greedy codes equal |", "| --- " * 6 + "|"]
+    out = ["| weights | batch | float32 heads as an array, XLA slices (codes frames/s) | float32 "
+           "heads read in place | ratio | int8 heads read in place | ratio | greedy codes equal "
+           "(float32 heads, array vs in place) |", "| --- " * 8 + "|"]
     for fmt in args.formats.split(","):
-        packed = checkpoint.pack_for_inference(checkpoint.load_params(args.folder, cfg),
-                                               consume=True, quantize=None if fmt == "f32"
+        params = checkpoint.load_params(args.folder, cfg)
+        stacked = params["code_predictor"]["lm_head"]
+        packed = checkpoint.pack_for_inference(params, consume=True, quantize=None if fmt == "f32"
                                                else fmt, options=options)
-        heads = packed["code_predictor"]["lm_head"]
-        assert isinstance(heads, cpu_kernels.PackedStack)
-        variants = {"array": {**packed, "code_predictor": {**packed["code_predictor"],
-                                                           "lm_head": heads.unpack()}},
-                    "kernel": packed}
+        del params
+        array = stacked
+        with_heads = lambda h, p=packed: {**p, "code_predictor": {**p["code_predictor"],
+                                                                  "lm_head": h}}
+        variants = {"array": with_heads(array),
+                    "kernel": with_heads(cpu_kernels.pack_stack(array))}
+        if fmt != "f32":
+            variants["int8"] = with_heads(cpu_kernels.pack_stack(array, int8=True))
         for B in [int(b) for b in args.batches.split(",")]:
             items = [prompts.build_prompt(cfg, prompt_ids(b), LANGUAGE, SPEAKER, None,
                                           non_streaming_mode=True) for b in range(B)]
@@ -87,9 +94,11 @@ def main():
                     n = int(np.asarray(state.length_B).sum())
                     best[name] = max(best.get(name, 0.0), n / (time.perf_counter() - t))
                     codes[name] = np.asarray(state.codes_BxFxG)
+            int8 = (f"{best['int8']:.2f} | {best['int8'] / best['array']:.2f}x | "
+                    if "int8" in best else "- | - | ")
             out.append(f"| {fmt} | {B} | {best['array']:.2f} | {best['kernel']:.2f} | "
-                       f"{best['kernel'] / best['array']:.2f}x | "
-                       f"{bool(np.array_equal(codes['array'], codes['kernel']))} |")
+                       f"{best['kernel'] / best['array']:.2f}x | " + int8
+                       + f"{bool(np.array_equal(codes['array'], codes['kernel']))} |")
             print(out[-1], flush=True)
         del packed, variants
     load1 = os.getloadavg()

@@ -112,8 +112,9 @@ def pack_for_inference(params, consume: bool = False, quantize: str | None = Non
     layer's attention and MLP as `layers.Attention` / `layers.MLP` blocks (q|k|v and gate|up
     concatenated, `layers.pack_layer`), with `quantize="int8"` its products as int8
     (`quantize.py`), and with `options.cpu_kernels` the float32 or int8 products packed for the
-    CPU kernel (`cpu_kernels`), as are the code predictor's stacked float32 heads
-    (`cpu_kernels.PackedStack`); `quantize="int4"` needs `options.cpu_kernels`
+    CPU kernel (`cpu_kernels`), as are the code predictor's stacked heads
+    (`cpu_kernels.PackedStack`; int8 `PackedInt8DotStack` where the products are int8 x int8
+    or int4, see quantize.py); `quantize="int4"` needs `options.cpu_kernels`
     (`check_quantize`).
     With `consume`, the caller's layer lists are emptied as each layer is packed, so that memory
     peaks one layer above the weights (for a freshly loaded tree nobody else holds). Training and
@@ -136,7 +137,10 @@ def pack_for_inference(params, consume: bool = False, quantize: str | None = Non
         out[part] = sub
     heads = out["code_predictor"].get("lm_head")
     if options.cpu_kernels and cpu_kernels.stackable(heads):
-        out["code_predictor"] = {**out["code_predictor"], "lm_head": cpu_kernels.pack_stack(heads)}
+        # with int8 x int8 (or int4) products the heads are int8 x int8 too (quantize.py)
+        int8 = quantize == "int4" or (quantize == "int8" and options.int8_activations == "int8")
+        out["code_predictor"] = {**out["code_predictor"],
+                                 "lm_head": cpu_kernels.pack_stack(heads, int8=int8)}
     return out
 
 

@@ -73,9 +73,9 @@ def embed_codes(p, codes_BxG):
 
 def head_at(heads, j, h_BxD):
     """Logits (B, V) float32 of head j (which may be traced) of the stacked heads (G, D, V): a
-    `cpu_kernels.PackedStack` (`checkpoint.pack_for_inference` with the CPU kernels) is read in
-    place; XLA would copy the picked head out of the stack every step."""
-    if isinstance(heads, cpu_kernels.PackedStack):
+    `cpu_kernels.PackedStack` or `PackedInt8DotStack` (`checkpoint.pack_for_inference` with the
+    CPU kernels) is read in place; XLA would copy the picked head out of the stack every step."""
+    if isinstance(heads, (cpu_kernels.PackedStack, cpu_kernels.PackedInt8DotStack)):
         return cpu_kernels.linear_at(h_BxD, heads, j).astype(jnp.float32)
     return head_logits(jax.lax.dynamic_index_in_dim(heads, j, keepdims=False), h_BxD)
 

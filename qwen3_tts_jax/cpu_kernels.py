@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .quantize import INT4_GROUP, Int4Weight, Int8Weight, matmul as int8_matmul
+from .quantize import INT4_GROUP, Int4Weight, Int8Weight, quantize_int8
+from .quantize import matmul as int8_matmul
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ TARGET_STACKED = "qwen3_tts_jax_rows_matmul_stacked"
 TARGET_INT8 = "qwen3_tts_jax_rows_matmul_int8"
 TARGET_INT8_DOT = "qwen3_tts_jax_rows_matmul_int8_dot"
 TARGET_INT4_DOT = "qwen3_tts_jax_rows_matmul_int4_dot"
+TARGET_INT8_DOT_STACKED = "qwen3_tts_jax_rows_matmul_int8_dot_stacked"
 ATTEND = "qwen3_tts_jax_attend"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -157,6 +159,28 @@ class PackedInt8DotWeight:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class PackedInt8DotStack:
+    """H (K, N) weights stacked, each quantized to int8 with a scale per output column
+    (`quantize.quantize_int8`) and laid out as `PackedInt8DotWeight`: panels (H, N / PANEL,
+    ceil(K / 4), 4 * PANEL) uint8, scale (H, N); products with one weight picked by a traced
+    index on the int8 x int8 kernel (`linear_at`): the code predictor's heads with quantized
+    weights (`checkpoint.pack_for_inference`)."""
+    panels: jax.Array
+    scale: jax.Array
+    k: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(default=ACT_BLOCK, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        H, P, _, _ = self.panels.shape
+        return H, self.k, P * PANEL
+
+    def __getitem__(self, j: int) -> "PackedInt8DotWeight":
+        return PackedInt8DotWeight(self.panels[j], self.scale[j], self.k, self.block)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class PackedInt4Weight:
     """An `Int4Weight` for the int4 x int8 kernel (kernels/cpu_kernels.cc `RowsMatmulInt4Dot`):
     nibbles (N' / PANEL, K' / 8, 4 * PANEL) uint8 and scales (N' / PANEL, K' / INT4_GROUP,
@@ -225,9 +249,16 @@ def pack(w, int8_activations: str = "float",
     return PackedWeight(_panels(w))
 
 
-def pack_stack(w_HxKxN) -> PackedStack:
-    """The kernel's layout of stacked float32 weights (H, K, N), N a multiple of PANEL."""
+def pack_stack(w_HxKxN, int8: bool = False, block: int = ACT_BLOCK
+               ) -> PackedStack | PackedInt8DotStack:
+    """The kernel's layout of stacked float32 weights (H, K, N), N a multiple of PANEL: as they
+    are (`PackedStack`), or with `int8` quantized per output column for the int8 x int8 kernel
+    (`PackedInt8DotStack`, activations per `block` k)."""
     H, K, N = w_HxKxN.shape
+    if int8:
+        q = jax.vmap(lambda w: tuple(jax.tree_util.tree_leaves(quantize_int8(w))))(w_HxKxN)
+        values, scale = q
+        return PackedInt8DotStack(jax.vmap(_dot_panels)(values), scale, int(K), block)
     return PackedStack(jnp.transpose(jnp.reshape(w_HxKxN, (H, K, N // PANEL, PANEL)),
                                      (0, 2, 1, 3)))
 
@@ -236,25 +267,34 @@ def stackable(w) -> bool:
     return (getattr(w, "ndim", 0) == 3 and w.dtype == jnp.float32 and w.shape[2] % PANEL == 0)
 
 
-def linear_at(x, w, index):
+def linear_at(x, w, index, path: str = "auto"):
     """x (..., K) @ w[index] for stacked weights w (H, K, N) and an index that may be traced: a
-    `PackedStack` is read in place by the kernel (from `LIBRARY_ROWS` rows: XLA's product of the
-    picked weight); an array is sliced and multiplied by XLA. An index outside [0, H) is
-    clamped."""
-    if not isinstance(w, PackedStack):
+    `PackedStack` or `PackedInt8DotStack` is read in place by the kernel (from `LIBRARY_ROWS`
+    rows: XLA's product of the picked weight); an array is sliced and multiplied by XLA. An index
+    outside [0, H) is clamped. `path`: as in `linear`."""
+    if not isinstance(w, (PackedStack, PackedInt8DotStack)):
         return x @ jax.lax.dynamic_index_in_dim(w, index, keepdims=False)
     H, K, N = w.shape
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, H - 1).reshape(())
     if rows >= LIBRARY_ROWS:
-        return linear_at(x, w.unpack(), index)
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+        one = (PackedWeight(pick(w.panels)) if isinstance(w, PackedStack) else
+               PackedInt8DotWeight(pick(w.panels), pick(w.scale), w.k, w.block))
+        return linear(x, one)
     if not _registered():
         raise RuntimeError("a packed weight needs the CPU kernels, which did not build or "
                            "load here (see the warning above); load the params with "
                            "Options(cpu_kernels=False)")
     out = jax.ShapeDtypeStruct((rows, N), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET_STACKED, out)(x.reshape(rows, K).astype(jnp.float32), w.panels,
-                                              jnp.asarray(index, jnp.int32).reshape(()))
+    x32 = x.reshape(rows, K).astype(jnp.float32)
+    if isinstance(w, PackedStack):
+        y = jax.ffi.ffi_call(TARGET_STACKED, out)(x32, w.panels, index)
+    else:
+        y = jax.ffi.ffi_call(TARGET_INT8_DOT_STACKED, out)(
+            x32, w.panels, w.scale, index, path=np.int32(INT8_PATHS[path]),
+            block=np.int32(w.block))
     return y.reshape(*lead, N).astype(x.dtype)
 
 
@@ -405,7 +445,7 @@ def _library():
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
         for name in (TARGET, TARGET_STACKED, TARGET_INT8, TARGET_INT8_DOT, TARGET_INT4_DOT,
-                     ATTEND):
+                     TARGET_INT8_DOT_STACKED, ATTEND):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
         return lib

@@ -4,7 +4,11 @@ quantize="int8" | "int4")`, `--quantize int8|int4`).
 What: each decoder layer's products of the talker and the code predictor (q|k|v, o, gate|up, down:
 ~97 % of the bytes a frame reads) are stored as int8 with one float32 scale per output column,
 symmetric absmax: w[k, n] ~ values[k, n] * scale[n], values in [-127, 127]. Activations, sums,
-norms, attention, embeddings and the codec heads stay in the model's dtype (float32 on the CPU).
+norms, attention, embeddings and the talker's codec head stay in the model's dtype (float32 on the
+CPU). The code predictor's 15 heads (read 15 times a frame, ~9 % of a frame's time on the CPU in
+float32) are int8 as well where the products are int8 x int8 on the CPU kernels
+(`int8_activations="int8"`, and with int4 weights: int8 heads, not int4;
+`cpu_kernels.PackedInt8DotStack`); elsewhere they stay in the model's dtype.
 
 Why: a batch-1 frame on the CPU is bound by memory bandwidth (it reads the talker once and the
 predictor 15 times); int8 weights are a quarter of the float32 bytes. On a single CPU device the

@@ -3,6 +3,7 @@ float64 numpy over row counts that hit every row tile and panel split, the packe
 packed at load, generation with the kernel vs XLA's products, and the fallback when the kernel
 cannot be built."""
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -139,6 +140,52 @@ def test_stacked_product_reads_the_indexed_weight(H, K, N):
     assert cpu_kernels.stackable(jnp.asarray(w))
     assert not cpu_kernels.stackable(jnp.asarray(w).astype(jnp.bfloat16))
     assert not cpu_kernels.stackable(jnp.asarray(w[:, :, :N - 1]))
+
+
+@pytest.mark.parametrize("H,K,N", [(1, 8, 16), (3, 37, 48), (15, 256, 2048)])
+def test_int8_stacked_product_is_the_picked_weights_int8_product(H, K, N):
+    """`pack_stack(int8=True)`: each weight quantized per column; `linear_at` gives exactly the
+    int8 x int8 kernel's product with that weight alone, on every instruction path; from
+    LIBRARY_ROWS rows the library product of the same weight; indexes clamped."""
+    from qwen3_tts_jax import quantize
+
+    rng = np.random.default_rng(H * K)
+    w = jnp.asarray(rng.standard_normal((H, K, N), dtype=np.float32) * 0.05)
+    packed = cpu_kernels.pack_stack(w, int8=True)
+    assert isinstance(packed, cpu_kernels.PackedInt8DotStack) and packed.shape == (H, K, N)
+    paths = [p for p in cpu_kernels.int8_paths()]
+    for j in sorted({0, H // 2, H - 1}):
+        one = cpu_kernels.pack(quantize.quantize_int8(w[j]), "int8")
+        assert np.array_equal(packed[j].panels, one.panels)
+        for M in (1, 6, 13):
+            x = jnp.asarray(rng.standard_normal((M, K), dtype=np.float32))
+            for path in paths:
+                got = jax.jit(functools.partial(cpu_kernels.linear_at, path=path))(x, packed, j)
+                want = cpu_kernels.linear(x, one, path=path)
+                np.testing.assert_array_equal(got, want, err_msg=f"{path} {M} {j}")
+    x = jnp.asarray(rng.standard_normal((cpu_kernels.LIBRARY_ROWS, K), dtype=np.float32))
+    np.testing.assert_allclose(cpu_kernels.linear_at(x, packed, H - 1),
+                               quantize.matmul(x, quantize.quantize_int8(w[H - 1])),
+                               rtol=1e-4, atol=1e-4)
+    x = x[:3]
+    np.testing.assert_array_equal(cpu_kernels.linear_at(x, packed, H + 3),
+                                  cpu_kernels.linear_at(x, packed, H - 1))
+
+
+@pytest.mark.parametrize("quantize,acts,kind", [
+    (None, "int8", "PackedStack"), ("int8", "float", "PackedStack"),
+    ("int8", "int8", "PackedInt8DotStack"), ("int4", "int8", "PackedInt8DotStack")])
+def test_what_the_predictor_heads_are_packed_as(quantize, acts, kind):
+    """The heads follow the products: int8 x int8 where the products are int8 x int8 or int4,
+    float32 otherwise; without the CPU kernels they stay the stacked array."""
+    cfg_like = {"talker": {"layers": []}, "code_predictor": {
+        "layers": [], "lm_head": jnp.ones((15, 64, 32), jnp.float32)}}
+    options = Options(cpu_kernels=True, int8_activations=acts)
+    out = checkpoint.pack_for_inference(cfg_like, quantize=quantize, options=options)
+    assert type(out["code_predictor"]["lm_head"]).__name__ == kind
+    plain = checkpoint.pack_for_inference(cfg_like, quantize=None if quantize == "int4" else
+                                          quantize, options=Options(cpu_kernels=False))
+    assert isinstance(plain["code_predictor"]["lm_head"], jax.Array)
 
 
 def test_loaded_model_uses_the_kernel_and_codes_match_xla_products(make_checkpoint):

@@ -4,6 +4,7 @@
 //   qwen3_tts_jax_rows_matmul_int8  the same with int8 panels and a scale per column
 //   qwen3_tts_jax_rows_matmul_int8_dot  int8 panels times activations quantized to int8, on the
 //                              CPU's integer dot instructions (AVX-512 VNNI, AVX2, or plain C++)
+//   qwen3_tts_jax_rows_matmul_int8_dot_stacked  the same with one weight of a stack
 //   qwen3_tts_jax_rows_matmul_int4_dot  the same with 4-bit weights, a scale per column and group
 //                              of 32 k
 //   qwen3_tts_jax_int8_paths   (plain C) which of those the CPU running it has
@@ -635,6 +636,37 @@ ffi::Error RowsMatmulInt8Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   return ffi::Error::Success();
 }
 
+// The int8 x int8 product with one weight of a stack (as RowsMatmulStacked): w (H, N / 16,
+// ceil(K / 4), 64) uint8, scale (H, N), index one int32 (clamped into [0, H)).
+ffi::Error RowsMatmulInt8DotStacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
+                                    ffi::Buffer<ffi::S32> index, ffi::ResultBuffer<ffi::F32> y,
+                                    int32_t path, int32_t block) {
+  auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[0] < 1 || wd[3] != PANEL * 4 ||
+      wd[2] != (xd[1] + 3) / 4 || sd.size() != 2 || sd[0] != wd[0] || sd[1] != wd[1] * PANEL ||
+      index.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_int8_dot_stacked: x must be (M, K), w (H, N / 16, ceil(K / 4), 64), scale "
+        "(H, N) and index one int32");
+  }
+  if (block < 0 || block % 4 != 0) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_int8_dot_stacked: block must be 0 or a multiple of 4");
+  }
+  path = pick_path(path);
+  if (path < 0) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul_int8_dot_stacked: this CPU lacks the path asked for");
+  }
+  const int64_t h = std::clamp<int64_t>(index.typed_data()[0], 0, wd[0] - 1);
+  const int64_t panel_bytes = wd[2] * PANEL * 4, N = wd[1] * PANEL;
+  dot_products<false>(pool, path, x.typed_data(), xd[0], xd[1], wd[2] * 4, block,
+                      w.typed_data() + h * wd[1] * panel_bytes, wd[1], panel_bytes,
+                      scale.typed_data() + h * N, PANEL, y->typed_data());
+  return ffi::Error::Success();
+}
+
 // x (M, K) float32, w (N / 16, Kp / 8, 64) uint8 nibbles and scale (N / 16, Kp / 32, 16) as above
 // (Kp: K rounded up to a multiple of INT4_GROUP), y (M, N); attribute `path` as above.
 ffi::Error RowsMatmulInt4Dot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
@@ -764,6 +796,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8_dot, RowsMatmulInt8
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("path")
+                                  .Attr<int32_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul_int8_dot_stacked,
+                              RowsMatmulInt8DotStacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("path")
                                   .Attr<int32_t>("block"));
