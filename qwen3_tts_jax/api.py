@@ -56,6 +56,7 @@ class Qwen3TTS:
         self._speech_tokenizer = None
         self._replicated = None        # params on every local device, for data-parallel runs
         self.model_parallel = 1        # > 1: params split over a (data, model) mesh
+        self.codec_precision = "float32"   # the codec decoder's (`from_pretrained`)
         # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
         # (`prefix_cache.py`; `PrefixCache(0)` disables it)
         self.prefix_cache = PrefixCache()
@@ -65,7 +66,8 @@ class Qwen3TTS:
     def from_pretrained(cls, path_or_id: str, dtype=None, model_parallel: int = 1,
                         quantize: str | None = None,
                         options: Options | None = None, adapters=None,
-                        weights_cache: str | None = None) -> "Qwen3TTS":
+                        weights_cache: str | None = None,
+                        codec_precision: str = "float32") -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -93,10 +95,16 @@ class Qwen3TTS:
         first load; a later load with the same checkpoint files, dtype, quantization and options
         reads them from there instead of converting, packing and quantizing again
         (`checkpoint.load_for_inference`; one file per checkpoint and choices, about the size of
-        the weights). Not used with `adapters` or `model_parallel` > 1."""
+        the weights). Not used with `adapters` or `model_parallel` > 1.
+
+        `codec_precision="bf16"`: the codec's decoder convolutions in bf16 on AVX-512 BF16 CPUs
+        (`SpeechTokenizer.from_pretrained(precision=...)`: faster, not the float32 audio); a
+        ValueError elsewhere. Default "float32"."""
         from . import quantize as quantize_mod
+        from .codec import decoder as codec_decoder
 
         quantize_mod.check_method(quantize)
+        codec_decoder.check_precision(codec_precision)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         checkpoint.check_quantize(quantize, options)
         folder = checkpoint.resolve(path_or_id)
@@ -129,6 +137,7 @@ class Qwen3TTS:
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
+        tts.codec_precision = codec_precision
         return tts
 
     def on_device(self, device) -> "Qwen3TTS":
@@ -169,7 +178,8 @@ class Qwen3TTS:
                 raise FileNotFoundError(
                     f"{self.folder} has no speech_tokenizer/ folder: audio output needs the codec "
                     "(the released checkpoints ship it; the *_codes methods work without it)")
-            self._speech_tokenizer = SpeechTokenizer.from_pretrained(sub)
+            self._speech_tokenizer = SpeechTokenizer.from_pretrained(
+                sub, precision=self.codec_precision)
         return self._speech_tokenizer
 
     @property
