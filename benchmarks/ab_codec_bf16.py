@@ -11,8 +11,11 @@ median ms, GFLOP/s and the ratio, per shape and weighted by how often the decode
 
 Default: `decode` of --frames frames (offline) and `stream_decode` pushed --chunk frames at a
 time, float32 against bf16, alternating; median wall seconds and the median of pair ratios; the
-SNR of the bf16 audio against float32's (dB). Codes: generated greedily by the checkpoint at
---codes-from (int4 weights; the random-weight checkpoint's own codes), else uniform random.
+SNR of the bf16 audio against float32's (dB), of the waveform and of the last conv's output before
+the clamp to [-1, 1]. Codes: generated greedily by the checkpoint at --codes-from (int4 weights;
+the random-weight checkpoint's own codes), else uniform random. --parity: instead of --folder, the
+released decoder sizes with tests/test_codec_decoder.py `build_parity_codec` weights, scaled so
+that the audio peaks near 0.9 (a random checkpoint's codec output is mostly clipped at +-1).
 """
 from __future__ import annotations
 
@@ -104,7 +107,16 @@ def model_codes(folder: str, frames: int) -> np.ndarray:
 def bench_decode(args):
     from qwen3_tts_jax.codec import SpeechTokenizer
 
-    toks = {p: SpeechTokenizer.from_pretrained(args.folder, precision=p)
+    folder = args.folder
+    if args.parity:
+        import tempfile
+
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from test_codec_decoder import FULL_DECODER, build_parity_codec
+
+        folder = os.path.join(tempfile.mkdtemp(), "codec")
+        build_parity_codec(folder, FULL_DECODER, frames=args.frames)
+    toks = {p: SpeechTokenizer.from_pretrained(folder, precision=p)
             for p in ("float32", "bf16")}
     cfg = toks["float32"].config.decoder
     if args.codes_from:
@@ -135,12 +147,19 @@ def bench_decode(args):
 
     runs = {(mode, p): make(toks[p].params) for mode, make in
             (("offline", offline), ("streaming", streaming)) for p in toks}
+    def snr(w, ref):
+        return 10 * np.log10(np.sum(ref ** 2) / max(np.sum((w - ref) ** 2), 1e-300))
+
     waves = {k: np.asarray(fn(), np.float64) for k, fn in runs.items()}
     ref = waves["offline", "float32"]
+    last = f"decoder.{len(cfg.upsample_rates) + 2}"
+    stage = jax.jit(lambda p, c: D.decode_stages(p, cfg, c)[last][..., 0])
+    raw = {p: np.asarray(stage(toks[p].params, codes), np.float64) for p in toks}
     for k, w in waves.items():
-        snr = 10 * np.log10(np.sum(ref ** 2) / max(np.sum((w - ref) ** 2), 1e-300))
-        print(f"{k[0]:9s} {k[1]:7s}: SNR vs float32 offline {snr:.1f} dB "
-              f"(rms {np.sqrt(np.mean(w ** 2)):.3g})")
+        print(f"{k[0]:9s} {k[1]:7s}: SNR vs float32 offline {snr(w, ref):.1f} dB (rms "
+              f"{np.sqrt(np.mean(w ** 2)):.3g}, clipped {np.mean(np.abs(w) >= 1):.1%})")
+    print(f"before the clamp: bf16 SNR vs float32 {snr(raw['bf16'], raw['float32']):.1f} dB "
+          f"(peak {np.abs(raw['float32']).max():.3g})")
     load = os.getloadavg()
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
@@ -151,7 +170,8 @@ def bench_decode(args):
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, commit {commit}, load average "
-          f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {args.folder}, {source}, "
+          f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
+          f"{'parity codec' if args.parity else folder}, {source}, "
           f"{args.frames} frames, streaming in chunks of {args.chunk}, {args.repeats} runs")
     for mode in ("offline", "streaming"):
         a, b = np.array(times[mode, "float32"]), np.array(times[mode, "bf16"])
@@ -164,6 +184,7 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--folder", default="/tmp/ckpt0b6/speech_tokenizer")
     ap.add_argument("--codes-from", default=None)
+    ap.add_argument("--parity", action="store_true")
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--chunk", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
