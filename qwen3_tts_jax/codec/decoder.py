@@ -11,6 +11,11 @@ attention, per-frame norms): output sample s depends only on frames <= s // 1920
 on the right and trimming the output is exact, which is what the shape buckets and the chunked decoding
 in `tokenizer.py` rely on.
 
+Precision (`pack_bf16`, `codec_precision="bf16"`): the full convolutions' weights as
+`cpu_kernels.PackedBf16Conv`, which `causal_conv` / `causal_trans_conv` run on the AVX-512 BF16
+kernel (inputs and weights rounded to bf16, float32 sums); the type of the weight picks the kernel,
+so it is part of the compiled program's key.
+
 Streaming (`stream_decode`): the same functions with a `_Stream` threaded through them carry the
 decoder's state from one call to the next: each convolution's last input samples (what its left
 padding would otherwise be), and each attention layer's keys and values of the last
