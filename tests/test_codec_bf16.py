@@ -48,6 +48,8 @@ CASES = [
     (3, 13, 33, 17, 7, 3, False), (1, 37, 96, 96, 7, 9, False), (2, 9, 8, 48, 1, 1, False),
     (1, 23, 31, 64, 2, 1, False), (3, 2, 5, 80, 7, 9, False), (1, 30, 64, 200, 7, 3, True),
     (2, 19, 7, 1, 2, 1, True), (1, 37, 130, 33, 7, 1, False), (2, 11, 2, 16, 7, 2, True),
+    # large enough to split over the thread pool: the products, then the input's rounding too
+    (2, 300, 64, 96, 7, 3, False), (1, 500, 601, 20, 2, 1, True),
 ]
 
 
