@@ -7,7 +7,9 @@ alternately (so that other load hits every format alike):
   whole   frames/s of `generate_custom_voice` (greedy, --frames frames: a random-weight
           checkpoint never says EOS, so every call makes them), the codec decode included;
   TTFA    `generate_custom_voice_streaming` in the streaming text mode with a 1-frame first chunk.
-Medians over --runs rounds after two warm-up calls per format. Formats: float32 (none), int8, int4.
+Medians over --runs rounds after two warm-up calls per format. Formats: float32 (none), int8, int4,
+each optionally with "+bf16": the codec decoder in bf16 (`codec_precision="bf16"`), e.g.
+--formats int4,int4+bf16.
 """
 from __future__ import annotations
 
@@ -37,9 +39,14 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     kw = dict(speaker="ryan", language="english", do_sample=False, subtalker_dosample=False,
               max_new_tokens=args.frames + 1)
-    models = {f: Qwen3TTS.from_pretrained(args.folder, quantize=None if f == "float32" else f,
-                                          weights_cache=args.weights_cache)
-              for f in args.formats.split(",")}
+    def load(f):
+        weights, _, codec = f.partition("+")
+        return Qwen3TTS.from_pretrained(args.folder,
+                                        quantize=None if weights == "float32" else weights,
+                                        weights_cache=args.weights_cache,
+                                        codec_precision=codec or "float32")
+
+    models = {f: load(f) for f in args.formats.split(",")}
     whole = {f: [] for f in models}
     ttfa = {f: [] for f in models}
     for tts in models.values():

@@ -43,7 +43,7 @@ def _official_mode(non_streaming_mode, default: bool) -> bool:
     return default if non_streaming_mode is None else non_streaming_mode
 
 
-def _load_codec(folder: str):
+def _load_codec(folder: str, precision: str = "float32"):
     from .codec import SpeechTokenizer
 
     sub = os.path.join(folder, "speech_tokenizer")
@@ -51,7 +51,7 @@ def _load_codec(folder: str):
         raise FileNotFoundError(
             f"{folder} has no speech_tokenizer/ folder: audio output needs the codec "
             "(the released checkpoints ship it; the *_codes methods work without it)")
-    return SpeechTokenizer.from_pretrained(sub)
+    return SpeechTokenizer.from_pretrained(sub, precision=precision)
 
 
 class Qwen3TTS:
@@ -68,6 +68,7 @@ class Qwen3TTS:
         self._speech_tokenizer = None
         self._replicated = None        # params on every local device, for data-parallel runs
         self.model_parallel = 1        # > 1: params split over a (data, model) mesh
+        self.codec_precision = "float32"   # the codec decoder's (`from_pretrained`)
         # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
         # (`prefix_cache.py`; `PrefixCache(0)` disables it)
         self.prefix_cache = PrefixCache()
@@ -81,7 +82,8 @@ class Qwen3TTS:
                         quantize: str | None = None,
                         options: Options | None = None, adapters=None,
                         weights_cache: str | None = None,
-                        compile_cache: str | None = None) -> "Qwen3TTS":
+                        compile_cache: str | None = None,
+                        codec_precision: str = "float32") -> "Qwen3TTS":
         """Load a local checkpoint folder (released layout, or converted by `qwen3-tts-jax convert`)
         or a hub id through huggingface_hub. `dtype`: default f32 on CPU, bf16 on GPU/TPU.
 
@@ -114,10 +116,16 @@ class Qwen3TTS:
         `compile_cache`: a folder where the compiled generation and codec programs are kept as
         serialized executables (`compilation_cache.Executables`): a later process with the same
         package, JAX, machine, config, options and shapes loads them instead of tracing and
-        compiling. Not used with `model_parallel` > 1."""
+        compiling. Not used with `model_parallel` > 1.
+
+        `codec_precision="bf16"`: the codec's decoder convolutions in bf16 on AVX-512 BF16 CPUs
+        (`SpeechTokenizer.from_pretrained(precision=...)`: faster, not the float32 audio); a
+        ValueError elsewhere. Default "float32"."""
         from . import quantize as quantize_mod
+        from .codec import decoder as codec_decoder
 
         quantize_mod.check_method(quantize)
+        codec_decoder.check_precision(codec_precision)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         checkpoint.check_quantize(quantize, options)
         folder = checkpoint.resolve(path_or_id)
@@ -160,6 +168,7 @@ class Qwen3TTS:
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel
         tts.executables = executables
+        tts.codec_precision = codec_precision
         return tts
 
     def on_device(self, device) -> "Qwen3TTS":
@@ -195,7 +204,7 @@ class Qwen3TTS:
     def speech_tokenizer(self):
         """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""
         if self._speech_tokenizer is None:
-            self._speech_tokenizer = _load_codec(self.folder)
+            self._speech_tokenizer = _load_codec(self.folder, self.codec_precision)
             self._speech_tokenizer.executables = self.executables
         return self._speech_tokenizer
 

@@ -15,6 +15,11 @@ AVX-512 VNNI or AVX2, whichever CPUID reports at run time (`PackedInt8DotWeight`
 (`quantize="int4"`) have the second only (`PackedInt4Weight`): nibbles unpacked in registers,
 then the same instructions.
 
+The codec decoder's convolutions (`codec_precision="bf16"`): `PackedBf16Conv` holds a causal
+convolution's weight rounded to bf16 in the layout of kernels/cpu_kernels.cc `ConvBf16`, which
+rounds the input to bf16 once per call and multiplies on AVX-512 BF16 (`vdpbf16ps`, float32 sums).
+Only where CPUID reports AVX512_BF16; elsewhere `check_bf16_conv` refuses it by name.
+
 Attention. The KV cache is preallocated for hundreds of frames; a decode step needs only the
 slots written so far, but XLA's products read (and multiply) them all. `attend` reads the filled
 slots of the heads-major cache (`layers.KVCacheHeadsMajor`) only.
@@ -55,6 +60,7 @@ TARGET_INT8_DOT = "qwen3_tts_jax_rows_matmul_int8_dot"
 TARGET_INT4_DOT = "qwen3_tts_jax_rows_matmul_int4_dot"
 TARGET_INT8_DOT_STACKED = "qwen3_tts_jax_rows_matmul_int8_dot_stacked"
 ATTEND = "qwen3_tts_jax_attend"
+TARGET_CONV_BF16 = "qwen3_tts_jax_conv_bf16"
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 
@@ -372,6 +378,85 @@ def attend(q_BxHxD, k_BxKxDxS, v_BxKxDxS, mask_BxS, filled):
         mask_BxS.astype(f32), jnp.reshape(filled, (1,)).astype(jnp.int32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedBf16Conv:
+    """A convolution weight (k, C, N) (`codec.decoder` layout: taps, in, out) rounded to bf16
+    (nearest even) for `conv_bf16`: column blocks of NB = 16 V columns (V in 1..4, the last
+    block padded with zero weights), blocks[nb, j, i, 2 n + e] = w[j, 2 i + e, nb * NB + n] (C
+    padded to even with zero weights). `c`, `n`: the weight's in and out channels."""
+    blocks: jax.Array
+    c: int = dataclasses.field(metadata=dict(static=True))
+    n: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.blocks.shape[1], self.c, self.n
+
+    def unpack(self) -> jax.Array:
+        """The (k, C, N) float32 weight the kernel multiplies (the bf16-rounded values)."""
+        nb, k, P, W = self.blocks.shape
+        w = self.blocks.astype(jnp.float32).reshape(nb, k, P, W // 2, 2)
+        w = jnp.transpose(w, (1, 2, 4, 0, 3)).reshape(k, 2 * P, nb * (W // 2))
+        return w[:, :self.c, :self.n]
+
+
+def pack_conv_bf16(w_KxCxN) -> PackedBf16Conv:
+    """`PackedBf16Conv` of a float32 (k, C, N) weight; the block width is the V (4, 3, 2, 1)
+    that pads N least (the widest of equals): 96 columns are two blocks of 48, 1536 24 of 64."""
+    w = np.asarray(w_KxCxN, np.float32)
+    k, C, N = w.shape
+    V = min((4, 3, 2, 1), key=lambda v: (-(-N // (16 * v)) * 16 * v, -v))
+    NB, Cp = 16 * V, C + C % 2
+    nb = -(-N // NB)
+    w = np.pad(w, ((0, 0), (0, Cp - C), (0, nb * NB - N))).astype(jnp.bfloat16)  # nearest even
+    w = np.transpose(w.reshape(k, Cp // 2, 2, nb, NB), (3, 0, 1, 4, 2))
+    return PackedBf16Conv(jnp.asarray(w.reshape(nb, k, Cp // 2, 2 * NB)), int(C), int(N))
+
+
+def conv_bf16(x_BxTxC, w: PackedBf16Conv, dilation: int = 1, pad: int | None = None):
+    """y[b, t] = sum_{j < k} xe[b, t + j dilation] @ w[j] (no bias), xe: x with `pad` zero rows
+    prepended (default (k - 1) dilation: a causal convolution with T outputs; 0 for input that
+    already carries its history, as streaming passes). x rounded to bf16, float32 sums: the
+    kernel's arithmetic (kernels/cpu_kernels.cc `ConvBf16`). (B, pad + T - (k - 1) dilation, N)
+    float32."""
+    if not _registered():
+        raise RuntimeError("conv_bf16 needs the CPU kernels, which did not build or load here")
+    k, C, N = w.shape
+    B, T, _ = x_BxTxC.shape
+    pad = (k - 1) * dilation if pad is None else pad
+    out = jax.ShapeDtypeStruct((B, pad + T - (k - 1) * dilation, N), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_CONV_BF16, out)(
+        x_BxTxC.astype(jnp.float32), w.blocks, dilation=np.int32(dilation), pad=np.int32(pad))
+
+
+def bf16_conv_missing() -> str | None:
+    """Why `conv_bf16` cannot run here (None: it can): the CPU backend, the kernels built, and a
+    CPU with AVX512_BF16 (CPUID, asked by the kernel library)."""
+    if jax.default_backend() != "cpu":
+        return f"the default JAX backend is {jax.default_backend()!r}, not the CPU"
+    if _library() is None:
+        return "the CPU kernels did not build or load (see the warning above)"
+    if not _cpu_has_bf16_dot():
+        return "this CPU lacks the AVX512_BF16 instructions (vdpbf16ps)"
+    return None
+
+
+def _cpu_has_bf16_dot() -> bool:
+    """CPUID's AVX512_BF16 (with AVX512F and BW), asked by the kernel library."""
+    fn = _library().qwen3_tts_jax_bf16_dot
+    fn.restype = ctypes.c_int32
+    return bool(fn())
+
+
+def check_bf16_conv() -> None:
+    """ValueError naming what is missing where `conv_bf16` cannot run (`bf16_conv_missing`)."""
+    why = bf16_conv_missing()
+    if why is not None:
+        raise ValueError(f"the bf16 codec (codec_precision='bf16') runs on the CPU kernels with "
+                         f"AVX512_BF16 only; here {why}. Use codec_precision='float32'")
+
+
 def available() -> bool:
     """Can the kernels run here? The CPU backend, one local device, the kernels built and loaded
     (`Options.for_backend` turns `Options.cpu_kernels` on where they can)."""
@@ -445,7 +530,7 @@ def _library():
             build(path)
         lib = ctypes.cdll.LoadLibrary(path)
         for name in (TARGET, TARGET_STACKED, TARGET_INT8, TARGET_INT8_DOT, TARGET_INT4_DOT,
-                     TARGET_INT8_DOT_STACKED, ATTEND):
+                     TARGET_INT8_DOT_STACKED, ATTEND, TARGET_CONV_BF16):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                         platform="cpu")
         return lib

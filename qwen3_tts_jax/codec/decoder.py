@@ -11,6 +11,11 @@ attention, per-frame norms): output sample s depends only on frames <= s // 1920
 on the right and trimming the output is exact, which is what the shape buckets and the chunked decoding
 in `tokenizer.py` rely on.
 
+Precision (`pack_bf16`, `codec_precision="bf16"`): the full convolutions' weights as
+`cpu_kernels.PackedBf16Conv`, which `causal_conv` / `causal_trans_conv` run on the AVX-512 BF16
+kernel (inputs and weights rounded to bf16, float32 sums); the type of the weight picks the kernel,
+so it is part of the compiled program's key.
+
 Streaming (`stream_decode`): the same functions with a `_Stream` threaded through them carry the
 decoder's state from one call to the next: each convolution's last input samples (what its left
 padding would otherwise be), and each attention layer's keys and values of the last
@@ -40,7 +45,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import layers
+from .. import cpu_kernels, layers
+from ..cpu_kernels import PackedBf16Conv
 from ..weights import Rule
 from .config import DecoderConfig
 
@@ -160,6 +166,52 @@ def expected_shapes(cfg: DecoderConfig) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- precision
+
+PRECISIONS = ("float32", "bf16")
+# Convolutions narrower than this stay float32 in bf16 mode (the final conv to one channel: a
+# 16-column kernel tile would multiply 15 zero columns); so do the depthwise ConvNeXt convs
+# (grouped), the pre-transformer and the ConvNeXt's Linear layers (a few % of the work).
+BF16_MIN_OUT = 16
+
+
+def check_precision(precision: str) -> None:
+    """ValueError for a precision that is not one of PRECISIONS, and, for "bf16", where its
+    kernel cannot run (`cpu_kernels.check_bf16_conv`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"codec precision must be one of {', '.join(map(repr, PRECISIONS))}; "
+                         f"got {precision!r}")
+    if precision == "bf16":
+        cpu_kernels.check_bf16_conv()
+
+
+def pack_bf16(params) -> dict:
+    """The decoder's params with the weights of its full (not grouped) convolutions and
+    transposed convolutions of at least BF16_MIN_OUT output channels as `PackedBf16Conv`, which
+    `causal_conv` / `causal_trans_conv` run on the bf16 kernel (`codec_precision="bf16"`:
+    inputs and weights rounded to bf16, float32 sums; benchmarks/RESULTS.md, Decisions: "bf16
+    codec"). The rest stays float32."""
+    def pk(p):
+        w = p["weight"]
+        if isinstance(w, PackedBf16Conv) or w.shape[-1] < BF16_MIN_OUT:
+            return p
+        return {**p, "weight": cpu_kernels.pack_conv_bf16(w)}
+
+    out = dict(params)
+    out["pre_conv"] = pk(params["pre_conv"])
+    if "upsample" in params:
+        out["upsample"] = [{**u, "trans_conv": pk(u["trans_conv"])} for u in params["upsample"]]
+    dec = list(params["decoder"])
+    n = len(dec) - 3
+    dec[0], dec[n + 2] = pk(dec[0]), pk(dec[n + 2])
+    for i in range(1, n + 1):
+        dec[i] = {**dec[i], "trans_conv": pk(dec[i]["trans_conv"]),
+                  "units": [{**u, "conv1": pk(u["conv1"]), "conv2": pk(u["conv2"])}
+                            for u in dec[i]["units"]]}
+    out["decoder"] = dec
+    return out
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 def causal_conv(p, x_BxTxC, dilation: int = 1, st: "_Stream | None" = None):
@@ -167,11 +219,13 @@ def causal_conv(p, x_BxTxC, dilation: int = 1, st: "_Stream | None" = None):
     output has T frames (the official right padding is 0 for stride 1). Grouped (depthwise) when the
     weight's in-channels are fewer than the input's. Streaming (`st`): the padding is the previous
     call's last input samples. Weight (k, in / groups, out): XLA:CPU's layout for the kernel, so
-    that no call copies it."""
+    that no call copies it; or a `PackedBf16Conv` (`pack_bf16`): the bf16 kernel."""
     w_KxIxO = p["weight"]
     pad = (w_KxIxO.shape[0] - 1) * dilation
     if st is not None:
         x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
+    if isinstance(w_KxIxO, PackedBf16Conv):
+        return cpu_kernels.conv_bf16(x_BxTxC, w_KxIxO, dilation, pad) + p["bias"]
     y = jax.lax.conv_general_dilated(
         x_BxTxC, w_KxIxO, window_strides=(1,), padding=[(pad, 0)], rhs_dilation=(dilation,),
         dimension_numbers=("NWC", "WIO", "NWC"),
@@ -193,8 +247,12 @@ def causal_trans_conv(p, x_BxTxC, stride: int, st: "_Stream | None" = None):
     pad = m - 1
     if st is not None:
         x_BxTxC, pad = st.extend(x_BxTxC, pad), 0
-    y = jax.lax.conv_general_dilated(x_BxTxC, w_MxIxRO, window_strides=(1,), padding=[(pad, 0)],
-                                     dimension_numbers=("NWC", "WIO", "NWC"))
+    if isinstance(w_MxIxRO, PackedBf16Conv):
+        y = cpu_kernels.conv_bf16(x_BxTxC, w_MxIxRO, 1, pad)
+    else:
+        y = jax.lax.conv_general_dilated(x_BxTxC, w_MxIxRO, window_strides=(1,),
+                                         padding=[(pad, 0)],
+                                         dimension_numbers=("NWC", "WIO", "NWC"))
     return y.reshape(B, T * stride, -1) + p["bias"]
 
 

@@ -246,6 +246,7 @@ class SpeechTokenizer:
         self._preprocessor = preprocessor   # preprocessor_config.json (the feature extractor)
         self._encoder_params = None
         self.executables = None   # a `compilation_cache.Executables` for `decode`, or None: jit
+        self.precision = "float32"   # the decoder's ("bf16": `decoder.pack_bf16`'d params)
         # the decoder's state after a cloned voice's reference codes, shared by this
         # tokenizer's stream decoders (`StreamDecoder`, `PrefixStates`)
         self.prefix_states = PrefixStates()
@@ -283,14 +284,21 @@ class SpeechTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str, *, revision: str | None = None,
-                        cache_dir: str | None = None) -> "SpeechTokenizer":
+                        cache_dir: str | None = None,
+                        precision: str = "float32") -> "SpeechTokenizer":
         """Load from a local folder (config.json + model.safetensors, or our fast form
         params.safetensors, which is preferred when present; a Qwen3-TTS model folder works too:
         its speech_tokenizer/ is used) or from a Hugging Face Hub id. Float32 params.
 
+        `precision="bf16"`: the decoder's convolutions run on the CPU's AVX-512 BF16 dot
+        products (`decoder.pack_bf16`: inputs and weights rounded to bf16, float32 sums;
+        faster, not the float32 audio: benchmarks/RESULTS.md, "bf16 codec"); a ValueError where
+        the backend is not the CPU or the CPU lacks AVX512_BF16. Default "float32".
+
         Raises FileNotFoundError / OSError when the files cannot be found or downloaded,
         ConfigError for a config.json we cannot run, CheckpointError when the tensors do not
         match it (listing every missing, unexpected or misshapen key)."""
+        decoder.check_precision(precision)
         path = os.fspath(path)
         if not os.path.isdir(path):
             if os.path.exists(path) or not _is_hub_id(path):
@@ -329,7 +337,11 @@ class SpeechTokenizer:
                     preprocessor = json.load(f)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{pre} cannot be read as JSON: {e}") from None
-        return cls(params, cfg, raw, folder, preprocessor)
+        if precision == "bf16":
+            params = decoder.pack_bf16(params)
+        tok = cls(params, cfg, raw, folder, preprocessor)
+        tok.precision = precision
+        return tok
 
     def save_converted(self, folder: str) -> None:
         """Write the fast-loading form: config.json + params.safetensors (our paths, float32).
@@ -337,6 +349,10 @@ class SpeechTokenizer:
         if self._raw_config is None:
             raise CheckpointError("this SpeechTokenizer was not loaded from a config.json; "
                                   "there is no config to save with the params")
+        if self.precision != "float32":
+            raise CheckpointError("save_converted writes the float32 decoder: load the tokenizer "
+                                  "with precision='float32' (this one's weights are rounded to "
+                                  f"{self.precision})")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self._raw_config, f, indent=2)

@@ -9,6 +9,8 @@
 //                              of 32 k
 //   qwen3_tts_jax_int8_paths   (plain C) which of those the CPU running it has
 //   qwen3_tts_jax_attend       one decode step's attention over the filled slots of a KV cache
+//   qwen3_tts_jax_conv_bf16    the codec decoder's causal convolutions on AVX-512 BF16 dot products
+//   qwen3_tts_jax_bf16_dot     (plain C) whether the CPU running it has AVX512_BF16
 //
 // Products. Why: in the frame loop every product is a few rows (the batch) times a weight matrix that is
 // read from memory once per call. XLA:CPU's library products (Eigen, YNNPACK) repack that weight
@@ -765,6 +767,174 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// The codec decoder's causal 1-D convolutions on bf16 dot products (`codec_precision="bf16"`,
+// cpu_kernels.py `PackedBf16Conv`):
+//   y[b, t, n] = sum_{j < k} sum_c xe[b, t + j d, c] * W[j, c, n]
+// xe: x (B, T, C) with `pad` zero rows prepended ((k - 1) d for a causal convolution, 0 when the
+// caller passes input already extended with the previous call's samples, as streaming does), so
+// that T_out = pad + T - (k - 1) d. The bias is the caller's.
+//
+// Arithmetic: x rounded to bf16 once per call (round to nearest even, `vcvtne2ps2bf16`), the
+// weights rounded the same way at load; each bf16 x bf16 product is exact in float32 and
+// `vdpbf16ps` adds a pair of them (channels 2 i and 2 i + 1) to a float32 accumulator; the sum
+// runs over taps, then channel pairs in increasing order.
+//
+// Weight layout (cpu_kernels.py `pack_conv_bf16`): column blocks of NB = 16 V output columns
+// (V = 1..4, the last block padded with zero weights), each (k, Cp / 2, NB, 2):
+//   w[nb, j, i, n, e] = W[j, 2 i + e, nb * NB + n]   (C padded to Cp = even with zero weights)
+// so that one k-pair of a block is V 512-bit vectors, and the input row's channel pair (2 i,
+// 2 i + 1) is one 32-bit lane broadcast against them. A register tile is R time rows x V
+// vectors of 16 columns (R V accumulators + V weights + 1 broadcast <= 32 zmm registers).
+
+int32_t bf16_dot_supported() {
+#ifdef QWEN3_TTS_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return 0;
+#endif
+}
+
+#ifdef QWEN3_TTS_X86
+constexpr int bf16_tile_rows(int V) { return V >= 4 ? 6 : V == 3 ? 8 : 12; }
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// R rows (the first `rows` stored; the others repeat row 0, so that a short tile runs the same
+// code) x V vectors of one column block. `xe`: the extended input's row t0, Cp bf16 per row.
+template <int R, int V>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void conv_tile_bf16(
+    const uint16_t* xe, int64_t Cp, int64_t taps, int64_t dilation, const uint16_t* block,
+    int64_t rows, float* y, int64_t N, int64_t n0) {
+  const int64_t P = Cp / 2;
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < taps; ++j) {
+    const uint16_t* xr[R];
+    for (int r = 0; r < R; ++r) xr[r] = xe + ((r < rows ? r : 0) + j * dilation) * Cp;
+    const uint16_t* wj = block + j * P * V * 32;
+    for (int64_t i = 0; i < P; ++i) {
+      __m512bh w[V];
+      for (int v = 0; v < V; ++v)
+        w[v] = (__m512bh)_mm512_loadu_si512(wj + (i * V + v) * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_pair(xr[r] + 2 * i));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, w[v]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int v = 0; v < V; ++v) {
+      const int64_t col = n0 + 16 * v;
+      if (col + 16 <= N) {
+        _mm512_storeu_ps(y + r * N + col, acc[r][v]);
+      } else if (col < N) {
+        _mm512_mask_storeu_ps(y + r * N + col, static_cast<__mmask16>((1u << (N - col)) - 1),
+                              acc[r][v]);
+      }
+    }
+  }
+}
+
+// x (rows, C) float32 -> (rows, Cp) bf16, round to nearest even, zeros past C.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void to_bf16_rows(
+    const float* x, int64_t rows, int64_t C, int64_t Cp, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    uint16_t* o = out + r * Cp;
+    for (int64_t c = 0; c < Cp; c += 32) {
+      const int64_t left = std::min<int64_t>(32, C - c);  // may be <= 0 (the pad channel)
+      const __mmask16 lo = left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0;
+      const __mmask16 hi = left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0;
+      const __m512 a = _mm512_maskz_loadu_ps(lo, xr + c);
+      const __m512 b = _mm512_maskz_loadu_ps(hi, xr + c + 16);
+      const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a: the low 16 lanes
+      const int64_t n = std::min<int64_t>(32, Cp - c);
+      const __mmask32 m = n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1;
+      _mm512_mask_storeu_epi16(o + c, m, h);
+    }
+  }
+}
+
+template <int V>
+void conv_rows_bf16(const uint16_t* xe, int64_t Cp, int64_t taps, int64_t dilation,
+                    const uint16_t* block, int64_t t0, int64_t t1, float* y, int64_t N,
+                    int64_t n0) {
+  constexpr int R = bf16_tile_rows(V);
+  for (int64_t t = t0; t < t1; t += R)
+    conv_tile_bf16<R, V>(xe + t * Cp, Cp, taps, dilation, block, std::min<int64_t>(R, t1 - t),
+                         y + t * N, N, n0);
+}
+#endif
+
+// x (B, T, C) float32, w (blocks, k, Cp / 2, 32 V) bf16 as above, y (B, T_out, N) float32 with
+// N <= blocks * 16 V; attributes `dilation` and `pad` (zero rows prepended).
+ffi::Error ConvBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y, int32_t dilation, int32_t pad) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 3 || wd.size() != 4 || yd.size() != 3 || wd[3] % 32 != 0 || wd[3] < 32 ||
+      wd[3] > 128 || wd[2] != (xd[2] + 1) / 2 || yd[0] != xd[0] || dilation < 1 || pad < 0 ||
+      yd[1] != pad + xd[1] - (wd[1] - 1) * dilation || yd[2] > wd[0] * (wd[3] / 2) ||
+      yd[2] <= (wd[0] - 1) * (wd[3] / 2)) {
+    return ffi::Error::InvalidArgument(
+        "conv_bf16: x must be (B, T, C), w (blocks, k, ceil(C / 2), 32 V) with V in 1..4, y (B, "
+        "pad + T - (k - 1) dilation, N) with N in the last block");
+  }
+  if (!bf16_dot_supported()) {
+    return ffi::Error::InvalidArgument(
+        "conv_bf16: this CPU lacks AVX512_BF16 (vdpbf16ps), which the bf16 codec needs");
+  }
+#ifdef QWEN3_TTS_X86
+  const int64_t B = xd[0], T = xd[1], C = xd[2], Cp = wd[2] * 2, taps = wd[1];
+  const int64_t blocks = wd[0], V = wd[3] / 32, NB = 16 * V, N = yd[2], Tout = yd[1];
+  const int64_t Te = pad + T;  // extended rows per batch item
+  if (Tout <= 0 || B == 0) return ffi::Error::Success();
+  thread_local std::vector<uint16_t> xe;  // the calling thread's; helpers read it while it waits
+  xe.resize(B * Te * Cp);
+  uint16_t* xep = xe.data();
+  const float* xp = x.typed_data();
+  for (int64_t b = 0; b < B; ++b) std::fill_n(xep + b * Te * Cp, pad * Cp, uint16_t{0});
+  parallel_for(pool, B * T, C, 64, [=](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last;) {  // runs of rows within one batch item
+      const int64_t b = u / T, t = u % T, n = std::min(last - u, T - t);
+      to_bf16_rows(xp + u * C, n, C, Cp, xep + (b * Te + pad + t) * Cp);
+      u += n;
+    }
+  });
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* yp = y->typed_data();
+  const int64_t chunk_rows = 8 * bf16_tile_rows(static_cast<int>(V));
+  const int64_t chunks = (Tout + chunk_rows - 1) / chunk_rows;
+  const int64_t block_elems = taps * (Cp / 2) * NB * 2;
+  // units: (batch item, column block, time chunk), time fastest: a thread's consecutive units
+  // reuse one column block's weights from its cache
+  parallel_for(pool, B * blocks * chunks, chunk_rows * NB * taps * Cp / 2, 1,
+               [=](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t c = u % chunks, nb = (u / chunks) % blocks, b = u / (chunks * blocks);
+      const int64_t t0 = c * chunk_rows, t1 = std::min(Tout, t0 + chunk_rows);
+      const uint16_t* xb = xep + b * Te * Cp;
+      const uint16_t* blk = wp + nb * block_elems;
+      float* yb = yp + b * Tout * N;
+      switch (V) {
+        case 1: conv_rows_bf16<1>(xb, Cp, taps, dilation, blk, t0, t1, yb, N, nb * NB); break;
+        case 2: conv_rows_bf16<2>(xb, Cp, taps, dilation, blk, t0, t1, yb, N, nb * NB); break;
+        case 3: conv_rows_bf16<3>(xb, Cp, taps, dilation, blk, t0, t1, yb, N, nb * NB); break;
+        default: conv_rows_bf16<4>(xb, Cp, taps, dilation, blk, t0, t1, yb, N, nb * NB); break;
+      }
+    }
+  });
+#endif
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_rows_matmul, RowsMatmul,
@@ -832,3 +1002,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_attend, Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(qwen3_tts_jax_conv_bf16, ConvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("dilation")
+                                  .Attr<int32_t>("pad"));
+
+extern "C" int32_t qwen3_tts_jax_bf16_dot() { return bf16_dot_supported(); }

@@ -182,7 +182,8 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(args.dtype)
     try:
         tts = Qwen3TTS.from_pretrained(folder, dtype=dtype, quantize=args.quantize,
-                                       adapters=args.adapter)
+                                       adapters=args.adapter,
+                                       codec_precision=args.codec_precision)
         _ = tts.speech_tokenizer       # the codec now: a broken one fails before listening
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
