@@ -43,7 +43,7 @@ def _official_mode(non_streaming_mode, default: bool) -> bool:
     return default if non_streaming_mode is None else non_streaming_mode
 
 
-def _load_codec(folder: str, precision: str = "float32"):
+def _load_codec(folder: str, precision: str = "float32", weights_cache: str | None = None):
     from .codec import SpeechTokenizer
 
     sub = os.path.join(folder, "speech_tokenizer")
@@ -51,7 +51,7 @@ def _load_codec(folder: str, precision: str = "float32"):
         raise FileNotFoundError(
             f"{folder} has no speech_tokenizer/ folder: audio output needs the codec "
             "(the released checkpoints ship it; the *_codes methods work without it)")
-    return SpeechTokenizer.from_pretrained(sub, precision=precision)
+    return SpeechTokenizer.from_pretrained(sub, precision=precision, weights_cache=weights_cache)
 
 
 class Qwen3TTS:
@@ -69,6 +69,7 @@ class Qwen3TTS:
         self._replicated = None        # params on every local device, for data-parallel runs
         self.model_parallel = 1        # > 1: params split over a (data, model) mesh
         self.codec_precision = "float32"   # the codec decoder's (`from_pretrained`)
+        self.weights_cache = None          # the codec's too (`from_pretrained`)
         # KV of cloned voices' prompt prefixes, reused by the batching engines on this model
         # (`prefix_cache.py`; `PrefixCache(0)` disables it)
         self.prefix_cache = PrefixCache()
@@ -111,7 +112,8 @@ class Qwen3TTS:
         first load; a later load with the same checkpoint files, dtype, quantization and options
         reads them from there instead of converting, packing and quantizing again
         (`checkpoint.load_for_inference`; one file per checkpoint and choices, about the size of
-        the weights). Not used with `adapters` or `model_parallel` > 1.
+        the weights). Not used with `adapters` or `model_parallel` > 1. The codec's decoder
+        params are kept there too (`SpeechTokenizer.from_pretrained(weights_cache=...)`).
 
         `compile_cache`: a folder where the compiled generation and codec programs are kept as
         serialized executables (`compilation_cache.Executables`): a later process with the same
@@ -169,6 +171,7 @@ class Qwen3TTS:
         tts.model_parallel = model_parallel
         tts.executables = executables
         tts.codec_precision = codec_precision
+        tts.weights_cache = weights_cache
         return tts
 
     def on_device(self, device) -> "Qwen3TTS":
@@ -204,7 +207,8 @@ class Qwen3TTS:
     def speech_tokenizer(self):
         """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""
         if self._speech_tokenizer is None:
-            self._speech_tokenizer = _load_codec(self.folder, self.codec_precision)
+            self._speech_tokenizer = _load_codec(self.folder, self.codec_precision,
+                                                 self.weights_cache)
             self._speech_tokenizer.executables = self.executables
         return self._speech_tokenizer
 

@@ -116,9 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     start = argparse.ArgumentParser(add_help=False)
     start.add_argument_group("start-up").add_argument(
         "--weights-cache", metavar="DIR", default=None,
-        help="keep the packed (and --quantize'd) weights in DIR after the first load, and read "
-             "them from there on later runs with the same checkpoint and flags (faster start; "
-             "one file about the size of the weights per checkpoint and flags)")
+        help="keep the packed (and --quantize'd) weights and the codec's converted decoder in "
+             "DIR after the first load, and read them from there on later runs with the same "
+             "checkpoint and flags (faster start; one file about the size of the weights per "
+             "checkpoint and flags)")
 
     cv = sub.add_parser("custom-voice", parents=[common, speech, start],
                         help="a preset speaker of a CustomVoice checkpoint")

@@ -21,9 +21,11 @@ cost full decoder work for every missing item.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -228,6 +230,62 @@ def _resolve_folder(folder: str) -> str:
     return folder
 
 
+def _load_decoder_params(folder: str, cfg: SpeechTokenizerConfig, precision: str):
+    """The decoder's params from `folder` (params.safetensors when present, else the official
+    safetensors), converted to our layout; packed for the bf16 kernel with precision "bf16"."""
+    expected = decoder.expected_shapes(cfg.decoder)
+    fast = os.path.join(folder, PARAMS_FILE)
+    if os.path.exists(fast):
+        if file_metadata(fast).get("format") == DECODER_FORMAT:
+            params = load_params(fast, expected_ours(decoder.RULES, expected), jnp.float32,
+                                 what=f"speech tokenizer {fast}")
+        else:
+            v1_rules = without_transforms(decoder.RULES, _V1_TRANSFORMS)
+            params = apply_transforms(
+                load_params(fast, expected_ours(v1_rules, expected), jnp.float32,
+                            what=f"speech tokenizer {fast}"),
+                decoder.RULES, expected, _V1_TRANSFORMS)
+    else:
+        files = safetensors_files(folder)
+        params = load_official(files, decoder.RULES, expected, jnp.float32,
+                               what=f"speech tokenizer decoder in {folder}", prefix="decoder.")
+    return decoder.pack_bf16(params) if precision == "bf16" else params
+
+
+def _cached_decoder_params(folder: str, cfg: SpeechTokenizerConfig, precision: str,
+                           cache_dir: str):
+    """`_load_decoder_params` through the weights cache (`checkpoint`'s cache files: atomic
+    writes, the tree stored in the file, a stale or unreadable file loads the checkpoint). The
+    key: the weight files by identity (path, size, modification time), the config, the
+    precision and the source of the code that converts and packs."""
+    from .. import checkpoint, cpu_kernels, weights
+    from . import config as config_mod
+
+    fast = os.path.join(folder, PARAMS_FILE)
+    sources = [fast] if os.path.exists(fast) else safetensors_files(folder)
+    h = hashlib.sha256()
+    for f in sources:
+        st = os.stat(f)
+        h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps([repr(cfg), precision, "codec decoder"]).encode())
+    for m in (sys.modules[__name__], decoder, config_mod, weights, cpu_kernels, checkpoint):
+        with open(m.__file__, "rb") as fh:
+            h.update(fh.read())
+    key = h.hexdigest()
+    slot = hashlib.sha256(json.dumps([os.path.realpath(folder), precision]).encode())
+    path = os.path.join(cache_dir, f"codec-{slot.hexdigest()[:20]}.safetensors")
+    # the files written here always hold their tree: no abstract tree is needed to read them
+    params = checkpoint.load_packed_cache(path, key, lambda: {})
+    if params is not None:
+        return params
+    params = _load_decoder_params(folder, cfg, precision)
+    try:
+        checkpoint.save_packed_cache(params, path, key)
+    except (OSError, ValueError) as e:   # read-only or full disk: run without the cache
+        checkpoint.log.warning("weights cache: cannot write %s (%s)", path, e)
+    return params
+
+
 class SpeechTokenizer:
     """The Qwen3-TTS 12 Hz speech tokenizer (decoder), in JAX.
 
@@ -285,7 +343,8 @@ class SpeechTokenizer:
     @classmethod
     def from_pretrained(cls, path: str, *, revision: str | None = None,
                         cache_dir: str | None = None,
-                        precision: str = "float32") -> "SpeechTokenizer":
+                        precision: str = "float32",
+                        weights_cache: str | None = None) -> "SpeechTokenizer":
         """Load from a local folder (config.json + model.safetensors, or our fast form
         params.safetensors, which is preferred when present; a Qwen3-TTS model folder works too:
         its speech_tokenizer/ is used) or from a Hugging Face Hub id. Float32 params.
@@ -294,6 +353,11 @@ class SpeechTokenizer:
         products (`decoder.pack_bf16`: inputs and weights rounded to bf16, float32 sums;
         faster, not the float32 audio: benchmarks/RESULTS.md, "bf16 codec"); a ValueError where
         the backend is not the CPU or the CPU lacks AVX512_BF16. Default "float32".
+
+        `weights_cache`: a folder where the decoder's params are kept in their converted form
+        (and packed, for bf16) after the first load; a later load with the same files, config,
+        precision and code reads them from there (`_cached_decoder_params`; one file per
+        folder and precision). Default None: no cache.
 
         Raises FileNotFoundError / OSError when the files cannot be found or downloaded,
         ConfigError for a config.json we cannot run, CheckpointError when the tensors do not
@@ -313,22 +377,10 @@ class SpeechTokenizer:
                 encode_downsample_rate=cfg.encode_downsample_rate)
         except ConfigError as e:
             raise ConfigError(f"{os.path.join(folder, 'config.json')}: {e}") from None
-        expected = decoder.expected_shapes(cfg.decoder)
-        fast = os.path.join(folder, PARAMS_FILE)
-        if os.path.exists(fast):
-            if file_metadata(fast).get("format") == DECODER_FORMAT:
-                params = load_params(fast, expected_ours(decoder.RULES, expected), jnp.float32,
-                                     what=f"speech tokenizer {fast}")
-            else:
-                v1_rules = without_transforms(decoder.RULES, _V1_TRANSFORMS)
-                params = apply_transforms(
-                    load_params(fast, expected_ours(v1_rules, expected), jnp.float32,
-                                what=f"speech tokenizer {fast}"),
-                    decoder.RULES, expected, _V1_TRANSFORMS)
+        if weights_cache is None:
+            params = _load_decoder_params(folder, cfg, precision)
         else:
-            files = safetensors_files(folder)
-            params = load_official(files, decoder.RULES, expected, jnp.float32,
-                                   what=f"speech tokenizer decoder in {folder}", prefix="decoder.")
+            params = _cached_decoder_params(folder, cfg, precision, weights_cache)
         pre = os.path.join(folder, "preprocessor_config.json")
         preprocessor = None
         if os.path.exists(pre):
@@ -337,8 +389,6 @@ class SpeechTokenizer:
                     preprocessor = json.load(f)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{pre} cannot be read as JSON: {e}") from None
-        if precision == "bf16":
-            params = decoder.pack_bf16(params)
         tok = cls(params, cfg, raw, folder, preprocessor)
         tok.precision = precision
         return tok
