@@ -40,7 +40,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TEXT = "Hello there, this is a short sentence."
-VARIANTS = {"f32": None, "int8": "int8", "int4": "int4"}
+# name -> (quantize, codec precision)
+VARIANTS = {"f32": (None, "float32"), "int8": ("int8", "float32"), "int4": ("int4", "float32"),
+            "int8+bf16": ("int8", "bf16"), "int4+bf16": ("int4", "bf16")}
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
                   "/jax/core/compile/backend_compile_duration": "backend_compile_s",
@@ -118,7 +120,9 @@ def run_child(args) -> dict:
         kw["weights_cache"] = os.path.join(args.cache, "weights")
     if not args.no_programs:
         kw["compile_cache"] = os.path.join(args.cache, "programs")
-    tts = Qwen3TTS.from_pretrained(args.folder, quantize=VARIANTS[args.variant], **kw)
+    quantize, codec_precision = VARIANTS[args.variant]
+    tts = Qwen3TTS.from_pretrained(args.folder, quantize=quantize,
+                                   codec_precision=codec_precision, **kw)
     _ = tts.speech_tokenizer
     jax.block_until_ready(tts.params)
     t_load = time.time()
