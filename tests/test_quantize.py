@@ -308,6 +308,12 @@ def test_int8_activations_option_picks_the_packing_and_the_program(make_checkpoi
     assert cpu_kernels.TARGET_INT8_DOT in lowered["new"]
     assert cpu_kernels.TARGET_INT8_DOT not in lowered["old"]
     assert cpu_kernels.TARGET_INT8 in lowered["old"]
+    # the predictor's heads follow the activations (int8 x int8 heads on the new path); the
+    # codes below compare the activations alone, so the new path gets the old path's heads
+    assert isinstance(p_old["code_predictor"]["lm_head"], cpu_kernels.PackedStack)
+    assert isinstance(p_new["code_predictor"]["lm_head"], cpu_kernels.PackedInt8DotStack)
+    p_new = {**p_new, "code_predictor": {**p_new["code_predictor"],
+                                         "lm_head": p_old["code_predictor"]["lm_head"]}}
     a = gen.generate(p_old, cfg, batch, settings, keys, max_frames=40, options=old)
     b = gen.generate(p_new, cfg, batch, settings, keys, max_frames=40, options=new)
     n = np.minimum(np.asarray(a.length_B), np.asarray(b.length_B))
