@@ -108,6 +108,7 @@ def formats(args):
         for name, folder in folders:
             f32 = Qwen3TTS.from_pretrained(folder, jnp.float32, options=base)
             ref = run(f32, f32.params, base)
+            heads32 = f32.params["code_predictor"]["lm_head"]   # the float format's heads
             del f32
             # one int8 load; each format's panels from its values, every other array shared
             new = dataclasses.replace(base, int8_activations="int8")
@@ -125,6 +126,7 @@ def formats(args):
                     params = jax.tree_util.tree_map(
                         lambda w: cpu_kernels.pack(w.unpack(), "float") if is_dot(w) else w,
                         tts.params, is_leaf=is_dot)
+                    params["code_predictor"] = {**params["code_predictor"], "lm_head": heads32}
                 else:
                     params = with_block(tts.params, block)
                 if acts != "int4":
