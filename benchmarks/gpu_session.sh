@@ -17,6 +17,17 @@
 #                                            # open-loop Poisson load, 10, 20 and 40 requests/s
 #                                            # for 60 s each (bench_server --poisson: TTFA
 #                                            # percentiles, underruns; server.json)
+#   bash benchmarks/gpu_session.sh quant     # ~6-8 min: int8 weights for the decoder products
+#                                            # (quantize="int8": XLA's products, the int8 -> bf16
+#                                            # convert fused) against bf16, the 0.6B at 1, 8, 64
+#                                            # and the 1.7B at 1, 64; then int8's and bf16's
+#                                            # closeness to float32 (bench_quantize: logits error,
+#                                            # top-1 agreement, first divergent frame)
+#   bash benchmarks/gpu_session.sh overlap   # ~3-4 min: a streamed chunk's codec beside the next
+#                                            # chunk's frames (Options.codec_overlap "queue":
+#                                            # dispatched before them) against "off", the 0.6B,
+#                                            # the streaming API (1 then 12 / 4 frames) and the
+#                                            # engine with 8 requests (overlap.txt)
 #   bash benchmarks/gpu_session.sh icl       # ~3-4 min: a cloned voice's time to first audio
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
@@ -30,7 +41,7 @@
 # The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine
 # (/tmp/ckpt17srv for `server`: the 1.7B shapes with the demo's tokenizer and preset voices).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|profile|server|icl}
+part=${1:?usage: gpu_session.sh one|profile|server|quant|overlap|icl}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -83,6 +94,19 @@ server)
         --poisson 10 20 40 --duration 60 --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
         2>&1 | tee -a "$OUT/all.log"
     ;;
+quant)
+    bench q06 0b6 /tmp/ckpt --batches 1,8,64 --frames 100 --timeout 240 \
+        --variants default,int8 --variant-batches 1,8,64
+    bench q17 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200 \
+        --variants default,int8 --variant-batches 1,64
+    timeout 120 python3 benchmarks/bench_quantize.py --folder /tmp/ckpt --size 0b6 --rows 8 \
+        --frames 50 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
+    ;;
+overlap)
+    timeout 400 python3 benchmarks/ab_codec_overlap.py --folder /tmp/ckpt06srv --build 0b6 \
+        --modes off,queue,thread --rounds 5 --frames 100 --engine-rows 8 \
+        --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/overlap.txt"
+    ;;
 icl)
     # a cloned voice (ICL, 5 s of reference) against a preset speaker through the engine, with
     # its per-voice caches (prompt-prefix KV, codec state) off, cold and warm; the streaming API's
@@ -91,5 +115,5 @@ icl)
         2>&1 | tee -a "$OUT/all.log" | tee "$OUT/icl.txt"
     ;;
 *)
-    echo "unknown part $part: one, profile, server or icl" >&2; exit 2 ;;
+    echo "unknown part $part: one, profile, server, quant, overlap or icl" >&2; exit 2 ;;
 esac

@@ -14,7 +14,10 @@ every `chunk_frames`), the state kept on device. After each chunk, every row's n
 the cohort's `StreamDecoder` (one codec call for all rows, the codec's state carried on device
 from chunk to chunk, so a chunk costs only its new frames and the stream is the offline audio),
 and the audio to the row's `emit`. A job with `stream=False` (a whole-file format) is decoded
-once, when its row ends: the offline decode.
+once, when its row ends: the offline decode. After a chunk that is no row's first, its codec work
+may run beside the next chunk's frames (`Options.codec_overlap`: "thread" on a worker thread of
+the engine, "queue" dispatched before them; the cohort's `held` audio is handed out right after
+the next chunk's frames are dispatched): the same audio, later by at most that dispatch.
 
 Per-row end: a row that samples EOS or uses its `max_new_tokens` is finished (its `emit(None)`)
 at the next chunk boundary while the others go on; a row whose client went away (`job.cancelled`)
@@ -63,7 +66,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -329,6 +332,16 @@ def prefix_computes(L: int) -> list[int | None]:
     return out + [None]
 
 
+@dataclasses.dataclass
+class _Held:
+    """A chunk's audio on its way (`Options.codec_overlap`): `audio()` waits for the waves of
+    `emit`'s rows ((job, frames so far, new frames) each, in order); `ended`: the jobs whose
+    rows ended with this chunk, told after their audio."""
+    emit: list
+    ended: list
+    audio: Callable[[], list] | None = None
+
+
 class _Cohort:
     """Rows generated together: prefill at creation, then `step()` runs one chunk and emits.
 
@@ -391,6 +404,9 @@ class _Cohort:
         self.first_due: dict[int, int] = {}      # rows started later: frame of their 1st chunk
         self.text_final = self.feed is None
         self.closed = self.feed is not None
+        # the last chunk's audio on its way and what to do with it (`_Held`), or None
+        self.held: _Held | None = None
+        self.untold: list[Job] = []             # rows ended whose held audio failed
 
     @staticmethod
     def _key(job: Job):
@@ -423,6 +439,7 @@ class _Cohort:
     def take(self, job: Job, row: int, compute: int | None = None) -> None:
         """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame.
         `compute`: the refill's compute length instead of its own (a warm-up's)."""
+        self.flush()                   # the codec's state is touched below (the worker's)
         tts, cfg = self.engine.tts, self.engine.tts.config
         one = prompts.batch_prompts(cfg, [job.prompt], length=self.L, trailing_length=self.Lt)
         rows = self.rows.copy()
@@ -502,8 +519,13 @@ class _Cohort:
     # ------------------------------------------------------------------ one chunk
     def step(self) -> bool:
         """One chunk: decode frames, emit audio, end rows. False when the cohort is finished."""
-        engine, tts, cfg = self.engine, self.engine.tts, self.engine.tts.config
+        engine, tts = self.engine, self.engine.tts
         rows, open_rows, stats = self.rows, self.open_rows, engine.stats
+        ran = False
+        if self.held is not None:    # this chunk's frames first, then the last chunk's audio
+            self._run_frames()
+            ran = True
+            self.flush()
         now = time.monotonic()
         for b in list(open_rows):
             if rows[b].cancelled:
@@ -517,10 +539,8 @@ class _Cohort:
                     f"the request ran out of time after {rows[b].frames} frames"))
         if not open_rows:
             return False
-        if self._until() > self.capacity:
-            self._make_room()
-        self.state = gen.decode(tts.params, cfg, self.state, self.ctx, self.settings,
-                                min(self._until(), self.capacity), tts.options)
+        if not ran:
+            self._run_frames()
         codes = np.asarray(self.state.codes_BxFxG)
         lengths, ended = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
         self.step_n = step = int(self.state.step)
@@ -534,18 +554,79 @@ class _Cohort:
         whole = [b for b in ready if not rows[b].stream and ended[b]]
         new = {b: codes[b, self.first_frame[b] + self.emitted[b]:self.first_frame[b] + lengths[b]]
                for b in streamed + whole}
-        waves = {}
-        if whole:
-            waves.update(zip(whole, engine._decode([self.refs[b] for b in whole],
-                                                   [new[b] for b in whole])))
-        if streamed:
-            pushed = self.codec.push([new.get(b) if b in streamed else None
-                                      for b in range(len(rows))])
-            waves.update((b, pushed[b]) for b in streamed)
+        first = any(self.emitted[b] == 0 for b in streamed)
         for b in streamed + whole:
-            job, wave = rows[b], waves[b]
-            self.emitted[b] = job.frames = int(lengths[b])
-            stats["frames"] += len(new[b])
+            self.emitted[b] = int(lengths[b])
+        for b in due:
+            self.first_due.pop(b, None)
+        done = [b for b in sorted(open_rows) if ended[b]]
+        for b in done:                      # free for a new job now, told after their audio
+            open_rows.discard(b)
+        held = _Held([(rows[b], int(lengths[b]), len(new[b])) for b in streamed + whole],
+                     [rows[b] for b in done])
+        mode = tts.options.codec_overlap
+        # Beside the next chunk's frames only when they follow at once (a session waiting for
+        # text does not), and not a row's first chunk (its audio is the time to first audio).
+        ahead = (mode != "off" and bool(open_rows) and bool(streamed or whole) and not first
+                 and (self.feed is None or self.text_final))
+        batch = [new.get(b) if b in streamed else None for b in range(len(rows))]
+
+        def whole_waves() -> dict:
+            return dict(zip(whole, engine._decode([self.refs[b] for b in whole],
+                                                  [new[b] for b in whole]))) if whole else {}
+
+        def codec_work(pending=None) -> list:
+            waves = whole_waves()
+            if streamed:
+                pushed = self.codec.push(batch) if pending is None else pending.result()
+                waves.update((b, pushed[b]) for b in streamed)
+            return [waves[b] for b in streamed + whole]
+
+        self.held = held
+        try:
+            if ahead and mode == "thread":
+                held.audio = engine._codec_thread().submit(codec_work).result
+            elif ahead and mode == "queue":     # the codec dispatched now, waited for later
+                held.audio = functools.partial(
+                    codec_work, self.codec.submit(batch) if streamed else None)
+            else:
+                held.audio = codec_work         # by the flush below
+        except BaseException:
+            self.held = None
+            self.untold += held.ended
+            raise
+        if not ahead:
+            self.flush()
+        if regular:
+            self.target = step + engine.chunk_frames
+        return bool(open_rows)
+
+    def _run_frames(self) -> None:
+        """Dispatch the frame loop up to the next chunk boundary."""
+        tts = self.engine.tts
+        if self._until() > self.capacity:
+            self._make_room()
+        self.state = gen.decode(tts.params, tts.config, self.state, self.ctx, self.settings,
+                                min(self._until(), self.capacity), tts.options)
+
+    def flush(self) -> None:
+        """Hand out the held chunk's audio (waiting for it), tell the rows that ended with it,
+        and end the open rows whose deadline passed. If the audio fails, the ended rows are kept
+        in `untold` (`release` gives them back with the open rows) and the error is raised."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        stats = self.engine.stats
+        try:
+            waves = held.audio()
+        except BaseException:
+            self.untold += held.ended
+            raise
+        for (job, frames, n), wave in zip(held.emit, waves):
+            if job.cancelled:
+                continue
+            job.frames = frames
+            stats["frames"] += n
             if job.skip_samples:          # a restarted stream: what its client has is dropped
                 cut = min(job.skip_samples, len(wave))
                 job.skip_samples -= cut
@@ -554,25 +635,30 @@ class _Cohort:
                     continue
             job.sent_samples += len(wave)
             job.emit(wave)
-        for b in due:
-            self.first_due.pop(b, None)
-        now = time.monotonic()
-        for b in list(open_rows):
-            if ended[b]:
-                open_rows.discard(b)
+        for job in held.ended:
+            if not job.cancelled:
                 stats["finished"] += 1
-                rows[b].emit(None)
-            elif now > rows[b].deadline:
-                open_rows.discard(b)
-                rows[b].cancelled = True
+                job.emit(None)
+        now = time.monotonic()
+        for b in list(self.open_rows):
+            if now > self.rows[b].deadline:
+                self.open_rows.discard(b)
+                self.rows[b].cancelled = True
                 stats["timeouts"] += 1
-                rows[b].emit(DeadlineExceeded(
-                    f"the request ran out of time after {rows[b].frames} frames"))
-        if regular:
-            self.target = step + engine.chunk_frames
-        return bool(open_rows)
+                self.rows[b].emit(DeadlineExceeded(
+                    f"the request ran out of time after {self.rows[b].frames} frames"))
 
     def fail(self, e: Exception) -> None:
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - failing them anyway
+            pass
+        for job in self.untold:
+            if not job.cancelled:
+                self.engine.stats["errors"] += 1
+                job.cancelled = True
+                job.emit(e)
+        self.untold = []
         for b in self.open_rows:
             if not self.rows[b].cancelled:
                 self.engine.stats["errors"] += 1
@@ -581,9 +667,16 @@ class _Cohort:
         self.open_rows.clear()
 
     def release(self) -> list[Job]:
-        """The jobs of the open rows that a client still waits on; the cohort keeps none."""
+        """The jobs that a client still waits on (the open rows', and those whose last audio
+        failed), after the held audio is handed out; the cohort keeps none."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - its rows restart with the others
+            log.exception("a chunk's audio failed")
         jobs = [self.rows[b] for b in sorted(self.open_rows) if not self.rows[b].cancelled]
+        jobs += [j for j in self.untold if not j.cancelled and j not in jobs]
         self.open_rows.clear()
+        self.untold = []
         return jobs
 
 
@@ -648,6 +741,7 @@ class BatchEngine:
         self._pending: list[Job] = []
         self._sessions: list[Job] = []
         self._units: list[_Cohort] = []
+        self._codec_worker: ThreadPoolExecutor | None = None   # `Options.codec_overlap`
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
                       "frames": 0, "retried": 0, "worker_restarts": 0,
@@ -666,6 +760,14 @@ class BatchEngine:
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._codec_worker is not None:
+            self._codec_worker.shutdown(wait=False)
+
+    def _codec_thread(self) -> ThreadPoolExecutor:
+        """The thread that runs a chunk's codec beside the next chunk's frames ("thread")."""
+        if self._codec_worker is None:
+            self._codec_worker = ThreadPoolExecutor(1, thread_name_prefix="qwen3-tts-codec")
+        return self._codec_worker
 
     @property
     def waiting(self) -> int:
@@ -737,6 +839,7 @@ class BatchEngine:
                 cohort.open_rows.discard(0)
                 cohort.take(quiet(), 0)
                 cohort.step()
+                cohort.flush()
                 # every codec window a chunk can use (shorter last chunks, codec restarts)
                 cohort.codec.warm(max(self.chunk_frames, self.first_chunk_frames))
                 # a cloned voice's stored prefix: the prefill and refill at every compute
@@ -1196,8 +1299,6 @@ class EnginePool:
 
     def warmup(self, jobs_like: list[Job], chunks: int = 2, whole_file_frames: int = 0) -> float:
         """`BatchEngine.warmup` on every device at once (a thread each). Returns seconds."""
-        from concurrent.futures import ThreadPoolExecutor
-
         t = time.perf_counter()
         with ThreadPoolExecutor(len(self.engines)) as ex:
             list(ex.map(lambda e: e.warmup(jobs_like, chunks, whole_file_frames), self.engines))

@@ -449,27 +449,65 @@ def stream(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B, max_f
     `chunk_frames`, until every row has ended or `max_frames` exist. The frame loop is the same
     compiled `decode` with a growing `until` and the state kept on device, so the codes are
     exactly `generate`'s for the same keys. Closing the generator stops the generation.
-    `executables`: see `programs`."""
-    run_prefill, run_decode = programs(executables)
-    frames = capacity(max_frames, options)
-    state, ctx = run_prefill(params, cfg, batch, settings, keys_B, frames=frames,
-                             compute=prefill_length(batch.mask_BxL), options=options)
-    limit = bucket(max_frames, 16)
-    emitted = np.zeros(state.length_B.shape[0], int)
-    target = first_chunk_frames
-    while True:
-        while target > frames and frames < limit:
-            frames = min(2 * frames, limit)
-            state = grow(state, frames)
-        state = run_decode(params, cfg, state, ctx, settings, min(target, frames), options)
-        lengths, done = np.asarray(state.length_B), np.asarray(state.done_B)
-        if (lengths > emitted).any():
-            codes = np.asarray(state.codes_BxFxG)
-            yield [codes[b, emitted[b]:lengths[b]] for b in range(len(lengths))]
-            emitted = np.maximum(emitted, lengths)
-        if done.all() or emitted.min() >= max_frames:
-            return
-        target = int(emitted.max()) + chunk_frames
+    `executables`: see `programs`. `Chunks` runs the same in steps."""
+    chunks = Chunks(params, cfg, batch, settings, keys_B, max_frames, chunk_frames,
+                    first_chunk_frames, options, executables)
+    while chunks.dispatch():
+        new = chunks.collect()
+        if new is not None:
+            yield new
+
+
+class Chunks:
+    """`stream` in two steps per chunk, so that a caller can put work between a chunk's dispatch
+    and its wait (the codec of the chunk before: `runner.stream`):
+
+        chunks = Chunks(...)                  # the prefill, dispatched
+        while chunks.dispatch():              # the next chunk's frame loop, queued on the device
+            new = chunks.collect()            # wait for it: each row's new frames, or None
+    """
+
+    def __init__(self, params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
+                 max_frames: int, chunk_frames: int, first_chunk_frames: int, options: Options,
+                 executables=None):
+        self._args = params, cfg, settings, options
+        self._run_decode = programs(executables)[1]
+        run_prefill = programs(executables)[0]
+        self.frames = capacity(max_frames, options)
+        self.state, self.ctx = run_prefill(params, cfg, batch, settings, keys_B,
+                                           frames=self.frames,
+                                           compute=prefill_length(batch.mask_BxL),
+                                           options=options)
+        self.max_frames, self.chunk_frames = max_frames, chunk_frames
+        self.limit = bucket(max_frames, 16)
+        self.emitted = np.zeros(self.state.length_B.shape[0], int)
+        self.target = first_chunk_frames
+        self.finished = False
+
+    def dispatch(self) -> bool:
+        """Queue the next chunk's frames; False (nothing queued) once the stream has ended."""
+        if self.finished:
+            return False
+        params, cfg, settings, options = self._args
+        while self.target > self.frames and self.frames < self.limit:
+            self.frames = min(2 * self.frames, self.limit)
+            self.state = grow(self.state, self.frames)
+        self.state = self._run_decode(params, cfg, self.state, self.ctx, settings,
+                                      min(self.target, self.frames), options)
+        return True
+
+    def collect(self) -> list | None:
+        """Wait for the dispatched chunk: each row's new frames ((n, G) int32), or None when no
+        row has any."""
+        lengths, done = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
+        new = None
+        if (lengths > self.emitted).any():
+            codes = np.asarray(self.state.codes_BxFxG)
+            new = [codes[b, self.emitted[b]:lengths[b]] for b in range(len(lengths))]
+            self.emitted = np.maximum(self.emitted, lengths)
+        self.finished = bool(done.all()) or self.emitted.min() >= self.max_frames
+        self.target = int(self.emitted.max()) + self.chunk_frames
+        return new
 
 
 def synthesize(params, cfg: Qwen3TTSConfig, codec_params, codec_cfg, batch,

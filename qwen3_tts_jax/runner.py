@@ -6,6 +6,7 @@ codes read back. The API and the batch tool's padded batches run here; the batch
 `model` is a loaded `Qwen3TTS` (its `config`, `params`, `model_parallel`, `speech_tokenizer`)."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 
@@ -103,15 +104,42 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
     """Float32 audio chunks of one utterance while it is generated (`generate.stream`'s code
     chunks through a `StreamDecoder`, which carries the codec's state between chunks: the chunks
     concatenate to the offline audio, and each costs only its new frames). An ICL reference
-    (`ref_code`) is decoded first and its audio cut."""
+    (`ref_code`) is decoded first and its audio cut. After the first chunk, a chunk's codec runs
+    beside the next chunk's frames as `Options.codec_overlap` says (same audio)."""
     batch, run_settings, ks = prepare(model.config, model.options, [item], settings)
     codec = model.speech_tokenizer.stream_decoder()
     codec.reset(0, prefix=ref_code)
-    for codes in gen.stream(model.params, model.config, batch, run_settings, ks,
-                            max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
-                            first_chunk_frames=first_chunk_frames, options=model.options,
-                            executables=_executables(model)):
-        yield codec.push([codes[0]])[0]
+    chunks = gen.Chunks(model.params, model.config, batch, run_settings, ks,
+                        max_frames=settings.max_new_tokens - 1, chunk_frames=chunk_frames,
+                        first_chunk_frames=first_chunk_frames, options=model.options,
+                        executables=_executables(model))
+    overlap = model.options.codec_overlap
+    worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codec")
+              if overlap == "thread" else None)
+    try:
+        more, first = chunks.dispatch(), True
+        while more:
+            new = chunks.collect()
+            if new is None:
+                more = chunks.dispatch()
+                continue
+            # the next chunk's frames run while this chunk's codec does (not for the first
+            # chunk: its audio is the time to first audio): `Options.codec_overlap`
+            ahead = overlap != "off" and not first
+            if ahead and worker is not None:
+                audio = worker.submit(codec.push, [new[0]])
+            else:
+                audio = codec.submit([new[0]])
+            if ahead:
+                more = chunks.dispatch()
+            audio = audio.result()[0]
+            yield audio
+            first = False
+            if not ahead:
+                more = chunks.dispatch()
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True)
 
 
 def encode_voices(model, ref_audio, ref_text=None, x_vector_only_mode=False,

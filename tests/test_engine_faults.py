@@ -180,6 +180,108 @@ def test_a_failing_step_fails_only_its_request(tts, reference, monkeypatch):
     assert engine.stats["retried"] == 4 and engine.stats["errors"] == 1, engine.stats
 
 
+# ------------------------------------------------------------ the codec beside the next frames
+OVERLAP_JOBS = [("Hello world. This is a test.", "ryan", 1, True, 12),
+                ("Hi there.", "vivian", 2, True, 7),       # 6 frames: ends at a chunk boundary
+                ("The quick brown fox.", "eric", 3, False, 15)]
+
+
+def overlap_run(tts, mode, jobs=OVERLAP_JOBS, timeout=300):
+    from official import with_options
+
+    other = with_options(tts, codec_overlap=mode)
+    return other, run(engine_of(other), [job_of(other, t, s, seed, tokens=n, stream=st)
+                                         for t, s, seed, st, n in jobs], timeout)
+
+
+@pytest.fixture(scope="module")
+def overlap_reference(tts):
+    _, outs = overlap_run(tts, "off")
+    assert all(o.end is None for o in outs)
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["queue", "thread"])
+def test_codec_overlap_gives_the_same_audio(tts, overlap_reference, mode, monkeypatch):
+    """`Options.codec_overlap` in the engine: every job's chunks, bit for bit, as with "off"
+    (streamed and whole-file rows, rows ending at a chunk boundary and between), and in "thread"
+    the codec did run on the engine's codec thread."""
+    from qwen3_tts_jax.codec import streaming
+
+    threads, push = set(), streaming.StreamDecoder.push
+
+    def spy(self, new):
+        threads.add(threading.current_thread().name)
+        return push(self, new)
+
+    monkeypatch.setattr(streaming.StreamDecoder, "push", spy)
+    _, outs = overlap_run(tts, mode)
+    for o, want in zip(outs, overlap_reference):
+        assert o.end is None, o.end
+        assert [len(c) for c in o.chunks] == [len(c) for c in want.chunks]
+        for a, b in zip(o.chunks, want.chunks):
+            np.testing.assert_array_equal(a, b)
+    assert any(n.startswith("qwen3-tts-codec") for n in threads) == (mode == "thread"), threads
+
+
+@pytest.mark.parametrize("mode", ["off", "queue", "thread"])
+def test_codec_overlap_hands_a_chunk_out_after_the_next_frames_start(tts, mode, monkeypatch):
+    """The order of work for one stream of 14 frames (chunks of 2, 4, 4, 4): with "off" a chunk's
+    audio goes out before the next chunk's frames are dispatched; with "queue" and "thread" a
+    chunk after the first goes out right after the next chunk's frames are dispatched (the first
+    chunk at once: time to first audio; the last at once: no frames follow)."""
+    events = []
+    real = engine_mod.gen.decode
+
+    def decode(params, cfg, state, ctx, settings, until, *a, **kw):
+        events.append(f"frames to {until}")
+        return real(params, cfg, state, ctx, settings, until, *a, **kw)
+
+    monkeypatch.setattr(engine_mod.gen, "decode", decode)
+    from official import with_options
+
+    other = with_options(tts, codec_overlap=mode)
+    job, out = job_of(other, "Hello world. This is a test.", "ryan", 1, tokens=15)
+    real_emit = job.emit
+
+    def emit(x):
+        events.append("end" if x is None else f"audio {len(x) // 1920}")
+        real_emit(x)
+
+    job.emit = emit
+    (out,) = run(engine_of(other), [(job, out)])
+    assert out.end is None and len(out.wave) == 14 * 1920, out.end
+    if mode == "off":
+        want = ["frames to 2", "audio 2", "frames to 6", "audio 4", "frames to 10", "audio 4",
+                "frames to 14", "audio 4", "end"]
+    else:
+        want = ["frames to 2", "audio 2", "frames to 6", "frames to 10", "audio 4",
+                "frames to 14", "audio 4", "audio 4", "end"]
+    assert events == want
+
+
+def test_failing_held_audio_restarts_its_rows(tts, overlap_reference, monkeypatch):
+    """A fault in a chunk's codec work on the codec thread (the first held chunk, with which the
+    second job's row ends): the cohort's requests restart alone as after a failed step, the row
+    that had ended included, and every client gets the fault-free audio, each sample once."""
+    from qwen3_tts_jax.codec import streaming
+
+    push, planted = streaming.StreamDecoder.push, []
+
+    def push_once_failing(self, new):
+        if threading.current_thread().name.startswith("qwen3-tts-codec") and not planted:
+            planted.append(True)
+            raise RuntimeError("planted codec fault")
+        return push(self, new)
+
+    monkeypatch.setattr(streaming.StreamDecoder, "push", push_once_failing)
+    other, outs = overlap_run(tts, "thread", timeout=60)
+    assert planted
+    for o, want in zip(outs, overlap_reference):
+        assert o.end is None, o.end
+        np.testing.assert_array_equal(o.wave, want.wave)
+
+
 # ---------------------------------------------------------------------------------- liveness
 def test_a_dead_worker_restarts_and_a_stalled_one_is_reported(tts, monkeypatch):
     """A BaseException inside the worker's loop (SystemExit from a step): the request in flight

@@ -273,6 +273,8 @@ def test_gpu_frame_defaults_together(models):
                           specialize_sampler=True, runtime_dispatch=False, cpu_kernels=False,
                           decode_compiler_options=None, attention=None, min_rows=2)
     assert Options.for_backend("tpu").min_rows == 1
+    # host-side scheduling (not in the programs' key): the codec beside the frames on the CPU
+    assert (cpu.codec_overlap, gpu.codec_overlap) == ("thread", "off")
     assert Options.for_backend("gpu", attention="cudnn").attention == "cudnn"
 
     _, on_cpu_model = models("cv_identity_0b6")
@@ -306,6 +308,10 @@ def test_options_are_part_of_the_program_key(models):
     before = gen.program_counts()
     ours.generate_custom_voice_codes(**kw)
     assert gen.program_counts() == before
+    # a host-side choice (the codec beside the frames) is no part of the key
+    host = "off" if ours.options.codec_overlap != "off" else "thread"
+    with_options(ours, codec_overlap=host).generate_custom_voice_codes(**kw)
+    assert gen.program_counts() == before
     other = with_options(ours, unroll_predictor=not ours.options.unroll_predictor)
     got = other.generate_custom_voice_codes(**kw)
     after = gen.program_counts()
@@ -317,7 +323,7 @@ def test_options_are_part_of_the_program_key(models):
     ("cache_layout", "rows"), ("kth_by", "sort"), ("attention", "flash"),
     ("unroll_predictor", 1), ("cpu_kernels", None), ("min_rows", 0), ("first_frames", 0),
     ("pairwise_max", -1), ("decode_compiler_options", [("x", [1])]),
-    ("int8_activations", "int4")])
+    ("int8_activations", "int4"), ("codec_overlap", "stream")])
 def test_invalid_option_is_named(field, value):
     with pytest.raises(ValueError, match=rf"Options\.{field}="):
         Options(**{field: value})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from official import GREEDY
+from official import GREEDY, with_options
 from test_audio import speech
 
 
@@ -191,3 +191,78 @@ def test_endless_text_pieces_end_at_the_budget(tts):
     codes = tts.generate_custom_voice_codes("la " * 100, non_streaming_mode=False, **kw)[0]
     assert len(codes) == 19
     _check(np.concatenate(chunks), tts.decode([codes])[0][0], 3 * 1920)
+
+
+# ------------------------------------------------------------------ the codec beside the frames
+def _with_overlap(tts, mode):
+    return with_options(tts, codec_overlap=mode)
+
+
+def test_codec_overlap_modes_give_the_same_chunks(tts):
+    """`Options.codec_overlap`: the codec of a chunk beside the next chunk's frames changes when
+    the work runs, never the audio: the same chunks, bit for bit, in every mode."""
+    kw = dict(text="Hello world. This is a tiny test.", speaker="ryan", language="english",
+              max_new_tokens=30, seed=5)
+    runs = {m: list(_with_overlap(tts, m).generate_custom_voice_streaming(
+        **kw, chunk_frames=4, first_chunk_frames=1)) for m in ("off", "queue", "thread")}
+    assert len(runs["off"]) > 3
+    for m in ("queue", "thread"):
+        assert [len(c) for c in runs[m]] == [len(c) for c in runs["off"]]
+        for a, b in zip(runs[m], runs["off"]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["off", "queue", "thread"])
+def test_codec_overlap_order_of_work(tts, mode, monkeypatch):
+    """What runs when, per mode: "off" decodes a chunk's audio and hands it out before the next
+    chunk's frames are dispatched; "queue" dispatches the codec, then the next chunk's frames,
+    then waits for the audio; "thread" runs the codec on another thread while the next chunk's
+    frames are dispatched. The first chunk is decoded alone in every mode (time to first audio)."""
+    import threading
+
+    from qwen3_tts_jax import generate as gen
+    from qwen3_tts_jax.codec import streaming
+
+    events, main = [], threading.get_ident()
+    dispatch, submit = gen.Chunks.dispatch, streaming.StreamDecoder.submit
+    result = streaming.Pending.result
+
+    def on(name, fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            if out is not False:                 # a dispatch after the end queues nothing
+                events.append(name + ("" if threading.get_ident() == main else "@worker"))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(gen.Chunks, "dispatch", on("frames", dispatch))
+    monkeypatch.setattr(streaming.StreamDecoder, "submit", on("codec", submit))
+    monkeypatch.setattr(streaming.Pending, "result", on("audio", result))
+    kw = dict(text="Hello world. This is a tiny test.", speaker="ryan", language="english",
+              max_new_tokens=14, **GREEDY)
+    sizes = []
+    for chunk in _with_overlap(tts, mode).generate_custom_voice_streaming(
+            **kw, chunk_frames=4, first_chunk_frames=1):
+        events.append("yield")
+        sizes.append(len(chunk) // 1920)
+    assert sizes == [1, 4, 4, 4]          # 13 frames (max_new_tokens - 1)
+    segs, seg = [], []
+    for e in events:
+        seg.append(e)
+        if e == "yield":
+            segs.append(seg)
+            seg = []
+    assert segs[0] == ["frames", "codec", "audio", "yield"], events   # the first chunk alone
+    for k, seg in enumerate(segs[1:], 1):
+        last = k == len(segs) - 1
+        if mode == "off":
+            assert seg == ["frames", "codec", "audio", "yield"], events
+        elif mode == "queue":
+            assert seg == (["frames"] if k == 1 else []) + ["codec"] + (
+                [] if last else ["frames"]) + ["audio", "yield"], events
+        else:       # the worker's codec and the next frames' dispatch: any interleaving
+            body = seg[1:-1] if k == 1 else seg[:-1]
+            assert seg[-1] == "yield" and (k > 1 or seg[0] == "frames"), events
+            want = ["codec@worker", "audio@worker"] + ([] if last else ["frames"])
+            assert sorted(body) == sorted(want), events
+            assert body.index("codec@worker") < body.index("audio@worker"), events

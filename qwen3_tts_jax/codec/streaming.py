@@ -232,6 +232,13 @@ class StreamDecoder:
     def push(self, new: list) -> list:
         """The next frames of each row ((frames, Q) int codes, or None for a row with nothing
         new) -> each row's float32 audio of those frames (None where None was pushed)."""
+        return self.submit(new).result()
+
+    def submit(self, new: list) -> "Pending":
+        """`push` in two halves: the decoder's programs are dispatched now (the state moves on, so
+        the next `submit` may follow at once) and `Pending.result()` waits for the audio. What a
+        caller dispatches in between (the next chunk's frames) runs after the codec on an
+        accelerator's stream, and beside it on the CPU."""
         if len(new) != self.batch:
             raise ValueError(f"push takes one entry per row ({self.batch}), got {len(new)}")
         seqs = [None if c is None else _checked(c, f"row {b}", self.cfg)
@@ -244,7 +251,7 @@ class StreamDecoder:
                 self._prefix[b] = None
             pieces.append([] if seq is None else self._pieces(b, seq))
             drop.append(n_prefix)
-        audio = [[] for _ in range(self.batch)]
+        rounds = []
         for k in range(max(len(p) for p in pieces)):
             round_ = [p[k] if k < len(p) else None for p in pieces]
             T = window_frames(max(len(r[1]) for r in round_ if r is not None))
@@ -257,9 +264,28 @@ class StreamDecoder:
             wave, self.state = decoder.jit_stream_decode(
                 self.params, self.cfg, self.state, jnp.asarray(window), jnp.asarray(n),
                 jnp.asarray(reset))
-            wave = np.asarray(wave)
-            for b, r in enumerate(round_):
-                if r is not None:
-                    audio[b].append(wave[b, r[2] * self.up:n[b] * self.up])
-        return [None if codes is None else np.concatenate(a)[drop[b] * self.up:] if a
-                else np.zeros(0, np.float32) for b, (codes, a) in enumerate(zip(new, audio))]
+            rounds.append((wave, [None if r is None else (r[2], int(n[b]))
+                                  for b, r in enumerate(round_)]))
+        return Pending(rounds, [c is None for c in new], drop, self.up)
+
+
+class Pending:
+    """The audio of one `StreamDecoder.submit`, on its way: `result()` waits for it (once)."""
+
+    def __init__(self, rounds, empty, drop, up):
+        self._rounds, self._empty, self._drop, self._up = rounds, empty, drop, up
+        self._audio = None
+
+    def result(self) -> list:
+        if self._audio is None:
+            audio = [[] for _ in self._empty]
+            for wave, spans in self._rounds:
+                wave = np.asarray(wave)
+                for b, span in enumerate(spans):
+                    if span is not None:
+                        audio[b].append(wave[b, span[0] * self._up:span[1] * self._up])
+            self._audio = [None if empty else np.concatenate(a)[self._drop[b] * self._up:] if a
+                           else np.zeros(0, np.float32)
+                           for b, (empty, a) in enumerate(zip(self._empty, audio))]
+            self._rounds = None
+        return self._audio
