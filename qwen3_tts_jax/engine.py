@@ -24,7 +24,8 @@ at the next chunk boundary while the others go on; a row whose client went away 
 or whose deadline passed stops being decoded, and the cohort stops as soon as no row needs it.
 
 Continuous batching: while a batch runs, a waiting request starts in one of its free rows (a
-padding row, or one whose request ended) at the next chunk boundary, if its prompt fits the
+padding row, or one whose request ended) within `admit_frames` frames (while a row is free, the
+frame loop runs in steps of that many frames between the chunk boundaries), if its prompt fits the
 batch's prompt and trailing-text buckets (`generate.insert`: its prompt runs into that row's
 cache just before the batch's next frame slot, and the row counts its own frames). A request
 that does not fit closes the batch to newcomers: it drains, and the next batch forms with that
@@ -507,7 +508,11 @@ class _Cohort:
         limit = self._need(self.open_rows) if self.text_final else len(
             self.feed.trailing(self.tokens, False))
         firsts = [f for b, f in self.first_due.items() if b in self.open_rows]
-        return min(self.target, *firsts, limit)
+        until = min(self.target, *firsts, limit)
+        tick = self.engine.admit_frames
+        if tick and self.feed is None and not self.closed and self.free_row() is not None:
+            until = min(until, self.step_n + tick)   # a request arriving now waits <= tick
+        return until
 
     def ready(self) -> bool:
         if self.feed is not None and not self.text_final:
@@ -541,7 +546,6 @@ class _Cohort:
             return False
         if not ran:
             self._run_frames()
-        codes = np.asarray(self.state.codes_BxFxG)
         lengths, ended = np.asarray(self.state.length_B), np.asarray(self.state.done_B)
         self.step_n = step = int(self.state.step)
         # streamed rows: their new frames; whole-file rows: all their frames once done. At an
@@ -552,6 +556,7 @@ class _Cohort:
         ready = [b for b in due if lengths[b] > self.emitted[b]]
         streamed = [b for b in ready if rows[b].stream]
         whole = [b for b in ready if not rows[b].stream and ended[b]]
+        codes = np.asarray(self.state.codes_BxFxG) if streamed or whole else None
         new = {b: codes[b, self.first_frame[b] + self.emitted[b]:self.first_frame[b] + lengths[b]]
                for b in streamed + whole}
         first = any(self.emitted[b] == 0 for b in streamed)
@@ -698,16 +703,24 @@ class BatchEngine:
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  batch_buckets: tuple[int, ...] | None = None,
                  min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, admit_frames: int | None = None):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
+        if admit_frames is not None and (isinstance(admit_frames, bool) or
+                                         not isinstance(admit_frames, int) or admit_frames < 0):
+            raise ValueError(f"admit_frames must be an integer >= 0, got {admit_frames!r}")
         self.tts = tts
         self.max_batch_size = max_batch_size
         self.batch_window = batch_window
         self.max_queue = max_queue
         self.chunk_frames = chunk_frames
         self.first_chunk_frames = first_chunk_frames
+        # While a running batch has a free row, its frame loop runs at most this many frames a
+        # call (None: first_chunk_frames; 0: a chunk at a time), so that a request arriving
+        # mid-chunk starts within that many frames, not at the chunk's end; audio still goes
+        # out at the chunk boundaries (between them only the step counters are read back)
+        self.admit_frames = first_chunk_frames if admit_frames is None else admit_frames
         # Padded batch sizes (one compiled program set each): powers of two up to the maximum by
         # default, from the fewest rows (`Options.min_rows`: two on a GPU); a single
         # bucket (e.g. (8,)) compiles once and pads every batch to it.

@@ -119,3 +119,72 @@ def test_default_batch_buckets_start_at_the_backends_fewest_rows():
     assert BatchEngine(two, max_batch_size=5).batch_buckets == (2, 4, 8)
     assert BatchEngine(two, max_batch_size=1).batch_buckets == (2,)
     assert BatchEngine(None, max_batch_size=5, batch_buckets=(1, 8)).batch_buckets == (1, 8)
+
+
+def test_a_request_arriving_mid_chunk_starts_within_admit_frames(model_pair, monkeypatch):
+    """A request that arrives while a batch with a free row runs a long chunk starts within
+    `admit_frames` frames (the frame loop runs that many frames a call while a row is free), not
+    at the chunk's end (`admit_frames=0`); the running request's chunks and audio are the same
+    either way, and so is the newcomer's (its audio for the seed)."""
+    import threading
+
+    from qwen3_tts_jax import engine as engine_mod
+    from qwen3_tts_jax.engine import BatchEngine, Job
+    from qwen3_tts_jax.settings import GenerationSettings
+
+    _, tts = model_pair("cv_proj")
+    real_take, real_decode = engine_mod._Cohort.take, engine_mod.gen.decode
+    results = {}
+    for admit in (2, 0):
+        joined_at = []
+
+        def take(self, job, row, compute=None):
+            joined_at.append(self.step_n)
+            return real_take(self, job, row, compute)
+
+        monkeypatch.setattr(engine_mod._Cohort, "take", take)
+        engine = BatchEngine(tts, max_batch_size=2, batch_window=0.0, chunk_frames=12,
+                             first_chunk_frames=2, batch_buckets=(2,), min_prompt_bucket=48,
+                             admit_frames=admit)
+        out = {"A": [], "B": []}
+        done = {k: threading.Event() for k in out}
+        settings = GenerationSettings.merge(tts.generate_defaults, max_new_tokens=30, **SAMPLED,
+                                            subtalker_dosample=False)
+        prompt = tts.custom_voice_prompts(["Hello world. This is a test."], "ryan", "english",
+                                          None, True)[0]
+        b_job = Job(prompt, settings, emit=lambda x: (out["B"].append(x), x is None and
+                                                      done["B"].set()), seed=2)
+
+        def emit_a(x):
+            out["A"].append(x)
+            if x is None:
+                done["A"].set()
+
+        sent = []
+
+        def decode(params, cfg, state, ctx, settings, until, *a, **kw):
+            if until > 2 and not sent:     # B arrives as the chunk after A's first one starts
+                sent.append(until)
+                engine.submit(b_job)
+            return real_decode(params, cfg, state, ctx, settings, until, *a, **kw)
+
+        monkeypatch.setattr(engine_mod.gen, "decode", decode)
+        engine.submit(Job(prompt, settings, emit=emit_a, seed=1))
+        engine.start()
+        try:
+            assert all(d.wait(120) for d in done.values())
+        finally:
+            engine.stop()
+        assert engine.stats["joined"] == 1 and engine.stats["errors"] == 0, engine.stats
+        results[admit] = joined_at, out, sent
+    (ticked, with_ticks, t_sent), (chunked, without, c_sent) = results[2], results[0]
+    assert c_sent == [14] and chunked == [14], (c_sent, chunked)   # the end of that chunk
+    assert t_sent == [4] and ticked == [4], (t_sent, ticked)       # 2 frames after arrival
+    for k in ("A", "B"):
+        assert with_ticks[k][-1] is None and without[k][-1] is None
+        a, b = np.concatenate(with_ticks[k][:-1]), np.concatenate(without[k][:-1])
+        assert a.shape == b.shape == (29 * 1920,), k
+        np.testing.assert_allclose(a, b, atol=1e-5 + 1e-4 * np.abs(b).max(), err_msg=k)
+    # A's audio still goes out per chunk: 2 frames, then 12 (the last: what was left)
+    assert ([len(c) // 1920 for c in with_ticks["A"][:-1]]
+            == [len(c) // 1920 for c in without["A"][:-1]] == [2, 12, 12, 3])

@@ -249,7 +249,7 @@ def test_codec_overlap_hands_a_chunk_out_after_the_next_frames_start(tts, mode, 
         real_emit(x)
 
     job.emit = emit
-    (out,) = run(engine_of(other), [(job, out)])
+    (out,) = run(engine_of(other, admit_frames=0), [(job, out)])   # chunks only
     assert out.end is None and len(out.wave) == 14 * 1920, out.end
     if mode == "off":
         want = ["frames to 2", "audio 2", "frames to 6", "audio 4", "frames to 10", "audio 4",
@@ -280,6 +280,12 @@ def test_failing_held_audio_restarts_its_rows(tts, overlap_reference, monkeypatc
     for o, want in zip(outs, overlap_reference):
         assert o.end is None, o.end
         np.testing.assert_array_equal(o.wave, want.wave)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_a_bad_admit_frames_is_named(tts, bad):
+    with pytest.raises(ValueError, match="admit_frames"):
+        BatchEngine(tts, admit_frames=bad)
 
 
 # ---------------------------------------------------------------------------------- liveness

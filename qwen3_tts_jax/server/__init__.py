@@ -84,6 +84,9 @@ def add_parser(sub, common) -> None:
                    help="frames per streamed chunk (12 frames = 0.96 s of audio)")
     s.add_argument("--first-chunk-frames", type=int, default=3,
                    help="frames in the first chunk (small: the time to first audio)")
+    s.add_argument("--admit-frames", type=int, default=None,
+                   help="a request arriving while a batch with a free row runs starts within "
+                        "this many frames (default: --first-chunk-frames; 0: at the next chunk)")
     f = p.add_argument_group("limits and faults")
     f.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="longer prompts (input, instructions and a voice's reference together, "
@@ -202,7 +205,7 @@ def run(args) -> int:
         max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
         max_queue=args.max_queue, max_input_chars=args.max_input_chars,
         request_timeout=args.request_timeout, chunk_frames=args.chunk_frames,
-        first_chunk_frames=args.first_chunk_frames,
+        first_chunk_frames=args.first_chunk_frames, admit_frames=args.admit_frames,
         batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",

@@ -83,6 +83,7 @@ class ServerOptions:
     request_timeout: float = 300.0
     chunk_frames: int = 12
     first_chunk_frames: int = 3
+    admit_frames: int | None = None  # a request joins a running batch within this many frames
     batch_buckets: tuple[int, ...] | None = None               # default: powers of two
     min_prompt_bucket: int = 16
     language: str | None = None                                # default language
@@ -493,7 +494,8 @@ class Server:
         kw = dict(max_batch_size=options.max_batch_size,
                   batch_window=options.batch_window_ms / 1000, max_queue=options.max_queue,
                   chunk_frames=options.chunk_frames, first_chunk_frames=options.first_chunk_frames,
-                  batch_buckets=options.batch_buckets, min_prompt_bucket=options.min_prompt_bucket,
+                  admit_frames=options.admit_frames, batch_buckets=options.batch_buckets,
+                  min_prompt_bucket=options.min_prompt_bucket,
                   refill=options.continuous_batching, stall_timeout=options.stall_timeout)
         # one device: the engine over the loaded weights; several: an engine per device
         self.devices = n

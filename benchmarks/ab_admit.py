@@ -1,0 +1,165 @@
+"""When a request that arrives while a batch runs starts: within `admit_frames` frames (the frame
+loop runs that many frames a call while the batch has a free row) against at the running chunk's
+end (`admit_frames=0`), side by side in one process, warm, the settings taking turns each round:
+
+    python benchmarks/ab_admit.py --folder /tmp/ckpt0b6 [--quantize int4] [--codec-precision bf16]
+        [--admit 3,0] [--rounds 3] [--late 3] [--seed 0]
+
+Each round: one long request (--long frames) starts an engine batch of --rows rows (first chunk 3
+frames, then 12); --late more requests (--short frames each) arrive at seeded random times while
+it runs (uniform over the long request's expected span). Reported per setting: the late
+requests' time to first audio (median, max; from their submission), the whole round's time and
+frames per second over all requests (the cost of the extra read-backs), underruns (as
+`bench_server.playback`). Audio is the same in every setting (checked).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SR = 24000
+TEXTS = ["The quick brown fox jumps over the lazy dog, and then it runs far away into the woods.",
+         "Hello there, how are you doing today?", "One two three four five six.",
+         "A short one.", "Streaming speech should start at once."]
+
+
+def one_round(tts, admit, rows, long_frames, short_frames, offsets):
+    from bench_server import playback
+    from qwen3_tts_jax.engine import BatchEngine, Job
+    from qwen3_tts_jax.settings import GenerationSettings
+
+    def settings(frames):
+        return GenerationSettings.merge(tts.generate_defaults, max_new_tokens=frames + 1,
+                                        do_sample=False, subtalker_dosample=False)
+
+    engine = BatchEngine(tts, max_batch_size=rows, batch_window=0.0, chunk_frames=12,
+                         first_chunk_frames=3, batch_buckets=(rows,), admit_frames=admit)
+    n = 1 + len(offsets)
+    sent, arrivals, waves = [None] * n, [[] for _ in range(n)], [[] for _ in range(n)]
+    done = [threading.Event() for _ in range(n)]
+
+    def emit_of(i):
+        def emit(x):
+            if x is None or isinstance(x, BaseException):
+                if isinstance(x, BaseException):
+                    print(f"request {i} failed: {x!r}", file=sys.stderr)
+                done[i].set()
+            else:
+                arrivals[i].append((time.perf_counter(), len(x)))
+                waves[i].append(np.asarray(x))
+        return emit
+
+    jobs = [Job(tts.custom_voice_prompts([TEXTS[i % len(TEXTS)]], "ryan", "english", None,
+                                         False)[0],
+                settings(long_frames if i == 0 else short_frames), emit=emit_of(i), seed=i)
+            for i in range(n)]
+    engine.start()
+    t0 = time.perf_counter()
+
+    def submit(i, at):
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        sent[i] = time.perf_counter()
+        engine.submit(jobs[i])
+
+    threads = [threading.Thread(target=submit, args=(i, at))
+               for i, at in enumerate([0.0] + list(offsets))]
+    for t in threads:
+        t.start()
+    try:
+        assert all(d.wait(600) for d in done), "a request did not end"
+    finally:
+        for t in threads:
+            t.join()
+        engine.stop()
+    total = time.perf_counter() - t0
+    ttfa = [arrivals[i][0][0] - sent[i] for i in range(1, n)]
+    under = sum(playback([(t - t0, k) for t, k in a], SR)["underruns"] for a in arrivals)
+    frames = sum(sum(len(w) for w in ws) for ws in waves) // 1920
+    return ttfa, total, frames, under, [np.concatenate(w) for w in waves], engine.stats["joined"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", default="/tmp/ckpt0b6")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    ap.add_argument("--codec-precision", choices=["float32", "bf16"], default="float32")
+    ap.add_argument("--admit", default="3,0")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--long", type=int, default=60)
+    ap.add_argument("--short", type=int, default=20)
+    ap.add_argument("--late", type=int, default=3)
+    ap.add_argument("--span", type=float, default=None,
+                    help="seconds over which the late requests arrive (default: measured in "
+                         "the warm-up round, the long request's first 3/4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import jax
+
+    from qwen3_tts_jax import Qwen3TTS
+
+    load0 = os.getloadavg()
+    tts = Qwen3TTS.from_pretrained(args.folder, quantize=args.quantize,
+                                   codec_precision=args.codec_precision)
+    settings = [int(a) for a in args.admit.split(",")]
+    rng = random.Random(args.seed)
+    warm = one_round(tts, settings[0], args.rows, args.long, args.short, [0.05] * args.late)
+    span = args.span or 0.75 * warm[1]
+    ref = None
+    res = {a: [] for a in settings}
+    for r in range(args.rounds + 1):
+        offsets = sorted(rng.uniform(0.1, span) for _ in range(args.late))
+        for a in settings:
+            out = one_round(tts, a, args.rows, args.long, args.short, offsets)
+            if r == 0:       # a warm-up of every setting (refills at new compute lengths)
+                ref = out[4] if ref is None else ref
+                assert all(np.allclose(x, y, atol=1e-5 + 1e-4 * np.abs(y).max())
+                           for x, y in zip(out[4], ref)), f"admit {a}: audio differs"
+            else:
+                res[a].append(out)
+    lines = ["| admit_frames | late requests' TTFA median / max ms | round s | frames/s | "
+             "underruns (most in a round) | joined a running batch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for a in settings:
+        ttfa = [t for out in res[a] for t in out[0]]
+        total = statistics.median(out[1] for out in res[a])
+        fps = statistics.median(out[2] / out[1] for out in res[a])
+        lines.append(f"| {a} | {1000 * statistics.median(ttfa):.0f} / {1000 * max(ttfa):.0f} | "
+                     f"{total:.2f} | {fps:.2f} | {max(out[3] for out in res[a])} | "
+                     f"{sum(out[5] for out in res[a])} of {args.late * args.rounds} |")
+        print(lines[-1], flush=True)
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    head = (f"## A request arriving mid-chunk: admit_frames ({when} UTC)\n\n"
+            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+            f"commit {commit}; {args.quantize or 'model dtype'} weights, {args.codec_precision} "
+            f"codec; load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
+            f"`python benchmarks/ab_admit.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f" ({args.rounds} rounds after a warm-up, the settings in turn; one {args.long}-frame "
+            f"request, then {args.late} of {args.short} frames arriving over {span:.1f} s; "
+            f"batch of {args.rows} rows, chunks of 3 then 12 frames).\n")
+    section = head + "\n" + "\n".join(lines) + "\n"
+    print("\n" + section)
+    if args.results:
+        from bench_generate import append_results
+        append_results(args.results, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
