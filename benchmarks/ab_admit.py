@@ -10,7 +10,10 @@ frames, then 12); --late more requests (--short frames each) arrive at seeded ra
 it runs (uniform over the long request's expected span). Reported per setting: the late
 requests' time to first audio (median, max; from their submission), the whole round's time and
 frames per second over all requests (the cost of the extra read-backs), underruns (as
-`bench_server.playback`). Audio is the same in every setting (checked).
+`bench_server.playback`), and how many requests' audio equals the first setting's in the same
+round (within 1e-4 of the peak): a row's arithmetic depends at the float-rounding level on the
+frame it joins at (its cache slots), which flips near-tied greedy codes of random weights at full
+size, and quantized activations (int8 / int4) turn such differences into flips sooner.
 """
 from __future__ import annotations
 
@@ -101,8 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=20)
     ap.add_argument("--late", type=int, default=3)
     ap.add_argument("--span", type=float, default=None,
-                    help="seconds over which the late requests arrive (default: measured in "
-                         "the warm-up round, the long request's first 3/4)")
+                    help="seconds over which the late requests arrive (default: the first 3/4 "
+                         "of the long request's time alone, measured warm)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
@@ -117,30 +120,37 @@ def main(argv=None) -> int:
                                    codec_precision=args.codec_precision)
     settings = [int(a) for a in args.admit.split(",")]
     rng = random.Random(args.seed)
-    warm = one_round(tts, settings[0], args.rows, args.long, args.short, [0.05] * args.late)
-    span = args.span or 0.75 * warm[1]
+    for a in settings:     # compiles; then the long request alone, warm, sets the span
+        one_round(tts, a, args.rows, args.long, args.short, [0.05] * args.late)
+    alone = one_round(tts, settings[0], args.rows, args.long, args.short, [])[1]
+    span = args.span or 0.75 * alone
     ref = None
     res = {a: [] for a in settings}
+    same = {a: 0 for a in settings}
     for r in range(args.rounds + 1):
         offsets = sorted(rng.uniform(0.1, span) for _ in range(args.late))
         for a in settings:
             out = one_round(tts, a, args.rows, args.long, args.short, offsets)
             if r == 0:       # a warm-up of every setting (refills at new compute lengths)
-                ref = out[4] if ref is None else ref
-                assert all(np.allclose(x, y, atol=1e-5 + 1e-4 * np.abs(y).max())
-                           for x, y in zip(out[4], ref)), f"admit {a}: audio differs"
-            else:
-                res[a].append(out)
+                continue
+            if a == settings[0]:
+                ref = out[4]
+            same[a] += sum(x.shape == y.shape and np.allclose(x, y, atol=1e-4 * np.abs(y).max())
+                           for x, y in zip(out[4], ref))
+            res[a].append(out)
     lines = ["| admit_frames | late requests' TTFA median / max ms | round s | frames/s | "
-             "underruns (most in a round) | joined a running batch |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"underruns (most in a round) | joined a running batch | audio as with "
+             f"{settings[0]} |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for a in settings:
         ttfa = [t for out in res[a] for t in out[0]]
         total = statistics.median(out[1] for out in res[a])
         fps = statistics.median(out[2] / out[1] for out in res[a])
-        lines.append(f"| {a} | {1000 * statistics.median(ttfa):.0f} / {1000 * max(ttfa):.0f} | "
+        late = (f"{1000 * statistics.median(ttfa):.0f} / {1000 * max(ttfa):.0f}" if ttfa
+                else "-")
+        lines.append(f"| {a} | {late} | "
                      f"{total:.2f} | {fps:.2f} | {max(out[3] for out in res[a])} | "
-                     f"{sum(out[5] for out in res[a])} of {args.late * args.rounds} |")
+                     f"{sum(out[5] for out in res[a])} of {args.late * args.rounds} | "
+                     f"{same[a]} of {(args.late + 1) * args.rounds} |")
         print(lines[-1], flush=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()

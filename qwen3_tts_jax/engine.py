@@ -50,7 +50,9 @@ codec_prefix_*), so a later request of that voice decodes only its own frames be
 chunk, not the reference's.
 
 Seeds: a job with seed s samples with `PRNGKey(s)`, exactly like `Qwen3TTS` called with
-`seed=[s]`, so its audio does not depend on which other requests share its batch (or device).
+`seed=[s]`, so its audio does not depend on which other requests share its batch (or device),
+up to float rounding: a row that starts in a running batch sits in other cache slots, and at full
+size its sums round differently, which can flip a near-tied code (docs/serving.md).
 
 Several devices: `EnginePool` runs one engine per device, each over its own copy of the weights,
 and hands each job to the least busy one.
@@ -341,6 +343,7 @@ class _Held:
     emit: list
     ended: list
     audio: Callable[[], list] | None = None
+    ready: Callable[[], bool] = lambda: True     # whether `audio()` would return at once
 
 
 class _Cohort:
@@ -528,9 +531,10 @@ class _Cohort:
         rows, open_rows, stats = self.rows, self.open_rows, engine.stats
         ran = False
         if self.held is not None:    # this chunk's frames first, then the last chunk's audio
-            self._run_frames()
+            self._run_frames()       # (now if it is ready; else after these frames, or later)
             ran = True
-            self.flush()
+            if self.held.ready():
+                self.flush()
         now = time.monotonic()
         for b in list(open_rows):
             if rows[b].cancelled:
@@ -543,6 +547,7 @@ class _Cohort:
                 rows[b].emit(DeadlineExceeded(
                     f"the request ran out of time after {rows[b].frames} frames"))
         if not open_rows:
+            self.flush()
             return False
         if not ran:
             self._run_frames()
@@ -587,13 +592,21 @@ class _Cohort:
                 waves.update((b, pushed[b]) for b in streamed)
             return [waves[b] for b in streamed + whole]
 
+        if regular:
+            self.target = step + engine.chunk_frames
+        if self.held is not None:
+            if not (streamed or whole or done):  # between boundaries: let it come (`ready`)
+                return bool(open_rows)
+            self.flush()                         # the chunk before goes out first
         self.held = held
         try:
             if ahead and mode == "thread":
-                held.audio = engine._codec_thread().submit(codec_work).result
+                future = engine._codec_thread().submit(codec_work)
+                held.audio, held.ready = future.result, future.done
             elif ahead and mode == "queue":     # the codec dispatched now, waited for later
-                held.audio = functools.partial(
-                    codec_work, self.codec.submit(batch) if streamed else None)
+                pending = self.codec.submit(batch) if streamed else None
+                held.audio = functools.partial(codec_work, pending)
+                held.ready = pending.done if pending is not None else (lambda: True)
             else:
                 held.audio = codec_work         # by the flush below
         except BaseException:
@@ -602,8 +615,6 @@ class _Cohort:
             raise
         if not ahead:
             self.flush()
-        if regular:
-            self.target = step + engine.chunk_frames
         return bool(open_rows)
 
     def _run_frames(self) -> None:

@@ -276,6 +276,10 @@ class Pending:
         self._rounds, self._empty, self._drop, self._up = rounds, empty, drop, up
         self._audio = None
 
+    def done(self) -> bool:
+        """Whether `result()` would return without waiting."""
+        return self._audio is not None or all(w.is_ready() for w, _ in self._rounds)
+
     def result(self) -> list:
         if self._audio is None:
             audio = [[] for _ in self._empty]
