@@ -17,7 +17,9 @@ and the audio to the row's `emit`. A job with `stream=False` (a whole-file forma
 once, when its row ends: the offline decode. After a chunk that is no row's first, its codec work
 may run beside the next chunk's frames (`Options.codec_overlap`: "thread" on a worker thread of
 the engine, "queue" dispatched before them; the cohort's `held` audio is handed out right after
-the next chunk's frames are dispatched): the same audio, later by at most that dispatch.
+the next chunk's frames are dispatched): the same audio, later by at most that dispatch. A row
+taken meanwhile does not wait for that work: its prefill runs beside it, and its codec stream
+restarts once the held audio is out (`_Held.after`).
 
 Per-row end: a row that samples EOS or uses its `max_new_tokens` is finished (its `emit(None)`)
 at the next chunk boundary while the others go on; a row whose client went away (`job.cancelled`)
@@ -344,6 +346,8 @@ class _Held:
     ended: list
     audio: Callable[[], list] | None = None
     ready: Callable[[], bool] = lambda: True     # whether `audio()` would return at once
+    # codec state changes that wait for this audio (a row started meanwhile: its reset)
+    after: list = dataclasses.field(default_factory=list)
 
 
 class _Cohort:
@@ -443,7 +447,6 @@ class _Cohort:
     def take(self, job: Job, row: int, compute: int | None = None) -> None:
         """Start `job` in `row` (free, and `fits(job)`) at the cohort's current frame.
         `compute`: the refill's compute length instead of its own (a warm-up's)."""
-        self.flush()                   # the codec's state is touched below (the worker's)
         tts, cfg = self.engine.tts, self.engine.tts.config
         one = prompts.batch_prompts(cfg, [job.prompt], length=self.L, trailing_length=self.Lt)
         rows = self.rows.copy()
@@ -458,9 +461,13 @@ class _Cohort:
             compute=compute, prefix=prefix, options=tts.options)
         self.rows, self.settings = rows, settings
         self.refs[row] = self._ref(job)
-        self.codec.reset(row, prefix=job.ref_code)
-        if job.ref_code is not None:
-            self.engine._sync_prefix_stats()
+        # the row's codec stream restarts after the held chunk's codec work, which may still be
+        # running (on the worker thread): not waited for here, where the frames would wait too
+        # (and a fault of that work is the cohort's, raised by its next step, not this job's)
+        if self.held is not None:
+            self.held.after.append(functools.partial(self._reset_codec, row, job))
+        else:
+            self._reset_codec(row, job)
         self.emitted[row], self.first_frame[row] = 0, self.step_n
         self.open_rows.add(row)
         job.started, job.batch_size = time.monotonic(), len(self.open_rows)
@@ -468,6 +475,11 @@ class _Cohort:
         # extra boundary that decodes this row only (the others keep their chunk cadence)
         if job.stream:
             self.first_due[row] = self.step_n + self.engine.first_chunk_frames
+
+    def _reset_codec(self, row: int, job: Job) -> None:
+        self.codec.reset(row, prefix=job.ref_code)
+        if job.ref_code is not None:
+            self.engine._sync_prefix_stats()
 
     def _make_room(self) -> None:
         """Capacity for the next chunk: forget the frames before the oldest open row (every
@@ -581,9 +593,10 @@ class _Cohort:
                  and (self.feed is None or self.text_final))
         batch = [new.get(b) if b in streamed else None for b in range(len(rows))]
 
+        refs = [self.refs[b] for b in whole]     # now: a row may be taken before the codec runs
+
         def whole_waves() -> dict:
-            return dict(zip(whole, engine._decode([self.refs[b] for b in whole],
-                                                  [new[b] for b in whole]))) if whole else {}
+            return dict(zip(whole, engine._decode(refs, [new[b] for b in whole]))) if whole else {}
 
         def codec_work(pending=None) -> list:
             waves = whole_waves()
@@ -638,6 +651,9 @@ class _Cohort:
         except BaseException:
             self.untold += held.ended
             raise
+        finally:
+            for change in held.after:   # rows started while it ran (their rows are not in it)
+                change()
         for (job, frames, n), wave in zip(held.emit, waves):
             if job.cancelled:
                 continue

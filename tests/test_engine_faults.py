@@ -282,6 +282,64 @@ def test_failing_held_audio_restarts_its_rows(tts, overlap_reference, monkeypatc
         np.testing.assert_array_equal(o.wave, want.wave)
 
 
+@pytest.mark.parametrize("fault", [False, True])
+def test_a_row_taken_while_its_last_audio_is_decoded_does_not_wait_for_it(tts, fault,
+                                                                         monkeypatch):
+    """"thread": C's row ends with a chunk whose codec work is still running on the codec thread
+    (held there until B's prefill returns) when B arrives and takes that row at an admission
+    step. B's prefill does not wait for that codec work, the row's codec stream restarts only
+    after it (C's last audio is decoded from C's stream), and A, B and C each get their audio
+    alone. With `fault` that codec work then fails: the cohort's requests restart (B's with
+    them), and each client still gets its audio alone, each sample once."""
+    from official import with_options
+
+    from qwen3_tts_jax.codec import streaming
+
+    other = with_options(tts, codec_overlap="thread")
+    spec = {"A": ("Hello world. This is a test.", "ryan", 1, 20),
+            "C": ("Hi there.", "vivian", 2, 7),        # 6 frames: ends with the first held chunk
+            "B": ("The quick brown fox.", "eric", 3, 10)}
+    alone = {k: run(engine_of(tts), [job_of(tts, t, s, seed, tokens=n)])[0]
+             for k, (t, s, seed, n) in spec.items()}
+    jobs = {k: job_of(other, t, s, seed, tokens=n) for k, (t, s, seed, n) in spec.items()}
+    engine = engine_of(other)
+    inserted, released, push = threading.Event(), [], streaming.StreamDecoder.push
+    real_insert = engine_mod.gen.insert
+
+    def insert(*a, **kw):
+        try:
+            return real_insert(*a, **kw)
+        finally:
+            inserted.set()
+
+    def push_held(self, new):
+        if threading.current_thread().name.startswith("qwen3-tts-codec") and not released:
+            engine.submit(jobs["B"][0])               # B arrives while this chunk is decoded
+            released.append(inserted.wait(15))        # until B's prefill (or 15 s: it waited)
+            if fault:
+                raise RuntimeError("planted codec fault")
+        return push(self, new)
+
+    monkeypatch.setattr(engine_mod.gen, "insert", insert)
+    monkeypatch.setattr(streaming.StreamDecoder, "push", push_held)
+    for k in ("A", "C"):
+        engine.submit(jobs[k][0])
+    engine.start()
+    try:
+        assert all(out.done.wait(120) for _, out in jobs.values()), "a job did not end"
+    finally:
+        engine.stop()
+    assert released == [True], "B's prefill waited for the held chunk's codec"
+    assert engine.stats["joined"] == 1 and engine.stats["errors"] == 0, engine.stats
+    assert engine.stats["retried"] == (3 if fault else 0), engine.stats
+    for k, (_, out) in jobs.items():
+        assert out.end is None, (k, out.end)
+        want = alone[k].wave
+        assert out.wave.shape == want.shape, k
+        np.testing.assert_allclose(out.wave, want, atol=1e-5 + 1e-4 * np.abs(want).max(),
+                                   err_msg=k)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_a_bad_admit_frames_is_named(tts, bad):
     with pytest.raises(ValueError, match="admit_frames"):
