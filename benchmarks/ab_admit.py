@@ -15,15 +15,17 @@ round (within 1e-4 of the peak): a row's arithmetic depends at the float-roundin
 frame it joins at (its cache slots), which flips near-tied greedy codes of random weights at full
 size, and quantized activations (int8 / int4) turn such differences into flips sooner.
 
-Arrival times decide the shapes a round meets (a joining row's prefill length, the caches'
-growth), and a shape met for the first time compiles during the round: each measured run follows
-an unmeasured one with the same arrivals (--no-rehearse: not), and the compilations that still
-fell in measured runs are counted in the table.
+Arrival times decide the shapes a round meets (the codec windows of odd-sized chunks, the caches'
+growth), and a shape met for the first time compiles during the round: the engine is warmed up
+first as the server does (every codec window of a chunk), each measured run follows an unmeasured
+one with the same arrivals (--no-rehearse: not), and the compilations that still fell in measured
+runs are counted in the table.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import random
 import statistics
@@ -42,17 +44,43 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, and then it runs far away
          "A short one.", "Streaming speech should start at once."]
 
 
-def one_round(tts, admit, rows, long_frames, short_frames, offsets):
-    from bench_server import playback
-    from qwen3_tts_jax.engine import BatchEngine, Job
+def make_engine(tts, admit, rows):
+    from qwen3_tts_jax.engine import BatchEngine
+
+    return BatchEngine(tts, max_batch_size=rows, batch_window=0.0, chunk_frames=12,
+                       first_chunk_frames=3, batch_buckets=(rows,), admit_frames=admit)
+
+
+def job_of(tts, i, frames, emit):
+    from qwen3_tts_jax.engine import Job
     from qwen3_tts_jax.settings import GenerationSettings
 
-    def settings(frames):
-        return GenerationSettings.merge(tts.generate_defaults, max_new_tokens=frames + 1,
+    settings = GenerationSettings.merge(tts.generate_defaults, max_new_tokens=frames + 1,
                                         do_sample=False, subtalker_dosample=False)
+    prompt = tts.custom_voice_prompts([TEXTS[i % len(TEXTS)]], "ryan", "english", None, False)[0]
+    return Job(prompt, settings, emit=emit, seed=i)
 
-    engine = BatchEngine(tts, max_batch_size=rows, batch_window=0.0, chunk_frames=12,
-                         first_chunk_frames=3, batch_buckets=(rows,), admit_frames=admit)
+
+CODEC_CALLS = [0]                # streaming codec calls (StreamDecoder.submit) so far
+
+
+def count_codec_calls():
+    from qwen3_tts_jax.codec import streaming
+
+    submit = streaming.StreamDecoder.submit
+
+    def counted(self, new):
+        CODEC_CALLS[0] += 1
+        return submit(self, new)
+
+    streaming.StreamDecoder.submit = counted
+
+
+def one_round(tts, admit, rows, long_frames, short_frames, offsets):
+    from bench_server import playback
+
+    engine = make_engine(tts, admit, rows)
+    calls0 = CODEC_CALLS[0]
     n = 1 + len(offsets)
     sent, arrivals, waves = [None] * n, [[] for _ in range(n)], [[] for _ in range(n)]
     done = [threading.Event() for _ in range(n)]
@@ -68,10 +96,7 @@ def one_round(tts, admit, rows, long_frames, short_frames, offsets):
                 waves[i].append(np.asarray(x))
         return emit
 
-    jobs = [Job(tts.custom_voice_prompts([TEXTS[i % len(TEXTS)]], "ryan", "english", None,
-                                         False)[0],
-                settings(long_frames if i == 0 else short_frames), emit=emit_of(i), seed=i)
-            for i in range(n)]
+    jobs = [job_of(tts, i, long_frames if i == 0 else short_frames, emit_of(i)) for i in range(n)]
     engine.start()
     t0 = time.perf_counter()
 
@@ -94,7 +119,8 @@ def one_round(tts, admit, rows, long_frames, short_frames, offsets):
     ttfa = [arrivals[i][0][0] - sent[i] for i in range(1, n)]
     under = sum(playback([(t - t0, k) for t, k in a], SR)["underruns"] for a in arrivals)
     frames = sum(sum(len(w) for w in ws) for ws in waves) // 1920
-    return ttfa, total, frames, under, [np.concatenate(w) for w in waves], engine.stats["joined"]
+    return (ttfa, total, frames, under, [np.concatenate(w) for w in waves], engine.stats["joined"],
+            CODEC_CALLS[0] - calls0)
 
 
 def main(argv=None) -> int:
@@ -122,19 +148,31 @@ def main(argv=None) -> int:
 
     from qwen3_tts_jax import Qwen3TTS
 
-    compiles = [0, 0.0]          # backend compilations seen, their seconds
+    compiles = [0, 0.0, []]      # backend compilations seen, their seconds, the programs
 
     def on_event(event, secs, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles[0] += 1
             compiles[1] += secs
 
+    def on_log(record):          # jax_log_compiles' lines: the names kept, the lines dropped
+        msg = record.getMessage()
+        if msg.startswith("Finished XLA compilation of "):
+            compiles[2].append(msg[len("Finished XLA compilation of "):].split(" in ")[0])
+        return not msg.startswith(("Compiling ", "Finished "))
+
     jax.monitoring.register_event_duration_secs_listener(on_event)
+    jax.config.update("jax_log_compiles", True)
+    for name in ("jax._src.interpreters.pxla", "jax._src.pjit", "jax._src.dispatch"):
+        logging.getLogger(name).addFilter(on_log)
     load0 = os.getloadavg()
     tts = Qwen3TTS.from_pretrained(args.folder, quantize=args.quantize,
                                    codec_precision=args.codec_precision)
     settings = [int(a) for a in args.admit.split(",")]
     rng = random.Random(args.seed)
+    count_codec_calls()
+    # as the server starts: its warm-up (every codec window a chunk can use, a refill)
+    make_engine(tts, settings[0], args.rows).warmup([job_of(tts, 0, args.long, None)])
     for a in settings:     # compiles; then the long request alone, warm, sets the span
         one_round(tts, a, args.rows, args.long, args.short, [0.05] * args.late)
     alone = one_round(tts, settings[0], args.rows, args.long, args.short, [])[1]
@@ -142,18 +180,19 @@ def main(argv=None) -> int:
     ref = None
     res = {a: [] for a in settings}
     same = {a: 0 for a in settings}
-    compiled = {a: [0, 0.0] for a in settings}
+    compiled = {a: [0, 0.0, []] for a in settings}
     for r in range(args.rounds + 1):
         offsets = sorted(rng.uniform(0.1, span) for _ in range(args.late))
         for a in settings:
             if args.rehearse and r > 0:
                 one_round(tts, a, args.rows, args.long, args.short, offsets)
-            before = list(compiles)
+            before = [compiles[0], compiles[1], len(compiles[2])]
             out = one_round(tts, a, args.rows, args.long, args.short, offsets)
             if r == 0:       # a warm-up of every setting (refills at new compute lengths)
                 continue
             compiled[a][0] += compiles[0] - before[0]
             compiled[a][1] += compiles[1] - before[1]
+            compiled[a][2] += compiles[2][before[2]:]
             if a == settings[0]:
                 ref = out[4]
             same[a] += sum(x.shape == y.shape and np.allclose(x, y, atol=1e-4 * np.abs(y).max())
@@ -161,8 +200,8 @@ def main(argv=None) -> int:
             res[a].append(out)
     lines = ["| admit_frames | late requests' TTFA median / max ms | round s | frames/s | "
              f"underruns (most in a round) | joined a running batch | audio as with "
-             f"{settings[0]} | compiled while measured |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{settings[0]} | codec calls a round | compiled while measured |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for a in settings:
         ttfa = [t for out in res[a] for t in out[0]]
         total = statistics.median(out[1] for out in res[a])
@@ -173,7 +212,9 @@ def main(argv=None) -> int:
                      f"{total:.2f} | {fps:.2f} | {max(out[3] for out in res[a])} | "
                      f"{sum(out[5] for out in res[a])} of {args.late * args.rounds} | "
                      f"{same[a]} of {(args.late + 1) * args.rounds} | "
-                     f"{compiled[a][0]} ({compiled[a][1]:.1f} s) |")
+                     f"{statistics.median(out[6] for out in res[a]):.0f} | "
+                     f"{compiled[a][0]} ({compiled[a][1]:.1f} s"
+                     f"{': ' + ', '.join(sorted(set(compiled[a][2]))) if compiled[a][2] else ''}) |")
         print(lines[-1], flush=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
