@@ -44,11 +44,12 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, and then it runs far away
          "A short one.", "Streaming speech should start at once."]
 
 
-def make_engine(tts, admit, rows):
+def make_engine(tts, admit, rows, **kw):
     from qwen3_tts_jax.engine import BatchEngine
 
-    return BatchEngine(tts, max_batch_size=rows, batch_window=0.0, chunk_frames=12,
-                       first_chunk_frames=3, batch_buckets=(rows,), admit_frames=admit)
+    return BatchEngine(tts, **{"max_batch_size": rows, "batch_window": 0.0, "chunk_frames": 12,
+                               "first_chunk_frames": 3, "batch_buckets": (rows,),
+                               "admit_frames": admit, **kw})
 
 
 def job_of(tts, i, frames, emit):
@@ -76,10 +77,10 @@ def count_codec_calls():
     streaming.StreamDecoder.submit = counted
 
 
-def one_round(tts, admit, rows, long_frames, short_frames, offsets):
+def one_round(tts, admit, rows, long_frames, short_frames, offsets, **engine_kw):
     from bench_server import playback
 
-    engine = make_engine(tts, admit, rows)
+    engine = make_engine(tts, admit, rows, **engine_kw)
     calls0 = CODEC_CALLS[0]
     n = 1 + len(offsets)
     sent, arrivals, waves = [None] * n, [[] for _ in range(n)], [[] for _ in range(n)]

@@ -31,8 +31,11 @@ frame loop runs in steps of that many frames between the chunk boundaries), if i
 batch's prompt and trailing-text buckets (`generate.insert`: its prompt runs into that row's
 cache just before the batch's next frame slot, and the row counts its own frames). A request
 that does not fit closes the batch to newcomers: it drains, and the next batch forms with that
-request first. When the batch needs room for more frames it first forgets the frames before its
-oldest open row (`generate.shift`), then grows its caches. A new row's first audio comes after
+request first. A batch whose rows are all taken widens to a larger batch bucket (up to
+`max_batch_size`; `generate.widen`, `StreamDecoder.widen`) for the requests that wait, so a request
+arriving while a lone one runs in a one-row batch starts beside it rather than after it. When the
+batch needs room for more frames it first forgets the frames before its oldest open row
+(`generate.shift`), then grows its caches. A new row's first audio comes after
 `first_chunk_frames`, like the first rows'.
 
 Text sessions (`Job.feed`, the official streaming text mode fed incrementally): a session runs as
@@ -476,6 +479,21 @@ class _Cohort:
         if job.stream:
             self.first_due[row] = self.step_n + self.engine.first_chunk_frames
 
+    def widen(self, rows: int) -> None:
+        """`rows` rows instead of `len(self.rows)` (a larger batch bucket): free rows for waiting
+        jobs when every row is taken, rather than have them wait for a row's request to end."""
+        extra = rows - len(self.rows)
+        self.state, self.ctx = gen.widen(self.state, self.ctx, rows)
+        self.rows = self.rows + [None] * extra
+        self.settings = self.engine._settings(self.rows)
+        self.first_frame += [0] * extra
+        self.refs += [None] * extra
+        self.emitted += [0] * extra
+        if self.held is not None:        # its codec work, maybe running, has the old rows
+            self.held.after.append(functools.partial(self.codec.widen, rows))
+        else:
+            self.codec.widen(rows)
+
     def _reset_codec(self, row: int, job: Job) -> None:
         self.codec.reset(row, prefix=job.ref_code)
         if job.ref_code is not None:
@@ -525,7 +543,9 @@ class _Cohort:
         firsts = [f for b, f in self.first_due.items() if b in self.open_rows]
         until = min(self.target, *firsts, limit)
         tick = self.engine.admit_frames
-        if tick and self.feed is None and not self.closed and self.free_row() is not None:
+        if tick and self.feed is None and not self.closed and (
+                self.free_row() is not None
+                or (self.engine.widen and len(self.rows) < self.engine.max_batch_size)):
             until = min(until, self.step_n + tick)   # a request arriving now waits <= tick
         return until
 
@@ -729,7 +749,8 @@ class BatchEngine:
     def __init__(self, tts, max_batch_size: int = 8, batch_window: float = 0.01,
                  max_queue: int = 64, chunk_frames: int = 12, first_chunk_frames: int = 3,
                  batch_buckets: tuple[int, ...] | None = None,
-                 min_prompt_bucket: int = 16, refill: bool = True, stall_timeout: float = 300.0,
+                 min_prompt_bucket: int = 16, refill: bool = True, widen: bool = True,
+                 stall_timeout: float = 300.0,
                  prefix_cache: PrefixCache | None = None, admit_frames: int | None = None):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
@@ -758,6 +779,7 @@ class BatchEngine:
                              f"max_batch_size {max_batch_size}")
         self.min_prompt_bucket = min_prompt_bucket
         self.refill = refill                  # start waiting jobs in a running batch's free rows
+        self.widen = widen                    # ... widened to a larger bucket when none is free
         # ICL prompt prefixes' KV (None: the model's own, `Qwen3TTS.prefix_cache`, which the
         # engines of text sessions on the same model share; a model without one: none)
         self.prefix_cache = prefix_cache if prefix_cache is not None else getattr(
@@ -783,7 +805,7 @@ class BatchEngine:
         self._units: list[_Cohort] = []
         self._codec_worker: ThreadPoolExecutor | None = None   # `Options.codec_overlap`
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                      "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "sessions": 0,
+                      "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "widened": 0, "sessions": 0,
                       "frames": 0, "retried": 0, "worker_restarts": 0,
                       "batch_sizes": collections.Counter()}
         self._sync_prefix_stats()
@@ -1083,7 +1105,17 @@ class BatchEngine:
         first), so a long prompt is not passed over forever by short ones. A job whose start
         fails restarts alone (once), and the batch takes no more."""
         while pending and not batch.closed:
-            row = batch.free_row()
+            row, B = batch.free_row(), len(batch.rows)
+            if row is None and self.widen and B < self.max_batch_size and batch.fits(pending[0]):
+                # every row taken: a larger bucket gives the waiting jobs rows now
+                try:
+                    batch.widen(self._bucket(min(B + len(pending), self.max_batch_size)))
+                except Exception:  # noqa: BLE001 - a bug must not kill the server
+                    log.exception("widening a running batch failed")
+                    batch.closed = True
+                    return
+                self.stats["widened"] += 1
+                row = batch.free_row()
             if row is None:
                 return
             if not batch.fits(pending[0]):

@@ -3,6 +3,7 @@ Requests that arrive over time start in a running batch's free rows and generate
 they generate alone; per-row settings, sampler kinds and batch buckets."""
 
 import numpy as np
+import pytest
 
 from qwen3_tts_jax import generate as gen
 
@@ -188,3 +189,69 @@ def test_a_request_arriving_mid_chunk_starts_within_admit_frames(model_pair, mon
     # A's audio still goes out per chunk: 2 frames, then 12 (the last: what was left)
     assert ([len(c) // 1920 for c in with_ticks["A"][:-1]]
             == [len(c) // 1920 for c in without["A"][:-1]] == [2, 12, 12, 3])
+
+
+@pytest.mark.parametrize("arrive", [2, 6])
+def test_a_full_running_batch_widens_for_waiting_requests(model_pair, arrive, monkeypatch):
+    """Batch buckets 1, 2, 4: A starts alone in a one-row batch; B and C arrive while it runs
+    (after frame `arrive`: 6 is while A's second chunk is decoded beside the next frames). The
+    batch widens (to 4 rows: B and C start in it, not after A has ended), and every request's
+    audio equals its offline audio for the seed."""
+    import threading
+
+    from qwen3_tts_jax import engine as engine_mod
+    from qwen3_tts_jax.engine import BatchEngine, Job
+    from qwen3_tts_jax.settings import GenerationSettings
+
+    _, tts = model_pair("cv_proj")
+    spec = {"A": ("Hello world. This is a test.", "ryan", 30),
+            "B": ("Hi there.", "vivian", 8),
+            "C": ("The quick brown fox.", "eric", 10)}
+    engine = BatchEngine(tts, max_batch_size=4, batch_window=0.0, chunk_frames=4,
+                         first_chunk_frames=2, batch_buckets=(1, 2, 4), min_prompt_bucket=48)
+    out = {k: [] for k in spec}
+    times = {k: [] for k in spec}
+    done = {k: threading.Event() for k in spec}
+    kw = dict(do_sample=True, temperature=0.8, top_k=5, top_p=0.9, subtalker_dosample=False)
+
+    def job(k, seed):
+        text, speaker, tokens = spec[k]
+        settings = GenerationSettings.merge(tts.generate_defaults, max_new_tokens=tokens, **kw)
+        prompt = tts.custom_voice_prompts([text], speaker, "english", None, True)[0]
+
+        def emit(x):
+            out[k].append(x)
+            times[k].append(len(out["A"]))
+            if x is None:
+                done[k].set()
+        return Job(prompt, settings, emit=emit, seed=seed)
+
+    real_decode, sent = engine_mod.gen.decode, []
+
+    def decode(params, cfg, state, ctx, settings, until, *a, **kwargs):
+        if until > arrive and not sent:     # B and C arrive
+            sent.append(until)
+            engine.submit(job("B", 2))
+            engine.submit(job("C", 3))
+        return real_decode(params, cfg, state, ctx, settings, until, *a, **kwargs)
+
+    monkeypatch.setattr(engine_mod.gen, "decode", decode)
+    engine.submit(job("A", 1))
+    engine.start()
+    try:
+        assert all(d.wait(120) for d in done.values())
+    finally:
+        engine.stop()
+    stats = engine.stats
+    assert stats["cohorts"] == 1 and stats["joined"] == 2 and stats["widened"] == 1, stats
+    assert stats["errors"] == 0 and stats["finished"] == 3, stats
+    # B and C ended while A still had chunks to go (A's chunks counted when each of theirs ended)
+    assert times["B"][-1] < len(out["A"]) and times["C"][-1] < len(out["A"]), times
+    for seed, (k, (text, speaker, tokens)) in enumerate(spec.items(), 1):
+        assert out[k][-1] is None, (k, out[k][-1])
+        wave = np.concatenate(out[k][:-1])
+        codes = tts.generate_custom_voice_codes(text, speaker=speaker, language="english",
+                                                seed=[seed], max_new_tokens=tokens, **kw)
+        ref = tts.decode(codes)[0][0]
+        assert wave.shape == ref.shape, (k, wave.shape, ref.shape)
+        np.testing.assert_allclose(wave, ref, atol=1e-5 + 1e-4 * np.abs(ref).max(), err_msg=k)

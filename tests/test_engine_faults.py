@@ -340,6 +340,57 @@ def test_a_row_taken_while_its_last_audio_is_decoded_does_not_wait_for_it(tts, f
                                    err_msg=k)
 
 
+def test_a_batch_widened_while_its_last_audio_is_decoded(tts, monkeypatch):
+    """"thread", batch buckets 1, 2, 4: A runs alone in a one-row batch; B arrives while A's
+    second chunk is decoded on the codec thread (held there until B's prefill returns). The batch
+    widens and B starts at once; the codec's rows grow only after that chunk (whose work has A's
+    one row); no fault, no restart, and A and B each get their audio alone."""
+    from official import with_options
+
+    from qwen3_tts_jax.codec import streaming
+
+    other = with_options(tts, codec_overlap="thread")
+    spec = {"A": ("Hello world. This is a test.", "ryan", 1, 20),
+            "B": ("The quick brown fox.", "eric", 3, 10)}
+    alone = {k: run(engine_of(tts), [job_of(tts, t, s, seed, tokens=n)])[0]
+             for k, (t, s, seed, n) in spec.items()}
+    jobs = {k: job_of(other, t, s, seed, tokens=n) for k, (t, s, seed, n) in spec.items()}
+    engine = engine_of(other, batch_buckets=(1, 2, 4))
+    inserted, released, push = threading.Event(), [], streaming.StreamDecoder.push
+    real_insert = engine_mod.gen.insert
+
+    def insert(*a, **kw):
+        try:
+            return real_insert(*a, **kw)
+        finally:
+            inserted.set()
+
+    def push_held(self, new):
+        if threading.current_thread().name.startswith("qwen3-tts-codec") and not released:
+            engine.submit(jobs["B"][0])
+            released.append(inserted.wait(15))
+        return push(self, new)
+
+    monkeypatch.setattr(engine_mod.gen, "insert", insert)
+    monkeypatch.setattr(streaming.StreamDecoder, "push", push_held)
+    engine.submit(jobs["A"][0])
+    engine.start()
+    try:
+        assert all(out.done.wait(120) for _, out in jobs.values()), "a job did not end"
+    finally:
+        engine.stop()
+    assert released == [True], "B's start waited for the held chunk's codec"
+    stats = engine.stats
+    assert (stats["widened"], stats["joined"], stats["cohorts"]) == (1, 1, 1), stats
+    assert stats["errors"] == stats["retried"] == 0, stats
+    for k, (_, out) in jobs.items():
+        assert out.end is None, (k, out.end)
+        want = alone[k].wave
+        assert out.wave.shape == want.shape, k
+        np.testing.assert_allclose(out.wave, want, atol=1e-5 + 1e-4 * np.abs(want).max(),
+                                   err_msg=k)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_a_bad_admit_frames_is_named(tts, bad):
     with pytest.raises(ValueError, match="admit_frames"):

@@ -175,6 +175,21 @@ class StreamDecoder:
         if prefix is not None and self.prefix_states is not None and self.prefix_states.enabled:
             self._start_after(row, prefix)
 
+    def widen(self, rows: int) -> None:
+        """`rows` streams instead of `batch`: the new rows are fresh streams (a running batch that
+        takes more requests)."""
+        extra = rows - self.batch
+        if extra < 0:
+            raise ValueError(f"widen takes the decoder to at least its {self.batch} rows, "
+                             f"not {rows}")
+        self.state = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]), self.state)
+        self._frames += [0] * extra
+        self._recent += [self._recent[0][:0]] * extra
+        self._fresh += [False] * extra
+        self._prefix += [None] * extra
+        self.batch = rows
+
     def _start_after(self, row: int, prefix: np.ndarray) -> None:
         """Row `row` continues from the state after `prefix`: the stored one, or decoded now (this
         row alone; the others keep their state) and stored."""

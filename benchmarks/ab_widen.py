@@ -1,0 +1,101 @@
+"""A request that arrives while another runs alone in a one-row batch (batch buckets 1, 2, 4):
+the running batch widens to a larger bucket and it starts at once (`BatchEngine(widen=True)`, the
+default) against waiting for a free row, i.e. for the running request to end (`widen=False`),
+side by side in one process, warm, the settings taking turns each round:
+
+    python benchmarks/ab_widen.py --folder /tmp/ckpt0b6 [--quantize int4] [--codec-precision bf16]
+        [--rounds 3] [--late 3] [--seed 0]
+
+Each round as in ab_admit.py (one long request, then --late requests arriving at seeded random
+times over the first 3/4 of its time alone; the engine warmed up as the server does, every batch
+bucket; each measured run after an unmeasured one with the same arrivals). Reported per setting:
+the late requests' time to first audio (median, max), the round's time and frames per second,
+underruns, how many late requests started in a running batch, and the widenings.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", default="/tmp/ckpt0b6")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    ap.add_argument("--codec-precision", choices=["float32", "bf16"], default="float32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=4, help="the largest batch bucket")
+    ap.add_argument("--long", type=int, default=60)
+    ap.add_argument("--short", type=int, default=20)
+    ap.add_argument("--late", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import jax
+    from ab_admit import job_of, make_engine, one_round
+
+    from qwen3_tts_jax import Qwen3TTS
+    from qwen3_tts_jax.buckets import power_of_two
+
+    load0 = os.getloadavg()
+    tts = Qwen3TTS.from_pretrained(args.folder, quantize=args.quantize,
+                                   codec_precision=args.codec_precision)
+    buckets = tuple(sorted({power_of_two(n, 1) for n in range(1, args.rows + 1)}))
+    kw = {"batch_buckets": buckets}
+    make_engine(tts, 3, args.rows, **kw).warmup([job_of(tts, 0, args.long, None)])
+    settings = [True, False]
+    for w in settings:     # compiles (the widened shapes too); the long request alone sets the span
+        one_round(tts, 3, args.rows, args.long, args.short, [0.3] * args.late, widen=w, **kw)
+    alone = one_round(tts, 3, args.rows, args.long, args.short, [], **kw)[1]
+    span = 0.75 * alone
+    rng = random.Random(args.seed)
+    res = {w: [] for w in settings}
+    for _ in range(args.rounds):
+        offsets = sorted(rng.uniform(0.1, span) for _ in range(args.late))
+        for w in settings:
+            one_round(tts, 3, args.rows, args.long, args.short, offsets, widen=w, **kw)
+            res[w].append(one_round(tts, 3, args.rows, args.long, args.short, offsets, widen=w,
+                                    **kw))
+    lines = ["| widen | late requests' TTFA median / max ms | round s | frames/s | underruns (most "
+             "in a round) | late requests started in a running batch |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for w in settings:
+        ttfa = [t for out in res[w] for t in out[0]]
+        lines.append(f"| {w} | {1000 * statistics.median(ttfa):.0f} / {1000 * max(ttfa):.0f} | "
+                     f"{statistics.median(out[1] for out in res[w]):.2f} | "
+                     f"{statistics.median(out[2] / out[1] for out in res[w]):.2f} | "
+                     f"{max(out[3] for out in res[w])} | "
+                     f"{sum(out[5] for out in res[w])} of {args.late * args.rounds} |")
+        print(lines[-1], flush=True)
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    head = (f"## A running batch widened for waiting requests (ab_widen.py, {when} UTC)\n\n"
+            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+            f"commit {commit}; {args.quantize or 'model dtype'} weights, {args.codec_precision} "
+            f"codec; load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
+            f"`python benchmarks/ab_widen.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f" ({args.rounds} rounds, the settings in turn, each measured run after an unmeasured "
+            f"one; one {args.long}-frame request, then {args.late} of {args.short} frames "
+            f"arriving over {span:.1f} s; batch buckets {list(buckets)}, chunks of 3 then 12 "
+            f"frames, admission steps of 3 frames).\n")
+    section = head + "\n" + "\n".join(lines) + "\n"
+    print("\n" + section)
+    if args.results:
+        from bench_generate import append_results
+        append_results(args.results, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
