@@ -32,9 +32,10 @@ batch's prompt and trailing-text buckets (`generate.insert`: its prompt runs int
 cache just before the batch's next frame slot, and the row counts its own frames). A request
 that does not fit closes the batch to newcomers: it drains, and the next batch forms with that
 request first. A batch whose rows are all taken widens to a larger batch bucket (up to
-`max_batch_size`; `generate.widen`, `StreamDecoder.widen`) for the requests that wait, so a request
-arriving while a lone one runs in a one-row batch starts beside it rather than after it. When the
-batch needs room for more frames it first forgets the frames before its oldest open row
+`max_batch_size`; `generate.regroup`, `StreamDecoder.regroup`) for the requests that wait, so a
+request arriving while a lone one runs in a one-row batch starts beside it rather than after it;
+when rows end and none wait, it narrows to the bucket its open rows need (`widen=False`: neither).
+When the batch needs room for more frames it first forgets the frames before its oldest open row
 (`generate.shift`), then grows its caches. A new row's first audio comes after
 `first_chunk_frames`, like the first rows'.
 
@@ -482,17 +483,39 @@ class _Cohort:
     def widen(self, rows: int) -> None:
         """`rows` rows instead of `len(self.rows)` (a larger batch bucket): free rows for waiting
         jobs when every row is taken, rather than have them wait for a row's request to end."""
-        extra = rows - len(self.rows)
-        self.state, self.ctx = gen.widen(self.state, self.ctx, rows)
-        self.rows = self.rows + [None] * extra
+        B = len(self.rows)
+        self._regroup(list(range(B)) + [0] * (rows - B), B)
+
+    def narrow(self) -> bool:
+        """Down to the smallest batch bucket that holds the open rows, if smaller (they move to
+        the first rows, in order): the frames of a batch that emptied cost what its rows need.
+        Whether it narrowed."""
+        keep = sorted(self.open_rows)
+        if not keep or self.untold:
+            return False
+        rows = self.engine._bucket(len(keep))
+        if rows >= len(self.rows):
+            return False
+        self._regroup(keep + [keep[0]] * (rows - len(keep)), len(keep))
+        return True
+
+    def _regroup(self, order: list[int], live: int) -> None:
+        """New row i is row `order[i]` for i < `live`, padding after (`generate.regroup`)."""
+        self.state, self.ctx = gen.regroup(self.state, self.ctx, order, live)
+        pad = len(order) - live
+        keep = order[:live]
+        at = {b: i for i, b in enumerate(keep)}
+        self.rows = [self.rows[b] for b in keep] + [None] * pad
+        self.first_frame = [self.first_frame[b] for b in keep] + [0] * pad
+        self.refs = [self.refs[b] for b in keep] + [None] * pad
+        self.emitted = [self.emitted[b] for b in keep] + [0] * pad
+        self.open_rows = {at[b] for b in self.open_rows}
+        self.first_due = {at[b]: f for b, f in self.first_due.items() if b in at}
         self.settings = self.engine._settings(self.rows)
-        self.first_frame += [0] * extra
-        self.refs += [None] * extra
-        self.emitted += [0] * extra
         if self.held is not None:        # its codec work, maybe running, has the old rows
-            self.held.after.append(functools.partial(self.codec.widen, rows))
+            self.held.after.append(functools.partial(self.codec.regroup, order, live))
         else:
-            self.codec.widen(rows)
+            self.codec.regroup(order, live)
 
     def _reset_codec(self, row: int, job: Job) -> None:
         self.codec.reset(row, prefix=job.ref_code)
@@ -805,8 +828,8 @@ class BatchEngine:
         self._units: list[_Cohort] = []
         self._codec_worker: ThreadPoolExecutor | None = None   # `Options.codec_overlap`
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
-                      "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "widened": 0, "sessions": 0,
-                      "frames": 0, "retried": 0, "worker_restarts": 0,
+                      "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "widened": 0,
+                      "narrowed": 0, "sessions": 0, "frames": 0, "retried": 0, "worker_restarts": 0,
                       "batch_sizes": collections.Counter()}
         self._sync_prefix_stats()
 
@@ -1057,6 +1080,10 @@ class BatchEngine:
                 if u in units and self._ready(units, u):
                     try:
                         alive = u.step()
+                        # rows ended and none wait: the frames at the bucket its rows need
+                        if (alive and self.widen and not pending and u.feed is None
+                                and not u.closed and u.narrow()):
+                            self.stats["narrowed"] += 1
                     except Exception as e:  # noqa: BLE001 - a bug must not kill the server
                         log.exception("generation failed")
                         units.remove(u)

@@ -390,21 +390,22 @@ def insert(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Se
     return state, ctx
 
 
-def widen(state: State, ctx: Context, rows: int) -> tuple[State, Context]:
-    """The batch widened to `rows` rows, for more requests to join a running batch (`insert`).
-    The new rows copy row 0 and are done: inert, like a batch's padding rows, until `insert`
-    starts a request in one. The other rows go on as before (rows do not interact; a program of
-    another batch size may round differently)."""
+def regroup(state: State, ctx: Context, rows: list[int], live: int) -> tuple[State, Context]:
+    """The batch's rows regrouped: new row i is row `rows[i]`, and the rows from `live` on are
+    done (inert padding, like a batch's padding rows, until `insert` starts a request in one).
+    A running batch widens (`rows` = all its rows, then padding) for more requests to join, and
+    narrows (its open rows, then padding) when fewer remain. Each kept row goes on as before
+    (rows do not interact; a program of another batch size may round differently)."""
     B = state.done_B.shape[0]
-    if rows < B:
-        raise ValueError(f"widen takes the batch to at least its {B} rows, not {rows}")
-    if rows == B:
-        return state, ctx
-    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[:1], rows - B, axis=0)], axis=0)
-    new = jax.tree.map(pad, state._replace(step=None))
-    new = new._replace(step=state.step, done_B=new.done_B.at[B:].set(True))
-    wide = jax.tree.map(pad, ctx._replace(pad_embed_D=None))
-    return new, wide._replace(pad_embed_D=ctx.pad_embed_D)
+    if not 0 < live <= len(rows) or any(not 0 <= r < B for r in rows):
+        raise ValueError(f"regroup takes rows in [0, {B}) and 0 < live <= {len(rows)}, got "
+                         f"{rows}, live {live}")
+    idx = jnp.asarray(rows, jnp.int32)
+    take = lambda a: jnp.take(a, idx, axis=0)
+    new = jax.tree.map(take, state._replace(step=None))
+    new = new._replace(step=state.step, done_B=new.done_B.at[live:].set(True))
+    small = jax.tree.map(take, ctx._replace(pad_embed_D=None))
+    return new, small._replace(pad_embed_D=ctx.pad_embed_D)
 
 
 @jax.jit

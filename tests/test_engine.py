@@ -244,6 +244,7 @@ def test_a_full_running_batch_widens_for_waiting_requests(model_pair, arrive, mo
         engine.stop()
     stats = engine.stats
     assert stats["cohorts"] == 1 and stats["joined"] == 2 and stats["widened"] == 1, stats
+    assert stats["narrowed"] >= 1, stats       # back to fewer rows once B and C ended
     assert stats["errors"] == 0 and stats["finished"] == 3, stats
     # B and C ended while A still had chunks to go (A's chunks counted when each of theirs ended)
     assert times["B"][-1] < len(out["A"]) and times["C"][-1] < len(out["A"]), times

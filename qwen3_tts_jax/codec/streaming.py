@@ -175,20 +175,24 @@ class StreamDecoder:
         if prefix is not None and self.prefix_states is not None and self.prefix_states.enabled:
             self._start_after(row, prefix)
 
-    def widen(self, rows: int) -> None:
-        """`rows` streams instead of `batch`: the new rows are fresh streams (a running batch that
-        takes more requests)."""
-        extra = rows - self.batch
-        if extra < 0:
-            raise ValueError(f"widen takes the decoder to at least its {self.batch} rows, "
-                             f"not {rows}")
+    def regroup(self, rows: list[int], live: int) -> None:
+        """New row i is row `rows[i]` (its stream goes on) for i < `live`, a fresh stream from
+        `live` on: a running batch that widens or narrows (`generate.regroup`)."""
+        if not 0 < live <= len(rows) or any(not 0 <= r < self.batch for r in rows):
+            raise ValueError(f"regroup takes rows in [0, {self.batch}) and 0 < live <= "
+                             f"{len(rows)}, got {rows}, live {live}")
+        idx, n = jnp.asarray(rows, jnp.int32), len(rows)
+        fresh = jnp.arange(n) >= live
         self.state = jax.tree.map(
-            lambda a: jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)]), self.state)
-        self._frames += [0] * extra
-        self._recent += [self._recent[0][:0]] * extra
-        self._fresh += [False] * extra
-        self._prefix += [None] * extra
-        self.batch = rows
+            lambda a: jnp.where(fresh.reshape((n,) + (1,) * (a.ndim - 1)), jnp.zeros((), a.dtype),
+                                jnp.take(a, idx, axis=0)), self.state)
+        keep = rows[:live]
+        empty = self._recent[0][:0]
+        self._frames = [self._frames[r] for r in keep] + [0] * (n - live)
+        self._recent = [self._recent[r] for r in keep] + [empty] * (n - live)
+        self._fresh = [self._fresh[r] for r in keep] + [False] * (n - live)
+        self._prefix = [self._prefix[r] for r in keep] + [None] * (n - live)
+        self.batch = n
 
     def _start_after(self, row: int, prefix: np.ndarray) -> None:
         """Row `row` continues from the state after `prefix`: the stored one, or decoded now (this
