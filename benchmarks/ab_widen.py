@@ -1,7 +1,8 @@
 """A request that arrives while another runs alone in a one-row batch (batch buckets 1, 2, 4):
-the running batch widens to a larger bucket and it starts at once (`BatchEngine(widen=True)`, the
-default) against waiting for a free row, i.e. for the running request to end (`widen=False`),
-side by side in one process, warm, the settings taking turns each round:
+the running batch widens to a larger bucket and it starts at once, the batch narrowing again when
+rows end and none wait (`BatchEngine(widen=True)`, the default), against waiting for a free row,
+i.e. for the running request to end (`widen=False`), side by side in one process, warm, the
+settings taking turns each round:
 
     python benchmarks/ab_widen.py --folder /tmp/ckpt0b6 [--quantize int4] [--codec-precision bf16]
         [--rounds 3] [--late 3] [--seed 0]
