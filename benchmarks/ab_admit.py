@@ -24,12 +24,10 @@ runs are counted in the table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
 import random
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -217,24 +215,13 @@ def main(argv=None) -> int:
                      f"{compiled[a][0]} ({compiled[a][1]:.1f} s"
                      f"{': ' + ', '.join(sorted(set(compiled[a][2]))) if compiled[a][2] else ''}) |")
         print(lines[-1], flush=True)
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    head = (f"## A request arriving mid-chunk: admit_frames ({when} UTC)\n\n"
-            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
-            f"commit {commit}; {args.quantize or 'model dtype'} weights, {args.codec_precision} "
-            f"codec; load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
-            f"`python benchmarks/ab_admit.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-            f" ({args.rounds} rounds after a warm-up, the settings in turn"
-            f"{', each measured run after an unmeasured one' if args.rehearse else ''}; "
-            f"one {args.long}-frame request, then {args.late} of {args.short} frames arriving "
-            f"over {span:.1f} s; "
-            f"batch of {args.rows} rows, chunks of 3 then 12 frames).\n")
-    section = head + "\n" + "\n".join(lines) + "\n"
-    print("\n" + section)
-    if args.results:
-        from bench_generate import append_results
-        append_results(args.results, section)
+    from bench_generate import ab_report
+
+    ab_report("A request arriving mid-chunk: admit_frames", "ab_admit.py", argv, args, load0,
+              f"{args.rounds} rounds after a warm-up, the settings in turn"
+              f"{', each measured run after an unmeasured one' if args.rehearse else ''}; "
+              f"one {args.long}-frame request, then {args.late} of {args.short} frames arriving "
+              f"over {span:.1f} s; batch of {args.rows} rows, chunks of 3 then 12 frames", lines)
     return 0
 
 

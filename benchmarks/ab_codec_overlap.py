@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -118,7 +116,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
-    import jax
 
     if args.build and not os.path.exists(os.path.join(args.folder, "config.json")):
         from bench_server import build_checkpoint
@@ -165,22 +162,12 @@ def main(argv=None) -> int:
                 line += f" {max(x[2] for x in res[m]) if path == 'engine' else '-'} |"
             lines.append(line)
             print(line, flush=True)
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    head = (f"## The codec beside the next chunk's frames ({when} UTC)\n\n"
-            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-            f"JAX {jax.__version__}, commit {commit}; {args.quantize or 'model dtype'} weights, "
-            f"{args.codec_precision} codec; load average {load0[0]:.2f} before, "
-            f"{os.getloadavg()[0]:.2f} after. `python benchmarks/ab_codec_overlap.py "
-            f"{' '.join(argv if argv is not None else sys.argv[1:])}` (medians of {args.rounds} "
-            f"rounds, the modes in turn; audio equal in every mode; underruns: the most in a "
-            f"round, over all requests).\n")
-    section = head + "\n" + "\n".join(lines) + "\n"
-    print("\n" + section)
-    if args.results:
-        from bench_generate import append_results
-        append_results(args.results, section)
+    from bench_generate import ab_report
+
+    ab_report("The codec beside the next chunk's frames", "ab_codec_overlap.py", argv, args,
+              load0,
+              f"medians of {args.rounds} rounds, the modes in turn; audio equal in every mode; "
+              f"underruns: the most in a round, over all requests", lines)
     return 0
 
 

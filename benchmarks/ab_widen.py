@@ -16,11 +16,9 @@ underruns, how many late requests started in a running batch, and the widenings.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +40,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
-    import jax
     from ab_admit import job_of, make_engine, one_round
 
     from qwen3_tts_jax import Qwen3TTS
@@ -78,23 +75,13 @@ def main(argv=None) -> int:
                      f"{max(out[3] for out in res[w])} | "
                      f"{sum(out[5] for out in res[w])} of {args.late * args.rounds} |")
         print(lines[-1], flush=True)
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    head = (f"## A running batch widened for waiting requests (ab_widen.py, {when} UTC)\n\n"
-            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
-            f"commit {commit}; {args.quantize or 'model dtype'} weights, {args.codec_precision} "
-            f"codec; load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
-            f"`python benchmarks/ab_widen.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-            f" ({args.rounds} rounds, the settings in turn, each measured run after an unmeasured "
-            f"one; one {args.long}-frame request, then {args.late} of {args.short} frames "
-            f"arriving over {span:.1f} s; batch buckets {list(buckets)}, chunks of 3 then 12 "
-            f"frames, admission steps of 3 frames).\n")
-    section = head + "\n" + "\n".join(lines) + "\n"
-    print("\n" + section)
-    if args.results:
-        from bench_generate import append_results
-        append_results(args.results, section)
+    from bench_generate import ab_report
+
+    ab_report("A running batch widened for waiting requests", "ab_widen.py", argv, args, load0,
+              f"{args.rounds} rounds, the settings in turn, each measured run after an unmeasured one; "
+              f"one {args.long}-frame request, then {args.late} of {args.short} frames arriving "
+              f"over {span:.1f} s; batch buckets {list(buckets)}, chunks of 3 then 12 frames, "
+              f"admission steps of 3 frames", lines)
     return 0
 
 

@@ -350,6 +350,30 @@ def report(args, built, official, ours, bandwidth, loads) -> str:
     return "\n".join(lines)
 
 
+def ab_report(title: str, script: str, argv, args, load0, how: str, lines: list[str]) -> str:
+    """A side-by-side benchmark's RESULTS section: `title` with the time, then the machine, JAX,
+    commit, weights and codec precision (`args.quantize`, `args.codec_precision`), the load
+    before (`load0`) and after, the command, `how` it ran, and the table `lines`. Printed, and
+    appended to `args.results` when given."""
+    import jax
+
+    root = os.path.dirname(HERE)
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    head = (f"## {title} ({when} UTC)\n\n"
+            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+            f"commit {commit}; {args.quantize or 'model dtype'} weights, {args.codec_precision} "
+            f"codec; load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
+            f"`python benchmarks/{script} {command}` ({how}).\n")
+    section = head + "\n" + "\n".join(lines) + "\n"
+    print("\n" + section)
+    if args.results:
+        append_results(args.results, section)
+    return section
+
+
 def append_results(path: str, section: str):
     """Append only: other benchmarks add their own sections to the same file."""
     if not os.path.exists(path):

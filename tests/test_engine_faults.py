@@ -282,6 +282,57 @@ def test_failing_held_audio_restarts_its_rows(tts, overlap_reference, monkeypatc
         np.testing.assert_array_equal(o.wave, want.wave)
 
 
+def join_while_held(tts, monkeypatch, spec, late, fault=False, **engine_kw):
+    """Run `spec`'s jobs ({name: (text, speaker, seed, tokens)}) in an engine with the codec on
+    its thread; job `late` is submitted by the codec thread's first push (a held chunk's work),
+    which then waits until a prefill into the running batch has returned (at most 15 s) and runs,
+    or with `fault` raises. Each job's audio must be its audio alone. Returns (whether the prefill
+    came while the codec work waited, the engine's stats)."""
+    from official import with_options
+
+    from qwen3_tts_jax.codec import streaming
+
+    other = with_options(tts, codec_overlap="thread")
+    alone = {k: run(engine_of(tts), [job_of(tts, t, s, seed, tokens=n)])[0]
+             for k, (t, s, seed, n) in spec.items()}
+    jobs = {k: job_of(other, t, s, seed, tokens=n) for k, (t, s, seed, n) in spec.items()}
+    engine = engine_of(other, **engine_kw)
+    inserted, released, push = threading.Event(), [], streaming.StreamDecoder.push
+    real_insert = engine_mod.gen.insert
+
+    def insert(*a, **kw):
+        try:
+            return real_insert(*a, **kw)
+        finally:
+            inserted.set()
+
+    def push_held(self, new):
+        if threading.current_thread().name.startswith("qwen3-tts-codec") and not released:
+            engine.submit(jobs[late][0])              # arrives while this chunk is decoded
+            released.append(inserted.wait(15))        # until its prefill (or 15 s: it waited)
+            if fault:
+                raise RuntimeError("planted codec fault")
+        return push(self, new)
+
+    monkeypatch.setattr(engine_mod.gen, "insert", insert)
+    monkeypatch.setattr(streaming.StreamDecoder, "push", push_held)
+    for k in spec:
+        if k != late:
+            engine.submit(jobs[k][0])
+    engine.start()
+    try:
+        assert all(out.done.wait(120) for _, out in jobs.values()), "a job did not end"
+    finally:
+        engine.stop()
+    for k, (_, out) in jobs.items():
+        assert out.end is None, (k, out.end)
+        want = alone[k].wave
+        assert out.wave.shape == want.shape, k
+        np.testing.assert_allclose(out.wave, want, atol=1e-5 + 1e-4 * np.abs(want).max(),
+                                   err_msg=k)
+    return released == [True], engine.stats
+
+
 @pytest.mark.parametrize("fault", [False, True])
 def test_a_row_taken_while_its_last_audio_is_decoded_does_not_wait_for_it(tts, fault,
                                                                          monkeypatch):
@@ -291,53 +342,13 @@ def test_a_row_taken_while_its_last_audio_is_decoded_does_not_wait_for_it(tts, f
     after it (C's last audio is decoded from C's stream), and A, B and C each get their audio
     alone. With `fault` that codec work then fails: the cohort's requests restart (B's with
     them), and each client still gets its audio alone, each sample once."""
-    from official import with_options
-
-    from qwen3_tts_jax.codec import streaming
-
-    other = with_options(tts, codec_overlap="thread")
     spec = {"A": ("Hello world. This is a test.", "ryan", 1, 20),
             "C": ("Hi there.", "vivian", 2, 7),        # 6 frames: ends with the first held chunk
             "B": ("The quick brown fox.", "eric", 3, 10)}
-    alone = {k: run(engine_of(tts), [job_of(tts, t, s, seed, tokens=n)])[0]
-             for k, (t, s, seed, n) in spec.items()}
-    jobs = {k: job_of(other, t, s, seed, tokens=n) for k, (t, s, seed, n) in spec.items()}
-    engine = engine_of(other)
-    inserted, released, push = threading.Event(), [], streaming.StreamDecoder.push
-    real_insert = engine_mod.gen.insert
-
-    def insert(*a, **kw):
-        try:
-            return real_insert(*a, **kw)
-        finally:
-            inserted.set()
-
-    def push_held(self, new):
-        if threading.current_thread().name.startswith("qwen3-tts-codec") and not released:
-            engine.submit(jobs["B"][0])               # B arrives while this chunk is decoded
-            released.append(inserted.wait(15))        # until B's prefill (or 15 s: it waited)
-            if fault:
-                raise RuntimeError("planted codec fault")
-        return push(self, new)
-
-    monkeypatch.setattr(engine_mod.gen, "insert", insert)
-    monkeypatch.setattr(streaming.StreamDecoder, "push", push_held)
-    for k in ("A", "C"):
-        engine.submit(jobs[k][0])
-    engine.start()
-    try:
-        assert all(out.done.wait(120) for _, out in jobs.values()), "a job did not end"
-    finally:
-        engine.stop()
-    assert released == [True], "B's prefill waited for the held chunk's codec"
-    assert engine.stats["joined"] == 1 and engine.stats["errors"] == 0, engine.stats
-    assert engine.stats["retried"] == (3 if fault else 0), engine.stats
-    for k, (_, out) in jobs.items():
-        assert out.end is None, (k, out.end)
-        want = alone[k].wave
-        assert out.wave.shape == want.shape, k
-        np.testing.assert_allclose(out.wave, want, atol=1e-5 + 1e-4 * np.abs(want).max(),
-                                   err_msg=k)
+    in_time, stats = join_while_held(tts, monkeypatch, spec, "B", fault)
+    assert in_time, "B's prefill waited for the held chunk's codec"
+    assert stats["joined"] == 1 and stats["errors"] == 0, stats
+    assert stats["retried"] == (3 if fault else 0), stats
 
 
 def test_a_batch_widened_while_its_last_audio_is_decoded(tts, monkeypatch):
@@ -345,50 +356,12 @@ def test_a_batch_widened_while_its_last_audio_is_decoded(tts, monkeypatch):
     second chunk is decoded on the codec thread (held there until B's prefill returns). The batch
     widens and B starts at once; the codec's rows grow only after that chunk (whose work has A's
     one row); no fault, no restart, and A and B each get their audio alone."""
-    from official import with_options
-
-    from qwen3_tts_jax.codec import streaming
-
-    other = with_options(tts, codec_overlap="thread")
     spec = {"A": ("Hello world. This is a test.", "ryan", 1, 20),
             "B": ("The quick brown fox.", "eric", 3, 10)}
-    alone = {k: run(engine_of(tts), [job_of(tts, t, s, seed, tokens=n)])[0]
-             for k, (t, s, seed, n) in spec.items()}
-    jobs = {k: job_of(other, t, s, seed, tokens=n) for k, (t, s, seed, n) in spec.items()}
-    engine = engine_of(other, batch_buckets=(1, 2, 4))
-    inserted, released, push = threading.Event(), [], streaming.StreamDecoder.push
-    real_insert = engine_mod.gen.insert
-
-    def insert(*a, **kw):
-        try:
-            return real_insert(*a, **kw)
-        finally:
-            inserted.set()
-
-    def push_held(self, new):
-        if threading.current_thread().name.startswith("qwen3-tts-codec") and not released:
-            engine.submit(jobs["B"][0])
-            released.append(inserted.wait(15))
-        return push(self, new)
-
-    monkeypatch.setattr(engine_mod.gen, "insert", insert)
-    monkeypatch.setattr(streaming.StreamDecoder, "push", push_held)
-    engine.submit(jobs["A"][0])
-    engine.start()
-    try:
-        assert all(out.done.wait(120) for _, out in jobs.values()), "a job did not end"
-    finally:
-        engine.stop()
-    assert released == [True], "B's start waited for the held chunk's codec"
-    stats = engine.stats
+    in_time, stats = join_while_held(tts, monkeypatch, spec, "B", batch_buckets=(1, 2, 4))
+    assert in_time, "B's start waited for the held chunk's codec"
     assert (stats["widened"], stats["joined"], stats["cohorts"]) == (1, 1, 1), stats
     assert stats["errors"] == stats["retried"] == 0, stats
-    for k, (_, out) in jobs.items():
-        assert out.end is None, (k, out.end)
-        want = alone[k].wave
-        assert out.wave.shape == want.shape, k
-        np.testing.assert_allclose(out.wave, want, atol=1e-5 + 1e-4 * np.abs(want).max(),
-                                   err_msg=k)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
