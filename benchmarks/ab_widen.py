@@ -11,7 +11,10 @@ Each round as in ab_admit.py (one long request, then --late requests arriving at
 times over the first 3/4 of its time alone; the engine warmed up as the server does, every batch
 bucket; each measured run after an unmeasured one with the same arrivals). Reported per setting:
 the late requests' time to first audio (median, max), the round's time and frames per second,
-underruns, how many late requests started in a running batch, and the widenings.
+underruns, and how many late requests started in a running batch. `--compare codec-rows`: with
+widening on both sides, the streaming codec decoding each call's due rows at the smallest batch
+bucket that holds them (`StreamDecoder(row_buckets=)`, as the engine makes it) against all the
+batch's rows.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=20)
     ap.add_argument("--late", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", choices=["widen", "codec-rows"], default="widen",
+                    help="widen: widen=True against False; codec-rows: (widening on) the streaming "
+                         "codec decoding a call's due rows at the smallest batch bucket that holds "
+                         "them against all the batch's rows")
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -51,20 +58,35 @@ def main(argv=None) -> int:
     buckets = tuple(sorted({power_of_two(n, 1) for n in range(1, args.rows + 1)}))
     kw = {"batch_buckets": buckets}
     make_engine(tts, 3, args.rows, **kw).warmup([job_of(tts, 0, args.long, None)])
-    settings = [True, False]
+    from qwen3_tts_jax.codec import streaming
+
+    settings = (["widen", "no widen"] if args.compare == "widen"
+                else ["due rows", "all rows"])
+    init = streaming.StreamDecoder.__init__
+
+    def every_row(self, *a, **k):      # the codec decoding all of a call's rows
+        init(self, *a, **{**k, "row_buckets": ()})
+
+    def one(setting, offsets):
+        streaming.StreamDecoder.__init__ = every_row if setting == "all rows" else init
+        try:
+            return one_round(tts, 3, args.rows, args.long, args.short, offsets,
+                             widen=setting != "no widen", **kw)
+        finally:
+            streaming.StreamDecoder.__init__ = init
+
     for w in settings:     # compiles (the widened shapes too); the long request alone sets the span
-        one_round(tts, 3, args.rows, args.long, args.short, [0.3] * args.late, widen=w, **kw)
-    alone = one_round(tts, 3, args.rows, args.long, args.short, [], **kw)[1]
+        one(w, [0.3] * args.late)
+    alone = one(settings[0], [])[1]
     span = 0.75 * alone
     rng = random.Random(args.seed)
     res = {w: [] for w in settings}
     for _ in range(args.rounds):
         offsets = sorted(rng.uniform(0.1, span) for _ in range(args.late))
         for w in settings:
-            one_round(tts, 3, args.rows, args.long, args.short, offsets, widen=w, **kw)
-            res[w].append(one_round(tts, 3, args.rows, args.long, args.short, offsets, widen=w,
-                                    **kw))
-    lines = ["| widen | late requests' TTFA median / max ms | round s | frames/s | underruns (most "
+            one(w, offsets)
+            res[w].append(one(w, offsets))
+    lines = ["| setting | late requests' TTFA median / max ms | round s | frames/s | underruns (most "
              "in a round) | late requests started in a running batch |",
              "| --- | --- | --- | --- | --- | --- |"]
     for w in settings:
@@ -77,7 +99,9 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     from bench_generate import ab_report
 
-    ab_report("A running batch widened for waiting requests", "ab_widen.py", argv, args, load0,
+    title = ("A running batch widened for waiting requests" if args.compare == "widen"
+             else "The streaming codec on a call's due rows only")
+    ab_report(title, "ab_widen.py", argv, args, load0,
               f"{args.rounds} rounds, the settings in turn, each measured run after an unmeasured one; "
               f"one {args.long}-frame request, then {args.late} of {args.short} frames arriving "
               f"over {span:.1f} s; batch buckets {list(buckets)}, chunks of 3 then 12 frames, "

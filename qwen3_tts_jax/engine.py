@@ -11,8 +11,9 @@ Batching. Waiting requests are collected until `batch_window` seconds pass with 
 with the same compiled programs as offline generation and `generate.stream`: `generate.prefill`
 once, then `generate.decode` with a growing `until` (first after `first_chunk_frames` frames, then
 every `chunk_frames`), the state kept on device. After each chunk, every row's new frames go to
-the cohort's `StreamDecoder` (one codec call for all rows, the codec's state carried on device
-from chunk to chunk, so a chunk costs only its new frames and the stream is the offline audio),
+the cohort's `StreamDecoder` (one codec call for the due rows, at the smallest batch bucket that
+holds them, the codec's state carried on device from chunk to chunk, so a chunk costs only its new
+frames and the stream is the offline audio),
 and the audio to the row's `emit`. A job with `stream=False` (a whole-file format) is decoded
 once, when its row ends: the offline decode. After a chunk that is no row's first, its codec work
 may run beside the next chunk's frames (`Options.codec_overlap`: "thread" on a worker thread of
@@ -404,7 +405,8 @@ class _Cohort:
         tok = tts.speech_tokenizer
         engine.codec_prefix_states = getattr(tok, "prefix_states", None)
         self.codec = StreamDecoder(tok.params, tok.config.decoder, B,
-                                   prefix_states=engine.codec_prefix_states)
+                                   prefix_states=engine.codec_prefix_states,
+                                   row_buckets=engine.batch_buckets)
         for b, j in enumerate(jobs):
             self.codec.reset(b, prefix=j.ref_code)
         if any(j.ref_code is not None for j in jobs):

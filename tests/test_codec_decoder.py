@@ -327,6 +327,48 @@ def test_stream_decoder_matches_official_forward(parity_codec, name):
     assert_close_to_peak(got_c, official(c), f"{name} stream c after reset")
 
 
+def test_stream_decoder_decodes_the_due_rows_at_a_smaller_batch(parity_codec, monkeypatch):
+    """With `row_buckets` (1, 2), a 4-row decoder decodes a call's due rows at the smallest of
+    those that holds them (their states taken out and put back): three streams pushed in pieces
+    with 1, 2 or 3 rows due (calls of 1, 2 and 4 rows) equal the official forward of each, and
+    the fourth row, never pushed, keeps its fresh state."""
+    from qwen3_tts_jax.codec import decoder as decoder_mod
+
+    _, codec, tok = parity_codec("tiny")
+    rng = np.random.default_rng(11)
+    streams = [random_codes(rng, n) for n in (40, 23, 31)]
+
+    def official(codes):
+        with torch.no_grad():
+            return codec.decoder(torch.from_numpy(codes.T[None]).long())[0, 0].numpy()
+
+    sizes, real = [], decoder_mod.jit_stream_decode
+
+    def spy(params, cfg, state, codes, n, reset):
+        sizes.append(codes.shape[0])
+        return real(params, cfg, state, codes, n, reset)
+
+    monkeypatch.setattr(decoder_mod, "jit_stream_decode", spy)
+    dec = StreamDecoder(tok.params, tok.config.decoder, 4, chunk_size=None, row_buckets=(1, 2))
+    fresh = jax.tree.map(lambda a: np.asarray(a[3]), dec.state)
+    splits = [[3, 0, 10, 27, 0], [0, 5, 0, 10, 8], [0, 0, 7, 20, 4]]
+    got, at = [[] for _ in streams], [0] * len(streams)
+    for k in range(5):
+        new = [None] * 4
+        for b, codes in enumerate(streams):
+            if splits[b][k]:
+                new[b], at[b] = codes[at[b]:at[b] + splits[b][k]], at[b] + splits[b][k]
+        for b, w in enumerate(dec.push(new)):
+            assert (w is None) == (new[b] is None)
+            if w is not None:
+                got[b].append(w)
+    assert sizes == [1, 1, 2, 4, 2], sizes
+    for b, codes in enumerate(streams):
+        assert_close_to_peak(np.concatenate(got[b]), official(codes), f"stream {b}")
+    for a, f in zip(jax.tree.leaves(dec.state), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(a[3]), f)
+
+
 def test_stream_decoder_restarts_like_official_chunked_decode(parity_codec):
     """With chunks (40 frames, 5 of context) the stream restarts where the official
     `Decoder.chunked_decode` does: pieces that straddle the chunk boundaries (one of 45 frames

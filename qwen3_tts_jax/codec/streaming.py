@@ -131,6 +131,17 @@ class PrefixStates:
             self.bytes = 0
 
 
+@jax.jit
+def _take_rows(state: dict, idx) -> dict:
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), state)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_rows(state: dict, idx, part: dict) -> dict:
+    """`state` with row idx[i] replaced by `part`'s row i (an index out of range: dropped)."""
+    return jax.tree.map(lambda a, p: a.at[idx].set(p, mode="drop"), state, part)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _with_row(state: dict, row, row_state: dict) -> dict:
     """`state` with row `row` (traced) replaced by a one-row state."""
@@ -148,12 +159,15 @@ class StreamDecoder:
 
     def __init__(self, params, cfg: decoder.DecoderConfig, batch: int,
                  chunk_size: int | None = 300, left_context: int = 25,
-                 prefix_states: PrefixStates | None = None):
+                 prefix_states: PrefixStates | None = None, row_buckets: tuple[int, ...] = ()):
         if chunk_size is not None and not 0 <= left_context <= chunk_size:
             raise ValueError(f"left_context must be in [0, chunk_size], got {left_context}")
         self.params, self.cfg, self.batch = params, cfg, batch
         self.chunk_size, self.left_context = chunk_size, left_context
         self.prefix_states = prefix_states
+        # smaller batch sizes a call may decode its due rows at (their states gathered, then put
+        # back): a call for 1 row of 8 costs a 1-row program, not an 8-row one
+        self.row_buckets = tuple(sorted(row_buckets))
         self.up = cfg.total_upsample
         self.state = decoder.init_stream_state(params, cfg, batch)
         Q = cfg.num_quantizers
@@ -214,16 +228,22 @@ class StreamDecoder:
     def warm(self, max_frames: int) -> float:
         """Compile (by running, on the current state with no frames, which keeps it) every
         window that pieces of at most `max_frames` new frames use, the restarts' context
-        included. Returns seconds."""
+        included, at the decoder's batch and each smaller `row_buckets` size. Returns seconds."""
         t = time.perf_counter()
         extra = 0 if self.chunk_size is None else self.left_context
+        sizes = [self.batch] + [m for m in self.row_buckets if m < self.batch]
         for T in sorted({window_frames(n) for n in range(1, max_frames + extra + 1)}):
-            zeros = jnp.zeros((self.batch,), jnp.int32)
-            wave, _ = decoder.jit_stream_decode(
-                self.params, self.cfg, self.state,
-                jnp.zeros((self.batch, T, self.cfg.num_quantizers), jnp.int32), zeros,
-                zeros.astype(bool))
-            wave.block_until_ready()
+            for m in sizes:
+                zeros = jnp.zeros((m,), jnp.int32)
+                state = self.state if m == self.batch else _take_rows(self.state, zeros)
+                wave, part = decoder.jit_stream_decode(
+                    self.params, self.cfg, state,
+                    jnp.zeros((m, T, self.cfg.num_quantizers), jnp.int32), zeros,
+                    zeros.astype(bool))
+                if m < self.batch:     # every index dropped: the state is kept
+                    self.state = _put_rows(self.state, jnp.full((m,), self.batch, jnp.int32),
+                                           part)
+                wave.block_until_ready()
         return time.perf_counter() - t
 
     def _pieces(self, row: int, seq: np.ndarray) -> list[tuple[bool, np.ndarray, int]]:
@@ -273,17 +293,28 @@ class StreamDecoder:
         rounds = []
         for k in range(max(len(p) for p in pieces)):
             round_ = [p[k] if k < len(p) else None for p in pieces]
+            due = [b for b, r in enumerate(round_) if r is not None]
+            rows = next((m for m in self.row_buckets if len(due) <= m < self.batch), None)
+            order = list(range(self.batch)) if rows is None else due + [due[0]] * (rows - len(due))
             T = window_frames(max(len(r[1]) for r in round_ if r is not None))
-            window = np.zeros((self.batch, T, self.cfg.num_quantizers), np.int32)
-            n, reset = np.zeros(self.batch, np.int32), np.zeros(self.batch, bool)
-            for b, r in enumerate(round_):
-                if r is not None:
-                    reset[b], codes, _ = r
-                    window[b, :len(codes)], n[b] = codes, len(codes)
-            wave, self.state = decoder.jit_stream_decode(
-                self.params, self.cfg, self.state, jnp.asarray(window), jnp.asarray(n),
-                jnp.asarray(reset))
-            rounds.append((wave, [None if r is None else (r[2], int(n[b]))
+            window = np.zeros((len(order), T, self.cfg.num_quantizers), np.int32)
+            n, reset = np.zeros(len(order), np.int32), np.zeros(len(order), bool)
+            for i, b in enumerate(order[:len(due)] if rows is not None else order):
+                if round_[b] is not None:
+                    reset[i], codes, _ = round_[b]
+                    window[i, :len(codes)], n[i] = codes, len(codes)
+            args = jnp.asarray(window), jnp.asarray(n), jnp.asarray(reset)
+            if rows is None:
+                wave, self.state = decoder.jit_stream_decode(self.params, self.cfg, self.state,
+                                                             *args)
+            else:      # the due rows' states, decoded at `rows` rows (padding: n = 0), put back
+                wave, part = decoder.jit_stream_decode(
+                    self.params, self.cfg, _take_rows(self.state, jnp.asarray(order, jnp.int32)),
+                    *args)
+                put = due + [self.batch] * (rows - len(due))     # the padding's: dropped
+                self.state = _put_rows(self.state, jnp.asarray(put, jnp.int32), part)
+            at = {b: i for i, b in enumerate(order[:len(due)] if rows is not None else order)}
+            rounds.append((wave, [None if r is None else (at[b], r[2], int(n[at[b]]))
                                   for b, r in enumerate(round_)]))
         return Pending(rounds, [c is None for c in new], drop, self.up)
 
@@ -305,8 +336,9 @@ class Pending:
             for wave, spans in self._rounds:
                 wave = np.asarray(wave)
                 for b, span in enumerate(spans):
-                    if span is not None:
-                        audio[b].append(wave[b, span[0] * self._up:span[1] * self._up])
+                    if span is not None:            # (row in the call, context, frames)
+                        i, start, end = span
+                        audio[b].append(wave[i, start * self._up:end * self._up])
             self._audio = [None if empty else np.concatenate(a)[self._drop[b] * self._up:] if a
                            else np.zeros(0, np.float32)
                            for b, (empty, a) in enumerate(zip(self._empty, audio))]
