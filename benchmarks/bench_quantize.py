@@ -172,7 +172,7 @@ def main():
                     help="the int8 formats of the CPU kernels against float32 (see above)")
     ap.add_argument("--tiny", type=int, default=0, help="--formats: tiny random checkpoints")
     ap.add_argument("--only", default="", help="--formats: the formats whose name has this")
-    ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
+    ap.add_argument("--size", default="0b6", choices=["tiny", "0b6", "1b7"])
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))

@@ -123,7 +123,8 @@ def peak_rss_gb() -> float:
 def build(args) -> dict:
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
-    from full_configs import CODEC, tts_config_kwargs
+    from full_configs import codec as codec_config
+    from full_configs import tts_config_kwargs
     from safetensors.numpy import save_file
 
     from qwen3_tts_jax import checkpoint
@@ -152,7 +153,7 @@ def build(args) -> dict:
         tensors[key] = a
         n += a.size
     save_file(tensors, os.path.join(args.folder, "model.safetensors"))
-    codec = dict(model_type="qwen3_tts_tokenizer_12hz", **CODEC)
+    codec = dict(model_type="qwen3_tts_tokenizer_12hz", **codec_config(args.size))
     with open(os.path.join(args.folder, "speech_tokenizer", "config.json"), "w") as f:
         json.dump(codec, f, indent=2)
     dec = {}  # an audible random codec, like qwen3_tts_jax/demo.py
@@ -552,7 +553,8 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
     first = next((r for r in ours.values() if "batches" in r), None)
     params_m = built.get("params_m") or (first or {}).get("params_m", 0)
     lines = [f"## Batch sweep, {args.size} CustomVoice, {machine()} ({now})", "",
-             f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`: full-size random "
+             f"`python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`: "
+             f"{'tiny-shape (not a figure)' if args.size == 'tiny' else 'full-size'} random "
              f"weights ({params_m:.0f}M params), {args.frames} frames per row, "
              f"{TEXT_TOKENS} text tokens, non-streaming text, speaker {SPEAKER}. Load average "
              f"{'/'.join(f'{x:.2f}' for x in loads[0])} at start, "
@@ -644,7 +646,7 @@ def report(args, built, ours: dict, official: dict | None, loads) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="0b6", choices=["0b6", "1b7"])
+    ap.add_argument("--size", default="0b6", choices=["tiny", "0b6", "1b7"])
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--official-batches", default=None,
                     help="batch sizes for the official (default: the same; '' to skip it)")

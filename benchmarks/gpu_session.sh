@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_session.sh server    # ~8-9 min: the server (1.7B CustomVoice) under
 #                                            # open-loop Poisson load, 10, 20 and 40 requests/s
 #                                            # for 60 s each (bench_server --poisson: TTFA
-#                                            # percentiles, underruns; server.json)
+#                                            # percentiles, client and server side (GET
+#                                            # /metrics), underruns; server.json)
 #   bash benchmarks/gpu_session.sh quant     # ~6-8 min: int8 weights for the decoder products
 #                                            # (quantize="int8": XLA's products, the int8 -> bf16
 #                                            # convert fused) against bf16, the 0.6B at 1, 8, 64
@@ -32,6 +33,10 @@
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
 #
+#   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
+#                                            # here, before a device call: the part's every
+#                                            # command on the CPU with tiny shapes (1-5 min)
+#
 # Missing packages travel as wheels in .whl/ (git-ignored through .git/info/exclude; carry it):
 # the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser. Made here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -40,41 +45,62 @@
 #     soundfile==0.14.0 soxr==1.1.0 cffi==2.0.0 pycparser
 # The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine
 # (/tmp/ckpt17srv for `server`: the 1.7B shapes with the demo's tokenizer and preset voices).
-set -uo pipefail
-part=${1:?usage: gpu_session.sh one|profile|server|quant|overlap|icl}
+{   # read whole before it runs: an edit of this file meanwhile does not change a running part
+set -uoE pipefail
+fail=0
+trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
+                    # the part exits non-zero
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
-if compgen -G ".whl/*.whl" >/dev/null; then
+export PYTHONUNBUFFERED=1
+if [ -n "${SMOKE:-}" ]; then
+    # A rehearsal on this machine's CPU before a device call: every command of the part on tiny
+    # shapes (benchmarks/full_configs.py "tiny"), 6 frames, batches of 1-2, short loads; a few
+    # minutes a part, and a failing command shows here instead of on the device. Not figures.
+    export JAX_PLATFORMS=cpu
+    T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
+    B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
+else
+    export JAX_PLATFORMS=cuda
+    T=/tmp S06=0b6 S17=1b7
+    B() { echo "$1"; }; N() { echo "$1"; }
+fi
+mkdir -p "$T"
+if [ -z "${SMOKE:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+PY=${PYTHON:-python3}
 
 bench() {  # bench NAME SIZE FOLDER ARGS...: bench_scale over a random checkpoint, no official
     local name=$1 size=$2 folder=$3; shift 3
-    python3 benchmarks/bench_scale.py --size "$size" --official-batches '' --folder "$folder" \
+    $PY benchmarks/bench_scale.py --size "$size" --official-batches '' --folder "$folder" \
         --results "$OUT/RESULTS.md" --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$OUT/all.log"
 }
 
 case $part in
 one)
-    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 200 --sampled \
+    bench b1 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 200 --sampled \
         --variants default,loop,kth-top-k --variant-batches 1
-    bench sweep 0b6 /tmp/ckpt --batches 8,64,128 --frames 100 --timeout 240 \
-        --variants default,loop --variant-batches 8,64,128
-    bench 1b7 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200
+    bench sweep $S06 $T/ckpt --batches $(B 8,64,128) --frames $(N 100 6) --timeout 240 \
+        --variants default,loop --variant-batches $(B 8,64,128)
+    bench 1b7 $S17 $T/ckpt17 --batches $(B 1,64) --frames $(N 100 6) --timeout 200
     # the streaming codec (stateful vs windowed re-decode) on the 0.6B checkpoint's codec
-    timeout 150 python3 benchmarks/bench_stream_decode.py --codec /tmp/ckpt/speech_tokenizer \
-        --frames 200 --batch 1 8 64 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
+    timeout 150 $PY benchmarks/bench_stream_decode.py --codec $T/ckpt/speech_tokenizer \
+        --frames $(N 200 8) --batch $(B "1 8 64" | tr , ' ') --results "$OUT/RESULTS.md" \
+        2>&1 | tee -a "$OUT/all.log"
     ;;
 profile)
     # greedy and sampled at batch 1 with a kernel profile (profile.json: kernels per frame,
     # busy time, the costliest kernels)
-    bench b1 0b6 /tmp/ckpt --batches 1 --frames 100 --timeout 240 --sampled \
+    bench b1 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 --sampled \
         --profile "$OUT/prof" --variants default --variant-batches 1
-    python3 - "$OUT" <<'PY'   # the kernel summaries in one small file that comes back
+    $PY - "$OUT" <<'PY'   # the kernel summaries in one small file that comes back
 import glob, json, sys
 out = {p: json.load(open(p)) for p in glob.glob(sys.argv[1] + "/*.json")}
 prof = {f"{v}:{B}:{m}": r[m]["profile"] for p, j in out.items()
@@ -90,30 +116,32 @@ server)
     # 3 x (60 s of arrivals + the last requests' end; a request past 30 s is a timeout). Stopped
     # at 560 s it reports the rates done; run it again on the warm machine to finish: the
     # checkpoint and the compiled programs (~/.cache/qwen3-tts-jax/xla) are kept there
-    timeout 560 python3 benchmarks/bench_server.py --size 1b7 --folder /tmp/ckpt17srv \
-        --poisson 10 20 40 --duration 60 --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
+    timeout 560 $PY benchmarks/bench_server.py --size $S17 --folder $T/ckpt17srv \
+        --poisson $(N "10 20 40" 2) --duration $(N 60 5) --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
         2>&1 | tee -a "$OUT/all.log"
     ;;
 quant)
-    bench q06 0b6 /tmp/ckpt --batches 1,8,64 --frames 100 --timeout 240 \
-        --variants default,int8 --variant-batches 1,8,64
-    bench q17 1b7 /tmp/ckpt17 --batches 1,64 --frames 100 --timeout 200 \
-        --variants default,int8 --variant-batches 1,64
-    timeout 120 python3 benchmarks/bench_quantize.py --folder /tmp/ckpt --size 0b6 --rows 8 \
-        --frames 50 --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
+    bench q06 $S06 $T/ckpt --batches $(B 1,8,64) --frames $(N 100 6) --timeout 240 \
+        --variants default,int8 --variant-batches $(B 1,8,64)
+    bench q17 $S17 $T/ckpt17 --batches $(B 1,64) --frames $(N 100 6) --timeout 200 \
+        --variants default,int8 --variant-batches $(B 1,64)
+    timeout 120 $PY benchmarks/bench_quantize.py --folder $T/ckpt --size $S06 --rows $(N 8 2) \
+        --frames $(N 50 6) --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log"
     ;;
 overlap)
-    timeout 400 python3 benchmarks/ab_codec_overlap.py --folder /tmp/ckpt06srv --build 0b6 \
-        --modes off,queue,thread --rounds 5 --frames 100 --engine-rows 8 \
+    timeout 400 $PY benchmarks/ab_codec_overlap.py --folder $T/ckpt06srv --build $S06 \
+        --modes off,queue,thread --rounds $(N 5 1) --frames $(N 100 6) --engine-rows $(N 8 2) \
         --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/overlap.txt"
     ;;
 icl)
     # a cloned voice (ICL, 5 s of reference) against a preset speaker through the engine, with
     # its per-voice caches (prompt-prefix KV, codec state) off, cold and warm; the streaming API's
     # time to first audio in both text modes (bench_ttfa.py; the 1.7B shapes, ~3-4 min)
-    timeout 400 python3 benchmarks/bench_ttfa.py --folder /tmp/ckpt17srv --build 1b7 --runs 5 \
+    timeout 400 $PY benchmarks/bench_ttfa.py --folder $T/ckpt17srv --build $S17 --runs $(N 5 1) \
         2>&1 | tee -a "$OUT/all.log" | tee "$OUT/icl.txt"
     ;;
 *)
     echo "unknown part $part: one, profile, server, quant, overlap or icl" >&2; exit 2 ;;
 esac
+exit $fail
+}

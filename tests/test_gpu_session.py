@@ -1,0 +1,41 @@
+"""benchmarks/gpu_session.sh rehearsed on the CPU (SMOKE=1): each part's every command runs on tiny
+shapes and writes what the part hands back, so that a device call (minutes, rare) does not meet a
+broken command. Slow (1-3 min a part): run it by hand before a session with a device."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTPUTS = {"one": ["b1.json", "sweep.json", "1b7.json", "RESULTS.md"],
+           "profile": ["profile.json", "RESULTS.md"], "server": ["server.json", "RESULTS.md"],
+           "quant": ["q06.json", "q17.json", "RESULTS.md"],
+           "overlap": ["overlap.txt", "RESULTS.md"], "icl": ["icl.txt"]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu_smoke")   # built by the first part, reused by the rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", list(OUTPUTS))
+def test_a_gpu_session_part_runs_on_the_cpu(part, checkpoints, tmp_path):
+    env = dict(os.environ, SMOKE="1", SMOKE_DIR=str(checkpoints), OUT=str(tmp_path),
+               PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), part],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    for name in OUTPUTS[part]:
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), "nope"],
+                       cwd=ROOT, env=dict(os.environ, SMOKE="1", OUT=str(tmp_path),
+                                          SMOKE_DIR=str(tmp_path)),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown part nope" in r.stderr
