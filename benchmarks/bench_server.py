@@ -49,6 +49,9 @@ past `--timeout`, default 30 s, or the server's 504; failed: the rest, e.g. 429 
   underrun     a piece that arrives after the audio before it has finished playing (playback
                from the first piece; the player waits and plays on from the late piece: `playback`)
   completed/s  ok requests / wall (from the start of the schedule to the last request's end)
+  server:      the server's own side, from its GET /metrics histograms over the run: submitted
+               -> first audio out of the engine, and submitted -> started in a batch; percentiles
+               as the bound of the bucket they fall in (10, 20, 30, 50, 75, 100, 150 ms, ...)
 
 Warm-up, not measured: the closed-loop pattern above with the shortest and the longest sentence,
 then rounds of `--warmup-s` seconds (10) of open-loop traffic at the highest rate until one has no
@@ -178,6 +181,8 @@ def start_server(args, folder: str, port: int, continuous: bool = True, max_batc
         cmd += ["--dtype", args.dtype]
     if not continuous:
         cmd += ["--no-continuous-batching"]
+    if getattr(args, "admit_frames", None) is not None:
+        cmd += ["--admit-frames", str(args.admit_frames)]
     log("server:", " ".join(cmd))
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=open(os.path.join(args.workdir, "server.log"), "w"))
@@ -493,11 +498,36 @@ def open_loop(times, send) -> tuple[list, list[float], float]:
     return results, lags, start
 
 
+def metrics(url: str) -> dict:
+    """GET /metrics parsed: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value
+            for f in text_string_to_metric_families(text) for x in f.samples}
+
+
+def bucket_quantile(before: dict, after: dict, name: str, q: float) -> float:
+    """The q-th percentile (ms) of a /metrics histogram over the requests between two scrapes,
+    as the bound of the bucket it falls in (the buckets' resolution: 10, 20, 30, 50, 75 ms...);
+    nan without requests, inf past the last bound."""
+    counts = {}
+    for (n, labels), v in after.items():
+        le = dict(labels).get("le")
+        if n == name + "_bucket" and dict(labels).get("route") == "speech":
+            counts[float(le)] = v - before.get((n, labels), 0.0)
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return float("nan")
+    return 1000 * next(le for le in sorted(counts) if counts[le] >= q / 100 * total)
+
+
 def run_poisson(url: str, rate: float, duration: float, seed: int, timeout: float) -> dict:
     """One open-loop run: `poisson_schedule(rate, duration, seed)` against the server, each
     request streamed (`stream_request`, its `timeout` bounding the whole request)."""
     schedule = poisson_schedule(rate, duration, seed)
-    stats = health(url)["stats"]
+    stats, m0 = health(url)["stats"], metrics(url)
 
     def send(i):
         r = schedule[i]
@@ -507,7 +537,7 @@ def run_poisson(url: str, rate: float, duration: float, seed: int, timeout: floa
     results, lags, start = open_loop([r["at"] for r in schedule], send)
     ends = [r["sent"] + r["total"] for r in results if "sent" in r]
     wall = (max(ends) if ends else time.perf_counter()) - start
-    after = health(url)["stats"]
+    after, m1 = health(url)["stats"], metrics(url)
     diff = lambda k: after.get(k, 0) - stats.get(k, 0)
     before = stats["batch_sizes"]
     sizes = {int(k): v - before.get(k, 0) for k, v in after["batch_sizes"].items()
@@ -516,7 +546,13 @@ def run_poisson(url: str, rate: float, duration: float, seed: int, timeout: floa
                 for r, s, lag in zip(results, schedule, lags)]
     return {"rate": rate, "duration": duration, "seed": seed, "wall": wall, "requests": requests,
             "batch_sizes": sizes, "joined": diff("joined"),
-            "rejected_queue_full": diff("rejected_queue_full")}
+            "rejected_queue_full": diff("rejected_queue_full"),
+            # the server's side (GET /metrics): submitted -> first audio out of the engine, and
+            # submitted -> started in a batch; bucket bounds
+            "server_ttfa_ms": {q: bucket_quantile(m0, m1, "qwen3_tts_time_to_first_audio_seconds",
+                                                  q) for q in (50, 95)},
+            "server_queue_ms": {q: bucket_quantile(m0, m1, "qwen3_tts_queue_wait_seconds", q)
+                                for q in (50, 95)}}
 
 
 def summarize(run: dict) -> dict:
@@ -539,7 +575,8 @@ def summarize(run: dict) -> dict:
             "stall_s": sum(p["stall"] for p in played), "audio_s_per_s": audio / run["wall"],
             "max_send_lag_ms": max((r["lag"] for r in rs), default=0.0) * 1000,
             "batch_sizes": run["batch_sizes"], "joined": run["joined"],
-            "rejected_queue_full": run["rejected_queue_full"]}
+            "rejected_queue_full": run["rejected_queue_full"],
+            "server_ttfa_ms": run["server_ttfa_ms"], "server_queue_ms": run["server_queue_ms"]}
 
 
 def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
@@ -556,16 +593,19 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
         f"{POISSON_PROMPT_BUCKET}. Requests arrive at Poisson times (seed {args.seed}) for "
         f"{args.duration:g} s, each sent at its time however many are in flight: a sentence of "
         f"5-15 random words, a random preset voice, 5 frames a word (2.5 words/s; random "
-        f"weights never stop early), streamed pcm, first chunk after 3 frames then every 12. "
-        f"Warm-up before measuring (not counted). Underrun: a piece of the body that arrives after "
-        f"the audio before it has finished playing (playback from the first piece; stall: the "
-        f"waits).",
+        f"weights never stop early), streamed pcm, first chunk after 3 frames then every 12; "
+        f"a request joins a running batch within "
+        f"{3 if args.admit_frames is None else args.admit_frames} frames (`--admit-frames`; "
+        f"0: at the next chunk). Warm-up before measuring (not counted). Underrun: a piece of "
+        f"the body that arrives after the audio before it has finished playing (playback from "
+        f"the first piece; stall: the waits).",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; {versions()}. Load average "
         f"(1/5/15 min) at start {load(loads[0])}, at end {load(loads[-1])}.", "",
         "| offered req/s | requests | wall s | completed/s | ok / failed / timeouts "
         "| TTFA p50 / p95 / p99 / max ms | underrun chunks / requests | stall s "
-        "| audio s / s | max send lag ms | batches formed | started in a running batch |",
-        "|" + " --- |" * 12]
+        "| audio s / s | max send lag ms | batches formed | started in a running batch "
+        "| server: first audio p50 / p95 ms | server: queue wait p50 / p95 ms |",
+        "|" + " --- |" * 14]
     for s in summaries:
         t = s["ttfa_ms"]
         lines.append(
@@ -575,7 +615,9 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
             f"| {s['underrun_chunks']} / {s['underrun_requests']} | {s['stall_s']:.2f} "
             f"| {s['audio_s_per_s']:.2f} | {s['max_send_lag_ms']:.1f} "
             f"| {', '.join(f'{k}x{v}' for k, v in sorted(s['batch_sizes'].items()))} "
-            f"| {s['joined']} |")
+            f"| {s['joined']} "
+            f"| <= {s['server_ttfa_ms'][50]:.0f} / <= {s['server_ttfa_ms'][95]:.0f} "
+            f"| <= {s['server_queue_ms'][50]:.0f} / <= {s['server_queue_ms'][95]:.0f} |")
     refused = sum(s["rejected_queue_full"] for s in summaries)
     if refused:
         lines += ["", f"Refused with 429 (queue full, --max-queue): {refused}."]
@@ -641,7 +683,8 @@ def poisson(args, folder: str) -> tuple[str, dict]:
     r3 = lambda x: round(x, 4)
     data = {"device": dev, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
             "versions": versions(), "command": args.argv, "size": args.size,
-            "max_batch_size": args.max_batch_size, "duration": args.duration, "seed": args.seed,
+            "max_batch_size": args.max_batch_size, "admit_frames": args.admit_frames,
+            "duration": args.duration, "seed": args.seed,
             "runs": [dict(s, per_request=[
                 {"at": r3(r["at"]), "lag": r3(r["lag"]), "status": r["status"],
                  "words": r["words"], "voice": r["voice"], "max_new_tokens": r["max_new_tokens"],
@@ -819,6 +862,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=None,
                     help="with --poisson: the server's batch size, its only bucket (a running "
                          "batch takes new requests into its free rows; default 64, on the CPU 8)")
+    ap.add_argument("--admit-frames", type=int, default=None,
+                    help="the server's --admit-frames (default: its own, the first chunk's 3)")
     ap.add_argument("--folder", help="reuse (or build once into) this checkpoint folder")
     ap.add_argument("--json", help="with --poisson: also write the figures and every request's "
                                    "chunk arrivals here")

@@ -109,6 +109,23 @@ def test_open_loop_sends_on_time_whatever_is_in_flight():
     assert all(abs(lags[i] - (began[i] - start)) < 0.005 for i in range(1000))
 
 
+def test_bucket_quantile_is_the_bound_of_the_bucket_it_falls_in():
+    """Percentiles from two /metrics scrapes' cumulative buckets: only the requests between
+    them, the speech route only, the smallest bound holding q % of them."""
+    def scrape(counts, route="speech"):
+        return {("h_bucket", (("le", str(le)), ("route", route))): float(n)
+                for le, n in counts.items()}
+    before = scrape({0.01: 5, 0.05: 5, 0.1: 5, float("inf"): 5})
+    before.update(scrape({0.01: 0, 0.05: 0, 0.1: 0, float("inf"): 50}, route="session"))
+    after = scrape({0.01: 6, 0.05: 15, 0.1: 24, float("inf"): 25})    # 1, 9, 9, 1 new
+    after.update(scrape({0.01: 90, 0.05: 90, 0.1: 90, float("inf"): 90}, route="session"))
+    assert bs.bucket_quantile(before, after, "h", 5) == 10
+    assert bs.bucket_quantile(before, after, "h", 50) == 50
+    assert bs.bucket_quantile(before, after, "h", 95) == 100
+    assert bs.bucket_quantile(before, after, "h", 99) == float("inf")
+    assert np.isnan(bs.bucket_quantile(after, after, "h", 50))
+
+
 @pytest.mark.slow
 def test_poisson_run_against_the_tiny_server(tmp_path):
     """The whole command at a low rate for 4 s (the tiny model on the CPU): every request
@@ -135,3 +152,12 @@ def test_poisson_run_against_the_tiny_server(tmp_path):
     assert 0 < t["50"] <= t["95"] <= t["99"] <= t["max"]
     assert run["underrun_chunks"] >= run["underrun_requests"] >= 0
     assert sum(int(k) * v for k, v in run["batch_sizes"].items()) + run["joined"] == run["requests"]
+    # the server's own first audio (GET /metrics) is no later than the client's, request by
+    # request, so its bucket-bound percentile is at most the client's in the same buckets
+    from qwen3_tts_jax.server.metrics import LATENCY_BUCKETS
+    client = sorted(r["ttfa"] for r in run["per_request"])
+    for q in ("50", "95"):
+        bound = next(b for b in LATENCY_BUCKETS + (float("inf"),)
+                     if sum(x <= b for x in client) >= int(q) / 100 * len(client))
+        assert 0 < run["server_ttfa_ms"][q] <= 1000 * bound
+        assert 0 < run["server_queue_ms"][q] <= run["server_ttfa_ms"][q]

@@ -214,6 +214,53 @@ def test_voices_models_health(server):
     assert h["status"] == "ok" and h["tts_model_type"] == "custom_voice" and "wav" in h["formats"]
 
 
+def scrape(url, headers=None) -> dict:
+    """GET /metrics parsed: {sample name with its labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(url + "/metrics", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def metric(m: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in m.items()
+               if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+
+def test_metrics(server):
+    """GET /metrics (Prometheus' text format) moves by what two requests did: the engine's
+    counters, the batches by size, the audio sent, and per request its queue wait, duration and
+    (streamed only) its time to first audio, each within the client's own wall time."""
+    before = scrape(server.url)
+    t = time.monotonic()
+    code, _, pcm = post(server.url + "/v1/audio/speech", speech(response_format="pcm", seed=1,
+                                                                **GEN))
+    wall_pcm = time.monotonic() - t
+    code2, _, flac = post(server.url + "/v1/audio/speech", speech(response_format="flac",
+                                                                  seed=2, **GEN))
+    assert code == 200 and code2 == 200
+    after = scrape(server.url)
+    d = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert d("qwen3_tts_requests_total") == 2 and d("qwen3_tts_finished_total") == 2
+    assert d("qwen3_tts_errors_total") == 0 and d("qwen3_tts_frames_total") == 2 * (TOKENS - 1)
+    assert d("qwen3_tts_cohorts_total") == 2 == d("qwen3_tts_batches_total")
+    assert d("qwen3_tts_batches_total", size="1") == 2
+    samples = len(pcm) // 2 + len(sf.read(io.BytesIO(flac))[0])
+    assert abs(d("qwen3_tts_audio_seconds_total") - samples / 24000) < 1e-6
+    for name in ("qwen3_tts_queue_wait_seconds", "qwen3_tts_request_duration_seconds"):
+        assert d(name + "_count", route="speech") == 2
+        assert d(name + "_bucket", route="speech", le="+Inf") == 2
+    assert d("qwen3_tts_time_to_first_audio_seconds_count", route="speech") == 1
+    first = d("qwen3_tts_time_to_first_audio_seconds_sum", route="speech")
+    assert 0 < first < wall_pcm
+    assert metric(after, "qwen3_tts_up") == 1 and metric(after, "qwen3_tts_queue") == 0
+    assert metric(after, "qwen3_tts_active") == 0
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("body,status,needle", [
     (speech(voice="bob"), 400, "unknown voice 'bob'"),
@@ -532,8 +579,15 @@ def test_text_session_equals_offline_streaming_mode(server, tts):
     text = "Hello world, this is a test."
     pieces = [("text", "Hel"), ("text", "lo wor"), ("text", "ld, this "), ("text", "is a"),
               ("end", " test.")]
+    before = scrape(server.url)
     audio, done = ws_session(server, {"voice": "ryan", "seed": 4, **GEN}, pieces)
     assert done["type"] == "done" and done["frames"] == TOKENS - 1, done
+    after = scrape(server.url)      # the session's latencies, under its own route
+    for name in ("time_to_first_audio", "queue_wait", "request_duration"):
+        n = f"qwen3_tts_{name}_seconds_count"
+        assert metric(after, n, route="session") - metric(before, n, route="session") == 1
+        assert metric(after, n, route="speech") == metric(before, n, route="speech")
+    assert metric(after, "qwen3_tts_sessions_total") - metric(before, "qwen3_tts_sessions_total") == 1
     wave = np.frombuffer(audio, "<i2").astype(np.float32) / 32767
     ref = offline(tts, text, "ryan", 4, non_streaming_mode=False, **GEN)
     assert wave.shape == ref.shape
@@ -562,10 +616,18 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("planted failure")
 
+    before = scrape(server.url)
     monkeypatch.setattr(engine_mod._Cohort, "step", boom)
     code, _, data = post(server.url + "/v1/audio/speech", speech(response_format="wav", **GEN))
     assert code == 500 and "planted failure" in json.loads(data)["error"]["message"]
     monkeypatch.undo()
+    after = scrape(server.url)     # counted as an error; no duration, no first audio
+    d = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert d("qwen3_tts_requests_total") == 1 and d("qwen3_tts_errors_total") >= 1
+    assert d("qwen3_tts_finished_total") == 0 == d("qwen3_tts_audio_seconds_total")
+    assert d("qwen3_tts_request_duration_seconds_count", route="speech") == 0
+    assert d("qwen3_tts_time_to_first_audio_seconds_count", route="speech") == 0
+    assert metric(after, "qwen3_tts_up") == 1 and metric(after, "qwen3_tts_active") == 0
     # seed 1 runs the full 15 frames (test_sse_stream); unseeded, a tiny random model may sample EOS
     code, _, data = post(server.url + "/v1/audio/speech",
                          speech(response_format="pcm", seed=1, **GEN))
@@ -752,6 +814,11 @@ def test_api_key(tts):
                                        response_format="wav", extra_body={**GEN, "seed": 7})
         assert parse_wav(out.content).shape == ((TOKENS - 1) * 1920,)
         assert get(s.url + "/health")["status"] == "ok"
+        with pytest.raises(urllib.error.HTTPError) as e:      # /metrics needs the key too
+            scrape(s.url)
+        assert e.value.code == 401
+        m = scrape(s.url, {"Authorization": "Bearer s3cret"})
+        assert metric(m, "qwen3_tts_requests_total") == 1
         pytest.importorskip("websockets")
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect

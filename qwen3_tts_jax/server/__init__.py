@@ -7,8 +7,9 @@
         -o hello.wav
 
 Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, the WebSocket
-text sessions). FastAPI, uvicorn, python-multipart and websockets are the optional extra
-`pip install "qwen3-tts-jax[serve]"`; nothing else in the package imports them. Details and
+text sessions), `metrics` (GET /metrics, Prometheus' format). FastAPI, uvicorn, python-multipart,
+websockets and prometheus-client are the optional extra `pip install "qwen3-tts-jax[serve]"`;
+nothing else in the package imports them. Details and
 measurements: docs/serving.md.
 """
 from __future__ import annotations
@@ -133,7 +134,8 @@ def run(args) -> int:
 
         from .app import ServerOptions, create_app
     except ImportError as e:
-        fail(f"serve needs FastAPI and uvicorn ({e}): pip install \"qwen3-tts-jax[serve]\"")
+        fail(f"serve needs FastAPI, uvicorn and prometheus-client ({e}): "
+             "pip install \"qwen3-tts-jax[serve]\"")
     if bool(args.model) == bool(args.random_weights):
         fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     _check_listen(args.host, args.port, fail)

@@ -49,6 +49,7 @@ from ..voice import load_voice, save_voice
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
 from ..settings import GEN_KWARGS, GenerationSettings
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -504,6 +505,7 @@ class Server:
         self.truncated = 0           # streams cut after their status was sent (deadline, failure)
         self.max_prompt_tokens, self.prompt_budget = self._prompt_limit()
         self.sessions_open = 0
+        self.metrics = Metrics(self)       # GET /metrics
 
     def _prompt_limit(self) -> tuple[int, str]:
         """(--max-prompt-tokens, how it was set): given, or the longest prompt whose largest
@@ -713,7 +715,8 @@ class Server:
         job = req.job
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+        job.emit = self.metrics.watch(
+            job, "speech", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
         try:
             self.engine.submit(job)
         except QueueFull as e:
@@ -872,7 +875,8 @@ class Server:
             return await error(e.status, e.message, e.param)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+        job.emit = self.metrics.watch(
+            job, "session", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
         feed, limit = job.feed, self.options.max_input_chars
 
         def push(text, final: bool):
@@ -1136,6 +1140,10 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     async def health():
         body = server.health()
         return body if body["status"] == "ok" else JSONResponse(body, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(server.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     _add_playground(app, server)
     return app
