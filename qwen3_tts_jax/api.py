@@ -435,12 +435,12 @@ class Qwen3TTS:
         if not _is_pieces(text):
             return runner.stream(self, _single(build(text)), settings, chunk_frames,
                                  first_chunk_frames, ref_code)
-        from . import engine
+        from . import engine, text_feed
 
         if non_streaming_mode:
             raise ValueError("text in pieces is read in the official streaming text mode; "
                              "non_streaming_mode=True needs the whole text (a str)")
-        feed = engine.TextFeed.of(self.tokenizer, pieces_prompt())
+        feed = text_feed.TextFeed.of(self.tokenizer, pieces_prompt())
         key = keys(settings.seed, 1, 1)[0]     # as the same seed for a str text
         return engine.stream_pieces(self, text, feed, settings, key, chunk_frames,
                                     first_chunk_frames, ref_code)

@@ -354,7 +354,7 @@ class PiecesPrompt:
     text mode: `build(tokens, final)` makes the prompt from the text tokens received so far. The
     prompt holds the text sequence's first `room` ids (one token, or for an ICL clone as many as
     its reference frames hold, the reference transcript's `prefix` first); the rest is the
-    trailing text the frame loop reads one token per frame (`engine.TextFeed`)."""
+    trailing text the frame loop reads one token per frame (`text_feed.TextFeed`)."""
     build: Callable[[list[int], bool], Prompt]
     room: int
     prefix: list[int]

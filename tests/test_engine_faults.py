@@ -11,8 +11,9 @@ import pytest
 
 from qwen3_tts_jax import Qwen3TTS
 from qwen3_tts_jax import engine as engine_mod
-from qwen3_tts_jax.engine import (BatchEngine, DeadlineExceeded, EngineUnavailable, Job,
-                                  QueueFull, TextFeed)
+from qwen3_tts_jax import text_feed
+from qwen3_tts_jax.engine import BatchEngine, DeadlineExceeded, EngineUnavailable, Job, QueueFull
+from qwen3_tts_jax.text_feed import TextFeed
 from qwen3_tts_jax.settings import (FACTOR_RANGE, TOP_K_MAX, GenerationSettings, SettingError,
                                     traced)
 
@@ -485,14 +486,14 @@ def test_commit_points_are_found_in_linear_time(monkeypatch):
     examined once (it used to rescan the uncommitted text on every piece: n**2 / 2 = 2e10),
     and the text is tokenized once, at the end."""
     calls = {"n": 0}
-    real = engine_mod._is_break
+    real = text_feed._is_break
 
     def counted(c, before):
         calls["n"] += 1
         assert calls["n"] <= 2 * 200_000, "characters are examined more than once"
         return real(c, before)
 
-    monkeypatch.setattr(engine_mod, "_is_break", counted)
+    monkeypatch.setattr(text_feed, "_is_break", counted)
 
     class Tok:
         encoded = []

@@ -16,7 +16,7 @@ LAYERS = {
         "activations", "buckets", "config", "weights", "layers", "talker", "code_predictor",
         "sampling", "generate", "options", "quantize", "cpu_kernels", "speaker_encoder",
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
-    1: {"text", "prompts", "settings", "voice", "audio"},                          # requests
+    1: {"text", "prompts", "settings", "voice", "audio", "text_feed"},             # requests
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
         "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors

@@ -448,7 +448,7 @@ def test_text_feed_commits_a_prefix_of_the_whole_texts_tokens(big_src, merging_s
     without spaces, commit at their punctuation before the text ends."""
     import random
 
-    from qwen3_tts_jax.engine import TextFeed
+    from qwen3_tts_jax.text_feed import TextFeed
 
     tok = T.TextTokenizer.from_dir(big_src if src == "big" else merging_src,
                                    mistral_regex=mistral)
