@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from qwen3_tts_jax import Qwen3TTS, engine as engine_mod  # noqa: E402
+from qwen3_tts_jax.server import app as app_mod  # noqa: E402
 from qwen3_tts_jax.server.app import (RedactApiKey, Server, ServerOptions,  # noqa: E402
                                       create_app)
 from qwen3_tts_jax.voice import VoiceClonePromptItem  # noqa: E402
@@ -290,6 +291,53 @@ def test_content_type_and_origin_of_posts(tts, server):
         allowed.stop()
     with pytest.raises(ValueError, match="not an origin"):
         create_app(tts, ServerOptions(allowed_origins=("app.example",)))
+
+
+def test_cors_for_allowed_origins(tts, server):
+    """With --allowed-origins, a listed page's CORS preflight is answered (without the key: a
+    preflight carries none) and every answer to it carries Access-Control-Allow-Origin, a 401
+    included, so the page can read it; an origin not listed gets neither. Without the flag no
+    CORS at all (the preflight is 405, nothing allows a foreign page to read)."""
+    def ask(port, method, path, origin, extra=""):
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {origin}"
+                + extra)
+        code, headers, data = raw(port, head)
+        return code, {k.lower(): v for k, v in headers.items()}, data
+
+    preflight = ("\r\nAccess-Control-Request-Method: POST"
+                 "\r\nAccess-Control-Request-Headers: authorization, content-type")
+    code, h, _ = ask(server.port, "OPTIONS", "/v1/audio/speech", "https://app.example", preflight)
+    assert code == 405 and "access-control-allow-origin" not in h
+    s = Running(create_app(tts, ServerOptions(
+        model_name="tiny", api_key="s3cret", allowed_origins=("https://APP.example:443",
+                                                              "http://localhost:3000"),
+        **SHAPES)))
+    try:
+        for origin in ("https://app.example", "http://localhost:3000"):
+            code, h, _ = ask(s.port, "OPTIONS", "/v1/audio/speech", origin, preflight)
+            assert code == 200 and h["access-control-allow-origin"] == origin, h
+            assert {"authorization", "content-type"} <= {
+                x.strip().lower() for x in h["access-control-allow-headers"].split(",")}
+            assert "POST" in h["access-control-allow-methods"]
+        for origin in ("https://evil.example", "http://localhost:3001", "null"):
+            code, h, _ = ask(s.port, "OPTIONS", "/v1/audio/speech", origin, preflight)
+            assert code == 400 and "access-control-allow-origin" not in h, (origin, h)
+        code, h, data = ask(s.port, "GET", "/v1/models", "https://app.example")
+        assert code == 401 and h["access-control-allow-origin"] == "https://app.example"
+        assert error_of(data)["code"] == "invalid_api_key"
+        code, h, data = ask(s.port, "GET", "/v1/models", "https://app.example",
+                            "\r\nAuthorization: Bearer s3cret")
+        assert code == 200 and h["access-control-allow-origin"] == "https://app.example"
+        assert json.loads(data)["data"][0]["id"] == "tiny"
+        code, h, _ = ask(s.port, "GET", "/v1/models", "https://evil.example",
+                         "\r\nAuthorization: Bearer s3cret")
+        assert "access-control-allow-origin" not in h
+    finally:
+        s.stop()
+    assert app_mod.cors_origins(app_mod.parse_origins(["*"])) == ["*"]
+    assert app_mod.cors_origins(app_mod.parse_origins(
+        ["http://[::1]:8080", "https://x.example:8443", "http://x.example:80"])) == [
+        "http://[::1]:8080", "https://x.example:8443", "http://x.example"]
 
 
 def test_host_header_on_loopback(server):

@@ -73,8 +73,8 @@ def add_parser(sub, common) -> None:
                         "of the process list; unset: no authentication; an empty key is an error)")
     s.add_argument("--allowed-origins", default="", metavar="ORIGINS",
                    help="comma-separated web origins (scheme://host[:port], or *) whose pages may "
-                        "open the WebSocket and POST non-JSON bodies; others are refused "
-                        "(default: none but the server's own)")
+                        "open the WebSocket, POST non-JSON bodies and call the API with fetch "
+                        "(CORS); others are refused (default: none but the server's own)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="waiting requests beyond this are refused with 429")
     s.add_argument("--max-input-chars", type=int, default=4096,

@@ -38,6 +38,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -46,9 +47,10 @@ from ..audio import MAX_SECONDS, AudioError, AudioTooLong, encode_audio_file, ou
     read_file
 from ..buckets import ladder
 from ..voice import load_voice, save_voice
-from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull, TextFeed
+from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
 from ..settings import GEN_KWARGS, GenerationSettings
+from ..text_feed import TextFeed
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 
 log = logging.getLogger("qwen3_tts_jax.server")
@@ -254,6 +256,19 @@ def parse_origins(origins) -> tuple[tuple[str, str, int], ...] | None:
                              f" (e.g. https://app.example.com or http://localhost:3000), or *")
         out.append(o)
     return tuple(out)
+
+
+def cors_origins(allowed: tuple[tuple[str, str, int], ...] | None) -> list[str]:
+    """`parse_origins`' result as the Origin headers a browser sends (the scheme's default port
+    left out), for the CORS middleware; ["*"] for any."""
+    if allowed is None:
+        return ["*"]
+    out = []
+    for scheme, host, port in allowed:
+        name = f"[{host}]" if ":" in host else host
+        out.append(f"{scheme}://{name}" + ("" if port == (443 if scheme == "https" else 80)
+                                          else f":{port}"))
+    return out
 
 
 class BrowserGuard:
@@ -1066,7 +1081,7 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     server = Server(tts, options or ServerOptions())
     if server.options.api_key is not None:
         ApiKeyCheck(None, server.options.api_key)        # an empty key is an error, not "no auth"
-    parse_origins(server.options.allowed_origins)         # a ValueError names a bad entry
+    origins = parse_origins(server.options.allowed_origins)  # a ValueError names a bad entry
 
     @asynccontextmanager
     async def lifespan(app):
@@ -1082,7 +1097,13 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     if server.options.api_key is not None:
         app.add_middleware(ApiKeyCheck, key=server.options.api_key)
         redact_api_keys_in_logs()
-    app.add_middleware(BrowserGuard, allowed_origins=server.options.allowed_origins)  # outermost
+    app.add_middleware(BrowserGuard, allowed_origins=server.options.allowed_origins)
+    if server.options.allowed_origins:
+        # outermost: the allowed pages' CORS preflights are answered before the key check (a
+        # preflight carries no key), and every answer to them, a 401 included, is readable there
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins(origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
