@@ -20,7 +20,8 @@ LAYERS = {
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
         "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
-        "server", "server.app", "server.engine", "server.metrics",
+        "server", "server.app", "server.engine", "server.metrics", "server.errors",
+        "server.guards",
         "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train",
         "finetune.plot"},
 }

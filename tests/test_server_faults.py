@@ -25,9 +25,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from qwen3_tts_jax import Qwen3TTS, engine as engine_mod  # noqa: E402
-from qwen3_tts_jax.server import app as app_mod  # noqa: E402
-from qwen3_tts_jax.server.app import (RedactApiKey, Server, ServerOptions,  # noqa: E402
-                                      create_app)
+from qwen3_tts_jax.server import guards  # noqa: E402
+from qwen3_tts_jax.server.app import Server, ServerOptions, create_app  # noqa: E402
+from qwen3_tts_jax.server.guards import RedactApiKey  # noqa: E402
 from qwen3_tts_jax.voice import VoiceClonePromptItem  # noqa: E402
 from test_server import GEN, SHAPES, Running, get, multipart, post, speech  # noqa: E402
 
@@ -334,8 +334,8 @@ def test_cors_for_allowed_origins(tts, server):
         assert "access-control-allow-origin" not in h
     finally:
         s.stop()
-    assert app_mod.cors_origins(app_mod.parse_origins(["*"])) == ["*"]
-    assert app_mod.cors_origins(app_mod.parse_origins(
+    assert guards.cors_origins(guards.parse_origins(["*"])) == ["*"]
+    assert guards.cors_origins(guards.parse_origins(
         ["http://[::1]:8080", "https://x.example:8443", "http://x.example:80"])) == [
         "http://[::1]:8080", "https://x.example:8443", "http://x.example"]
 

@@ -7,7 +7,8 @@
         -o hello.wav
 
 Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, the WebSocket
-text sessions), `metrics` (GET /metrics, Prometheus' format). FastAPI, uvicorn, python-multipart,
+text sessions), `guards` (API key, browser origins, CORS), `errors` (OpenAI's error shape),
+`metrics` (GET /metrics, Prometheus' format). FastAPI, uvicorn, python-multipart,
 websockets and prometheus-client are the optional extra `pip install "qwen3-tts-jax[serve]"`;
 nothing else in the package imports them. Details and
 measurements: docs/serving.md.
@@ -155,7 +156,7 @@ def run(args) -> int:
              "both unset for no authentication")
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     try:
-        from .app import parse_origins
+        from .guards import parse_origins
 
         parse_origins(origins)
     except ValueError as e:

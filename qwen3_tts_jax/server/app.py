@@ -7,13 +7,14 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
     POST   /v1/audio/voices        multipart: name, audio_sample (file), transcript (Base only)
     DELETE /v1/audio/voices/{id}
     WS     /v1/audio/speech/stream  text in pieces (e.g. from an LLM) -> pcm audio as it is made
-    GET    /v1/models, GET /health
+    GET    /v1/models, GET /health, GET /metrics (Prometheus: metrics.py)
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status saying
 who must act: 400 bad request, 401 no key, 403 a browser origin not allowed, 404 unknown voice id,
 409 name taken, 413 too long or too large, 415 not a JSON body, 421 a Host not this server's, 429
 queue full (with Retry-After), 504 out of time, 500 a server bug. A stream cut after its status
-was sent ends visibly: an SSE `error` event, or a raw (pcm/wav) body closed without its end. See
+was sent ends visibly: an SSE `error` event, or a raw (pcm/wav) body closed without its end
+(errors.py; the checks before a route runs, key, origins and Host: guards.py). See
 docs/serving.md ("Limits, and what the client gets").
 """
 from __future__ import annotations
@@ -22,22 +23,18 @@ import asyncio
 import base64
 import dataclasses
 import io
-import ipaddress
 import json
 import logging
 import os
 import re
-import secrets
 import struct
 import time
-import urllib.parse
 
 import jax
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -51,6 +48,8 @@ from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
 from ..settings import GEN_KWARGS, GenerationSettings
 from ..text_feed import TextFeed
+from .errors import ApiError, error_body, error_response
+from .guards import ApiKeyCheck, BrowserGuard, cors_origins, parse_origins, redact_api_keys_in_logs
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 
 log = logging.getLogger("qwen3_tts_jax.server")
@@ -67,11 +66,6 @@ VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
 FORM_BYTES = 1 << 20               # a voice registration's other fields (name, transcript, ...)
-JSON_PATHS = ("/v1/audio/speech",)  # POST endpoints that take a JSON body
-# Answered without the API key: load balancers' probes, and the playground's static page, which
-# holds no data and asks for the key itself before it calls the API.
-OPEN_PATHS = ("/health", "/")
-OPEN_PREFIXES = ("/static/",)
 
 
 @dataclasses.dataclass
@@ -107,30 +101,6 @@ class ServerOptions:
     stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
-
-
-def _error_type(status: int) -> str:
-    return {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
-            415: "invalid_request_error", 421: "invalid_request_error", 429: "rate_limit_error",
-            504: "timeout_error"}.get(status, "server_error")
-
-
-def _error_body(status: int, message: str, param=None, code=None) -> dict:
-    return {"message": message, "type": _error_type(status), "param": param, "code": code}
-
-
-def _error_response(status: int, message: str, param=None, code=None, headers=None):
-    return JSONResponse({"error": _error_body(status, message, param, code)},
-                        status_code=status, headers=headers)
-
-
 # ---------------------------------------------------------------------------------- audio formats
 def supported_formats() -> list[str]:
     """wav and pcm always; flac, mp3 and opus where this libsndfile can write them
@@ -161,197 +131,6 @@ def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
     if fmt == "pcm":
         return pcm16(wave)
     return encode_audio_file(wave, SAMPLE_RATE, fmt)
-
-
-# ---------------------------------------------------------------------------------- guards
-async def _refuse(scope, receive, send, status: int, message: str, code: str, headers=None):
-    """An OpenAI-shaped error from an ASGI middleware; a WebSocket handshake is refused instead
-    (uvicorn answers 403)."""
-    if scope["type"] == "websocket":
-        await receive()                        # the websocket.connect message
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    await _error_response(status, message, code=code, headers=headers)(scope, receive, send)
-
-
-class ApiKeyCheck:
-    """ASGI middleware: every path but /health and the playground page (/, /static/...; /v1/...,
-    /docs and /openapi.json included) needs `Authorization: Bearer <key>` (what OpenAI's clients
-    send for `api_key`), else 401 in OpenAI's error shape. A WebSocket may instead pass
-    `?api_key=<key>` (browsers cannot set its headers); without it the handshake is refused
-    (403). /health stays open for load balancers' probes."""
-
-    def __init__(self, app, key: str):
-        if not key or not key.strip():
-            raise ValueError("the API key is empty: give a key, or leave --api-key and "
-                             "QWEN3_TTS_JAX_API_KEY unset for no authentication")
-        self.app, self.key = app, key.encode()
-
-    def _ok(self, scope) -> bool:
-        given = [v[7:] for k, v in scope.get("headers", ())
-                 if k.lower() == b"authorization" and v[:7].lower() == b"bearer "]
-        if scope["type"] == "websocket":
-            query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            given += [v.encode() for v in query.get("api_key", [])]
-        return any(secrets.compare_digest(g.strip(), self.key) for g in given)
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if (scope["type"] in ("http", "websocket") and path not in OPEN_PATHS
-                and not path.startswith(OPEN_PREFIXES) and not self._ok(scope)):
-            message = ("a valid API key is needed: send the header `Authorization: Bearer "
-                       "<key>` (OpenAI clients: api_key=<key>)")
-            return await _refuse(scope, receive, send, 401, message, "invalid_api_key",
-                                 {"WWW-Authenticate": "Bearer"})
-        await self.app(scope, receive, send)
-
-
-def _loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_port(value: str, default_port: int) -> tuple[str, int | None]:
-    """A Host header ("name", "name:port", "[::1]:port") -> (name, port); port None if invalid."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        name, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        name, port = value.split(":")
-    else:
-        name, port = value, ""
-    if not port:
-        return name, default_port
-    return name, int(port) if port.isdigit() else None
-
-
-def _origin(value: str) -> tuple[str, str, int] | None:
-    """"scheme://host[:port]" -> (scheme, host, port) with the scheme's default port; None for
-    anything else ("null", a path, another scheme)."""
-    try:
-        u = urllib.parse.urlsplit(value.strip().lower())
-        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
-            return None
-        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    except ValueError:
-        return None
-
-
-def parse_origins(origins) -> tuple[tuple[str, str, int], ...] | None:
-    """`--allowed-origins` entries -> normalized origins; None for "*" (any origin). A ValueError
-    names an entry that is not an origin."""
-    out = []
-    for entry in origins:
-        if entry.strip() == "*":
-            return None
-        o = _origin(entry)
-        if o is None:
-            raise ValueError(f"allowed origin {entry!r} is not an origin: give scheme://host[:port]"
-                             f" (e.g. https://app.example.com or http://localhost:3000), or *")
-        out.append(o)
-    return tuple(out)
-
-
-def cors_origins(allowed: tuple[tuple[str, str, int], ...] | None) -> list[str]:
-    """`parse_origins`' result as the Origin headers a browser sends (the scheme's default port
-    left out), for the CORS middleware; ["*"] for any."""
-    if allowed is None:
-        return ["*"]
-    out = []
-    for scheme, host, port in allowed:
-        name = f"[{host}]" if ":" in host else host
-        out.append(f"{scheme}://{name}" + ("" if port == (443 if scheme == "https" else 80)
-                                          else f":{port}"))
-    return out
-
-
-class BrowserGuard:
-    """ASGI middleware for what a web page can make a browser send (the server may hold an API
-    key, or none when it listens on loopback only):
-      - DNS rebinding: on a loopback connection the Host header must be a loopback name with the
-        server's port (or the host of an allowed origin, for a proxy in front), else 421;
-      - a WebSocket handshake with an Origin that is neither allowed nor the server's own is
-        refused (403);
-      - a POST to a JSON endpoint with another content type (text/plain, a form: what a page can
-        send cross-site without a CORS preflight) is 415 unless its Origin is allowed; a request
-        with no content type and no Origin (a script) passes;
-      - any other POST (the multipart voice upload) with an Origin not allowed is 403."""
-
-    def __init__(self, app, allowed_origins=()):
-        self.app = app
-        self.allowed = parse_origins(allowed_origins)          # None: any
-        self.hosts = {(h, p) for _, h, p in self.allowed or ()}
-
-    def _origin_ok(self, origin: str, host: str | None) -> bool:
-        o = _origin(origin)
-        if o is None:
-            return False
-        if self.allowed is None or o in self.allowed:
-            return True
-        return host is not None and _host_port(host, o[2]) == o[1:]      # same origin
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        host, origin = headers.get("host"), headers.get("origin")
-        local = scope.get("server") or (None, None)
-        if host is not None and local[1] and isinstance(local[0], str) and _loopback(local[0]):
-            default = 443 if scope.get("scheme") in ("https", "wss") else 80
-            name, port = _host_port(host, default)
-            if not ((_loopback(name) and port == local[1]) or (name, port) in self.hosts):
-                return await _refuse(
-                    scope, receive, send, 421, f"this server answers to localhost:{local[1]} "
-                    f"(it listens on loopback), not to Host {host[:100]!r}; a proxy in front "
-                    "must pass the Host through or be listed in --allowed-origins",
-                    "host_not_allowed")
-        if scope["type"] == "websocket":
-            if origin is not None and not self._origin_ok(origin, host):
-                return await _refuse(scope, receive, send, 403, "", "origin_not_allowed")
-        elif scope["method"] == "POST":
-            allowed = origin is not None and self._origin_ok(origin, host)
-            if scope["path"] in JSON_PATHS:
-                kind = (headers.get("content-type") or "").split(";")[0].strip().lower()
-                is_json = kind == "application/json" or kind.endswith("+json")
-                if not is_json and (kind or origin is not None) and not allowed:
-                    return await _refuse(
-                        scope, receive, send, 415, f"{scope['path']} takes a JSON body: send "
-                        f"`Content-Type: application/json` (got {kind[:80] or 'none'!r}; from a "
-                        "browser page, other content types need its origin in "
-                        "--allowed-origins)", "unsupported_media_type")
-            elif origin is not None and not allowed:
-                return await _refuse(
-                    scope, receive, send, 403, f"requests from the web origin {origin[:100]!r} "
-                    "are not allowed here (--allowed-origins)", "origin_not_allowed")
-        await self.app(scope, receive, send)
-
-
-class RedactApiKey(logging.Filter):
-    """Log filter: `api_key=...` in a logged path (uvicorn's access lines and WebSocket lines
-    print the query string) becomes `api_key=[redacted]`."""
-    PATTERN = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self.PATTERN.sub(r"\1[redacted]", a) if isinstance(a, str)
-                                else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = self.PATTERN.sub(r"\1[redacted]", record.msg)
-        return True
-
-
-def redact_api_keys_in_logs() -> None:
-    """Install `RedactApiKey` on uvicorn's loggers (once)."""
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactApiKey) for f in logger.filters):
-            logger.addFilter(RedactApiKey())
 
 
 async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
@@ -810,7 +589,7 @@ class Server:
                     if not req.sse:
                         raise Truncated(str(e)) from e
                     status = 504 if isinstance(e, DeadlineExceeded) else 500
-                    error = _error_body(status, f"the stream was cut after {job.frames} frames: "
+                    error = error_body(status, f"the stream was cut after {job.frames} frames: "
                                                 f"{e}", code="deadline_exceeded"
                                         if status == 504 else "generation_failed")
                     yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n".encode()
@@ -1107,25 +886,25 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return _error_response(e.status, e.message, e.param, e.code, e.headers)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e):
-        return _error_response(e.status_code, str(e.detail))
+        return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):
-        return _error_response(400, str(e))
+        return error_response(400, str(e))
 
     @app.exception_handler(EngineUnavailable)
     async def engine_unavailable(request, e: EngineUnavailable):
-        return _error_response(503, str(e), code="engine_unavailable",
+        return error_response(503, str(e), code="engine_unavailable",
                                headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
         log.error("request failed: %s: %s", type(e).__name__, e)
-        return _error_response(500, f"the server failed: {type(e).__name__}: {e}")
+        return error_response(500, f"the server failed: {type(e).__name__}: {e}")
 
     @app.post("/v1/audio/speech")
     async def speech(request: Request):
