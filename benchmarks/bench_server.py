@@ -64,6 +64,7 @@ import argparse
 import datetime
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -499,11 +500,16 @@ def open_loop(times, send) -> tuple[list, list[float], float]:
 
 
 def metrics(url: str) -> dict:
-    """GET /metrics parsed: {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """GET /metrics parsed: {(sample name, sorted labels): value}; {} where the server or this
+    client has no prometheus-client (the server-side columns are then n/a)."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except (ImportError, urllib.error.HTTPError) as e:
+        log(f"no server-side figures: {e}")
+        return {}
     return {(x.name, tuple(sorted(x.labels.items()))): x.value
             for f in text_string_to_metric_families(text) for x in f.samples}
 
@@ -579,6 +585,11 @@ def summarize(run: dict) -> dict:
             "server_ttfa_ms": run["server_ttfa_ms"], "server_queue_ms": run["server_queue_ms"]}
 
 
+def bound(ms: float) -> str:
+    """A bucket-bound percentile as a table cell."""
+    return "n/a" if math.isnan(ms) else f"<= {ms:.0f}"
+
+
 def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
     load = lambda avg: "/".join(f"{x:.2f}" for x in avg)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -616,8 +627,8 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
             f"| {s['audio_s_per_s']:.2f} | {s['max_send_lag_ms']:.1f} "
             f"| {', '.join(f'{k}x{v}' for k, v in sorted(s['batch_sizes'].items()))} "
             f"| {s['joined']} "
-            f"| <= {s['server_ttfa_ms'][50]:.0f} / <= {s['server_ttfa_ms'][95]:.0f} "
-            f"| <= {s['server_queue_ms'][50]:.0f} / <= {s['server_queue_ms'][95]:.0f} |")
+            f"| {bound(s['server_ttfa_ms'][50])} / {bound(s['server_ttfa_ms'][95])} "
+            f"| {bound(s['server_queue_ms'][50])} / {bound(s['server_queue_ms'][95])} |")
     refused = sum(s["rejected_queue_full"] for s in summaries)
     if refused:
         lines += ["", f"Refused with 429 (queue full, --max-queue): {refused}."]

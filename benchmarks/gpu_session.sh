@@ -38,11 +38,12 @@
 #                                            # command on the CPU with tiny shapes (1-5 min)
 #
 # Missing packages travel as wheels in .whl/ (git-ignored through .git/info/exclude; carry it):
-# the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser. Made here:
+# the image has JAX 0.11 and most of the rest, not soundfile, soxr, cffi or pycparser (nor, perhaps,
+# prometheus-client: without it the server runs and its /metrics columns are n/a). Made here:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     soundfile==0.14.0 soxr==1.1.0 cffi==2.0.0 pycparser
+#     soundfile==0.14.0 soxr==1.1.0 cffi==2.0.0 pycparser prometheus-client
 # The full-size random checkpoints are built once into /tmp/ckpt and /tmp/ckpt17 on the machine
 # (/tmp/ckpt17srv for `server`: the 1.7B shapes with the demo's tokenizer and preset voices).
 {   # read whole before it runs: an edit of this file meanwhile does not change a running part

@@ -261,6 +261,26 @@ def test_metrics(server):
     assert metric(after, "qwen3_tts_active") == 0
 
 
+def test_metrics_without_prometheus_client(tts, monkeypatch):
+    """Without the prometheus-client package (outside the serve extra) the server still serves;
+    /metrics answers 501 naming the package."""
+    from qwen3_tts_jax.server import metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "prometheus_client", None)
+    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
+                                              batch_window_ms=20, **SHAPES)))
+    try:
+        code, _, data = post(s.url + "/v1/audio/speech", speech(response_format="pcm", seed=1,
+                                                                **GEN))
+        assert code == 200 and len(data) == (TOKENS - 1) * 1920 * 2
+        with pytest.raises(urllib.error.HTTPError) as e:
+            scrape(s.url)
+        assert e.value.code == 501 and "prometheus-client" in json.loads(e.value.read())[
+            "error"]["message"]
+    finally:
+        s.stop()
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("body,status,needle", [
     (speech(voice="bob"), 400, "unknown voice 'bob'"),

@@ -50,7 +50,7 @@ from ..settings import GEN_KWARGS, GenerationSettings
 from ..text_feed import TextFeed
 from .errors import ApiError, error_body, error_response
 from .guards import ApiKeyCheck, BrowserGuard, cors_origins, parse_origins, redact_api_keys_in_logs
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MISSING as METRICS_MISSING, Metrics
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
@@ -300,6 +300,8 @@ class Server:
         self.max_prompt_tokens, self.prompt_budget = self._prompt_limit()
         self.sessions_open = 0
         self.metrics = Metrics(self)       # GET /metrics
+        if not self.metrics.available:
+            log.warning(METRICS_MISSING)
 
     def _prompt_limit(self) -> tuple[int, str]:
         """(--max-prompt-tokens, how it was set): given, or the longest prompt whose largest
@@ -943,6 +945,8 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
+        if not server.metrics.available:
+            raise ApiError(501, METRICS_MISSING)
         return Response(server.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     _add_playground(app, server)

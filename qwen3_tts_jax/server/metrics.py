@@ -22,9 +22,12 @@ import time
 from typing import Callable
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+try:    # the serve extra installs it; without it the server runs and /metrics says what is missing
+    import prometheus_client
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+except ImportError:
+    prometheus_client = None
 
 SAMPLE_RATE = 24000
 PREFIX = "qwen3_tts"
@@ -34,7 +37,9 @@ LATENCY_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 GAUGE_STATS = ("prefix_cache_entries", "prefix_cache_bytes", "codec_prefix_entries",
                "codec_prefix_bytes")
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST if prometheus_client else "text/plain"
+MISSING = ("GET /metrics needs the prometheus-client package: pip install prometheus-client (or "
+           "qwen3-tts-jax[serve])")
 
 
 class _ServerCollector:
@@ -70,9 +75,15 @@ class _ServerCollector:
 
 
 class Metrics:
-    """One server's metrics (a registry of its own: several apps in one process do not mix)."""
+    """One server's metrics (a registry of its own: several apps in one process do not mix).
+    `available` is False without prometheus-client: nothing is observed then."""
 
     def __init__(self, server):
+        self.available = prometheus_client is not None
+        if not self.available:
+            return
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
@@ -90,6 +101,8 @@ class Metrics:
     def watch(self, job, route: str, emit: Callable[[object], None]) -> Callable[[object], None]:
         """`emit` for `job` (called on the engine's thread) that also observes its latencies:
         its start at its first item, its first audio, its end (None)."""
+        if not self.available:
+            return emit
         seen = False
 
         def observe(item) -> None:
@@ -111,4 +124,4 @@ class Metrics:
         return observe
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return prometheus_client.generate_latest(self.registry)
