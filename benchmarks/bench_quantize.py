@@ -239,8 +239,13 @@ def main():
              "| weights | code-0 logits error / spread | predictor logits error / spread "
              "| code 0 equal | codes 1-15 equal (teacher-forced) | greedy frames before the "
              "first difference (median, min-max) |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, dtype, quantize in (("int8 (float32 activations)", jnp.float32, "int8"),
-                                  ("bf16", jnp.bfloat16, None)):
+    on_cpu = jax.default_backend() == "cpu"
+    for name, dtype, quantize in (
+            ("int8, float32" + (" (the CPU kernels' int8 x int8)" if on_cpu else ""),
+             jnp.float32, "int8"),
+            ("int8, bf16" + ("" if on_cpu else " (what `--quantize int8` runs here)"),
+             jnp.bfloat16, "int8"),
+            ("bf16", jnp.bfloat16, None)):
         got = measure(dtype, quantize, ref)
         errs = [np.abs(g - r).max() / r.std() for g, r in zip(got[:2], ref[:2])]
         same0 = int((got[0].argmax(-1) == ref[0].argmax(-1)).sum())
