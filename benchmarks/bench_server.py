@@ -184,6 +184,8 @@ def start_server(args, folder: str, port: int, continuous: bool = True, max_batc
         cmd += ["--no-continuous-batching"]
     if getattr(args, "admit_frames", None) is not None:
         cmd += ["--admit-frames", str(args.admit_frames)]
+    if getattr(args, "first_chunk_frames", None) is not None:
+        cmd += ["--first-chunk-frames", str(args.first_chunk_frames)]
     log("server:", " ".join(cmd))
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=open(os.path.join(args.workdir, "server.log"), "w"))
@@ -595,6 +597,7 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
+    first = 3 if args.first_chunk_frames is None else args.first_chunk_frames
     lines = [
         f"## Server under open-loop Poisson load, {args.size} CustomVoice, {dev} ({now}, "
         f"commit {commit})", "",
@@ -604,9 +607,9 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
         f"{POISSON_PROMPT_BUCKET}. Requests arrive at Poisson times (seed {args.seed}) for "
         f"{args.duration:g} s, each sent at its time however many are in flight: a sentence of "
         f"5-15 random words, a random preset voice, 5 frames a word (2.5 words/s; random "
-        f"weights never stop early), streamed pcm, first chunk after 3 frames then every 12; "
-        f"a request joins a running batch within "
-        f"{3 if args.admit_frames is None else args.admit_frames} frames (`--admit-frames`; "
+        f"weights never stop early), streamed pcm, first chunk after {first} frames then every "
+        f"12; a request joins a running batch within "
+        f"{first if args.admit_frames is None else args.admit_frames} frames (`--admit-frames`; "
         f"0: at the next chunk). Warm-up before measuring (not counted). Underrun: a piece of "
         f"the body that arrives after the audio before it has finished playing (playback from "
         f"the first piece; stall: the waits).",
@@ -695,6 +698,7 @@ def poisson(args, folder: str) -> tuple[str, dict]:
     data = {"device": dev, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
             "versions": versions(), "command": args.argv, "size": args.size,
             "max_batch_size": args.max_batch_size, "admit_frames": args.admit_frames,
+            "first_chunk_frames": args.first_chunk_frames,
             "duration": args.duration, "seed": args.seed,
             "runs": [dict(s, per_request=[
                 {"at": r3(r["at"]), "lag": r3(r["lag"]), "status": r["status"],
@@ -874,7 +878,10 @@ def main(argv=None) -> int:
                     help="with --poisson: the server's batch size, its only bucket (a running "
                          "batch takes new requests into its free rows; default 64, on the CPU 8)")
     ap.add_argument("--admit-frames", type=int, default=None,
-                    help="the server's --admit-frames (default: its own, the first chunk's 3)")
+                    help="with --poisson: the server's --admit-frames (default: its own, the "
+                         "first chunk's frames)")
+    ap.add_argument("--first-chunk-frames", type=int, default=None,
+                    help="with --poisson: the server's --first-chunk-frames (default: its 3)")
     ap.add_argument("--folder", help="reuse (or build once into) this checkpoint folder")
     ap.add_argument("--json", help="with --poisson: also write the figures and every request's "
                                    "chunk arrivals here")

@@ -17,7 +17,9 @@
 #                                            # open-loop Poisson load, 10, 20 and 40 requests/s
 #                                            # for 60 s each (bench_server --poisson: TTFA
 #                                            # percentiles, client and server side (GET
-#                                            # /metrics), underruns; server.json)
+#                                            # /metrics), underruns; server.json).
+#                                            # SERVER_ARGS="--admit-frames 1
+#                                            # --first-chunk-frames 1": the server so
 #   bash benchmarks/gpu_session.sh quant     # ~6-8 min: int8 weights for the decoder products
 #                                            # (quantize="int8": XLA's products, the int8 -> bf16
 #                                            # convert fused) against bf16, the 0.6B at 1, 8, 64
@@ -118,8 +120,8 @@ server)
     # at 560 s it reports the rates done; run it again on the warm machine to finish: the
     # checkpoint and the compiled programs (~/.cache/qwen3-tts-jax/xla) are kept there
     timeout 560 $PY benchmarks/bench_server.py --size $S17 --folder $T/ckpt17srv \
-        --poisson $(N "10 20 40" 2) --duration $(N 60 5) --results "$OUT/RESULTS.md" --json "$OUT/server.json" \
-        2>&1 | tee -a "$OUT/all.log"
+        --poisson $(N "10 20 40" 2) --duration $(N 60 5) ${SERVER_ARGS:-} \
+        --results "$OUT/RESULTS.md" --json "$OUT/server.json" 2>&1 | tee -a "$OUT/all.log"
     ;;
 quant)
     bench q06 $S06 $T/ckpt --batches $(B 1,8,64) --frames $(N 100 6) --timeout 240 \
