@@ -14,7 +14,8 @@ the late requests' time to first audio (median, max), the round's time and frame
 underruns, and how many late requests started in a running batch. `--compare codec-rows`: with
 widening on both sides, the streaming codec decoding each call's due rows at the smallest batch
 bucket that holds them (`StreamDecoder(row_buckets=)`, as the engine makes it) against all the
-batch's rows.
+batch's rows. `--compare ramp`: (widening on) each stream's chunks growing from its first, none
+longer than its audio out (`BatchEngine(chunk_ramp=True)`) against the fixed cadence.
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ def main(argv=None) -> int:
     ap.add_argument("--short", type=int, default=20)
     ap.add_argument("--late", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compare", choices=["widen", "codec-rows"], default="widen",
+    ap.add_argument("--compare", choices=["widen", "codec-rows", "ramp"], default="widen",
                     help="widen: widen=True against False; codec-rows: (widening on) the streaming "
                          "codec decoding a call's due rows at the smallest batch bucket that holds "
-                         "them against all the batch's rows")
+                         "them against all the batch's rows; ramp: chunk_ramp on against off")
     ap.add_argument("--results", default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
     make_engine(tts, 3, args.rows, **kw).warmup([job_of(tts, 0, args.long, None)])
     from qwen3_tts_jax.codec import streaming
 
-    settings = (["widen", "no widen"] if args.compare == "widen"
-                else ["due rows", "all rows"])
+    settings = {"widen": ["widen", "no widen"], "codec-rows": ["due rows", "all rows"],
+                "ramp": ["ramp", "no ramp"]}[args.compare]
     init = streaming.StreamDecoder.__init__
 
     def every_row(self, *a, **k):      # the codec decoding all of a call's rows
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         streaming.StreamDecoder.__init__ = every_row if setting == "all rows" else init
         try:
             return one_round(tts, 3, args.rows, args.long, args.short, offsets,
-                             widen=setting != "no widen", **kw)
+                             widen=setting != "no widen", chunk_ramp=setting == "ramp", **kw)
         finally:
             streaming.StreamDecoder.__init__ = init
 
@@ -99,8 +100,9 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     from bench_generate import ab_report
 
-    title = ("A running batch widened for waiting requests" if args.compare == "widen"
-             else "The streaming codec on a call's due rows only")
+    title = {"widen": "A running batch widened for waiting requests",
+             "codec-rows": "The streaming codec on a call's due rows only",
+             "ramp": "A stream's chunks growing from its first (chunk_ramp)"}[args.compare]
     ab_report(title, "ab_widen.py", argv, args, load0,
               f"{args.rounds} rounds, the settings in turn, each measured run after an unmeasured one; "
               f"one {args.long}-frame request, then {args.late} of {args.short} frames arriving "

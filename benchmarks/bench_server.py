@@ -186,6 +186,8 @@ def start_server(args, folder: str, port: int, continuous: bool = True, max_batc
         cmd += ["--admit-frames", str(args.admit_frames)]
     if getattr(args, "first_chunk_frames", None) is not None:
         cmd += ["--first-chunk-frames", str(args.first_chunk_frames)]
+    if getattr(args, "chunk_ramp", False):
+        cmd += ["--chunk-ramp"]
     log("server:", " ".join(cmd))
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=open(os.path.join(args.workdir, "server.log"), "w"))
@@ -608,7 +610,8 @@ def poisson_report(args, summaries: list[dict], loads, dev: str) -> str:
         f"{args.duration:g} s, each sent at its time however many are in flight: a sentence of "
         f"5-15 random words, a random preset voice, 5 frames a word (2.5 words/s; random "
         f"weights never stop early), streamed pcm, first chunk after {first} frames then every "
-        f"12; a request joins a running batch within "
+        f"12{' (growing to it: --chunk-ramp)' if args.chunk_ramp else ''}; a request joins a "
+        f"running batch within "
         f"{first if args.admit_frames is None else args.admit_frames} frames (`--admit-frames`; "
         f"0: at the next chunk). Warm-up before measuring (not counted). Underrun: a piece of "
         f"the body that arrives after the audio before it has finished playing (playback from "
@@ -698,7 +701,7 @@ def poisson(args, folder: str) -> tuple[str, dict]:
     data = {"device": dev, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
             "versions": versions(), "command": args.argv, "size": args.size,
             "max_batch_size": args.max_batch_size, "admit_frames": args.admit_frames,
-            "first_chunk_frames": args.first_chunk_frames,
+            "first_chunk_frames": args.first_chunk_frames, "chunk_ramp": args.chunk_ramp,
             "duration": args.duration, "seed": args.seed,
             "runs": [dict(s, per_request=[
                 {"at": r3(r["at"]), "lag": r3(r["lag"]), "status": r["status"],
@@ -882,6 +885,8 @@ def main(argv=None) -> int:
                          "first chunk's frames)")
     ap.add_argument("--first-chunk-frames", type=int, default=None,
                     help="with --poisson: the server's --first-chunk-frames (default: its 3)")
+    ap.add_argument("--chunk-ramp", action="store_true",
+                    help="with --poisson: the server's --chunk-ramp")
     ap.add_argument("--folder", help="reuse (or build once into) this checkpoint folder")
     ap.add_argument("--json", help="with --poisson: also write the figures and every request's "
                                    "chunk arrivals here")

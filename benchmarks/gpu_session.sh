@@ -19,7 +19,8 @@
 #                                            # percentiles, client and server side (GET
 #                                            # /metrics), underruns; server.json).
 #                                            # SERVER_ARGS="--admit-frames 1
-#                                            # --first-chunk-frames 1": the server so
+#                                            # --first-chunk-frames 1 --chunk-ramp": the
+#                                            # server set for first audio (another call)
 #   bash benchmarks/gpu_session.sh quant     # ~6-8 min: int8 weights for the decoder products
 #                                            # (quantize="int8": XLA's products, the int8 -> bf16
 #                                            # convert fused) against bf16, the 0.6B at 1, 8, 64

@@ -288,7 +288,9 @@ class _Cohort:
         self.open_rows = set(range(n))          # rows whose client still expects audio
         self.step_n = 0                         # frames the batch ran (host copy of state.step)
         self.target = engine.first_chunk_frames  # the next regular chunk boundary
-        self.first_due: dict[int, int] = {}      # rows started later: frame of their 1st chunk
+        # extra boundaries of single rows (frame: that row alone is due): a row started later,
+        # its first chunk; with `chunk_ramp`, a row whose next chunk would outgrow its audio out
+        self.first_due: dict[int, int] = {}
         self.text_final = self.feed is None
         self.closed = self.feed is not None
         # the last chunk's audio on its way and what to do with it (`_Held`), or None
@@ -525,6 +527,11 @@ class _Cohort:
 
         if regular:
             self.target = step + engine.chunk_frames
+        if engine.chunk_ramp:   # no streamed row's next chunk longer than the audio it has out
+            for b in streamed:
+                out = self.emitted[b]
+                if b in open_rows and out < engine.chunk_frames and step + out < self.target:
+                    self.first_due[b] = step + out
         if self.held is not None:
             if not (streamed or whole or done):  # between boundaries: let it come (`ready`)
                 return bool(open_rows)
@@ -649,7 +656,8 @@ class BatchEngine:
                  batch_buckets: tuple[int, ...] | None = None,
                  min_prompt_bucket: int = 16, refill: bool = True, widen: bool = True,
                  stall_timeout: float = 300.0,
-                 prefix_cache: PrefixCache | None = None, admit_frames: int | None = None):
+                 prefix_cache: PrefixCache | None = None, admit_frames: int | None = None,
+                 chunk_ramp: bool = False):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -667,6 +675,11 @@ class BatchEngine:
         # mid-chunk starts within that many frames, not at the chunk's end; audio still goes
         # out at the chunk boundaries (between them only the step counters are read back)
         self.admit_frames = first_chunk_frames if admit_frames is None else admit_frames
+        # A streamed row's chunks grow from its first one instead of jumping to chunk_frames: a
+        # chunk is never longer than the row's audio already out (3, 3, 6, 12, ... frames), so
+        # where frames come at least twice real time the next chunk arrives before the audio
+        # out has played, whatever the first chunk's size (extra boundaries of that row only)
+        self.chunk_ramp = chunk_ramp
         # Padded batch sizes (one compiled program set each): powers of two up to the maximum by
         # default, from the fewest rows (`Options.min_rows`: two on a GPU); a single
         # bucket (e.g. (8,)) compiles once and pads every batch to it.

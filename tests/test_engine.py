@@ -87,6 +87,64 @@ def test_engine_starts_waiting_requests_in_a_running_batch(model_pair, monkeypat
         np.testing.assert_allclose(wave, ref, atol=1e-5 + 1e-4 * np.abs(ref).max(), err_msg=k)
 
 
+def test_chunk_ramp_keeps_each_chunk_within_the_audio_out(model_pair):
+    """`chunk_ramp`: a streamed row's chunks grow from its first (1 frame here) and none is
+    longer than the audio the row already has out, for the rows that start the batch (A, B) and
+    for one started later in a freed row (C), so frames coming at twice real time never leave a
+    gap; the audio is the offline audio either way. Without it the second chunk jumps to the
+    cadence's (8 for A, 7 for C: what is left to the batch's next boundary)."""
+    import threading
+
+    from qwen3_tts_jax.engine import BatchEngine, Job
+    from qwen3_tts_jax.settings import GenerationSettings
+
+    _, tts = model_pair("cv_proj")
+    spec = {"A": ("Hello world. This is a test.", "ryan", 30, GREEDY),   # text, speaker, tokens
+            "B": ("Hi.", "vivian", 4, SAMPLED),
+            "C": ("The quick brown fox.", "eric", 24, SAMPLED)}
+
+    def run(ramp):
+        engine = BatchEngine(tts, max_batch_size=2, chunk_frames=8, first_chunk_frames=1,
+                             batch_buckets=(2,), min_prompt_bucket=48, chunk_ramp=ramp)
+        out = {k: [] for k in spec}
+        ended = {k: threading.Event() for k in spec}
+        kws = {}
+        for i, (k, (text, speaker, tokens, mode)) in enumerate(spec.items()):
+            kws[k] = dict(mode, max_new_tokens=tokens, subtalker_dosample=False,
+                          temperature=mode["temperature"] or None)
+            prompt = tts.custom_voice_prompts([text], speaker, "english", None, True)[0]
+
+            def emit(x, k=k):
+                if x is None or isinstance(x, Exception):
+                    ended[k].set()
+                out[k].append(x)
+            engine.submit(Job(prompt, GenerationSettings.merge(tts.generate_defaults, **kws[k]),
+                              emit=emit, seed=20 + i))
+        engine.start()
+        try:
+            assert all(e.wait(300) for e in ended.values())
+        finally:
+            engine.stop()
+        assert engine.stats["joined"] == 1 and engine.stats["errors"] == 0, engine.stats
+        for i, (k, (text, speaker, _, _)) in enumerate(spec.items()):
+            assert out[k][-1] is None, out[k][-1]
+            codes = tts.generate_custom_voice_codes(text, speaker=speaker, language="english",
+                                                    seed=[20 + i], **kws[k])
+            ref = tts.decode(codes)[0][0]
+            wave = np.concatenate(out[k][:-1])
+            assert wave.shape == ref.shape, (k, wave.shape, ref.shape)
+            np.testing.assert_allclose(wave, ref, atol=1e-5 + 1e-4 * np.abs(ref).max(),
+                                       err_msg=k)
+        return {k: [len(w) // 1920 for w in out[k][:-1]] for k in spec}
+
+    ramped, fixed = run(True), run(False)
+    for k, sizes in ramped.items():
+        assert sizes[0] == 1 and max(sizes) <= 8, (k, sizes)
+        assert all(n <= sum(sizes[:i]) for i, n in enumerate(sizes) if i), (k, sizes)
+    assert ramped["A"][:5] == [1, 1, 2, 4, 1], ramped          # then 8 per chunk, on the cadence
+    assert fixed["A"][:2] == [1, 8] and fixed["C"][1] > 1, fixed   # the cadence's whole chunk
+
+
 def test_engine_whole_file_clone_cut_like_offline(model_pair):
     """A whole-file ICL row is decoded after its reference codes and the reference's part cut as
     the offline API and the official do: int(ref / total * samples), which for 1 reference frame

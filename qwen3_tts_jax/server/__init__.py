@@ -89,6 +89,10 @@ def add_parser(sub, common) -> None:
     s.add_argument("--admit-frames", type=int, default=None,
                    help="a request arriving while a batch with a free row runs starts within "
                         "this many frames (default: --first-chunk-frames; 0: at the next chunk)")
+    s.add_argument("--chunk-ramp", action="store_true",
+                   help="a stream's chunks grow from its first (doubling up to --chunk-frames), "
+                        "none longer than the audio already sent: no gap where frames come at "
+                        "least twice real time, whatever the first chunk's size")
     f = p.add_argument_group("limits and faults")
     f.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
                    help="longer prompts (input, instructions and a voice's reference together, "
@@ -209,6 +213,7 @@ def run(args) -> int:
         max_queue=args.max_queue, max_input_chars=args.max_input_chars,
         request_timeout=args.request_timeout, chunk_frames=args.chunk_frames,
         first_chunk_frames=args.first_chunk_frames, admit_frames=args.admit_frames,
+        chunk_ramp=args.chunk_ramp,
         batch_buckets=buckets, min_prompt_bucket=args.min_prompt_bucket,
         language=args.language,
         non_streaming_mode=None if args.text_mode is None else args.text_mode == "non-streaming",

@@ -81,6 +81,7 @@ class ServerOptions:
     chunk_frames: int = 12
     first_chunk_frames: int = 3
     admit_frames: int | None = None  # a request joins a running batch within this many frames
+    chunk_ramp: bool = False         # a stream's chunks grow from its first (engine.BatchEngine)
     batch_buckets: tuple[int, ...] | None = None               # default: powers of two
     min_prompt_bucket: int = 16
     language: str | None = None                                # default language
@@ -289,7 +290,8 @@ class Server:
         kw = dict(max_batch_size=options.max_batch_size,
                   batch_window=options.batch_window_ms / 1000, max_queue=options.max_queue,
                   chunk_frames=options.chunk_frames, first_chunk_frames=options.first_chunk_frames,
-                  admit_frames=options.admit_frames, batch_buckets=options.batch_buckets,
+                  admit_frames=options.admit_frames, chunk_ramp=options.chunk_ramp,
+                  batch_buckets=options.batch_buckets,
                   min_prompt_bucket=options.min_prompt_bucket,
                   refill=options.continuous_batching, stall_timeout=options.stall_timeout)
         # one device: the engine over the loaded weights; several: an engine per device
