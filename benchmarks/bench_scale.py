@@ -97,6 +97,17 @@ VARIANTS = {
     "int8": dict(quantize="int8"),
     # int8 weights with float32 activations (the int8 kernel before the integer dot products)
     "int8-float": dict(quantize="int8", options=dict(int8_activations="float")),
+    # the code predictor's steps as Pallas (Triton) kernels, two a decoder layer
+    # (Options.predictor_kernels; NVIDIA GPUs, up to 16 rows), at the default tiles and two others
+    # (k chunk, intermediate columns per program, output columns per atomic add, warps, stages)
+    "pallas": dict(options=dict(predictor_kernels="pallas")),
+    "pallas-k256": dict(options=dict(predictor_kernels="pallas",
+                                     predictor_tiles=(256, 32, 256, 4, 3))),
+    "pallas-f64": dict(options=dict(predictor_kernels="pallas",
+                                    predictor_tiles=(128, 64, 128, 8, 2))),
+    # the same kernels through Pallas' interpreter (the CPU rehearsal of gpu_session.sh kernels)
+    "pallas-interpret": dict(options=dict(predictor_kernels="interpret", cache_layout="positions",
+                                          cpu_kernels=False)),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -325,6 +336,16 @@ def run_ours(args) -> dict:
         return stats.get("peak_bytes_in_use", 0) / 2**30
 
     dtype_name = str(jnp.dtype(params["talker"]["codec_embedding"].dtype))
+    if options.predictor_kernels != "xla":   # say whether the kernels take these calls
+        from qwen3_tts_jax import predictor_kernels
+        cp, cp_cfg = params["code_predictor"], cfg.talker.code_predictor
+        for B in args.batches:
+            why = predictor_kernels.why_not(cp["layers"], cp_cfg, rows(B),
+                                            jnp.dtype(dtype_name), options.cache_layout,
+                                            options.predictor_tiles)
+            log(f"ours[{args.variant}] B={B}: predictor kernels "
+                + (f"not used: {why}" if why else
+                   f"used, tiles {predictor_kernels.tiles(cp_cfg, options.predictor_tiles)}"))
     if variant.get("quantize"):
         dtype_name += f" + {variant['quantize']} weights"
     out = {"jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform,

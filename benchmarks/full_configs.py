@@ -21,9 +21,9 @@ CODE_PREDICTOR = dict(hidden_size=1024, num_hidden_layers=5, num_attention_heads
 
 
 SIZES = ("tiny", "0b6", "1b7")
-# the tiny shapes' layers (talker and code predictor alike)
+# the tiny shapes' code predictor (head_dim 32: widths the Pallas predictor kernels take)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
+            num_key_value_heads=2, head_dim=32)
 
 
 def _size(size):

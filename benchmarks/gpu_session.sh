@@ -35,6 +35,11 @@
 #   bash benchmarks/gpu_session.sh icl       # ~3-4 min: a cloned voice's time to first audio
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
+#   bash benchmarks/gpu_session.sh kernels   # ~6-8 min: the code predictor's Pallas kernels
+#                                            # (Options.predictor_kernels, two a layer): their
+#                                            # tests as compiled on the GPU (kernels_tests.txt),
+#                                            # then the 0.6B at batch 1 (greedy, sampled), 8 and
+#                                            # 16 against XLA's ops at three tilings; the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -54,7 +59,7 @@ set -uoE pipefail
 fail=0
 trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
                     # the part exits non-zero
-part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl}
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -64,10 +69,12 @@ if [ -n "${SMOKE:-}" ]; then
     # minutes a part, and a failing command shows here instead of on the device. Not figures.
     export JAX_PLATFORMS=cpu
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
+    PK=pallas-interpret PKS=pallas-interpret   # the predictor kernels through the interpreter
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
+    PK=pallas PKS=pallas,pallas-k256,pallas-f64
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -144,8 +151,18 @@ icl)
     timeout 400 $PY benchmarks/bench_ttfa.py --folder $T/ckpt17srv --build $S17 --runs $(N 5 1) \
         2>&1 | tee -a "$OUT/all.log" | tee "$OUT/icl.txt"
     ;;
+kernels)
+    # first whether the compiled kernels compute what XLA does (the interpreter checks them on
+    # the CPU; the atomic adds and masks only run for real here), then their speed
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_predictor_kernels.py \
+        -k "stack or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
+    bench pk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
+        --variants default,$PKS --variant-batches $(B 1,8,16)
+    bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \
+        --variants default,$PK --variant-batches 1
+    ;;
 *)
-    echo "unknown part $part: one, profile, server, quant, overlap or icl" >&2; exit 2 ;;
+    echo "unknown part $part: one, profile, server, quant, overlap, icl or kernels" >&2; exit 2 ;;
 esac
 exit $fail
 }

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from . import cpu_kernels, layers
+from . import cpu_kernels, layers, predictor_kernels
 from .config import TalkerConfig
 from .options import Options
 from .talker import logits as head_logits
@@ -86,29 +86,43 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
 
     `sample(j, logits_BxV) -> ids_B` picks code j+1 from lm_head[j]'s f32 logits (j may be traced).
     Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
-    `lax.scan`, unrolled with `options.unroll_predictor`.
+    `lax.scan`, unrolled with `options.unroll_predictor`; with `options.predictor_kernels` (where
+    they cover the call) a step's decoder stack is two Pallas kernels a layer, over the rows
+    padded to `predictor_kernels.ROWS` (the prefill too, so that the caches have those rows).
     Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
     """
     cp = cfg.code_predictor
     B = past_hidden_BxD.shape[0]
     G = cfg.num_code_groups - 1
     S = G + 1
+    kernels = kernel_tiles(p, cp, B, past_hidden_BxD.dtype, options)
+    R = predictor_kernels.ROWS if kernels else B   # the kernels' rows: B real, the rest zero
+    pad = (lambda a: jnp.pad(a, [(0, R - B)] + [(0, 0)] * (a.ndim - 1))) if R > B else (lambda a: a)
     slots = jnp.arange(S)
-    caches = layers.init_cache(cp, B, S, past_hidden_BxD.dtype, options)
-    x = project(p, jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1))
-    pos = jnp.broadcast_to(jnp.arange(2), (B, 2))
-    mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (B, 2, S))
+    caches = layers.init_cache(cp, R, S, past_hidden_BxD.dtype, options)
+    x = project(p, pad(jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1)))
+    pos = jnp.broadcast_to(jnp.arange(2), (R, 2))
+    mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (R, 2, S))
     h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp, options)
-    lg0 = head_at(p["lm_head"], 0, h[:, -1])
+    lg0 = head_at(p["lm_head"], 0, h[:B, -1])
     code0 = sample(0, lg0).astype(jnp.int32)
+    if kernels:
+        cos, sin = (a[0] for a in layers.transformer_rope(slots[None], cp, x.dtype))
 
     def step(carry, j):
         code, caches = carry
-        x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[code][:, None])
-        mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))
-        h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp,
-                                       options)
-        lg = head_at(p["lm_head"], j, h[:, -1])
+        x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[pad(code)][:, None])
+        if kernels:
+            h, caches = predictor_kernels.decoder_stack(
+                p["layers"], x[:, 0], j + 1, caches, cos, sin, cp, B, kernels,
+                interpret=options.predictor_kernels == "interpret")
+            h = layers.rms_norm(p["norm"], h[:B], cp.rms_norm_eps)
+        else:
+            mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))
+            h, caches = layers.transformer(p, x, jnp.full((B, 1), j + 1), caches, j + 1, mask, cp,
+                                           options)
+            h = h[:, -1]
+        lg = head_at(p["lm_head"], j, h)
         code = sample(j, lg).astype(jnp.int32)
         return (code, caches), (code, lg)
 
@@ -117,3 +131,18 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     codes = jnp.concatenate([code0[:, None], codes.T], axis=1)
     logits = jnp.concatenate([lg0[:, None], jnp.moveaxis(logits, 0, 1)], axis=1)
     return codes, logits
+
+
+def kernel_tiles(p, cp, rows: int, dtype, options: Options) -> dict | None:
+    """The tiles of `predictor_kernels` when `options` asks for them and they cover this call
+    (else None: XLA's ops)."""
+    if options.predictor_kernels == "xla":
+        return None
+    if options.predictor_kernels == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"Options.predictor_kernels='pallas' needs an NVIDIA GPU (Triton "
+                         f"kernels); this backend is {jax.default_backend()!r}: use 'xla', or "
+                         f"'interpret' for Pallas' interpreter")
+    if predictor_kernels.why_not(p["layers"], cp, rows, dtype, options.cache_layout,
+                                 options.predictor_tiles):
+        return None
+    return predictor_kernels.tiles(cp, options.predictor_tiles)

@@ -22,6 +22,7 @@ KTH_METHODS = ("top_k", "pairwise")
 ATTENTIONS = (None, "xla", "cudnn")
 INT8_ACTIVATIONS = ("float", "int8")
 CODEC_OVERLAPS = ("off", "queue", "thread")
+PREDICTOR_KERNELS = ("xla", "pallas", "interpret")
 
 # XLA:CPU hands matrix products to YNNPACK by default; these options turn its fusions off.
 CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -109,6 +110,18 @@ class Options:
     # compiled programs' key (compare=False).
     codec_overlap: str = dataclasses.field(default="off", compare=False)
 
+    # The code predictor's one-position steps (1..14) as Pallas kernels, two a decoder layer
+    # instead of XLA's ~13 (`predictor_kernels.py`): "xla" (XLA's ops), "pallas" (Triton
+    # kernels: NVIDIA GPUs) or "interpret" (the same kernels through Pallas' interpreter, on any
+    # backend: the tests). Calls they do not cover (over 16 rows, quantized weights, the
+    # heads-major cache, ...: `predictor_kernels.why_not`) take XLA's ops. Their split-K atomic
+    # adds make a GPU's outputs vary at float rounding from run to run. Off until measured on a
+    # GPU (benchmarks/gpu_session.sh kernels).
+    predictor_kernels: str = "xla"
+    # Their tiles, (reduction chunk, intermediate columns per MLP program, output columns per
+    # atomic add, Triton warps, pipeline stages); () for `predictor_kernels.DEFAULT_TILES`.
+    predictor_tiles: tuple = ()
+
     def __post_init__(self):
         def bad(field, value, want):
             raise ValueError(f"Options.{field}={value!r}: {want}")
@@ -123,6 +136,14 @@ class Options:
             bad("int8_activations", self.int8_activations, f"use one of {INT8_ACTIVATIONS}")
         if self.codec_overlap not in CODEC_OVERLAPS:
             bad("codec_overlap", self.codec_overlap, f"use one of {CODEC_OVERLAPS}")
+        if self.predictor_kernels not in PREDICTOR_KERNELS:
+            bad("predictor_kernels", self.predictor_kernels, f"use one of {PREDICTOR_KERNELS}")
+        tiles = self.predictor_tiles
+        if not (isinstance(tiles, tuple) and (tiles == () or (
+                len(tiles) == 5 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                        for v in tiles)))):
+            bad("predictor_tiles", tiles, "use () or five positive integers (k, f, n, warps, "
+                "stages)")
         for name in ("unroll_predictor", "specialize_sampler", "runtime_dispatch", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "use True or False")

@@ -84,6 +84,12 @@ SPECS = {
                         text_vocab=151936, text_hidden=32, cp_hidden=32, cp_heads=4,
                         cp_kv_heads=4, cp_head_dim=8, seed=2),
     "base": Spec(kind="base", size="0b6", hidden=32, cp_hidden=32, seed=3),
+    # predictors whose widths the Pallas kernels take (half a head >= 16, power-of-two tiles):
+    # with the mtp projection and GQA 2, and the 0.6B's identity projection with GQA 1
+    "cv_kernels": Spec(cp_hidden=64, cp_ffn=128, cp_heads=4, cp_kv_heads=2, cp_head_dim=32,
+                       seed=7),
+    "cv_kernels_0b6": Spec(size="0b6", hidden=64, ffn=128, cp_hidden=64, cp_ffn=256, cp_heads=2,
+                           cp_kv_heads=2, cp_head_dim=32, cp_layers=3, seed=8),
     # EOS likely enough that rows of a batch stop at different frames
     "cv_eos": Spec(seed=4, eos_scale=6.0),
     # EOS never the greedy choice (its logit 0 against 2048 others): a row runs to its budget

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUTS = {"one": ["b1.json", "sweep.json", "1b7.json", "RESULTS.md"],
            "profile": ["profile.json", "RESULTS.md"], "server": ["server.json", "RESULTS.md"],
            "quant": ["q06.json", "q17.json", "RESULTS.md"],
-           "overlap": ["overlap.txt", "RESULTS.md"], "icl": ["icl.txt"]}
+           "overlap": ["overlap.txt", "RESULTS.md"], "icl": ["icl.txt"],
+           "kernels": ["kernels_tests.txt", "pk06.json", "pk17.json", "RESULTS.md"]}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,9 @@ def test_a_gpu_session_part_runs_on_the_cpu(part, checkpoints, tmp_path):
     assert "Traceback" not in log, log[-4000:]
     for name in OUTPUTS[part]:
         assert (tmp_path / name).stat().st_size > 0, name
+    if part == "kernels":   # the tiny predictor is one the kernels take, and their tests passed
+        assert "predictor kernels used" in log and "predictor kernels not used" not in log
+        assert " passed" in (tmp_path / "kernels_tests.txt").read_text()
 
 
 def test_an_unknown_part_is_refused(tmp_path):
