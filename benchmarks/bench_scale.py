@@ -101,13 +101,17 @@ VARIANTS = {
     # (Options.predictor_kernels; NVIDIA GPUs, up to 16 rows), at the default tiles and two others
     # (k chunk, intermediate columns per program, output columns per atomic add, warps, stages)
     "pallas": dict(options=dict(predictor_kernels="pallas")),
-    "pallas-k256": dict(options=dict(predictor_kernels="pallas",
-                                     predictor_tiles=(256, 32, 256, 4, 3))),
+    "pallas-k128": dict(options=dict(predictor_kernels="pallas",
+                                     predictor_tiles=(128, 32, 128, 4, 2))),
     "pallas-f64": dict(options=dict(predictor_kernels="pallas",
-                                    predictor_tiles=(128, 64, 128, 8, 2))),
+                                    predictor_tiles=(64, 64, 128, 8, 3))),
+    # the kernels with int8 weights (against the variant "int8": XLA's int8 products)
+    "pallas-int8": dict(quantize="int8", options=dict(predictor_kernels="pallas")),
     # the same kernels through Pallas' interpreter (the CPU rehearsal of gpu_session.sh kernels)
     "pallas-interpret": dict(options=dict(predictor_kernels="interpret", cache_layout="positions",
                                           cpu_kernels=False)),
+    "pallas-int8-interpret": dict(quantize="int8", options=dict(
+        predictor_kernels="interpret", cache_layout="positions", cpu_kernels=False)),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",

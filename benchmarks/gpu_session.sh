@@ -39,7 +39,9 @@
 #                                            # (Options.predictor_kernels, two a layer): their
 #                                            # tests as compiled on the GPU (kernels_tests.txt),
 #                                            # then the 0.6B at batch 1 (greedy, sampled), 8 and
-#                                            # 16 against XLA's ops at three tilings; the 1.7B at 1
+#                                            # 16 against XLA's ops at three tilings
+#   bash benchmarks/gpu_session.sh kernels2  # ~4-5 min: the kernels with int8 weights against
+#                                            # XLA's int8 products (0.6B, 1 and 16); the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -59,7 +61,7 @@ set -uoE pipefail
 fail=0
 trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
                     # the part exits non-zero
-part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels}
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels|kernels2}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -69,12 +71,12 @@ if [ -n "${SMOKE:-}" ]; then
     # minutes a part, and a failing command shows here instead of on the device. Not figures.
     export JAX_PLATFORMS=cpu
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
-    PK=pallas-interpret PKS=pallas-interpret   # the predictor kernels through the interpreter
+    PK=pallas-interpret PKS=pallas-interpret PKQ=int8,pallas-int8-interpret   # interpreted
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
-    PK=pallas PKS=pallas,pallas-k256,pallas-f64
+    PK=pallas PKS=pallas,pallas-k128,pallas-f64 PKQ=int8,pallas-int8
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -158,11 +160,16 @@ kernels)
         -k "stack or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
     bench pk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
         --variants default,$PKS --variant-batches $(B 1,8,16)
+    ;;
+kernels2)
+    bench pk06q $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 \
+        --variants $PKQ --variant-batches $(B 1,16)
     bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \
         --variants default,$PK --variant-batches 1
     ;;
 *)
-    echo "unknown part $part: one, profile, server, quant, overlap, icl or kernels" >&2; exit 2 ;;
+    echo "unknown part $part: one, profile, server, quant, overlap, icl, kernels or kernels2" >&2
+    exit 2 ;;
 esac
 exit $fail
 }

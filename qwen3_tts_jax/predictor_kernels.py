@@ -23,10 +23,14 @@ Values: those of `layers.decoder_layer` (the same roundings to the activation dt
 float32 statistics), except that a block's product and its residual are summed in float32 and
 rounded once, the softmax is the online one, and additions come in another order.
 
-Scope (`covers`): the code predictor's steps 1..14 (one position per row at write index j + 1,
+Weights are arrays in the activation dtype or int8 (`quantize="int8"`, `quantize.Int8Weight`:
+the int8 tiles converted to the activation dtype in the kernel, the column scales applied to the
+float32 sums, as `quantize.matmul` does): half the bytes of bf16 for the same kernels.
+
+Scope (`why_not`): the code predictor's steps 1..14 (one position per row at write index j + 1,
 every earlier slot attended), at most 16 rows (padded to 16, Triton's smallest product tile), the
-positions-major cache, unquantized weights in the activation dtype, SiLU, and widths that split
-into power-of-two tiles of at least 16. Anything else takes XLA's path. `interpret=True` runs the
+positions-major cache, weights as above, SiLU, and widths that split into power-of-two tiles of
+at least 16. Anything else takes XLA's path. `interpret=True` runs the
 same kernels through Pallas' interpreter on any backend (the tests, on the CPU).
 """
 from __future__ import annotations
@@ -38,12 +42,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import quantize
 from .config import TransformerConfig
 
 ROWS = 16             # rows of every product tile (the smallest Triton `dot`)
-DEFAULT_TILES = (128, 32, 128, 4, 2)
+DEFAULT_TILES = (64, 32, 128, 4, 3)
 """(k: reduction chunk, f: intermediate columns per MLP program, n: output columns per atomic
-add, Triton warps, pipeline stages): `Options.predictor_tiles` when it is empty."""
+add, Triton warps, pipeline stages): `Options.predictor_tiles` when it is empty. The attention
+kernel's loop reads six (k, head_dim / 2) weight tiles a step: at the released widths 48 KiB of
+bf16, so three stages stay well inside an H100's 227 KiB of shared memory."""
 
 
 def _triton():
@@ -96,8 +103,11 @@ def why_not(layers_p, cfg: TransformerConfig, rows: int, dtype, cache_layout: st
         if not (isinstance(a, Attention) and isinstance(m, MLP)):
             return "the layers are not in the inference layout"
         for w in (a.qkv, a.o, m.gate_up, m.down):
+            if isinstance(w, quantize.Int8Weight) and w.values.dtype == jnp.int8:
+                continue
             if not isinstance(w, jax.Array) or w.dtype != dtype:
-                return f"weights of type {type(w).__name__} (the kernels take plain {dtype} arrays)"
+                return (f"weights of type {type(w).__name__} (the kernels take {dtype} arrays or "
+                        f"int8 weights, quantize.Int8Weight)")
     return None
 
 
@@ -110,6 +120,29 @@ def _call(kernel, interpret: bool, t: dict, **kw):
 def _dot(a, b):
     precise = {"allow_tf32": False} if a.dtype == jnp.float32 else {}
     return _triton().dot(a, b, **precise)
+
+
+class _Weight:
+    """A product's weight inside a kernel: its values (K, N), in the activation dtype or int8
+    (`quantize.Int8Weight`, converted to the activation dtype tile by tile: exact), and for int8
+    the float32 scale per column, applied to the float32 sums as `quantize.matmul` does."""
+
+    def __init__(self, refs, quantized: bool):
+        self.values = next(refs)
+        self.scale = next(refs) if quantized else None
+
+    def dot(self, x, rows, cols):
+        return _dot(x, self.values[rows, cols].astype(x.dtype))
+
+    def scaled(self, sums, cols):
+        return sums if self.scale is None else sums * self.scale[cols][None, :]
+
+
+def _weight_args(w) -> tuple[list, bool]:
+    """(the arrays a kernel takes for weight w, whether it is int8)."""
+    if isinstance(w, quantize.Int8Weight):
+        return [w.values, w.scale.astype(jnp.float32)], True
+    return [w], False
 
 
 def _rms_inverse(x_ref, D: int, bk: int, eps: float, dt):
@@ -144,9 +177,14 @@ def _add_out(acc_ref, part_fn, x_ref, first, D: int, bn: int, rows: int, dt, int
     jax.lax.fori_loop(0, D // bn, chunk, 0)
 
 
-def _attention_kernel(x_ref, nw_ref, qkv_ref, qn_ref, kn_ref, cos_ref, sin_ref, o_ref, idx_ref,
-                      _k_in, _v_in, _acc_in, k_ref, v_ref, acc_ref, *, H: int, K: int, eps: float,
-                      dt, rows: int, t: dict, interpret: bool):
+def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
+                      quantized: tuple, interpret: bool):
+    it = iter(refs)
+    x_ref, nw_ref = next(it), next(it)
+    qkv = _Weight(it, quantized[0])
+    qn_ref, kn_ref, cos_ref, sin_ref = next(it), next(it), next(it), next(it)
+    o = _Weight(it, quantized[1])
+    idx_ref, _k_in, _v_in, _acc_in, k_ref, v_ref, acc_ref = it
     f32 = jnp.float32
     h = pl.program_id(0)
     G = H // K
@@ -159,16 +197,17 @@ def _attention_kernel(x_ref, nw_ref, qkv_ref, qn_ref, kn_ref, cos_ref, sin_ref, 
     idx = idx_ref[()]
 
     inv = _rms_inverse(x_ref, D, bk, eps, dt)
-    starts = (h * Dh, h * Dh + half, (H + g) * Dh, (H + g) * Dh + half,
-              (H + K + g) * Dh, (H + K + g) * Dh + half)
+    cols = tuple(pl.ds(c, half) for c in (h * Dh, h * Dh + half, (H + g) * Dh,
+                                          (H + g) * Dh + half, (H + K + g) * Dh,
+                                          (H + K + g) * Dh + half))
 
     def product(c, accs):
         xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
-        return tuple(a + _dot(xn, qkv_ref[pl.ds(c * bk, bk), pl.ds(s, half)])
-                     for a, s in zip(accs, starts))
+        return tuple(a + qkv.dot(xn, pl.ds(c * bk, bk), col) for a, col in zip(accs, cols))
     zero = jnp.zeros((R, half), f32)
     accs = jax.lax.fori_loop(0, D // bk, product, (zero,) * 6)
-    q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = (a.astype(dt) for a in accs)
+    q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = (qkv.scaled(a, col).astype(dt)
+                                          for a, col in zip(accs, cols))
 
     cos_lo, cos_hi = cos_ref[idx, lo][None, :], cos_ref[idx, hi][None, :]
     sin_lo, sin_hi = sin_ref[idx, lo][None, :], sin_ref[idx, hi][None, :]
@@ -215,68 +254,78 @@ def _attention_kernel(x_ref, nw_ref, qkv_ref, qn_ref, kn_ref, cos_ref, sin_ref, 
     out_hi = (a_hi / den[:, None]).astype(dt)
 
     def part(cols):  # this head's rows of the o product
-        return (_dot(out_lo, o_ref[pl.ds(h * Dh, half), cols])
-                + _dot(out_hi, o_ref[pl.ds(h * Dh + half, half), cols]))
+        return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
+                        + o.dot(out_hi, pl.ds(h * Dh + half, half), cols), cols)
     _add_out(acc_ref, part, x_ref, h == 0, D, t["n"], rows, dt, interpret)
 
 
-def _mlp_kernel(x_ref, nw_ref, gu_ref, down_ref, _acc_in, acc_ref, *, eps: float, dt, rows: int,
-                t: dict, interpret: bool):
+def _mlp_kernel(*refs, eps: float, dt, rows: int, t: dict, quantized: tuple, interpret: bool):
+    it = iter(refs)
+    x_ref, nw_ref = next(it), next(it)
+    gate_up = _Weight(it, quantized[0])
+    down = _Weight(it, quantized[1])
+    _acc_in, acc_ref = it
     f32 = jnp.float32
     j = pl.program_id(0)
     R, D = x_ref.shape
-    F = down_ref.shape[0]
+    F = gate_up.values.shape[1] // 2
     bk, bf = t["k"], t["f"]
     inv = _rms_inverse(x_ref, D, bk, eps, dt)
+    gate_cols, up_cols = pl.ds(j * bf, bf), pl.ds(F + j * bf, bf)
 
     def product(c, accs):
         xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
         rows_k = pl.ds(c * bk, bk)
-        return (accs[0] + _dot(xn, gu_ref[rows_k, pl.ds(j * bf, bf)]),
-                accs[1] + _dot(xn, gu_ref[rows_k, pl.ds(F + j * bf, bf)]))
+        return (accs[0] + gate_up.dot(xn, rows_k, gate_cols),
+                accs[1] + gate_up.dot(xn, rows_k, up_cols))
     zero = jnp.zeros((R, bf), f32)
     gate, up = jax.lax.fori_loop(0, D // bk, product, (zero, zero))
-    g = gate.astype(dt).astype(f32)
-    act = (g / (1.0 + jnp.exp(-g))).astype(dt) * up.astype(dt)
+    g = gate_up.scaled(gate, gate_cols).astype(dt).astype(f32)
+    act = (g / (1.0 + jnp.exp(-g))).astype(dt) * gate_up.scaled(up, up_cols).astype(dt)
 
     def part(cols):
-        return _dot(act, down_ref[pl.ds(j * bf, bf), cols])
+        return down.scaled(down.dot(act, pl.ds(j * bf, bf), cols), cols)
     _add_out(acc_ref, part, x_ref, j == 0, D, t["n"], rows, dt, interpret)
 
 
 def attention_block(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
-                    cfg: TransformerConfig, rows: int, t: dict, interpret: bool):
+                    cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
     """x + attention(RMSNorm(x)) for one position per row (float32, (R, D)), and the caches with
-    this position's k and v at `write_index`. x: (R, D), the activation dtype or float32."""
+    this position's k and v at `write_index`. x: (R, D), in the activation dtype `dt` or float32
+    (rounded to dt first)."""
     a = lp["attn"]
-    dt = a.qkv.dtype
     R, D = x_RxD.shape
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    qkv, qkv_q = _weight_args(a.qkv)
+    o, o_q = _weight_args(a.o)
+    args = [x_RxD, lp["input_norm"].astype(dt), *qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
+            cos_SxDh.astype(dt), sin_SxDh.astype(dt), *o, jnp.asarray(write_index, jnp.int32),
+            k_cache, v_cache, jnp.zeros((R, D), jnp.float32)]
+    n = len(args)
     kernel = functools.partial(_attention_kernel, H=H, K=K, eps=cfg.rms_norm_eps, dt=dt,
-                               rows=rows, t=t, interpret=interpret)
+                               rows=rows, t=t, quantized=(qkv_q, o_q), interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
                  jax.ShapeDtypeStruct((R, D), jnp.float32))
     k, v, acc = _call(kernel, interpret, t, grid=(H,), out_shape=out_shape,
-                      input_output_aliases={9: 0, 10: 1, 11: 2})(
-        x_RxD, lp["input_norm"].astype(dt), a.qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
-        cos_SxDh, sin_SxDh, a.o, jnp.asarray(write_index, jnp.int32), k_cache, v_cache,
-        jnp.zeros((R, D), jnp.float32))
+                      input_output_aliases={n - 3: 0, n - 2: 1, n - 1: 2})(*args)
     return acc, k, v
 
 
-def mlp_block(x_RxD, lp, cfg: TransformerConfig, rows: int, t: dict, interpret: bool):
-    """x + MLP(RMSNorm(x)) (float32, (R, D)); x float32 (rounded to the weights' dtype first)."""
+def mlp_block(x_RxD, lp, cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
+    """x + MLP(RMSNorm(x)) (float32, (R, D)); x float32 (rounded to the activation dtype `dt`
+    first)."""
     m = lp["mlp"]
-    dt = m.gate_up.dtype
     R, D = x_RxD.shape
+    gate_up, gu_q = _weight_args(m.gate_up)
+    down, down_q = _weight_args(m.down)
     F = m.down.shape[0]
+    args = [x_RxD, lp["post_norm"].astype(dt), *gate_up, *down, jnp.zeros((R, D), jnp.float32)]
     kernel = functools.partial(_mlp_kernel, eps=cfg.rms_norm_eps, dt=dt, rows=rows, t=t,
-                               interpret=interpret)
+                               quantized=(gu_q, down_q), interpret=interpret)
     return _call(kernel, interpret, t, grid=(F // t["f"],),
                  out_shape=jax.ShapeDtypeStruct((R, D), jnp.float32),
-                 input_output_aliases={4: 0})(
-        x_RxD, lp["post_norm"].astype(dt), m.gate_up, m.down, jnp.zeros((R, D), jnp.float32))
+                 input_output_aliases={len(args) - 1: 0})(*args)
 
 
 def decoder_stack(layers_p, x_RxD, write_index, caches, cos_SxDh, sin_SxDh,
@@ -290,7 +339,7 @@ def decoder_stack(layers_p, x_RxD, write_index, caches, cos_SxDh, sin_SxDh,
     x = x_RxD
     for lp, cache in zip(layers_p, caches):
         x, k, v = attention_block(x, lp, cos_SxDh, sin_SxDh, cache.k, cache.v, write_index, cfg,
-                                  rows, t, interpret)
+                                  dt, rows, t, interpret)
         new.append(type(cache)(k, v))
-        x = mlp_block(x, lp, cfg, rows, t, interpret)
+        x = mlp_block(x, lp, cfg, dt, rows, t, interpret)
     return x.astype(dt), new

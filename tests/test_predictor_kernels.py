@@ -37,10 +37,13 @@ def _stack(D, F, H, K, Dh, L, dtype, seed=0):
     return cfg, lps, rnd
 
 
-def _run_both(D, F, H, K, Dh, L, rows, index, dtype):
+def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False):
     """(XLA's hidden and caches, the kernels' hidden and caches) for one step at `index` after a
-    prefill of `index` positions; rows >= `rows` are zero padding."""
+    prefill of `index` positions; rows >= `rows` are zero padding. `quantized`: int8 weights
+    (XLA's side: `quantize.matmul`)."""
     cfg, lps, rnd = _stack(D, F, H, K, Dh, L, dtype)
+    if quantized:
+        lps = [quantize.quantize_layer(lp, "int8") for lp in lps]
     R, S = pk.ROWS, 16
     pad = lambda a: jnp.pad(a, [(0, R - rows)] + [(0, 0)] * (a.ndim - 1))
     slots = jnp.arange(S)
@@ -73,6 +76,18 @@ def test_stack_step_equals_xla_float32(rows, heads, kv_heads, index):
     """Rows 1..16, GQA ratios 1..4, the first and last steps: the kernels' hidden state and
     caches are XLA's up to the order of float32 additions."""
     want, want_c, got, got_c = _run_both(64, 128, heads, kv_heads, 32, 2, rows, index, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+    for (wk, wv), (gk, gv) in zip(want_c, got_c):
+        np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows, index", [(1, 3), (7, 12)])
+def test_stack_step_int8_weights_equal_xla_int8(rows, index):
+    """int8 weights (`quantize="int8"`): the kernels' int8 tiles and column scales give XLA's int8
+    products (`quantize.matmul`) up to float32 rounding."""
+    want, want_c, got, got_c = _run_both(64, 128, 4, 2, 32, 2, rows, index, jnp.float32,
+                                         quantized=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
     for (wk, wv), (gk, gv) in zip(want_c, got_c):
         np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=0, atol=2e-5)
@@ -158,6 +173,23 @@ def test_greedy_codes_equal_official(models):
             np.testing.assert_array_equal(a, b)
 
 
+def test_int8_greedy_codes_equal_xla_int8(make_checkpoint):
+    """With `quantize="int8"` (not the official codes) the kernels give XLA's int8 codes."""
+    from qwen3_tts_jax import Qwen3TTS
+    opts = Options.for_backend(cpu_kernels=False, cache_layout="positions")
+    path = make_checkpoint("cv_kernels")
+    xla = Qwen3TTS.from_pretrained(path, quantize="int8", options=opts)
+    ours = with_options(xla, predictor_kernels=MODE)
+    assert code_predictor.kernel_tiles(ours.params["code_predictor"],
+                                       ours.config.talker.code_predictor, 4, jnp.float32,
+                                       ours.options) is not None
+    kw = dict(text=["Hi.", "A longer sentence here.", "Third one", "x"],
+              speaker=["ryan", "vivian", "eric", "dylan"], language="auto", max_new_tokens=6,
+              **GREEDY)
+    for a, b in zip(ours.generate_custom_voice_codes(**kw), xla.generate_custom_voice_codes(**kw)):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- what the kernels leave to XLA ----------------------------------------------------------------
 
 def test_uncovered_calls_are_named_and_take_xla(models):
@@ -175,8 +207,10 @@ def test_uncovered_calls_are_named_and_take_xla(models):
                                         "positions")
     assert "widths 72/" in pk.why_not(lps, dataclasses.replace(cfg, hidden_size=72), 1, f32,
                                       "positions")
-    q = [quantize.quantize_layer(lp, "int8") for lp in lps]
-    assert "Int8Weight" in pk.why_not(q, cfg, 1, f32, "positions")
+    assert pk.why_not([quantize.quantize_layer(lp, "int8") for lp in lps], cfg, 1, f32,
+                      "positions") is None
+    q4 = [quantize.quantize_layer(lp, "int4") for lp in lps]
+    assert "Int4Weight" in pk.why_not(q4, cfg, 1, f32, "positions")
     assert "bfloat16" in pk.why_not(lps, cfg, 1, jnp.dtype(jnp.bfloat16), "positions")
     kw = dict(text="Hello there.", speaker="Ryan", language="English", max_new_tokens=4, **GREEDY)
     heads = with_options(ours, cache_layout="heads")   # not covered: XLA's ops
@@ -205,13 +239,15 @@ def test_invalid_kernel_options_are_named(field, value):
 
 # -- lowered for CUDA ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rows", [1, 2, 16])
-def test_kernels_lower_for_cuda_at_released_widths(rows):
+@pytest.mark.parametrize("rows, quantized", [(1, False), (2, False), (16, False), (1, True)])
+def test_kernels_lower_for_cuda_at_released_widths(rows, quantized):
     """The released predictor's widths (both sizes: 1024 wide, 3072 intermediate, 16 heads over
-    8, head_dim 128, 5 layers) in bfloat16 lower to Triton IR for CUDA, two kernels a layer
-    (on this CPU: what a GPU compiles, short of PTX)."""
+    8, head_dim 128, 5 layers) in bfloat16, and with int8 weights, lower to Triton IR for CUDA,
+    two kernels a layer (on this CPU: what a GPU compiles, short of PTX)."""
     D, F, H, K, Dh, L = 1024, 3072, 16, 8, 128, 5
     cfg, lps, _ = _stack(D, F, H, K, Dh, L, jnp.bfloat16)
+    if quantized:
+        lps = [quantize.quantize_layer(lp, "int8") for lp in lps]
     caches = layers.init_cache(cfg, pk.ROWS, 16, jnp.bfloat16, POSITIONS)
     t = pk.tiles(cfg)
 
