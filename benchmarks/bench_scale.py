@@ -102,9 +102,12 @@ VARIANTS = {
     # (k chunk, intermediate columns per program, output columns per atomic add, warps, stages)
     "pallas": dict(options=dict(predictor_kernels="pallas")),
     "pallas-k128": dict(options=dict(predictor_kernels="pallas",
-                                     predictor_tiles=(128, 32, 128, 4, 2))),
+                                     predictor_tiles=(128, 32, 128, 4, 2, 0))),
     "pallas-f64": dict(options=dict(predictor_kernels="pallas",
-                                    predictor_tiles=(64, 64, 128, 8, 3))),
+                                    predictor_tiles=(64, 64, 128, 8, 3, 0))),
+    # the attention block as two kernels (H + 2 KV programs, then H x 8), three a layer
+    "pallas-split": dict(options=dict(predictor_kernels="pallas",
+                                      predictor_tiles=(64, 32, 128, 4, 3, 8))),
     # the kernels with int8 weights (against the variant "int8": XLA's int8 products)
     "pallas-int8": dict(quantize="int8", options=dict(predictor_kernels="pallas")),
     # the same kernels through Pallas' interpreter (the CPU rehearsal of gpu_session.sh kernels)
@@ -112,6 +115,9 @@ VARIANTS = {
                                           cpu_kernels=False)),
     "pallas-int8-interpret": dict(quantize="int8", options=dict(
         predictor_kernels="interpret", cache_layout="positions", cpu_kernels=False)),
+    "pallas-split-interpret": dict(options=dict(
+        predictor_kernels="interpret", cache_layout="positions", cpu_kernels=False,
+        predictor_tiles=(64, 32, 128, 4, 3, 2))),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",

@@ -39,7 +39,8 @@
 #                                            # (Options.predictor_kernels, two a layer): their
 #                                            # tests as compiled on the GPU (kernels_tests.txt),
 #                                            # then the 0.6B at batch 1 (greedy, sampled), 8 and
-#                                            # 16 against XLA's ops at three tilings
+#                                            # 16 against XLA's ops: two kernels a layer at three
+#                                            # tilings, and three a layer (attention split)
 #   bash benchmarks/gpu_session.sh kernels2  # ~4-5 min: the kernels with int8 weights against
 #                                            # XLA's int8 products (0.6B, 1 and 16); the 1.7B at 1
 #
@@ -71,12 +72,13 @@ if [ -n "${SMOKE:-}" ]; then
     # minutes a part, and a failing command shows here instead of on the device. Not figures.
     export JAX_PLATFORMS=cpu
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
-    PK=pallas-interpret PKS=pallas-interpret PKQ=int8,pallas-int8-interpret   # interpreted
+    PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret
+    PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
-    PK=pallas PKS=pallas,pallas-k128,pallas-f64 PKQ=int8,pallas-int8
+    PK=pallas PKS=pallas,pallas-split,pallas-k128,pallas-f64 PKQ=int8,pallas-int8
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"

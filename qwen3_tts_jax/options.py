@@ -119,7 +119,8 @@ class Options:
     # GPU (benchmarks/gpu_session.sh kernels).
     predictor_kernels: str = "xla"
     # Their tiles, (reduction chunk, intermediate columns per MLP program, output columns per
-    # atomic add, Triton warps, pipeline stages); () for `predictor_kernels.DEFAULT_TILES`.
+    # atomic add, Triton warps, pipeline stages, o split: 0 for one attention kernel, P for two
+    # with the o product in P column blocks); () for `predictor_kernels.DEFAULT_TILES`.
     predictor_tiles: tuple = ()
 
     def __post_init__(self):
@@ -140,10 +141,11 @@ class Options:
             bad("predictor_kernels", self.predictor_kernels, f"use one of {PREDICTOR_KERNELS}")
         tiles = self.predictor_tiles
         if not (isinstance(tiles, tuple) and (tiles == () or (
-                len(tiles) == 5 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                        for v in tiles)))):
-            bad("predictor_tiles", tiles, "use () or five positive integers (k, f, n, warps, "
-                "stages)")
+                len(tiles) == 6 and all(isinstance(v, int) and not isinstance(v, bool)
+                                        for v in tiles)
+                and min(tiles[:5]) > 0 and tiles[5] >= 0))):
+            bad("predictor_tiles", tiles, "use () or six integers (k, f, n, warps, stages: "
+                "positive; o split: 0 or more)")
         for name in ("unroll_predictor", "specialize_sampler", "runtime_dispatch", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "use True or False")

@@ -13,6 +13,11 @@ was 1.17x XLA's one-row program but slower than its two-row one. Here a layer is
      columns + SiLU(gate) * up + its share of the down product, added into the residual the same
      way.
 
+With `Options.predictor_tiles`' o split P > 0 the attention block is two kernels instead
+(`qkv_heads`: one program per head of q, k and v; `attend_o`: H x P programs, a head's attention
+and 1/P of its o product's columns): three kernels a layer, the block's weights read by more of
+the GPU's processors at once. Which pays is for a GPU to say (benchmarks/gpu_session.sh kernels).
+
 Split-K by atomic adds is what removes the kernel boundaries (no program needs another's output
 inside a block); its cost is that on a GPU the order of the float32 additions into the residual
 varies from run to run (outputs equal up to float rounding, not bit-identical between runs; the
@@ -46,11 +51,15 @@ from . import quantize
 from .config import TransformerConfig
 
 ROWS = 16             # rows of every product tile (the smallest Triton `dot`)
-DEFAULT_TILES = (64, 32, 128, 4, 3)
+DEFAULT_TILES = (64, 32, 128, 4, 3, 0)
 """(k: reduction chunk, f: intermediate columns per MLP program, n: output columns per atomic
-add, Triton warps, pipeline stages): `Options.predictor_tiles` when it is empty. The attention
-kernel's loop reads six (k, head_dim / 2) weight tiles a step: at the released widths 48 KiB of
-bf16, so three stages stay well inside an H100's 227 KiB of shared memory."""
+add, Triton warps, pipeline stages, o split): `Options.predictor_tiles` when it is empty. The
+attention kernel's loop reads six (k, head_dim / 2) weight tiles a step: at the released widths
+48 KiB of bf16, so three stages stay well inside an H100's 227 KiB of shared memory.
+o split 0: the attention block is one kernel (one program per query head); P > 0: two kernels,
+`qkv_heads` (one program per head of q, k and v: H + 2 KV programs) then `attend_o` (H x P
+programs, each the attention of one head and 1/P of the o product's columns), which spreads the
+block's weight reads over more of the GPU's processors for one kernel more."""
 
 
 def _triton():
@@ -74,9 +83,10 @@ def _pow2(n: int) -> bool:
 
 def tiles(cfg: TransformerConfig, requested: tuple = ()) -> dict | None:
     """The tile sizes for this predictor's widths (None where they do not split)."""
-    k, f, n, warps, stages = requested or DEFAULT_TILES
+    k, f, n, warps, stages, split = requested or DEFAULT_TILES
     D, F = cfg.hidden_size, cfg.intermediate_size
-    t = dict(k=_block(D, k), f=_block(F, f), n=_block(D, n), warps=warps, stages=stages)
+    n = _block(D // split, n) if split and D % split == 0 else _block(D, n) if not split else None
+    t = dict(k=_block(D, k), f=_block(F, f), n=n, warps=warps, stages=stages, split=split)
     return None if None in t.values() else t
 
 
@@ -162,19 +172,71 @@ def _normed_chunk(x_ref, w_ref, inv, c, bk: int, dt):
     return w_ref[pl.ds(c * bk, bk)][None, :] * (xk * inv[:, None]).astype(dt)
 
 
-def _add_out(acc_ref, part_fn, x_ref, first, D: int, bn: int, rows: int, dt, interpret: bool):
-    """acc[:, cols] += part_fn(cols) (+ x[:, cols] in program `first`), `bn` columns at a time,
-    by atomic adds (on the GPU only the first `rows` rows: the others are padding)."""
+def _add_out(acc_ref, part_fn, x_ref, first, D: int, bn: int, rows: int, dt, interpret: bool,
+             start=0):
+    """acc[:, cols] += part_fn(cols) (+ x[:, cols] in program `first`) for the D columns from
+    `start`, `bn` at a time, by atomic adds (on the GPU only the first `rows` rows: the others
+    are padding)."""
     f32 = jnp.float32
     R = acc_ref.shape[0]
     mask = None if interpret else jnp.broadcast_to((jnp.arange(R) < rows)[:, None], (R, bn))
 
     def chunk(c, _):
-        cols = pl.ds(c * bn, bn)
+        cols = pl.ds(start + c * bn, bn)
         val = part_fn(cols) + jnp.where(first, x_ref[:, cols].astype(dt).astype(f32), 0.0)
         _triton().atomic_add(acc_ref, (slice(None), cols), val, mask=mask)
         return 0
     jax.lax.fori_loop(0, D // bn, chunk, 0)
+
+
+def _rope_at(cos_ref, sin_ref, idx, half: int):
+    """(cos lo, cos hi, sin lo, sin hi) of position idx, each (1, half)."""
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    return tuple(r[idx, part][None, :] for r in (cos_ref, sin_ref) for part in (lo, hi))
+
+
+def _norm_rope(x_lo, x_hi, w_lo, w_hi, rope, eps: float, dt):
+    """`layers.rms_norm` over a head (its two halves), then `layers.apply_rope`, in dt."""
+    f32 = jnp.float32
+    cos_lo, cos_hi, sin_lo, sin_hi = rope
+    a, b = x_lo.astype(f32), x_hi.astype(f32)
+    Dh = 2 * a.shape[1]
+    r = jax.lax.rsqrt((jnp.sum(a * a, axis=1) + jnp.sum(b * b, axis=1)) / Dh + eps)[:, None]
+    a = w_lo[None, :] * (a * r).astype(dt)
+    b = w_hi[None, :] * (b * r).astype(dt)
+    return a * cos_lo - b * sin_lo, b * cos_hi + a * sin_hi
+
+
+def _attend(q_lo, q_hi, k_ref, v_ref, g, idx, last, dt):
+    """One query head's attention (R rows) over kv head g's cache slots [0, idx), then slot idx:
+    `last` = its (k lo, k hi, v lo, v hi) from registers, or None to read it from the cache too.
+    The online softmax in float32; the result in dt."""
+    f32 = jnp.float32
+    R, half = q_lo.shape
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    scale = 1.0 / math.sqrt(2 * half)
+    qa, qb = q_lo.astype(f32), q_hi.astype(f32)
+
+    def attend(carry, kl, kh, vl, vh):
+        m, den, a_lo, a_hi = carry
+        logit = (jnp.sum(qa * kl.astype(f32), axis=1)
+                 + jnp.sum(qb * kh.astype(f32), axis=1)) * scale
+        m_new = jnp.maximum(m, logit)
+        corr, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
+        return (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl.astype(f32),
+                a_hi * corr[:, None] + p[:, None] * vh.astype(f32))
+
+    def slot(s, carry):
+        return attend(carry, k_ref[:, s, g, lo], k_ref[:, s, g, hi], v_ref[:, s, g, lo],
+                      v_ref[:, s, g, hi])
+    neg = jnp.full((R,), -0.7 * float(jnp.finfo(f32).max), f32)
+    zero = jnp.zeros((R, half), f32)
+    carry = jax.lax.fori_loop(0, idx if last is not None else idx + 1, slot,
+                              (neg, jnp.zeros((R,), f32), zero, zero))
+    if last is not None:
+        carry = attend(carry, *last)
+    _, den, a_lo, a_hi = carry
+    return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
 
 
 def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
@@ -209,18 +271,9 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
     q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = (qkv.scaled(a, col).astype(dt)
                                           for a, col in zip(accs, cols))
 
-    cos_lo, cos_hi = cos_ref[idx, lo][None, :], cos_ref[idx, hi][None, :]
-    sin_lo, sin_hi = sin_ref[idx, lo][None, :], sin_ref[idx, hi][None, :]
-
-    def norm_rope(x_lo, x_hi, w_ref):  # `layers.rms_norm` over head_dim, then `apply_rope`
-        a, b = x_lo.astype(f32), x_hi.astype(f32)
-        r = jax.lax.rsqrt((jnp.sum(a * a, axis=1) + jnp.sum(b * b, axis=1)) / Dh + eps)[:, None]
-        a = w_ref[lo][None, :] * (a * r).astype(dt)
-        b = w_ref[hi][None, :] * (b * r).astype(dt)
-        return a * cos_lo - b * sin_lo, b * cos_hi + a * sin_hi
-
-    q_lo, q_hi = norm_rope(q_lo, q_hi, qn_ref)
-    k_lo, k_hi = norm_rope(k_lo, k_hi, kn_ref)
+    rope = _rope_at(cos_ref, sin_ref, idx, half)
+    q_lo, q_hi = _norm_rope(q_lo, q_hi, qn_ref[lo], qn_ref[hi], rope, eps, dt)
+    k_lo, k_hi = _norm_rope(k_lo, k_hi, kn_ref[lo], kn_ref[hi], rope, eps, dt)
     cdt = k_ref.dtype
     k_lo, k_hi, v_lo, v_hi = (a.astype(cdt) for a in (k_lo, k_hi, v_lo, v_hi))
 
@@ -231,32 +284,82 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
         v_ref[:, idx, g, lo] = v_lo
         v_ref[:, idx, g, hi] = v_hi
 
-    # online softmax over slots [0, idx) from the cache, then this step's slot from registers
-    scale = 1.0 / math.sqrt(Dh)
-    qa, qb = q_lo.astype(f32), q_hi.astype(f32)
-
-    def attend(carry, kl, kh, vl, vh):
-        m, den, a_lo, a_hi = carry
-        logit = (jnp.sum(qa * kl.astype(f32), axis=1)
-                 + jnp.sum(qb * kh.astype(f32), axis=1)) * scale
-        m_new = jnp.maximum(m, logit)
-        corr, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
-        return (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl.astype(f32),
-                a_hi * corr[:, None] + p[:, None] * vh.astype(f32))
-
-    def slot(s, carry):
-        return attend(carry, k_ref[:, s, g, lo], k_ref[:, s, g, hi], v_ref[:, s, g, lo],
-                      v_ref[:, s, g, hi])
-    neg = jnp.full((R,), -0.7 * float(jnp.finfo(f32).max), f32)
-    carry = jax.lax.fori_loop(0, idx, slot, (neg, jnp.zeros((R,), f32), zero, zero))
-    _, den, a_lo, a_hi = attend(carry, k_lo, k_hi, v_lo, v_hi)
-    out_lo = (a_lo / den[:, None]).astype(dt)
-    out_hi = (a_hi / den[:, None]).astype(dt)
+    # slots [0, idx) from the cache, then this step's slot from registers
+    out_lo, out_hi = _attend(q_lo, q_hi, k_ref, v_ref, g, idx, (k_lo, k_hi, v_lo, v_hi), dt)
 
     def part(cols):  # this head's rows of the o product
         return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
                         + o.dot(out_hi, pl.ds(h * Dh + half, half), cols), cols)
     _add_out(acc_ref, part, x_ref, h == 0, D, t["n"], rows, dt, interpret)
+
+
+def _qkv_heads_kernel(*refs, H: int, K: int, eps: float, dt, t: dict, quantized: bool):
+    """Program p: columns [p Dh, (p+1) Dh) of the q|k|v product, i.e. query head p (p < H), key
+    head p - H or value head p - H - K; q and k normed and rotated; q to its buffer, k and v into
+    the caches at slot idx."""
+    it = iter(refs)
+    x_ref, nw_ref = next(it), next(it)
+    qkv = _Weight(it, quantized)
+    qn_ref, kn_ref, cos_ref, sin_ref, idx_ref, _k_in, _v_in, q_ref, k_ref, v_ref = it
+    f32 = jnp.float32
+    p = pl.program_id(0)
+    R, D = x_ref.shape
+    Dh = qn_ref.shape[0]
+    half = Dh // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    bk = t["k"]
+    idx = idx_ref[()]
+    inv = _rms_inverse(x_ref, D, bk, eps, dt)
+    cols = (pl.ds(p * Dh, half), pl.ds(p * Dh + half, half))
+
+    def product(c, accs):
+        xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
+        return tuple(a + qkv.dot(xn, pl.ds(c * bk, bk), col) for a, col in zip(accs, cols))
+    zero = jnp.zeros((R, half), f32)
+    x_lo, x_hi = (qkv.scaled(a, col).astype(dt)
+                  for a, col in zip(jax.lax.fori_loop(0, D // bk, product, (zero, zero)), cols))
+    is_q = p < H
+    w_lo = jnp.where(is_q, qn_ref[lo], kn_ref[lo])
+    w_hi = jnp.where(is_q, qn_ref[hi], kn_ref[hi])
+    r_lo, r_hi = _norm_rope(x_lo, x_hi, w_lo, w_hi, _rope_at(cos_ref, sin_ref, idx, half), eps,
+                            dt)
+
+    @pl.when(is_q)
+    def _q():
+        q_ref[:, p, lo] = r_lo
+        q_ref[:, p, hi] = r_hi
+
+    @pl.when((p >= H) & (p < H + K))
+    def _k():
+        k_ref[:, idx, p - H, lo] = r_lo.astype(k_ref.dtype)
+        k_ref[:, idx, p - H, hi] = r_hi.astype(k_ref.dtype)
+
+    @pl.when(p >= H + K)
+    def _v():
+        v_ref[:, idx, p - H - K, lo] = x_lo.astype(v_ref.dtype)
+        v_ref[:, idx, p - H - K, hi] = x_hi.astype(v_ref.dtype)
+
+
+def _attend_o_kernel(*refs, H: int, K: int, dt, rows: int, t: dict, quantized: bool,
+                     interpret: bool):
+    """Program (h, c): query head h's attention over slots [0, idx] (the caches hold slot idx
+    already), times its rows of the o product for column block c, added into the residual."""
+    it = iter(refs)
+    x_ref, q_ref, k_ref, v_ref = next(it), next(it), next(it), next(it)
+    o = _Weight(it, quantized)
+    idx_ref, _acc_in, acc_ref = it
+    h, c = pl.program_id(0), pl.program_id(1)
+    R, D = x_ref.shape
+    Dh = q_ref.shape[2]
+    half = Dh // 2
+    width = D // t["split"]
+    out_lo, out_hi = _attend(q_ref[:, h, pl.ds(0, half)], q_ref[:, h, pl.ds(half, half)], k_ref,
+                             v_ref, h // (H // K), idx_ref[()], None, dt)
+
+    def part(cols):
+        return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
+                        + o.dot(out_hi, pl.ds(h * Dh + half, half), cols), cols)
+    _add_out(acc_ref, part, x_ref, h == 0, width, t["n"], rows, dt, interpret, start=c * width)
 
 
 def _mlp_kernel(*refs, eps: float, dt, rows: int, t: dict, quantized: tuple, interpret: bool):
@@ -298,6 +401,9 @@ def attention_block(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     qkv, qkv_q = _weight_args(a.qkv)
     o, o_q = _weight_args(a.o)
+    if t["split"]:
+        return _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
+                                cfg, dt, rows, t, interpret)
     args = [x_RxD, lp["input_norm"].astype(dt), *qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
             cos_SxDh.astype(dt), sin_SxDh.astype(dt), *o, jnp.asarray(write_index, jnp.int32),
             k_cache, v_cache, jnp.zeros((R, D), jnp.float32)]
@@ -309,6 +415,34 @@ def attention_block(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index
                  jax.ShapeDtypeStruct((R, D), jnp.float32))
     k, v, acc = _call(kernel, interpret, t, grid=(H,), out_shape=out_shape,
                       input_output_aliases={n - 3: 0, n - 2: 1, n - 1: 2})(*args)
+    return acc, k, v
+
+
+def _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
+                     cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
+    """`attention_block` as two kernels (o split P = t["split"] > 0): `_qkv_heads_kernel` over
+    the H + 2 KV heads, then `_attend_o_kernel` over H x P."""
+    a = lp["attn"]
+    R, D = x_RxD.shape
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    idx = jnp.asarray(write_index, jnp.int32)
+    qkv, qkv_q = _weight_args(a.qkv)
+    args = [x_RxD, lp["input_norm"].astype(dt), *qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
+            cos_SxDh.astype(dt), sin_SxDh.astype(dt), idx, k_cache, v_cache]
+    n = len(args)
+    q, k, v = _call(
+        functools.partial(_qkv_heads_kernel, H=H, K=K, eps=cfg.rms_norm_eps, dt=dt, t=t,
+                          quantized=qkv_q), interpret, t, grid=(H + 2 * K,),
+        out_shape=(jax.ShapeDtypeStruct((R, H, Dh), dt),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={n - 2: 1, n - 1: 2})(*args)
+    o, o_q = _weight_args(a.o)
+    args = [x_RxD, q, k, v, *o, idx, jnp.zeros((R, D), jnp.float32)]
+    acc = _call(functools.partial(_attend_o_kernel, H=H, K=K, dt=dt, rows=rows, t=t,
+                                  quantized=o_q, interpret=interpret), interpret, t,
+                grid=(H, t["split"]), out_shape=jax.ShapeDtypeStruct((R, D), jnp.float32),
+                input_output_aliases={len(args) - 1: 0})(*args)
     return acc, k, v
 
 

@@ -37,7 +37,7 @@ def _stack(D, F, H, K, Dh, L, dtype, seed=0):
     return cfg, lps, rnd
 
 
-def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False):
+def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False, split=0):
     """(XLA's hidden and caches, the kernels' hidden and caches) for one step at `index` after a
     prefill of `index` positions; rows >= `rows` are zero padding. `quantized`: int8 weights
     (XLA's side: `quantize.matmul`)."""
@@ -62,8 +62,8 @@ def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False):
                                        POSITIONS)
         want_caches.append(c)
     cos, sin = (a[0] for a in layers.transformer_rope(slots[None], cfg, dtype))
-    t = pk.tiles(cfg)
-    assert pk.why_not(lps, cfg, rows, jnp.dtype(dtype), "positions") is None
+    t = pk.tiles(cfg, pk.DEFAULT_TILES[:5] + (split,))
+    assert t["split"] == split and pk.why_not(lps, cfg, rows, jnp.dtype(dtype), "positions") is None
     got, got_caches = jax.jit(lambda x, c: pk.decoder_stack(lps, x, index, c, cos, sin, cfg, rows,
                                                             t, interpret=INTERPRET))(x, caches)
     return (want[:rows, 0], [(c.k[:rows], c.v[:rows]) for c in want_caches],
@@ -82,12 +82,25 @@ def test_stack_step_equals_xla_float32(rows, heads, kv_heads, index):
         np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows, index", [(1, 3), (7, 12)])
-def test_stack_step_int8_weights_equal_xla_int8(rows, index):
+@pytest.mark.parametrize("rows, heads, kv_heads, index, split", [
+    (1, 4, 2, 1, 2), (16, 8, 2, 15, 4), (3, 4, 4, 6, 1)])
+def test_split_attention_equals_xla_float32(rows, heads, kv_heads, index, split):
+    """The attention block as two kernels (`qkv_heads`, then `attend_o` over the o product's
+    column blocks): XLA's step too."""
+    want, want_c, got, got_c = _run_both(64, 128, heads, kv_heads, 32, 2, rows, index,
+                                         jnp.float32, split=split)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+    for (wk, wv), (gk, gv) in zip(want_c, got_c):
+        np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=0, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows, index, split", [(1, 3, 0), (7, 12, 0), (2, 5, 2)])
+def test_stack_step_int8_weights_equal_xla_int8(rows, index, split):
     """int8 weights (`quantize="int8"`): the kernels' int8 tiles and column scales give XLA's int8
     products (`quantize.matmul`) up to float32 rounding."""
     want, want_c, got, got_c = _run_both(64, 128, 4, 2, 32, 2, rows, index, jnp.float32,
-                                         quantized=True)
+                                         quantized=True, split=split)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
     for (wk, wv), (gk, gv) in zip(want_c, got_c):
         np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=0, atol=2e-5)
@@ -158,10 +171,11 @@ def test_predictor_logits_and_codes_equal_official(models, name):
     np.testing.assert_array_equal(np.asarray(codes), out.sequences.numpy())
 
 
-def test_greedy_codes_equal_official(models):
+@pytest.mark.parametrize("tiles", [(), pk.DEFAULT_TILES[:5] + (2,)])
+def test_greedy_codes_equal_official(models, tiles):
     """Whole generations, one row and a batch of four, the predictor's steps unrolled as on
-    accelerators: the official greedy codes."""
-    off, ours = _kernels(models, "cv_kernels", unroll_predictor=True)
+    accelerators, the attention block in one kernel and in two: the official greedy codes."""
+    off, ours = _kernels(models, "cv_kernels", unroll_predictor=True, predictor_tiles=tiles)
     for kw in [dict(text="Hello there.", speaker="Ryan", language="English"),
                dict(text=["Hi.", "A longer sentence here.", "Third one", "x"],
                     speaker=["ryan", "vivian", "eric", "dylan"], language="auto")]:
@@ -231,7 +245,9 @@ def test_pallas_off_gpu_is_refused(models):
 
 @pytest.mark.parametrize("field, value", [("predictor_kernels", "triton"),
                                           ("predictor_tiles", (128, 32)),
-                                          ("predictor_tiles", (128, 32, 0, 4, 2))])
+                                          ("predictor_tiles", (128, 32, 128, 4, 2)),
+                                          ("predictor_tiles", (128, 32, 0, 4, 2, 0)),
+                                          ("predictor_tiles", (128, 32, 128, 4, 2, -1))])
 def test_invalid_kernel_options_are_named(field, value):
     with pytest.raises(ValueError, match=rf"Options\.{field}="):
         Options(**{field: value})
@@ -239,17 +255,19 @@ def test_invalid_kernel_options_are_named(field, value):
 
 # -- lowered for CUDA ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rows, quantized", [(1, False), (2, False), (16, False), (1, True)])
-def test_kernels_lower_for_cuda_at_released_widths(rows, quantized):
+@pytest.mark.parametrize("rows, quantized, split", [
+    (1, False, 0), (2, False, 0), (16, False, 0), (1, True, 0), (2, False, 8), (1, True, 8)])
+def test_kernels_lower_for_cuda_at_released_widths(rows, quantized, split):
     """The released predictor's widths (both sizes: 1024 wide, 3072 intermediate, 16 heads over
     8, head_dim 128, 5 layers) in bfloat16, and with int8 weights, lower to Triton IR for CUDA,
-    two kernels a layer (on this CPU: what a GPU compiles, short of PTX)."""
+    two kernels a layer, three with the attention split (on this CPU: what a GPU compiles, short
+    of PTX)."""
     D, F, H, K, Dh, L = 1024, 3072, 16, 8, 128, 5
     cfg, lps, _ = _stack(D, F, H, K, Dh, L, jnp.bfloat16)
     if quantized:
         lps = [quantize.quantize_layer(lp, "int8") for lp in lps]
     caches = layers.init_cache(cfg, pk.ROWS, 16, jnp.bfloat16, POSITIONS)
-    t = pk.tiles(cfg)
+    t = pk.tiles(cfg, pk.DEFAULT_TILES[:5] + (split,))
 
     def step(lps, x, index, caches, cos, sin):
         return pk.decoder_stack(lps, x, index, caches, cos, sin, cfg, rows, t)
@@ -257,4 +275,4 @@ def test_kernels_lower_for_cuda_at_released_widths(rows, quantized):
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
         lps, jnp.zeros((pk.ROWS, D), jnp.bfloat16), jnp.int32(3), caches,
         jnp.zeros((16, Dh), jnp.bfloat16), jnp.zeros((16, Dh), jnp.bfloat16))
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2 * L
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (3 if split else 2) * L
