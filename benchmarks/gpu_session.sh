@@ -36,13 +36,14 @@
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
 #   bash benchmarks/gpu_session.sh kernels   # ~6-8 min: the code predictor's Pallas kernels
-#                                            # (Options.predictor_kernels, two a layer): their
-#                                            # tests as compiled on the GPU (kernels_tests.txt),
-#                                            # then the 0.6B at batch 1 (greedy, sampled), 8 and
-#                                            # 16 against XLA's ops: two kernels a layer at three
-#                                            # tilings, and three a layer (attention split)
-#   bash benchmarks/gpu_session.sh kernels2  # ~4-5 min: the kernels with int8 weights against
-#                                            # XLA's int8 products (0.6B, 1 and 16); the 1.7B at 1
+#                                            # (Options.predictor_kernels): their tests as
+#                                            # compiled on the GPU (kernels_tests.txt), then the
+#                                            # 0.6B at batch 1 (greedy, sampled), 8 and 16
+#                                            # against XLA's ops: two kernels a layer, and three
+#                                            # (the attention block split)
+#   bash benchmarks/gpu_session.sh kernels2  # ~6-8 min: two more tilings (0.6B, 1 and 16); the
+#                                            # kernels with int8 weights against XLA's int8
+#                                            # products (0.6B, 1 and 16); the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -72,13 +73,13 @@ if [ -n "${SMOKE:-}" ]; then
     # minutes a part, and a failing command shows here instead of on the device. Not figures.
     export JAX_PLATFORMS=cpu
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
-    PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret
+    PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret PKT=pallas-interpret
     PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
-    PK=pallas PKS=pallas,pallas-split,pallas-k128,pallas-f64 PKQ=int8,pallas-int8
+    PK=pallas PKS=pallas,pallas-split PKT=pallas-k128,pallas-f64 PKQ=int8,pallas-int8
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -159,11 +160,13 @@ kernels)
     # first whether the compiled kernels compute what XLA does (the interpreter checks them on
     # the CPU; the atomic adds and masks only run for real here), then their speed
     timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_predictor_kernels.py \
-        -k "stack or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
+        -k "stack or split_attention or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
     bench pk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
         --variants default,$PKS --variant-batches $(B 1,8,16)
     ;;
 kernels2)
+    bench pk06t $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 200 \
+        --variants $PKT --variant-batches $(B 1,16)
     bench pk06q $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 \
         --variants $PKQ --variant-batches $(B 1,16)
     bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \
