@@ -172,6 +172,20 @@ def _normed_chunk(x_ref, w_ref, inv, c, bk: int, dt):
     return w_ref[pl.ds(c * bk, bk)][None, :] * (xk * inv[:, None]).astype(dt)
 
 
+def _normed_products(x_ref, nw_ref, w: _Weight, cols, eps: float, bk: int, dt):
+    """(RMSNorm(x) * nw) @ w[:, col] for each column slice in `cols` (all of one width), with
+    float32 sums over k in `bk` chunks, in dt like `layers.linear`'s result."""
+    R, D = x_ref.shape
+    inv = _rms_inverse(x_ref, D, bk, eps, dt)
+
+    def product(c, sums):
+        xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
+        return tuple(a + w.dot(xn, pl.ds(c * bk, bk), col) for a, col in zip(sums, cols))
+    zero = jnp.zeros((R, cols[0].size), jnp.float32)
+    sums = jax.lax.fori_loop(0, D // bk, product, (zero,) * len(cols))
+    return tuple(w.scaled(a, col).astype(dt) for a, col in zip(sums, cols))
+
+
 def _add_out(acc_ref, part_fn, x_ref, first, D: int, bn: int, rows: int, dt, interpret: bool,
              start=0):
     """acc[:, cols] += part_fn(cols) (+ x[:, cols] in program `first`) for the D columns from
@@ -247,29 +261,18 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
     qn_ref, kn_ref, cos_ref, sin_ref = next(it), next(it), next(it), next(it)
     o = _Weight(it, quantized[1])
     idx_ref, _k_in, _v_in, _acc_in, k_ref, v_ref, acc_ref = it
-    f32 = jnp.float32
     h = pl.program_id(0)
-    G = H // K
-    g = h // G
-    R, D = x_ref.shape
+    g = h // (H // K)
+    D = x_ref.shape[1]
     Dh = qn_ref.shape[0]
     half = Dh // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
-    bk = t["k"]
     idx = idx_ref[()]
-
-    inv = _rms_inverse(x_ref, D, bk, eps, dt)
     cols = tuple(pl.ds(c, half) for c in (h * Dh, h * Dh + half, (H + g) * Dh,
                                           (H + g) * Dh + half, (H + K + g) * Dh,
                                           (H + K + g) * Dh + half))
-
-    def product(c, accs):
-        xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
-        return tuple(a + qkv.dot(xn, pl.ds(c * bk, bk), col) for a, col in zip(accs, cols))
-    zero = jnp.zeros((R, half), f32)
-    accs = jax.lax.fori_loop(0, D // bk, product, (zero,) * 6)
-    q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = (qkv.scaled(a, col).astype(dt)
-                                          for a, col in zip(accs, cols))
+    q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = _normed_products(x_ref, nw_ref, qkv, cols, eps, t["k"],
+                                                          dt)
 
     rope = _rope_at(cos_ref, sin_ref, idx, half)
     q_lo, q_hi = _norm_rope(q_lo, q_hi, qn_ref[lo], qn_ref[hi], rope, eps, dt)
@@ -277,7 +280,7 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
     cdt = k_ref.dtype
     k_lo, k_hi, v_lo, v_hi = (a.astype(cdt) for a in (k_lo, k_hi, v_lo, v_hi))
 
-    @pl.when(h % G == 0)   # one program per kv head writes its slot
+    @pl.when(h % (H // K) == 0)   # one program per kv head writes its slot
     def _write():
         k_ref[:, idx, g, lo] = k_lo
         k_ref[:, idx, g, hi] = k_hi
@@ -301,23 +304,13 @@ def _qkv_heads_kernel(*refs, H: int, K: int, eps: float, dt, t: dict, quantized:
     x_ref, nw_ref = next(it), next(it)
     qkv = _Weight(it, quantized)
     qn_ref, kn_ref, cos_ref, sin_ref, idx_ref, _k_in, _v_in, q_ref, k_ref, v_ref = it
-    f32 = jnp.float32
     p = pl.program_id(0)
-    R, D = x_ref.shape
     Dh = qn_ref.shape[0]
     half = Dh // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
-    bk = t["k"]
     idx = idx_ref[()]
-    inv = _rms_inverse(x_ref, D, bk, eps, dt)
-    cols = (pl.ds(p * Dh, half), pl.ds(p * Dh + half, half))
-
-    def product(c, accs):
-        xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
-        return tuple(a + qkv.dot(xn, pl.ds(c * bk, bk), col) for a, col in zip(accs, cols))
-    zero = jnp.zeros((R, half), f32)
-    x_lo, x_hi = (qkv.scaled(a, col).astype(dt)
-                  for a, col in zip(jax.lax.fori_loop(0, D // bk, product, (zero, zero)), cols))
+    x_lo, x_hi = _normed_products(x_ref, nw_ref, qkv, (pl.ds(p * Dh, half),
+                                                       pl.ds(p * Dh + half, half)), eps, t["k"], dt)
     is_q = p < H
     w_lo = jnp.where(is_q, qn_ref[lo], kn_ref[lo])
     w_hi = jnp.where(is_q, qn_ref[hi], kn_ref[hi])
@@ -368,23 +361,14 @@ def _mlp_kernel(*refs, eps: float, dt, rows: int, t: dict, quantized: tuple, int
     gate_up = _Weight(it, quantized[0])
     down = _Weight(it, quantized[1])
     _acc_in, acc_ref = it
-    f32 = jnp.float32
     j = pl.program_id(0)
-    R, D = x_ref.shape
+    D = x_ref.shape[1]
     F = gate_up.values.shape[1] // 2
-    bk, bf = t["k"], t["f"]
-    inv = _rms_inverse(x_ref, D, bk, eps, dt)
-    gate_cols, up_cols = pl.ds(j * bf, bf), pl.ds(F + j * bf, bf)
-
-    def product(c, accs):
-        xn = _normed_chunk(x_ref, nw_ref, inv, c, bk, dt)
-        rows_k = pl.ds(c * bk, bk)
-        return (accs[0] + gate_up.dot(xn, rows_k, gate_cols),
-                accs[1] + gate_up.dot(xn, rows_k, up_cols))
-    zero = jnp.zeros((R, bf), f32)
-    gate, up = jax.lax.fori_loop(0, D // bk, product, (zero, zero))
-    g = gate_up.scaled(gate, gate_cols).astype(dt).astype(f32)
-    act = (g / (1.0 + jnp.exp(-g))).astype(dt) * gate_up.scaled(up, up_cols).astype(dt)
+    bf = t["f"]
+    gate, up = _normed_products(x_ref, nw_ref, gate_up, (pl.ds(j * bf, bf), pl.ds(F + j * bf, bf)),
+                                eps, t["k"], dt)
+    g = gate.astype(jnp.float32)
+    act = (g / (1.0 + jnp.exp(-g))).astype(dt) * up
 
     def part(cols):
         return down.scaled(down.dot(act, pl.ds(j * bf, bf), cols), cols)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from official import GREEDY, load_official, official_codes, with_options
-from qwen3_tts_jax import code_predictor, layers, predictor_kernels as pk, quantize, talker
+from qwen3_tts_jax import code_predictor, layers, predictor_kernels as pk, quantize
 from qwen3_tts_jax.config import TransformerConfig
 from qwen3_tts_jax.options import Options
 
@@ -148,27 +148,12 @@ def models(make_checkpoint):
 def test_predictor_logits_and_codes_equal_official(models, name):
     """`code_predictor.predict` with the kernels (steps 1..14 through them: the checkpoints'
     predictors are widths they cover) against the official `code_predictor.generate`."""
-    import torch
-    off, ours = _kernels(models, name)
-    cfg = ours.config.talker
-    assert code_predictor.kernel_tiles(ours.params["code_predictor"], cfg.code_predictor, 3,
-                                   jnp.float32, ours.options) is not None
-    rng = np.random.RandomState(0)
-    hidden = rng.randn(3, cfg.hidden_size).astype(np.float32)
-    code0 = rng.randint(0, 2048, 3)
-    tm = off.model.talker
-    with torch.no_grad():
-        emb0 = tm.get_input_embeddings()(torch.tensor(code0))
-        out = tm.code_predictor.generate(
-            inputs_embeds=torch.cat([torch.tensor(hidden)[:, None], emb0[:, None]], 1),
-            max_new_tokens=15, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    codes, logits = code_predictor.predict(
-        ours.params["code_predictor"], cfg, jnp.asarray(hidden),
-        talker.embed_codec(ours.params["talker"], jnp.asarray(code0)),
-        lambda j, lg: jnp.argmax(lg, -1), ours.options)
-    np.testing.assert_allclose(np.asarray(logits), np.stack([x.numpy() for x in out.logits], 1),
-                               atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(np.asarray(codes), out.sequences.numpy())
+    import test_generate
+    _, ours = models(name)
+    assert code_predictor.kernel_tiles(ours.params["code_predictor"],
+                                       ours.config.talker.code_predictor, 3, jnp.float32,
+                                       ours.options) is not None
+    test_generate.test_code_predictor_logits(models, name)
 
 
 @pytest.mark.parametrize("tiles", [(), pk.DEFAULT_TILES[:5] + (2,)])
