@@ -35,15 +35,17 @@
 #   bash benchmarks/gpu_session.sh icl       # ~3-4 min: a cloned voice's time to first audio
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
-#   bash benchmarks/gpu_session.sh kernels   # ~6-8 min: the code predictor's Pallas kernels
+#   bash benchmarks/gpu_session.sh kernels   # ~7-9 min: the code predictor's Pallas kernels
 #                                            # (Options.predictor_kernels): their tests as
-#                                            # compiled on the GPU (kernels_tests.txt), then the
-#                                            # 0.6B at batch 1 (greedy, sampled), 8 and 16
-#                                            # against XLA's ops: two kernels a layer, and three
-#                                            # (the attention block split)
-#   bash benchmarks/gpu_session.sh kernels2  # ~6-8 min: two more tilings (0.6B, 1 and 16); the
-#                                            # kernels with int8 weights against XLA's int8
-#                                            # products (0.6B, 1 and 16); the 1.7B at 1
+#                                            # compiled on the GPU (kernels_tests.txt); the
+#                                            # predictor alone at 2 and 16 rows, XLA against six
+#                                            # kernel tilings (bench_predictor.py,
+#                                            # predictor.json); then whole frames, the 0.6B at
+#                                            # batch 1 (greedy, sampled), 8 and 16: XLA, two
+#                                            # kernels a layer, three (the attention split)
+#   bash benchmarks/gpu_session.sh kernels2  # ~6-8 min: the predictor alone with int8 weights;
+#                                            # whole frames with int8 weights, kernels against
+#                                            # XLA's int8 products (0.6B, 1 and 16); the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -73,13 +75,13 @@ if [ -n "${SMOKE:-}" ]; then
     # minutes a part, and a failing command shows here instead of on the device. Not figures.
     export JAX_PLATFORMS=cpu
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
-    PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret PKT=pallas-interpret
+    PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret
     PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
-    PK=pallas PKS=pallas,pallas-split PKT=pallas-k128,pallas-f64 PKQ=int8,pallas-int8
+    PK=pallas PKS=pallas,pallas-split PKQ=int8,pallas-int8
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -161,12 +163,17 @@ kernels)
     # the CPU; the atomic adds and masks only run for real here), then their speed
     timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_predictor_kernels.py \
         -k "stack or split_attention or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
+    # tilings (k, f, n, warps, stages, o split) on the predictor alone: a compile is seconds
+    timeout 240 $PY benchmarks/bench_predictor.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
+        --variants xla,pallas,pallas:64,32,128,4,3,8,pallas:64,32,128,4,3,4,pallas:128,32,128,4,2,0,pallas:64,64,128,8,3,0 \
+        --results "$OUT/RESULTS.md" --json "$OUT/predictor.json" 2>&1 | tee -a "$OUT/all.log"
     bench pk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
         --variants default,$PKS --variant-batches $(B 1,8,16)
     ;;
 kernels2)
-    bench pk06t $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 200 \
-        --variants $PKT --variant-batches $(B 1,16)
+    timeout 150 $PY benchmarks/bench_predictor.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
+        --quantize int8 --variants xla,pallas,pallas:64,32,128,4,3,8 \
+        --results "$OUT/RESULTS.md" --json "$OUT/predictor_int8.json" 2>&1 | tee -a "$OUT/all.log"
     bench pk06q $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 \
         --variants $PKQ --variant-batches $(B 1,16)
     bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \

@@ -12,8 +12,8 @@ OUTPUTS = {"one": ["b1.json", "sweep.json", "1b7.json", "RESULTS.md"],
            "profile": ["profile.json", "RESULTS.md"], "server": ["server.json", "RESULTS.md"],
            "quant": ["q06.json", "q17.json", "RESULTS.md"],
            "overlap": ["overlap.txt", "RESULTS.md"], "icl": ["icl.txt"],
-           "kernels": ["kernels_tests.txt", "pk06.json", "RESULTS.md"],
-           "kernels2": ["pk06t.json", "pk06q.json", "pk17.json", "RESULTS.md"]}
+           "kernels": ["kernels_tests.txt", "predictor.json", "pk06.json", "RESULTS.md"],
+           "kernels2": ["predictor_int8.json", "pk06q.json", "pk17.json", "RESULTS.md"]}
 
 
 @pytest.fixture(scope="module")
