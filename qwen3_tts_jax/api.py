@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from . import checkpoint, prompts, runner, text as text_mod
+from . import checkpoint, code_predictor, prompts, runner, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .options import Options
 from .prefix_cache import PrefixCache
@@ -166,6 +166,8 @@ class Qwen3TTS:
             params = checkpoint.load_for_inference(
                 folder, cfg, dtype, quantize, options, None if adapters else weights_cache,
                 lambda: load(dtype))
+        code_predictor.check_kernels(params["code_predictor"], cfg.talker.code_predictor,
+                                     params["talker"]["codec_embedding"].dtype, options)
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel

@@ -146,3 +146,17 @@ def kernel_tiles(p, cp, rows: int, dtype, options: Options) -> dict | None:
                                  options.predictor_tiles):
         return None
     return predictor_kernels.tiles(cp, options.predictor_tiles)
+
+
+def check_kernels(p, cp, dtype, options: Options) -> None:
+    """At load: a ValueError naming why `options.predictor_kernels` can never run this model
+    (the backend, the weights' format, the cache layout, the widths); calls the kernels do not
+    take only for their number of rows (over `predictor_kernels.ROWS`) run XLA's ops."""
+    if options.predictor_kernels == "xla":
+        return
+    kernel_tiles(p, cp, 1, dtype, options)   # the backend
+    why = predictor_kernels.why_not(p["layers"], cp, 1, dtype, options.cache_layout,
+                                    options.predictor_tiles)
+    if why:
+        raise ValueError(f"Options.predictor_kernels={options.predictor_kernels!r} cannot run "
+                         f"this model's code predictor: {why}. Use predictor_kernels='xla'")

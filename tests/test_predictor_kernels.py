@@ -221,11 +221,28 @@ def test_uncovered_calls_are_named_and_take_xla(models):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the GPU runs them")
-def test_pallas_off_gpu_is_refused(models):
+def test_pallas_off_gpu_is_refused(models, make_checkpoint):
     _, ours = _kernels(models, "cv_kernels")
     with pytest.raises(ValueError, match="predictor_kernels='pallas' needs an NVIDIA GPU"):
         with_options(ours, predictor_kernels="pallas").generate_custom_voice_codes(
             text="Hi.", speaker="Ryan", language="English", max_new_tokens=2, **GREEDY)
+    from qwen3_tts_jax import Qwen3TTS
+    with pytest.raises(ValueError, match="predictor_kernels='pallas' needs an NVIDIA GPU"):
+        Qwen3TTS.from_pretrained(make_checkpoint("cv_kernels"), options=Options.for_backend(
+            cpu_kernels=False, cache_layout="positions", predictor_kernels="pallas"))
+
+
+@pytest.mark.parametrize("fields, why", [
+    (dict(), "cache_layout 'heads'"),                          # the CPU's defaults
+    (dict(cache_layout="positions", cpu_kernels=True), "PackedWeight")])
+def test_a_model_the_kernels_cannot_run_is_refused_at_load(make_checkpoint, fields, why):
+    """Asking for the kernels where they can never run (not only for a call's rows) is a
+    ValueError at load that names the reason, not a silent XLA path."""
+    from qwen3_tts_jax import Qwen3TTS
+    with pytest.raises(ValueError, match=f"cannot run this model's code predictor: .*{why}"):
+        Qwen3TTS.from_pretrained(make_checkpoint("cv_kernels"),
+                                 options=Options.for_backend(predictor_kernels="interpret",
+                                                             **fields))
 
 
 @pytest.mark.parametrize("field, value", [("predictor_kernels", "triton"),
