@@ -35,8 +35,13 @@ float32 sums, as `quantize.matmul` does): half the bytes of bf16 for the same ke
 Scope (`why_not`): the code predictor's steps 1..14 (one position per row at write index j + 1,
 every earlier slot attended), at most 16 rows (padded to 16, Triton's smallest product tile), the
 positions-major cache, weights as above, SiLU, and widths that split into power-of-two tiles of
-at least 16. Anything else takes XLA's path. `interpret=True` runs the
-same kernels through Pallas' interpreter on any backend (the tests, on the CPU).
+at least 16. A call over 16 rows takes XLA's path; a model the kernels can never run is refused
+at load (`code_predictor.check_kernels`). `interpret=True` runs the same kernels through Pallas'
+interpreter on any backend (the tests, on the CPU).
+
+Not here: the 5 layers (or all 15 steps) in ONE kernel would need a barrier across the whole grid
+between layers; Triton has none, and a spin on an atomic counter would deadlock the interpreter,
+which runs the programs one after another, so such a kernel could not be checked on a CPU.
 """
 from __future__ import annotations
 
