@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from . import checkpoint, code_predictor, prompts, runner, text as text_mod
+from . import checkpoint, code_predictor, prompts, runner, talker, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .options import Options
 from .prefix_cache import PrefixCache
@@ -130,6 +130,11 @@ class Qwen3TTS:
         codec_decoder.check_precision(codec_precision)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         checkpoint.check_quantize(quantize, options)
+        kernels = [f for f in ("predictor_kernels", "talker_kernels") if getattr(options, f) != "xla"]
+        if model_parallel > 1 and kernels:
+            raise ValueError(f"Options.{kernels[0]}={getattr(options, kernels[0])!r} with "
+                             f"model_parallel={model_parallel}: the Pallas kernels take whole "
+                             f"weights on one device; use 'xla' with model_parallel")
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
         executables = None
@@ -166,8 +171,10 @@ class Qwen3TTS:
             params = checkpoint.load_for_inference(
                 folder, cfg, dtype, quantize, options, None if adapters else weights_cache,
                 lambda: load(dtype))
+        act_dtype = params["talker"]["codec_embedding"].dtype
         code_predictor.check_kernels(params["code_predictor"], cfg.talker.code_predictor,
-                                     params["talker"]["codec_embedding"].dtype, options)
+                                     act_dtype, options)
+        talker.check_kernels(params["talker"], cfg.talker, act_dtype, options)
         tok = text_mod.TextTokenizer.from_dir(folder)
         tts = cls(cfg, params, tok, load_generation_defaults(folder), folder, options)
         tts.model_parallel = model_parallel

@@ -18,7 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from . import cpu_kernels, layers, predictor_kernels
+from . import cpu_kernels, decode_kernels, layers
 from .config import TalkerConfig
 from .options import Options
 from .talker import logits as head_logits
@@ -88,7 +88,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
     `lax.scan`, unrolled with `options.unroll_predictor`; with `options.predictor_kernels` (where
     they cover the call) a step's decoder stack is two Pallas kernels a layer, over the rows
-    padded to `predictor_kernels.ROWS` (the prefill too, so that the caches have those rows).
+    padded to `decode_kernels.ROWS` (the prefill too, so that the caches have those rows).
     Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
     """
     cp = cfg.code_predictor
@@ -96,7 +96,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     G = cfg.num_code_groups - 1
     S = G + 1
     kernels = kernel_tiles(p, cp, B, past_hidden_BxD.dtype, options)
-    R = predictor_kernels.ROWS if kernels else B   # the kernels' rows: B real, the rest zero
+    R = decode_kernels.ROWS if kernels else B   # the kernels' rows: B real, the rest zero
     pad = (lambda a: jnp.pad(a, [(0, R - B)] + [(0, 0)] * (a.ndim - 1))) if R > B else (lambda a: a)
     slots = jnp.arange(S)
     caches = layers.init_cache(cp, R, S, past_hidden_BxD.dtype, options)
@@ -107,14 +107,16 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     lg0 = head_at(p["lm_head"], 0, h[:B, -1])
     code0 = sample(0, lg0).astype(jnp.int32)
     if kernels:
-        cos, sin = (a[0] for a in layers.transformer_rope(slots[None], cp, x.dtype))
+        cos_S, sin_S = (a[0] for a in layers.transformer_rope(slots[None], cp, x.dtype))
+        start = jnp.zeros((R,), jnp.int32)
 
     def step(carry, j):
         code, caches = carry
         x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[pad(code)][:, None])
         if kernels:
-            h, caches = predictor_kernels.decoder_stack(
-                p["layers"], x[:, 0], j + 1, caches, cos, sin, cp, B, kernels,
+            cos, sin = (jax.lax.dynamic_slice_in_dim(a, j + 1, 1) for a in (cos_S, sin_S))
+            h, caches = decode_kernels.decoder_stack(
+                p["layers"], x[:, 0], j + 1, caches, cos, sin, start, cp, B, kernels,
                 interpret=options.predictor_kernels == "interpret")
             h = layers.rms_norm(p["norm"], h[:B], cp.rms_norm_eps)
         else:
@@ -134,29 +136,15 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
 
 
 def kernel_tiles(p, cp, rows: int, dtype, options: Options) -> dict | None:
-    """The tiles of `predictor_kernels` when `options` asks for them and they cover this call
-    (else None: XLA's ops)."""
-    if options.predictor_kernels == "xla":
-        return None
-    if options.predictor_kernels == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"Options.predictor_kernels='pallas' needs an NVIDIA GPU (Triton "
-                         f"kernels); this backend is {jax.default_backend()!r}: use 'xla', or "
-                         f"'interpret' for Pallas' interpreter")
-    if predictor_kernels.why_not(p["layers"], cp, rows, dtype, options.cache_layout,
-                                 options.predictor_tiles):
-        return None
-    return predictor_kernels.tiles(cp, options.predictor_tiles)
+    """The tiles of `decode_kernels` when `options.predictor_kernels` asks for them and they cover
+    this call (else None: XLA's ops)."""
+    return decode_kernels.plan(options.predictor_kernels, "predictor_kernels", p["layers"], cp, rows,
+                               dtype, options.cache_layout, options.predictor_tiles)
 
 
 def check_kernels(p, cp, dtype, options: Options) -> None:
-    """At load: a ValueError naming why `options.predictor_kernels` can never run this model
-    (the backend, the weights' format, the cache layout, the widths); calls the kernels do not
-    take only for their number of rows (over `predictor_kernels.ROWS`) run XLA's ops."""
-    if options.predictor_kernels == "xla":
-        return
-    kernel_tiles(p, cp, 1, dtype, options)   # the backend
-    why = predictor_kernels.why_not(p["layers"], cp, 1, dtype, options.cache_layout,
-                                    options.predictor_tiles)
-    if why:
-        raise ValueError(f"Options.predictor_kernels={options.predictor_kernels!r} cannot run "
-                         f"this model's code predictor: {why}. Use predictor_kernels='xla'")
+    """At load: a ValueError naming why `options.predictor_kernels` can never run this model's
+    code predictor (`decode_kernels.check`)."""
+    decode_kernels.check(options.predictor_kernels, "predictor_kernels",
+                         "this model's code predictor", p["layers"], cp, dtype,
+                         options.cache_layout, options.predictor_tiles)

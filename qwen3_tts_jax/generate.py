@@ -238,15 +238,11 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     at = jnp.clip(n_B, 0, Lt - 1)
     trailing = jnp.take_along_axis(ctx.trailing_BxLtxD, at[:, None, None], axis=1)[:, 0]
     text = jnp.where((n_B < ctx.trailing_len_B)[:, None], trailing, ctx.pad_embed_D[None])
-    x = (code0_emb + code_predictor.embed_codes(cpp, rest) + text)[:, None]
-    S = L + F
-    mask = ((jnp.arange(S)[None, :] >= ctx.first_slot_B[:, None])
-            & (jnp.arange(S)[None, :] <= L + n))[:, None, :]
-    pos = (ctx.real_len_B + n_B)[:, None]
-    h, logits, caches = talker.forward(tp, x.astype(code0_emb.dtype), pos, state.caches, L + n,
-                                       mask, cfg.talker, options)
+    x = code0_emb + code_predictor.embed_codes(cpp, rest) + text
+    h, logits, caches = talker.step(tp, x.astype(code0_emb.dtype), ctx.real_len_B + n_B,
+                                    state.caches, L + n, ctx.first_slot_B, cfg.talker, options)
     seen = sampling.mark_seen(state.seen_BxV, state.token_B)
-    token = _next_token(cfg, logits[:, -1], seen, n_B + 1, settings, keys, options)
+    token = _next_token(cfg, logits, seen, n_B + 1, settings, keys, options)
 
     # This frame is real for rows not yet done; a row ends when it samples EOS or its budget
     # (max_new_tokens - 1 frames) is used.
@@ -254,8 +250,7 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     length = jnp.where(live, n_B + 1, state.length_B)
     done = state.done_B | (token == cfg.talker.codec_eos_token_id) | (
         n_B + 2 >= settings.max_new_tokens)
-    return State(n + 1, token, h[:, -1], caches, codes, done, length, seen, state.keys_B,
-                 logits[:, -1])
+    return State(n + 1, token, h, caches, codes, done, length, seen, state.keys_B, logits)
 
 
 def _decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,

@@ -22,7 +22,7 @@ KTH_METHODS = ("top_k", "pairwise")
 ATTENTIONS = (None, "xla", "cudnn")
 INT8_ACTIVATIONS = ("float", "int8")
 CODEC_OVERLAPS = ("off", "queue", "thread")
-PREDICTOR_KERNELS = ("xla", "pallas", "interpret")
+KERNEL_MODES = ("xla", "pallas", "interpret")
 
 # XLA:CPU hands matrix products to YNNPACK by default; these options turn its fusions off.
 CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -111,17 +111,22 @@ class Options:
     codec_overlap: str = dataclasses.field(default="off", compare=False)
 
     # The code predictor's one-position steps (1..14) as Pallas kernels, two a decoder layer
-    # instead of XLA's ~13 (`predictor_kernels.py`): "xla" (XLA's ops), "pallas" (Triton
+    # instead of XLA's ~13 (`decode_kernels.py`): "xla" (XLA's ops), "pallas" (Triton
     # kernels: NVIDIA GPUs) or "interpret" (the same kernels through Pallas' interpreter, on any
-    # backend: the tests). Calls they do not cover (over 16 rows, quantized weights, the
-    # heads-major cache, ...: `predictor_kernels.why_not`) take XLA's ops. Their split-K atomic
-    # adds make a GPU's outputs vary at float rounding from run to run. Off until measured on a
-    # GPU (benchmarks/gpu_session.sh kernels).
+    # backend: the tests). Calls over 16 rows take XLA's ops; a model they can never run
+    # (quantized weights but int8, the heads-major cache, ...: `decode_kernels.why_not`) is
+    # refused at load. Their split-K atomic adds make a GPU's outputs vary at float rounding from
+    # run to run. Off until measured on a GPU (benchmarks/gpu_session.sh kernels).
     predictor_kernels: str = "xla"
     # Their tiles, (reduction chunk, intermediate columns per MLP program, output columns per
     # atomic add, Triton warps, pipeline stages, o split: 0 for one attention kernel, P for two
-    # with the o product in P column blocks); () for `predictor_kernels.DEFAULT_TILES`.
+    # with the o product in P column blocks); () for `decode_kernels.DEFAULT_TILES`.
     predictor_tiles: tuple = ()
+    # The talker's frame steps (one position per row over its long, left-padded cache) through
+    # the same kernels: the same values as `predictor_kernels`; batches over 16 rows take XLA's
+    # ops. Off until measured on a GPU (benchmarks/gpu_session.sh kernels3).
+    talker_kernels: str = "xla"
+    talker_tiles: tuple = ()   # as `predictor_tiles`
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -137,15 +142,17 @@ class Options:
             bad("int8_activations", self.int8_activations, f"use one of {INT8_ACTIVATIONS}")
         if self.codec_overlap not in CODEC_OVERLAPS:
             bad("codec_overlap", self.codec_overlap, f"use one of {CODEC_OVERLAPS}")
-        if self.predictor_kernels not in PREDICTOR_KERNELS:
-            bad("predictor_kernels", self.predictor_kernels, f"use one of {PREDICTOR_KERNELS}")
-        tiles = self.predictor_tiles
-        if not (isinstance(tiles, tuple) and (tiles == () or (
-                len(tiles) == 6 and all(isinstance(v, int) and not isinstance(v, bool)
-                                        for v in tiles)
-                and min(tiles[:5]) > 0 and tiles[5] >= 0))):
-            bad("predictor_tiles", tiles, "use () or six integers (k, f, n, warps, stages: "
-                "positive; o split: 0 or more)")
+        for name in ("predictor_kernels", "talker_kernels"):
+            if getattr(self, name) not in KERNEL_MODES:
+                bad(name, getattr(self, name), f"use one of {KERNEL_MODES}")
+        for name in ("predictor_tiles", "talker_tiles"):
+            tiles = getattr(self, name)
+            if not (isinstance(tiles, tuple) and (tiles == () or (
+                    len(tiles) == 6 and all(isinstance(v, int) and not isinstance(v, bool)
+                                            for v in tiles)
+                    and min(tiles[:5]) > 0 and tiles[5] >= 0))):
+                bad(name, tiles, "use () or six integers (k, f, n, warps, stages: positive; o "
+                    "split: 0 or more)")
         for name in ("unroll_predictor", "specialize_sampler", "runtime_dispatch", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "use True or False")

@@ -90,6 +90,9 @@ SPECS = {
                        seed=7),
     "cv_kernels_0b6": Spec(size="0b6", hidden=64, ffn=128, cp_hidden=64, cp_ffn=256, cp_heads=2,
                            cp_kv_heads=2, cp_head_dim=32, cp_layers=3, seed=8),
+    # a talker (and predictor) whose widths the Pallas kernels take: `Options.talker_kernels`
+    "cv_kernels_talker": Spec(hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=32, cp_hidden=64,
+                              cp_ffn=128, cp_heads=4, cp_kv_heads=2, cp_head_dim=32, seed=9),
     # EOS likely enough that rows of a batch stop at different frames
     "cv_eos": Spec(seed=4, eos_scale=6.0),
     # EOS never the greedy choice (its logit 0 against 2048 others): a row runs to its budget

@@ -14,7 +14,7 @@ PKG = "qwen3_tts_jax"
 LAYERS = {
     0: {  # core: pure math over arrays; no I/O, no environment
         "activations", "buckets", "config", "weights", "layers", "talker", "code_predictor",
-        "sampling", "generate", "options", "quantize", "cpu_kernels", "predictor_kernels",
+        "sampling", "generate", "options", "quantize", "cpu_kernels", "decode_kernels",
         "speaker_encoder",
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
     1: {"text", "prompts", "settings", "voice", "audio", "text_feed"},             # requests

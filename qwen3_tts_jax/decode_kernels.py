@@ -1,22 +1,25 @@
-"""Pallas (Triton) kernels for the code predictor's one-position steps on NVIDIA GPUs: a decoder
-layer in TWO kernels instead of XLA's ~13 (`Options.predictor_kernels`).
+"""Pallas (Triton) kernels for one-position decoder steps on NVIDIA GPUs - the code predictor's
+steps (`Options.predictor_kernels`) and the talker's frame steps (`Options.talker_kernels`): a
+decoder layer in TWO kernels instead of XLA's ~13.
 
-At batch 1 a frame is 98 decoder-layer steps, 70 of them in the 5-layer code predictor, and the
-time goes to the number of kernels rather than to bytes (benchmarks/RESULTS.md: ~1800 kernels a
-frame, a third of the bandwidth limit). An earlier attempt, five kernels a layer (commit 6664a51),
-was 1.17x XLA's one-row program but slower than its two-row one. Here a layer is:
+At batch 1 a frame is 98 decoder-layer steps, 70 of them in the 5-layer code predictor and 28 in
+the talker, and the time goes to the number of kernels rather than to bytes
+(benchmarks/RESULTS.md: ~1800 kernels a frame, a third of the bandwidth limit). An earlier
+attempt, five kernels a layer (commit 6664a51), was 1.17x XLA's one-row program but slower than
+its two-row one. Here a layer is:
 
   1. `attention_block`, one program per query head: input RMSNorm + the head's q, k and v
-     products + q/k norms + RoPE + the KV-cache write + attention over the slots so far + the
-     head's share of the o product, added into the residual with float32 atomic adds;
+     products + q/k norms + RoPE + the KV-cache write + attention over the row's slots (online
+     softmax, SLOTS cache slots a loop step) + the head's share of the o product, added into the
+     residual with float32 atomic adds;
   2. `mlp_block`, one program per block of the intermediate width: post RMSNorm + its gate and up
      columns + SiLU(gate) * up + its share of the down product, added into the residual the same
      way.
 
-With `Options.predictor_tiles`' o split P > 0 the attention block is two kernels instead
-(`qkv_heads`: one program per head of q, k and v; `attend_o`: H x P programs, a head's attention
-and 1/P of its o product's columns): three kernels a layer, the block's weights read by more of
-the GPU's processors at once. Which pays is for a GPU to say (benchmarks/gpu_session.sh kernels).
+With the tiles' o split P > 0 the attention block is two kernels instead (`qkv_heads`: one
+program per head of q, k and v; `attend_o`: H x P programs, a head's attention and 1/P of its o
+product's columns): three kernels a layer, the block's weights read by more of the GPU's
+processors at once. Which pays is for a GPU to say (benchmarks/gpu_session.sh kernels).
 
 Split-K by atomic adds is what removes the kernel boundaries (no program needs another's output
 inside a block); its cost is that on a GPU the order of the float32 additions into the residual
@@ -32,16 +35,23 @@ Weights are arrays in the activation dtype or int8 (`quantize="int8"`, `quantize
 the int8 tiles converted to the activation dtype in the kernel, the column scales applied to the
 float32 sums, as `quantize.matmul` does): half the bytes of bf16 for the same kernels.
 
-Scope (`why_not`): the code predictor's steps 1..14 (one position per row at write index j + 1,
-every earlier slot attended), at most 16 rows (padded to 16, Triton's smallest product tile), the
-positions-major cache, weights as above, SiLU, and widths that split into power-of-two tiles of
-at least 16. A call over 16 rows takes XLA's path; a model the kernels can never run is refused
-at load (`code_predictor.check_kernels`). `interpret=True` runs the same kernels through Pallas'
-interpreter on any backend (the tests, on the CPU).
+Rows: every product tile has ROWS = 16 rows (Triton's smallest `dot`); the callers pad theirs. The
+code predictor's caches are made with those 16 rows; the talker's keep the batch's rows and are
+read and written through masked loads and stores. Row r attends to slots [start_r, write index]:
+0 for the predictor, the end of the row's left padding for the talker (its positions, hence its
+RoPE rows, are its own).
 
-Not here: the 5 layers (or all 15 steps) in ONE kernel would need a barrier across the whole grid
-between layers; Triton has none, and a spin on an atomic counter would deadlock the interpreter,
-which runs the programs one after another, so such a kernel could not be checked on a CPU.
+Scope (`why_not`): at most 16 rows, the positions-major cache, weights as above, SiLU, and widths
+that split into power-of-two tiles of at least 16 (the released models' 1024/3072 and 2048/6144,
+16 heads over 8 of 128). A call over 16 rows takes XLA's path; a model the kernels can never run
+is refused at load (`check`). `interpret=True` runs the same kernels through Pallas' interpreter
+on any backend (the tests, on the CPU).
+
+Not here: the 5 layers (or all 15 predictor steps) in ONE kernel would need a barrier across the
+whole grid between layers; Triton has none, and a spin on an atomic counter would deadlock the
+interpreter, which runs the programs one after another, so such a kernel could not be checked on
+a CPU. The attention is one program per head walking the row's slots: at long contexts a split
+over the slots (flash decoding) would spread it wider - for a GPU to show whether it is needed.
 """
 from __future__ import annotations
 
@@ -56,9 +66,10 @@ from . import quantize
 from .config import TransformerConfig
 
 ROWS = 16             # rows of every product tile (the smallest Triton `dot`)
+SLOTS = 8             # cache slots a step of the attention loop reads (R x SLOTS x Dh/2 values)
 DEFAULT_TILES = (64, 32, 128, 4, 3, 0)
 """(k: reduction chunk, f: intermediate columns per MLP program, n: output columns per atomic
-add, Triton warps, pipeline stages, o split): `Options.predictor_tiles` when it is empty. The
+add, Triton warps, pipeline stages, o split): `Options.predictor_tiles` (`talker_tiles`) when empty. The
 attention kernel's loop reads six (k, head_dim / 2) weight tiles a step: at the released widths
 48 KiB of bf16, so three stages stay well inside an H100's 227 KiB of shared memory.
 o split 0: the attention block is one kernel (one program per query head); P > 0: two kernels,
@@ -87,7 +98,7 @@ def _pow2(n: int) -> bool:
 
 
 def tiles(cfg: TransformerConfig, requested: tuple = ()) -> dict | None:
-    """The tile sizes for this predictor's widths (None where they do not split)."""
+    """The tile sizes for this stack's widths (None where they do not split)."""
     k, f, n, warps, stages, split = requested or DEFAULT_TILES
     D, F = cfg.hidden_size, cfg.intermediate_size
     n = _block(D // split, n) if split and D % split == 0 else _block(D, n) if not split else None
@@ -97,7 +108,7 @@ def tiles(cfg: TransformerConfig, requested: tuple = ()) -> dict | None:
 
 def why_not(layers_p, cfg: TransformerConfig, rows: int, dtype, cache_layout: str,
             requested_tiles: tuple = ()) -> str | None:
-    """Why these kernels cannot run this predictor (None: they can)."""
+    """Why these kernels cannot run this decoder stack for `rows` rows (None: they can)."""
     from .layers import Attention, MLP
     Dh, H, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     if rows > ROWS:
@@ -124,6 +135,34 @@ def why_not(layers_p, cfg: TransformerConfig, rows: int, dtype, cache_layout: st
                 return (f"weights of type {type(w).__name__} (the kernels take {dtype} arrays or "
                         f"int8 weights, quantize.Int8Weight)")
     return None
+
+
+def plan(mode: str, field: str, layers_p, cfg: TransformerConfig, rows: int, dtype,
+         cache_layout: str, requested_tiles: tuple = ()) -> dict | None:
+    """The tiles when `mode` (the value of `Options.<field>`) asks for the kernels and they cover
+    this call; None: XLA's ops."""
+    if mode == "xla":
+        return None
+    if mode == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"Options.{field}='pallas' needs an NVIDIA GPU (Triton kernels); this "
+                         f"backend is {jax.default_backend()!r}: use 'xla', or 'interpret' for "
+                         f"Pallas' interpreter")
+    if why_not(layers_p, cfg, rows, dtype, cache_layout, requested_tiles):
+        return None
+    return tiles(cfg, requested_tiles)
+
+
+def check(mode: str, field: str, what: str, layers_p, cfg: TransformerConfig, dtype,
+          cache_layout: str, requested_tiles: tuple = ()) -> None:
+    """At load: a ValueError naming why `mode` (`Options.<field>`) can never run `what` (the
+    backend, the weights' format, the cache layout, the widths); calls the kernels do not take
+    only for their number of rows (over `ROWS`) run XLA's ops."""
+    if mode == "xla":
+        return
+    plan(mode, field, layers_p, cfg, 1, dtype, cache_layout, requested_tiles)   # the backend
+    why = why_not(layers_p, cfg, 1, dtype, cache_layout, requested_tiles)
+    if why:
+        raise ValueError(f"Options.{field}={mode!r} cannot run {what}: {why}. Use {field}='xla'")
 
 
 def _call(kernel, interpret: bool, t: dict, **kw):
@@ -208,10 +247,10 @@ def _add_out(acc_ref, part_fn, x_ref, first, D: int, bn: int, rows: int, dt, int
     jax.lax.fori_loop(0, D // bn, chunk, 0)
 
 
-def _rope_at(cos_ref, sin_ref, idx, half: int):
-    """(cos lo, cos hi, sin lo, sin hi) of position idx, each (1, half)."""
+def _rope(cos_ref, sin_ref, half: int):
+    """(cos lo, cos hi, sin lo, sin hi) of each row's position, each (1 or R, half)."""
     lo, hi = pl.ds(0, half), pl.ds(half, half)
-    return tuple(r[idx, part][None, :] for r in (cos_ref, sin_ref) for part in (lo, hi))
+    return tuple(r[:, part] for r in (cos_ref, sin_ref) for part in (lo, hi))
 
 
 def _norm_rope(x_lo, x_hi, w_lo, w_hi, rope, eps: float, dt):
@@ -226,34 +265,68 @@ def _norm_rope(x_lo, x_hi, w_lo, w_hi, rope, eps: float, dt):
     return a * cos_lo - b * sin_lo, b * cos_hi + a * sin_hi
 
 
-def _attend(q_lo, q_hi, k_ref, v_ref, g, idx, last, dt):
-    """One query head's attention (R rows) over kv head g's cache slots [0, idx), then slot idx:
-    `last` = its (k lo, k hi, v lo, v hi) from registers, or None to read it from the cache too.
-    The online softmax in float32; the result in dt."""
+def _put(ref, idx, head, part, val):
+    """ref[:, idx, head, part] = val (R, half) for the cache's rows (a cache with fewer rows
+    than R - the talker's batch - takes the first of them: a masked store)."""
+    R, half = val.shape
+    if ref.shape[0] == R:
+        ref[:, idx, head, part] = val.astype(ref.dtype)
+        return
+    mask = (jnp.arange(R) < ref.shape[0])[:, None, None, None]
+    plgpu = _triton()
+    plgpu.store(ref.at[pl.ds(0, R), pl.ds(idx, 1), pl.ds(head, 1), part],
+                val.astype(ref.dtype).reshape(R, 1, 1, half), mask=mask)
+
+
+def _slots(ref, c, g, part, R: int):
+    """Cache slots [c SLOTS, (c+1) SLOTS) of kv head g for R rows, (R, SLOTS, half): a masked
+    load (zeros past the cache's rows and slots)."""
+    C, S = ref.shape[:2]
+    half = part.size
+    s = c * SLOTS + jnp.arange(SLOTS)
+    mask = ((jnp.arange(R) < C)[:, None] & (s < S)[None, :])[:, :, None, None]
+    blk = ref.at[pl.ds(0, R), pl.ds(c * SLOTS, SLOTS), pl.ds(g, 1), part]
+    return _triton().load(blk, mask=mask, other=0).reshape(R, SLOTS, half)
+
+
+def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
+    """One query head's attention (R rows) over kv head g's cache slots [start_r, upto) (start:
+    (R,) int32), SLOTS at a time, then one more slot: `last` = its (k lo, k hi, v lo, v hi) from
+    registers, or None. The online softmax in float32; the result in dt."""
     f32 = jnp.float32
     R, half = q_lo.shape
     lo, hi = pl.ds(0, half), pl.ds(half, half)
     scale = 1.0 / math.sqrt(2 * half)
+    neg = -0.7 * float(jnp.finfo(f32).max)
     qa, qb = q_lo.astype(f32), q_hi.astype(f32)
 
-    def attend(carry, kl, kh, vl, vh):
+    def chunk(c, carry):
         m, den, a_lo, a_hi = carry
-        logit = (jnp.sum(qa * kl.astype(f32), axis=1)
-                 + jnp.sum(qb * kh.astype(f32), axis=1)) * scale
+        s = c * SLOTS + jnp.arange(SLOTS)
+        ok = (s[None, :] >= start[:, None]) & (s[None, :] < upto)
+        logit = (jnp.sum(qa[:, None, :] * _slots(k_ref, c, g, lo, R).astype(f32), axis=2)
+                 + jnp.sum(qb[:, None, :] * _slots(k_ref, c, g, hi, R).astype(f32), axis=2))
+        logit = jnp.where(ok, logit * scale, neg)
+        m_new = jnp.maximum(m, jnp.max(logit, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(logit - m_new[:, None]), 0.0)
+        return (m_new, den * corr + jnp.sum(p, axis=1),
+                a_lo * corr[:, None] + jnp.sum(p[:, :, None]
+                                               * _slots(v_ref, c, g, lo, R).astype(f32), axis=1),
+                a_hi * corr[:, None] + jnp.sum(p[:, :, None]
+                                               * _slots(v_ref, c, g, hi, R).astype(f32), axis=1))
+
+    zero = jnp.zeros((R, half), f32)
+    carry = jax.lax.fori_loop(jnp.min(start) // SLOTS, (upto + SLOTS - 1) // SLOTS, chunk,
+                              (jnp.full((R,), neg, f32), jnp.zeros((R,), f32), zero, zero))
+    if last is not None:
+        m, den, a_lo, a_hi = carry
+        kl, kh, vl, vh = (a.astype(f32) for a in last)
+        logit = (jnp.sum(qa * kl, axis=1) + jnp.sum(qb * kh, axis=1)) * scale
         m_new = jnp.maximum(m, logit)
         corr, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
-        return (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl.astype(f32),
-                a_hi * corr[:, None] + p[:, None] * vh.astype(f32))
-
-    def slot(s, carry):
-        return attend(carry, k_ref[:, s, g, lo], k_ref[:, s, g, hi], v_ref[:, s, g, lo],
-                      v_ref[:, s, g, hi])
-    neg = jnp.full((R,), -0.7 * float(jnp.finfo(f32).max), f32)
-    zero = jnp.zeros((R, half), f32)
-    carry = jax.lax.fori_loop(0, idx if last is not None else idx + 1, slot,
-                              (neg, jnp.zeros((R,), f32), zero, zero))
-    if last is not None:
-        carry = attend(carry, *last)
+        carry = (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl,
+                 a_hi * corr[:, None] + p[:, None] * vh)
     _, den, a_lo, a_hi = carry
     return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
 
@@ -265,7 +338,7 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
     qkv = _Weight(it, quantized[0])
     qn_ref, kn_ref, cos_ref, sin_ref = next(it), next(it), next(it), next(it)
     o = _Weight(it, quantized[1])
-    idx_ref, _k_in, _v_in, _acc_in, k_ref, v_ref, acc_ref = it
+    idx_ref, start_ref, _k_in, _v_in, _acc_in, k_ref, v_ref, acc_ref = it
     h = pl.program_id(0)
     g = h // (H // K)
     D = x_ref.shape[1]
@@ -279,7 +352,7 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
     q_lo, q_hi, k_lo, k_hi, v_lo, v_hi = _normed_products(x_ref, nw_ref, qkv, cols, eps, t["k"],
                                                           dt)
 
-    rope = _rope_at(cos_ref, sin_ref, idx, half)
+    rope = _rope(cos_ref, sin_ref, half)
     q_lo, q_hi = _norm_rope(q_lo, q_hi, qn_ref[lo], qn_ref[hi], rope, eps, dt)
     k_lo, k_hi = _norm_rope(k_lo, k_hi, kn_ref[lo], kn_ref[hi], rope, eps, dt)
     cdt = k_ref.dtype
@@ -287,13 +360,14 @@ def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
 
     @pl.when(h % (H // K) == 0)   # one program per kv head writes its slot
     def _write():
-        k_ref[:, idx, g, lo] = k_lo
-        k_ref[:, idx, g, hi] = k_hi
-        v_ref[:, idx, g, lo] = v_lo
-        v_ref[:, idx, g, hi] = v_hi
+        _put(k_ref, idx, g, lo, k_lo)
+        _put(k_ref, idx, g, hi, k_hi)
+        _put(v_ref, idx, g, lo, v_lo)
+        _put(v_ref, idx, g, hi, v_hi)
 
-    # slots [0, idx) from the cache, then this step's slot from registers
-    out_lo, out_hi = _attend(q_lo, q_hi, k_ref, v_ref, g, idx, (k_lo, k_hi, v_lo, v_hi), dt)
+    # slots [start, idx) from the cache, then this step's slot from registers
+    out_lo, out_hi = _attend(q_lo, q_hi, k_ref, v_ref, g, start_ref[...], idx,
+                             (k_lo, k_hi, v_lo, v_hi), dt)
 
     def part(cols):  # this head's rows of the o product
         return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
@@ -319,8 +393,7 @@ def _qkv_heads_kernel(*refs, H: int, K: int, eps: float, dt, t: dict, quantized:
     is_q = p < H
     w_lo = jnp.where(is_q, qn_ref[lo], kn_ref[lo])
     w_hi = jnp.where(is_q, qn_ref[hi], kn_ref[hi])
-    r_lo, r_hi = _norm_rope(x_lo, x_hi, w_lo, w_hi, _rope_at(cos_ref, sin_ref, idx, half), eps,
-                            dt)
+    r_lo, r_hi = _norm_rope(x_lo, x_hi, w_lo, w_hi, _rope(cos_ref, sin_ref, half), eps, dt)
 
     @pl.when(is_q)
     def _q():
@@ -329,30 +402,30 @@ def _qkv_heads_kernel(*refs, H: int, K: int, eps: float, dt, t: dict, quantized:
 
     @pl.when((p >= H) & (p < H + K))
     def _k():
-        k_ref[:, idx, p - H, lo] = r_lo.astype(k_ref.dtype)
-        k_ref[:, idx, p - H, hi] = r_hi.astype(k_ref.dtype)
+        _put(k_ref, idx, p - H, lo, r_lo)
+        _put(k_ref, idx, p - H, hi, r_hi)
 
     @pl.when(p >= H + K)
     def _v():
-        v_ref[:, idx, p - H - K, lo] = x_lo.astype(v_ref.dtype)
-        v_ref[:, idx, p - H - K, hi] = x_hi.astype(v_ref.dtype)
+        _put(v_ref, idx, p - H - K, lo, x_lo)
+        _put(v_ref, idx, p - H - K, hi, x_hi)
 
 
 def _attend_o_kernel(*refs, H: int, K: int, dt, rows: int, t: dict, quantized: bool,
                      interpret: bool):
-    """Program (h, c): query head h's attention over slots [0, idx] (the caches hold slot idx
-    already), times its rows of the o product for column block c, added into the residual."""
+    """Program (h, c): query head h's attention over slots [start_r, idx] (the caches hold slot
+    idx already), times its rows of the o product for column block c, added into the residual."""
     it = iter(refs)
     x_ref, q_ref, k_ref, v_ref = next(it), next(it), next(it), next(it)
     o = _Weight(it, quantized)
-    idx_ref, _acc_in, acc_ref = it
+    idx_ref, start_ref, _acc_in, acc_ref = it
     h, c = pl.program_id(0), pl.program_id(1)
     R, D = x_ref.shape
     Dh = q_ref.shape[2]
     half = Dh // 2
     width = D // t["split"]
     out_lo, out_hi = _attend(q_ref[:, h, pl.ds(0, half)], q_ref[:, h, pl.ds(half, half)], k_ref,
-                             v_ref, h // (H // K), idx_ref[()], None, dt)
+                             v_ref, h // (H // K), start_ref[...], idx_ref[()] + 1, None, dt)
 
     def part(cols):
         return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
@@ -380,21 +453,22 @@ def _mlp_kernel(*refs, eps: float, dt, rows: int, t: dict, quantized: tuple, int
     _add_out(acc_ref, part, x_ref, j == 0, D, t["n"], rows, dt, interpret)
 
 
-def attention_block(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
+def attention_block(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R,
                     cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
     """x + attention(RMSNorm(x)) for one position per row (float32, (R, D)), and the caches with
-    this position's k and v at `write_index`. x: (R, D), in the activation dtype `dt` or float32
-    (rounded to dt first)."""
+    this position's k and v at `write_index`; row r attends to slots [start_r, write_index].
+    x: (R, D), in the activation dtype `dt` or float32 (rounded to dt first); cos, sin: (1 or R,
+    Dh), each row's RoPE (`layers.rope_cos_sin`); caches: (C <= R, S, K, Dh)."""
     a = lp["attn"]
     R, D = x_RxD.shape
     H, K = cfg.num_attention_heads, cfg.num_key_value_heads
     qkv, qkv_q = _weight_args(a.qkv)
     o, o_q = _weight_args(a.o)
     if t["split"]:
-        return _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
+        return _attention_split(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R,
                                 cfg, dt, rows, t, interpret)
     args = [x_RxD, lp["input_norm"].astype(dt), *qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
-            cos_SxDh.astype(dt), sin_SxDh.astype(dt), *o, jnp.asarray(write_index, jnp.int32),
+            cos.astype(dt), sin.astype(dt), *o, jnp.asarray(write_index, jnp.int32), start_R,
             k_cache, v_cache, jnp.zeros((R, D), jnp.float32)]
     n = len(args)
     kernel = functools.partial(_attention_kernel, H=H, K=K, eps=cfg.rms_norm_eps, dt=dt,
@@ -407,7 +481,7 @@ def attention_block(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index
     return acc, k, v
 
 
-def _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_index,
+def _attention_split(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R,
                      cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
     """`attention_block` as two kernels (o split P = t["split"] > 0): `_qkv_heads_kernel` over
     the H + 2 KV heads, then `_attend_o_kernel` over H x P."""
@@ -417,7 +491,7 @@ def _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_inde
     idx = jnp.asarray(write_index, jnp.int32)
     qkv, qkv_q = _weight_args(a.qkv)
     args = [x_RxD, lp["input_norm"].astype(dt), *qkv, a.q_norm.astype(dt), a.k_norm.astype(dt),
-            cos_SxDh.astype(dt), sin_SxDh.astype(dt), idx, k_cache, v_cache]
+            cos.astype(dt), sin.astype(dt), idx, k_cache, v_cache]
     n = len(args)
     q, k, v = _call(
         functools.partial(_qkv_heads_kernel, H=H, K=K, eps=cfg.rms_norm_eps, dt=dt, t=t,
@@ -427,7 +501,7 @@ def _attention_split(x_RxD, lp, cos_SxDh, sin_SxDh, k_cache, v_cache, write_inde
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={n - 2: 1, n - 1: 2})(*args)
     o, o_q = _weight_args(a.o)
-    args = [x_RxD, q, k, v, *o, idx, jnp.zeros((R, D), jnp.float32)]
+    args = [x_RxD, q, k, v, *o, idx, start_R, jnp.zeros((R, D), jnp.float32)]
     acc = _call(functools.partial(_attend_o_kernel, H=H, K=K, dt=dt, rows=rows, t=t,
                                   quantized=o_q, interpret=interpret), interpret, t,
                 grid=(H, t["split"]), out_shape=jax.ShapeDtypeStruct((R, D), jnp.float32),
@@ -451,17 +525,19 @@ def mlp_block(x_RxD, lp, cfg: TransformerConfig, dt, rows: int, t: dict, interpr
                  input_output_aliases={len(args) - 1: 0})(*args)
 
 
-def decoder_stack(layers_p, x_RxD, write_index, caches, cos_SxDh, sin_SxDh,
+def decoder_stack(layers_p, x_RxD, write_index, caches, cos, sin, start_R,
                   cfg: TransformerConfig, rows: int, t: dict, interpret: bool = False):
-    """`layers.decoder_layer` over the stack for one position per row at `write_index`, attending
-    to every slot before it (the code predictor's steps), two kernels a layer. x: (R = 16, D) with
-    `rows` real rows; caches: `layers.KVCache` with R rows. Returns (hidden (R, D) in the
+    """`layers.decoder_layer` over the stack for one position per row at `write_index`, row r
+    attending to slots [start_r, write_index] (the code predictor's steps: start 0; the talker's:
+    after its left padding), two or three kernels a layer. x: (R = 16, D) with `rows` real rows
+    (the first); cos, sin: (1 or R, Dh), the rows' RoPE; start_R: (R,) int32; caches:
+    `layers.KVCache` with R rows or the first C >= rows of them. Returns (hidden (R, D) in the
     activation dtype, before the final norm; the new caches)."""
     dt = x_RxD.dtype
     new = []
     x = x_RxD
     for lp, cache in zip(layers_p, caches):
-        x, k, v = attention_block(x, lp, cos_SxDh, sin_SxDh, cache.k, cache.v, write_index, cfg,
+        x, k, v = attention_block(x, lp, cos, sin, cache.k, cache.v, write_index, start_R, cfg,
                                   dt, rows, t, interpret)
         new.append(type(cache)(k, v))
         x = mlp_block(x, lp, cfg, dt, rows, t, interpret)
