@@ -118,6 +118,28 @@ VARIANTS = {
     "pallas-split-interpret": dict(options=dict(
         predictor_kernels="interpret", cache_layout="positions", cpu_kernels=False,
         predictor_tiles=(64, 32, 128, 4, 3, 2))),
+    # the talker's frame steps through the same kernels too (Options.talker_kernels; up to 16
+    # rows): every decoder step of the frame two kernels a layer, or three (split)
+    "tpallas": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas")),
+    "tpallas-split": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas",
+                                       predictor_tiles=(64, 32, 128, 4, 3, 8),
+                                       talker_tiles=(64, 32, 128, 4, 3, 8))),
+    # the talker's kernels alone (the predictor on XLA's ops)
+    "tpallas-only": dict(options=dict(talker_kernels="pallas")),
+    "tpallas-int8": dict(quantize="int8", options=dict(predictor_kernels="pallas",
+                                                       talker_kernels="pallas")),
+    "tpallas-interpret": dict(options=dict(
+        predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
+        cpu_kernels=False)),
+    "tpallas-split-interpret": dict(options=dict(
+        predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
+        cpu_kernels=False, predictor_tiles=(64, 32, 128, 4, 3, 2),
+        talker_tiles=(64, 32, 128, 4, 3, 2))),
+    "tpallas-only-interpret": dict(options=dict(
+        talker_kernels="interpret", cache_layout="positions", cpu_kernels=False)),
+    "tpallas-int8-interpret": dict(quantize="int8", options=dict(
+        predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
+        cpu_kernels=False)),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -346,16 +368,19 @@ def run_ours(args) -> dict:
         return stats.get("peak_bytes_in_use", 0) / 2**30
 
     dtype_name = str(jnp.dtype(params["talker"]["codec_embedding"].dtype))
-    if options.predictor_kernels != "xla":   # say whether the kernels take these calls
-        from qwen3_tts_jax import predictor_kernels
-        cp, cp_cfg = params["code_predictor"], cfg.talker.code_predictor
+    from qwen3_tts_jax import decode_kernels   # say whether the kernels take these calls
+    for part, p_, c_, mode, tiles in (
+            ("predictor", params["code_predictor"], cfg.talker.code_predictor,
+             options.predictor_kernels, options.predictor_tiles),
+            ("talker", params["talker"], cfg.talker, options.talker_kernels, options.talker_tiles)):
+        if mode == "xla":
+            continue
         for B in args.batches:
-            why = predictor_kernels.why_not(cp["layers"], cp_cfg, rows(B),
-                                            jnp.dtype(dtype_name), options.cache_layout,
-                                            options.predictor_tiles)
-            log(f"ours[{args.variant}] B={B}: predictor kernels "
+            why = decode_kernels.why_not(p_["layers"], c_, rows(B), jnp.dtype(dtype_name),
+                                         options.cache_layout, tiles)
+            log(f"ours[{args.variant}] B={B}: {part} kernels "
                 + (f"not used: {why}" if why else
-                   f"used, tiles {predictor_kernels.tiles(cp_cfg, options.predictor_tiles)}"))
+                   f"used, tiles {decode_kernels.tiles(c_, tiles)}"))
     if variant.get("quantize"):
         dtype_name += f" + {variant['quantize']} weights"
     out = {"jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform,

@@ -38,9 +38,9 @@ def talker(size, kind):
     return dict(
         hidden_size=h, intermediate_size=ffn, num_hidden_layers=2 if tiny else 28,
         num_attention_heads=4 if tiny else 16, num_key_value_heads=2 if tiny else 8,
-        head_dim=16 if tiny else 128, hidden_act="silu", max_position_embeddings=32768,
+        head_dim=32 if tiny else 128, hidden_act="silu", max_position_embeddings=32768,
         rms_norm_eps=1e-6, rope_theta=1000000, attention_bias=False,
-        rope_scaling={"interleaved": True, "mrope_section": [4, 2, 2] if tiny else [24, 20, 20],
+        rope_scaling={"interleaved": True, "mrope_section": [8, 4, 4] if tiny else [24, 20, 20],
                       "rope_type": "default"},
         vocab_size=3072, text_vocab_size=151936, text_hidden_size=32 if tiny else 2048,
         num_code_groups=16,

@@ -39,13 +39,20 @@
 #                                            # (Options.predictor_kernels): their tests as
 #                                            # compiled on the GPU (kernels_tests.txt); the
 #                                            # predictor alone at 2 and 16 rows, XLA against six
-#                                            # kernel tilings (bench_predictor.py,
+#                                            # kernel tilings (bench_decode_kernels.py,
 #                                            # predictor.json); then whole frames, the 0.6B at
 #                                            # batch 1 (greedy, sampled), 8 and 16: XLA, two
 #                                            # kernels a layer, three (the attention split)
 #   bash benchmarks/gpu_session.sh kernels2  # ~6-8 min: the predictor alone with int8 weights;
 #                                            # whole frames with int8 weights, kernels against
 #                                            # XLA's int8 products (0.6B, 1 and 16); the 1.7B at 1
+#   bash benchmarks/gpu_session.sh kernels3  # ~7-9 min: the talker's frame steps through the same
+#                                            # kernels (Options.talker_kernels): their tests
+#                                            # compiled (kernels3_tests.txt); the talker's step
+#                                            # alone at 2 and 16 rows over 64, 512 and 2048 cache
+#                                            # slots (talker.json); whole frames, the 0.6B at 1
+#                                            # (greedy, sampled) and 16: XLA, predictor kernels,
+#                                            # every step's (fused, split); the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -65,7 +72,7 @@ set -uoE pipefail
 fail=0
 trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
                     # the part exits non-zero
-part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels|kernels2}
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels|kernels2|kernels3}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -77,11 +84,13 @@ if [ -n "${SMOKE:-}" ]; then
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
     PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret
     PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
+    TK=tpallas-interpret TKS=tpallas-interpret,tpallas-split-interpret   # and the talker's
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
     PK=pallas PKS=pallas,pallas-split PKQ=int8,pallas-int8
+    TK=tpallas TKS=tpallas,tpallas-split
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -161,17 +170,17 @@ icl)
 kernels)
     # first whether the compiled kernels compute what XLA does (the interpreter checks them on
     # the CPU; the atomic adds and masks only run for real here), then their speed
-    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_predictor_kernels.py \
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py \
         -k "stack or split_attention or lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels_tests.txt"
     # tilings (k, f, n, warps, stages, o split) on the predictor alone: a compile is seconds
-    timeout 240 $PY benchmarks/bench_predictor.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
+    timeout 240 $PY benchmarks/bench_decode_kernels.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
         --variants xla,pallas,pallas:64,32,128,4,3,8,pallas:64,32,128,4,3,4,pallas:128,32,128,4,2,0,pallas:64,64,128,8,3,0 \
         --results "$OUT/RESULTS.md" --json "$OUT/predictor.json" 2>&1 | tee -a "$OUT/all.log"
     bench pk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
         --variants default,$PKS --variant-batches $(B 1,8,16)
     ;;
 kernels2)
-    timeout 150 $PY benchmarks/bench_predictor.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
+    timeout 150 $PY benchmarks/bench_decode_kernels.py --size $S06 --batches $(B 2,16) --frames $(N 50 3) \
         --quantize int8 --variants xla,pallas,pallas:64,32,128,4,3,8 \
         --results "$OUT/RESULTS.md" --json "$OUT/predictor_int8.json" 2>&1 | tee -a "$OUT/all.log"
     bench pk06q $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 \
@@ -179,8 +188,22 @@ kernels2)
     bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \
         --variants default,$PK --variant-batches 1
     ;;
+kernels3)
+    # the talker's frame steps through the kernels too (Options.talker_kernels): their tests
+    # compiled (a cache of the batch's rows, masked; left-padded rows), the talker's step alone
+    # at three cache fills, then whole frames: predictor kernels alone against every step's
+    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py \
+        -k "talker_step or talker_kernels_lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels3_tests.txt"
+    timeout 200 $PY benchmarks/bench_decode_kernels.py --part talker --size $S06 --batches $(B 2,16) \
+        --context $(N 64,512,2048 20) --frames $(N 50 2) --variants xla,pallas,pallas:64,32,128,4,3,8 \
+        --results "$OUT/RESULTS.md" --json "$OUT/talker.json" 2>&1 | tee -a "$OUT/all.log"
+    bench tk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 --sampled \
+        --variants default,$PK,$TKS --variant-batches $(B 1,16)
+    bench tk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 150 \
+        --variants default,$TK --variant-batches 1
+    ;;
 *)
-    echo "unknown part $part: one, profile, server, quant, overlap, icl, kernels or kernels2" >&2
+    echo "unknown part $part: one, profile, server, quant, overlap, icl, kernels, kernels2 or kernels3" >&2
     exit 2 ;;
 esac
 exit $fail
