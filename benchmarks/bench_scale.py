@@ -124,6 +124,10 @@ VARIANTS = {
     "tpallas-split": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas",
                                        predictor_tiles=(64, 32, 128, 4, 3, 8),
                                        talker_tiles=(64, 32, 128, 4, 3, 8))),
+    # and with each head's attention over 4 shares of the cache (slot parts: flash decoding)
+    "tpallas-parts": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas",
+                                       predictor_tiles=(64, 32, 128, 4, 3, 8),
+                                       talker_tiles=(64, 32, 128, 4, 3, 8, 4))),
     # the talker's kernels alone (the predictor on XLA's ops)
     "tpallas-only": dict(options=dict(talker_kernels="pallas")),
     "tpallas-int8": dict(quantize="int8", options=dict(predictor_kernels="pallas",
@@ -135,6 +139,10 @@ VARIANTS = {
         predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
         cpu_kernels=False, predictor_tiles=(64, 32, 128, 4, 3, 2),
         talker_tiles=(64, 32, 128, 4, 3, 2))),
+    "tpallas-parts-interpret": dict(options=dict(
+        predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
+        cpu_kernels=False, predictor_tiles=(64, 32, 128, 4, 3, 2),
+        talker_tiles=(64, 32, 128, 4, 3, 2, 4))),
     "tpallas-only-interpret": dict(options=dict(
         talker_kernels="interpret", cache_layout="positions", cpu_kernels=False)),
     "tpallas-int8-interpret": dict(quantize="int8", options=dict(

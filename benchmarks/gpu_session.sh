@@ -50,9 +50,10 @@
 #                                            # kernels (Options.talker_kernels): their tests
 #                                            # compiled (kernels3_tests.txt); the talker's step
 #                                            # alone at 2 and 16 rows over 64, 512 and 2048 cache
-#                                            # slots (talker.json); whole frames, the 0.6B at 1
-#                                            # (greedy, sampled) and 16: XLA, predictor kernels,
-#                                            # every step's (fused, split); the 1.7B at 1
+#                                            # slots, with 1, 4 and 16 slot parts (talker.json);
+#                                            # whole frames, the 0.6B at 1 (greedy, sampled): XLA,
+#                                            # predictor kernels, every step's (fused, split, slot
+#                                            # parts); the 1.7B at 1
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -84,13 +85,14 @@ if [ -n "${SMOKE:-}" ]; then
     T=${SMOKE_DIR:-/tmp/gpu_smoke} S06=tiny S17=tiny   # T: where the checkpoints are built
     PK=pallas-interpret PKS=pallas-interpret,pallas-split-interpret
     PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
-    TK=tpallas-interpret TKS=tpallas-interpret,tpallas-split-interpret   # and the talker's
+    TK=tpallas-interpret TKS=tpallas-interpret,tpallas-split-interpret,tpallas-parts-interpret
+    SP=2   # the o split (the tiny widths: 64 / 2 columns a block)
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
     PK=pallas PKS=pallas,pallas-split PKQ=int8,pallas-int8
-    TK=tpallas TKS=tpallas,tpallas-split
+    TK=tpallas TKS=tpallas,tpallas-split,tpallas-parts SP=8
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -192,14 +194,15 @@ kernels3)
     # the talker's frame steps through the kernels too (Options.talker_kernels): their tests
     # compiled (a cache of the batch's rows, masked; left-padded rows), the talker's step alone
     # at three cache fills, then whole frames: predictor kernels alone against every step's
-    timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py \
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py \
         -k "talker_step or talker_kernels_lower" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/kernels3_tests.txt"
     timeout 200 $PY benchmarks/bench_decode_kernels.py --part talker --size $S06 --batches $(B 2,16) \
-        --context $(N 64,512,2048 20) --frames $(N 50 2) --variants xla,pallas,pallas:64,32,128,4,3,8 \
+        --context $(N 64,512,2048 20) --frames $(N 50 2) \
+        --variants xla,pallas,pallas:64,32,128,4,3,$SP,4,pallas:64,32,128,4,3,$SP,16 \
         --results "$OUT/RESULTS.md" --json "$OUT/talker.json" 2>&1 | tee -a "$OUT/all.log"
     bench tk06 $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 240 --sampled \
-        --variants default,$PK,$TKS --variant-batches $(B 1,16)
-    bench tk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 150 \
+        --variants default,$PK,$TKS --variant-batches 1
+    bench tk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 120 \
         --variants default,$TK --variant-batches 1
     ;;
 *)

@@ -50,8 +50,14 @@ on any backend (the tests, on the CPU).
 Not here: the 5 layers (or all 15 predictor steps) in ONE kernel would need a barrier across the
 whole grid between layers; Triton has none, and a spin on an atomic counter would deadlock the
 interpreter, which runs the programs one after another, so such a kernel could not be checked on
-a CPU. The attention is one program per head walking the row's slots: at long contexts a split
-over the slots (flash decoding) would spread it wider - for a GPU to show whether it is needed.
+a CPU.
+
+The attention is one program per query head walking the row's slots SLOTS at a time: at long
+contexts (the talker's, hundreds to thousands of slots) that is 16 programs reading the whole
+cache. The tiles' slot parts Q > 1 (with an o split) put a kernel between `qkv_heads` and
+`attend_o`: `attend_part`, H x Q programs, each head's online-softmax state over 1/Q of the
+chunks (flash decoding), which `attend_o` combines - four kernels a layer, the cache read by
+H x Q programs. Which context pays for it is for a GPU to say (gpu_session.sh kernels3).
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ from .config import TransformerConfig
 
 ROWS = 16             # rows of every product tile (the smallest Triton `dot`)
 SLOTS = 8             # cache slots a step of the attention loop reads (R x SLOTS x Dh/2 values)
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)   # a masked logit (as jax.nn's attention)
 DEFAULT_TILES = (64, 32, 128, 4, 3, 0)
 """(k: reduction chunk, f: intermediate columns per MLP program, n: output columns per atomic
 add, Triton warps, pipeline stages, o split): `Options.predictor_tiles` (`talker_tiles`) when empty. The
@@ -75,7 +82,9 @@ attention kernel's loop reads six (k, head_dim / 2) weight tiles a step: at the 
 o split 0: the attention block is one kernel (one program per query head); P > 0: two kernels,
 `qkv_heads` (one program per head of q, k and v: H + 2 KV programs) then `attend_o` (H x P
 programs, each the attention of one head and 1/P of the o product's columns), which spreads the
-block's weight reads over more of the GPU's processors for one kernel more."""
+block's weight reads over more of the GPU's processors for one kernel more. A seventh value, slot
+parts Q (default 1; Q > 1 needs P > 0): each head's attention over Q shares of the cache in a
+kernel of its own (`attend_part`, H x Q programs), combined by `attend_o`."""
 
 
 def _triton():
@@ -99,10 +108,12 @@ def _pow2(n: int) -> bool:
 
 def tiles(cfg: TransformerConfig, requested: tuple = ()) -> dict | None:
     """The tile sizes for this stack's widths (None where they do not split)."""
-    k, f, n, warps, stages, split = requested or DEFAULT_TILES
+    k, f, n, warps, stages, split, *parts = requested or DEFAULT_TILES
+    parts = parts[0] if parts else 1
     D, F = cfg.hidden_size, cfg.intermediate_size
     n = _block(D // split, n) if split and D % split == 0 else _block(D, n) if not split else None
-    t = dict(k=_block(D, k), f=_block(F, f), n=n, warps=warps, stages=stages, split=split)
+    t = dict(k=_block(D, k), f=_block(F, f), n=n, warps=warps, stages=stages, split=split,
+             parts=parts if split or parts == 1 else None)
     return None if None in t.values() else t
 
 
@@ -121,6 +132,8 @@ def why_not(layers_p, cfg: TransformerConfig, rows: int, dtype, cache_layout: st
         return f"head_dim {Dh} (half of it must be a power of two >= 16)"
     if H % K:
         return f"{H} heads over {K} kv heads"
+    if len(requested_tiles) > 6 and requested_tiles[6] > 1 and not requested_tiles[5]:
+        return f"tiles {requested_tiles} (slot parts > 1 need an o split > 0)"
     if tiles(cfg, requested_tiles) is None:
         return (f"widths {cfg.hidden_size}/{cfg.intermediate_size} (no power-of-two tiles >= 16 "
                 f"divide them)")
@@ -289,15 +302,15 @@ def _slots(ref, c, g, part, R: int):
     return _triton().load(blk, mask=mask, other=0).reshape(R, SLOTS, half)
 
 
-def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
+def _attend_chunks(q_lo, q_hi, k_ref, v_ref, g, start, upto, c_from, c_to):
     """One query head's attention (R rows) over kv head g's cache slots [start_r, upto) (start:
-    (R,) int32), SLOTS at a time, then one more slot: `last` = its (k lo, k hi, v lo, v hi) from
-    registers, or None. The online softmax in float32; the result in dt."""
+    (R,) int32) within chunks [c_from, c_to) of SLOTS slots: the online softmax's float32 state
+    (the largest logit, the sum of exps, the sums of exps x v over each half of the head; a row
+    with no slot there: -big, 0, 0)."""
     f32 = jnp.float32
     R, half = q_lo.shape
     lo, hi = pl.ds(0, half), pl.ds(half, half)
     scale = 1.0 / math.sqrt(2 * half)
-    neg = -0.7 * float(jnp.finfo(f32).max)
     qa, qb = q_lo.astype(f32), q_hi.astype(f32)
 
     def chunk(c, carry):
@@ -306,7 +319,7 @@ def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
         ok = (s[None, :] >= start[:, None]) & (s[None, :] < upto)
         logit = (jnp.sum(qa[:, None, :] * _slots(k_ref, c, g, lo, R).astype(f32), axis=2)
                  + jnp.sum(qb[:, None, :] * _slots(k_ref, c, g, hi, R).astype(f32), axis=2))
-        logit = jnp.where(ok, logit * scale, neg)
+        logit = jnp.where(ok, logit * scale, _NEG)
         m_new = jnp.maximum(m, jnp.max(logit, axis=1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(logit - m_new[:, None]), 0.0)
@@ -317,17 +330,70 @@ def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
                                                * _slots(v_ref, c, g, hi, R).astype(f32), axis=1))
 
     zero = jnp.zeros((R, half), f32)
-    carry = jax.lax.fori_loop(jnp.min(start) // SLOTS, (upto + SLOTS - 1) // SLOTS, chunk,
-                              (jnp.full((R,), neg, f32), jnp.zeros((R,), f32), zero, zero))
+    return jax.lax.fori_loop(c_from, c_to, chunk,
+                             (jnp.full((R,), _NEG, f32), jnp.zeros((R,), f32), zero, zero))
+
+
+def _chunk_range(start, upto):
+    """The chunks [first, end) holding slots [min start, upto)."""
+    return jnp.min(start) // SLOTS, (upto + SLOTS - 1) // SLOTS
+
+
+def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
+    """One query head's attention (R rows) over kv head g's cache slots [start_r, upto), SLOTS
+    at a time, then one more slot: `last` = its (k lo, k hi, v lo, v hi) from registers, or None.
+    The online softmax in float32; the result in dt."""
+    f32 = jnp.float32
+    half = q_lo.shape[1]
+    carry = _attend_chunks(q_lo, q_hi, k_ref, v_ref, g, start, upto, *_chunk_range(start, upto))
     if last is not None:
         m, den, a_lo, a_hi = carry
         kl, kh, vl, vh = (a.astype(f32) for a in last)
-        logit = (jnp.sum(qa * kl, axis=1) + jnp.sum(qb * kh, axis=1)) * scale
+        logit = (jnp.sum(q_lo.astype(f32) * kl, axis=1)
+                 + jnp.sum(q_hi.astype(f32) * kh, axis=1)) / math.sqrt(2 * half)
         m_new = jnp.maximum(m, logit)
         corr, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
         carry = (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl,
                  a_hi * corr[:, None] + p[:, None] * vh)
     _, den, a_lo, a_hi = carry
+    return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
+
+
+def _attend_part_kernel(q_ref, k_ref, v_ref, idx_ref, start_ref, m_ref, den_ref, acc_ref, *,
+                        H: int, K: int, parts: int):
+    """Program (h, j): query head h's attention over the j-th of `parts` shares of the chunks of
+    slots [min start, idx] (the caches hold slot idx already), unnormalized, into the scratch
+    (flash decoding: a long cache read by H x parts programs instead of H)."""
+    h, j = pl.program_id(0), pl.program_id(1)
+    half = q_ref.shape[2] // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    start, upto = start_ref[...], idx_ref[()] + 1
+    first, end = _chunk_range(start, upto)
+    per = (end - first + parts - 1) // parts
+    c_from = first + j * per
+    m, den, a_lo, a_hi = _attend_chunks(q_ref[:, h, lo], q_ref[:, h, hi], k_ref, v_ref,
+                                        h // (H // K), start, upto, c_from,
+                                        jnp.minimum(c_from + per, end))
+    m_ref[j, :, h] = m
+    den_ref[j, :, h] = den
+    acc_ref[j, :, h, lo] = a_lo
+    acc_ref[j, :, h, hi] = a_hi
+
+
+def _combined(m_ref, den_ref, acc_ref, h, dt):
+    """Head h's attention from the parts' online-softmax states (`_attend_part_kernel`)."""
+    parts = m_ref.shape[0]
+    half = acc_ref.shape[3] // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    m = m_ref[0, :, h]
+    for j in range(1, parts):
+        m = jnp.maximum(m, m_ref[j, :, h])
+    den, a_lo, a_hi = 0.0, 0.0, 0.0
+    for j in range(parts):
+        w = jnp.exp(m_ref[j, :, h] - m)
+        den = den + den_ref[j, :, h] * w
+        a_lo = a_lo + acc_ref[j, :, h, lo] * w[:, None]
+        a_hi = a_hi + acc_ref[j, :, h, hi] * w[:, None]
     return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
 
 
@@ -414,18 +480,23 @@ def _qkv_heads_kernel(*refs, H: int, K: int, eps: float, dt, t: dict, quantized:
 def _attend_o_kernel(*refs, H: int, K: int, dt, rows: int, t: dict, quantized: bool,
                      interpret: bool):
     """Program (h, c): query head h's attention over slots [start_r, idx] (the caches hold slot
-    idx already), times its rows of the o product for column block c, added into the residual."""
+    idx already), or with slot parts its parts' states combined, times its rows of the o product
+    for column block c, added into the residual."""
     it = iter(refs)
-    x_ref, q_ref, k_ref, v_ref = next(it), next(it), next(it), next(it)
+    x_ref, a_ref, b_ref, c_ref = next(it), next(it), next(it), next(it)
     o = _Weight(it, quantized)
     idx_ref, start_ref, _acc_in, acc_ref = it
     h, c = pl.program_id(0), pl.program_id(1)
     R, D = x_ref.shape
-    Dh = q_ref.shape[2]
+    Dh = o.values.shape[0] // H
     half = Dh // 2
     width = D // t["split"]
-    out_lo, out_hi = _attend(q_ref[:, h, pl.ds(0, half)], q_ref[:, h, pl.ds(half, half)], k_ref,
-                             v_ref, h // (H // K), start_ref[...], idx_ref[()] + 1, None, dt)
+    if t["parts"] > 1:   # (max logit, sum of exps, sums x v) of each part
+        out_lo, out_hi = _combined(a_ref, b_ref, c_ref, h, dt)
+    else:                # q, the k cache, the v cache
+        out_lo, out_hi = _attend(a_ref[:, h, pl.ds(0, half)], a_ref[:, h, pl.ds(half, half)],
+                                 b_ref, c_ref, h // (H // K), start_ref[...], idx_ref[()] + 1,
+                                 None, dt)
 
     def part(cols):
         return o.scaled(o.dot(out_lo, pl.ds(h * Dh, half), cols)
@@ -484,7 +555,8 @@ def attention_block(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R,
 def _attention_split(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R,
                      cfg: TransformerConfig, dt, rows: int, t: dict, interpret: bool):
     """`attention_block` as two kernels (o split P = t["split"] > 0): `_qkv_heads_kernel` over
-    the H + 2 KV heads, then `_attend_o_kernel` over H x P."""
+    the H + 2 KV heads, then `_attend_o_kernel` over H x P; with slot parts Q = t["parts"] > 1
+    three: `_attend_part_kernel` over H x Q between them."""
     a = lp["attn"]
     R, D = x_RxD.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -501,7 +573,15 @@ def _attention_split(x_RxD, lp, cos, sin, k_cache, v_cache, write_index, start_R
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={n - 2: 1, n - 1: 2})(*args)
     o, o_q = _weight_args(a.o)
-    args = [x_RxD, q, k, v, *o, idx, start_R, jnp.zeros((R, D), jnp.float32)]
+    attn = (q, k, v)
+    if t["parts"] > 1:
+        Q, f32 = t["parts"], jnp.float32
+        attn = _call(functools.partial(_attend_part_kernel, H=H, K=K, parts=Q), interpret, t,
+                     grid=(H, Q), out_shape=(jax.ShapeDtypeStruct((Q, R, H), f32),
+                                             jax.ShapeDtypeStruct((Q, R, H), f32),
+                                             jax.ShapeDtypeStruct((Q, R, H, Dh), f32)))(
+            q, k, v, idx, start_R)
+    args = [x_RxD, *attn, *o, idx, start_R, jnp.zeros((R, D), jnp.float32)]
     acc = _call(functools.partial(_attend_o_kernel, H=H, K=K, dt=dt, rows=rows, t=t,
                                   quantized=o_q, interpret=interpret), interpret, t,
                 grid=(H, t["split"]), out_shape=jax.ShapeDtypeStruct((R, D), jnp.float32),

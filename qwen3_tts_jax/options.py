@@ -120,7 +120,9 @@ class Options:
     predictor_kernels: str = "xla"
     # Their tiles, (reduction chunk, intermediate columns per MLP program, output columns per
     # atomic add, Triton warps, pipeline stages, o split: 0 for one attention kernel, P for two
-    # with the o product in P column blocks); () for `decode_kernels.DEFAULT_TILES`.
+    # with the o product in P column blocks[, slot parts: Q > 1 (with P > 0) for a third kernel
+    # between them, each head's attention over Q shares of the cache (flash decoding)]); () for
+    # `decode_kernels.DEFAULT_TILES`.
     predictor_tiles: tuple = ()
     # The talker's frame steps (one position per row over its long, left-padded cache) through
     # the same kernels: the same values as `predictor_kernels`; batches over 16 rows take XLA's
@@ -148,11 +150,11 @@ class Options:
         for name in ("predictor_tiles", "talker_tiles"):
             tiles = getattr(self, name)
             if not (isinstance(tiles, tuple) and (tiles == () or (
-                    len(tiles) == 6 and all(isinstance(v, int) and not isinstance(v, bool)
-                                            for v in tiles)
-                    and min(tiles[:5]) > 0 and tiles[5] >= 0))):
-                bad(name, tiles, "use () or six integers (k, f, n, warps, stages: positive; o "
-                    "split: 0 or more)")
+                    len(tiles) in (6, 7) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                 for v in tiles)
+                    and min(tiles[:5] + tiles[6:]) > 0 and tiles[5] >= 0))):
+                bad(name, tiles, "use () or six or seven integers (k, f, n, warps, stages: "
+                    "positive; o split: 0 or more; slot parts: positive)")
         for name in ("unroll_predictor", "specialize_sampler", "runtime_dispatch", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "use True or False")

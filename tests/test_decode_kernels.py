@@ -39,7 +39,7 @@ def _stack(D, F, H, K, Dh, L, dtype, seed=0):
 
 
 def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False, split=0, S=16,
-              starts=None):
+              starts=None, parts=1):
     """(XLA's hidden and caches, the kernels' hidden and caches) for one step at `index` after a
     prefill of `index` positions. `quantized`: int8 weights (XLA's side: `quantize.matmul`).
     starts None: the code predictor's step (caches of `ROWS` rows, rows >= `rows` zero padding,
@@ -73,8 +73,9 @@ def _run_both(D, F, H, K, Dh, L, rows, index, dtype, quantized=False, split=0, S
         cos, sin = (a[0, :1] for a in cos_sin)
     else:
         cos, sin = (pad(a[:, 0]) for a in cos_sin)
-    t = dk.tiles(cfg, dk.DEFAULT_TILES[:5] + (split,))
-    assert t["split"] == split and dk.why_not(lps, cfg, rows, jnp.dtype(dtype), "positions") is None
+    t = dk.tiles(cfg, dk.DEFAULT_TILES[:5] + (split, parts))
+    assert t["split"] == split and t["parts"] == parts
+    assert dk.why_not(lps, cfg, rows, jnp.dtype(dtype), "positions") is None
     got, got_caches = jax.jit(lambda x, c: dk.decoder_stack(
         lps, x, index, c, cos, sin, pad(start, v=index), cfg, rows, t, interpret=INTERPRET))(
             pad(x), caches)
@@ -119,16 +120,21 @@ def test_stack_step_int8_weights_equal_xla_int8(rows, index, split):
         np.testing.assert_allclose(np.asarray(gv), np.asarray(wv), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows, S, index, starts, split, quantized", [
-    (1, 40, 33, [5], 0, False), (3, 48, 41, [0, 7, 22], 0, False), (5, 24, 17, [3, 0, 9, 16, 1], 2,
-                                                                   False),
-    (2, 40, 30, [4, 11], 0, True), (16, 32, 20, list(range(16)), 0, False)])
-def test_talker_step_equals_xla_float32(rows, S, index, starts, split, quantized):
+@pytest.mark.parametrize("rows, S, index, starts, split, parts, quantized", [
+    (1, 40, 33, [5], 0, 1, False), (3, 48, 41, [0, 7, 22], 0, 1, False),
+    (5, 24, 17, [3, 0, 9, 16, 1], 2, 1, False), (2, 40, 30, [4, 11], 0, 1, True),
+    (16, 32, 20, list(range(16)), 0, 1, False),
+    (3, 64, 57, [2, 19, 40], 2, 3, False), (1, 40, 9, [1], 1, 4, False),
+    (2, 48, 44, [0, 5], 2, 2, True)])
+def test_talker_step_equals_xla_float32(rows, S, index, starts, split, parts, quantized):
     """The talker's step: a cache of the batch's rows only (fewer than the kernels' 16: masked
     loads and stores), longer than one attention chunk, each row left-padded to its own start
-    slot (masked) with its own RoPE position - XLA's step up to float32 rounding."""
+    slot (masked) with its own RoPE position - XLA's step up to float32 rounding; with slot parts
+    (each head's attention over shares of the cache, combined), some parts empty for some rows or
+    for all."""
     want, want_c, got, got_c = _run_both(64, 128, 4, 2, 32, 2, rows, index, jnp.float32,
-                                         quantized=quantized, split=split, S=S, starts=starts)
+                                         quantized=quantized, split=split, S=S, starts=starts,
+                                         parts=parts)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
     for (wk, wv), (gk, gv) in zip(want_c, got_c):
         np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), rtol=0, atol=2e-5)
@@ -286,6 +292,8 @@ def test_uncovered_calls_are_named_and_take_xla(models):
                                               f32, "positions")
     assert "head_dim 16" in dk.why_not(lps, dataclasses.replace(cfg, head_dim=16), 1, f32,
                                         "positions")
+    assert "slot parts > 1 need an o split" in dk.why_not(lps, cfg, 1, f32, "positions",
+                                                          (64, 32, 128, 4, 3, 0, 4))
     assert "widths 72/" in dk.why_not(lps, dataclasses.replace(cfg, hidden_size=72), 1, f32,
                                       "positions")
     assert dk.why_not([quantize.quantize_layer(lp, "int8") for lp in lps], cfg, 1, f32,
@@ -348,7 +356,9 @@ def test_kernels_with_model_parallel_are_refused(make_checkpoint):
                                           ("predictor_tiles", (128, 32, 0, 4, 2, 0)),
                                           ("predictor_tiles", (128, 32, 128, 4, 2, -1)),
                                           ("talker_kernels", "cuda"),
-                                          ("talker_tiles", (64, 32, 128, 4, 3, 0.5))])
+                                          ("talker_tiles", (64, 32, 128, 4, 3, 0.5)),
+                                          ("talker_tiles", (64, 32, 128, 4, 3, 2, 0)),
+                                          ("talker_tiles", (64, 32, 128, 4, 3, 2, 2, 1))])
 def test_invalid_kernel_options_are_named(field, value):
     with pytest.raises(ValueError, match=rf"Options\.{field}="):
         Options(**{field: value})
@@ -380,19 +390,19 @@ def test_kernels_lower_for_cuda_at_released_widths(rows, quantized, split):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (3 if split else 2) * L
 
 
-@pytest.mark.parametrize("D, F, rows, quantized, split", [
-    (1024, 3072, 1, False, 0), (2048, 6144, 2, False, 0), (2048, 6144, 5, True, 0),
-    (1024, 3072, 1, False, 8)])
-def test_talker_kernels_lower_for_cuda_at_released_widths(D, F, rows, quantized, split):
+@pytest.mark.parametrize("D, F, rows, quantized, split, parts", [
+    (1024, 3072, 1, False, 0, 1), (2048, 6144, 2, False, 0, 1), (2048, 6144, 5, True, 0, 1),
+    (1024, 3072, 1, False, 8, 1), (2048, 6144, 2, False, 8, 4)])
+def test_talker_kernels_lower_for_cuda_at_released_widths(D, F, rows, quantized, split, parts):
     """The released talkers' widths (0.6B: 1024 / 3072, 1.7B: 2048 / 6144; 16 heads over 8,
-    head_dim 128) with a cache of the batch's rows only and 512 slots, bf16 and int8: Triton IR
-    for CUDA (3 of the 28 layers)."""
+    head_dim 128) with a cache of the batch's rows only and 512 slots, bf16 and int8, slot parts:
+    Triton IR for CUDA (3 of the 28 layers; 2, 3 or 4 kernels a layer)."""
     L, H, K, Dh = 3, 16, 8, 128
     cfg, lps, _ = _stack(D, F, H, K, Dh, L, jnp.bfloat16)
     if quantized:
         lps = [quantize.quantize_layer(lp, "int8") for lp in lps]
     caches = layers.init_cache(cfg, rows, 512, jnp.bfloat16, POSITIONS)
-    t = dk.tiles(cfg, dk.DEFAULT_TILES[:5] + (split,))
+    t = dk.tiles(cfg, dk.DEFAULT_TILES[:5] + (split, parts))
     assert dk.why_not(lps, cfg, rows, jnp.dtype(jnp.bfloat16), "positions") is None
 
     def step(lps, x, index, caches, cos, sin, start):
@@ -402,4 +412,5 @@ def test_talker_kernels_lower_for_cuda_at_released_widths(D, F, rows, quantized,
         lps, jnp.zeros((dk.ROWS, D), jnp.bfloat16), jnp.int32(300), caches,
         jnp.zeros((dk.ROWS, Dh), jnp.bfloat16), jnp.zeros((dk.ROWS, Dh), jnp.bfloat16),
         jnp.zeros((dk.ROWS,), jnp.int32))
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (3 if split else 2) * L
+    per_layer = 2 + (split > 0) + (parts > 1)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == per_layer * L
