@@ -88,7 +88,7 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     Step 0 is the 2-position prefill (talker hidden, code-0 embedding); steps 1..14 are one
     `lax.scan`, unrolled with `options.unroll_predictor`; with `options.predictor_kernels` (where
     they cover the call) a step's decoder stack is two Pallas kernels a layer, over the rows
-    padded to `decode_kernels.ROWS` (the prefill too, so that the caches have those rows).
+    padded to `decode_kernels.ROWS` (the caches keep the batch's rows).
     Returns (codes (B, 15) int32, the logits of each step (B, 15, V) f32).
     """
     cp = cfg.code_predictor
@@ -96,28 +96,27 @@ def predict(p, cfg: TalkerConfig, past_hidden_BxD, code0_emb_BxD,
     G = cfg.num_code_groups - 1
     S = G + 1
     kernels = kernel_tiles(p, cp, B, past_hidden_BxD.dtype, options)
-    R = decode_kernels.ROWS if kernels else B   # the kernels' rows: B real, the rest zero
-    pad = (lambda a: jnp.pad(a, [(0, R - B)] + [(0, 0)] * (a.ndim - 1))) if R > B else (lambda a: a)
     slots = jnp.arange(S)
-    caches = layers.init_cache(cp, R, S, past_hidden_BxD.dtype, options)
-    x = project(p, pad(jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1)))
-    pos = jnp.broadcast_to(jnp.arange(2), (R, 2))
-    mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (R, 2, S))
+    caches = layers.init_cache(cp, B, S, past_hidden_BxD.dtype, options)
+    x = project(p, jnp.stack([past_hidden_BxD, code0_emb_BxD], axis=1))
+    pos = jnp.broadcast_to(jnp.arange(2), (B, 2))
+    mask = jnp.broadcast_to(slots[None, :] <= jnp.arange(2)[:, None], (B, 2, S))
     h, caches = layers.transformer(p, x, pos, caches, 0, mask, cp, options)
-    lg0 = head_at(p["lm_head"], 0, h[:B, -1])
+    lg0 = head_at(p["lm_head"], 0, h[:, -1])
     code0 = sample(0, lg0).astype(jnp.int32)
     if kernels:
+        R = decode_kernels.ROWS   # the kernels' rows: B real, the rest zero
         cos_S, sin_S = (a[0] for a in layers.transformer_rope(slots[None], cp, x.dtype))
         start = jnp.zeros((R,), jnp.int32)
 
     def step(carry, j):
         code, caches = carry
-        x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[pad(code)][:, None])
+        x = project(p, jnp.take(p["codec_embedding"], j - 1, axis=0)[code][:, None])
         if kernels:
             cos, sin = (jax.lax.dynamic_slice_in_dim(a, j + 1, 1) for a in (cos_S, sin_S))
             h, caches = decode_kernels.decoder_stack(
-                p["layers"], x[:, 0], j + 1, caches, cos, sin, start, cp, B, kernels,
-                interpret=options.predictor_kernels == "interpret")
+                p["layers"], jnp.pad(x[:, 0], [(0, R - B), (0, 0)]), j + 1, caches, cos, sin,
+                start, cp, B, kernels, interpret=options.predictor_kernels == "interpret")
             h = layers.rms_norm(p["norm"], h[:B], cp.rms_norm_eps)
         else:
             mask = jnp.broadcast_to(slots <= j + 1, (B, 1, S))

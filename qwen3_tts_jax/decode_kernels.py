@@ -35,9 +35,9 @@ Weights are arrays in the activation dtype or int8 (`quantize="int8"`, `quantize
 the int8 tiles converted to the activation dtype in the kernel, the column scales applied to the
 float32 sums, as `quantize.matmul` does): half the bytes of bf16 for the same kernels.
 
-Rows: every product tile has ROWS = 16 rows (Triton's smallest `dot`); the callers pad theirs. The
-code predictor's caches are made with those 16 rows; the talker's keep the batch's rows and are
-read and written through masked loads and stores. Row r attends to slots [start_r, write index]:
+Rows: every product tile has ROWS = 16 rows (Triton's smallest `dot`); the callers pad their
+activations. The caches keep the batch's rows (the code predictor's and the talker's), read and
+written through masked loads and stores. Row r attends to slots [start_r, write index]:
 0 for the predictor, the end of the row's left padding for the talker (its positions, hence its
 RoPE rows, are its own).
 
