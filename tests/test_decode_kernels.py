@@ -377,7 +377,7 @@ def test_kernels_lower_for_cuda_at_released_widths(rows, quantized, split):
     cfg, lps, _ = _stack(D, F, H, K, Dh, L, jnp.bfloat16)
     if quantized:
         lps = [quantize.quantize_layer(lp, "int8") for lp in lps]
-    caches = layers.init_cache(cfg, dk.ROWS, 16, jnp.bfloat16, POSITIONS)
+    caches = layers.init_cache(cfg, rows, 16, jnp.bfloat16, POSITIONS)   # the batch's rows
     t = dk.tiles(cfg, dk.DEFAULT_TILES[:5] + (split,))
 
     def step(lps, x, index, caches, cos, sin, start):
