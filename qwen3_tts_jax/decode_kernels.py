@@ -9,9 +9,9 @@ attempt, five kernels a layer (commit 6664a51), was 1.17x XLA's one-row program 
 its two-row one. Here a layer is:
 
   1. `attention_block`, one program per query head: input RMSNorm + the head's q, k and v
-     products + q/k norms + RoPE + the KV-cache write + attention over the row's slots (online
-     softmax, SLOTS cache slots a loop step) + the head's share of the o product, added into the
-     residual with float32 atomic adds;
+     products + q/k norms + RoPE + the KV-cache write + attention over each row's slots (online
+     softmax, row by row, SLOTS cache slots a loop step) + the head's share of the o product,
+     added into the residual with float32 atomic adds;
   2. `mlp_block`, one program per block of the intermediate width: post RMSNorm + its gate and up
      columns + SiLU(gate) * up + its share of the down product, added into the residual the same
      way.
@@ -52,9 +52,10 @@ whole grid between layers; Triton has none, and a spin on an atomic counter woul
 interpreter, which runs the programs one after another, so such a kernel could not be checked on
 a CPU.
 
-The attention is one program per query head walking the row's slots SLOTS at a time: at long
-contexts (the talker's, hundreds to thousands of slots) that is 16 programs reading the whole
-cache. The tiles' slot parts Q > 1 (with an o split) put a kernel between `qkv_heads` and
+The attention is one program per query head walking each row's slots SLOTS at a time (the rows
+one after another: a batch of one reads and computes one row, not the 16 of the products' tiles):
+at long contexts (the talker's, hundreds to thousands of slots) that is 16 programs reading the
+whole cache. The tiles' slot parts Q > 1 (with an o split) put a kernel between `qkv_heads` and
 `attend_o`: `attend_part`, H x Q programs, each head's online-softmax state over 1/Q of the
 chunks (flash decoding), which `attend_o` combines - four kernels a layer, the cache read by
 H x Q programs. Which context pays for it is for a GPU to say (gpu_session.sh kernels3).
@@ -72,7 +73,7 @@ from . import quantize
 from .config import TransformerConfig
 
 ROWS = 16             # rows of every product tile (the smallest Triton `dot`)
-SLOTS = 8             # cache slots a step of the attention loop reads (R x SLOTS x Dh/2 values)
+SLOTS = 32            # cache slots a step of the attention loop reads (a row's SLOTS x Dh/2)
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)   # a masked logit (as jax.nn's attention)
 DEFAULT_TILES = (64, 32, 128, 4, 3, 0)
 """(k: reduction chunk, f: intermediate columns per MLP program, n: output columns per atomic
@@ -291,47 +292,58 @@ def _put(ref, idx, head, part, val):
                 val.astype(ref.dtype).reshape(R, 1, 1, half), mask=mask)
 
 
-def _slots(ref, c, g, part, R: int):
-    """Cache slots [c SLOTS, (c+1) SLOTS) of kv head g for R rows, (R, SLOTS, half): a masked
-    load (zeros past the cache's rows and slots)."""
-    C, S = ref.shape[:2]
+def _slots(ref, r: int, c, g, part):
+    """Cache row r's slots [c SLOTS, (c+1) SLOTS) of kv head g, (SLOTS, half): a masked load
+    (zeros past the cache's slots)."""
+    S = ref.shape[1]
     half = part.size
-    s = c * SLOTS + jnp.arange(SLOTS)
-    mask = ((jnp.arange(R) < C)[:, None] & (s < S)[None, :])[:, :, None, None]
-    blk = ref.at[pl.ds(0, R), pl.ds(c * SLOTS, SLOTS), pl.ds(g, 1), part]
-    return _triton().load(blk, mask=mask, other=0).reshape(R, SLOTS, half)
+    ok = (c * SLOTS + jnp.arange(SLOTS) < S)[:, None, None]
+    blk = ref.at[pl.ds(r, 1), pl.ds(c * SLOTS, SLOTS), pl.ds(g, 1), part]
+    return _triton().load(blk, mask=ok[None], other=0).reshape(SLOTS, half)
 
 
 def _attend_chunks(q_lo, q_hi, k_ref, v_ref, g, start, upto, c_from, c_to):
     """One query head's attention (R rows) over kv head g's cache slots [start_r, upto) (start:
     (R,) int32) within chunks [c_from, c_to) of SLOTS slots: the online softmax's float32 state
     (the largest logit, the sum of exps, the sums of exps x v over each half of the head; a row
-    with no slot there: -big, 0, 0)."""
+    with no slot there, or past the cache's rows: -big, 0, 0). Row by row (the cache's rows, at
+    most R: a static loop), so that a batch of one reads and computes one row's slots, not 16."""
     f32 = jnp.float32
     R, half = q_lo.shape
     lo, hi = pl.ds(0, half), pl.ds(half, half)
     scale = 1.0 / math.sqrt(2 * half)
-    qa, qb = q_lo.astype(f32), q_hi.astype(f32)
+    rows = jnp.arange(R)
+    m_R, den_R = jnp.full((R,), _NEG, f32), jnp.zeros((R,), f32)
+    lo_R, hi_R = jnp.zeros((R, half), f32), jnp.zeros((R, half), f32)
+    for r in range(min(k_ref.shape[0], R)):
+        this = rows == r
+        qa = jnp.sum(jnp.where(this[:, None], q_lo.astype(f32), 0.0), axis=0)
+        qb = jnp.sum(jnp.where(this[:, None], q_hi.astype(f32), 0.0), axis=0)
+        first = jnp.sum(jnp.where(this, start, 0))
 
-    def chunk(c, carry):
-        m, den, a_lo, a_hi = carry
-        s = c * SLOTS + jnp.arange(SLOTS)
-        ok = (s[None, :] >= start[:, None]) & (s[None, :] < upto)
-        logit = (jnp.sum(qa[:, None, :] * _slots(k_ref, c, g, lo, R).astype(f32), axis=2)
-                 + jnp.sum(qb[:, None, :] * _slots(k_ref, c, g, hi, R).astype(f32), axis=2))
-        logit = jnp.where(ok, logit * scale, _NEG)
-        m_new = jnp.maximum(m, jnp.max(logit, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(logit - m_new[:, None]), 0.0)
-        return (m_new, den * corr + jnp.sum(p, axis=1),
-                a_lo * corr[:, None] + jnp.sum(p[:, :, None]
-                                               * _slots(v_ref, c, g, lo, R).astype(f32), axis=1),
-                a_hi * corr[:, None] + jnp.sum(p[:, :, None]
-                                               * _slots(v_ref, c, g, hi, R).astype(f32), axis=1))
+        def chunk(c, carry, r=r, qa=qa, qb=qb, first=first):
+            m, den, a_lo, a_hi = carry
+            s = c * SLOTS + jnp.arange(SLOTS)
+            ok = (s >= first) & (s < upto)
+            logit = (jnp.sum(qa[None, :] * _slots(k_ref, r, c, g, lo).astype(f32), axis=1)
+                     + jnp.sum(qb[None, :] * _slots(k_ref, r, c, g, hi).astype(f32), axis=1))
+            logit = jnp.where(ok, logit * scale, _NEG)
+            m_new = jnp.maximum(m, jnp.max(logit))
+            corr = jnp.exp(m - m_new)
+            p = jnp.where(ok, jnp.exp(logit - m_new), 0.0)
+            return (m_new, den * corr + jnp.sum(p),
+                    a_lo * corr + jnp.sum(p[:, None] * _slots(v_ref, r, c, g, lo).astype(f32),
+                                          axis=0),
+                    a_hi * corr + jnp.sum(p[:, None] * _slots(v_ref, r, c, g, hi).astype(f32),
+                                          axis=0))
 
-    zero = jnp.zeros((R, half), f32)
-    return jax.lax.fori_loop(c_from, c_to, chunk,
-                             (jnp.full((R,), _NEG, f32), jnp.zeros((R,), f32), zero, zero))
+        m, den, a_lo, a_hi = jax.lax.fori_loop(
+            jnp.maximum(c_from, first // SLOTS), c_to, chunk,
+            (f32(_NEG), f32(0.0), jnp.zeros((half,), f32), jnp.zeros((half,), f32)))
+        m_R, den_R = jnp.where(this, m, m_R), jnp.where(this, den, den_R)
+        lo_R = jnp.where(this[:, None], a_lo[None, :], lo_R)
+        hi_R = jnp.where(this[:, None], a_hi[None, :], hi_R)
+    return m_R, den_R, lo_R, hi_R
 
 
 def _chunk_range(start, upto):
@@ -356,7 +368,13 @@ def _attend(q_lo, q_hi, k_ref, v_ref, g, start, upto, last, dt):
         carry = (m_new, den * corr + p, a_lo * corr[:, None] + p[:, None] * vl,
                  a_hi * corr[:, None] + p[:, None] * vh)
     _, den, a_lo, a_hi = carry
-    return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
+    return _normalized(den, a_lo, a_hi, dt)
+
+
+def _normalized(den, a_lo, a_hi, dt):
+    """The attention from the softmax's sums (rows with none - past the cache's rows - zero)."""
+    den = jnp.where(den > 0, den, 1.0)[:, None]
+    return (a_lo / den).astype(dt), (a_hi / den).astype(dt)
 
 
 def _attend_part_kernel(q_ref, k_ref, v_ref, idx_ref, start_ref, m_ref, den_ref, acc_ref, *,
@@ -394,7 +412,7 @@ def _combined(m_ref, den_ref, acc_ref, h, dt):
         den = den + den_ref[j, :, h] * w
         a_lo = a_lo + acc_ref[j, :, h, lo] * w[:, None]
         a_hi = a_hi + acc_ref[j, :, h, hi] * w[:, None]
-    return (a_lo / den[:, None]).astype(dt), (a_hi / den[:, None]).astype(dt)
+    return _normalized(den, a_lo, a_hi, dt)
 
 
 def _attention_kernel(*refs, H: int, K: int, eps: float, dt, rows: int, t: dict,
