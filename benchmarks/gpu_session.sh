@@ -35,6 +35,15 @@
 #   bash benchmarks/gpu_session.sh icl       # ~3-4 min: a cloned voice's time to first audio
 #                                            # against a preset speaker, per-voice caches off /
 #                                            # cold / warm; the streaming API's (icl.txt)
+#   bash benchmarks/gpu_session.sh decide    # ~6-8 min, the FIRST call of a device session: do the
+#                                            # Pallas decode kernels pay? Their step tests compiled
+#                                            # (predictor's and talker's: decide_tests.txt); whole
+#                                            # frames of the 0.6B at batch 1, greedy and sampled:
+#                                            # XLA, predictor kernels, every step's (fused, split)
+#                                            # (decide.json); the talker's step alone, 2 rows over
+#                                            # 64 and 1024 slots, fused and 4 slot parts
+#                                            # (talker_decide.json). Then `kernels`/`kernels3` to
+#                                            # tune what paid
 #   bash benchmarks/gpu_session.sh kernels   # ~7-9 min: the code predictor's Pallas kernels
 #                                            # (Options.predictor_kernels): their tests as
 #                                            # compiled on the GPU (kernels_tests.txt); the
@@ -73,7 +82,7 @@ set -uoE pipefail
 fail=0
 trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
                     # the part exits non-zero
-part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|kernels|kernels2|kernels3}
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|decide|kernels|kernels2|kernels3}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -87,12 +96,13 @@ if [ -n "${SMOKE:-}" ]; then
     PKQ=int8,pallas-int8-interpret   # the predictor kernels: interpreted
     TK=tpallas-interpret TKS=tpallas-interpret,tpallas-split-interpret,tpallas-parts-interpret
     SP=2   # the o split (the tiny widths: 64 / 2 columns a block)
+    TKD=tpallas-interpret,tpallas-split-interpret
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
     PK=pallas PKS=pallas,pallas-split PKQ=int8,pallas-int8
-    TK=tpallas TKS=tpallas,tpallas-split,tpallas-parts SP=8
+    TK=tpallas TKS=tpallas,tpallas-split,tpallas-parts SP=8 TKD=tpallas,tpallas-split
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -169,6 +179,15 @@ icl)
     timeout 400 $PY benchmarks/bench_ttfa.py --folder $T/ckpt17srv --build $S17 --runs $(N 5 1) \
         2>&1 | tee -a "$OUT/all.log" | tee "$OUT/icl.txt"
     ;;
+decide)
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_decode_kernels.py \
+        -k "stack_step or split_attention or talker_step" 2>&1 | tee -a "$OUT/all.log" | tee "$OUT/decide_tests.txt"
+    bench decide $S06 $T/ckpt --batches 1 --frames $(N 100 6) --timeout 300 --sampled \
+        --variants default,$PK,$TKD --variant-batches 1
+    timeout 120 $PY benchmarks/bench_decode_kernels.py --part talker --size $S06 --batches 2 \
+        --context $(N 64,1024 20) --frames $(N 50 2) --variants xla,pallas,pallas:64,32,128,4,3,$SP,4 \
+        --results "$OUT/RESULTS.md" --json "$OUT/talker_decide.json" 2>&1 | tee -a "$OUT/all.log"
+    ;;
 kernels)
     # first whether the compiled kernels compute what XLA does (the interpreter checks them on
     # the CPU; the atomic adds and masks only run for real here), then their speed
@@ -206,7 +225,7 @@ kernels3)
         --variants default,$TK --variant-batches 1
     ;;
 *)
-    echo "unknown part $part: one, profile, server, quant, overlap, icl, kernels, kernels2 or kernels3" >&2
+    echo "unknown part $part: one, profile, server, quant, overlap, icl, decide, kernels, kernels2 or kernels3" >&2
     exit 2 ;;
 esac
 exit $fail
