@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from . import code_predictor, layers, sampling, talker
 from .buckets import fine, ladder, power_of_two as bucket
@@ -254,35 +255,59 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
 
 
 def _decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,
-            options: Options):
+            options: Options, axis: str | None = None):
     F = state.codes_BxFxG.shape[1]
     until = jnp.minimum(until, F)
 
     def cond(s):
-        return (s.step < until) & ~jnp.all(s.done_B)
+        live = ~jnp.all(s.done_B)
+        if axis is not None:          # a device whose rows all ended runs on while another's live
+            live = jax.lax.psum(live.astype(jnp.int32), axis) > 0
+        return (s.step < until) & live
 
     return jax.lax.while_loop(cond, lambda s: frame_step(params, cfg, s, ctx, settings, options),
                               state)
 
 
-_DECODE_JITS: dict = {}   # options.decode_compiler_options -> the jitted `_decode`
+def _decode_rows(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings,
+                 until, options: Options, mesh):
+    """`_decode` with the batch's rows split over `mesh`'s "data" axis by `jax.shard_map`: each
+    device runs the frame loop on its own rows (the weights replicated), so a Pallas kernel (a
+    custom call, which XLA's partitioner cannot split) sees the device's rows, and the one
+    collective a frame is the loop's "some row live" sum. Every leaf of the state, context and
+    settings is per row except the frame count and the pad embedding."""
+    rows = lambda tree: jax.tree_util.tree_map(lambda _: P("data"), tree)
+    state_specs = rows(state)._replace(step=P())
+    run = jax.shard_map(lambda p, s, c, st, u: _decode(p, cfg, s, c, st, u, options, "data"),
+                        mesh=mesh, in_specs=(P(), state_specs, rows(ctx)._replace(pad_embed_D=P()),
+                                             rows(settings), P()),
+                        out_specs=state_specs, check_vma=False)   # pallas_call's outputs
+                                                                  # carry no varying axes
+    return run(params, state, ctx, settings, until)
 
 
-def _decode_jit(compiler_options: tuple | None):
-    if compiler_options not in _DECODE_JITS:
-        _DECODE_JITS[compiler_options] = jax.jit(
-            _decode, static_argnames=("cfg", "options"), donate_argnames=("state",),
+_DECODE_JITS: dict = {}   # (options.decode_compiler_options, mesh) -> the jitted frame loop
+
+
+def _decode_jit(compiler_options: tuple | None, mesh=None):
+    key = (compiler_options, mesh)
+    if key not in _DECODE_JITS:
+        fn = _decode if mesh is None else functools.partial(_decode_rows, mesh=mesh)
+        _DECODE_JITS[key] = jax.jit(
+            fn, static_argnames=("cfg", "options"), donate_argnames=("state",),
             compiler_options=dict(compiler_options) if compiler_options else None)
-    return _DECODE_JITS[compiler_options]
+    return _DECODE_JITS[key]
 
 
 def decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,
-           options: Options):
+           options: Options, mesh=None):
     """Run frames while some row is live and fewer than `until` (<= F) frames exist. Jitted
     (`options` static, `state` donated) with `options.decode_compiler_options`; inside another
-    jit (e.g. `synthesize` under the caller's jit) only the outer program has compile options."""
+    jit (e.g. `synthesize` under the caller's jit) only the outer program has compile options.
+    `mesh` (a `jax.sharding.Mesh` with a "data" axis, the weights replicated): the rows split
+    over it, each device's frame loop on its own rows (`_decode_rows`)."""
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(state))
-    f = _decode_jit(None if traced else options.decode_compiler_options)
+    f = _decode_jit(None if traced else options.decode_compiler_options, mesh)
     return f(params, cfg, state, ctx, settings, until, options=options)
 
 
@@ -435,15 +460,17 @@ def programs(executables=None):
 
 
 def generate(params, cfg: Qwen3TTSConfig, batch, settings: Settings, keys_B,
-             max_frames: int, options: Options, executables=None):
+             max_frames: int, options: Options, executables=None, mesh=None):
     """Offline generation of a PromptBatch (arrays already bucketed). Returns the final State.
 
     The frame loop runs on device in segments whose KV-cache capacity doubles (256, 512, ...
     frames) only when some row is still speaking, so that attention never reads a cache much longer
     than the audio so far: one host check per segment, never per frame. `executables`: see
-    `programs`.
+    `programs`; `mesh`: see `decode` (with `executables` None).
     """
     run_prefill, run_decode = programs(executables)
+    if mesh is not None:
+        run_decode = functools.partial(decode, mesh=mesh)
     frames = capacity(max_frames, options)
     state, ctx = run_prefill(params, cfg, batch, settings, keys_B, frames=frames,
                              compute=prefill_length(batch.mask_BxL), options=options)

@@ -64,17 +64,18 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
     m = model.model_parallel
     devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
     batch, run_settings, ks = prepare(model.config, model.options, items, settings, devices)
-    params = model.params
+    params, mesh = model.params, None
     if m > 1:                      # params already split over the mesh's "model" axis
         rows, _ = data_sharding(m)
         batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
-    elif devices > 1:
+    elif devices > 1:              # the frame loop per device on its rows (`generate.decode`)
         rows, _ = data_sharding()
         batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
-        params = model.replicated_params()
+        params, mesh = model.replicated_params(), rows.mesh
     state = gen.generate(params, model.config, batch, run_settings, ks,
                          max_frames=settings.max_new_tokens - 1, options=model.options,
-                         executables=_executables(model) if m == 1 and devices == 1 else None)
+                         executables=_executables(model) if m == 1 and devices == 1 else None,
+                         mesh=mesh)
     codes = np.asarray(state.codes_BxFxG)
     lengths = np.asarray(state.length_B)
     return [codes[b, :lengths[b]] for b in range(len(items))]

@@ -414,3 +414,91 @@ def test_talker_kernels_lower_for_cuda_at_released_widths(D, F, rows, quantized,
         jnp.zeros((dk.ROWS,), jnp.int32))
     per_layer = 2 + (split > 0) + (parts > 1)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == per_layer * L
+
+
+# -- rows split over several devices ---------------------------------------------------------------
+
+DATA_PARALLEL = """
+import dataclasses, json, sys
+import jax, numpy as np
+from qwen3_tts_jax import Qwen3TTS, decode_kernels
+from qwen3_tts_jax.options import Options
+assert len(jax.local_devices()) == 2, jax.local_devices()
+opts = Options.for_backend(cpu_kernels=False, cache_layout="positions")
+xla = Qwen3TTS.from_pretrained(sys.argv[1], options=opts)
+ours = Qwen3TTS.from_pretrained(sys.argv[1], options=dataclasses.replace(opts,
+    predictor_kernels="interpret", talker_kernels="interpret", unroll_predictor=True))
+rows = []                                  # the rows (and cache rows) each kernel call saw
+real = decode_kernels.decoder_stack
+def spy(lps, x, index, caches, *a, **k):
+    rows.append((a[-2], caches[0].k.shape[0]))
+    return real(lps, x, index, caches, *a, **k)
+decode_kernels.decoder_stack = spy
+texts = ["Hi.", "A longer sentence, with more words in it.", "Third one", "x"]
+speakers = ["ryan", "vivian", "eric", "dylan"]
+items = xla.custom_voice_prompts(texts, speakers, "auto", None, True)
+out = {}
+for name, kw in [("greedy", dict(do_sample=False, subtalker_dosample=False)),
+                 ("sampled", dict(seed=[1, 2, 3, 4]))]:
+    want = xla.generate_prompts_codes(items, max_new_tokens=7, **kw)
+    got = ours.generate_prompts_codes(items, pad_batch_to=2, max_new_tokens=7, **kw)
+    out[name] = all(a.shape == b.shape and (a == b).all() for a, b in zip(want, got))
+out["rows"] = sorted(set(rows))
+
+# What a GPU runs: the frame loop over the 2-device mesh exported for CUDA (Triton kernels)
+import re
+from qwen3_tts_jax import generate as gen, runner, sharding
+from qwen3_tts_jax.settings import GenerationSettings
+split, _ = sharding.data_sharding()
+settings = GenerationSettings.merge(ours.generate_defaults, max_new_tokens=7)
+batch, st, ks = jax.device_put(runner.prepare(ours.config, ours.options, items, settings, 2),
+                               split)
+params = ours.replicated_params()
+state, ctx = gen.prefill(params, ours.config, batch, st, ks, frames=16, options=ours.options)
+# a device whose rows have all ended runs on with the other's (one frame count for the batch)
+ended = state._replace(done_B=jax.device_put(np.array([True, True, False, False]), split))
+ran = gen.decode(params, ours.config, ended, ctx, st, 5, ours.options, mesh=split.mesh)
+out["frames"] = [int(ran.step), np.asarray(ran.length_B).tolist()]
+opts = dataclasses.replace(ours.options, predictor_kernels="pallas", talker_kernels="pallas")
+jax.default_backend = lambda: "gpu"        # the kernels' plan asks for a GPU
+exported = jax.export.export(gen._decode_jit(None, split.mesh), platforms=["cuda"],
+    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+    params, ours.config, state, ctx, st, 16, options=opts)
+text = exported.mlir_module()
+B, S, K, Dh = state.caches[0].k.shape
+calls = [l for l in text.splitlines() if "__gpu$xla.gpu.triton" in l]
+cache = lambda b: f"tensor<{b}x{S}x{K}x{Dh}xf32>"
+out["exported"] = {"B": B, "calls": len(calls) > 0,
+                   "manual": "manual_computation" in text or "SPMDFullToShardShape" in text,
+                   "local": sum(cache(B // 2) in l for l in calls) > 0,
+                   "global": sum(cache(B) in l for l in calls)}
+print(json.dumps(out))
+"""
+
+
+def test_rows_split_over_devices_run_the_kernels_per_device(tmp_path, make_checkpoint):
+    """A padded batch split over two devices (`pad_batch_to`, the batch tool's padded batches)
+    with every decoder step through the kernels: each device's frame loop runs them on its own
+    rows (`generate._decode_rows`, a `shard_map`; the kernels are custom calls XLA's partitioner
+    cannot split), and the codes, greedy and sampled, are one device's XLA codes. Then the same
+    frame loop exported for CUDA (Triton kernels), as a GPU would compile it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "dp.py"
+    script.write_text(DATA_PARALLEL)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, str(script), make_checkpoint("cv_kernels_talker")],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    # 4 prompts over 2 devices: the predictor's and the talker's calls see 2 rows, caches of 2
+    # what a GPU runs: the frame loop exported for CUDA over the mesh has the Triton calls in the
+    # shard_map's manual region, on one device's rows (the talker's caches of 2 rows, never 4)
+    assert got.pop("exported") == {"B": 4, "calls": True, "manual": True, "local": True,
+                                   "global": 0}
+    # a device whose rows had ended ran the other's 5 frames (no frame count of its own)
+    assert got.pop("frames") == [5, [0, 0, 5, 5]]
+    assert got == {"greedy": True, "sampled": True, "rows": [[2, 2]]}, got
