@@ -10,6 +10,7 @@ pieces), the audio to the codec; everything per frame happens in `generate.py`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -130,11 +131,15 @@ class Qwen3TTS:
         codec_decoder.check_precision(codec_precision)
         options = options or Options.for_backend(dtype=dtype or checkpoint.default_dtype())
         checkpoint.check_quantize(quantize, options)
-        kernels = [f for f in ("predictor_kernels", "talker_kernels") if getattr(options, f) != "xla"]
-        if model_parallel > 1 and kernels:
-            raise ValueError(f"Options.{kernels[0]}={getattr(options, kernels[0])!r} with "
-                             f"model_parallel={model_parallel}: the Pallas kernels take whole "
-                             f"weights on one device; use 'xla' with model_parallel")
+        if model_parallel > 1:        # the Pallas kernels take whole weights on one device
+            fields = ("predictor_kernels", "talker_kernels")
+            asked = [f for f in fields if getattr(options, f) not in ("xla", "auto")]
+            if asked:
+                raise ValueError(f"Options.{asked[0]}={getattr(options, asked[0])!r} with "
+                                 f"model_parallel={model_parallel}: the Pallas kernels take "
+                                 f"whole weights on one device; use 'xla' with model_parallel")
+            options = dataclasses.replace(options, **{f: "xla" for f in fields
+                                                      if getattr(options, f) == "auto"})
         folder = checkpoint.resolve(path_or_id)
         cfg = load_config(folder)
         executables = None

@@ -44,8 +44,9 @@ RoPE rows, are its own).
 Scope (`why_not`): at most 16 rows, the positions-major cache, weights as above, SiLU, and widths
 that split into power-of-two tiles of at least 16 (the released models' 1024/3072 and 2048/6144,
 16 heads over 8 of 128). A call over 16 rows takes XLA's path; a model the kernels can never run
-is refused at load (`check`). `interpret=True` runs the same kernels through Pallas' interpreter
-on any backend (the tests, on the CPU).
+is refused at load (`check`), except with the mode "auto" (the kernels on an NVIDIA GPU where
+they can run, XLA's ops everywhere else: the mode for a default). `interpret=True` runs the same
+kernels through Pallas' interpreter on any backend (the tests, on the CPU).
 
 Not here: the 5 layers (or all 15 predictor steps) in ONE kernel would need a barrier across the
 whole grid between layers; Triton has none, and a spin on an atomic counter would deadlock the
@@ -151,11 +152,21 @@ def why_not(layers_p, cfg: TransformerConfig, rows: int, dtype, cache_layout: st
     return None
 
 
+def on_nvidia_gpu() -> bool:
+    """Whether JAX's default backend is an NVIDIA GPU (CUDA), where the Triton kernels run."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "cuda" in str(jax.devices()[0].client.platform_version).lower()
+    except Exception:  # noqa: BLE001 - a client that does not say: not taken for CUDA
+        return False
+
+
 def plan(mode: str, field: str, layers_p, cfg: TransformerConfig, rows: int, dtype,
          cache_layout: str, requested_tiles: tuple = ()) -> dict | None:
     """The tiles when `mode` (the value of `Options.<field>`) asks for the kernels and they cover
-    this call; None: XLA's ops."""
-    if mode == "xla":
+    this call; None: XLA's ops. "auto" asks for them only on an NVIDIA GPU."""
+    if mode == "xla" or (mode == "auto" and not on_nvidia_gpu()):
         return None
     if mode == "pallas" and jax.default_backend() != "gpu":
         raise ValueError(f"Options.{field}='pallas' needs an NVIDIA GPU (Triton kernels); this "
@@ -170,8 +181,9 @@ def check(mode: str, field: str, what: str, layers_p, cfg: TransformerConfig, dt
           cache_layout: str, requested_tiles: tuple = ()) -> None:
     """At load: a ValueError naming why `mode` (`Options.<field>`) can never run `what` (the
     backend, the weights' format, the cache layout, the widths); calls the kernels do not take
-    only for their number of rows (over `ROWS`) run XLA's ops."""
-    if mode == "xla":
+    only for their number of rows (over `ROWS`) run XLA's ops. "auto" is never refused: XLA's
+    ops wherever the kernels cannot run."""
+    if mode in ("xla", "auto"):
         return
     plan(mode, field, layers_p, cfg, 1, dtype, cache_layout, requested_tiles)   # the backend
     why = why_not(layers_p, cfg, 1, dtype, cache_layout, requested_tiles)

@@ -22,7 +22,7 @@ KTH_METHODS = ("top_k", "pairwise")
 ATTENTIONS = (None, "xla", "cudnn")
 INT8_ACTIVATIONS = ("float", "int8")
 CODEC_OVERLAPS = ("off", "queue", "thread")
-KERNEL_MODES = ("xla", "pallas", "interpret")
+KERNEL_MODES = ("xla", "auto", "pallas", "interpret")
 
 # XLA:CPU hands matrix products to YNNPACK by default; these options turn its fusions off.
 CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -112,10 +112,12 @@ class Options:
 
     # The code predictor's one-position steps (1..14) as Pallas kernels, two a decoder layer
     # instead of XLA's ~13 (`decode_kernels.py`): "xla" (XLA's ops), "pallas" (Triton
-    # kernels: NVIDIA GPUs) or "interpret" (the same kernels through Pallas' interpreter, on any
-    # backend: the tests). Calls over 16 rows take XLA's ops; a model they can never run
-    # (quantized weights but int8, the heads-major cache, ...: `decode_kernels.why_not`) is
-    # refused at load. Their split-K atomic adds make a GPU's outputs vary at float rounding from
+    # kernels: NVIDIA GPUs), "auto" (the kernels on an NVIDIA GPU wherever they can run, XLA's
+    # ops elsewhere and with `model_parallel`: never refused, the value for a default) or
+    # "interpret" (the same kernels through Pallas' interpreter, on any backend: the tests).
+    # Calls over 16 rows take XLA's ops; with "pallas" or "interpret" a model they can never
+    # run (quantized weights but int8, the heads-major cache, ...: `decode_kernels.why_not`)
+    # is refused at load. Their split-K atomic adds make a GPU's outputs vary at float rounding from
     # run to run. Off until measured on a GPU (benchmarks/gpu_session.sh kernels).
     predictor_kernels: str = "xla"
     # Their tiles, (reduction chunk, intermediate columns per MLP program, output columns per

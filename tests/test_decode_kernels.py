@@ -350,6 +350,37 @@ def test_kernels_with_model_parallel_are_refused(make_checkpoint):
                                                              cpu_kernels=False))
 
 
+def test_auto_takes_the_kernels_where_they_run_on_an_nvidia_gpu(models, monkeypatch):
+    """"auto" (the mode for a default): the kernels only on an NVIDIA GPU and only where they
+    can run; elsewhere XLA's ops, never a refusal - here a CPU's default options (heads-major
+    cache, weights packed for the CPU kernels), which "pallas" and "interpret" refuse at load."""
+    from qwen3_tts_jax import Qwen3TTS, talker
+    _, ours = _kernels(models, "cv_kernels")
+    cfg = ours.config.talker.code_predictor
+    lps = ours.params["code_predictor"]["layers"]
+    f32 = jnp.dtype(jnp.float32)
+    args = ("auto", "predictor_kernels", lps, cfg)
+    assert not dk.on_nvidia_gpu()
+    assert dk.plan(*args, 1, f32, "positions") is None            # not an NVIDIA GPU: XLA
+    monkeypatch.setattr(dk, "on_nvidia_gpu", lambda: True)
+    assert dk.plan(*args, 1, f32, "positions") == dk.tiles(cfg)   # "an NVIDIA GPU": the kernels
+    assert dk.plan(*args, 17, f32, "positions") is None           # where they cover the call
+    assert dk.plan(*args, 1, f32, "heads") is None
+    dk.check("auto", "predictor_kernels", "the predictor", lps, cfg, f32, "heads")   # never refused
+    monkeypatch.undo()
+    path = ours.folder
+    auto = Options.for_backend(predictor_kernels="auto", talker_kernels="auto")
+    loaded = Qwen3TTS.from_pretrained(path, options=auto)
+    assert talker.kernel_tiles(loaded.params["talker"], loaded.config.talker, 1, jnp.float32,
+                               loaded.options) is None
+    kw = dict(text="Hello there.", speaker="Ryan", language="English", max_new_tokens=6, **GREEDY)
+    want = Qwen3TTS.from_pretrained(path).generate_custom_voice_codes(**kw)
+    np.testing.assert_array_equal(loaded.generate_custom_voice_codes(**kw)[0], want[0])
+    with pytest.raises(ValueError, match="predictor_kernels='interpret' cannot run"):
+        Qwen3TTS.from_pretrained(path, options=dataclasses.replace(auto,
+                                                                   predictor_kernels="interpret"))
+
+
 @pytest.mark.parametrize("field, value", [("predictor_kernels", "triton"),
                                           ("predictor_tiles", (128, 32)),
                                           ("predictor_tiles", (128, 32, 128, 4, 2)),
@@ -444,6 +475,13 @@ for name, kw in [("greedy", dict(do_sample=False, subtalker_dosample=False)),
     got = ours.generate_prompts_codes(items, pad_batch_to=2, max_new_tokens=7, **kw)
     out[name] = all(a.shape == b.shape and (a == b).all() for a, b in zip(want, got))
 out["rows"] = sorted(set(rows))
+# "auto" with the weights split over the two devices: XLA's ops (not refused), XLA's codes
+tp = Qwen3TTS.from_pretrained(sys.argv[1], model_parallel=2, options=dataclasses.replace(
+    opts, predictor_kernels="auto", talker_kernels="auto"))
+greedy = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=7)
+out["tp_auto"] = [tp.options.predictor_kernels, tp.options.talker_kernels, all(
+    (a == b).all() for a, b in zip(xla.generate_prompts_codes(items, **greedy),
+                                   tp.generate_prompts_codes(items, **greedy)))]
 
 # What a GPU runs: the frame loop over the 2-device mesh exported for CUDA (Triton kernels)
 import re
@@ -501,4 +539,5 @@ def test_rows_split_over_devices_run_the_kernels_per_device(tmp_path, make_check
                                    "global": 0}
     # a device whose rows had ended ran the other's 5 frames (no frame count of its own)
     assert got.pop("frames") == [5, [0, 0, 5, 5]]
+    assert got.pop("tp_auto") == ["xla", "xla", True]     # "auto" with model_parallel: XLA's
     assert got == {"greedy": True, "sampled": True, "rows": [[2, 2]]}, got
