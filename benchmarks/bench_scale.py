@@ -128,6 +128,13 @@ VARIANTS = {
     "tpallas-parts": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas",
                                        predictor_tiles=(64, 32, 128, 4, 3, 8),
                                        talker_tiles=(64, 32, 128, 4, 3, 8, 4))),
+    # every step's kernels with XLA's command buffers (CUDA graphs) for the frame loop's while
+    # loop and conditionals too, and with none (direction 4 of issue 26: one graph a frame loop,
+    # re-measured on the kernels; XLA's default captures fusions and custom calls, not loops)
+    "tpallas-cmdbuf": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas"),
+                           env={"XLA_FLAGS": CMDBUF}),
+    "tpallas-nocmdbuf": dict(options=dict(predictor_kernels="pallas", talker_kernels="pallas"),
+                             env={"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}),
     # the talker's kernels alone (the predictor on XLA's ops)
     "tpallas-only": dict(options=dict(talker_kernels="pallas")),
     "tpallas-int8": dict(quantize="int8", options=dict(predictor_kernels="pallas",
@@ -143,6 +150,9 @@ VARIANTS = {
         predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
         cpu_kernels=False, predictor_tiles=(64, 32, 128, 4, 3, 2),
         talker_tiles=(64, 32, 128, 4, 3, 2, 4))),
+    "tpallas-cmdbuf-interpret": dict(options=dict(
+        predictor_kernels="interpret", talker_kernels="interpret", cache_layout="positions",
+        cpu_kernels=False), env={"XLA_FLAGS": CMDBUF}),
     "tpallas-only-interpret": dict(options=dict(
         talker_kernels="interpret", cache_layout="positions", cpu_kernels=False)),
     "tpallas-int8-interpret": dict(quantize="int8", options=dict(

@@ -63,6 +63,11 @@
 #                                            # whole frames, the 0.6B at 1 (greedy, sampled): XLA,
 #                                            # predictor kernels, every step's (fused, split, slot
 #                                            # parts); the 1.7B at 1
+#   bash benchmarks/gpu_session.sh graphs    # ~5-6 min: the frame loop with every step's kernels
+#                                            # under XLA's command buffers as by default, with
+#                                            # the while loop captured too, and with none; XLA's
+#                                            # ops with and without loops captured (gr06.json;
+#                                            # batch 1 and 16, the 0.6B)
 #
 #   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh PART
 #                                            # here, before a device call: the part's every
@@ -82,7 +87,7 @@ set -uoE pipefail
 fail=0
 trap 'fail=1' ERR   # a failing command does not stop the part (the next may still measure), but
                     # the part exits non-zero
-part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|decide|kernels|kernels2|kernels3}
+part=${1:?usage: [SMOKE=1] gpu_session.sh one|profile|server|quant|overlap|icl|decide|kernels|kernels2|kernels3|graphs}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -97,12 +102,14 @@ if [ -n "${SMOKE:-}" ]; then
     TK=tpallas-interpret TKS=tpallas-interpret,tpallas-split-interpret,tpallas-parts-interpret
     SP=2   # the o split (the tiny widths: 64 / 2 columns a block)
     TKD=tpallas-interpret,tpallas-split-interpret
+    TKG=tpallas-cmdbuf-interpret   # XLA_FLAGS for a GPU's command buffers: no effect here
     B() { echo 1,2; }; N() { echo "$2"; }   # batch list; N FULL SMOKE: a count
 else
     export JAX_PLATFORMS=cuda
     T=/tmp S06=0b6 S17=1b7
     PK=pallas PKS=pallas,pallas-split PKQ=int8,pallas-int8
     TK=tpallas TKS=tpallas,tpallas-split,tpallas-parts SP=8 TKD=tpallas,tpallas-split
+    TKG=tpallas-cmdbuf,tpallas-nocmdbuf
     B() { echo "$1"; }; N() { echo "$1"; }
 fi
 mkdir -p "$T"
@@ -209,6 +216,13 @@ kernels2)
     bench pk17 $S17 $T/ckpt17 --batches 1 --frames $(N 100 6) --timeout 200 \
         --variants default,$PK --variant-batches 1
     ;;
+graphs)
+    # direction 4 re-measured on the kernels: the frame loop with every step's kernels under
+    # XLA's default command buffers (CUDA graphs of fusions and custom calls), with the while
+    # loop and conditionals captured too, and with none; XLA's ops both ways for reference
+    bench gr06 $S06 $T/ckpt --batches $(B 1,16) --frames $(N 100 6) --timeout 300 \
+        --variants default,cmdbuf,$TK,$TKG --variant-batches $(B 1,16)
+    ;;
 kernels3)
     # the talker's frame steps through the kernels too (Options.talker_kernels): their tests
     # compiled (a cache of the batch's rows, masked; left-padded rows), the talker's step alone
@@ -225,7 +239,7 @@ kernels3)
         --variants default,$TK --variant-batches 1
     ;;
 *)
-    echo "unknown part $part: one, profile, server, quant, overlap, icl, decide, kernels, kernels2 or kernels3" >&2
+    echo "unknown part $part: one, profile, server, quant, overlap, icl, decide, kernels, kernels2, kernels3 or graphs" >&2
     exit 2 ;;
 esac
 exit $fail

@@ -15,7 +15,8 @@ OUTPUTS = {"one": ["b1.json", "sweep.json", "1b7.json", "RESULTS.md"],
            "decide": ["decide_tests.txt", "decide.json", "talker_decide.json", "RESULTS.md"],
            "kernels": ["kernels_tests.txt", "predictor.json", "pk06.json", "RESULTS.md"],
            "kernels2": ["predictor_int8.json", "pk06q.json", "pk17.json", "RESULTS.md"],
-           "kernels3": ["kernels3_tests.txt", "talker.json", "tk06.json", "tk17.json", "RESULTS.md"]}
+           "kernels3": ["kernels3_tests.txt", "talker.json", "tk06.json", "tk17.json", "RESULTS.md"],
+           "graphs": ["gr06.json", "RESULTS.md"]}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def test_a_gpu_session_part_runs_on_the_cpu(part, checkpoints, tmp_path):
     assert "Traceback" not in log, log[-4000:]
     for name in OUTPUTS[part]:
         assert (tmp_path / name).stat().st_size > 0, name
-    if part.startswith("kernels") or part == "decide":   # the tiny predictor: one they take
+    if part.startswith("kernels") or part in ("decide", "graphs"):   # a predictor they take
         assert "predictor kernels used" in log and "predictor kernels not used" not in log
     if part in ("kernels", "kernels3", "decide"):   # and their tests passed
         assert " passed" in (tmp_path / f"{part}_tests.txt").read_text()
-    if part in ("kernels3", "decide"):   # the tiny talker too
+    if part in ("kernels3", "decide", "graphs"):   # the tiny talker too
         assert "talker kernels used" in log and "talker kernels not used" not in log
 
 
