@@ -19,7 +19,8 @@ file, a generation error, a failed write) is reported and the others go on.
 Data parallel (several local devices): one engine per device (`engine.EnginePool`), the
 weights copied to each with `jax.device_put`, the requests handed to whichever device has room.
 With `continuous=False` (`--no-continuous-batching`), padded batches instead, each split over a
-1-D "data" `jax.sharding` mesh of the local devices (params replicated). Tensor parallel
+1-D "data" `jax.sharding` mesh of the local devices (params replicated; the frame loop a
+`shard_map`, each device on its rows: `generate.decode`). Tensor parallel
 (`--model-parallel m`, a model too big for one device): padded batches over a (data, model) mesh,
 the weights split over "model" and the rows over "data".
 Across hosts, start the same command on each host with `--distributed` (host count and index
