@@ -217,6 +217,21 @@ class Qwen3TTS:
             self._replicated = jax.device_put(self.params, data_sharding()[1])
         return self._replicated
 
+    def decode_kernels(self) -> dict:
+        """What the frame loop's one-position decoder steps run, per part ("predictor": the code
+        predictor's steps 1..14, "talker": its frame steps): "xla", the Pallas kernels' mode and
+        the batches they take, or "xla" and why (`Options.predictor_kernels`, `talker_kernels`;
+        the server's GET /health shows it)."""
+        from . import decode_kernels as dk
+
+        dtype, o = self.params["talker"]["codec_embedding"].dtype, self.options
+        tp, cp = self.params["talker"], self.params["code_predictor"]
+        return {"predictor": dk.describe(o.predictor_kernels, cp["layers"],
+                                         self.config.talker.code_predictor, dtype,
+                                         o.cache_layout, o.predictor_tiles),
+                "talker": dk.describe(o.talker_kernels, tp["layers"], self.config.talker, dtype,
+                                      o.cache_layout, o.talker_tiles)}
+
     @property
     def speech_tokenizer(self):
         """The 12 Hz codec (speech_tokenizer/ of the checkpoint), loaded on first use."""

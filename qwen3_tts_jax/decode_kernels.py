@@ -177,6 +177,20 @@ def plan(mode: str, field: str, layers_p, cfg: TransformerConfig, rows: int, dty
     return tiles(cfg, requested_tiles)
 
 
+def describe(mode: str, layers_p, cfg: TransformerConfig, dtype, cache_layout: str,
+             requested_tiles: tuple = ()) -> str:
+    """What a decoder stack's one-position steps run under `mode` (a loaded model's part, so
+    `check` passed): "xla", the kernels' mode and the batches they take, or "xla" and why."""
+    if mode == "xla":
+        return "xla"
+    if mode == "auto" and not on_nvidia_gpu():
+        return "xla (auto: not an NVIDIA GPU)"
+    why = why_not(layers_p, cfg, 1, dtype, cache_layout, requested_tiles)
+    if why:
+        return f"xla ({why})"
+    return f"{mode}: batches of up to {ROWS} rows (larger: xla)"
+
+
 def check(mode: str, field: str, what: str, layers_p, cfg: TransformerConfig, dtype,
           cache_layout: str, requested_tiles: tuple = ()) -> None:
     """At load: a ValueError naming why `mode` (`Options.<field>`) can never run `what` (the

@@ -376,9 +376,16 @@ def test_auto_takes_the_kernels_where_they_run_on_an_nvidia_gpu(models, monkeypa
     loaded = Qwen3TTS.from_pretrained(path, options=auto)
     assert talker.kernel_tiles(loaded.params["talker"], loaded.config.talker, 1, jnp.float32,
                                loaded.options) is None
+    assert loaded.decode_kernels() == {"predictor": "xla (auto: not an NVIDIA GPU)",
+                                       "talker": "xla (auto: not an NVIDIA GPU)"}
     kw = dict(text="Hello there.", speaker="Ryan", language="English", max_new_tokens=6, **GREEDY)
     want = Qwen3TTS.from_pretrained(path).generate_custom_voice_codes(**kw)
     np.testing.assert_array_equal(loaded.generate_custom_voice_codes(**kw)[0], want[0])
+    # what a model with the kernels asked for reports (the server's GET /health): the predictor
+    # through them, this checkpoint's talker (a head_dim they do not take) on XLA's ops, named
+    said = with_options(ours, talker_kernels=MODE).decode_kernels()
+    assert said["predictor"] == f"{MODE}: batches of up to 16 rows (larger: xla)", said
+    assert said["talker"].startswith("xla (head_dim 16 "), said
     with pytest.raises(ValueError, match="predictor_kernels='interpret' cannot run"):
         Qwen3TTS.from_pretrained(path, options=dataclasses.replace(auto,
                                                                    predictor_kernels="interpret"))

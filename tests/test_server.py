@@ -212,6 +212,7 @@ def test_voices_models_health(server):
     assert get(server.url + "/v1/models")["data"][0]["id"] == "tiny"
     h = get(server.url + "/health")
     assert h["status"] == "ok" and h["tts_model_type"] == "custom_voice" and "wav" in h["formats"]
+    assert h["decode_kernels"] == {"predictor": "xla", "talker": "xla"}   # this backend's default
 
 
 def scrape(url, headers=None) -> dict:

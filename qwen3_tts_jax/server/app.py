@@ -279,6 +279,7 @@ class Server:
         self.options = options
         self.kind = tts.config.tts_model_type
         self.formats = supported_formats()
+        self.decode_kernels = tts.decode_kernels()
         self.voices = VoiceStore(options.voices_dir if self.kind == "base" else None)
         cap = options.max_new_tokens or tts.generate_defaults.max_new_tokens
         self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
@@ -854,7 +855,8 @@ class Server:
                      "active": self.engine.active, "requests": stats["requests"],
                      "frames": stats["frames"]}],
                 "max_batch_size": self.options.max_batch_size,
-                "max_new_tokens": self.max_new_tokens, "formats": self.formats, "stats": stats}
+                "max_new_tokens": self.max_new_tokens, "formats": self.formats,
+                "decode_kernels": self.decode_kernels, "stats": stats}
 
 
 def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
