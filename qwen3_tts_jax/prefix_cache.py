@@ -17,16 +17,14 @@ bounded in bytes (`max_bytes`; 0 disables it), with hit, miss and eviction count
 """
 from __future__ import annotations
 
-import collections
 import hashlib
-import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import generate as gen, layers
 from .buckets import ladder
+from .lru import ByteLRU
 from .prompts import Prompt
 
 DEFAULT_MAX_BYTES = 256 * 2 ** 20   # about 28 voices of 5 s at 0.6B/1.7B in float32 (~9 MiB each)
@@ -38,31 +36,16 @@ def prefix_bucket(n: int) -> int:
     return ladder(n)
 
 
-class PrefixCache:
-    """An LRU of prompt-prefix KV (`generate.prefix_kv`), bounded by `max_bytes` (0: disabled,
-    nothing stored, every lookup computes nothing and returns None). Thread-safe."""
+class PrefixCache(ByteLRU):
+    """An LRU of prompt-prefix KV (`generate.prefix_kv`), a `ByteLRU` bounded by `max_bytes` (0:
+    disabled, nothing stored, every lookup computes nothing and returns None). Thread-safe."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = int(max_bytes)
-        self._entries: collections.OrderedDict = collections.OrderedDict()  # key -> (caches, bytes)
-        self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
-        self.bytes = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_bytes)
 
     def stats(self) -> dict:
         """Counters for an engine's stats (flat keys, summable over devices)."""
-        return {"prefix_cache_hits": self.hits, "prefix_cache_misses": self.misses,
-                "prefix_cache_evictions": self.evictions, "prefix_cache_entries": len(self),
-                "prefix_cache_bytes": self.bytes}
+        return self.counters("prefix_cache")
 
     @staticmethod
     def key(prompt: Prompt, dtype, options) -> bytes:
@@ -90,30 +73,11 @@ class PrefixCache:
             return None
         dtype = params["talker"]["codec_embedding"].dtype
         k = self.key(prompt, dtype, options)
-        with self._lock:
-            if k in self._entries:
-                self._entries.move_to_end(k)
-                self.hits += 1
-                return self._entries[k][0]
-        caches = self._compute(params, cfg, prompt, options)
-        size = sum(x.nbytes for x in jax.tree_util.tree_leaves(caches))
-        with self._lock:
-            self.misses += 1
-            if size > self.max_bytes:
-                return caches                  # used once, never stored
-            if k not in self._entries:
-                self._entries[k] = (caches, size)
-                self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, n) = self._entries.popitem(last=False)
-                self.bytes -= n
-                self.evictions += 1
+        caches = self.lookup(k)
+        if caches is None:
+            caches = self._compute(params, cfg, prompt, options)
+            self.store(k, caches)              # unless larger than max_bytes: used once
         return caches
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
 
     @staticmethod
     def _compute(params, cfg, prompt: Prompt, options) -> list:

@@ -18,10 +18,8 @@ row runs a second window for the rest.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
-import threading
 import time
 
 import jax
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..buckets import ladder
+from ..lru import ByteLRU
 from . import decoder
 
 EXACT_WINDOWS = 4   # pieces of up to this many frames decode in a window of their own length
@@ -62,7 +61,7 @@ def _checked(codes, what: str, cfg) -> np.ndarray:
 DEFAULT_PREFIX_BYTES = 128 * 2 ** 20   # ~25 voices: a row's state is ~5 MiB at the released sizes
 
 
-class PrefixStates:
+class PrefixStates(ByteLRU):
     """The decoder's state after a stream's prefix (a cloned voice's reference codes), kept per
     prefix so that a stream that starts with the same prefix skips its decode: the state after
     the prefix depends on the prefix alone (every stage is causal), and the prefix's audio is
@@ -70,24 +69,11 @@ class PrefixStates:
     frames of a 5 s reference against the first chunk's 1-3 frames).
 
     Keyed by the prefix's codes and the stream's restart plan (chunk_size, left_context); one
-    instance belongs to one decoder's weights (`SpeechTokenizer.prefix_states`). An LRU bounded
-    in bytes (`max_bytes`; 0 disables it), with hit, miss and eviction counters. Thread-safe."""
+    instance belongs to one decoder's weights (`SpeechTokenizer.prefix_states`). A `ByteLRU`
+    (`max_bytes`; 0 disables it)."""
 
     def __init__(self, max_bytes: int = DEFAULT_PREFIX_BYTES):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = int(max_bytes)
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
-        self.bytes = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_bytes)
 
     @staticmethod
     def key(prefix: np.ndarray, chunk_size: int | None, left_context: int) -> bytes:
@@ -97,38 +83,9 @@ class PrefixStates:
         h.update(np.ascontiguousarray(prefix, np.int32).tobytes())
         return h.digest()
 
-    def get(self, key: bytes):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-
-    def put(self, key: bytes, value) -> None:
-        size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(value))
-        with self._lock:
-            if size > self.max_bytes or key in self._entries:
-                return
-            self._entries[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, n) = self._entries.popitem(last=False)
-                self.bytes -= n
-                self.evictions += 1
-
     def stats(self) -> dict:
         """Counters for an engine's stats (flat keys, summable over devices)."""
-        return {"codec_prefix_hits": self.hits, "codec_prefix_misses": self.misses,
-                "codec_prefix_evictions": self.evictions, "codec_prefix_entries": len(self),
-                "codec_prefix_bytes": self.bytes}
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
+        return self.counters("codec_prefix")
 
 
 @jax.jit
@@ -213,12 +170,12 @@ class StreamDecoder:
         row alone; the others keep their state) and stored."""
         self._prefix[row] = None
         key = PrefixStates.key(prefix, self.chunk_size, self.left_context)
-        entry = self.prefix_states.get(key)
+        entry = self.prefix_states.lookup(key)
         if entry is None:
             self.push([prefix if b == row else None for b in range(self.batch)])
             one = jax.tree.map(lambda a: a[row:row + 1], self.state)
             entry = (one, self._frames[row], self._recent[row].copy())
-            self.prefix_states.put(key, entry)
+            self.prefix_states.store(key, entry)
         else:
             one, frames, recent = entry
             self.state = _with_row(self.state, jnp.int32(row), one)
