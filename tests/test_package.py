@@ -15,7 +15,7 @@ LAYERS = {
     0: {  # core: pure math over arrays; no I/O, no environment
         "activations", "buckets", "config", "weights", "layers", "talker", "code_predictor",
         "sampling", "generate", "options", "quantize", "cpu_kernels", "decode_kernels",
-        "speaker_encoder",
+        "speaker_encoder", "lru",
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
     1: {"text", "prompts", "settings", "voice", "audio", "text_feed"},             # requests
     2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
