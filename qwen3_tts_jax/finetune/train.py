@@ -32,6 +32,7 @@ and cross-entropy in float32. On CPU everything is float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -403,6 +404,81 @@ def _split(examples, fraction: float, seed: int):
             [e for i, e in enumerate(examples) if i in held])
 
 
+@dataclasses.dataclass
+class _Data:
+    """What a run trains and evaluates on, loaded and checked before anything trains."""
+    folder: str                 # the initial checkpoint's folder
+    cfg: Qwen3TTSConfig
+    ids: dict                   # speaker name -> its codec id (`export.check_init`)
+    default: str | None         # the speaker of lines without one (--speaker-name, lower case)
+    examples: list              # training lines (`data.Example`)
+    eval_examples: list         # held-out lines (--eval-jsonl or --eval-fraction), or []
+    xvecs: dict                 # reference audio -> its x-vector
+    spk_x: dict                 # speaker -> the float32 mean of its distinct references' x-vectors
+
+
+def _load_data(init_model: str, train_jsonl: str, speaker_name: str | None,
+               replace_speaker: bool, speaker_encoder: str | None, eval_jsonl: str | None,
+               eval_fraction: float | None, seed: int) -> tuple[_Data, dict]:
+    """The run's lines, speakers and x-vectors (every input problem raised here, before training)
+    and the initial checkpoint's float32 params with a speaker encoder."""
+    from .. import checkpoint
+    from .. import speaker_encoder as spk_mod
+    from ..config import load_config
+    from ..text import TextTokenizer
+    from . import data, export
+
+    tok = TextTokenizer.from_dir(checkpoint.resolve(init_model))
+    examples = data.load_examples(train_jsonl, tok)
+    if speaker_name is None:
+        unnamed = [e.line for e in examples if e.speaker is None]
+        if unnamed:
+            raise data.DataError(f"{train_jsonl}: line(s) {unnamed[:10]} have no \"speaker\" "
+                                 "and no --speaker-name was given")
+    folder, cfg, ids, enc_folder = export.check_init(
+        init_model, [e.speaker or speaker_name for e in examples], replace_speaker,
+        speaker_encoder)
+    default = speaker_name.lower() if speaker_name else None
+    eval_examples = []
+    if eval_jsonl:
+        eval_examples = data.load_examples(eval_jsonl, tok)
+    elif eval_fraction:
+        examples, eval_examples = _split(examples, eval_fraction, seed)
+    full = checkpoint.load_params(folder, cfg, jnp.float32)
+    if "speaker_encoder" not in full:
+        full["speaker_encoder"] = spk_mod.load_params(enc_folder,
+                                                      load_config(enc_folder).speaker_encoder)
+    base = os.path.dirname(os.path.abspath(train_jsonl))
+    enc_cfg = cfg.speaker_encoder or load_config(enc_folder).speaker_encoder
+    xvecs, problems = data.reference_xvectors([e.ref_audio for e in examples + eval_examples],
+                                              full["speaker_encoder"], enc_cfg, base)
+    if problems:
+        raise data.DataError(f"{train_jsonl}: unusable reference audio:\n  "
+                             + "\n  ".join(problems))
+    spk_x = data.speaker_xvectors(examples, xvecs, default)
+    return _Data(folder, cfg, ids, default, examples, eval_examples, xvecs, spk_x), full
+
+
+def _resume(resume_dir: str, settings: dict, params, opt_state, repl, log):
+    """(params, opt_state, info): the state saved in `resume_dir` by a run with the same
+    `settings` (another run's is refused, naming the settings that differ), or the given ones
+    and a fresh start (epoch 0, batch 0)."""
+    if os.path.exists(os.path.join(resume_dir, "state.npz")):   # settings first, then arrays
+        with np.load(os.path.join(resume_dir, "state.npz")) as z:
+            saved = json.loads(str(z["info"]))["settings"]
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        changed.update({k: (v, None) for k, v in saved.items() if k not in settings})
+        if changed:
+            raise ValueError(f"{resume_dir} belongs to a run with other settings {changed}; use "
+                             "another --output or delete it to start over")
+    loaded = load_state(resume_dir, params, opt_state)
+    if loaded is None:
+        return params, opt_state, dict(epoch=0, next_batch=0, opt_steps=0)
+    params, opt_state, info = loaded
+    log(f"resuming from {resume_dir}: epoch {info['epoch']}, batch {info['next_batch']}")
+    return jax.device_put(params, repl), jax.device_put(opt_state, repl), info
+
+
 def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str | None,
              batch_size: int = 2, lr: float = 2e-5, epochs: int = 3, accum_steps: int = 4,
              weight_decay: float = 0.01, max_grad_norm: float = 1.0, seed: int = 0,
@@ -444,10 +520,7 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
     "speakers" ({name: codec id})}."""
     from tqdm import tqdm
 
-    from .. import checkpoint, lora
-    from .. import speaker_encoder as spk_mod
-    from ..config import load_config
-    from ..text import TextTokenizer
+    from .. import lora
     from . import data, export
 
     if best and not (eval_jsonl or eval_fraction):
@@ -458,35 +531,10 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
         raise ValueError("--freeze-speaker-rows applies to --lora runs only (full fine-tuning "
                          "always feeds each line's own x-vector)")
     targets = lora.parse_targets(lora_targets or tuple(lora.TARGETS))
-    tok = TextTokenizer.from_dir(checkpoint.resolve(init_model))
-    examples = data.load_examples(train_jsonl, tok)
-    if speaker_name is None:
-        unnamed = [e.line for e in examples if e.speaker is None]
-        if unnamed:
-            raise data.DataError(f"{train_jsonl}: line(s) {unnamed[:10]} have no \"speaker\" "
-                                 "and no --speaker-name was given")
-    folder, cfg, ids, enc_folder = export.check_init(
-        init_model, [e.speaker or speaker_name for e in examples], replace_speaker,
-        speaker_encoder)
-    default = speaker_name.lower() if speaker_name else None
-    eval_examples = []
-    if eval_jsonl:
-        eval_examples = data.load_examples(eval_jsonl, tok)
-    elif eval_fraction:
-        examples, eval_examples = _split(examples, eval_fraction, seed)
-    full = checkpoint.load_params(folder, cfg, jnp.float32)
-    if "speaker_encoder" not in full:
-        full["speaker_encoder"] = spk_mod.load_params(enc_folder,
-                                                      load_config(enc_folder).speaker_encoder)
-    base = os.path.dirname(os.path.abspath(train_jsonl))
-    enc_cfg = cfg.speaker_encoder or load_config(enc_folder).speaker_encoder
-    xvecs, problems = data.reference_xvectors([e.ref_audio for e in examples + eval_examples],
-                                              full["speaker_encoder"], enc_cfg, base)
-    if problems:
-        raise data.DataError(f"{train_jsonl}: unusable reference audio:\n  "
-                             + "\n  ".join(problems))
-    # Each speaker's exported x-vector: the float32 mean over its distinct references.
-    spk_x = data.speaker_xvectors(examples, xvecs, default)
+    d, full = _load_data(init_model, train_jsonl, speaker_name, replace_speaker, speaker_encoder,
+                         eval_jsonl, eval_fraction, seed)
+    folder, cfg, ids, default = d.folder, d.cfg, d.ids, d.default
+    examples, eval_examples, xvecs, spk_x = d.examples, d.eval_examples, d.xvecs, d.spk_x
     rows = {name: (ids[name], spk_x[name]) for name in spk_x}
     names_of = [e.speaker or default for e in examples]
     use_lora = lora_rank is not None
@@ -534,24 +582,10 @@ def finetune(init_model: str, train_jsonl: str, output: str, speaker_name: str |
                  eval=[os.path.abspath(eval_jsonl) if eval_jsonl else None, eval_fraction,
                        bool(best)] if eval_examples else None)
     settings.update({k: v for k, v in extra.items() if v is not None})
-    epoch, next_batch, opt_steps, log_bytes = 0, 0, 0, 0
-    best_loss, best_epoch = None, None
-    if os.path.exists(os.path.join(resume_dir, "state.npz")):   # settings first, then arrays
-        with np.load(os.path.join(resume_dir, "state.npz")) as z:
-            saved = json.loads(str(z["info"]))["settings"]
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        changed.update({k: (v, None) for k, v in saved.items() if k not in settings})
-        if changed:
-            raise ValueError(f"{resume_dir} belongs to a run with other settings {changed}; use "
-                             "another --output or delete it to start over")
-    loaded = load_state(resume_dir, params, opt_state)
-    if loaded is not None:
-        params, opt_state, info = loaded
-        params, opt_state = jax.device_put(params, repl), jax.device_put(opt_state, repl)
-        epoch, next_batch, opt_steps = info["epoch"], info["next_batch"], info["opt_steps"]
-        log_bytes = info.get("log_bytes", 0)
-        best_loss, best_epoch = info.get("best_loss"), info.get("best_epoch")
-        log(f"resuming from {resume_dir}: epoch {epoch}, batch {next_batch}")
+    params, opt_state, info = _resume(resume_dir, settings, params, opt_state, repl, log)
+    epoch, next_batch, opt_steps = info["epoch"], info["next_batch"], info["opt_steps"]
+    log_bytes = info.get("log_bytes", 0)
+    best_loss, best_epoch = info.get("best_loss"), info.get("best_epoch")
     # the metrics log holds exactly the lines of the steps the saved state has seen
     with open(log_file, "a+b") as f:
         f.truncate(log_bytes)
