@@ -11,6 +11,7 @@ import importlib
 # codec.
 _EXPORTS = {
     "Qwen3TTS": "api", "GenerationSettings": "settings", "SettingError": "settings",
+    "BudgetReached": "budget",
     "enable_compilation_cache": "compilation_cache",
     "ConfigError": "config", "CheckpointError": "weights", "SpeechTokenizer": "codec",
     "VoiceClonePromptItem": "voice", "load_voice": "voice", "save_voice": "voice",

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from . import prompts
+from .budget import text_budget
 
 
 def _why(e: BaseException) -> str:
@@ -191,9 +192,10 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
 
 def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
         progress: bool = True, num_hosts: int = 1, host_index: int = 0,
-        continuous: bool = True, fmt: str = "wav") -> dict:
+        continuous: bool = True, fmt: str = "wav", frames_per_token: float = 0.0) -> dict:
     """Generate every request not yet on disk (OUT_DIR/NAME.FMT, `fmt` a format of
-    `audio.output_formats()`). Returns a summary dict (done, skipped, failed, redone).
+    `audio.output_formats()`). Returns a summary dict (done, skipped, failed, redone, cut: the
+    outputs written that reached max_new_tokens without the end token).
 
     Restartable: an existing output is kept if it decodes whole (`unfinished`), generated again
     if not (one stderr line each); temp files of our names left by a killed run are removed. A
@@ -202,7 +204,10 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
 
     `continuous`: rows refill as requests end, one engine per local device (the default);
     False: padded batches of `batch_size`, each waiting for its longest row, split over a
-    `jax.sharding` mesh of the local devices (always so with `model_parallel` > 1)."""
+    `jax.sharding` mesh of the local devices (always so with `model_parallel` > 1).
+
+    `frames_per_token` > 0: each request's budget is at most `budget.text_budget` of its text
+    (a padded batch: of its longest text), bounding a runaway (the command line's default)."""
     from tqdm import tqdm
 
     from .audio import AudioError, output_formats, write_audio
@@ -232,10 +237,10 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     skipped = len(mine) - len(todo)
     todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
-    failed, done, audio_s, t0 = [], 0, 0.0, time.perf_counter()
+    failed, cut, done, audio_s, t0 = [], [], 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(todo), disable=not progress, unit="utt")
 
-    def written(r: Request, wave, sr: int) -> None:
+    def written(r: Request, wave, sr: int, budget_reached: bool = False) -> None:
         nonlocal audio_s, done
         try:
             write_audio(path(r), wave, sr, fmt)
@@ -243,28 +248,34 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
             failed.append(f"line {r.line} ({r.name}): cannot write {path(r)}: {e}")
             bar.update(1)
             return
+        if budget_reached:
+            cut.append(f"line {r.line} ({r.name}): {path(r)} is {len(wave) / sr:.2f} s")
         done += 1
         audio_s += len(wave) / sr
         bar.update(1)
         wall = time.perf_counter() - t0
         bar.set_postfix_str(f"{audio_s:.1f} s audio, {audio_s / max(wall, 1e-9):.2f}x real time")
 
+    def limit(r: Request) -> int | None:
+        return text_budget(len(tts.tokenizer.encode(r.text)), frames_per_token) \
+            if frames_per_token else None
+
     refilled = None
     if continuous and tts.model_parallel == 1:
         refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar,
-                                   jax.local_devices())
+                                   jax.local_devices(), limit)
     else:
         devices //= tts.model_parallel                 # rows split over the mesh's "data" axis
         batch_size = max(batch_size, devices) // devices * devices
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             try:
-                waves, sr = _generate(tts, chunk, dict(gen or {}), devices)
+                waves, sr, ran_out = _generate(tts, chunk, dict(gen or {}), devices, limit)
             except Exception as e:  # noqa: BLE001 - the batch's own requests fail, not the run
                 waves, error = None, e
             if waves is not None:
-                for r, w in zip(chunk, waves):
-                    written(r, w, sr)
+                for i, (r, w) in enumerate(zip(chunk, waves)):
+                    written(r, w, sr, i in ran_out)
                 continue
             if len(chunk) == 1:
                 failed.append(f"line {chunk[0].line} ({chunk[0].name}): {_why(error)}")
@@ -272,14 +283,14 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
                 continue
             for r in chunk:          # which request failed it: each alone, the others written
                 try:
-                    w, sr = _generate(tts, [r], dict(gen or {}), devices)
+                    w, sr, ran_out = _generate(tts, [r], dict(gen or {}), devices, limit)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     failed.append(f"line {r.line} ({r.name}): {_why(e)}")
                     bar.update(1)
                     continue
-                written(r, w[0], sr)
+                written(r, w[0], sr, 0 in ran_out)
     bar.close()
-    return {"done": done, "skipped": skipped, "failed": failed, "redone": redone,
+    return {"done": done, "skipped": skipped, "failed": failed, "redone": redone, "cut": cut,
             "audio_seconds": audio_s, "wall_seconds": time.perf_counter() - t0,
             "refilled": refilled}
 
@@ -290,7 +301,7 @@ CONTINUOUS_CHUNK_FRAMES = 8
 
 
 def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, failed,
-                    bar, devices: list) -> int:
+                    bar, devices: list, limit) -> int:
     """The requests through the server's `BatchEngine` (continuous batching: a row whose request
     ended takes the next request at the next host check, instead of the padded batch waiting for
     its longest row), one engine per device (`EnginePool`: the weights copied to each, no
@@ -319,7 +330,7 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
         if job is not None:
             engine.submit(job)
 
-    def emit_for(r: Request):
+    def emit_for(r: Request, job: list):
         waves = []
 
         def emit(x):
@@ -328,7 +339,8 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                 return
             try:
                 if x is None:
-                    written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr)
+                    written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr,
+                            job[0].finish_reason == "length")
                 else:
                     failed.append(f"line {r.line} ({r.name}): {_why(x)}")
                     bar.update(1)
@@ -348,12 +360,17 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
         try:
             items, ref_code, seed = _prompts(tts, [r], dict(gen))
             settings = GenerationSettings.merge(tts.generate_defaults, **settings_kw)
+            most = limit(r)
+            if most is not None and most < settings.max_new_tokens:
+                settings = dataclasses.replace(settings, max_new_tokens=most)
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
             failed.append(f"line {r.line} ({r.name}): {_why(e)}")
             bar.update(1)
             continue
-        jobs.append(Job(items[0], settings, emit=emit_for(r), seed=seed[0],
-                        ref_code=ref_code[0], stream=False))
+        box: list[Job] = []         # the emit reads its job's finish_reason
+        box.append(Job(items[0], settings, emit=emit_for(r, box), seed=seed[0],
+                       ref_code=ref_code[0], stream=False))
+        jobs.append(box[0])
     left[0] = len(jobs)
     if jobs:
         ahead = 2 * batch_size * len(devices)
@@ -387,13 +404,31 @@ def _prompts(tts, chunk: list[Request], gen: dict):
     return items, refs, seeds
 
 
-def _generate(tts, chunk: list[Request], gen: dict, devices: int):
-    """One padded batch through the official-style API, sharded over the local devices."""
+def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
+    """One padded batch through the official-style API, sharded over the local devices:
+    (waves, sample rate, the indices in `chunk` that reached max_new_tokens without EOS).
+    `limit(request)`: its text's budget or None; the batch takes its largest."""
+    import warnings
+
+    from .budget import BudgetReached
+
     items, _, seeds = _prompts(tts, chunk, gen)
     gen = {**gen, "seed": seeds}
-    codes = tts.generate_prompts_codes(items, pad_batch_to=devices, **gen)
+    most = [limit(r) for r in chunk]
+    if None not in most:
+        cap = gen.get("max_new_tokens") or tts.generate_defaults.max_new_tokens
+        gen["max_new_tokens"] = min(cap, max(most))
+    with warnings.catch_warnings(record=True) as caught:   # told in the summary instead
+        warnings.simplefilter("always", BudgetReached)
+        codes = tts.generate_prompts_codes(items, pad_batch_to=devices, **gen)
+    for w in caught:
+        if not isinstance(w.message, BudgetReached):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    ran_out = {i for w in caught if isinstance(w.message, BudgetReached) for i in w.message.rows}
     if tts.tts_model_type == "base":
         from .voice import load_voice
 
-        return tts.decode_voice_clone(codes, [load_voice(r.voice)[0] for r in chunk])
-    return tts.decode(codes)
+        waves, sr = tts.decode_voice_clone(codes, [load_voice(r.voice)[0] for r in chunk])
+    else:
+        waves, sr = tts.decode(codes)
+    return waves, sr, ran_out

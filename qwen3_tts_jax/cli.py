@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 # Subcommands that live in their own module. Each module defines `add_parser(sub, common)`, which
 # adds its subparser(s) with `set_defaults(run=FUNCTION)`; `main` calls `args.run(args)` for them.
@@ -33,6 +34,8 @@ KIND_NAMES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "bas
 VOICE_FLAGS = {"custom-voice": "--speaker NAME", "voice-design": "--instruct \"DESCRIPTION\"",
                "clone": "--ref-audio FILE --ref-text TEXT (or --voice FILE)"}
 
+from .budget import BUDGET_FLOOR, FRAMES_PER_TOKEN, text_budget  # noqa: E402 - no JAX
+
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "repetition_penalty", "subtalker_temperature",
                   "subtalker_top_k", "subtalker_top_p", "max_new_tokens", "seed")
 
@@ -44,6 +47,16 @@ def _version() -> str:
         return version("qwen3-tts-jax")
     except PackageNotFoundError:        # run from a source tree without installing
         return "(not installed)"
+
+
+def _frames_per_token(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        f = float("nan")
+    if not 0 <= f < float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number >= 0 (0: off), got {value!r}")
+    return f
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--subtalker-temperature", type=float)
     g.add_argument("--subtalker-top-k", type=int)
     g.add_argument("--subtalker-top-p", type=float)
-    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--max-new-tokens", type=int,
+                   help="the frame budget (12.5 a second; serve: the cap of a request's own). "
+                        "Default: --frames-per-token's")
+    g.add_argument("--frames-per-token", type=_frames_per_token, default=FRAMES_PER_TOKEN,
+                   metavar="F",
+                   help="without --max-new-tokens (serve: a request without max_new_tokens), "
+                        f"a text's budget is {BUDGET_FLOOR} + F per text token frames, at "
+                        "most the checkpoint's max_new_tokens: it bounds a runaway (the model "
+                        "now and then never ends) at seconds past the text, not minutes; 0: "
+                        "the checkpoint's (the official budget) (default: %(default)g)")
     g.add_argument("--seed", type=int,
                    help="PRNG seed for reproducible sampling (batch: a line without its own "
                         "\"seed\" uses --seed plus its line number, --seed defaulting to 0)")
@@ -363,13 +385,20 @@ def _batch(tts, args, stages, requests, problems) -> int:
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
                         progress=not args.quiet, num_hosts=args.num_hosts,
                         host_index=args.host_index, continuous=args.continuous,
-                        fmt=args.format)
+                        fmt=args.format, frames_per_token=0.0 if args.max_new_tokens is not None
+                        else args.frames_per_token)
     failed = problems + summary["failed"]
     print(f"batch: {summary['done']} written, {summary['skipped']} already there, "
           f"{len(failed)} failed; {summary['audio_seconds']:.1f} s of audio in "
           f"{summary['wall_seconds']:.1f} s")
     for f in failed:
         print(f"  failed: {f}")
+    if summary["cut"]:
+        print(f"batch: {len(summary['cut'])} written but cut: they reached max_new_tokens "
+              "without the end token (a runaway, or a budget too small for the text); delete "
+              "them to generate them again (another seed, a larger --max-new-tokens)")
+    for c in summary["cut"]:
+        print(f"  cut: {c}")
     return 1 if failed else 0
 
 
@@ -380,12 +409,19 @@ def _interrupted() -> None:
     os._exit(130)                # not SystemExit: a worker may be inside XLA, holding locks
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of the command's own voice (`qwen3-tts-jax: warning: ...`), not
+    Python's file and line: the CLI's users did not write that code."""
+    print(f"qwen3-tts-jax: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
     except KeyboardInterrupt:
         _interrupted()
     logging.basicConfig(level=logging.WARNING, format="qwen3-tts-jax: %(message)s")
+    warnings.showwarning = _show_warning
     if getattr(args, "run", None) is not None:        # serve, finetune: their own Ctrl-C
         return args.run(args)
     # The speech commands run in a worker thread: Python sees Ctrl-C only in the main thread and
@@ -495,6 +531,9 @@ def _main(args) -> int:
         return _batch(tts, args, stages, requests, problems)
     text = args.text
     gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    if args.max_new_tokens is None and args.frames_per_token:
+        gen["max_new_tokens"] = min(tts.generate_defaults.max_new_tokens, text_budget(
+            len(tts.tokenizer.encode(text)), args.frames_per_token))
     mode = {} if args.text_mode is None else {
         "non_streaming_mode": args.text_mode == "non-streaming"}
     if args.greedy:

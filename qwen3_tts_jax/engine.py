@@ -84,6 +84,7 @@ import numpy as np
 
 from . import generate as gen, prompts, sampling, talker
 from .prefix_cache import PrefixCache, batch_prefix
+from .budget import text_budget, warn_budget_reached
 from .settings import GenerationSettings, traced
 from .buckets import batch_rows, ladder, power_of_two
 from .codec import StreamDecoder, bucketed_decode
@@ -188,6 +189,9 @@ class Job:
     retried: bool = False                   # restarted alone after its cohort failed
     sent_samples: int = 0                   # audio samples emitted so far
     skip_samples: int = 0                   # a restarted stream: samples its client already has
+    finish_reason: str | None = None        # once ended: "stop" (EOS) or "length" (the budget)
+    frames_per_token: float = 0.0           # a text session: once its text has ended, its
+                                            # budget is at most `budget.text_budget` of it
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "act"))
@@ -264,7 +268,7 @@ class _Cohort:
         keys = [self._key(j) for j in jobs]
         keys = jnp.stack(keys + [keys[0]] * (B - n))
         self.first_frame = [0] * B              # host copy of ctx.first_frame_B
-        self.capacity = gen.capacity(self._need(range(n)), tts.options)
+        self.capacity = gen.capacity(max(self._need(range(n)), engine.min_frames), tts.options)
         # padding rows copy row 0, its prefix too (a padding row without one would make the
         # prefill compute every position)
         prefix = engine._prefix(items, self.L)
@@ -421,6 +425,12 @@ class _Cohort:
         if len(tokens) == len(self.tokens) and final == self.text_final:
             return
         self.tokens, self.text_final = tokens, final
+        job = self.rows[0]
+        if final and job.frames_per_token:       # frames so far <= tokens: far below it
+            most = text_budget(len(tokens), job.frames_per_token)
+            if most < job.settings.max_new_tokens:
+                job.settings = dataclasses.replace(job.settings, max_new_tokens=most)
+                self.settings = self.engine._settings(self.rows)
         ids = self.feed.trailing(tokens, final)
         Lt = self.ctx.trailing_BxLtxD.shape[1]
         if len(ids) > Lt:
@@ -502,8 +512,16 @@ class _Cohort:
         for b in due:
             self.first_due.pop(b, None)
         done = [b for b in sorted(open_rows) if ended[b]]
+        if done:
+            cut = gen.budget_reached(self.state, tts.config)
         for b in done:                      # free for a new job now, told after their audio
             open_rows.discard(b)
+            rows[b].finish_reason = "length" if cut[b] else "stop"
+            if cut[b]:
+                stats["budget_reached"] += 1
+                log.warning("a request reached its max_new_tokens=%d without the end token "
+                            "(EOS): its audio is cut at %d frames", rows[b].settings.max_new_tokens,
+                            lengths[b])
         held = _Held([(rows[b], int(lengths[b]), len(new[b])) for b in streamed + whole],
                      [rows[b] for b in done])
         mode = tts.options.codec_overlap
@@ -657,7 +675,7 @@ class BatchEngine:
                  min_prompt_bucket: int = 16, refill: bool = True, widen: bool = True,
                  stall_timeout: float = 300.0,
                  prefix_cache: PrefixCache | None = None, admit_frames: int | None = None,
-                 chunk_ramp: bool = False):
+                 chunk_ramp: bool = False, min_frames: int = 0):
         if max_batch_size < 1 or max_queue < 1 or chunk_frames < 1 or first_chunk_frames < 1:
             raise ValueError("max_batch_size, max_queue, chunk_frames and first_chunk_frames "
                              "must be >= 1")
@@ -689,6 +707,10 @@ class BatchEngine:
             raise ValueError(f"batch buckets {list(self.batch_buckets)} do not reach "
                              f"max_batch_size {max_batch_size}")
         self.min_prompt_bucket = min_prompt_bucket
+        # A cohort's first KV cache holds at least this many frames' bucket (at most
+        # `Options.first_frames`), whatever its rows' budgets: the server passes its cap, so a
+        # request's smaller budget (its own, or its text's) runs the shapes its warm-up compiled
+        self.min_frames = min_frames
         self.refill = refill                  # start waiting jobs in a running batch's free rows
         self.widen = widen                    # ... widened to a larger bucket when none is free
         # ICL prompt prefixes' KV (None: the model's own, `Qwen3TTS.prefix_cache`, which the
@@ -718,7 +740,7 @@ class BatchEngine:
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0,
                       "rejected_queue_full": 0, "cohorts": 0, "joined": 0, "widened": 0,
                       "narrowed": 0, "sessions": 0, "frames": 0, "retried": 0, "worker_restarts": 0,
-                      "batch_sizes": collections.Counter()}
+                      "budget_reached": 0, "batch_sizes": collections.Counter()}
         self._sync_prefix_stats()
 
     # ------------------------------------------------------------------ client side
@@ -1210,6 +1232,8 @@ def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, k
         while True:
             item = out.get()
             if item is None:
+                if job.finish_reason == "length":
+                    warn_budget_reached([0], [job.frames], 1, settings.max_new_tokens)
                 return
             if isinstance(item, BaseException):
                 raise item

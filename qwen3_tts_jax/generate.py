@@ -246,12 +246,22 @@ def frame_step(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings
     token = _next_token(cfg, logits, seen, n_B + 1, settings, keys, options)
 
     # This frame is real for rows not yet done; a row ends when it samples EOS or its budget
-    # (max_new_tokens - 1 frames) is used.
+    # (max_new_tokens - 1 frames) is used. An ended row keeps its last token, so that
+    # `budget_reached` can tell the two ends apart.
     live = ~state.done_B
     length = jnp.where(live, n_B + 1, state.length_B)
+    token = jnp.where(live, token, state.token_B)
     done = state.done_B | (token == cfg.talker.codec_eos_token_id) | (
         n_B + 2 >= settings.max_new_tokens)
     return State(n + 1, token, h, caches, codes, done, length, seen, state.keys_B, logits)
+
+
+def budget_reached(state: State, cfg: Qwen3TTSConfig) -> np.ndarray:
+    """(B,) bool on the host: the rows that ended at their budget (`max_new_tokens`) without
+    sampling EOS: their audio is cut where the budget ran out (a "length" finish, where EOS is
+    "stop"). The model does this now and then on any input (a runaway: it never reaches EOS).
+    Host arrays, not a device op: nothing to compile (a server's warm-up need not cover it)."""
+    return np.asarray(state.done_B) & (np.asarray(state.token_B) != cfg.talker.codec_eos_token_id)
 
 
 def _decode(params, cfg: Qwen3TTSConfig, state: State, ctx: Context, settings: Settings, until,

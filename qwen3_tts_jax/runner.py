@@ -17,6 +17,7 @@ from . import audio, generate as gen, prompts, speaker_encoder
 from .buckets import batch_rows, ladder
 from .config import Qwen3TTSConfig
 from .options import Options
+from .budget import warn_budget_reached
 from .settings import GenerationSettings, as_list, keys, traced
 from .voice import VoiceClonePromptItem
 
@@ -78,7 +79,11 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
                          mesh=mesh)
     codes = np.asarray(state.codes_BxFxG)
     lengths = np.asarray(state.length_B)
-    return [codes[b, :lengths[b]] for b in range(len(items))]
+    n = len(items)
+    cut = np.flatnonzero(gen.budget_reached(state, model.config)[:n])
+    warn_budget_reached(cut.tolist(), lengths[cut].tolist(), n, settings.max_new_tokens,
+                        stacklevel=4)
+    return [codes[b, :lengths[b]] for b in range(n)]
 
 
 def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: GenerationSettings) -> float:
@@ -138,6 +143,8 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
             first = False
             if not ahead:
                 more = chunks.dispatch()
+        if bool(gen.budget_reached(chunks.state, model.config)[0]):
+            warn_budget_reached([0], [int(chunks.state.length_B[0])], 1, settings.max_new_tokens)
     finally:
         if worker is not None:
             worker.shutdown(wait=True)

@@ -96,11 +96,11 @@ def _fake_generate(calls, raise_for=None, exc=None):
     a short tone per request."""
     import numpy as np
 
-    def generate(tts, chunk, gen, devices):
+    def generate(tts, chunk, gen, devices, limit):
         calls.append([r.text for r in chunk])
         if raise_for == ("#", len(calls)) or any(r.text == raise_for for r in chunk):
             raise exc or RuntimeError("device lost")
-        return [np.full(240 + 10 * r.line, 0.25, np.float32) for r in chunk], 24000
+        return [np.full(240 + 10 * r.line, 0.25, np.float32) for r in chunk], 24000, set()
     return generate
 
 
@@ -233,10 +233,10 @@ def test_a_failing_padded_batch_fails_only_its_own_requests(tmp_path, monkeypatc
     reqs = [batch.Request(line=i + 1, text=f"Text {10 + i}.", name=f"q{i}") for i in range(6)]
     bad = {"Text 12.", "Text 13."}
 
-    def every_try(tts, chunk, gen, devices):
+    def every_try(tts, chunk, gen, devices, limit):
         if bad & {r.text for r in chunk}:
             raise MemoryError("out of device memory")
-        return _fake_generate(calls)(tts, chunk, gen, devices)
+        return _fake_generate(calls)(tts, chunk, gen, devices, limit)
 
     monkeypatch.setattr(batch, "_generate", every_try)
     s = batch.run(_FakeTTS(), reqs, str(out), batch_size=2, progress=False, continuous=False)

@@ -260,7 +260,7 @@ class StreamDecoder:
                 if round_[b] is not None:
                     reset[i], codes, _ = round_[b]
                     window[i, :len(codes)], n[i] = codes, len(codes)
-            args = jnp.asarray(window), jnp.asarray(n), jnp.asarray(reset)
+            args = jax.device_put((window, n, reset))   # jnp.asarray would trace per shape
             if rows is None:
                 wave, self.state = decoder.jit_stream_decode(self.params, self.cfg, self.state,
                                                              *args)

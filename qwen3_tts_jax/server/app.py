@@ -46,6 +46,7 @@ from ..buckets import ladder
 from ..voice import load_voice, save_voice
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
+from ..budget import FRAMES_PER_TOKEN, text_budget
 from ..settings import GEN_KWARGS, GenerationSettings
 from ..text_feed import TextFeed
 from .errors import ApiError, error_body, error_response
@@ -88,6 +89,8 @@ class ServerOptions:
     non_streaming_mode: bool | None = None                     # default text mode
     defaults: dict = dataclasses.field(default_factory=dict)   # CLI generation flags
     max_new_tokens: int | None = None                          # server-wide cap
+    frames_per_token: float = FRAMES_PER_TOKEN  # a request without max_new_tokens: at most
+                                                # `budget.text_budget` of its text (0: the cap)
     warmup: tuple[int, ...] = ()     # prompt lengths (tokens) whose buckets compile at start
     warmup_whole_file: bool = False  # with warmup: also the whole-file formats' codec windows
     continuous_batching: bool = True # waiting requests start in a running batch's free rows
@@ -294,7 +297,8 @@ class Server:
                   admit_frames=options.admit_frames, chunk_ramp=options.chunk_ramp,
                   batch_buckets=options.batch_buckets,
                   min_prompt_bucket=options.min_prompt_bucket,
-                  refill=options.continuous_batching, stall_timeout=options.stall_timeout)
+                  refill=options.continuous_batching, stall_timeout=options.stall_timeout,
+                  min_frames=self.max_new_tokens)   # one KV-cache shape, whatever the budgets
         # one device: the engine over the loaded weights; several: an engine per device
         self.devices = n
         self.engine = BatchEngine(tts, **kw) if n == 1 else EnginePool(tts, local[:n], **kw)
@@ -447,7 +451,11 @@ class Server:
         nsm = self.options.non_streaming_mode if nsm is None else nsm
         gen = {**self.options.defaults,
                **{k: data[k] for k in GEN_KWARGS if data.get(k) is not None}}
-        gen.setdefault("max_new_tokens", self.max_new_tokens)
+        if gen.get("max_new_tokens") is None:    # bounded by its text: a runaway stops soon
+            gen["max_new_tokens"] = self.max_new_tokens
+            if self.options.frames_per_token:
+                gen["max_new_tokens"] = min(self.max_new_tokens, text_budget(
+                    len(self.tts.tokenizer.encode(text)), self.options.frames_per_token))
         m = gen["max_new_tokens"]
         if isinstance(m, int) and not isinstance(m, bool) and m > self.max_new_tokens:
             raise ApiError(400, f"max_new_tokens {gen['max_new_tokens']} is above this server's "
@@ -564,7 +572,8 @@ class Server:
         fmt = req.fmt
         data = await asyncio.to_thread(lambda: encode_audio(
             np.concatenate(waves) if waves else np.zeros(0, np.float32), fmt))
-        return Response(data, media_type=MEDIA_TYPES[fmt])
+        return Response(data, media_type=MEDIA_TYPES[fmt],
+                        headers={"X-Finish-Reason": job.finish_reason or "stop"})
 
     async def _stream(self, req: SpeechRequest, first, next_chunk, watcher):
         """The response body of a streamed request. Once it has started its status (200) is sent,
@@ -601,7 +610,7 @@ class Server:
                     return
             if req.sse:
                 tokens = len(job.prompt)
-                done = {"type": "speech.audio.done",
+                done = {"type": "speech.audio.done", "finish_reason": job.finish_reason,
                         "usage": {"input_tokens": tokens, "output_tokens": job.frames,
                                   "total_tokens": tokens + job.frames}}
                 yield f"data: {json.dumps(done)}\n\n".encode()
@@ -622,9 +631,14 @@ class Server:
                                 "response_format out", "response_format")
         if data.get("stream_format") is not None:
             raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
+        # the budget: the request's, else the cap until the text has ended, then at most its
+        # `text_budget` (the engine's `Job.frames_per_token`)
+        own = data.get("max_new_tokens")
         probe = dict(data, input=data.get("input") or "x", response_format="pcm",
-                     model=data.get("model") or self.options.model_name, non_streaming_mode=False)
+                     model=data.get("model") or self.options.model_name, non_streaming_mode=False,
+                     max_new_tokens=self.max_new_tokens if own is None else own)
         job = self.parse_speech(probe).job       # validates voice, settings, instructions
+        job.frames_per_token = self.options.frames_per_token if own is None else 0.0
         job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
         language = data.get("language") or self.options.language or "auto"
         speaker = self._voice(data)
@@ -641,7 +655,8 @@ class Server:
         instructions, language, settings; optionally `input`, the first text); then
         {"type": "text", "text": "..."} pieces and finally {"type": "end"} (which may carry a
         last "text"). Server: binary messages of pcm audio as it is generated, then
-        {"type": "done", "frames", "input_tokens"}; or {"type": "error", "status", "message"}."""
+        {"type": "done", "frames", "input_tokens", "finish_reason"}; or {"type": "error",
+        "status", "message"}."""
         await ws.accept()
 
         async def error(status: int, message: str, param=None):
@@ -720,7 +735,8 @@ class Server:
                 item = await chunks.get()
                 if item is None:
                     await ws.send_json({"type": "done", "frames": job.frames,
-                                        "input_tokens": len(feed.tokens)})
+                                        "input_tokens": len(feed.tokens),
+                                        "finish_reason": job.finish_reason})
                     await ws.close()
                     return
                 if isinstance(item, WebSocketDisconnect):
@@ -855,7 +871,8 @@ class Server:
                      "active": self.engine.active, "requests": stats["requests"],
                      "frames": stats["frames"]}],
                 "max_batch_size": self.options.max_batch_size,
-                "max_new_tokens": self.max_new_tokens, "formats": self.formats,
+                "max_new_tokens": self.max_new_tokens,
+                "frames_per_token": self.options.frames_per_token, "formats": self.formats,
                 "decode_kernels": self.decode_kernels, "stats": stats}
 
 

@@ -2,7 +2,8 @@
 
 - Counters: the engine's (`/health` `stats`) as they stand at the scrape, each
   `qwen3_tts_<name>_total` (requests, finished, cancelled, timeouts, errors, rejected_queue_full,
-  cohorts, joined, widened, narrowed, sessions, frames, retried, worker_restarts, truncated, the
+  cohorts, joined, widened, narrowed, sessions, frames, retried, worker_restarts, truncated,
+  budget_reached (ended at max_new_tokens without EOS: cut), the
   per-voice caches' hits, misses and evictions), the batches formed by size
   (`qwen3_tts_batches_total{size}`) and the audio sent (`qwen3_tts_audio_seconds_total`).
 - Gauges: `qwen3_tts_queue` (waiting requests), `qwen3_tts_active` (rows running),
