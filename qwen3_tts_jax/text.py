@@ -166,14 +166,27 @@ def _qwen2_backend_from_files(vocab_file: str, merges_file: str) -> Tokenizer:
 
 
 def _load_backend(path: str) -> Tokenizer:
-    """Build the backend exactly like Qwen2TokenizerFast.from_pretrained(path) (local folder)."""
-    init = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
-    init = dict(init)
+    """Build the backend exactly like Qwen2TokenizerFast.from_pretrained(path) (local folder), in
+    transformers' stages: the serialized added and special tokens, the backend itself, the
+    special-token attributes, the tokens added to the backend, the pre-tokenizer's prefix space."""
+    init = dict(_read_json(os.path.join(path, "tokenizer_config.json")) or {})
     tokenizer_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
         tokenizer_file = None
+    init, added_tokens_decoder = _serialized_tokens(path, init, tokenizer_file)
+    backend = _open_backend(path, init, tokenizer_file)
+    extended = _special_tokens(init)
+    _add_tokens(backend, added_tokens_decoder, extended)
+    backend.encode_special_tokens = bool(init.get("split_special_tokens", False))
+    _set_prefix_space(backend, init.get("add_prefix_space", False))
+    return backend
 
-    # -- _from_pretrained: serialized added / special tokens
+
+def _serialized_tokens(path: str, init: dict, tokenizer_file: str | None
+                       ) -> tuple[dict, dict[int, AddedToken]]:
+    """`_from_pretrained`: the serialized added tokens by id, and `init` with its special tokens
+    resolved to them (legacy folders: special_tokens_map.json, added_tokens.json and the
+    tokenizer.json's added tokens)."""
     added_tokens_decoder: dict[int, AddedToken] = {}
     added_tokens_map: dict[str, AddedToken] = {}
     if "added_tokens_decoder" in init:
@@ -228,20 +241,25 @@ def _load_backend(path: str) -> Tokenizer:
     for key in _SPECIAL_ATTRS:
         if key in init and key != "additional_special_tokens" and added_tokens_map and init[key] is not None:
             init[key] = added_tokens_map.get(str(init[key]), init[key])
+    return init, added_tokens_decoder
 
-    # -- backend
+
+def _open_backend(path: str, init: dict, tokenizer_file: str | None) -> Tokenizer:
+    """tokenizer.json, or (without one, or `from_slow`) the BPE of vocab.json + merges.txt."""
     if tokenizer_file is not None and not init.get("from_slow", False):
         try:
-            backend = Tokenizer.from_file(tokenizer_file)
+            return Tokenizer.from_file(tokenizer_file)
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception ("EOF while parsing ...")
             raise ConfigError(f"{tokenizer_file} cannot be loaded as a tokenizer: {e}") from None
-    else:
-        vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-        if not (os.path.isfile(vocab_file) and os.path.isfile(merges_file)):
-            raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.json + merges.txt")
-        backend = _qwen2_backend_from_files(vocab_file, merges_file)
+    vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if not (os.path.isfile(vocab_file) and os.path.isfile(merges_file)):
+        raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.json + merges.txt")
+    return _qwen2_backend_from_files(vocab_file, merges_file)
 
-    # -- special token attributes (Qwen2TokenizerFast.__init__ + SpecialTokensMixin)
+
+def _special_tokens(init: dict) -> list:
+    """Qwen2TokenizerFast.__init__ + SpecialTokensMixin: every special token attribute's value
+    (Qwen2's defaults where unset, the extra special tokens), each once, in attribute order."""
     special_map: dict[str, Any] = {}
     for key in _SPECIAL_ATTRS:
         value = init[key] if key in init else _QWEN2_DEFAULTS.get(key)
@@ -268,30 +286,36 @@ def _load_backend(path: str) -> Tokenizer:
         new = [t for t in vals if str(t) not in seen]
         seen.update(map(str, new))
         extended.extend(new)
-    all_special = [str(t) for t in extended]
+    return extended
 
-    # -- PreTrainedTokenizerFast.__init__: add missing added/special tokens, in this order
-    # transformers filters with `{hash(repr(t)) for t in self.added_tokens_decoder}`, which iterates the
-    # dict's int KEYS, so nothing is filtered: every serialized token is re-added (a token whose content
-    # exists keeps its id but takes the serialized flags).
+
+def _add_tokens(backend: Tokenizer, added_tokens_decoder: dict[int, AddedToken],
+                extended: list) -> None:
+    """PreTrainedTokenizerFast.__init__: add the missing added and special tokens, in this order.
+    transformers filters with `{hash(repr(t)) for t in self.added_tokens_decoder}`, which iterates
+    the dict's int KEYS, so nothing is filtered: every serialized token is re-added (a token whose
+    content exists keeps its id but takes the serialized flags)."""
+    all_special = [str(t) for t in extended]
     have = backend.get_added_tokens_decoder()
     to_add = [t for _, t in sorted(added_tokens_decoder.items(), key=lambda x: x[0])]
     encoder = [t.content for _, t in sorted(have.items(), key=lambda x: x[0])] + [str(t) for t in to_add]
     to_add += [t for t in extended if t not in encoder and t not in to_add]
-    if to_add:
-        tokens = []
-        for t in to_add:
-            is_special = (t.special or str(t) in all_special) if isinstance(t, AddedToken) \
-                else str(t) in all_special
-            if isinstance(t, str):
-                t = AddedToken(t, special=is_special)
-            else:
-                t.special = is_special
-            tokens.append(t)
-        backend.add_tokens(tokens)
-    backend.encode_special_tokens = bool(init.get("split_special_tokens", False))
+    if not to_add:
+        return
+    tokens = []
+    for t in to_add:
+        is_special = (t.special or str(t) in all_special) if isinstance(t, AddedToken) \
+            else str(t) in all_special
+        if isinstance(t, str):
+            t = AddedToken(t, special=is_special)
+        else:
+            t.special = is_special
+        tokens.append(t)
+    backend.add_tokens(tokens)
 
-    add_prefix_space = init.get("add_prefix_space", False)
+
+def _set_prefix_space(backend: Tokenizer, add_prefix_space: bool) -> None:
+    """The pre-tokenizer rebuilt with the config's `add_prefix_space` where it differs."""
     try:
         state = json.loads(backend.pre_tokenizer.__getstate__())
         if state.get("add_prefix_space", add_prefix_space) != add_prefix_space:
@@ -300,7 +324,6 @@ def _load_backend(path: str) -> Tokenizer:
             backend.pre_tokenizer = cls(**state)
     except Exception:  # noqa: BLE001 - no / unserializable pre-tokenizer: transformers ignores it too
         pass
-    return backend
 
 
 class TextTokenizer:
