@@ -849,6 +849,44 @@ class BatchEngine:
         self._sync_prefix_stats()
         return time.perf_counter() - t
 
+    def prime(self, job: Job) -> Future:
+        """Fill the per-voice caches that jobs like `job` read (a cloned voice): the talker's
+        prompt-prefix KV of its prompt (`prefix_cache`) and the codec's state after its ICL
+        reference codes (`codec.PrefixStates`), so that the voice's first request starts as fast
+        as its later ones. On the worker thread once started (between chunks), else now.
+        The Future's result: True where something was computed (False: already there, or no
+        cache)."""
+        def work() -> bool:
+            tts, filled = self.tts, False
+            cache = self.prefix_cache
+            if cache is not None and cache.enabled and job.prompt is not None \
+                    and job.prompt.prefix_len:
+                misses = cache.misses
+                cache.get(tts.params, tts.config, job.prompt, tts.options)
+                filled = cache.misses > misses
+            tok = tts.speech_tokenizer
+            states = getattr(tok, "prefix_states", None)
+            if job.ref_code is not None and states is not None and states.enabled:
+                misses = states.misses
+                StreamDecoder(tok.params, tok.config.decoder, 1,
+                              prefix_states=states).reset(0, prefix=job.ref_code)
+                filled = filled or states.misses > misses
+                self.codec_prefix_states = states
+            self._sync_prefix_stats()
+            return filled
+
+        if self._thread is not None:
+            return self.call(work)
+        done: Future = Future()
+        done.set_result(work())
+        return done
+
+    def caches_have_room(self) -> bool:
+        """Whether the per-voice caches would take one more voice without evicting one
+        (`ByteLRU.has_room`)."""
+        states = getattr(self.tts.speech_tokenizer, "prefix_states", None)
+        return all(c.has_room() for c in (self.prefix_cache, states) if c is not None)
+
     def whole_file_windows(self, max_frames: int) -> list[tuple[int, int]]:
         """(batch bucket, window frames) of every codec call `_decode` makes for utterances (an
         ICL reference included) of at most `max_frames` frames: the official 300-frame chunks
@@ -1303,6 +1341,31 @@ class EnginePool:
 
     def call(self, fn: Callable[[], object]) -> Future:
         return self.engines[0].call(fn)
+
+    def caches_have_room(self) -> bool:
+        return all(e.caches_have_room() for e in self.engines)
+
+    def prime(self, job: Job) -> Future:
+        """`BatchEngine.prime` on every device (each has its own caches): True where any
+        computed something."""
+        futures = [e.prime(job) for e in self.engines]
+        done: Future = Future()
+        left, lock = [len(futures)], threading.Lock()
+
+        def gather(_) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                done.set_exception(errors[0])
+            else:
+                done.set_result(any(f.result() for f in futures))
+
+        for f in futures:
+            f.add_done_callback(gather)
+        return done
 
     def wake(self) -> None:
         for e in self.engines:

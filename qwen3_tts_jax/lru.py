@@ -23,6 +23,7 @@ class ByteLRU:
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
         self.bytes = 0
+        self.largest = 0        # the largest value stored so far (bytes)
 
     @property
     def enabled(self) -> bool:
@@ -30,6 +31,11 @@ class ByteLRU:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def has_room(self) -> bool:
+        """Whether a value as large as the largest stored so far would fit without evicting
+        (True when disabled: nothing is stored, nothing evicted)."""
+        return not self.enabled or self.max_bytes - self.bytes >= self.largest
 
     def lookup(self, key: bytes):
         """The value stored under `key` (now the most recently used) or None; counts a hit or a
@@ -52,6 +58,7 @@ class ByteLRU:
                 return
             self._entries[key] = (value, size)
             self.bytes += size
+            self.largest = max(self.largest, size)
             while self.bytes > self.max_bytes:
                 _, (_, n) = self._entries.popitem(last=False)
                 self.bytes -= n

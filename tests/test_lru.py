@@ -56,3 +56,13 @@ def test_threads_keep_the_bytes_true():
         t.join()
     assert c.bytes == 1024 * len(c) <= 10 * 1024
     assert c.hits + c.misses == 800
+
+
+def test_has_room_for_one_more_as_large_as_the_largest():
+    c = ByteLRU(3 * 1024)
+    assert c.has_room()                                  # nothing stored yet
+    c.store(b"x", kib(1))
+    assert c.has_room() and c.largest == 1024
+    c.store(b"y", kib(2))                                # full: 3 KiB, the largest 2
+    assert not c.has_room() and c.evictions == 0
+    assert ByteLRU(0).has_room()                         # disabled: nothing is ever evicted

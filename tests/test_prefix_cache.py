@@ -4,10 +4,12 @@ both text modes, in a batch with a row that has no prefix, and for a row that jo
 batch (`generate.insert`); a different x-vector, language, reference or transcript misses; the
 byte bound evicts; the engine uses the model's cache and counts hits and misses."""
 import dataclasses
+import io
 import threading
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from official import GREEDY, official_codes
@@ -283,3 +285,113 @@ def test_warmup_with_a_cloned_voice_compiles_what_its_requests_use(base):
         engine.stop()
     assert gen.program_counts() == before
     assert cache.hits >= 1 and cache.misses == 1
+
+
+def _wave_of(engine, tts, text, voice):
+    from qwen3_tts_jax.engine import Job
+
+    done, out = threading.Event(), []
+
+    def emit(a):
+        if a is None or isinstance(a, Exception):
+            out.append(a)
+            done.set()
+        else:
+            out.append(np.asarray(a))
+    p = _prompts(tts, [text], [voice], False)[0]
+    engine.submit(Job(p, _settings(tts), emit, seed=0, ref_code=voice.ref_code, stream=True))
+    assert done.wait(300) and out[-1] is None, out[-1:]
+    return np.concatenate(out[:-1])
+
+
+def test_prime_fills_a_voices_caches_before_its_first_request(base):
+    """`BatchEngine.prime`: a voice's prompt-prefix KV and the codec's state after its
+    reference are computed before its first request, which then only hits them; its audio is
+    the unprimed engine's."""
+    from qwen3_tts_jax.engine import BatchEngine, Job
+
+    _, tts = base
+    v = _voice(tts, seed=11)                 # a reference no other test decoded
+    states = tts.speech_tokenizer.prefix_states
+
+    def engine(cache):
+        return BatchEngine(tts, max_batch_size=2, batch_window=0.0, batch_buckets=(2,),
+                           prefix_cache=cache)
+
+    cold = engine(PrefixCache())
+    cold.start()
+    try:
+        want = _wave_of(cold, tts, TEXTS[1], v)
+    finally:
+        cold.stop()
+    states.clear()
+
+    e = engine(PrefixCache())
+    like = Job(_prompts(tts, ["x"], [v], False)[0], _settings(tts), None, ref_code=v.ref_code)
+    before = states.misses
+    assert e.prime(like).result() is True
+    assert (e.stats["prefix_cache_misses"], e.stats["prefix_cache_entries"]) == (1, 1)
+    assert states.misses == before + 1 and len(states) == 1
+    assert e.prime(like).result() is False              # already there: nothing computed
+    e.start()
+    try:
+        misses = (e.stats["prefix_cache_misses"], states.misses)
+        got = _wave_of(e, tts, TEXTS[1], v)
+        assert (e.stats["prefix_cache_misses"], states.misses) == misses   # hits only
+        assert e.prime(like).result() is False          # on the worker thread once started
+    finally:
+        e.stop()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_server_fills_a_registered_voices_caches(make_checkpoint, tmp_path, caplog):
+    """POST /v1/audio/voices fills the voice's caches before it answers, so its first request
+    only hits them; a restart with --warmup fills those of the voices in --voices-dir."""
+    pytest.importorskip("fastapi")
+    from test_audio import write_speech
+    from test_server import Running, get, multipart, post
+
+    from qwen3_tts_jax import Qwen3TTS
+    from qwen3_tts_jax.server.app import ServerOptions, create_app
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    with open(write_speech(tmp_path / "ref.wav", 24000), "rb") as f:
+        ref = f.read()
+    opts = dict(voices_dir=str(tmp_path / "voices"), max_new_tokens=TOKENS, min_prompt_bucket=64,
+                batch_buckets=(1,), max_batch_size=1)
+
+    def caches(s):
+        st = get(s.url + "/health")["stats"]
+        return (st["prefix_cache_misses"], st["prefix_cache_hits"], st["codec_prefix_misses"],
+                st["codec_prefix_hits"])
+
+    s = Running(create_app(tts, ServerOptions(**opts)))
+    try:
+        code, out = multipart(s.url + "/v1/audio/voices", {"name": "me", "transcript": REF_TEXT},
+                              {"audio_sample": ("ref.wav", ref)})
+        assert code == 200 and out["mode"] == "icl", out
+        assert caches(s) == (1, 0, 1, 0)
+        body = {"model": "m", "input": TEXTS[0], "voice": "me", "response_format": "pcm"}
+        assert post(s.url + "/v1/audio/speech", body)[0] == 200
+        assert caches(s)[0::2] == (1, 1) and min(caches(s)[1::2]) >= 1
+        other = io.BytesIO()            # other audio: other reference codes
+        sf.write(other, np.random.default_rng(3).uniform(-0.3, 0.3, 36000), 24000, format="WAV")
+        code, out = multipart(s.url + "/v1/audio/voices",
+                              {"name": "you", "transcript": "Another transcript, not this."},
+                              {"audio_sample": ("ref2.wav", other.getvalue())})
+        assert code == 200 and caches(s)[0::2] == (2, 2), out
+    finally:
+        s.stop()
+    tts.prefix_cache.clear()
+    tts.speech_tokenizer.prefix_states.clear()
+    with caplog.at_level("INFO", logger="qwen3_tts_jax.server"):
+        s = Running(create_app(tts, ServerOptions(**opts, warmup=(1,))))
+    try:
+        assert any("the caches of 2 registered voice(s) filled" in r.message
+                   for r in caplog.records)
+        misses = caches(s)[0::2]
+        for voice in ("me", "you"):      # the warm-up ran one of them; both were filled
+            assert post(s.url + "/v1/audio/speech", dict(body, voice=voice))[0] == 200
+            assert caches(s)[0::2] == misses, voice
+    finally:
+        s.stop()

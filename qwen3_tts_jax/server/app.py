@@ -371,10 +371,25 @@ class Server:
                     if getattr(i, "ref_code", None) is not None] if self.kind == "base" else []
             whole = self.max_new_tokens + max(refs, default=0)
         seconds = self.engine.warmup(jobs, whole_file_frames=whole)
+        primed = self._prime_voices()
         log.info("warm-up: batch buckets %s x (prompt, trailing text) buckets %s%s compiled in "
                  "%.1f s", list(self.engine.batch_buckets), sorted(shapes),
                  f" and whole-file decodes up to {whole} frames" if whole else "", seconds)
+        if primed:
+            log.info("warm-up: the caches of %d registered voice(s) filled", primed)
         return seconds
+
+    def _prime_voices(self) -> int:
+        """At start (with the warm-up): fill the registered voices' caches, the newest first,
+        while they take one more without evicting one. Returns how many."""
+        primed = 0
+        if self.kind == "base":
+            for name in sorted(self.voices.voices, key=lambda n: -self.voices.created[n]):
+                if not self.engine.caches_have_room():
+                    break
+                self.prime_voice(name).result()
+                primed += 1
+        return primed
 
     # ----------------------------------------------------------------------------- voices
     def voice_names(self) -> list[str]:
@@ -826,7 +841,20 @@ class Server:
             param = "ref_tail_silence" if "ref_tail_silence" in str(e) else "audio_sample"
             raise ApiError(400, f"cannot use this reference audio: {e}", param) from None
         self.voices.add(name, items)
+        try:      # its caches now, so that its first request is as fast as the later ones
+            await asyncio.wrap_future(self.prime_voice(name))
+        except Exception:  # noqa: BLE001 - the voice works without them (filled on first use)
+            log.exception("filling the caches of voice %r failed", name)
         return self.voice_info(name)
+
+    def prime_voice(self, name: str):
+        """Fill a registered voice's caches on every device (`BatchEngine.prime`): the talker's
+        prompt-prefix KV and the codec's state after its reference, for the server's default
+        language and text mode (a request in another language fills its own on first use).
+        A Future: True where something was computed."""
+        body = {"model": self.options.model_name, "input": "x", "voice": name,
+                "response_format": "pcm"}
+        return self.engine.prime(self.parse_speech(body).job)
 
     def voice_info(self, name: str) -> dict:
         if self.kind == "base":
