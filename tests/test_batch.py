@@ -275,7 +275,7 @@ def _poison_continuous(monkeypatch, text):
     from qwen3_tts_jax import batch, engine
 
     poisoned = []
-    real_prompts, real_init, real_take = batch._prompts, engine._Cohort.__init__, engine._Cohort.take
+    real_prompts, real_init, real_take = batch._prompts, engine.Cohort.__init__, engine.Cohort.take
 
     def prompts(tts, chunk, gen):
         items, refs, seeds = real_prompts(tts, chunk, gen)
@@ -296,8 +296,8 @@ def _poison_continuous(monkeypatch, text):
         real_take(self, job, row)
 
     monkeypatch.setattr(batch, "_prompts", prompts)
-    monkeypatch.setattr(engine._Cohort, "__init__", init)
-    monkeypatch.setattr(engine._Cohort, "take", take)
+    monkeypatch.setattr(engine.Cohort, "__init__", init)
+    monkeypatch.setattr(engine.Cohort, "take", take)
 
 
 GEN3 = {"max_new_tokens": 3, "do_sample": False, "subtalker_dosample": False}

@@ -157,7 +157,7 @@ def test_engine_whole_file_clone_cut_like_offline(model_pair):
     engine = BatchEngine(tts, max_batch_size=4, batch_buckets=(4,))
     refs, codes = [rng.integers(0, 2048, (n, 16)) for n in (1, 3, 1)], \
         [rng.integers(0, 2048, (n, 16)) for n in (48, 20, 186)]
-    got = engine._decode(refs, codes)
+    got = engine.decode_whole(refs, codes)
     for r, c, w in zip(refs, codes, got):
         full = tts.decode([np.concatenate([r, c])])[0][0]
         cut = int(len(r) / (len(r) + len(c)) * len(full))
@@ -192,7 +192,7 @@ def test_a_request_arriving_mid_chunk_starts_within_admit_frames(model_pair, mon
     from qwen3_tts_jax.settings import GenerationSettings
 
     _, tts = model_pair("cv_proj")
-    real_take, real_decode = engine_mod._Cohort.take, engine_mod.gen.decode
+    real_take, real_decode = engine_mod.Cohort.take, engine_mod.gen.decode
     results = {}
     for admit in (2, 0):
         joined_at = []
@@ -201,7 +201,7 @@ def test_a_request_arriving_mid_chunk_starts_within_admit_frames(model_pair, mon
             joined_at.append(self.step_n)
             return real_take(self, job, row, compute)
 
-        monkeypatch.setattr(engine_mod._Cohort, "take", take)
+        monkeypatch.setattr(engine_mod.Cohort, "take", take)
         engine = BatchEngine(tts, max_batch_size=2, batch_window=0.0, chunk_frames=12,
                              first_chunk_frames=2, batch_buckets=(2,), min_prompt_bucket=48,
                              admit_frames=admit)

@@ -376,7 +376,7 @@ def test_a_dead_worker_restarts_and_a_stalled_one_is_reported(tts, monkeypatch):
     """A BaseException inside the worker's loop (SystemExit from a step): the request in flight
     fails with EngineUnavailable, the worker restarts and the next request is served. A step that
     blocks makes health() report no progress once stall_timeout passes, and clears after."""
-    real = engine_mod._Cohort.step
+    real = engine_mod.Cohort.step
     mode = {"die": True, "block": None}
 
     def step(self):
@@ -387,7 +387,7 @@ def test_a_dead_worker_restarts_and_a_stalled_one_is_reported(tts, monkeypatch):
             mode["block"].wait(60)
         return real(self)
 
-    monkeypatch.setattr(engine_mod._Cohort, "step", step)
+    monkeypatch.setattr(engine_mod.Cohort, "step", step)
     engine = engine_of(tts, stall_timeout=0.5).start()
     try:
         assert engine.health() is None

@@ -18,7 +18,7 @@ LAYERS = {
         "speaker_encoder", "lru",
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
     1: {"text", "prompts", "settings", "budget", "voice", "audio", "text_feed"},   # requests
-    2: {"checkpoint", "runner", "engine", "sharding", "compilation_cache",         # runtime
+    2: {"checkpoint", "runner", "engine", "cohort", "sharding", "compilation_cache",  # runtime
         "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine", "server.metrics", "server.errors",

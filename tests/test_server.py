@@ -638,7 +638,7 @@ def test_engine_failure_is_a_500_and_the_server_goes_on(server, monkeypatch):
         raise RuntimeError("planted failure")
 
     before = scrape(server.url)
-    monkeypatch.setattr(engine_mod._Cohort, "step", boom)
+    monkeypatch.setattr(engine_mod.Cohort, "step", boom)
     code, _, data = post(server.url + "/v1/audio/speech", speech(response_format="wav", **GEN))
     assert code == 500 and "planted failure" in json.loads(data)["error"]["message"]
     monkeypatch.undo()

@@ -463,7 +463,7 @@ def test_serve_refuses_an_empty_key_and_bad_origins():
 def cut_after_first_chunk(monkeypatch):
     """Generation fails (or runs out of time) after the cohort's first chunk."""
     def plant(kind: str):
-        original = engine_mod._Cohort.step
+        original = engine_mod.Cohort.step
         calls = []
 
         def step(self):
@@ -477,7 +477,7 @@ def cut_after_first_chunk(monkeypatch):
                         job.deadline = 0.0
             return alive
 
-        monkeypatch.setattr(engine_mod._Cohort, "step", step)
+        monkeypatch.setattr(engine_mod.Cohort, "step", step)
     return plant
 
 
@@ -533,7 +533,7 @@ def test_disconnect_cancels_a_running_request(server, monkeypatch, fmt):
     whole-file formats too, and the engine is idle soon after."""
     if fmt not in server.server_state.formats:
         pytest.skip(f"this libsndfile cannot write {fmt}")
-    original = engine_mod._Cohort.step
+    original = engine_mod.Cohort.step
     running = threading.Event()
 
     def slow(self):
@@ -541,7 +541,7 @@ def test_disconnect_cancels_a_running_request(server, monkeypatch, fmt):
         time.sleep(1.0)
         return original(self)
 
-    monkeypatch.setattr(engine_mod._Cohort, "step", slow)
+    monkeypatch.setattr(engine_mod.Cohort, "step", slow)
     engine = server.server_state.engine
     before = engine.stats["cancelled"]
     sock = start_request(server.port, speech(response_format=fmt, seed=1, **GEN))

@@ -160,7 +160,7 @@ def test_worker_death_is_503_then_served_and_a_stall_turns_health_503(server, mo
     the worker restarts, /health is ok and counts the restart, the next request is served.
     A step that blocks past --stall-timeout (1 s here) turns /health into 503 with the reason;
     it recovers when the step goes on."""
-    real = engine_mod._Cohort.step
+    real = engine_mod.Cohort.step
     mode = {"die": True, "block": None}
 
     def step(self):
@@ -171,7 +171,7 @@ def test_worker_death_is_503_then_served_and_a_stall_turns_health_503(server, mo
             mode["block"].wait(60)
         return real(self)
 
-    monkeypatch.setattr(engine_mod._Cohort, "step", step)
+    monkeypatch.setattr(engine_mod.Cohort, "step", step)
     restarts = server.server_state.engine.stats["worker_restarts"]
     code, headers, data = post(server.url + "/v1/audio/speech",
                                speech(response_format="wav", seed=1, **GEN))
