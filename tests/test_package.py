@@ -22,7 +22,7 @@ LAYERS = {
         "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine", "server.metrics", "server.errors",
-        "server.guards",
+        "server.guards", "server.sessions", "server.voices", "server.wire",
         "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train",
         "finetune.plot"},
 }

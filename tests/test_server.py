@@ -718,11 +718,12 @@ def test_clone_text_session_equals_offline_streaming_mode(make_checkpoint, tmp_p
     # session's prompt and trailing text equal the offline prompt's, whatever part of the text
     # has arrived; the prompt never changes once its share of the text is there.
     from qwen3_tts_jax.server.app import Server
+    from qwen3_tts_jax.server.sessions import parse_session
 
     srv = Server(base, opts)
     for voice in voices:
         for text in (long_text, "Hi there.", "A"):
-            feed = srv.parse_session({"voice": voice, **GEN}).feed
+            feed = parse_session(srv, {"voice": voice, **GEN}).feed
             tokens = prompts.input_ids(base.tokenizer, text)[3:-5]
             (want,), _ = base.voice_clone_prompts(text, None, None, None, False, voices[voice],
                                                    False)

@@ -22,51 +22,43 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import io
 import json
 import logging
 import os
 import re
-import struct
 import time
 
 import jax
 import numpy as np
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import prompts
-from ..audio import MAX_SECONDS, AudioError, AudioTooLong, encode_audio_file, output_formats, \
-    read_file
 from ..buckets import ladder
-from ..voice import load_voice, save_voice
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
 from ..budget import FRAMES_PER_TOKEN, text_budget
 from ..settings import GEN_KWARGS, GenerationSettings
-from ..text_feed import TextFeed
+from . import sessions
 from .errors import ApiError, error_body, error_response
 from .guards import ApiKeyCheck, BrowserGuard, cors_origins, parse_origins, redact_api_keys_in_logs
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MISSING as METRICS_MISSING, Metrics
+from .voices import VoiceStore, read_upload
+from .wire import MEDIA_TYPES, STREAMED, AudioStream, ClientGone, Truncated, check_unicode, \
+    encode_audio, loads, pcm16, read_body, supported_formats, wav_header
 
 log = logging.getLogger("qwen3_tts_jax.server")
 
-SAMPLE_RATE = 24000
-MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
-               "opus": "audio/ogg", "aac": "audio/aac"}
-STREAMED = ("wav", "pcm")          # sent chunk by chunk as frames are generated
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
                  "shimmer", "verse", "marin", "cedar")
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
                  "stream_format", "language", "non_streaming_mode") + GEN_KWARGS
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
-FORM_BYTES = 1 << 20               # a voice registration's other fields (name, transcript, ...)
 
 
 @dataclasses.dataclass
@@ -103,159 +95,6 @@ class ServerOptions:
     max_sessions: int = 16           # WebSocket text sessions open at once (429 beyond)
     session_idle_timeout: float = 30.0  # seconds a session may wait for its next message
     stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
-
-
-# ---------------------------------------------------------------------------------- audio formats
-def supported_formats() -> list[str]:
-    """wav and pcm always; flac, mp3 and opus where this libsndfile can write them
-    (`audio.output_formats`; OpenAI's names, so its ogg/Vorbis is not offered)."""
-    return ["wav", "pcm"] + [f for f in ("flac", "mp3", "opus") if f in output_formats()]
-
-
-def pcm16(wave: np.ndarray) -> bytes:
-    """float32 [-1, 1] -> s16le bytes (clipped)."""
-    return (np.clip(wave, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-
-
-def wav_header(sample_rate: int = SAMPLE_RATE, data_bytes: int | None = None) -> bytes:
-    """A 16-bit mono WAV header. For a stream of unknown length the RIFF and data sizes are
-    0xFFFFFFFF, which players and libsndfile read as "until the end of the file"."""
-    size = 0xFFFFFFFF if data_bytes is None else data_bytes
-    riff = 0xFFFFFFFF if data_bytes is None else 36 + data_bytes
-    return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
-            b"data" + struct.pack("<I", size))
-
-
-def encode_audio(wave: np.ndarray, fmt: str) -> bytes:
-    """A whole utterance in a file format (the formats that are not streamed)."""
-    if fmt == "wav":
-        data = pcm16(wave)
-        return wav_header(SAMPLE_RATE, len(data)) + data
-    if fmt == "pcm":
-        return pcm16(wave)
-    return encode_audio_file(wave, SAMPLE_RATE, fmt)
-
-
-async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
-    """The body, counted as it arrives: a Content-Length over `limit` is refused before reading,
-    and the reading stops at once (413) when the bytes pass it, so no more than `limit` is held."""
-    _check_length(request, limit, what)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"{what} is over {limit} bytes; at most {limit}",
-                           code="body_too_large")
-    return bytes(body)
-
-
-def _check_length(request: Request, limit: int, what: str) -> None:
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.strip().isdigit():
-            raise ApiError(400, f"Content-Length {length[:40]!r} is not a number")
-        if int(length) > limit:
-            raise ApiError(413, f"{what} is {int(length)} bytes; at most {limit}",
-                           code="body_too_large")
-
-
-def bounded(request: Request, limit: int, what: str) -> Request:
-    """The request with a receive that counts body bytes and raises 413 past `limit` (for
-    parsers that read the stream themselves: the multipart form)."""
-    _check_length(request, limit, what)
-    seen = 0
-
-    async def receive():
-        nonlocal seen
-        message = await request.receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise ApiError(413, f"{what} is over {limit} bytes; at most {limit}",
-                               code="body_too_large")
-        return message
-
-    return Request(request.scope, receive)
-
-
-def loads(text, what: str = "the request body") -> object:
-    """json.loads with every malformed input a 400: bad syntax, invalid UTF-8, nesting past the
-    parser's recursion limit, integers too long to convert."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ApiError(400, f"{what} is JSON nested too deeply") from None
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"{what} is not UTF-8 text: {e}") from None
-    except ValueError as e:       # JSONDecodeError, and int() limits
-        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
-
-
-def _unicode(value: str, field: str) -> None:
-    """Text must encode to UTF-8 (JSON's \\ud800 escapes decode to unpaired surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"`{field}` holds an unpaired surrogate (\\ud800-\\udfff): not "
-                            "valid Unicode text", field) from None
-
-
-class ClientGone(Exception):
-    """The client disconnected (the request was cancelled)."""
-
-
-class Truncated(Exception):
-    """Ends a raw audio stream without its terminator, so the client sees a cut body."""
-
-
-class AudioStream(StreamingResponse):
-    """A streamed audio body. It does not listen for the disconnect itself (the request's own
-    watcher does, from before the first chunk); when the body iterator raises Truncated, the
-    response ends without its final (empty) chunk: uvicorn closes the connection and the client
-    sees an incomplete chunked body instead of a clean end."""
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await self.stream_response(send)
-        except (Truncated, OSError, ClientDisconnect):
-            return
-        finally:
-            await self.body_iterator.aclose()      # its `finally` cancels the job at once
-
-
-# ---------------------------------------------------------------------------------- voices
-class VoiceStore:
-    """Cloned voices: one voice file per name in `folder` (`save_voice` format), loaded at start."""
-
-    def __init__(self, folder: str | None):
-        self.folder = folder
-        self.voices: dict[str, list] = {}
-        self.created: dict[str, int] = {}
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-            for f in sorted(os.listdir(folder)):
-                if not f.endswith(".voice"):
-                    continue
-                path = os.path.join(folder, f)
-                try:
-                    self.voices[f[:-6]] = load_voice(path)
-                    self.created[f[:-6]] = int(os.path.getmtime(path))
-                except ValueError as e:
-                    log.warning("skipping voice file %s: %s", path, e)
-
-    def add(self, name: str, items: list) -> None:
-        if self.folder:
-            save_voice(items, os.path.join(self.folder, f"{name}.voice"))
-        self.voices[name] = items
-        self.created[name] = int(time.time())
-
-    def remove(self, name: str) -> None:
-        del self.voices[name]
-        if self.folder:
-            path = os.path.join(self.folder, f"{name}.voice")
-            if os.path.exists(path):
-                os.unlink(path)
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -401,7 +240,9 @@ class Server:
             return sorted(self.voices.voices)
         return []
 
-    def _voice(self, data: dict) -> str | None:
+    def voice_for(self, data: dict) -> str | None:
+        """The voice a request names (`voice`, or `{"id": ...}`), matched case-insensitively to
+        this model's (None on VoiceDesign: its voice is the instructions); else a 400."""
         voice = data.get("voice")
         if isinstance(voice, dict):
             voice = voice.get("id")
@@ -483,7 +324,7 @@ class Server:
             settings = GenerationSettings.merge(self.tts.generate_defaults, **gen)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), getattr(e, "param", None)) from None
-        voice = self._voice(data)
+        voice = self.voice_for(data)
         tts, ref_code, voices = self.tts, None, None
         if self.kind == "voice_design" and not instructions:
             raise ApiError(400, "this is a VoiceDesign model: describe the voice in "
@@ -522,7 +363,7 @@ class Server:
     def _check_chars(self, field: str, text: str) -> None:
         """`--max-input-chars` holds for each text field (`input`, `instructions`, a voice's
         `transcript`); their sum in one prompt for twice it (parse_speech)."""
-        _unicode(text, field)
+        check_unicode(text, field)
         limit = self.options.max_input_chars
         if len(text) > limit:
             raise ApiError(413, f"`{field}` is {len(text)} characters; this server takes at most "
@@ -633,219 +474,32 @@ class Server:
             job.cancelled = True
             watcher.cancel()
 
-    # ----------------------------------------------------------------------------- sessions
-    def parse_session(self, data) -> Job:
-        """A text session's first message: the speech fields without `input` (or with the first
-        piece of text in it); the text mode is the official streaming one; the audio is pcm."""
-        if not isinstance(data, dict):
-            raise ApiError(400, "the first message must be a JSON object with the speech fields "
-                                "(voice, instructions, language, generation settings)")
-        if data.get("non_streaming_mode") or data.get("response_format", "pcm") != "pcm":
-            raise ApiError(400, "a text session uses the streaming text mode and sends pcm "
-                                "(s16le, 24 kHz, mono): leave non_streaming_mode and "
-                                "response_format out", "response_format")
-        if data.get("stream_format") is not None:
-            raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
-        # the budget: the request's, else the cap until the text has ended, then at most its
-        # `text_budget` (the engine's `Job.frames_per_token`)
-        own = data.get("max_new_tokens")
-        probe = dict(data, input=data.get("input") or "x", response_format="pcm",
-                     model=data.get("model") or self.options.model_name, non_streaming_mode=False,
-                     max_new_tokens=self.max_new_tokens if own is None else own)
-        job = self.parse_speech(probe).job       # validates voice, settings, instructions
-        job.frames_per_token = self.options.frames_per_token if own is None else 0.0
-        job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
-        language = data.get("language") or self.options.language or "auto"
-        speaker = self._voice(data)
-        voice = None
-        if self.kind == "base":          # a registered voice: x-vector, or ICL with its reference
-            voice, speaker = self.voices.voices[speaker][0], None
-        job.prompt = None
-        job.feed = TextFeed.of(self.tts.tokenizer, self.tts.text_prompt(
-            language, speaker=speaker, instruct=data.get("instructions") or None, voice=voice))
-        return job
-
-    async def session(self, ws: WebSocket) -> None:
-        """WS /v1/audio/speech/stream. Client: first a JSON object with the speech fields (voice,
-        instructions, language, settings; optionally `input`, the first text); then
-        {"type": "text", "text": "..."} pieces and finally {"type": "end"} (which may carry a
-        last "text"). Server: binary messages of pcm audio as it is generated, then
-        {"type": "done", "frames", "input_tokens", "finish_reason"}; or {"type": "error",
-        "status", "message"}."""
-        await ws.accept()
-
-        async def error(status: int, message: str, param=None):
-            await ws.send_json({"type": "error", "status": status, "message": message,
-                                "param": param})
-            await ws.close(1008 if status < 500 else 1011)
-
-        async def receive_text() -> str:
-            """The next text frame; a binary frame is a 400 (starlette's receive_text would
-            raise KeyError 'text' on one)."""
-            idle = self.options.session_idle_timeout
-            try:
-                msg = await asyncio.wait_for(ws.receive(), idle)
-            except asyncio.TimeoutError:
-                raise ApiError(408, f"no message for {idle:g} s (the server's session idle "
-                                    "timeout): the session is closed", code="idle_timeout"
-                               ) from None
-            if msg["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(msg.get("code", 1000))
-            if msg.get("text") is None:
-                raise ApiError(400, "binary frames are not accepted; send JSON text messages")
-            return msg["text"]
-
-        try:
-            data = loads(await receive_text(), "the first message")
-            job = self.parse_session(data)
-        except WebSocketDisconnect:
-            return
-        except ApiError as e:
-            return await error(e.status, e.message, e.param)
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
-        job.emit = self.metrics.watch(
-            job, "session", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
-        feed, limit = job.feed, self.options.max_input_chars
-
-        def push(text, final: bool):
-            if not isinstance(text, str):
-                raise ApiError(400, "`text` must be a string", "text")
-            _unicode(text, "text")
-            if feed.chars + len(text) > limit:
-                raise ApiError(413, f"the session's text would be {feed.chars + len(text)} "
-                                    f"characters; at most {limit}", "text")
-            feed.push(text, final)
-            if job.base_tokens + len(feed.tokens) > self.max_prompt_tokens:
-                raise ApiError(413, f"the session's prompt would be "
-                                    f"{job.base_tokens + len(feed.tokens)} tokens; at most "
-                                    f"{self.max_prompt_tokens} (max_prompt_tokens)", "text")
-            self.engine.wake()
-
-        try:
-            if data.get("input"):
-                push(data["input"], False)
-            self.engine.submit(job)
-        except ApiError as e:
-            return await error(e.status, e.message, e.param)
-        except QueueFull as e:
-            return await error(429, f"the server is busy: {e}")
-
-        async def receive():
-            try:
-                while not feed.final:
-                    msg = loads(await receive_text(), "the message")
-                    kind = msg.get("type") if isinstance(msg, dict) else None
-                    if kind not in ("text", "end"):
-                        raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
-                                            '{"type": "text", "text": ...} or {"type": "end"}')
-                    push(msg.get("text", ""), kind == "end")
-            except Exception as e:  # noqa: BLE001 - ends the session: the sender reports it
-                job.cancelled = True
-                chunks.put_nowait(e)
-
-        reader = asyncio.create_task(receive())
-        try:
-            while True:
-                item = await chunks.get()
-                if item is None:
-                    await ws.send_json({"type": "done", "frames": job.frames,
-                                        "input_tokens": len(feed.tokens),
-                                        "finish_reason": job.finish_reason})
-                    await ws.close()
-                    return
-                if isinstance(item, WebSocketDisconnect):
-                    return
-                if isinstance(item, Exception):
-                    status = (item.status if isinstance(item, ApiError) else
-                              504 if isinstance(item, DeadlineExceeded) else
-                              503 if isinstance(item, EngineUnavailable) else
-                              400 if isinstance(item, (ValueError, json.JSONDecodeError))
-                              else 500)
-                    return await error(status, getattr(item, "message", None) or str(item))
-                await ws.send_bytes(pcm16(item))
-        except WebSocketDisconnect:
-            return
-        finally:
-            job.cancelled = True
-            reader.cancel()
-
     # ----------------------------------------------------------------------------- register
     async def register_voice(self, request: Request) -> dict:
         if self.kind != "base":
             raise ApiError(400, f"voice cloning needs a Base checkpoint; this server runs a "
                                 f"{self.kind} model (its voices: GET /v1/audio/voices)")
-        limit = self.options.max_upload_bytes
-        try:
-            form = await bounded(request, limit + FORM_BYTES, "the upload").form(
-                max_part_size=FORM_BYTES)
-        except ApiError:
-            raise
-        except ClientDisconnect:
-            return {}                              # nobody reads it
-        except Exception as e:  # noqa: BLE001 - starlette raises several kinds
-            raise ApiError(400, f"expected a multipart/form-data body: {e}") from None
-        name = form.get("name")
-        rule = "1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, f"`name` is required: {rule}", "name")
-        if not VOICE_NAME.match(name):
-            raise ApiError(400, f"`name` {name[:80]!r} is not a valid voice name: {rule}", "name")
-        if name in self.voices.voices:
-            raise ApiError(409, f"a voice named {name!r} exists; delete it first "
-                                f"(DELETE /v1/audio/voices/{name}) or pick another name", "name")
-        field = next((k for k in ("audio_sample", "audio", "file")
-                      if hasattr(form.get(k), "read")), None)
-        upload = form.get(field) if field else None
+        upload = await read_upload(request, self.options.max_upload_bytes, self.voices.voices,
+                                   self._check_chars)
         if upload is None:
-            raise ApiError(400, "the reference audio is required: a file field `audio_sample` "
-                                "(WAV, FLAC, OGG or MP3)", "audio_sample")
-        if (upload.size or 0) > limit:
-            raise ApiError(413, f"the audio file is {upload.size} bytes; at most {limit}", field,
-                           code="body_too_large")
-        transcript = form.get("transcript") or form.get("ref_text")
-        transcript = transcript.strip() if isinstance(transcript, str) else ""
-        if transcript:
-            self._check_chars("transcript", transcript)
-        # the upload is decoded from memory (never a path or URL), off the event loop; its length
-        # is checked from the header first, so a small file of hours of audio is never decoded
-        what = (f"the uploaded audio (field `{field}`, file "
-                f"{getattr(upload, 'filename', None)!r})")
-        data = await upload.read()
-
-        def decode():
-            samples, sr = read_file(io.BytesIO(data), what, MAX_SECONDS)
-            return samples.mean(axis=1), sr
-
-        try:
-            wave, sr = await asyncio.to_thread(decode)
-        except AudioTooLong as e:
-            raise ApiError(413, str(e), field, code="audio_too_long") from None
-        except AudioError as e:
-            raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", field) from None
-        silence = form.get("ref_tail_silence") or "0"
-        try:
-            silence = float(silence)
-        except (TypeError, ValueError):
-            raise ApiError(400, f"`ref_tail_silence` must be seconds in [0, 5], got {silence!r}",
-                           "ref_tail_silence") from None
+            return {}                              # the client left: nobody reads it
 
         def encode():
             return self.tts.create_voice_clone_prompt(
-                (wave, sr), ref_text=transcript or None, x_vector_only_mode=not transcript,
-                ref_tail_silence=silence)
+                (upload.wave, upload.sample_rate), ref_text=upload.transcript or None,
+                x_vector_only_mode=not upload.transcript, ref_tail_silence=upload.tail_silence)
 
         try:
             items = await asyncio.wrap_future(self.engine.call(encode))
         except (ValueError, TypeError) as e:
             param = "ref_tail_silence" if "ref_tail_silence" in str(e) else "audio_sample"
             raise ApiError(400, f"cannot use this reference audio: {e}", param) from None
-        self.voices.add(name, items)
+        self.voices.add(upload.name, items)
         try:      # its caches now, so that its first request is as fast as the later ones
-            await asyncio.wrap_future(self.prime_voice(name))
+            await asyncio.wrap_future(self.prime_voice(upload.name))
         except Exception:  # noqa: BLE001 - the voice works without them (filled on first use)
-            log.exception("filling the caches of voice %r failed", name)
-        return self.voice_info(name)
+            log.exception("filling the caches of voice %r failed", upload.name)
+        return self.voice_info(upload.name)
 
     def prime_voice(self, name: str):
         """Fill a registered voice's caches on every device (`BatchEngine.prime`): the talker's
@@ -865,22 +519,6 @@ class Server:
                     "transcript": item.ref_text}
         return {"id": name, "object": "audio.voice", "name": name, "type": "preset",
                 "created_at": int(self.started)}
-
-    async def open_session(self, ws: WebSocket) -> None:
-        """`session` within --max-sessions: beyond it the client gets a 429 error message (and
-        the close code 1013, try again later). A session holds no place in the HTTP queue."""
-        if self.sessions_open >= self.options.max_sessions:
-            await ws.accept()
-            await ws.send_json({"type": "error", "status": 429, "param": None, "message":
-                                f"{self.sessions_open} text sessions are open (the limit is "
-                                f"{self.options.max_sessions}); retry later"})
-            await ws.close(1013)
-            return
-        self.sessions_open += 1
-        try:
-            await self.session(ws)
-        finally:
-            self.sessions_open -= 1
 
     def health(self) -> dict:
         """The server's state; `status` "ok", or "unavailable" with the engine's `reason` (the
@@ -963,7 +601,7 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
 
     @app.websocket("/v1/audio/speech/stream")
     async def speech_stream(ws: WebSocket):
-        await server.open_session(ws)
+        await sessions.open_session(server, ws)
 
     @app.get("/v1/audio/voices")
     async def list_voices():

@@ -1,0 +1,132 @@
+"""Cloned voices on the server: the store (one voice file per name in --voices-dir, loaded at
+start) and the registration upload (POST /v1/audio/voices, multipart: name, audio_sample,
+transcript), read with limits and checked before anything is encoded.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+import re
+import time
+from typing import Callable
+
+import numpy as np
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from ..audio import MAX_SECONDS, AudioError, AudioTooLong, read_file
+from ..voice import load_voice, save_voice
+from .errors import ApiError
+from .wire import bounded
+
+log = logging.getLogger("qwen3_tts_jax.server")
+
+VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FORM_BYTES = 1 << 20               # a voice registration's other fields (name, transcript, ...)
+
+
+class VoiceStore:
+    """Cloned voices: one voice file per name in `folder` (`save_voice` format), loaded at start."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        self.voices: dict[str, list] = {}
+        self.created: dict[str, int] = {}
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            for f in sorted(os.listdir(folder)):
+                if not f.endswith(".voice"):
+                    continue
+                path = os.path.join(folder, f)
+                try:
+                    self.voices[f[:-6]] = load_voice(path)
+                    self.created[f[:-6]] = int(os.path.getmtime(path))
+                except ValueError as e:
+                    log.warning("skipping voice file %s: %s", path, e)
+
+    def add(self, name: str, items: list) -> None:
+        if self.folder:
+            save_voice(items, os.path.join(self.folder, f"{name}.voice"))
+        self.voices[name] = items
+        self.created[name] = int(time.time())
+
+    def remove(self, name: str) -> None:
+        del self.voices[name]
+        if self.folder:
+            path = os.path.join(self.folder, f"{name}.voice")
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@dataclasses.dataclass
+class Upload:
+    """A registration's checked fields: the reference audio decoded (mono, any rate)."""
+    name: str
+    wave: np.ndarray
+    sample_rate: int
+    transcript: str             # "": an x-vector-only voice
+    tail_silence: float
+
+
+async def read_upload(request: Request, limit: int, taken, check_chars: Callable[[str, str], None]
+                      ) -> Upload | None:
+    """The multipart registration, read with its limits (the audio file at most `limit` bytes,
+    the other fields `FORM_BYTES`), every field checked: ApiError names the one at fault (409 a
+    name in `taken`, 413 a file too large or too long). None if the client left."""
+    try:
+        form = await bounded(request, limit + FORM_BYTES, "the upload").form(
+            max_part_size=FORM_BYTES)
+    except ApiError:
+        raise
+    except ClientDisconnect:
+        return None                            # the client left
+    except Exception as e:  # noqa: BLE001 - starlette raises several kinds
+        raise ApiError(400, f"expected a multipart/form-data body: {e}") from None
+    name = form.get("name")
+    rule = "1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, f"`name` is required: {rule}", "name")
+    if not VOICE_NAME.match(name):
+        raise ApiError(400, f"`name` {name[:80]!r} is not a valid voice name: {rule}", "name")
+    if name in taken:
+        raise ApiError(409, f"a voice named {name!r} exists; delete it first "
+                            f"(DELETE /v1/audio/voices/{name}) or pick another name", "name")
+    field = next((k for k in ("audio_sample", "audio", "file")
+                  if hasattr(form.get(k), "read")), None)
+    upload = form.get(field) if field else None
+    if upload is None:
+        raise ApiError(400, "the reference audio is required: a file field `audio_sample` "
+                            "(WAV, FLAC, OGG or MP3)", "audio_sample")
+    if (upload.size or 0) > limit:
+        raise ApiError(413, f"the audio file is {upload.size} bytes; at most {limit}", field,
+                       code="body_too_large")
+    transcript = form.get("transcript") or form.get("ref_text")
+    transcript = transcript.strip() if isinstance(transcript, str) else ""
+    if transcript:
+        check_chars("transcript", transcript)
+    # the upload is decoded from memory (never a path or URL), off the event loop; its length
+    # is checked from the header first, so a small file of hours of audio is never decoded
+    what = (f"the uploaded audio (field `{field}`, file "
+            f"{getattr(upload, 'filename', None)!r})")
+    data = await upload.read()
+
+    def decode():
+        samples, sr = read_file(io.BytesIO(data), what, MAX_SECONDS)
+        return samples.mean(axis=1), sr
+
+    try:
+        wave, sr = await asyncio.to_thread(decode)
+    except AudioTooLong as e:
+        raise ApiError(413, str(e), field, code="audio_too_long") from None
+    except AudioError as e:
+        raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", field) from None
+    silence = form.get("ref_tail_silence") or "0"
+    try:
+        silence = float(silence)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"`ref_tail_silence` must be seconds in [0, 5], got {silence!r}",
+                       "ref_tail_silence") from None
+    return Upload(name, wave, sr, transcript, silence)
