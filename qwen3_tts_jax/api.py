@@ -24,6 +24,7 @@ from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_genera
 from .options import Options
 from .prefix_cache import PrefixCache
 from .compilation_cache import enable_compilation_cache  # noqa: F401 - public here too
+from .budget import FRAMES_PER_TOKEN, text_budget
 from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, keys  # noqa: F401
 from .voice import VoiceClonePromptItem, as_items
 
@@ -260,8 +261,32 @@ class Qwen3TTS:
             raise ValueError(f"{method} needs a {kind} checkpoint, but {self.folder} is a {have} "
                              f"checkpoint (tts_model_type={have!r}); use {hint} instead")
 
-    def _settings(self, gen_kwargs: dict) -> GenerationSettings:
+    def _settings(self, gen_kwargs: dict, text=None) -> GenerationSettings:
+        """The call's checked settings. `max_new_tokens` may be an integer (the official), a
+        list of them (one per utterance) or "auto": each text's own budget (`text_budgets`)."""
+        m = gen_kwargs.get("max_new_tokens")
+        if isinstance(m, str):
+            if m != "auto":
+                raise SettingError(f"max_new_tokens must be an integer, a list of them (one per "
+                                   f"utterance) or 'auto', got {m!r}", "max_new_tokens")
+            gen_kwargs = {**gen_kwargs, "max_new_tokens": self.text_budgets(text)}
         return GenerationSettings.merge(self.generate_defaults, **gen_kwargs)
+
+    def text_budgets(self, text) -> list[int]:
+        """`max_new_tokens="auto"`: for each text (a str or a list) `budget.text_budget` frames
+        (6 s plus 15 frames per text token, about 4x typical speech) at most the checkpoint's
+        `max_new_tokens`, so that an utterance that never ends (a runaway) stops seconds past its
+        text instead of at the checkpoint's 11 minutes. Text in pieces (an iterator) gets the
+        checkpoint's budget until it has ended, then its own (the streaming methods)."""
+        cap = self.generate_defaults.max_new_tokens
+        if text is None:
+            raise ValueError("max_new_tokens='auto' needs the texts; with built prompts give "
+                             "an integer or one per prompt")
+        if _is_pieces(text):
+            return [cap]
+        texts = text if isinstance(text, list) else [text]
+        prompts.check_texts(texts)
+        return [min(cap, text_budget(len(self.tokenizer.encode(t)))) for t in texts]
 
     # ------------------------------------------------------------------ prompts of each mode
     def custom_voice_prompts(self, text, speaker, language=None, instruct=None,
@@ -343,6 +368,8 @@ class Qwen3TTS:
             items, _ = self.voice_clone_prompts(texts, language, None, None, False,
                                                 voice_clone_prompt,
                                                 _official_mode(non_streaming_mode, False))
+        if gen_kwargs.get("max_new_tokens") == "auto":
+            gen_kwargs["max_new_tokens"] = max(self.text_budgets(texts))
         return self.warmup_prompts(items, batch_sizes, **gen_kwargs)
 
     # ------------------------------------------------------------------ custom voice
@@ -353,16 +380,17 @@ class Qwen3TTS:
         text/speaker/language/instruct: a value or a list (a batch). language None = "auto".
         gen_kwargs: do_sample, top_k, top_p, temperature, repetition_penalty, subtalker_dosample,
         subtalker_top_k, subtalker_top_p, subtalker_temperature, max_new_tokens (defaults from
-        generation_config.json), seed (int, list of ints, or None for random).
+        generation_config.json; also a list, one per text, or "auto": each text's own budget,
+        `text_budgets`), seed (int, list of ints, or None for random).
         """
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         items = self.custom_voice_prompts(text, speaker, language, instruct, non_streaming_mode)
         return runner.run(self, items, settings)
 
     def prepare_custom_voice(self, text, speaker, language=None, instruct=None,
                              non_streaming_mode: bool = True, **gen_kwargs):
         """(PromptBatch, generate.Settings, keys) for the functional form `generate.synthesize`."""
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         return runner.prepare(self.config, self.options, self.custom_voice_prompts(
             text, speaker, language, instruct, non_streaming_mode), settings)
 
@@ -378,14 +406,14 @@ class Qwen3TTS:
                                     non_streaming_mode: bool = True, **gen_kwargs):
         """Codes for a voice described in words (VoiceDesign model). See
         `generate_custom_voice_codes` for gen_kwargs."""
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         items = self.voice_design_prompts(text, instruct, language, non_streaming_mode)
         return runner.run(self, items, settings)
 
     def prepare_voice_design(self, text, instruct, language=None, non_streaming_mode: bool = True,
                              **gen_kwargs):
         """(PromptBatch, generate.Settings, keys) for the functional form `generate.synthesize`."""
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         return runner.prepare(self.config, self.options, self.voice_design_prompts(
             text, instruct, language, non_streaming_mode), settings)
 
@@ -414,7 +442,7 @@ class Qwen3TTS:
                                    x_vector_only_mode=False, voice_clone_prompt=None,
                                    non_streaming_mode: bool = False, **gen_kwargs):
         """Codes in a cloned voice (Base model): the generated frames only (no reference)."""
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         items, _ = self.voice_clone_prompts(text, language, ref_audio, ref_text,
                                             x_vector_only_mode, voice_clone_prompt,
                                             non_streaming_mode)
@@ -427,7 +455,7 @@ class Qwen3TTS:
         decoded after the reference codes (as left context) and the reference part is cut, like
         the official. voice_clone_prompt: items from `create_voice_clone_prompt`, or a voice file
         path (`save_voice`)."""
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         built, items = self.voice_clone_prompts(text, language, ref_audio, ref_text,
                                                 x_vector_only_mode, voice_clone_prompt,
                                                 non_streaming_mode)
@@ -454,12 +482,12 @@ class Qwen3TTS:
         return runner.run(self, items, self._settings(gen_kwargs), data_parallel=pad_batch_to > 1)
 
     # ------------------------------------------------------------------ streaming
-    # ------------------------------------------------------------------ streaming
     def _stream(self, text, build, pieces_prompt, settings, non_streaming_mode, chunk_frames,
-                first_chunk_frames, ref_code=None):
+                first_chunk_frames, ref_code=None, auto: bool = False):
         """Audio chunks of one utterance: a whole text through `runner.stream`, or text in
-        pieces through the batching engine (`engine.stream_pieces`). Arguments are checked now;
-        the generator runs at the first next()."""
+        pieces through the batching engine (`engine.stream_pieces`; with `auto`, the text's
+        budget once it has ended). Arguments are checked now; the generator runs at the first
+        next()."""
         runner.check_chunks(chunk_frames, first_chunk_frames)
         if not _is_pieces(text):
             return runner.stream(self, _single(build(text)), settings, chunk_frames,
@@ -472,7 +500,8 @@ class Qwen3TTS:
         feed = text_feed.TextFeed.of(self.tokenizer, pieces_prompt())
         key = keys(settings.seed, 1, 1)[0]     # as the same seed for a str text
         return engine.stream_pieces(self, text, feed, settings, key, chunk_frames,
-                                    first_chunk_frames, ref_code)
+                                    first_chunk_frames, ref_code,
+                                    frames_per_token=FRAMES_PER_TOKEN if auto else 0.0)
 
     def generate_custom_voice_streaming(self, text, speaker: str, language=None,
                                         instruct=None, non_streaming_mode: bool | None = None,
@@ -493,7 +522,8 @@ class Qwen3TTS:
             text, lambda t: self.custom_voice_prompts(t, speaker, language, instruct,
                                                       _official_mode(non_streaming_mode, True)),
             lambda: self.text_prompt(language, speaker=speaker, instruct=instruct),
-            self._settings(gen_kwargs), non_streaming_mode, chunk_frames, first_chunk_frames)
+            self._settings(gen_kwargs, text), non_streaming_mode, chunk_frames,
+            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto")
 
     def generate_voice_design_streaming(self, text, instruct: str, language=None,
                                         non_streaming_mode: bool | None = None,
@@ -506,7 +536,8 @@ class Qwen3TTS:
             text, lambda t: self.voice_design_prompts(t, instruct, language,
                                                       _official_mode(non_streaming_mode, True)),
             lambda: self.text_prompt(language, instruct=instruct),
-            self._settings(gen_kwargs), non_streaming_mode, chunk_frames, first_chunk_frames)
+            self._settings(gen_kwargs, text), non_streaming_mode, chunk_frames,
+            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto")
 
     def generate_voice_clone_streaming(self, text, language=None, ref_audio=None,
                                        ref_text=None, x_vector_only_mode=False,
@@ -518,7 +549,7 @@ class Qwen3TTS:
         `generate_custom_voice_streaming`); in ICL mode the reference codes are decoded first
         and their audio cut, like the offline decode."""
         self._require("base", "generate_voice_clone")
-        settings = self._settings(gen_kwargs)
+        settings = self._settings(gen_kwargs, text)
         if voice_clone_prompt is None:
             if ref_audio is None:
                 raise ValueError("generate_voice_clone needs ref_audio (with ref_text for ICL "
@@ -535,7 +566,8 @@ class Qwen3TTS:
                 non_streaming_mode=_official_mode(non_streaming_mode, False))[0],
             lambda: self.text_prompt(language, voice=voice), settings, non_streaming_mode,
             chunk_frames, first_chunk_frames,
-            ref_code=voice.ref_code if voice.icl_mode else None)
+            ref_code=voice.ref_code if voice.icl_mode else None,
+            auto=gen_kwargs.get("max_new_tokens") == "auto")
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

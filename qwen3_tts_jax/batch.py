@@ -407,7 +407,7 @@ def _prompts(tts, chunk: list[Request], gen: dict):
 def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
     """One padded batch through the official-style API, sharded over the local devices:
     (waves, sample rate, the indices in `chunk` that reached max_new_tokens without EOS).
-    `limit(request)`: its text's budget or None; the batch takes its largest."""
+    `limit(request)`: its text's budget (each row its own) or None."""
     import warnings
 
     from .budget import BudgetReached
@@ -417,7 +417,7 @@ def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
     most = [limit(r) for r in chunk]
     if None not in most:
         cap = gen.get("max_new_tokens") or tts.generate_defaults.max_new_tokens
-        gen["max_new_tokens"] = min(cap, max(most))
+        gen["max_new_tokens"] = [min(cap, m) for m in most]
     with warnings.catch_warnings(record=True) as caught:   # told in the summary instead
         warnings.simplefilter("always", BudgetReached)
         codes = tts.generate_prompts_codes(items, pad_batch_to=devices, **gen)

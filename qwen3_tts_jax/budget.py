@@ -11,7 +11,7 @@ checkpoints by its users' reports), and the official budget is the checkpoint's
   "length" (and "stop" for EOS), the batch tool lists the file;
 - the command line, the batch tool and the server give a text without a budget of its own
   `text_budget` frames (at most the checkpoint's), which bounds a runaway at seconds past the
-  text. The API keeps the official budget.
+  text. The API keeps the official budget unless given `max_new_tokens="auto"` (this, per text).
 
 No JAX here: the command line imports it for its flags.
 """
@@ -51,11 +51,14 @@ class BudgetReached(UserWarning):
 
 def warn_budget_reached(rows: Sequence[int], frames: Sequence[int], n: int, budget,
                         stacklevel: int = 3) -> None:
-    """Warn `BudgetReached` for these rows (of `n` in the call) if there are any."""
+    """Warn `BudgetReached` for these rows (of `n` in the call) if there are any. `budget`: the
+    call's max_new_tokens, or the cut rows' own (a list)."""
     if not len(rows):
         return
     which = (f"utterance {rows[0]}" if n == 1 or len(rows) == 1 else
              f"utterances {', '.join(map(str, rows))}")
+    if isinstance(budget, (list, tuple)):      # the cut rows' own budgets
+        budget = budget[0] if len(set(budget)) == 1 else "(" + ", ".join(map(str, budget)) + ")"
     warnings.warn(BudgetReached(
         f"{which} of {n} reached max_new_tokens={budget} without the end token (EOS): the "
         f"audio is cut at {max(frames)} frames ({max(frames) / 12.5:.2f} s). The model "

@@ -688,7 +688,8 @@ class BatchEngine:
 
 
 def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, key,
-                  chunk_frames: int, first_chunk_frames: int, ref_code=None):
+                  chunk_frames: int, first_chunk_frames: int, ref_code=None,
+                  frames_per_token: float = 0.0):
     """Audio chunks of one utterance whose text comes from the iterator `pieces`, on a one-row
     engine of its own (what the server's WebSocket text sessions run): a thread reads the pieces
     into `feed` while the engine's thread generates, extending the frame loop's trailing text
@@ -697,9 +698,12 @@ def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, k
     those of the offline streaming-mode generation of the whole text with the same key. Closing
     the generator early (or an exception from `pieces`) stops the generation. Reading stops once
     the text holds more tokens than `max_new_tokens` frames can read (an endless iterator ends
-    the utterance at its budget, as the whole text would)."""
+    the utterance at its budget, as the whole text would). `frames_per_token` > 0: once the
+    text has ended, the budget is at most its `budget.text_budget`."""
     out: queue.Queue = queue.Queue()
-    job = Job(None, settings, emit=out.put, key=key, ref_code=ref_code, feed=feed)
+    settings = settings.row(0, 1)
+    job = Job(None, settings, emit=out.put, key=key, ref_code=ref_code, feed=feed,
+              frames_per_token=frames_per_token)
     engine = BatchEngine(model, max_batch_size=1, batch_window=0.0, max_queue=1,
                          chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
     # Text tokens the frames can read (`TextFeed.trailing`): past them, reading stops (an endless
@@ -734,7 +738,7 @@ def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, k
             item = out.get()
             if item is None:
                 if job.finish_reason == "length":
-                    warn_budget_reached([0], [job.frames], 1, settings.max_new_tokens)
+                    warn_budget_reached([0], [job.frames], 1, job.settings.max_new_tokens)
                 return
             if isinstance(item, BaseException):
                 raise item

@@ -7,6 +7,7 @@ codes read back. The API and the batch tool's padded batches run here; the batch
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import time
 
@@ -48,7 +49,8 @@ def prepare(cfg: Qwen3TTSConfig, options: Options, items: list[prompts.Prompt],
     # first frame, and a power of two could nearly double it.
     batch = prompts.batch_prompts(cfg, items, length=ladder(longest),
                                   trailing_length=ladder(max(len(p.trailing) for p in items)))
-    return batch, traced([settings] * n + [None] * (B - n), options), keys(settings.seed, n, B)
+    rows = [settings.row(i, n) for i in range(n)]       # each its own budget
+    return batch, traced(rows + [None] * (B - n), options), keys(settings.seed, n, B)
 
 
 def _executables(model):
@@ -74,14 +76,15 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
         batch, run_settings, ks = jax.device_put((batch, run_settings, ks), rows)
         params, mesh = model.replicated_params(), rows.mesh
     state = gen.generate(params, model.config, batch, run_settings, ks,
-                         max_frames=settings.max_new_tokens - 1, options=model.options,
+                         max_frames=settings.most_new_tokens - 1, options=model.options,
                          executables=_executables(model) if m == 1 and devices == 1 else None,
                          mesh=mesh)
     codes = np.asarray(state.codes_BxFxG)
     lengths = np.asarray(state.length_B)
     n = len(items)
     cut = np.flatnonzero(gen.budget_reached(state, model.config)[:n])
-    warn_budget_reached(cut.tolist(), lengths[cut].tolist(), n, settings.max_new_tokens,
+    budgets = settings.budgets(n)
+    warn_budget_reached(cut.tolist(), lengths[cut].tolist(), n, [budgets[b] for b in cut],
                         stacklevel=4)
     return [codes[b, :lengths[b]] for b in range(n)]
 
@@ -93,6 +96,7 @@ def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: Generation
     (`generate.prefill_lengths`) and one frame. Returns seconds."""
     t = time.perf_counter()
     options = model.options
+    settings = dataclasses.replace(settings, max_new_tokens=settings.most_new_tokens)
     capacity = gen.capacity(settings.max_new_tokens - 1, options)
     for B in batch_sizes:
         rows = (list(items) * B)[:B]
@@ -112,6 +116,7 @@ def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_fram
     concatenate to the offline audio, and each costs only its new frames). An ICL reference
     (`ref_code`) is decoded first and its audio cut. After the first chunk, a chunk's codec runs
     beside the next chunk's frames as `Options.codec_overlap` says (same audio)."""
+    settings = settings.row(0, 1)
     batch, run_settings, ks = prepare(model.config, model.options, [item], settings)
     codec = model.speech_tokenizer.stream_decoder()
     codec.reset(0, prefix=ref_code)

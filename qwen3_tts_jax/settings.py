@@ -57,7 +57,9 @@ def check_seed(s) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
-    """Validated generation settings for one call (per-row values allowed for `seed`)."""
+    """Validated generation settings for one call. `seed` and `max_new_tokens` may hold one
+    value per utterance (a list; the official takes one `max_new_tokens` for the call): `budgets`
+    gives each utterance's, `most_new_tokens` the largest (the KV cache's and frame loop's)."""
     do_sample: bool
     top_k: int
     top_p: float
@@ -117,15 +119,34 @@ class GenerationSettings:
             raise SettingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
                                "repetition_penalty")
         m = self.max_new_tokens
+        if isinstance(m, (list, tuple)) and not m:
+            raise SettingError("max_new_tokens is an empty list: give an integer, or one per "
+                               "utterance", "max_new_tokens")
         # At least 2, like the official generate (min_new_tokens=2): N talker tokens give at most
         # N - 1 frames (the last token's codes are never predicted), so 1 would give no audio.
-        if (not isinstance(m, (int, np.integer)) or isinstance(m, bool)
-                or not 2 <= m <= MAX_NEW_TOKENS):
-            raise SettingError(f"max_new_tokens must be an integer in [2, {MAX_NEW_TOKENS}] "
-                               f"(2**20), got {m!r}", "max_new_tokens")
+        for v in m if isinstance(m, (list, tuple)) else [m]:
+            if (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+                    or not 2 <= v <= MAX_NEW_TOKENS):
+                raise SettingError(f"max_new_tokens must be an integer in [2, {MAX_NEW_TOKENS}] "
+                                   f"(2**20) or a list of them, one per utterance, got {v!r}",
+                                   "max_new_tokens")
         if self.seed is not None:
             for s in self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]:
                 check_seed(s)
+
+    def budgets(self, n: int) -> list[int]:
+        """Each of `n` utterances' `max_new_tokens` (one value broadcasts)."""
+        return [int(m) for m in as_list(self.max_new_tokens, n, "max_new_tokens")]
+
+    @property
+    def most_new_tokens(self) -> int:
+        """The largest budget: the frames the call's KV cache and frame loop are sized for."""
+        m = self.max_new_tokens
+        return int(max(m) if isinstance(m, (list, tuple)) else m)
+
+    def row(self, i: int, n: int) -> "GenerationSettings":
+        """Utterance `i`'s settings (of `n`): its own budget, the other values as they are."""
+        return dataclasses.replace(self, max_new_tokens=self.budgets(n)[i])
 
 
 def as_list(x, n: int, name: str) -> list:

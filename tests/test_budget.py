@@ -216,9 +216,7 @@ def test_batch_bounds_each_request_by_its_text(endless, tmp_path, continuous):
                         gen=dict(GREEDY), continuous=continuous, frames_per_token=2.0)
     assert summary["done"] == 2 and len(summary["cut"]) == 2, summary
     budgets = [text_budget(len(endless.tokenizer.encode(t)), 2.0) for t in texts]
-    if not continuous:                      # one padded batch: its longest text's budget
-        budgets = [max(budgets)] * 2
-    for r, m in zip(reqs, budgets):
+    for r, m in zip(reqs, budgets):         # each its own, also in one padded batch
         info = sf.info(str(tmp_path / f"{r.name}.wav"))
         assert info.frames == (m - 1) * 1920, (r.name, info.frames / 1920, m)
 
@@ -271,3 +269,79 @@ def test_smaller_budgets_run_the_warmed_shapes(endless):
     finally:
         server.stop()
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_api_budgets_per_utterance(tts, natural):
+    """max_new_tokens as a list: each utterance its own budget in one batch. A row's codes are
+    those it gets alone, and only the rows cut at their own budget are told, with theirs."""
+    budgets = [natural[0] + 1, natural[1], natural[2] + 5]     # row 1 one frame short
+    codes, told = _caught(lambda: tts.generate_custom_voice_codes(
+        TEXTS, speaker=SPEAKERS, max_new_tokens=budgets, **GREEDY))
+    assert [len(c) for c in codes] == [natural[0], natural[1] - 1, natural[2]]
+    assert [(w.rows, w.frames) for w in told] == [([1], [natural[1] - 1])]
+    assert f"max_new_tokens={natural[1]} " in str(told[0])
+    alone = tts.generate_custom_voice_codes(TEXTS[1], speaker=SPEAKERS[1],
+                                            max_new_tokens=natural[1], **GREEDY)
+    assert np.array_equal(codes[1], alone[0])
+    # two rows cut at different budgets: both named, with their budgets
+    _, told = _caught(lambda: tts.generate_custom_voice_codes(
+        TEXTS, speaker=SPEAKERS, max_new_tokens=[natural[0], natural[1], 40], **GREEDY))
+    assert told[0].rows == [0, 1] and f"max_new_tokens=({natural[0]}, {natural[1]})" in str(
+        told[0])
+    # streaming: a list of one value is that utterance's budget
+    chunks = list(tts.generate_custom_voice_streaming(
+        TEXTS[0], speaker=SPEAKERS[0], max_new_tokens=[natural[0] + 1], first_chunk_frames=1,
+        **GREEDY))
+    assert sum(len(c) for c in chunks) == natural[0] * 1920
+
+
+def test_api_budget_lists_and_auto_are_checked(tts):
+    from qwen3_tts_jax.settings import SettingError
+
+    for bad, what in (([], "empty list"), ([40, 1], "got 1"), ([40, "x"], "got 'x'"),
+                      ("many", "or 'auto', got 'many'"), ([40, True], "got True")):
+        with pytest.raises(SettingError, match=what) as e:
+            tts.generate_custom_voice_codes(TEXTS[:2], speaker="ryan", max_new_tokens=bad)
+        assert e.value.param == "max_new_tokens"
+    with pytest.raises(ValueError, match="2 text.* 3 max_new_tokens"):
+        tts.generate_custom_voice_codes(TEXTS[:2], speaker="ryan", max_new_tokens=[40, 40, 40])
+    items = tts.custom_voice_prompts(TEXTS[0], "ryan")
+    with pytest.raises(ValueError, match="'auto' needs the texts"):
+        tts.generate_prompts_codes(items, max_new_tokens="auto")
+
+
+def test_api_auto_bounds_each_text(endless):
+    """max_new_tokens="auto": a runaway (this checkpoint never ends) stops at its own text's
+    budget, in a batch, streamed, and with its text in pieces (once the text has ended)."""
+    texts = ["Hi.", "The lazy dog sleeps in the sun all day long."]
+    want = [text_budget(len(endless.tokenizer.encode(t))) - 1 for t in texts]
+    assert want[0] < want[1] < endless.generate_defaults.max_new_tokens - 1
+    codes, told = _caught(lambda: endless.generate_custom_voice_codes(
+        texts, speaker="ryan", max_new_tokens="auto", **GREEDY))
+    assert [len(c) for c in codes] == want
+    assert [(w.rows, w.frames) for w in told] == [([0, 1], want)]
+    chunks, told = _caught(lambda: list(endless.generate_custom_voice_streaming(
+        texts[0], speaker="ryan", max_new_tokens="auto", **GREEDY)))
+    assert sum(len(c) for c in chunks) == want[0] * 1920 and told[0].frames == [want[0]]
+    chunks, told = _caught(lambda: list(endless.generate_custom_voice_streaming(
+        iter(["Hi", "."]), speaker="ryan", max_new_tokens="auto", **GREEDY)))
+    assert sum(len(c) for c in chunks) == want[0] * 1920 and told[0].frames == [want[0]]
+
+
+def test_server_refuses_budget_lists(endless):
+    pytest.importorskip("fastapi")
+    from test_server import Running, post
+
+    from qwen3_tts_jax.server.app import ServerOptions, create_app
+
+    server = Running(create_app(endless, ServerOptions(model_name="tiny", max_new_tokens=50)))
+    try:
+        for bad in ([20, 20], "auto"):
+            status, _, data = post(server.url + "/v1/audio/speech", {
+                "model": "tiny", "input": "Hi.", "voice": "ryan", "response_format": "pcm",
+                "max_new_tokens": bad})
+            err = json.loads(data)["error"]
+            assert status == 400 and err["param"] == "max_new_tokens", data
+            assert "must be an integer" in err["message"]
+    finally:
+        server.stop()

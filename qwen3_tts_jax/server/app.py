@@ -313,6 +313,10 @@ class Server:
                 gen["max_new_tokens"] = min(self.max_new_tokens, text_budget(
                     len(self.tts.tokenizer.encode(text)), self.options.frames_per_token))
         m = gen["max_new_tokens"]
+        if isinstance(m, (list, str)):     # the API's per-utterance lists and "auto"
+            raise ApiError(400, f"max_new_tokens must be an integer (one request is one "
+                                f"utterance; leave it out for a budget from the text), got "
+                                f"{json.dumps(m)[:80]}", "max_new_tokens")
         if isinstance(m, int) and not isinstance(m, bool) and m > self.max_new_tokens:
             raise ApiError(400, f"max_new_tokens {gen['max_new_tokens']} is above this server's "
                                 f"cap of {self.max_new_tokens}", "max_new_tokens")
