@@ -41,12 +41,9 @@ METHODS = ("int8", "int4")
 INT4_GROUP = 32
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Int8Weight:
-    """A (K, N) weight as int8 `values` (K, N) and float32 `scale` (N,): w ~ values * scale."""
+class _Quantized:
+    """What a quantized weight answers like the (K, N) array it stands for: shape and ndim."""
     values: jax.Array
-    scale: jax.Array
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,6 +52,14 @@ class Int8Weight:
     @property
     def ndim(self) -> int:
         return 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Weight(_Quantized):
+    """A (K, N) weight as int8 `values` (K, N) and float32 `scale` (N,): w ~ values * scale."""
+    values: jax.Array
+    scale: jax.Array
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return self.values.astype(dtype) * self.scale.astype(dtype)
@@ -62,20 +67,12 @@ class Int8Weight:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Int4Weight:
+class Int4Weight(_Quantized):
     """A (K, N) weight as 4-bit `values` (K, N) in [-8, 7] (held as int8 until packed) and a
     float32 `scale` (ceil(K / INT4_GROUP), N) per column and group of INT4_GROUP consecutive k
     (of either sign, `quantize_int4`): w[k, n] ~ values[k, n] * scale[k // INT4_GROUP, n]."""
     values: jax.Array
     scale: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.values.shape)
-
-    @property
-    def ndim(self) -> int:
-        return 2
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         K = self.values.shape[0]
