@@ -55,6 +55,12 @@ class QueueFull(Exception):
     """More requests are waiting than the engine accepts (the server answers 429)."""
 
 
+def queue_full(waiting: int, more: int, limit: int) -> QueueFull:
+    return QueueFull(f"{waiting} requests are already waiting"
+                     + (f" and this batch has {more}" if more > 1 else "")
+                     + f" (the limit is {limit}); retry later")
+
+
 class EngineUnavailable(RuntimeError):
     """The engine could not run the job: its worker failed (and restarted) or the engine is
     stopping (the server answers 503; a retry may succeed)."""
@@ -250,17 +256,22 @@ class BatchEngine:
         """Queue a job or a text session. A job waits in the queue (QueueFull if `max_queue`
         jobs already wait there); a session does not count against it (the server caps its
         sessions itself), whether it waits for text or runs."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue every job or none (the server's batch requests): QueueFull if they do not all
+        fit in the queue."""
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             raise EngineUnavailable(f"the server's engine is down ({self.health()})")
         with self._lock:
-            if job.feed is None:
-                if self._waiting >= self.max_queue:
-                    self.stats["rejected_queue_full"] += 1
-                    raise QueueFull(f"{self._waiting} requests are already waiting (the limit "
-                                    f"is {self.max_queue}); retry later")
-                self._waiting += 1
-            self.stats["requests"] += 1
-        self._queue.put(job)
+            queued = sum(j.feed is None for j in jobs)
+            if queued and self._waiting + queued > self.max_queue:
+                self.stats["rejected_queue_full"] += 1
+                raise queue_full(self._waiting, queued, self.max_queue)
+            self._waiting += queued
+            self.stats["requests"] += len(jobs)
+        for job in jobs:
+            self._queue.put(job)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the worker thread between chunks; its result or exception in a Future."""
@@ -798,13 +809,18 @@ class EnginePool:
     def submit(self, job: Job) -> None:
         """Queue a job on the least busy device; QueueFull if `max_queue` jobs already wait (a
         text session does not count, as in `BatchEngine.submit`)."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue every job (each on the least busy device then) or none: QueueFull if they do
+        not all fit in the queue."""
         with self._lock:
-            waiting = self.waiting
-            if job.feed is None and waiting >= self.max_queue:
+            waiting, queued = self.waiting, sum(j.feed is None for j in jobs)
+            if queued and waiting + queued > self.max_queue:
                 self._rejected += 1
-                raise QueueFull(f"{waiting} requests are already waiting (the limit is "
-                                f"{self.max_queue}); retry later")
-            min(self.engines, key=lambda e: e.waiting + e.active).submit(job)
+                raise queue_full(waiting, queued, self.max_queue)
+            for job in jobs:
+                min(self.engines, key=lambda e: e.waiting + e.active).submit(job)
 
     def call(self, fn: Callable[[], object]) -> Future:
         return self.engines[0].call(fn)

@@ -99,6 +99,8 @@ def add_parser(sub, common) -> None:
                    help="longer prompts (input, instructions and a voice's reference together, "
                         "in tokens) are refused with 413 (default: the longest whose largest "
                         "batch fits half the device's free memory; docs/serving.md)")
+    f.add_argument("--max-batch-items", type=int, default=32, metavar="N",
+                   help="items in one POST /v1/audio/speech/batch; more get a 413")
     f.add_argument("--max-sessions", type=int, default=16,
                    help="WebSocket text sessions open at once; more get a 429 error message")
     f.add_argument("--session-idle-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -167,6 +169,7 @@ def run(args) -> int:
     except ValueError as e:
         fail(f"--allowed-origins: {e}")
     for flag, value in (("--max-sessions", args.max_sessions),
+                        ("--max-batch-items", args.max_batch_items),
                         ("--session-idle-timeout", args.session_idle_timeout),
                         ("--stall-timeout", args.stall_timeout),
                         ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
@@ -224,7 +227,7 @@ def run(args) -> int:
         continuous_batching=args.continuous_batching, devices=args.devices,
         api_key=args.api_key, allowed_origins=origins, max_prompt_tokens=args.max_prompt_tokens,
         max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout,
-        stall_timeout=args.stall_timeout)
+        stall_timeout=args.stall_timeout, max_batch_items=args.max_batch_items)
     try:
         app = create_app(tts, options)
     except ValueError as e:

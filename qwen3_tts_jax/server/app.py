@@ -3,6 +3,8 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
 
     POST   /v1/audio/speech        {"model", "input", "voice", "response_format", "speed",
                                     "instructions", "stream_format"} + official generation settings
+    POST   /v1/audio/speech/batch  {"items": [speech request, ...], + fields shared by the items}
+                                    -> each item's audio (base64) or its own error, in order
     GET    /v1/audio/voices        preset speakers and registered (cloned) voices
     POST   /v1/audio/voices        multipart: name, audio_sample (file), transcript (Base only)
     DELETE /v1/audio/voices/{id}
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -93,6 +96,7 @@ class ServerOptions:
     max_upload_bytes: int = MAX_UPLOAD_BYTES   # a voice registration's audio file
     max_prompt_tokens: int | None = None  # default: from the device's memory (engine.py)
     max_sessions: int = 16           # WebSocket text sessions open at once (429 beyond)
+    max_batch_items: int = 32        # items in one POST /v1/audio/speech/batch (413 beyond)
     session_idle_timeout: float = 30.0  # seconds a session may wait for its next message
     stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
 
@@ -103,6 +107,12 @@ class SpeechRequest:
     job: Job
     fmt: str
     sse: bool
+
+
+def _item_error(index: int, status: int, message: str, param=None, code=None) -> dict:
+    """A batch item's entry when it was refused or failed: OpenAI's error shape and its status."""
+    return {"index": index, "error": {**error_body(status, message, param, code),
+                                      "status": status}}
 
 
 def _check_type(data: dict, key: str, types: tuple, what: str):
@@ -435,6 +445,112 @@ class Server:
         return Response(data, media_type=MEDIA_TYPES[fmt],
                         headers={"X-Finish-Reason": job.finish_reason or "stop"})
 
+    async def speech_batch(self, request: Request) -> Response:
+        """POST /v1/audio/speech/batch: `items`, a list of speech requests (1 to
+        --max-batch-items), each with the fields of /v1/audio/speech; the body's other fields
+        are shared by every item (an item's own win). All valid items are queued together or
+        none are (429 when they do not all fit) and run in the same batches. The answer, once
+        all have ended, lists each item in order: its audio as a whole file in its
+        `response_format`, base64, with `finish_reason` and `usage`; or its own `error` (status,
+        message, param) when it was refused (400, 413) or failed (504, 500): one bad item
+        never fails the others."""
+        try:
+            body = await read_body(request, self.options.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)       # nobody reads it
+        data = loads(body)
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object with `items`")
+        items, most = data.get("items"), self.options.max_batch_items
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, f"`items` is required: a list of 1 to {most} speech requests",
+                           "items")
+        if len(items) > most:
+            raise ApiError(413, f"`items` has {len(items)} requests; this server takes at most "
+                                f"{most} in one batch (--max-batch-items)", "items")
+        shared = {k: v for k, v in data.items() if k != "items"}
+        results: list[dict] = [{} for _ in items]
+        runs: list[tuple[int, SpeechRequest]] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ApiError(400, f"items[{i}] must be a JSON object (a speech request)")
+                req = self.parse_speech({**shared, **item})
+                if req.sse:
+                    raise ApiError(400, "stream_format does not apply to a batch item (each "
+                                        "comes back whole)", "stream_format")
+                runs.append((i, req))
+            except ApiError as e:
+                results[i] = _item_error(i, e.status, e.message, e.param, e.code)
+        loop = asyncio.get_running_loop()
+        outs: dict[int, asyncio.Queue] = {}
+        for i, req in runs:
+            outs[i] = asyncio.Queue()
+            req.job.emit = self.metrics.watch(req.job, "batch", functools.partial(
+                loop.call_soon_threadsafe, outs[i].put_nowait))
+        try:
+            self.engine.submit_all([req.job for _, req in runs])
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
+
+        async def collect(i: int, job: Job) -> list:
+            waves = []
+            while True:
+                try:
+                    item = await asyncio.wait_for(outs[i].get(),
+                                                  job.deadline - time.monotonic() + 1)
+                except asyncio.TimeoutError:
+                    job.cancelled = True
+                    raise DeadlineExceeded("the request ran out of time") from None
+                if item is None:
+                    return waves
+                if isinstance(item, Exception):
+                    raise item
+                waves.append(item)
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gathered = asyncio.gather(*(collect(i, req.job) for i, req in runs),
+                                  return_exceptions=True)
+        watcher = asyncio.create_task(watch())
+        try:
+            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                return Response(status_code=499)   # the client left: nobody reads it
+            outcomes = gathered.result()
+        finally:
+            for _, req in runs:
+                req.job.cancelled = True            # no-op for the finished ones
+            watcher.cancel()
+            gathered.cancel()
+
+        def encode_all() -> None:
+            for (i, req), out in zip(runs, outcomes):
+                job = req.job
+                if isinstance(out, BaseException):
+                    status = (504 if isinstance(out, DeadlineExceeded) else
+                              503 if isinstance(out, EngineUnavailable) else 500)
+                    message = (f"{out} (the limit is {self.options.request_timeout:g} s)"
+                               if status == 504 else f"{type(out).__name__}: {out}"
+                               if status == 500 else str(out))
+                    results[i] = _item_error(i, status, message)
+                    continue
+                audio = encode_audio(np.concatenate(out) if out else np.zeros(0, np.float32),
+                                     req.fmt)
+                tokens = len(job.prompt)
+                results[i] = {"index": i, "object": "audio.speech",
+                              "response_format": req.fmt,
+                              "audio": base64.b64encode(audio).decode(),
+                              "finish_reason": job.finish_reason or "stop",
+                              "usage": {"input_tokens": tokens, "output_tokens": job.frames,
+                                        "total_tokens": tokens + job.frames}}
+
+        await asyncio.to_thread(encode_all)
+        return JSONResponse({"object": "list", "model": self.options.model_name,
+                             "data": results})
+
     async def _stream(self, req: SpeechRequest, first, next_chunk, watcher):
         """The response body of a streamed request. Once it has started its status (200) is sent,
         so a deadline or failure can only end it, visibly: SSE with an `error` event, a raw
@@ -602,6 +718,10 @@ def create_app(tts, options: ServerOptions | None = None) -> FastAPI:
     @app.post("/v1/audio/speech")
     async def speech(request: Request):
         return await server.speech(request)
+
+    @app.post("/v1/audio/speech/batch")
+    async def speech_batch(request: Request):
+        return await server.speech_batch(request)
 
     @app.websocket("/v1/audio/speech/stream")
     async def speech_stream(ws: WebSocket):

@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 
 from .errors import error_response
 
-JSON_PATHS = ("/v1/audio/speech",)  # POST endpoints that take a JSON body
+JSON_PATHS = ("/v1/audio/speech", "/v1/audio/speech/batch")  # POST endpoints taking JSON
 # Answered without the API key: load balancers' probes, and the playground's static page, which
 # holds no data and asks for the key itself before it calls the API.
 OPEN_PATHS = ("/health", "/")

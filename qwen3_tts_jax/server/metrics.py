@@ -10,7 +10,8 @@
   `qwen3_tts_sessions` (open text sessions), `qwen3_tts_up` (0 while /health says unavailable)
   and the per-voice caches' entries and bytes.
 - Histograms per request, from the engine's own clock (`Job.submitted`, `Job.started`), labelled
-  `route` ("speech": POST /v1/audio/speech, "session": the WebSocket text sessions):
+  `route` ("speech": POST /v1/audio/speech, "batch": the items of POST
+  /v1/audio/speech/batch, "session": the WebSocket text sessions):
   `qwen3_tts_queue_wait_seconds` (submitted -> started in a batch),
   `qwen3_tts_time_to_first_audio_seconds` (submitted -> its first audio leaves the engine;
   streamed requests only: a whole file's first audio is all of it) and
