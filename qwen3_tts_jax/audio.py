@@ -177,6 +177,23 @@ def _download(url: str) -> bytes:
     return data
 
 
+def inline_bytes(s: str, what: str = "the audio") -> bytes:
+    """The file bytes of audio given inline, as a data URL ("data:audio/wav;base64,...") or bare
+    base64: never a path or a URL (what a server takes from a client: it reads no file and
+    fetches nothing for one). AudioError names what is wrong."""
+    if s.startswith("data:"):
+        head, sep, payload = s.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise AudioError(f"{what} is a data URL that is not base64: expected "
+                             f"'data:audio/<type>;base64,<data>'")
+        return _b64decode(payload, what)
+    if _is_url(s) or not _BASE64.fullmatch("".join(s.split())):
+        raise AudioError(f"{what} must be base64 audio file bytes, bare or as a data URL "
+                         f"('data:audio/wav;base64,...'); paths and URLs are not read here, got "
+                         f"{_describe(s)}")
+    return _b64decode(s, what)
+
+
 def _b64decode(s: str, what: str) -> bytes:
     try:
         return base64.b64decode("".join(s.split()), validate=True)

@@ -3,6 +3,7 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
 
     POST   /v1/audio/speech        {"model", "input", "voice", "response_format", "speed",
                                     "instructions", "stream_format"} + official generation settings
+                                    (+ "ref_audio", "ref_text": a Base voice in the request)
     POST   /v1/audio/speech/batch  {"items": [speech request, ...], + fields shared by the items}
                                     -> each item's audio (base64) or its own error, in order
     GET    /v1/audio/voices        preset speakers and registered (cloned) voices
@@ -50,7 +51,7 @@ from . import sessions
 from .errors import ApiError, error_body, error_response
 from .guards import ApiKeyCheck, BrowserGuard, cors_origins, parse_origins, redact_api_keys_in_logs
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MISSING as METRICS_MISSING, Metrics
-from .voices import VoiceStore, read_upload
+from .voices import INLINE_FIELDS, InlineVoices, VoiceStore, read_upload
 from .wire import MEDIA_TYPES, STREAMED, AudioStream, ClientGone, Truncated, check_unicode, \
     encode_audio, loads, pcm16, read_body, supported_formats, wav_header
 
@@ -59,7 +60,7 @@ log = logging.getLogger("qwen3_tts_jax.server")
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
                  "shimmer", "verse", "marin", "cedar")
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
-                 "stream_format", "language", "non_streaming_mode") + GEN_KWARGS
+                 "stream_format", "language", "non_streaming_mode") + GEN_KWARGS + INLINE_FIELDS
 MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
 
@@ -133,6 +134,7 @@ class Server:
         self.formats = supported_formats()
         self.decode_kernels = tts.decode_kernels()
         self.voices = VoiceStore(options.voices_dir if self.kind == "base" else None)
+        self.inline = InlineVoices()       # voices given in requests (`ref_audio`)
         cap = options.max_new_tokens or tts.generate_defaults.max_new_tokens
         self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
         local = jax.local_devices()
@@ -259,7 +261,8 @@ class Server:
         if self.kind == "voice_design":
             return None     # the voice is described in `instructions`
         listed = (f"valid voices: {self.voice_names()}" if self.kind == "custom_voice" else
-                  "the registered voices are listed by GET /v1/audio/voices")
+                  "the registered voices are listed by GET /v1/audio/voices (or give the voice "
+                  "in the request: `ref_audio` with `ref_text`)")
         if voice is None or voice == "":
             raise ApiError(400, f"`voice` is required; {listed}", "voice")
         if not isinstance(voice, str):
@@ -275,8 +278,25 @@ class Server:
         return match
 
     # ----------------------------------------------------------------------------- speech
-    def parse_speech(self, data) -> SpeechRequest:
-        """Validate a speech request and build its prompt; ApiError names the problem."""
+    async def inline_voice(self, data) -> list | None:
+        """The voice a speech request gives itself (`ref_audio` with `ref_text` or
+        `x_vector_only_mode`: `voices.InlineVoices`), encoded; None when it gives none."""
+        if not isinstance(data, dict) or all(data.get(k) is None for k in INLINE_FIELDS):
+            return None
+        if self.kind != "base":
+            field = next(k for k in INLINE_FIELDS if data.get(k) is not None)
+            raise ApiError(400, f"`{field}` clones a voice, which needs a Base checkpoint; this "
+                                f"server runs a {self.kind} model", field)
+
+        def encode(audio, ref_text, x_vector_only):
+            return self.engine.call(lambda: self.tts.create_voice_clone_prompt(
+                audio, ref_text=ref_text, x_vector_only_mode=x_vector_only))
+
+        return await self.inline.get(data, encode, self._check_chars)
+
+    def parse_speech(self, data, inline: list | None = None) -> SpeechRequest:
+        """Validate a speech request and build its prompt; ApiError names the problem.
+        `inline`: the voice the request gives itself (`inline_voice`), if any."""
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         unknown = sorted(set(data) - set(SPEECH_FIELDS))
@@ -338,7 +358,12 @@ class Server:
             settings = GenerationSettings.merge(self.tts.generate_defaults, **gen)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), getattr(e, "param", None)) from None
-        voice = self.voice_for(data)
+        if inline is None and any(data.get(k) is not None for k in INLINE_FIELDS):
+            field = next(k for k in INLINE_FIELDS if data.get(k) is not None)
+            raise ApiError(400, f"`{field}` is taken by POST /v1/audio/speech and its batch "
+                                "only; here, register the voice (POST /v1/audio/voices) and "
+                                "name it", field)
+        voice = self.voice_for(data) if inline is None else None
         tts, ref_code, voices = self.tts, None, None
         if self.kind == "voice_design" and not instructions:
             raise ApiError(400, "this is a VoiceDesign model: describe the voice in "
@@ -347,7 +372,7 @@ class Server:
             if instructions:
                 raise ApiError(400, "`instructions` are not supported by voice cloning (Base "
                                     "models); leave them out", "instructions")
-            voices = self.voices.voices[voice][:1]
+            voices = (self.voices.voices[voice] if inline is None else inline)[:1]
             if voices[0].icl_mode and voices[0].ref_code is not None:
                 ref_code = voices[0].ref_code
         transcript = (voices[0].ref_text or "") if ref_code is not None else ""
@@ -388,7 +413,8 @@ class Server:
             body = await read_body(request, self.options.max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=400)       # nobody reads it
-        req = self.parse_speech(loads(body))
+        data = loads(body)
+        req = self.parse_speech(data, await self.inline_voice(data))
         job = req.job
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue = asyncio.Queue()
@@ -475,7 +501,8 @@ class Server:
             try:
                 if not isinstance(item, dict):
                     raise ApiError(400, f"items[{i}] must be a JSON object (a speech request)")
-                req = self.parse_speech({**shared, **item})
+                merged = {**shared, **item}
+                req = self.parse_speech(merged, await self.inline_voice(merged))
                 if req.sse:
                     raise ApiError(400, "stream_format does not apply to a batch item (each "
                                         "comes back whole)", "stream_format")
@@ -640,11 +667,18 @@ class Server:
         return {"id": name, "object": "audio.voice", "name": name, "type": "preset",
                 "created_at": int(self.started)}
 
+    def counters(self) -> dict:
+        """The engine's stats with the server's own counters (/health `stats`, /metrics)."""
+        stats = dict(self.engine.stats)
+        stats["truncated"] = self.truncated
+        stats["inline_voices_encoded"] = self.inline.misses
+        stats["inline_voices_reused"] = self.inline.hits
+        return stats
+
     def health(self) -> dict:
         """The server's state; `status` "ok", or "unavailable" with the engine's `reason` (the
         route answers 503 then)."""
-        stats = dict(self.engine.stats)
-        stats["truncated"] = self.truncated
+        stats = self.counters()
         stats["batch_sizes"] = {str(k): v for k, v in sorted(stats["batch_sizes"].items())}
         reason = self.engine.health()
         return {"status": "ok" if reason is None else "unavailable", "reason": reason,

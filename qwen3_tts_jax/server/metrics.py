@@ -52,8 +52,7 @@ class _ServerCollector:
 
     def collect(self):
         server = self.server
-        stats = dict(server.engine.stats)
-        stats["truncated"] = server.truncated
+        stats = server.counters()
         sizes = stats.pop("batch_sizes", {})
         for name, value in sorted(stats.items()):
             if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -5,7 +5,9 @@ transcript), read with limits and checked before anything is encoded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -17,7 +19,7 @@ import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from ..audio import MAX_SECONDS, AudioError, AudioTooLong, read_file
+from ..audio import MAX_SECONDS, AudioError, AudioTooLong, inline_bytes, read_file
 from ..voice import load_voice, save_voice
 from .errors import ApiError
 from .wire import bounded
@@ -130,3 +132,83 @@ async def read_upload(request: Request, limit: int, taken, check_chars: Callable
         raise ApiError(400, f"`ref_tail_silence` must be seconds in [0, 5], got {silence!r}",
                        "ref_tail_silence") from None
     return Upload(name, wave, sr, transcript, silence)
+
+
+INLINE_FIELDS = ("ref_audio", "ref_text", "x_vector_only_mode")
+
+
+class InlineVoices:
+    """Voices given in a speech request itself (vLLM-Omni's fields, Base checkpoints):
+    `ref_audio` (the reference's file bytes in base64, bare or as a data URL: never a path or a
+    URL, the server reads no file and fetches nothing for a client), `ref_text` (its transcript:
+    ICL cloning) or `x_vector_only_mode: true` (the speaker embedding only). The reference is
+    decoded off the event loop and encoded on the engine's thread; the last `size` voices are
+    kept by content, so that a client sending the same reference again pays once and finds the
+    voice's caches (its prompt-prefix KV, the codec's state after its reference) filled."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.items: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    async def get(self, data: dict, encode: Callable, check_chars: Callable[[str, str], None]
+                  ) -> list | None:
+        """The request's voice items, or None when it names no `ref_audio`. `encode(audio,
+        ref_text, x_vector_only)` returns a Future of the items (the engine runs it)."""
+        audio = data.get("ref_audio")
+        if audio is None:
+            for k in INLINE_FIELDS[1:]:
+                if data.get(k) is not None:
+                    raise ApiError(400, f"`{k}` goes with `ref_audio` (a voice given in the "
+                                        "request); a registered voice has its own", k)
+            return None
+        if data.get("voice") not in (None, ""):
+            raise ApiError(400, "give either `voice` (a registered voice) or `ref_audio` (a "
+                                "voice given in the request), not both", "voice")
+        if not isinstance(audio, str):
+            raise ApiError(400, "`ref_audio` must be a string: base64 audio file bytes, bare or "
+                                "as a data URL", "ref_audio")
+        text = data.get("ref_text")
+        if text is not None and not isinstance(text, str):
+            raise ApiError(400, "`ref_text` must be a string: the reference's transcript",
+                           "ref_text")
+        text = (text or "").strip()
+        if text:
+            check_chars("ref_text", text)
+        x_only = data.get("x_vector_only_mode")
+        if x_only is not None and not isinstance(x_only, bool):
+            raise ApiError(400, "`x_vector_only_mode` must be true or false",
+                           "x_vector_only_mode")
+        if not text and not x_only:
+            raise ApiError(400, "`ref_text` (the reference's transcript, for ICL cloning) is "
+                                "required, or set `x_vector_only_mode: true` to clone from the "
+                                "speaker embedding alone", "ref_text")
+        try:
+            raw = inline_bytes(audio, "`ref_audio`")
+        except AudioError as e:
+            raise ApiError(400, str(e), "ref_audio") from None
+        key = (hashlib.sha256(raw).hexdigest(), "" if x_only else text, bool(x_only))
+        if key in self.items:
+            self.hits += 1
+            self.items.move_to_end(key)
+            return self.items[key]
+
+        def decode():
+            samples, sr = read_file(io.BytesIO(raw), "`ref_audio`", MAX_SECONDS)
+            return samples.mean(axis=1), sr
+
+        try:
+            wave, sr = await asyncio.to_thread(decode)
+        except AudioTooLong as e:
+            raise ApiError(413, str(e), "ref_audio", code="audio_too_long") from None
+        except AudioError as e:
+            raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", "ref_audio") from None
+        try:
+            items = await asyncio.wrap_future(encode((wave, sr), key[1] or None, key[2]))
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"cannot use this reference audio: {e}", "ref_audio") from None
+        self.misses += 1
+        self.items[key] = items
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return items
