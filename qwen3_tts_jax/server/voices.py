@@ -144,12 +144,15 @@ class InlineVoices:
     ICL cloning) or `x_vector_only_mode: true` (the speaker embedding only). The reference is
     decoded off the event loop and encoded on the engine's thread; the last `size` voices are
     kept by content, so that a client sending the same reference again pays once and finds the
-    voice's caches (its prompt-prefix KV, the codec's state after its reference) filled."""
+    voice's caches (its prompt-prefix KV, the codec's state after its reference) filled. At
+    most `max_pending` references are being encoded at once (they run on the engine's worker,
+    between the chunks of the streams): past it a new one is a 429, so a flood of references
+    cannot stall everyone's audio."""
 
-    def __init__(self, size: int = 16):
-        self.size = size
+    def __init__(self, size: int = 16, max_pending: int = 4):
+        self.size, self.max_pending = size, max_pending
         self.items: collections.OrderedDict[tuple, list] = collections.OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.pending = 0
 
     async def get(self, data: dict, encode: Callable, check_chars: Callable[[str, str], None]
                   ) -> list | None:
@@ -193,6 +196,23 @@ class InlineVoices:
             self.items.move_to_end(key)
             return self.items[key]
 
+        if self.pending >= self.max_pending:
+            raise ApiError(429, f"{self.pending} reference voices are being encoded (the limit "
+                                f"is {self.max_pending}); retry later, or register the voice",
+                           "ref_audio", headers={"Retry-After": "1"})
+        self.pending += 1
+        try:
+            items = await self._encode(raw, key, encode)
+        finally:
+            self.pending -= 1
+        self.misses += 1
+        self.items[key] = items
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return items
+
+    @staticmethod
+    async def _encode(raw: bytes, key: tuple, encode: Callable) -> list:
         def decode():
             samples, sr = read_file(io.BytesIO(raw), "`ref_audio`", MAX_SECONDS)
             return samples.mean(axis=1), sr
@@ -204,11 +224,6 @@ class InlineVoices:
         except AudioError as e:
             raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", "ref_audio") from None
         try:
-            items = await asyncio.wrap_future(encode((wave, sr), key[1] or None, key[2]))
+            return await asyncio.wrap_future(encode((wave, sr), key[1] or None, key[2]))
         except (ValueError, TypeError) as e:
             raise ApiError(400, f"cannot use this reference audio: {e}", "ref_audio") from None
-        self.misses += 1
-        self.items[key] = items
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return items
