@@ -534,9 +534,10 @@ def test_serve_command(tmp_path):
     r = subprocess.run([EXE, "serve", "--random-weights", "--warmup-whole-file"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--warmup-whole-file needs --warmup" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([EXE, "serve", "--random-weights", "--max-batch-items", "0"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--max-batch-items must be > 0, got 0" in r.stderr, r.stderr
+    for flag in ("--max-batch-items", "--max-voices"):
+        r = subprocess.run([EXE, "serve", "--random-weights", flag, "0"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"{flag} must be > 0, got 0" in r.stderr, r.stderr
     # where uvicorn could not listen: refused before the model is built or loaded
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

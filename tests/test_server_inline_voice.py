@@ -2,6 +2,7 @@
 `x_vector_only_mode`: vLLM-Omni's fields) on a Base checkpoint: the audio equals that of the same
 voice registered first; the same reference sent again is encoded once; every bad field is a 400
 (or 413) naming it; a path or URL is never read; other checkpoints and text sessions refuse it.
+Also the bounds around cloned voices: references encoded at once, registered voices kept.
 """
 import asyncio
 import base64
@@ -135,6 +136,27 @@ def test_batch_items_give_their_own_voices(server, ref):
     got = json.loads(data)["data"]
     assert base64.b64decode(got[0]["audio"]) == want == base64.b64decode(got[2]["audio"])
     assert got[1]["error"]["param"] == "ref_audio" and got[1]["error"]["status"] == 400
+
+
+def test_registered_voices_are_bounded(server, ref):
+    """--max-voices: past it a registration is a 409 naming the limit, nothing is stored; a
+    deletion makes room again."""
+    state = server.server_state
+    limit, have = state.options.max_voices, len(state.voices.voices)
+    try:
+        state.options.max_voices = have
+        code, out = multipart(server.url + "/v1/audio/voices", {"name": "one_more"},
+                              {"audio_sample": ("ref.wav", ref)})
+        assert code == 409 and out["error"]["code"] == "voice_limit_reached", out
+        assert f"at most {have} registered" in out["error"]["message"]
+        assert "one_more" not in state.voices.voices
+        state.options.max_voices = have + 1
+        code, out = multipart(server.url + "/v1/audio/voices", {"name": "one_more"},
+                              {"audio_sample": ("ref.wav", ref)})
+        assert code == 200, out
+    finally:
+        state.options.max_voices = limit
+        state.voices.remove("one_more")
 
 
 def test_other_checkpoints_and_sessions_refuse_it(make_checkpoint, base, ref):

@@ -99,6 +99,9 @@ def add_parser(sub, common) -> None:
                    help="longer prompts (input, instructions and a voice's reference together, "
                         "in tokens) are refused with 413 (default: the longest whose largest "
                         "batch fits half the device's free memory; docs/serving.md)")
+    f.add_argument("--max-voices", type=int, default=1000, metavar="N",
+                   help="registered (cloned) voices kept; registering one more is a 409 until "
+                        "one is deleted")
     f.add_argument("--max-batch-items", type=int, default=32, metavar="N",
                    help="items in one POST /v1/audio/speech/batch; more get a 413")
     f.add_argument("--max-sessions", type=int, default=16,
@@ -170,6 +173,7 @@ def run(args) -> int:
         fail(f"--allowed-origins: {e}")
     for flag, value in (("--max-sessions", args.max_sessions),
                         ("--max-batch-items", args.max_batch_items),
+                        ("--max-voices", args.max_voices),
                         ("--session-idle-timeout", args.session_idle_timeout),
                         ("--stall-timeout", args.stall_timeout),
                         ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
@@ -227,7 +231,8 @@ def run(args) -> int:
         continuous_batching=args.continuous_batching, devices=args.devices,
         api_key=args.api_key, allowed_origins=origins, max_prompt_tokens=args.max_prompt_tokens,
         max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout,
-        stall_timeout=args.stall_timeout, max_batch_items=args.max_batch_items)
+        stall_timeout=args.stall_timeout, max_batch_items=args.max_batch_items,
+        max_voices=args.max_voices)
     try:
         app = create_app(tts, options)
     except ValueError as e:

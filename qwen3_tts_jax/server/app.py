@@ -98,6 +98,7 @@ class ServerOptions:
     max_prompt_tokens: int | None = None  # default: from the device's memory (engine.py)
     max_sessions: int = 16           # WebSocket text sessions open at once (429 beyond)
     max_batch_items: int = 32        # items in one POST /v1/audio/speech/batch (413 beyond)
+    max_voices: int = 1000           # registered voices kept (a new one beyond: 409)
     session_idle_timeout: float = 30.0  # seconds a session may wait for its next message
     stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
 
@@ -626,6 +627,10 @@ class Server:
         if self.kind != "base":
             raise ApiError(400, f"voice cloning needs a Base checkpoint; this server runs a "
                                 f"{self.kind} model (its voices: GET /v1/audio/voices)")
+        if len(self.voices.voices) >= self.options.max_voices:
+            raise ApiError(409, f"this server keeps at most {self.options.max_voices} registered "
+                                "voices (--max-voices) and has them: delete one first (DELETE "
+                                "/v1/audio/voices/{id})", code="voice_limit_reached")
         upload = await read_upload(request, self.options.max_upload_bytes, self.voices.voices,
                                    self._check_chars)
         if upload is None:
