@@ -1,7 +1,8 @@
 """A cloned voice given in the speech request itself (`ref_audio` in base64 with `ref_text`, or
 `x_vector_only_mode`: vLLM-Omni's fields) on a Base checkpoint: the audio equals that of the same
 voice registered first; the same reference sent again is encoded once; every bad field is a 400
-(or 413) naming it; a path or URL is never read; other checkpoints and text sessions refuse it.
+(or 413) naming it; a path or URL is never read; a text session takes it too; other checkpoints
+refuse it.
 Also the bounds around cloned voices: references encoded at once, registered voices kept.
 """
 import asyncio
@@ -159,15 +160,25 @@ def test_registered_voices_are_bounded(server, ref):
         state.voices.remove("one_more")
 
 
-def test_other_checkpoints_and_sessions_refuse_it(make_checkpoint, base, ref):
-    from qwen3_tts_jax.server.sessions import parse_session
+def test_a_text_session_takes_it_too(server, ref):
+    """A WebSocket session whose first message gives the voice speaks as the registered one;
+    a bad reference there is an error message naming the field."""
+    pytest.importorskip("websockets")
+    from test_server import ws_session
 
+    b64 = base64.b64encode(ref).decode()
+    pieces = [("text", "A short "), ("end", "line to say.")]
+    want, done = ws_session(server, {"voice": "me", **GREEDY}, pieces)
+    assert done["type"] == "done", done
+    got, done = ws_session(server, {"ref_audio": b64, "ref_text": TRANSCRIPT, **GREEDY}, pieces)
+    assert done["type"] == "done" and got == want
+    _, err = ws_session(server, {"ref_audio": "nope", "ref_text": TRANSCRIPT}, [])
+    assert err["type"] == "error" and err["status"] == 400 and err["param"] == "ref_audio", err
+
+
+def test_other_checkpoints_refuse_it(make_checkpoint, ref):
     b64 = base64.b64encode(ref).decode()
     cv = Server(Qwen3TTS.from_pretrained(make_checkpoint("cv_proj")), ServerOptions())
     with pytest.raises(ApiError, match="needs a Base checkpoint") as e:
         asyncio.run(cv.inline_voice({"ref_audio": b64, "ref_text": TRANSCRIPT}))
     assert e.value.param == "ref_audio"
-    srv = Server(base, ServerOptions(max_new_tokens=TOKENS))
-    with pytest.raises(ApiError, match="taken by POST /v1/audio/speech") as e:
-        parse_session(srv, {"ref_audio": b64, "ref_text": TRANSCRIPT})
-    assert e.value.status == 400 and e.value.param == "ref_audio"

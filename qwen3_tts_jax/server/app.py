@@ -361,9 +361,8 @@ class Server:
             raise ApiError(400, str(e), getattr(e, "param", None)) from None
         if inline is None and any(data.get(k) is not None for k in INLINE_FIELDS):
             field = next(k for k in INLINE_FIELDS if data.get(k) is not None)
-            raise ApiError(400, f"`{field}` is taken by POST /v1/audio/speech and its batch "
-                                "only; here, register the voice (POST /v1/audio/voices) and "
-                                "name it", field)
+            raise ApiError(400, f"`{field}` was not read here (give it to `inline_voice` "
+                                "first)", field)
         voice = self.voice_for(data) if inline is None else None
         tts, ref_code, voices = self.tts, None, None
         if self.kind == "voice_design" and not instructions:

@@ -17,9 +17,10 @@ from .errors import ApiError
 from .wire import check_unicode, loads, pcm16
 
 
-def parse_session(server, data) -> Job:
+def parse_session(server, data, inline: list | None = None) -> Job:
     """A text session's first message: the speech fields without `input` (or with the first
-    piece of text in it); the text mode is the official streaming one; the audio is pcm."""
+    piece of text in it); the text mode is the official streaming one; the audio is pcm.
+    `inline`: the voice the message gives itself (`ref_audio`: `Server.inline_voice`)."""
     if not isinstance(data, dict):
         raise ApiError(400, "the first message must be a JSON object with the speech fields "
                             "(voice, instructions, language, generation settings)")
@@ -35,14 +36,14 @@ def parse_session(server, data) -> Job:
     probe = dict(data, input=data.get("input") or "x", response_format="pcm",
                  model=data.get("model") or server.options.model_name, non_streaming_mode=False,
                  max_new_tokens=server.max_new_tokens if own is None else own)
-    job = server.parse_speech(probe).job       # validates voice, settings, instructions
+    job = server.parse_speech(probe, inline).job   # validates voice, settings, instructions
     job.frames_per_token = server.options.frames_per_token if own is None else 0.0
     job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
     language = data.get("language") or server.options.language or "auto"
-    speaker = server.voice_for(data)
+    speaker = server.voice_for(data) if inline is None else None
     voice = None
-    if server.kind == "base":          # a registered voice: x-vector, or ICL with its reference
-        voice, speaker = server.voices.voices[speaker][0], None
+    if server.kind == "base":          # a cloned voice: x-vector, or ICL with its reference
+        voice, speaker = (server.voices.voices[speaker] if inline is None else inline)[0], None
     job.prompt = None
     job.feed = TextFeed.of(server.tts.tokenizer, server.tts.text_prompt(
         language, speaker=speaker, instruct=data.get("instructions") or None, voice=voice))
@@ -81,7 +82,7 @@ async def run_session(server, ws: WebSocket) -> None:
 
     try:
         data = loads(await receive_text(), "the first message")
-        job = parse_session(server, data)
+        job = parse_session(server, data, await server.inline_voice(data))
     except WebSocketDisconnect:
         return
     except ApiError as e:
