@@ -14,8 +14,9 @@ health. Built by `create_app(tts, ServerOptions(...))`; `qwen3-tts-jax serve` ru
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with the status saying
 who must act: 400 bad request, 401 no key, 403 a browser origin not allowed, 404 unknown voice id,
-409 name taken, 413 too long or too large, 415 not a JSON body, 421 a Host not this server's, 429
-queue full (with Retry-After), 504 out of time, 500 a server bug. A stream cut after its status
+409 name taken or --max-voices reached, 413 too long or too large, 415 not a JSON body, 421 a Host
+not this server's, 429 queue full or references being encoded (with Retry-After), 504 out of time,
+500 a server bug. A stream cut after its status
 was sent ends visibly: an SSE `error` event, or a raw (pcm/wav) body closed without its end
 (errors.py; the checks before a route runs, key, origins and Host: guards.py). See
 docs/serving.md ("Limits, and what the client gets").
