@@ -112,6 +112,23 @@ class SpeechRequest:
     sse: bool
 
 
+async def _collect(job: Job, out: asyncio.Queue) -> list:
+    """A whole-file job's audio chunks as they come from the engine (None ends them), within its
+    deadline; its failure raised."""
+    waves = []
+    while True:
+        try:
+            item = await asyncio.wait_for(out.get(), job.deadline - time.monotonic() + 1)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise DeadlineExceeded("the request ran out of time") from None
+        if item is None:
+            return waves
+        if isinstance(item, Exception):
+            raise item
+        waves.append(item)
+
+
 def _item_error(index: int, status: int, message: str, param=None, code=None) -> dict:
     """A batch item's entry when it was refused or failed: OpenAI's error shape and its status."""
     return {"index": index, "error": {**error_body(status, message, param, code),
@@ -485,7 +502,46 @@ class Server:
             body = await read_body(request, self.options.max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=400)       # nobody reads it
-        data = loads(body)
+        results, runs = await self._batch_items(loads(body))
+        loop = asyncio.get_running_loop()
+        outs = {i: asyncio.Queue() for i, _ in runs}
+        for i, req in runs:
+            req.job.emit = self.metrics.watch(req.job, "batch", functools.partial(
+                loop.call_soon_threadsafe, outs[i].put_nowait))
+        try:
+            self.engine.submit_all([req.job for _, req in runs])
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gathered = asyncio.gather(*(_collect(req.job, outs[i]) for i, req in runs),
+                                  return_exceptions=True)
+        watcher = asyncio.create_task(watch())
+        try:
+            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if gathered not in done:
+                return Response(status_code=499)   # the client left: nobody reads it
+            outcomes = gathered.result()
+        finally:
+            for _, req in runs:
+                req.job.cancelled = True            # no-op for the finished ones
+            watcher.cancel()
+            gathered.cancel()
+
+        def encode_all() -> None:
+            for (i, req), out in zip(runs, outcomes):
+                results[i] = self._batch_entry(i, req, out)
+
+        await asyncio.to_thread(encode_all)
+        return JSONResponse({"object": "list", "model": self.options.model_name,
+                             "data": results})
+
+    async def _batch_items(self, data) -> tuple[list[dict], list[tuple[int, SpeechRequest]]]:
+        """A batch body checked: (an entry per item, the error ones filled in; the valid items'
+        (index, request))."""
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object with `items`")
         items, most = data.get("items"), self.options.max_batch_items
@@ -510,74 +566,25 @@ class Server:
                 runs.append((i, req))
             except ApiError as e:
                 results[i] = _item_error(i, e.status, e.message, e.param, e.code)
-        loop = asyncio.get_running_loop()
-        outs: dict[int, asyncio.Queue] = {}
-        for i, req in runs:
-            outs[i] = asyncio.Queue()
-            req.job.emit = self.metrics.watch(req.job, "batch", functools.partial(
-                loop.call_soon_threadsafe, outs[i].put_nowait))
-        try:
-            self.engine.submit_all([req.job for _, req in runs])
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
+        return results, runs
 
-        async def collect(i: int, job: Job) -> list:
-            waves = []
-            while True:
-                try:
-                    item = await asyncio.wait_for(outs[i].get(),
-                                                  job.deadline - time.monotonic() + 1)
-                except asyncio.TimeoutError:
-                    job.cancelled = True
-                    raise DeadlineExceeded("the request ran out of time") from None
-                if item is None:
-                    return waves
-                if isinstance(item, Exception):
-                    raise item
-                waves.append(item)
-
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        gathered = asyncio.gather(*(collect(i, req.job) for i, req in runs),
-                                  return_exceptions=True)
-        watcher = asyncio.create_task(watch())
-        try:
-            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if gathered not in done:
-                return Response(status_code=499)   # the client left: nobody reads it
-            outcomes = gathered.result()
-        finally:
-            for _, req in runs:
-                req.job.cancelled = True            # no-op for the finished ones
-            watcher.cancel()
-            gathered.cancel()
-
-        def encode_all() -> None:
-            for (i, req), out in zip(runs, outcomes):
-                job = req.job
-                if isinstance(out, BaseException):
-                    status = (504 if isinstance(out, DeadlineExceeded) else
-                              503 if isinstance(out, EngineUnavailable) else 500)
-                    message = (f"{out} (the limit is {self.options.request_timeout:g} s)"
-                               if status == 504 else f"{type(out).__name__}: {out}"
-                               if status == 500 else str(out))
-                    results[i] = _item_error(i, status, message)
-                    continue
-                audio = encode_audio(np.concatenate(out) if out else np.zeros(0, np.float32),
-                                     req.fmt)
-                tokens = len(job.prompt)
-                results[i] = {"index": i, "object": "audio.speech",
-                              "response_format": req.fmt,
-                              "audio": base64.b64encode(audio).decode(),
-                              "finish_reason": job.finish_reason or "stop",
-                              "usage": {"input_tokens": tokens, "output_tokens": job.frames,
-                                        "total_tokens": tokens + job.frames}}
-
-        await asyncio.to_thread(encode_all)
-        return JSONResponse({"object": "list", "model": self.options.model_name,
-                             "data": results})
+    def _batch_entry(self, i: int, req: SpeechRequest, out) -> dict:
+        """A run item's entry: its audio (`out`, the chunks) as a file in base64, or its error."""
+        if isinstance(out, BaseException):
+            if isinstance(out, DeadlineExceeded):
+                return _item_error(i, 504, f"{out} (the limit is "
+                                           f"{self.options.request_timeout:g} s)")
+            if isinstance(out, EngineUnavailable):
+                return _item_error(i, 503, str(out))
+            return _item_error(i, 500, f"{type(out).__name__}: {out}")
+        job = req.job
+        audio = encode_audio(np.concatenate(out) if out else np.zeros(0, np.float32), req.fmt)
+        tokens = len(job.prompt)
+        return {"index": i, "object": "audio.speech", "response_format": req.fmt,
+                "audio": base64.b64encode(audio).decode(),
+                "finish_reason": job.finish_reason or "stop",
+                "usage": {"input_tokens": tokens, "output_tokens": job.frames,
+                          "total_tokens": tokens + job.frames}}
 
     async def _stream(self, req: SpeechRequest, first, next_chunk, watcher):
         """The response body of a streamed request. Once it has started its status (200) is sent,
