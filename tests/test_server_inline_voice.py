@@ -106,22 +106,25 @@ def test_a_bad_inline_voice_is_named(server, ref, tmp_path):
 
 
 def test_encodes_at_once_are_bounded(server, ref):
-    """Past `max_pending` references being encoded, a new one is a 429 (Retry-After); a
-    reference already encoded is still served."""
-    inline = server.server_state.inline
+    """Past `EncodeSlots.most` references being encoded, a new one is a 429 (Retry-After),
+    given in a request or registered; a reference already encoded is still served."""
+    slots = server.server_state.encoding
     b64 = base64.b64encode(ref).decode()
     assert speak(server, ref_audio=b64, ref_text=TRANSCRIPT)[0] == 200     # encoded, kept
-    limit = inline.max_pending
     try:
-        inline.max_pending = 0
+        slots.most = 0
         code, headers, data = speak(server, ref_audio=b64, ref_text="Another transcript.")
         err = json.loads(data)["error"]
         assert code == 429 and headers["Retry-After"] == "1" and err["param"] == "ref_audio"
         assert "being encoded" in err["message"]
+        code, out = multipart(server.url + "/v1/audio/voices", {"name": "later"},
+                              {"audio_sample": ("ref.wav", ref)})
+        assert code == 429 and out["error"]["param"] == "audio_sample", out
+        assert "later" not in server.server_state.voices.voices
         assert speak(server, ref_audio=b64, ref_text=TRANSCRIPT)[0] == 200
     finally:
-        inline.max_pending = limit
-    assert inline.pending == 0
+        slots.most = 4
+    assert slots.busy == 0
 
 
 def test_batch_items_give_their_own_voices(server, ref):

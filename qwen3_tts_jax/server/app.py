@@ -52,7 +52,7 @@ from . import sessions
 from .errors import ApiError, error_body, error_response
 from .guards import ApiKeyCheck, BrowserGuard, cors_origins, parse_origins, redact_api_keys_in_logs
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, MISSING as METRICS_MISSING, Metrics
-from .voices import INLINE_FIELDS, InlineVoices, VoiceStore, read_upload
+from .voices import INLINE_FIELDS, EncodeSlots, InlineVoices, VoiceStore, read_upload
 from .wire import MEDIA_TYPES, STREAMED, AudioStream, ClientGone, Truncated, check_unicode, \
     encode_audio, loads, pcm16, read_body, supported_formats, wav_header
 
@@ -153,7 +153,8 @@ class Server:
         self.formats = supported_formats()
         self.decode_kernels = tts.decode_kernels()
         self.voices = VoiceStore(options.voices_dir if self.kind == "base" else None)
-        self.inline = InlineVoices()       # voices given in requests (`ref_audio`)
+        self.encoding = EncodeSlots()      # references being encoded at once
+        self.inline = InlineVoices(self.encoding)   # voices given in requests (`ref_audio`)
         cap = options.max_new_tokens or tts.generate_defaults.max_new_tokens
         self.max_new_tokens = min(cap, tts.config.talker.max_position_embeddings - 1)
         local = jax.local_devices()
@@ -649,7 +650,8 @@ class Server:
                 x_vector_only_mode=not upload.transcript, ref_tail_silence=upload.tail_silence)
 
         try:
-            items = await asyncio.wrap_future(self.engine.call(encode))
+            with self.encoding.take("audio_sample"):
+                items = await asyncio.wrap_future(self.engine.call(encode))
         except (ValueError, TypeError) as e:
             param = "ref_tail_silence" if "ref_tail_silence" in str(e) else "audio_sample"
             raise ApiError(400, f"cannot use this reference audio: {e}", param) from None

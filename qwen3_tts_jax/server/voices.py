@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -137,6 +138,27 @@ async def read_upload(request: Request, limit: int, taken, check_chars: Callable
 INLINE_FIELDS = ("ref_audio", "ref_text", "x_vector_only_mode")
 
 
+class EncodeSlots:
+    """References being encoded at once (registrations and voices given in requests). Encoding
+    runs on the engine's worker between the chunks of the streams, so past `most` a new one is a
+    429: a flood of references cannot stall everyone's audio."""
+
+    def __init__(self, most: int = 4):
+        self.most, self.busy = most, 0
+
+    @contextlib.contextmanager
+    def take(self, param: str):
+        if self.busy >= self.most:
+            raise ApiError(429, f"{self.busy} reference voices are being encoded (the limit is "
+                                f"{self.most}); retry later", param,
+                           headers={"Retry-After": "1"})
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+
 class InlineVoices:
     """Voices given in a speech request itself (vLLM-Omni's fields, Base checkpoints):
     `ref_audio` (the reference's file bytes in base64, bare or as a data URL: never a path or a
@@ -144,15 +166,13 @@ class InlineVoices:
     ICL cloning) or `x_vector_only_mode: true` (the speaker embedding only). The reference is
     decoded off the event loop and encoded on the engine's thread; the last `size` voices are
     kept by content, so that a client sending the same reference again pays once and finds the
-    voice's caches (its prompt-prefix KV, the codec's state after its reference) filled. At
-    most `max_pending` references are being encoded at once (they run on the engine's worker,
-    between the chunks of the streams): past it a new one is a 429, so a flood of references
-    cannot stall everyone's audio."""
+    voice's caches (its prompt-prefix KV, the codec's state after its reference) filled. New
+    references take one of the server's `slots` while they are encoded."""
 
-    def __init__(self, size: int = 16, max_pending: int = 4):
-        self.size, self.max_pending = size, max_pending
+    def __init__(self, slots: EncodeSlots, size: int = 16):
+        self.slots, self.size = slots, size
         self.items: collections.OrderedDict[tuple, list] = collections.OrderedDict()
-        self.hits = self.misses = self.pending = 0
+        self.hits = self.misses = 0
 
     async def get(self, data: dict, encode: Callable, check_chars: Callable[[str, str], None]
                   ) -> list | None:
@@ -196,15 +216,8 @@ class InlineVoices:
             self.items.move_to_end(key)
             return self.items[key]
 
-        if self.pending >= self.max_pending:
-            raise ApiError(429, f"{self.pending} reference voices are being encoded (the limit "
-                                f"is {self.max_pending}); retry later, or register the voice",
-                           "ref_audio", headers={"Retry-After": "1"})
-        self.pending += 1
-        try:
+        with self.slots.take("ref_audio"):
             items = await self._encode(raw, key, encode)
-        finally:
-            self.pending -= 1
         self.misses += 1
         self.items[key] = items
         while len(self.items) > self.size:
