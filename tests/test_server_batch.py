@@ -18,10 +18,11 @@ import soundfile as sf
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from qwen3_tts_jax import Qwen3TTS, engine as engine_mod  # noqa: E402
+from qwen3_tts_jax import Qwen3TTS  # noqa: E402
 from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
 from qwen3_tts_jax.server.wire import wav_header  # noqa: E402
 from test_server import GEN, SHAPES, Running, get, post, speech  # noqa: E402
+from test_server_faults import slow_chunks, wait_for  # noqa: E402
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}
 
@@ -131,15 +132,7 @@ def test_a_full_queue_refuses_the_whole_batch(server):
 
 
 def test_a_client_that_leaves_cancels_every_item(server, monkeypatch):
-    original = engine_mod.Cohort.step
-    running = threading.Event()
-
-    def slow(self):
-        running.set()
-        time.sleep(1.0)
-        return original(self)
-
-    monkeypatch.setattr(engine_mod.Cohort, "step", slow)
+    running = slow_chunks(monkeypatch)
     engine = server.server_state.engine
     before = engine.stats["cancelled"]
     data = json.dumps({"items": [speech(response_format="pcm", **GEN)] * 3}).encode()
@@ -150,10 +143,8 @@ def test_a_client_that_leaves_cancels_every_item(server, monkeypatch):
     assert running.wait(120), "the batch did not start"
     time.sleep(0.5)
     sock.close()
-    deadline = time.time() + 30
-    while not (engine.stats["cancelled"] >= before + 3 and engine.active == 0):
-        assert time.time() < deadline, (engine.stats["cancelled"] - before, engine.active)
-        time.sleep(0.05)
+    wait_for(lambda: engine.stats["cancelled"] >= before + 3 and engine.active == 0, 30,
+             "every item cancelled")
     assert get(server.url + "/health")["status"] == "ok"
 
 

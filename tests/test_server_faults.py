@@ -518,6 +518,20 @@ def test_raw_stream_cut_is_not_a_clean_end(server, cut_after_first_chunk, fmt):
 
 
 # ---------------------------------------------------------------------------------- 7. disconnects
+def slow_chunks(monkeypatch, seconds: float = 1.0) -> threading.Event:
+    """Every engine chunk takes `seconds` longer; the Event is set at the first one."""
+    original = engine_mod.Cohort.step
+    running = threading.Event()
+
+    def slow(self):
+        running.set()
+        time.sleep(seconds)
+        return original(self)
+
+    monkeypatch.setattr(engine_mod.Cohort, "step", slow)
+    return running
+
+
 def start_request(port: int, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     data = json.dumps(body).encode()
@@ -533,15 +547,7 @@ def test_disconnect_cancels_a_running_request(server, monkeypatch, fmt):
     whole-file formats too, and the engine is idle soon after."""
     if fmt not in server.server_state.formats:
         pytest.skip(f"this libsndfile cannot write {fmt}")
-    original = engine_mod.Cohort.step
-    running = threading.Event()
-
-    def slow(self):
-        running.set()
-        time.sleep(1.0)
-        return original(self)
-
-    monkeypatch.setattr(engine_mod.Cohort, "step", slow)
+    running = slow_chunks(monkeypatch)
     engine = server.server_state.engine
     before = engine.stats["cancelled"]
     sock = start_request(server.port, speech(response_format=fmt, seed=1, **GEN))
