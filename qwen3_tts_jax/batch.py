@@ -4,7 +4,8 @@
     qwen3-tts-jax batch lines.txt --out-dir wavs --model ... --speaker ryan --language english
 
 Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mode "speaker",
-"instruct", "voice" (a voice file), "language", "seed"} (the mode is the checkpoint's); or a plain
+"instruct", "voice" (a voice file) or "ref_audio" with "ref_text" (or "x_vector_only_mode": true),
+"language", "seed"} (the mode is the checkpoint's; each distinct reference is encoded once); or a plain
 text file, one utterance per line, named line-00001... with the voice from the command line. A line
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
 skipped. Requests are sorted by length and run as continuous batches (`engine.BatchEngine`):
@@ -108,6 +109,9 @@ class Request:
     instruct: str | None = None
     language: str | None = None
     voice: str | None = None
+    ref_audio: str | None = None          # Base: a reference (path, URL, base64) instead of a voice
+    ref_text: str | None = None           # its transcript (ICL), or
+    x_vector_only_mode: bool | None = None  # the speaker embedding only
     seed: int | None = None
 
 
@@ -147,6 +151,52 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _check_reference(d: dict) -> None:
+    """A line's cloned voice: a voice file, or a reference with its transcript (ICL) or
+    `x_vector_only_mode` (the official `create_voice_clone_prompt`'s rule), not both."""
+    x_only = d.get("x_vector_only_mode")
+    if x_only is not None and not isinstance(x_only, bool):
+        raise ValueError(f"x_vector_only_mode must be true or false, got {x_only!r}")
+    if d.get("ref_audio") is None:
+        extra = [k for k in ("ref_text", "x_vector_only_mode") if d.get(k) is not None]
+        if extra:
+            raise ValueError(f"{extra[0]} goes with ref_audio (a reference to clone)")
+        return
+    if d.get("voice") is not None:
+        raise ValueError("give either voice (a voice file) or ref_audio, not both")
+    if not (d.get("ref_text") or "").strip() and not x_only:
+        raise ValueError("ref_audio needs its transcript, ref_text (ICL cloning), or "
+                         "\"x_vector_only_mode\": true (the speaker embedding only)")
+
+
+class _Voices:
+    """Each request's cloned voice (Base): its voice file, or its reference encoded
+    (`create_voice_clone_prompt`); the last 256 distinct ones kept, so a voice shared by many
+    lines is read or encoded once."""
+
+    def __init__(self, tts, size: int = 256):
+        self.tts, self.size = tts, size
+        self.items: dict = {}
+
+    def __call__(self, r: Request):
+        from .voice import load_voice
+
+        if r.voice:
+            key = ("file", r.voice)
+        elif r.ref_audio:
+            key = ("ref", r.ref_audio, (r.ref_text or "").strip(), bool(r.x_vector_only_mode))
+        else:
+            raise ValueError("a Base checkpoint needs a \"voice\" file or a \"ref_audio\" for "
+                             "every request")
+        if key not in self.items:
+            while self.items and len(self.items) >= self.size:
+                self.items.pop(next(iter(self.items)))
+            self.items[key] = load_voice(r.voice)[0] if r.voice else \
+                self.tts.create_voice_clone_prompt(r.ref_audio, ref_text=key[2] or None,
+                                                   x_vector_only_mode=key[3])[0]
+        return self.items[key]
+
+
 def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
     """(requests, problems): JSONL if the file's first non-empty line is a JSON object."""
     lines = read_text(path).splitlines()
@@ -170,9 +220,10 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
             d = {**defaults, **{k: v for k, v in d.items() if v is not None}}
             if not isinstance(d.get("text"), str) or not d["text"].strip():
                 raise ValueError("no text")
-            for k in ("speaker", "instruct", "language", "voice"):
+            for k in ("speaker", "instruct", "language", "voice", "ref_audio", "ref_text"):
                 if k in d and not isinstance(d[k], str):
                     raise ValueError(f"{k} must be a string, got {d[k]!r}")
+            _check_reference(d)
             seed = d.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                      or not 0 <= seed < 2 ** 31):
@@ -260,17 +311,18 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         return text_budget(len(tts.tokenizer.encode(r.text)), frames_per_token) \
             if frames_per_token else None
 
-    refilled = None
+    refilled, voice_of = None, _Voices(tts)
     if continuous and tts.model_parallel == 1:
         refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar,
-                                   jax.local_devices(), limit)
+                                   jax.local_devices(), limit, voice_of)
     else:
         devices //= tts.model_parallel                 # rows split over the mesh's "data" axis
         batch_size = max(batch_size, devices) // devices * devices
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             try:
-                waves, sr, ran_out = _generate(tts, chunk, dict(gen or {}), devices, limit)
+                waves, sr, ran_out = _generate(tts, chunk, dict(gen or {}), devices, limit,
+                                               voice_of)
             except Exception as e:  # noqa: BLE001 - the batch's own requests fail, not the run
                 waves, error = None, e
             if waves is not None:
@@ -283,7 +335,8 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
                 continue
             for r in chunk:          # which request failed it: each alone, the others written
                 try:
-                    w, sr, ran_out = _generate(tts, [r], dict(gen or {}), devices, limit)
+                    w, sr, ran_out = _generate(tts, [r], dict(gen or {}), devices, limit,
+                                               voice_of)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                     failed.append(f"line {r.line} ({r.name}): {_why(e)}")
                     bar.update(1)
@@ -301,7 +354,7 @@ CONTINUOUS_CHUNK_FRAMES = 8
 
 
 def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, failed,
-                    bar, devices: list, limit) -> int:
+                    bar, devices: list, limit, voice_of: _Voices) -> int:
     """The requests through the server's `BatchEngine` (continuous batching: a row whose request
     ended takes the next request at the next host check, instead of the padded batch waiting for
     its longest row), one engine per device (`EnginePool`: the weights copied to each, no
@@ -358,7 +411,7 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
     settings_kw = {k: v for k, v in gen.items() if k not in ("seed", "non_streaming_mode")}
     for r in todo:
         try:
-            items, ref_code, seed = _prompts(tts, [r], dict(gen))
+            items, ref_code, seed = _prompts(tts, [r], dict(gen), voice_of)
             settings = GenerationSettings.merge(tts.generate_defaults, **settings_kw)
             most = limit(r)
             if most is not None and most < settings.max_new_tokens:
@@ -384,16 +437,15 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
     return engine.stats["joined"]
 
 
-def _prompts(tts, chunk: list[Request], gen: dict):
+def _prompts(tts, chunk: list[Request], gen: dict, voice_of: _Voices):
     """(prompts, ICL reference codes or None, seeds) of requests; pops the text mode from gen."""
-    from .voice import load_voice
-
     seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
     voices = None
     if tts.tts_model_type == "base":
-        voices = [load_voice(r.voice)[0] if r.voice else None for r in chunk]
-        if any(v is None for v in voices):
-            raise ValueError("a Base checkpoint needs a \"voice\" file for every request")
+        voices = [voice_of(r) for r in chunk]
+    elif any(r.ref_audio for r in chunk):
+        raise ValueError(f"ref_audio clones a voice, which needs a Base checkpoint; this is a "
+                         f"{tts.tts_model_type} checkpoint")
     items = prompts.for_mode(tts.config, tts.tokenizer, [r.text for r in chunk],
                              [r.language or "auto" for r in chunk],
                              speaker=[r.speaker for r in chunk],
@@ -404,7 +456,7 @@ def _prompts(tts, chunk: list[Request], gen: dict):
     return items, refs, seeds
 
 
-def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
+def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit, voice_of: _Voices):
     """One padded batch through the official-style API, sharded over the local devices:
     (waves, sample rate, the indices in `chunk` that reached max_new_tokens without EOS).
     `limit(request)`: its text's budget (each row its own) or None."""
@@ -412,7 +464,7 @@ def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
 
     from .budget import BudgetReached
 
-    items, _, seeds = _prompts(tts, chunk, gen)
+    items, _, seeds = _prompts(tts, chunk, gen, voice_of)
     gen = {**gen, "seed": seeds}
     most = [limit(r) for r in chunk]
     if None not in most:
@@ -426,9 +478,7 @@ def _generate(tts, chunk: list[Request], gen: dict, devices: int, limit):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     ran_out = {i for w in caught if isinstance(w.message, BudgetReached) for i in w.message.rows}
     if tts.tts_model_type == "base":
-        from .voice import load_voice
-
-        waves, sr = tts.decode_voice_clone(codes, [load_voice(r.voice)[0] for r in chunk])
+        waves, sr = tts.decode_voice_clone(codes, [voice_of(r) for r in chunk])
     else:
         waves, sr = tts.decode(codes)
     return waves, sr, ran_out

@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     vd.add_argument("--instruct", help="description of the voice")
     bt = sub.add_parser("batch", parents=[common, start],
                         help="many utterances to WAV files (JSONL or one text per line)")
-    bt.add_argument("input", help="requests: .jsonl (text, name, speaker, instruct, voice, "
-                                  "language, seed) or a text file, one utterance per line")
+    bt.add_argument("input", help="requests: .jsonl (text, name, speaker, instruct, voice or "
+                                  "ref_audio with ref_text / x_vector_only_mode, language, "
+                                  "seed) or a text file, one utterance per line")
     bt.add_argument("--out-dir", required=True, help="folder for the audio files (NAME.wav)")
     bt.add_argument("--format", default="wav", choices=("wav", "flac", "mp3", "opus", "ogg"),
                     help="audio file format (default wav, 16-bit; mp3/opus/ogg where this "

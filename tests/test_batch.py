@@ -96,7 +96,7 @@ def _fake_generate(calls, raise_for=None, exc=None):
     a short tone per request."""
     import numpy as np
 
-    def generate(tts, chunk, gen, devices, limit):
+    def generate(tts, chunk, gen, devices, limit, voice_of=None):
         calls.append([r.text for r in chunk])
         if raise_for == ("#", len(calls)) or any(r.text == raise_for for r in chunk):
             raise exc or RuntimeError("device lost")
@@ -233,7 +233,7 @@ def test_a_failing_padded_batch_fails_only_its_own_requests(tmp_path, monkeypatc
     reqs = [batch.Request(line=i + 1, text=f"Text {10 + i}.", name=f"q{i}") for i in range(6)]
     bad = {"Text 12.", "Text 13."}
 
-    def every_try(tts, chunk, gen, devices, limit):
+    def every_try(tts, chunk, gen, devices, limit, voice_of=None):
         if bad & {r.text for r in chunk}:
             raise MemoryError("out of device memory")
         return _fake_generate(calls)(tts, chunk, gen, devices, limit)
@@ -277,8 +277,8 @@ def _poison_continuous(monkeypatch, text):
     poisoned = []
     real_prompts, real_init, real_take = batch._prompts, engine.Cohort.__init__, engine.Cohort.take
 
-    def prompts(tts, chunk, gen):
-        items, refs, seeds = real_prompts(tts, chunk, gen)
+    def prompts(tts, chunk, gen, voice_of):
+        items, refs, seeds = real_prompts(tts, chunk, gen, voice_of)
         if chunk[0].text == text:
             poisoned.append(items[0])
         return items, refs, seeds
@@ -625,3 +625,71 @@ def test_two_hosts_with_jax_distributed(tmp_path, make_checkpoint):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "3 written" in outs[0][0] and "2 written" in outs[1][0], outs   # lines 1,3,5 | 2,4
     assert sorted(os.listdir(out)) == [f"line-0000{i}.wav" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_base_lines_give_a_voice_file_or_a_reference(tmp_path, make_checkpoint, continuous):
+    """A Base checkpoint's lines: a voice file, or `ref_audio` with `ref_text` (ICL) or
+    `x_vector_only_mode` (each distinct reference encoded once); every WAV is the offline
+    `generate_voice_clone` audio of the same voice and seed. Bad combinations are refused with
+    their line number, and the other lines run."""
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_jax import Qwen3TTS, batch, save_voice
+    from test_audio import write_speech
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("base"))
+    ref = write_speech(tmp_path / "ref.wav", 16000)
+    icl = tts.create_voice_clone_prompt(ref, ref_text="Hello world.")
+    save_voice(icl, str(tmp_path / "me.voice"))
+    lines = [{"text": "From the voice file.", "name": "file", "voice": str(tmp_path / "me.voice")},
+             {"text": "From the reference.", "name": "icl", "ref_audio": ref,
+              "ref_text": "Hello world."},
+             {"text": "From its embedding.", "name": "xvec", "ref_audio": ref,
+              "x_vector_only_mode": True},
+             {"text": "The same reference again.", "name": "icl2", "ref_audio": ref,
+              "ref_text": "Hello world."},
+             {"text": "Both.", "voice": str(tmp_path / "me.voice"), "ref_audio": ref},
+             {"text": "No transcript.", "ref_audio": ref},
+             {"text": "A stray transcript.", "ref_text": "Hello."},
+             {"text": "Not a bool.", "ref_audio": ref, "x_vector_only_mode": "yes"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    reqs, problems = batch.read_requests(str(path), {})
+    assert [r.name for r in reqs] == ["file", "icl", "xvec", "icl2"]
+    assert [p.split(":")[0] for p in problems] == ["line 5", "line 6", "line 7", "line 8"]
+    for words, p in zip(("not both", "needs its transcript", "ref_text goes with ref_audio",
+                         "true or false"), problems):
+        assert words in p, p
+    encoded = []
+    original = tts.create_voice_clone_prompt
+
+    def counting(*a, **kw):
+        encoded.append(kw.get("x_vector_only_mode"))
+        return original(*a, **kw)
+
+    tts.create_voice_clone_prompt = counting
+    out = tmp_path / "out"
+    summary = batch.run(tts, reqs, str(out), batch_size=4, progress=False, continuous=continuous,
+                        gen={"max_new_tokens": 12, "do_sample": False,
+                             "subtalker_dosample": False})
+    assert summary["done"] == 4 and not summary["failed"], summary
+    assert sorted(encoded) == [False, True]          # icl and icl2 share one encoding
+    voices = {"file": icl, "icl": icl, "icl2": icl,
+              "xvec": original(ref, x_vector_only_mode=True)}
+    for r in reqs:
+        wave, _ = sf.read(str(out / f"{r.name}.wav"), dtype="float32")
+        want = tts.generate_voice_clone(r.text, voice_clone_prompt=voices[r.name], seed=[r.line],
+                                        max_new_tokens=12, do_sample=False,
+                                        subtalker_dosample=False)[0][0]
+        assert wave.shape == want.shape, r.name
+        np.testing.assert_allclose(wave, np.clip(want, -1, 1), atol=2e-4 + 1e-4 *
+                                   np.abs(want).max(), err_msg=r.name)
+    # a CustomVoice checkpoint refuses a reference, line by line
+    cv = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    bad = batch.run(cv, [batch.Request(line=1, text="Hi.", name="x", speaker="ryan",
+                                       ref_audio=ref, ref_text="Hello.")],
+                    str(tmp_path / "cv"), progress=False, continuous=continuous,
+                    gen={"max_new_tokens": 4})
+    assert bad["done"] == 0 and "needs a Base checkpoint" in bad["failed"][0], bad
