@@ -147,6 +147,8 @@ def test_registered_voices_are_bounded(server, ref):
     deletion makes room again."""
     state = server.server_state
     limit, have = state.options.max_voices, len(state.voices.voices)
+    health = get(server.url + "/health")
+    assert (health["voices"], health["max_voices"]) == (have, limit) == (2, 1000)
     try:
         state.options.max_voices = have
         code, out = multipart(server.url + "/v1/audio/voices", {"name": "one_more"},

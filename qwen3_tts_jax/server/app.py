@@ -705,6 +705,8 @@ class Server:
                      "active": self.engine.active, "requests": stats["requests"],
                      "frames": stats["frames"]}],
                 "max_batch_size": self.options.max_batch_size,
+                "max_batch_items": self.options.max_batch_items,
+                "voices": len(self.voices.voices), "max_voices": self.options.max_voices,
                 "max_new_tokens": self.max_new_tokens,
                 "frames_per_token": self.options.frames_per_token, "formats": self.formats,
                 "decode_kernels": self.decode_kernels, "stats": stats}
