@@ -19,12 +19,13 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from . import checkpoint, code_predictor, prompts, runner, talker, text as text_mod
+from . import checkpoint, code_predictor, prompts, runner, segments, talker, text as text_mod
 from .config import GenerationDefaults, Qwen3TTSConfig, load_config, load_generation_defaults
 from .options import Options
 from .prefix_cache import PrefixCache
 from .compilation_cache import enable_compilation_cache  # noqa: F401 - public here too
 from .budget import FRAMES_PER_TOKEN, text_budget
+from .segments import SEGMENT_PAUSE
 from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, keys  # noqa: F401
 from .voice import VoiceClonePromptItem, as_items
 
@@ -313,16 +314,50 @@ class Qwen3TTS:
         prompts.check_texts(texts)
         prompts.check_languages(self.config, as_list("auto" if language is None else language,
                                                      len(texts), "language"))
-        if voice_clone_prompt is None:
-            if ref_audio is None:
-                raise ValueError("generate_voice_clone needs ref_audio (with ref_text for ICL "
-                                 "mode) or a voice_clone_prompt")
-            voices = self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
-        else:
-            voices = as_items(voice_clone_prompt)
-        voices = as_list(voices, len(texts), "voice_clone_prompt")
+        voices = as_list(self._voices(ref_audio, ref_text, x_vector_only_mode,
+                                      voice_clone_prompt), len(texts), "voice_clone_prompt")
         return prompts.voice_clone(self.config, self.tokenizer, texts, voices, language,
                                    non_streaming_mode), voices
+
+    def _voices(self, ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt):
+        """The voices of a clone call: `voice_clone_prompt` as items, or `ref_audio` encoded."""
+        self._require("base", "generate_voice_clone")
+        if voice_clone_prompt is not None:
+            return as_items(voice_clone_prompt)
+        if ref_audio is None:
+            raise ValueError("generate_voice_clone needs ref_audio (with ref_text for ICL "
+                             "mode) or a voice_clone_prompt")
+        return self.create_voice_clone_prompt(ref_audio, ref_text, x_vector_only_mode)
+
+    def _in_segments(self, text, segment_chars, segment_pause, per_text: dict, gen_kwargs: dict,
+                     run):
+        """(waves, sr) of texts said in segments (`segments.py`): a text longer than
+        `segment_chars` characters is cut at sentence ends (then clauses, words) into segments of
+        at most that many, which `run(segments, **arguments)` says as rows of one batch with
+        their text's speaker, language, instruction or voice, budget and seed (`segments.seeds`:
+        a text that stays whole samples as it would unsplit); each text's segments are joined
+        with `segment_pause` seconds of silence. Every row of the batch is a segment: a long
+        text costs the rows of its segments at once, not their time one after another."""
+        texts = text if isinstance(text, list) else [text]
+        prompts.check_texts(texts)
+        pause = segments.check_pause(segment_pause)
+        parts, owners = segments.expand(texts, segment_chars)
+        n = len(texts)
+
+        def spread(name, value):        # a value per text -> a value per segment
+            if not isinstance(value, (list, tuple)):
+                return value
+            values = as_list(value, n, name)
+            return [values[i] for i in owners]
+
+        kw = {name: spread(name, value) for name, value in per_text.items()}
+        gen_kwargs = dict(gen_kwargs)
+        if gen_kwargs.get("seed") is not None:
+            gen_kwargs["seed"] = segments.seeds(gen_kwargs["seed"], owners, n)
+        if isinstance(gen_kwargs.get("max_new_tokens"), (list, tuple)):
+            gen_kwargs["max_new_tokens"] = spread("max_new_tokens", gen_kwargs["max_new_tokens"])
+        wavs, sr = run(parts, **kw, **gen_kwargs)
+        return segments.join(wavs, owners, n, round(pause * sr)), sr
 
     def text_prompt(self, language=None, speaker=None, instruct=None, voice=None):
         """The checked `prompts.PiecesPrompt` of an utterance whose text arrives in pieces, in
@@ -395,9 +430,20 @@ class Qwen3TTS:
             text, speaker, language, instruct, non_streaming_mode), settings)
 
     def generate_custom_voice(self, text, speaker, language=None, instruct=None,
-                              non_streaming_mode: bool = True, **gen_kwargs):
+                              non_streaming_mode: bool = True, segment_chars: int | None = None,
+                              segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
         """Speech for preset speakers: (list of float32 waves, 24000). Same arguments as
-        `generate_custom_voice_codes`."""
+        `generate_custom_voice_codes`, and for long text `segment_chars` / `segment_pause`: each
+        text longer than `segment_chars` characters said in segments cut at sentence ends, joined
+        with `segment_pause` seconds of silence (`_in_segments`; default None: the official
+        single pass)."""
+        if segment_chars is not None:
+            return self._in_segments(
+                text, segment_chars, segment_pause,
+                dict(speaker=speaker, language=language, instruct=instruct), gen_kwargs,
+                lambda t, **kw: self.generate_custom_voice(
+                    t, non_streaming_mode=non_streaming_mode, **kw))
+        segments.check_pause(segment_pause)
         return self.decode(self.generate_custom_voice_codes(
             text, speaker, language, instruct, non_streaming_mode, **gen_kwargs))
 
@@ -418,8 +464,16 @@ class Qwen3TTS:
             text, instruct, language, non_streaming_mode), settings)
 
     def generate_voice_design(self, text, instruct, language=None,
-                              non_streaming_mode: bool = True, **gen_kwargs):
-        """Speech for a voice described in words: (list of float32 waves, 24000)."""
+                              non_streaming_mode: bool = True, segment_chars: int | None = None,
+                              segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
+        """Speech for a voice described in words: (list of float32 waves, 24000); long text in
+        segments as in `generate_custom_voice`."""
+        if segment_chars is not None:
+            return self._in_segments(
+                text, segment_chars, segment_pause, dict(instruct=instruct, language=language),
+                gen_kwargs, lambda t, **kw: self.generate_voice_design(
+                    t, non_streaming_mode=non_streaming_mode, **kw))
+        segments.check_pause(segment_pause)
         return self.decode(self.generate_voice_design_codes(
             text, instruct, language, non_streaming_mode, **gen_kwargs))
 
@@ -450,11 +504,21 @@ class Qwen3TTS:
 
     def generate_voice_clone(self, text, language=None, ref_audio=None, ref_text=None,
                              x_vector_only_mode=False, voice_clone_prompt=None,
-                             non_streaming_mode: bool = False, **gen_kwargs):
+                             non_streaming_mode: bool = False, segment_chars: int | None = None,
+                             segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
         """Speech in a cloned voice: (list of float32 waves, 24000). In ICL mode the codes are
         decoded after the reference codes (as left context) and the reference part is cut, like
         the official. voice_clone_prompt: items from `create_voice_clone_prompt`, or a voice file
-        path (`save_voice`)."""
+        path (`save_voice`). Long text in segments as in `generate_custom_voice` (the reference
+        encoded once, every segment in its voice)."""
+        if segment_chars is not None:
+            voices = self._voices(ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
+            return self._in_segments(
+                text, segment_chars, segment_pause,
+                dict(language=language, voice_clone_prompt=voices), gen_kwargs,
+                lambda t, **kw: self.generate_voice_clone(
+                    t, non_streaming_mode=non_streaming_mode, **kw))
+        segments.check_pause(segment_pause)
         settings = self._settings(gen_kwargs, text)
         built, items = self.voice_clone_prompts(text, language, ref_audio, ref_text,
                                                 x_vector_only_mode, voice_clone_prompt,
@@ -483,12 +547,21 @@ class Qwen3TTS:
 
     # ------------------------------------------------------------------ streaming
     def _stream(self, text, build, pieces_prompt, settings, non_streaming_mode, chunk_frames,
-                first_chunk_frames, ref_code=None, auto: bool = False):
-        """Audio chunks of one utterance: a whole text through `runner.stream`, or text in
+                first_chunk_frames, ref_code=None, auto: bool = False, segment_chars=None,
+                segment_pause: float = SEGMENT_PAUSE):
+        """Audio chunks of one utterance: a whole text through `runner.stream` (with
+        `segment_chars`, its segments one after another: `_stream_segments`), or text in
         pieces through the batching engine (`engine.stream_pieces`; with `auto`, the text's
         budget once it has ended). Arguments are checked now; the generator runs at the first
         next()."""
         runner.check_chunks(chunk_frames, first_chunk_frames)
+        pause = segments.check_pause(segment_pause)
+        if segment_chars is not None:
+            if _is_pieces(text):
+                raise ValueError("segment_chars needs the whole text (a str); text in pieces is "
+                                 "said as it arrives, in one pass")
+            return self._stream_segments(text, build, settings, segment_chars, pause, auto,
+                                         chunk_frames, first_chunk_frames, ref_code)
         if not _is_pieces(text):
             return runner.stream(self, _single(build(text)), settings, chunk_frames,
                                  first_chunk_frames, ref_code)
@@ -503,10 +576,36 @@ class Qwen3TTS:
                                     first_chunk_frames, ref_code,
                                     frames_per_token=FRAMES_PER_TOKEN if auto else 0.0)
 
+    def _stream_segments(self, text, build, settings, segment_chars, pause, auto, chunk_frames,
+                         first_chunk_frames, ref_code):
+        """The chunks of one text said in segments (`_in_segments`), each segment streamed after
+        the one before with `pause` seconds of silence between: the same audio as the offline
+        call with the same seed (each segment samples as its row there)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        parts, owners = segments.expand([text], segment_chars)
+        items = [_single(build(part)) for part in parts]      # every segment checked now
+        budgets = self.text_budgets(parts) if auto else [settings.most_new_tokens] * len(parts)
+        seeds = segments.seeds(settings.seed, owners, 1)
+        gap = np.zeros(round(pause * self.speech_tokenizer.sample_rate), np.float32)
+
+        def chunks():
+            for j, item in enumerate(items):
+                if j and len(gap):
+                    yield gap
+                seed = [seeds[j]] if isinstance(seeds, list) else seeds
+                yield from runner.stream(
+                    self, item, dataclasses.replace(settings, max_new_tokens=budgets[j], seed=seed),
+                    chunk_frames, first_chunk_frames, ref_code,
+                    row=0 if isinstance(seeds, list) else j)
+
+        return chunks()
+
     def generate_custom_voice_streaming(self, text, speaker: str, language=None,
                                         instruct=None, non_streaming_mode: bool | None = None,
                                         chunk_frames: int = 12, first_chunk_frames: int = 3,
-                                        **gen_kwargs):
+                                        segment_chars: int | None = None,
+                                        segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
         """A generator of float32 24 kHz audio chunks (first after `first_chunk_frames` frames,
         then every `chunk_frames` = 80 ms each), for one text. Same arguments as
         `generate_custom_voice`; with the same seed the codes are the offline codes, and the chunks
@@ -516,19 +615,24 @@ class Qwen3TTS:
         the text is then read in the official streaming text mode (`non_streaming_mode` False,
         one text token per frame), speech starts once the first word is there, and no frame
         reads text that has not arrived; the audio is the offline streaming-mode audio of the
-        whole text (`engine.stream_pieces`)."""
+        whole text (`engine.stream_pieces`).
+
+        `segment_chars` / `segment_pause` (a whole text only): a long text streamed segment after
+        segment, the chunks of the offline call with the same arguments (`_stream_segments`)."""
         self._require("custom_voice", "generate_custom_voice")
         return self._stream(
             text, lambda t: self.custom_voice_prompts(t, speaker, language, instruct,
                                                       _official_mode(non_streaming_mode, True)),
             lambda: self.text_prompt(language, speaker=speaker, instruct=instruct),
             self._settings(gen_kwargs, text), non_streaming_mode, chunk_frames,
-            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto")
+            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto",
+            segment_chars=segment_chars, segment_pause=segment_pause)
 
     def generate_voice_design_streaming(self, text, instruct: str, language=None,
                                         non_streaming_mode: bool | None = None,
                                         chunk_frames: int = 12, first_chunk_frames: int = 3,
-                                        **gen_kwargs):
+                                        segment_chars: int | None = None,
+                                        segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
         """Streaming twin of `generate_voice_design` (see `generate_custom_voice_streaming`,
         text pieces included)."""
         self._require("voice_design", "generate_voice_design")
@@ -537,26 +641,22 @@ class Qwen3TTS:
                                                       _official_mode(non_streaming_mode, True)),
             lambda: self.text_prompt(language, instruct=instruct),
             self._settings(gen_kwargs, text), non_streaming_mode, chunk_frames,
-            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto")
+            first_chunk_frames, auto=gen_kwargs.get("max_new_tokens") == "auto",
+            segment_chars=segment_chars, segment_pause=segment_pause)
 
     def generate_voice_clone_streaming(self, text, language=None, ref_audio=None,
                                        ref_text=None, x_vector_only_mode=False,
                                        voice_clone_prompt=None,
                                        non_streaming_mode: bool | None = None,
                                        chunk_frames: int = 12, first_chunk_frames: int = 3,
-                                       **gen_kwargs):
+                                       segment_chars: int | None = None,
+                                       segment_pause: float = SEGMENT_PAUSE, **gen_kwargs):
         """Streaming twin of `generate_voice_clone` (text pieces included, see
         `generate_custom_voice_streaming`); in ICL mode the reference codes are decoded first
         and their audio cut, like the offline decode."""
         self._require("base", "generate_voice_clone")
         settings = self._settings(gen_kwargs, text)
-        if voice_clone_prompt is None:
-            if ref_audio is None:
-                raise ValueError("generate_voice_clone needs ref_audio (with ref_text for ICL "
-                                 "mode) or a voice_clone_prompt")
-            voice_clone_prompt = self.create_voice_clone_prompt(ref_audio, ref_text,
-                                                                x_vector_only_mode)
-        voices = as_items(voice_clone_prompt)
+        voices = self._voices(ref_audio, ref_text, x_vector_only_mode, voice_clone_prompt)
         if len(voices) != 1:
             raise ValueError(f"streaming takes one voice, got {len(voices)}")
         voice = voices[0]
@@ -567,7 +667,8 @@ class Qwen3TTS:
             lambda: self.text_prompt(language, voice=voice), settings, non_streaming_mode,
             chunk_frames, first_chunk_frames,
             ref_code=voice.ref_code if voice.icl_mode else None,
-            auto=gen_kwargs.get("max_new_tokens") == "auto")
+            auto=gen_kwargs.get("max_new_tokens") == "auto", segment_chars=segment_chars,
+            segment_pause=segment_pause)
 
     # ------------------------------------------------------------------ audio
     def decode(self, codes: Sequence[np.ndarray]):

@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--output", "-o", default="output.wav",
                     help="audio file to write; the extension picks the format: .wav (16-bit), "
                          ".flac, .mp3, .opus, .ogg (where this libsndfile writes them)")
+    io.add_argument("--segment-chars", type=int, default=None, metavar="N",
+                    help="say a text longer than N characters in segments of at most N, cut at "
+                         "sentence ends (then clauses, words), each generated as its own "
+                         "utterance (rows of one batch) and joined: for long texts, which drift "
+                         "in one pass (default: one pass, as the official)")
+    io.add_argument("--segment-pause", type=float, default=None, metavar="SECONDS",
+                    help="silence between segments (default 0.2)")
     io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
     io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
 
@@ -230,6 +237,20 @@ def _check_voice_flags(args) -> None:
         if args.ref_audio and not args.x_vector_only and not (args.ref_text or "").strip():
             fail("--ref-audio needs --ref-text TRANSCRIPT (the words spoken in it), or "
                  "--x-vector-only to clone from the speaker embedding alone")
+
+
+def _check_segments(args) -> None:
+    from . import segments
+
+    if args.segment_pause is not None and args.segment_chars is None:
+        fail("--segment-pause needs --segment-chars N (the text is said in one pass without it)")
+    try:
+        if args.segment_chars is not None:
+            segments.check_max_chars(args.segment_chars)
+        segments.check_pause(segments.SEGMENT_PAUSE if args.segment_pause is None
+                             else args.segment_pause)
+    except ValueError as e:
+        fail("--" + str(e).replace("_", "-", 1))
 
 
 def _kind_mismatch(tts, args) -> str | None:
@@ -475,6 +496,7 @@ def _main(args) -> int:
         if not args.text.strip():
             fail("--text-file has no text" if args.text_file else "--text is empty")
         _check_voice_flags(args)
+        _check_segments(args)
     if bool(args.model) == bool(args.random_weights):
         fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")
     if args.command == "batch":
@@ -530,11 +552,14 @@ def _main(args) -> int:
 
     if args.command == "batch":
         return _batch(tts, args, stages, requests, problems)
-    text = args.text
+    from . import segments
+
+    # a long text in segments, rows of one batch (what `generate_*(segment_chars=N)` does)
+    texts = segments.split(args.text, args.segment_chars) if args.segment_chars else [args.text]
     gen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if args.max_new_tokens is None and args.frames_per_token:
-        gen["max_new_tokens"] = min(tts.generate_defaults.max_new_tokens, text_budget(
-            len(tts.tokenizer.encode(text)), args.frames_per_token))
+        gen["max_new_tokens"] = [min(tts.generate_defaults.max_new_tokens, text_budget(
+            len(tts.tokenizer.encode(t)), args.frames_per_token)) for t in texts]
     mode = {} if args.text_mode is None else {
         "non_streaming_mode": args.text_mode == "non-streaming"}
     if args.greedy:
@@ -544,14 +569,14 @@ def _main(args) -> int:
     try:
         if args.command == "custom-voice":
             codes = tts.generate_custom_voice_codes(
-                text, speaker=args.speaker, language=args.language, instruct=args.instruct,
+                texts, speaker=args.speaker, language=args.language, instruct=args.instruct,
                 **mode, **gen)
         elif args.command == "voice-design":
             codes = tts.generate_voice_design_codes(
-                text, instruct=args.instruct, language=args.language, **mode, **gen)
+                texts, instruct=args.instruct, language=args.language, **mode, **gen)
         else:
             voice = _clone_voice(tts, args)
-            codes = tts.generate_voice_clone_codes(text, language=args.language,
+            codes = tts.generate_voice_clone_codes(texts, language=args.language,
                                                    voice_clone_prompt=voice, **mode, **gen)
         stages("decoding audio")
         if args.command == "clone":
@@ -561,6 +586,8 @@ def _main(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:  # AudioError is a ValueError
         stages.close()
         fail(_in_flags(e))
+    pause = segments.SEGMENT_PAUSE if args.segment_pause is None else args.segment_pause
+    wavs = segments.join(wavs, [0] * len(wavs), 1, round(pause * sr))
     from .audio import write_audio
 
     try:
@@ -572,7 +599,9 @@ def _main(args) -> int:
     stages.close()
     t2 = time.perf_counter()
     seconds = len(wavs[0]) / sr
-    print(f"wrote {args.output}: {seconds:.2f} s of audio ({len(codes[0])} frames) in "
+    frames = sum(len(c) for c in codes)
+    parts = f", {len(codes)} segments" if len(codes) > 1 else ""
+    print(f"wrote {args.output}: {seconds:.2f} s of audio ({frames} frames{parts}) in "
           f"{t2 - t1:.2f} s ({seconds / max(t2 - t1, 1e-9):.2f}x real time; "
           f"{t2 - t0:.2f} s with loading)")
     return 0

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import audio, generate as gen, prompts, speaker_encoder
@@ -110,14 +111,17 @@ def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: Generation
 
 
 def stream(model, item: prompts.Prompt, settings: GenerationSettings, chunk_frames: int,
-           first_chunk_frames: int, ref_code=None):
+           first_chunk_frames: int, ref_code=None, row: int = 0):
     """Float32 audio chunks of one utterance while it is generated (`generate.stream`'s code
     chunks through a `StreamDecoder`, which carries the codec's state between chunks: the chunks
     concatenate to the offline audio, and each costs only its new frames). An ICL reference
     (`ref_code`) is decoded first and its audio cut. After the first chunk, a chunk's codec runs
-    beside the next chunk's frames as `Options.codec_overlap` says (same audio)."""
+    beside the next chunk's frames as `Options.codec_overlap` says (same audio). `row`: sample
+    as row `row` of a batch with the same int seed (a long text's later segments, `segments.py`)."""
     settings = settings.row(0, 1)
     batch, run_settings, ks = prepare(model.config, model.options, [item], settings)
+    if row:
+        ks = jnp.broadcast_to(keys(settings.seed, row + 1, row + 1)[row], ks.shape)
     codec = model.speech_tokenizer.stream_decoder()
     codec.reset(0, prefix=ref_code)
     chunks = gen.Chunks(model.params, model.config, batch, run_settings, ks,

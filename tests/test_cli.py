@@ -42,6 +42,26 @@ def test_custom_voice_to_wav(tmp_path, make_checkpoint):
     assert np.array_equal(sf.read(str(tmp_path / "b.wav"))[0], wave)
 
 
+def test_long_text_in_segments(tmp_path, make_checkpoint):
+    """--segment-chars: the API's `segment_chars` audio (three sentences, three segments)."""
+    from qwen3_tts_jax import Qwen3TTS
+
+    text = "One sentence here. Another one there. And a third."
+    out = tmp_path / "long.wav"
+    r = run("custom-voice", "--model", make_checkpoint("cv_proj"), "--speaker", "ryan",
+            "--text", text, "--greedy", "--max-new-tokens", "6", "--segment-chars", "20",
+            "--segment-pause", "0.1", "--output", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "(15 frames, 3 segments)" in r.stdout
+    wave, sr = sf.read(str(out), dtype="float32")
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    (want,), _ = tts.generate_custom_voice(text, "ryan", segment_chars=20, segment_pause=0.1,
+                                           max_new_tokens=6, do_sample=False,
+                                           subtalker_dosample=False)
+    assert wave.shape == want.shape == (15 * 1920 + 2 * 2400,)
+    np.testing.assert_allclose(wave, np.clip(want, -1, 1), atol=2 / 32768)
+
+
 def test_random_weights_offline_demo(tmp_path):
     out = tmp_path / "demo.flac"                       # the extension picks the format
     r = run("custom-voice", "--random-weights", "--speaker", "vivian", "--text", "Hi.",
@@ -105,6 +125,12 @@ def test_random_weights_builds_the_checkpoint_each_command_needs(tmp_path):
     (["--speaker", "ryan", "--text-file", "{tmp}/latin1.txt"], "not UTF-8 text: byte 0xe9 at "
                                                                "offset 3"),
     (["--speaker", "ryan", "--text-file", "{tmp}"], "it is a folder"),
+    (["--speaker", "ryan", "--text", "Hi.", "--segment-chars", "0"],
+     "error: --segment-chars must be an integer >= 1"),
+    (["--speaker", "ryan", "--text", "Hi.", "--segment-pause", "0.5"],
+     "--segment-pause needs --segment-chars N"),
+    (["--speaker", "ryan", "--text", "Hi.", "--segment-chars", "9", "--segment-pause", "-1"],
+     "error: --segment-pause must be a number of seconds in [0, 10]"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, make_checkpoint, args, needle):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))

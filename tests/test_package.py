@@ -17,7 +17,8 @@ LAYERS = {
         "sampling", "generate", "options", "quantize", "cpu_kernels", "decode_kernels",
         "speaker_encoder", "lru",
         "codec.config", "codec.decoder", "codec.encoder", "codec.streaming"},
-    1: {"text", "prompts", "settings", "budget", "voice", "audio", "text_feed"},   # requests
+    1: {"text", "prompts", "settings", "budget", "voice", "audio", "text_feed",
+        "segments"},   # requests
     2: {"checkpoint", "runner", "engine", "cohort", "sharding", "compilation_cache",  # runtime
         "codec", "codec.tokenizer", "lora", "prefix_cache"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
