@@ -39,7 +39,7 @@ import time
 import jax
 import numpy as np
 
-from . import prompts
+from . import prompts, segments
 from .budget import text_budget
 
 
@@ -243,7 +243,9 @@ def read_requests(path: str, defaults: dict) -> tuple[list[Request], list[str]]:
 
 def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: dict | None = None,
         progress: bool = True, num_hosts: int = 1, host_index: int = 0,
-        continuous: bool = True, fmt: str = "wav", frames_per_token: float = 0.0) -> dict:
+        continuous: bool = True, fmt: str = "wav", frames_per_token: float = 0.0,
+        segment_chars: int | None = None,
+        segment_pause: float = segments.SEGMENT_PAUSE) -> dict:
     """Generate every request not yet on disk (OUT_DIR/NAME.FMT, `fmt` a format of
     `audio.output_formats()`). Returns a summary dict (done, skipped, failed, redone, cut: the
     outputs written that reached max_new_tokens without the end token).
@@ -258,7 +260,11 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
     `jax.sharding` mesh of the local devices (always so with `model_parallel` > 1).
 
     `frames_per_token` > 0: each request's budget is at most `budget.text_budget` of its text
-    (a padded batch: of its longest text), bounding a runaway (the command line's default)."""
+    (a padded batch: of its longest text), bounding a runaway (the command line's default).
+
+    `segment_chars`: a text longer than that is said in segments (`segments.py`), each a request
+    of its own in the batches, its file written once every segment is done (`_Segmented`): the
+    API's `segment_chars` audio for the request's seed."""
     from tqdm import tqdm
 
     from .audio import AudioError, output_formats, write_audio
@@ -268,6 +274,9 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
                          f"{', '.join(output_formats())}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if segment_chars is not None:
+        segments.check_max_chars(segment_chars)
+    pause = segments.check_pause(segment_pause)
     os.makedirs(out_dir, exist_ok=True)
     mine = requests[host_index::num_hosts]
 
@@ -286,18 +295,20 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
             redone.append(r.name)
         todo.append(r)
     skipped = len(mine) - len(todo)
-    todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     devices = len(jax.local_devices())
     failed, cut, done, audio_s, t0 = [], [], 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(todo), disable=not progress, unit="utt")
+
+    def fail(r: Request, why: str) -> None:
+        failed.append(f"line {r.line} ({r.name}): {why}")
+        bar.update(1)
 
     def written(r: Request, wave, sr: int, budget_reached: bool = False) -> None:
         nonlocal audio_s, done
         try:
             write_audio(path(r), wave, sr, fmt)
         except Exception as e:  # noqa: BLE001 - a full disk, ...: the others still go on
-            failed.append(f"line {r.line} ({r.name}): cannot write {path(r)}: {e}")
-            bar.update(1)
+            fail(r, f"cannot write {path(r)}: {e}")
             return
         if budget_reached:
             cut.append(f"line {r.line} ({r.name}): {path(r)} is {len(wave) / sr:.2f} s")
@@ -311,9 +322,13 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
         return text_budget(len(tts.tokenizer.encode(r.text)), frames_per_token) \
             if frames_per_token else None
 
+    if segment_chars is not None:     # each segment a request; a file once all are done
+        joined = _Segmented(todo, segment_chars, pause, dict(gen or {}), written, fail)
+        todo, written, fail = joined.todo, joined.written, joined.fail
+    todo.sort(key=lambda r: len(r.text))              # similar lengths share a padded batch
     refilled, voice_of = None, _Voices(tts)
     if continuous and tts.model_parallel == 1:
-        refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, failed, bar,
+        refilled = _run_continuous(tts, todo, batch_size, dict(gen or {}), written, fail,
                                    jax.local_devices(), limit, voice_of)
     else:
         devices //= tts.model_parallel                 # rows split over the mesh's "data" axis
@@ -330,16 +345,14 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
                     written(r, w, sr, i in ran_out)
                 continue
             if len(chunk) == 1:
-                failed.append(f"line {chunk[0].line} ({chunk[0].name}): {_why(error)}")
-                bar.update(1)
+                fail(chunk[0], _why(error))
                 continue
             for r in chunk:          # which request failed it: each alone, the others written
                 try:
                     w, sr, ran_out = _generate(tts, [r], dict(gen or {}), devices, limit,
                                                voice_of)
                 except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                    failed.append(f"line {r.line} ({r.name}): {_why(e)}")
-                    bar.update(1)
+                    fail(r, _why(e))
                     continue
                 written(r, w[0], sr, 0 in ran_out)
     bar.close()
@@ -353,8 +366,8 @@ def run(tts, requests: list[Request], out_dir: str, batch_size: int = 8, gen: di
 CONTINUOUS_CHUNK_FRAMES = 8
 
 
-def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, failed,
-                    bar, devices: list, limit, voice_of: _Voices) -> int:
+def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, written, fail,
+                    devices: list, limit, voice_of: _Voices) -> int:
     """The requests through the server's `BatchEngine` (continuous batching: a row whose request
     ended takes the next request at the next host check, instead of the padded batch waiting for
     its longest row), one engine per device (`EnginePool`: the weights copied to each, no
@@ -395,11 +408,9 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
                     written(r, np.concatenate(waves) if waves else np.zeros(0, np.float32), sr,
                             job[0].finish_reason == "length")
                 else:
-                    failed.append(f"line {r.line} ({r.name}): {_why(x)}")
-                    bar.update(1)
+                    fail(r, _why(x))
             except Exception as e:  # noqa: BLE001 - never lose the count: the job waits for every row
-                failed.append(f"line {r.line} ({r.name}): {_why(e)}")
-                bar.update(1)
+                fail(r, _why(e))
             finally:
                 submit_next()
                 with lock:
@@ -417,8 +428,7 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
             if most is not None and most < settings.max_new_tokens:
                 settings = dataclasses.replace(settings, max_new_tokens=most)
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-            failed.append(f"line {r.line} ({r.name}): {_why(e)}")
-            bar.update(1)
+            fail(r, _why(e))
             continue
         box: list[Job] = []         # the emit reads its job's finish_reason
         box.append(Job(items[0], settings, emit=emit_for(r, box), seed=seed[0],
@@ -437,9 +447,62 @@ def _run_continuous(tts, todo: list[Request], batch_size: int, gen: dict, writte
     return engine.stats["joined"]
 
 
+class _Segmented:
+    """Requests whose text is longer than `max_chars` as one request per segment (`segments.py`;
+    the first keeps the request's seed, the others get `segments.seeds`'), and the `written` and
+    `fail` of the run for them: a request's file is written once every segment has its audio
+    (joined with `pause` seconds of silence); its first failing segment fails it, once."""
+
+    def __init__(self, requests: list[Request], max_chars: int, pause: float, gen: dict,
+                 written, fail):
+        self._written, self._fail = written, fail
+        self.pause = pause
+        self.todo: list[Request] = []
+        self.parent: dict[int, tuple[Request, int]] = {}   # id(segment) -> (request, index)
+        self.waves: dict[int, list] = {}                   # id(request) -> audio per segment
+        self.cut: dict[int, bool] = {}
+        for r in requests:
+            parts = segments.split(r.text, max_chars) or [r.text]
+            if len(parts) == 1:
+                self.todo.append(r)
+                continue
+            seeds = segments.seeds([_seed(r, gen)], [0] * len(parts), 1)
+            self.waves[id(r)], self.cut[id(r)] = [None] * len(parts), False
+            for j, (text, seed) in enumerate(zip(parts, seeds)):
+                seg = dataclasses.replace(r, text=text, seed=seed)
+                self.parent[id(seg)] = (r, j)
+                self.todo.append(seg)
+
+    def written(self, seg: Request, wave, sr: int, budget_reached: bool = False) -> None:
+        if id(seg) not in self.parent:
+            return self._written(seg, wave, sr, budget_reached)
+        r, j = self.parent.pop(id(seg))
+        waves = self.waves.get(id(r))
+        if waves is None:                    # the request failed already
+            return
+        waves[j] = wave
+        self.cut[id(r)] |= bool(budget_reached)
+        if all(w is not None for w in waves):
+            del self.waves[id(r)]
+            joined = segments.join(waves, [0] * len(waves), 1, round(self.pause * sr))[0]
+            self._written(r, joined, sr, self.cut[id(r)])
+
+    def fail(self, seg: Request, why: str) -> None:
+        if id(seg) not in self.parent:
+            return self._fail(seg, why)
+        r, j = self.parent.pop(id(seg))
+        if self.waves.pop(id(r), None) is not None:
+            self._fail(r, f"segment {j + 1} ({seg.text[:40]!r}): {why}")
+
+
+def _seed(r: Request, gen: dict) -> int:
+    """A request's seed: its own, or the run's (`--seed`, default 0) plus its line number."""
+    return r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line
+
+
 def _prompts(tts, chunk: list[Request], gen: dict, voice_of: _Voices):
     """(prompts, ICL reference codes or None, seeds) of requests; pops the text mode from gen."""
-    seeds = [r.seed if r.seed is not None else (gen.get("seed") or 0) + r.line for r in chunk]
+    seeds = [_seed(r, gen) for r in chunk]
     voices = None
     if tts.tts_model_type == "base":
         voices = [voice_of(r) for r in chunk]

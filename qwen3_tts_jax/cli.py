@@ -131,15 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     io.add_argument("--output", "-o", default="output.wav",
                     help="audio file to write; the extension picks the format: .wav (16-bit), "
                          ".flac, .mp3, .opus, .ogg (where this libsndfile writes them)")
-    io.add_argument("--segment-chars", type=int, default=None, metavar="N",
-                    help="say a text longer than N characters in segments of at most N, cut at "
-                         "sentence ends (then clauses, words), each generated as its own "
-                         "utterance (rows of one batch) and joined: for long texts, which drift "
-                         "in one pass (default: one pass, as the official)")
-    io.add_argument("--segment-pause", type=float, default=None, metavar="SECONDS",
-                    help="silence between segments (default 0.2)")
     io.add_argument("--list-speakers", action="store_true", help="print the speakers and exit")
     io.add_argument("--list-languages", action="store_true", help="print the languages and exit")
+
+    long = common.add_argument_group("long text")
+    long.add_argument("--segment-chars", type=int, default=None, metavar="N",
+                      help="say a text longer than N characters in segments of at most N, cut at "
+                           "sentence ends (then clauses, words), each generated as its own "
+                           "utterance (rows of a batch) and joined: for long texts, which drift "
+                           "in one pass (default: one pass, as the official)")
+    long.add_argument("--segment-pause", type=float, default=None, metavar="SECONDS",
+                      help="silence between segments (default 0.2)")
 
     # the commands that load a model in this process (serve has its own flags)
     start = argparse.ArgumentParser(add_help=False)
@@ -404,11 +406,13 @@ def _batch(tts, args, stages, requests, problems) -> int:
         fail(_in_flags(e))
     if args.text_mode is not None:
         gen["non_streaming_mode"] = args.text_mode == "non-streaming"
+    segment_pause = {} if args.segment_pause is None else {"segment_pause": args.segment_pause}
     summary = batch.run(tts, requests, args.out_dir, args.batch_size, gen,
                         progress=not args.quiet, num_hosts=args.num_hosts,
                         host_index=args.host_index, continuous=args.continuous,
                         fmt=args.format, frames_per_token=0.0 if args.max_new_tokens is not None
-                        else args.frames_per_token)
+                        else args.frames_per_token, segment_chars=args.segment_chars,
+                        **segment_pause)
     failed = problems + summary["failed"]
     print(f"batch: {summary['done']} written, {summary['skipped']} already there, "
           f"{len(failed)} failed; {summary['audio_seconds']:.1f} s of audio in "
@@ -496,6 +500,7 @@ def _main(args) -> int:
         if not args.text.strip():
             fail("--text-file has no text" if args.text_file else "--text is empty")
         _check_voice_flags(args)
+    if not listing:
         _check_segments(args)
     if bool(args.model) == bool(args.random_weights):
         fail("give --model PATH_OR_HUB_ID, or --random-weights for the offline check")

@@ -693,3 +693,46 @@ def test_base_lines_give_a_voice_file_or_a_reference(tmp_path, make_checkpoint, 
                     str(tmp_path / "cv"), progress=False, continuous=continuous,
                     gen={"max_new_tokens": 4})
     assert bad["done"] == 0 and "needs a Base checkpoint" in bad["failed"][0], bad
+
+
+SEGMENTED = "One sentence here. Another one there. And a third."
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_long_lines_in_segments(tmp_path, make_checkpoint, continuous):
+    """`segment_chars`: a long line's segments run as requests of their own, and its file is the
+    API's `segment_chars` audio for its seed (sampled: each segment's seed as the API's); a
+    short line is as without segments."""
+    import numpy as np
+    import soundfile as sf
+
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=1, text=SEGMENTED, name="long", speaker="ryan"),
+            batch.Request(line=2, text="Short.", name="short", speaker="vivian", seed=5)]
+    gen = {"max_new_tokens": 8, "do_sample": True, "subtalker_dosample": True}
+    summary = batch.run(tts, reqs, str(tmp_path), batch_size=4, progress=False, gen=gen,
+                        continuous=continuous, segment_chars=20, segment_pause=0.1)
+    assert summary["done"] == 2 and not summary["failed"], summary
+    for r, seed in zip(reqs, (1, 5)):
+        wave, _ = sf.read(str(tmp_path / f"{r.name}.wav"), dtype="float32")
+        want = tts.generate_custom_voice(r.text, r.speaker, segment_chars=20, segment_pause=0.1,
+                                         seed=[seed], **gen)[0][0]
+        assert wave.shape == want.shape, r.name
+        np.testing.assert_allclose(wave, np.clip(want, -1, 1), atol=2e-4 + 1e-4 *
+                                   np.abs(want).max(), err_msg=r.name)
+
+
+def test_a_failing_segment_fails_its_line_once(tmp_path, monkeypatch, make_checkpoint):
+    from qwen3_tts_jax import Qwen3TTS, batch
+
+    tts = Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+    reqs = [batch.Request(line=1, text=SEGMENTED, name="long", speaker="ryan"),
+            batch.Request(line=2, text="Short.", name="short", speaker="vivian")]
+    _poison_continuous(monkeypatch, "Another one there.")
+    s = batch.run(tts, reqs, str(tmp_path), batch_size=2, progress=False, gen=GEN3,
+                  segment_chars=20)
+    assert s["failed"] == ["line 1 (long): segment 2 ('Another one there.'): RuntimeError: "
+                           "device lost"], s
+    assert s["done"] == 1 and sorted(os.listdir(tmp_path)) == ["short.wav"]

@@ -181,6 +181,15 @@ def run(args) -> int:
             fail(f"{flag} must be > 0, got {value}")
     if args.shutdown_timeout < 0:
         fail(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    from .. import segments
+
+    try:
+        if args.segment_chars is not None:
+            segments.check_max_chars(args.segment_chars)
+        if args.segment_pause is not None:
+            segments.check_pause(args.segment_pause)
+    except ValueError as e:
+        fail("--" + str(e).replace("_", "-", 1))
     if args.warmup_whole_file and not warmup:
         fail("--warmup-whole-file needs --warmup (it warms the whole-file decode on top)")
     logging.basicConfig(level=logging.INFO, format="qwen3-tts-jax: %(message)s")
@@ -232,7 +241,8 @@ def run(args) -> int:
         api_key=args.api_key, allowed_origins=origins, max_prompt_tokens=args.max_prompt_tokens,
         max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout,
         stall_timeout=args.stall_timeout, max_batch_items=args.max_batch_items,
-        max_voices=args.max_voices)
+        max_voices=args.max_voices, segment_chars=args.segment_chars,
+        **({} if args.segment_pause is None else {"segment_pause": args.segment_pause}))
     try:
         app = create_app(tts, options)
     except ValueError as e:

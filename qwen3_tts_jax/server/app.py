@@ -42,7 +42,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import prompts
+from .. import prompts, segments
 from ..buckets import ladder
 from ..engine import BatchEngine, DeadlineExceeded, EnginePool, Job, QueueFull
 from ..engine import EngineUnavailable, max_prompt_tokens, memory_budget
@@ -61,7 +61,8 @@ log = logging.getLogger("qwen3_tts_jax.server")
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
                  "shimmer", "verse", "marin", "cedar")
 SPEECH_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions",
-                 "stream_format", "language", "non_streaming_mode") + GEN_KWARGS + INLINE_FIELDS
+                 "stream_format", "language", "non_streaming_mode", "segment_chars",
+                 "segment_pause") + GEN_KWARGS + INLINE_FIELDS
 MAX_BODY_BYTES = 1 << 20           # a speech request is JSON text; 1 MiB is far above 4096 chars
 MAX_UPLOAD_BYTES = 32 << 20        # reference audio (60 s at most is used anyway)
 
@@ -102,25 +103,80 @@ class ServerOptions:
     max_voices: int = 1000           # registered voices kept (a new one beyond: 409)
     session_idle_timeout: float = 30.0  # seconds a session may wait for its next message
     stall_timeout: float = 300.0     # /health is 503 after this long without engine progress
+    segment_chars: int | None = None  # a longer input is said in segments (segments.py)
+    segment_pause: float = segments.SEGMENT_PAUSE   # seconds of silence between them
 
 
 # ---------------------------------------------------------------------------------- requests
 @dataclasses.dataclass
 class SpeechRequest:
-    job: Job
+    """A checked speech request: its jobs, one per segment of its input (one unless a long input
+    is said in segments: `segment_chars`), played one after another with `pause` samples of
+    silence between them."""
+    jobs: list[Job]
     fmt: str
     sse: bool
+    pause: int = 0
+
+    @property
+    def job(self) -> Job:
+        return self.jobs[0]
+
+    @property
+    def deadline(self) -> float:
+        return self.jobs[0].deadline
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True       # a no-op for a job that has ended
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"length" if any segment reached its budget, else the last one's."""
+        reasons = [job.finish_reason for job in self.jobs]
+        return "length" if "length" in reasons else reasons[-1]
+
+    def usage(self) -> dict:
+        tokens = sum(len(job.prompt) for job in self.jobs)
+        frames = sum(job.frames for job in self.jobs)
+        return {"input_tokens": tokens, "output_tokens": frames, "total_tokens": tokens + frames}
 
 
-async def _collect(job: Job, out: asyncio.Queue) -> list:
-    """A whole-file job's audio chunks as they come from the engine (None ends them), within its
-    deadline; its failure raised."""
+class _InOrder:
+    """A request's chunks in order, from its segments' jobs (whose rows run at once): the current
+    segment's as they come, a later one's kept until it is current, `pause` samples of silence
+    between segments, None after the last; a failure at once (`push` runs on the event loop)."""
+
+    def __init__(self, jobs: int, pause: int, out: asyncio.Queue):
+        self.held = [[] for _ in range(jobs)]
+        self.current, self.pause, self.out = 0, pause, out
+
+    def push(self, j: int, item) -> None:
+        if isinstance(item, BaseException):
+            self.out.put_nowait(item)
+            return
+        self.held[j].append(item)
+        while self.current < len(self.held) and self.held[self.current]:
+            item = self.held[self.current].pop(0)
+            if item is not None:
+                self.out.put_nowait(item)
+                continue
+            self.current += 1
+            if self.current == len(self.held):
+                self.out.put_nowait(None)
+            elif self.pause:
+                self.out.put_nowait(np.zeros(self.pause, np.float32))
+
+
+async def _collect(req: SpeechRequest, out: asyncio.Queue) -> list:
+    """A whole-file request's audio chunks as they come from the engine (None ends them), within
+    its deadline; a failure raised."""
     waves = []
     while True:
         try:
-            item = await asyncio.wait_for(out.get(), job.deadline - time.monotonic() + 1)
+            item = await asyncio.wait_for(out.get(), req.deadline - time.monotonic() + 1)
         except asyncio.TimeoutError:
-            job.cancelled = True
+            req.cancel()
             raise DeadlineExceeded("the request ran out of time") from None
         if item is None:
             return waves
@@ -220,7 +276,7 @@ class Server:
             return None
         body = {"model": self.options.model_name, "voice": names[0] if names else None,
                 "instructions": "A clear, neutral voice." if self.kind == "voice_design"
-                else None, "response_format": "pcm"}
+                else None, "response_format": "pcm", "segment_chars": 0}
         # k words of "a" make a prompt of (that of one word) + k - 1 tokens (one token a word)
         one = len(self.parse_speech({**body, "input": "a"}).job.prompt)
         jobs, shapes = [], set()
@@ -378,6 +434,7 @@ class Server:
             settings = GenerationSettings.merge(self.tts.generate_defaults, **gen)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), getattr(e, "param", None)) from None
+        parts, pause = self._segments(data, text)
         if inline is None and any(data.get(k) is not None for k in INLINE_FIELDS):
             field = next(k for k in INLINE_FIELDS if data.get(k) is not None)
             raise ApiError(400, f"`{field}` was not read here (give it to `inline_voice` "
@@ -401,22 +458,50 @@ class Server:
                                 f"characters together; this server takes at most "
                                 f"{2 * self.options.max_input_chars}: split the text", "input")
         try:
-            items = prompts.for_mode(tts.config, tts.tokenizer, text, language, speaker=voice,
+            items = prompts.for_mode(tts.config, tts.tokenizer, parts, language, speaker=voice,
                                      instruct=instructions, voices=voices, non_streaming_mode=nsm)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
-        prompt = items[0]
-        limit = tts.config.talker.max_position_embeddings
-        if len(prompt) + settings.max_new_tokens > limit:
-            raise ApiError(413, f"the prompt is {len(prompt)} tokens and max_new_tokens is "
-                                f"{settings.max_new_tokens}: together more than the model's "
-                                f"{limit} positions; split the text or lower max_new_tokens",
-                           "input")
-        self.check_prompt_tokens(prompt)
-        job = Job(prompt, settings, emit=None, seed=seed, ref_code=ref_code,
-                  stream=fmt in STREAMED,
-                  deadline=time.monotonic() + self.options.request_timeout)
-        return SpeechRequest(job, fmt, stream_format == "sse")
+        own_budget = data.get("max_new_tokens") is not None or "max_new_tokens" in \
+            self.options.defaults
+        seeds = segments.seeds(None if seed is None else [seed], [0] * len(parts), 1)
+        deadline = time.monotonic() + self.options.request_timeout
+        jobs = []
+        for j, (part, prompt) in enumerate(zip(parts, items)):
+            run = settings
+            if len(parts) > 1 and not own_budget and self.options.frames_per_token:
+                run = dataclasses.replace(settings, max_new_tokens=min(
+                    self.max_new_tokens, text_budget(len(tts.tokenizer.encode(part)),
+                                                     self.options.frames_per_token)))
+            limit = tts.config.talker.max_position_embeddings
+            if len(prompt) + run.max_new_tokens > limit:
+                raise ApiError(413, f"the prompt is {len(prompt)} tokens and max_new_tokens is "
+                                    f"{run.max_new_tokens}: together more than the model's "
+                                    f"{limit} positions; split the text (`segment_chars`) or "
+                                    "lower max_new_tokens", "input")
+            self.check_prompt_tokens(prompt)
+            jobs.append(Job(prompt, run, emit=None, seed=None if seeds is None else seeds[j],
+                            ref_code=ref_code, stream=fmt in STREAMED, deadline=deadline))
+        return SpeechRequest(jobs, fmt, stream_format == "sse", pause)
+
+    def _segments(self, data: dict, text: str) -> tuple[list[str], int]:
+        """(the input's segments, samples of silence between them): `segment_chars` (the
+        request's, else --segment-chars; 0 or none: one pass) and `segment_pause`."""
+        n = data.get("segment_chars")
+        if n is None:
+            n = self.options.segment_chars
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ApiError(400, f"segment_chars must be an integer >= 0 (0: the input in one "
+                                f"pass), got {json.dumps(n)[:40]}", "segment_chars")
+        pause = data.get("segment_pause")
+        if pause is None:
+            pause = self.options.segment_pause
+        try:
+            pause = segments.check_pause(pause)
+        except ValueError as e:
+            raise ApiError(400, str(e), "segment_pause") from None
+        parts = segments.split(text, n) if n else [text]
+        return parts or [text], round(pause * self.tts.speech_tokenizer.sample_rate)
 
     def _check_chars(self, field: str, text: str) -> None:
         """`--max-input-chars` holds for each text field (`input`, `instructions`, a voice's
@@ -434,31 +519,27 @@ class Server:
             return Response(status_code=400)       # nobody reads it
         data = loads(body)
         req = self.parse_speech(data, await self.inline_voice(data))
-        job = req.job
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
-        job.emit = self.metrics.watch(
-            job, "speech", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
+        chunks = self._wire(req, "speech")
         try:
-            self.engine.submit(job)
+            self.engine.submit_all(req.jobs)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
 
         async def watch():
             """The client's disconnect, from the queue to the last chunk, for every format:
-            the job is cancelled (the engine drops it, queued or running)."""
+            the jobs are cancelled (the engine drops them, queued or running)."""
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            job.cancelled = True
+            req.cancel()
             chunks.put_nowait(ClientGone())
 
         watcher = asyncio.create_task(watch())
 
         async def next_chunk():
             try:
-                item = await asyncio.wait_for(chunks.get(), job.deadline - time.monotonic() + 1)
+                item = await asyncio.wait_for(chunks.get(), req.deadline - time.monotonic() + 1)
             except asyncio.TimeoutError:
-                job.cancelled = True
+                req.cancel()
                 raise DeadlineExceeded("the request ran out of time") from None
             if isinstance(item, Exception):
                 raise item
@@ -482,13 +563,26 @@ class Server:
             raise ApiError(504, f"{e} (the limit is {self.options.request_timeout:g} s)") from None
         finally:
             if not streaming:
-                job.cancelled = True   # no-op once finished; stops the row if the client left
+                req.cancel()   # no-op once finished; stops the rows if the client left
                 watcher.cancel()
         fmt = req.fmt
         data = await asyncio.to_thread(lambda: encode_audio(
             np.concatenate(waves) if waves else np.zeros(0, np.float32), fmt))
         return Response(data, media_type=MEDIA_TYPES[fmt],
-                        headers={"X-Finish-Reason": job.finish_reason or "stop"})
+                        headers={"X-Finish-Reason": req.finish_reason or "stop"})
+
+    def _wire(self, req: SpeechRequest, route: str) -> asyncio.Queue:
+        """The queue that gets a request's chunks in order (`_InOrder`) from its jobs' emits
+        (the engine's thread), each job watched by the metrics (the first's latencies only: a
+        later segment's first audio is not the client's)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        order = _InOrder(len(req.jobs), req.pause, out)
+        for j, job in enumerate(req.jobs):
+            job.emit = self.metrics.watch(
+                job, route, functools.partial(loop.call_soon_threadsafe, order.push, j),
+                latencies=j == 0)
+        return out
 
     async def speech_batch(self, request: Request) -> Response:
         """POST /v1/audio/speech/batch: `items`, a list of speech requests (1 to
@@ -504,13 +598,9 @@ class Server:
         except ClientDisconnect:
             return Response(status_code=400)       # nobody reads it
         results, runs = await self._batch_items(loads(body))
-        loop = asyncio.get_running_loop()
-        outs = {i: asyncio.Queue() for i, _ in runs}
-        for i, req in runs:
-            req.job.emit = self.metrics.watch(req.job, "batch", functools.partial(
-                loop.call_soon_threadsafe, outs[i].put_nowait))
+        outs = {i: self._wire(req, "batch") for i, req in runs}
         try:
-            self.engine.submit_all([req.job for _, req in runs])
+            self.engine.submit_all([job for _, req in runs for job in req.jobs])
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
 
@@ -518,7 +608,7 @@ class Server:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        gathered = asyncio.gather(*(_collect(req.job, outs[i]) for i, req in runs),
+        gathered = asyncio.gather(*(_collect(req, outs[i]) for i, req in runs),
                                   return_exceptions=True)
         watcher = asyncio.create_task(watch())
         try:
@@ -528,7 +618,7 @@ class Server:
             outcomes = gathered.result()
         finally:
             for _, req in runs:
-                req.job.cancelled = True            # no-op for the finished ones
+                req.cancel()                        # no-op for the finished ones
             watcher.cancel()
             gathered.cancel()
 
@@ -578,21 +668,17 @@ class Server:
             if isinstance(out, EngineUnavailable):
                 return _item_error(i, 503, str(out))
             return _item_error(i, 500, f"{type(out).__name__}: {out}")
-        job = req.job
         audio = encode_audio(np.concatenate(out) if out else np.zeros(0, np.float32), req.fmt)
-        tokens = len(job.prompt)
         return {"index": i, "object": "audio.speech", "response_format": req.fmt,
                 "audio": base64.b64encode(audio).decode(),
-                "finish_reason": job.finish_reason or "stop",
-                "usage": {"input_tokens": tokens, "output_tokens": job.frames,
-                          "total_tokens": tokens + job.frames}}
+                "finish_reason": req.finish_reason or "stop", "usage": req.usage()}
 
     async def _stream(self, req: SpeechRequest, first, next_chunk, watcher):
         """The response body of a streamed request. Once it has started its status (200) is sent,
         so a deadline or failure can only end it, visibly: SSE with an `error` event, a raw
         stream (pcm, wav) by closing the connection without the body's end (`Truncated`); both
         count in /health `stats.truncated`. A client that left ends it quietly."""
-        job, chunk = req.job, first
+        chunk = first
 
         def piece(data: bytes) -> bytes:
             if not req.sse:
@@ -611,23 +697,22 @@ class Server:
                     return
                 except Exception as e:  # noqa: BLE001 - the status is already sent
                     self.truncated += 1
-                    log.warning("stream cut after %d frames: %s", job.frames, e)
+                    frames = req.usage()["output_tokens"]
+                    log.warning("stream cut after %d frames: %s", frames, e)
                     if not req.sse:
                         raise Truncated(str(e)) from e
                     status = 504 if isinstance(e, DeadlineExceeded) else 500
-                    error = error_body(status, f"the stream was cut after {job.frames} frames: "
+                    error = error_body(status, f"the stream was cut after {frames} frames: "
                                                 f"{e}", code="deadline_exceeded"
                                         if status == 504 else "generation_failed")
                     yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n".encode()
                     return
             if req.sse:
-                tokens = len(job.prompt)
-                done = {"type": "speech.audio.done", "finish_reason": job.finish_reason,
-                        "usage": {"input_tokens": tokens, "output_tokens": job.frames,
-                                  "total_tokens": tokens + job.frames}}
+                done = {"type": "speech.audio.done", "finish_reason": req.finish_reason,
+                        "usage": req.usage()}
                 yield f"data: {json.dumps(done)}\n\n".encode()
         finally:
-            job.cancelled = True
+            req.cancel()
             watcher.cancel()
 
     # ----------------------------------------------------------------------------- register
@@ -709,6 +794,8 @@ class Server:
                 "voices": len(self.voices.voices), "max_voices": self.options.max_voices,
                 "max_new_tokens": self.max_new_tokens,
                 "frames_per_token": self.options.frames_per_token, "formats": self.formats,
+                "segment_chars": self.options.segment_chars,
+                "segment_pause": self.options.segment_pause,
                 "decode_kernels": self.decode_kernels, "stats": stats}
 
 

@@ -99,12 +99,14 @@ class Metrics:
         self.audio = Counter(f"{PREFIX}_audio_seconds", "seconds of audio sent", registry=r)
         r.register(_ServerCollector(server))
 
-    def watch(self, job, route: str, emit: Callable[[object], None]) -> Callable[[object], None]:
+    def watch(self, job, route: str, emit: Callable[[object], None],
+              latencies: bool = True) -> Callable[[object], None]:
         """`emit` for `job` (called on the engine's thread) that also observes its latencies:
-        its start at its first item, its first audio, its end (None)."""
+        its start at its first item, its first audio, its end (None); without `latencies`
+        (a long request's later segments) only its audio."""
         if not self.available:
             return emit
-        seen = False
+        seen = not latencies
 
         def observe(item) -> None:
             nonlocal seen
@@ -117,7 +119,7 @@ class Metrics:
                         self.first_audio.labels(route).observe(now - job.submitted)
                 if isinstance(item, np.ndarray):
                     self.audio.inc(len(item) / SAMPLE_RATE)
-                elif item is None:
+                elif item is None and latencies:
                     self.duration.labels(route).observe(now - job.submitted)
             finally:
                 emit(item)

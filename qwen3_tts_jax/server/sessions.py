@@ -28,14 +28,15 @@ def parse_session(server, data, inline: list | None = None) -> Job:
         raise ApiError(400, "a text session uses the streaming text mode and sends pcm "
                             "(s16le, 24 kHz, mono): leave non_streaming_mode and "
                             "response_format out", "response_format")
-    if data.get("stream_format") is not None:
-        raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
+    for field in ("stream_format", "segment_chars", "segment_pause"):
+        if data.get(field) is not None:
+            raise ApiError(400, f"{field} does not apply to a text session", field)
     # the budget: the request's, else the cap until the text has ended, then at most its
     # `text_budget` (the engine's `Job.frames_per_token`)
     own = data.get("max_new_tokens")
     probe = dict(data, input=data.get("input") or "x", response_format="pcm",
                  model=data.get("model") or server.options.model_name, non_streaming_mode=False,
-                 max_new_tokens=server.max_new_tokens if own is None else own)
+                 max_new_tokens=server.max_new_tokens if own is None else own, segment_chars=0)
     job = server.parse_speech(probe, inline).job   # validates voice, settings, instructions
     job.frames_per_token = server.options.frames_per_token if own is None else 0.0
     job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"

@@ -1,0 +1,118 @@
+"""A long input said in segments by the server (`segment_chars` in the request or --segment-chars):
+its segments run as rows at once and play in order with the pause between them; the audio is the
+API's `generate_custom_voice(..., segment_chars=...)` for the same seed, streamed or whole, in the
+batch route too; usage counts every segment; bad values are a 400 naming the field; a request
+whose segments do not all fit the queue is refused whole (429) with nothing queued."""
+import base64
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from qwen3_tts_jax import Qwen3TTS, segments  # noqa: E402
+from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
+from test_server import GEN, SHAPES, Running, post  # noqa: E402
+
+GREEDY = {"do_sample": False, "subtalker_dosample": False}
+TEXT = "One sentence here. Another one there. And a third."
+PAUSE = 0.1
+
+
+@pytest.fixture(scope="module")
+def tts(make_checkpoint):
+    return Qwen3TTS.from_pretrained(make_checkpoint("cv_proj"))
+
+
+@pytest.fixture(scope="module")
+def server(tts):
+    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
+                                              batch_window_ms=20, segment_chars=20,
+                                              segment_pause=PAUSE, **SHAPES)))
+    yield s
+    s.stop()
+
+
+def body(**kw):
+    return {"model": "tiny", "input": TEXT, "voice": "ryan", "response_format": "pcm",
+            **GEN, **kw}
+
+
+def pcm(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<i2").astype(np.float32) / 32767
+
+
+def api(tts, **kw):
+    (wave,), _ = tts.generate_custom_voice(TEXT, "ryan", segment_chars=20, segment_pause=PAUSE,
+                                           **GEN, **kw)
+    return wave
+
+
+def test_segments_stream_in_order_as_the_api_says_them(server, tts):
+    assert len(segments.split(TEXT, 20)) == 3
+    health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=30).read())
+    assert (health["segment_chars"], health["segment_pause"]) == (20, PAUSE)
+    engine = server.server_state.engine
+    before = engine.stats["requests"]
+    status, headers, data = post(server.url + "/v1/audio/speech", body(**GREEDY))
+    assert status == 200
+    assert engine.stats["requests"] == before + 3            # one row per segment
+    want = api(tts, **GREEDY)
+    got = pcm(data)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, np.clip(want, -1, 1), atol=3 / 32767)
+    # sampled: the request's seed is the API's seed for that text
+    status, _, data = post(server.url + "/v1/audio/speech", body(seed=9, do_sample=True))
+    assert status == 200
+    np.testing.assert_allclose(pcm(data), np.clip(api(tts, seed=[9], do_sample=True), -1, 1),
+                               atol=3 / 32767)
+
+
+def test_whole_file_sse_and_batch_count_every_segment(server, tts):
+    status, headers, flac = post(server.url + "/v1/audio/speech",
+                                 body(response_format="flac", **GREEDY))
+    assert status == 200 and headers["X-Finish-Reason"] == "length"   # 15 frames each
+    status, _, data = post(server.url + "/v1/audio/speech", body(stream_format="sse", **GREEDY))
+    events = [json.loads(line[6:]) for line in data.decode().split("\n\n") if line]
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    want = api(tts, **GREEDY)
+    np.testing.assert_allclose(pcm(audio), np.clip(want, -1, 1), atol=3 / 32767)
+    done = events[-1]
+    prompts = tts.custom_voice_prompts(segments.split(TEXT, 20), "ryan")
+    assert done["type"] == "speech.audio.done" and done["finish_reason"] == "length"
+    assert done["usage"] == {"input_tokens": sum(len(p) for p in prompts), "output_tokens": 45,
+                             "total_tokens": sum(len(p) for p in prompts) + 45}
+    status, _, data = post(server.url + "/v1/audio/speech/batch",
+                           {"model": "tiny", "items": [body(**GREEDY), body(segment_chars=0,
+                                                                            **GREEDY)]})
+    items = json.loads(data)["data"]
+    assert status == 200 and items[0]["usage"]["output_tokens"] == 45
+    np.testing.assert_allclose(pcm(base64.b64decode(items[0]["audio"])), np.clip(want, -1, 1),
+                               atol=3 / 32767)
+    assert items[1]["usage"]["output_tokens"] == 15           # 0: the input in one pass
+
+
+@pytest.mark.parametrize("field, value", [
+    ("segment_chars", -1), ("segment_chars", "20"), ("segment_chars", True),
+    ("segment_chars", 2.5), ("segment_pause", -1), ("segment_pause", "long"),
+    ("segment_pause", 11)])
+def test_bad_segment_fields_are_named(server, field, value):
+    status, _, data = post(server.url + "/v1/audio/speech", body(**{field: value}))
+    assert status == 400 and json.loads(data)["error"]["param"] == field
+
+
+def test_segments_that_do_not_fit_the_queue_are_refused_whole(tts):
+    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64, max_queue=2,
+                                              segment_chars=20, **SHAPES)))
+    try:
+        engine = s.server_state.engine
+        status, headers, data = post(s.url + "/v1/audio/speech", body(**GREEDY))
+        assert status == 429 and headers["Retry-After"] == "1", data
+        assert engine.stats["requests"] == 0 and engine.waiting == 0
+        status, _, _ = post(s.url + "/v1/audio/speech", body(segment_chars=40, **GREEDY))
+        assert status == 200                          # two segments fit
+    finally:
+        s.stop()
