@@ -15,7 +15,8 @@ pytest.importorskip("uvicorn")
 
 from qwen3_tts_jax import Qwen3TTS, segments  # noqa: E402
 from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
-from test_server import GEN, SHAPES, Running, post  # noqa: E402
+from test_server import GEN, SHAPES, Running, metric, post, scrape  # noqa: E402
+from test_server_faults import slow_chunks, start_request, wait_for  # noqa: E402
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}
 TEXT = "One sentence here. Another one there. And a third."
@@ -116,3 +117,29 @@ def test_segments_that_do_not_fit_the_queue_are_refused_whole(tts):
         assert status == 200                          # two segments fit
     finally:
         s.stop()
+
+
+def test_metrics_count_a_segmented_request_once(server):
+    """One first audio and one duration per request, not per segment; every segment's audio."""
+    before = scrape(server.url)
+    status, _, data = post(server.url + "/v1/audio/speech", body(**GREEDY))
+    assert status == 200
+    after = scrape(server.url)
+    d = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+    assert d("qwen3_tts_time_to_first_audio_seconds_count", route="speech") == 1
+    assert d("qwen3_tts_request_duration_seconds_count", route="speech") == 1
+    assert d("qwen3_tts_audio_seconds_total") == pytest.approx(45 * 1920 / 24000)
+
+
+def test_a_client_that_leaves_cancels_every_segment(server, monkeypatch):
+    running = slow_chunks(monkeypatch)
+    engine = server.server_state.engine
+    before = engine.stats["cancelled"]
+    sock = start_request(server.port, body(**GREEDY))
+    assert running.wait(120), "the request did not start"
+    sock.close()
+    wait_for(lambda: engine.stats["cancelled"] >= before + 3 and engine.active == 0, 30,
+             "every segment cancelled")
+    monkeypatch.undo()
+    status, _, _ = post(server.url + "/v1/audio/speech", body(**GREEDY))
+    assert status == 200
