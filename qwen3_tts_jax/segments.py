@@ -19,10 +19,11 @@ from .settings import as_list, check_seed
 SEGMENT_PAUSE = 0.2     # seconds of silence between a text's segments (`segment_pause`)
 
 # A sentence ends after . ! ? or an ellipsis (closing quotes and brackets stay with it) before a
-# space; after a CJK or full-width end mark with no space; and at a line break.
+# space; after a CJK or full-width end mark with no space; and at a blank line (a paragraph's end).
+# A single line break is a space: hard-wrapped text (a book's lines) breaks mid-sentence.
 _LATIN_END = r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+"
 _WIDE_END = r"[\u3002\uff01\uff1f\uff0e][\"'\u201d\u2019\u300d\u300f\uff09\u3011]*\s*"
-_SENTENCE = re.compile(rf"(?:{_LATIN_END}|{_WIDE_END}|\n\s*)")
+_SENTENCE = re.compile(rf"(?:{_LATIN_END}|{_WIDE_END}|\n[^\S\n]*\n\s*)")
 # Inside a sentence: after a comma, semicolon, colon or dash (ASCII or full-width).
 _CLAUSE = re.compile(r"(?:[,;:\u2014\u2013]\s+|[\uff0c\u3001\uff1b\uff1a]\s*)")
 _WORD = re.compile(r"\s+")

@@ -37,6 +37,9 @@ def _squash(s: str) -> str:
     ("其实我真的有发现，我是一个特别善于观察别人情绪的人。你相信吗？", 20,
      ["其实我真的有发现，", "我是一个特别善于观察别人情绪的人。", "你相信吗？"]),
     ("line one\nline two\n\nline three", 10, ["line one", "line two", "line three"]),
+    ("Hi there. It was a dark\nand stormy night.", 31,         # hard-wrapped: not a break
+     ["Hi there.", "It was a dark\nand stormy night."]),
+    ("First part\n\nSecond part", 20, ["First part", "Second part"]),   # a paragraph ends
     ("  padded  ", 3, ["padded"[:3], "ded"]),
     ("   ", 5, []),
 ])
