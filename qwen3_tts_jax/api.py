@@ -30,6 +30,9 @@ from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, key
 from .voice import VoiceClonePromptItem, as_items
 
 
+MAX_BATCH_ROWS = 64
+
+
 def _single(items: list) -> "prompts.Prompt":
     if len(items) != 1:
         raise ValueError(f"streaming takes one text at a time, got {len(items)}")
@@ -79,6 +82,9 @@ class Qwen3TTS:
         # serialized compiled programs (`compilation_cache.Executables`; from_pretrained's
         # `compile_cache`), or None: JAX's jit
         self.executables = None
+        # a call with more texts (or segments) runs them as batches of this many rows per device
+        # in turn (`runner.run`: the same codes; the KV caches of this many rows at once)
+        self.max_batch_rows = MAX_BATCH_ROWS
 
     # ------------------------------------------------------------------ loading
     @classmethod

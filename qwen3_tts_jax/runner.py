@@ -31,10 +31,11 @@ def check_chunks(chunk_frames, first_chunk_frames) -> None:
 
 
 def prepare(cfg: Qwen3TTSConfig, options: Options, items: list[prompts.Prompt],
-            settings: GenerationSettings, data_parallel: int = 1):
+            settings: GenerationSettings, data_parallel: int = 1, first_row: int = 0):
     """Built prompts -> (PromptBatch, generate.Settings, keys) padded to shape buckets: the batch
     to a power of two, at least `options.min_rows` (extra rows stop at once) and a multiple of
-    `data_parallel`; prompt and trailing text to the ladder."""
+    `data_parallel`; prompt and trailing text to the ladder. `first_row`: the items are a call's
+    rows from there on (their keys continue an int seed's)."""
     n = len(items)
     longest = max(len(p) for p in items)
     # A text longer than the model's positions is refused; generation may run past them, as in
@@ -51,7 +52,8 @@ def prepare(cfg: Qwen3TTSConfig, options: Options, items: list[prompts.Prompt],
     batch = prompts.batch_prompts(cfg, items, length=ladder(longest),
                                   trailing_length=ladder(max(len(p.trailing) for p in items)))
     rows = [settings.row(i, n) for i in range(n)]       # each its own budget
-    return batch, traced(rows + [None] * (B - n), options), keys(settings.seed, n, B)
+    return (batch, traced(rows + [None] * (B - n), options),
+            keys(settings.seed, n, B, first_row))
 
 
 def _executables(model):
@@ -62,12 +64,33 @@ def _executables(model):
 def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
         data_parallel: bool = False) -> list[np.ndarray]:
     """Codes (frames, 16) of built prompts: one padded, bucketed batch on device, or with
-    `data_parallel` the batch split over all local devices (params replicated)."""
+    `data_parallel` the batch split over all local devices (params replicated). More prompts
+    than `model.max_batch_rows` (per device) run as batches of that many in turn, each row with
+    the key and budget it has in the whole call: the same codes, in bounded memory."""
+    m = model.model_parallel
+    devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
+    n = len(items)
+    most = max(1, getattr(model, "max_batch_rows", None) or n) * devices
+    codes, cut, frames = [], [], []
+    for start in range(0, n, most):
+        stop = min(n, start + most)
+        part, state = _run_rows(model, items[start:stop], settings.rows(start, stop, n), devices,
+                                start)
+        codes += part
+        cut += [start + b for b in state[0]]
+        frames += state[1]
+    budgets = settings.budgets(n)
+    warn_budget_reached(cut, frames, n, [budgets[b] for b in cut], stacklevel=4)
+    return codes
+
+
+def _run_rows(model, items, settings, devices: int, first_row: int):
+    """One padded batch of `run`: (codes, (the rows cut at their budget, their frames))."""
     from .sharding import data_sharding
 
     m = model.model_parallel
-    devices = len(jax.local_devices()) // m if (data_parallel or m > 1) else 1
-    batch, run_settings, ks = prepare(model.config, model.options, items, settings, devices)
+    batch, run_settings, ks = prepare(model.config, model.options, items, settings, devices,
+                                      first_row)
     params, mesh = model.params, None
     if m > 1:                      # params already split over the mesh's "model" axis
         rows, _ = data_sharding(m)
@@ -84,10 +107,7 @@ def run(model, items: list[prompts.Prompt], settings: GenerationSettings,
     lengths = np.asarray(state.length_B)
     n = len(items)
     cut = np.flatnonzero(gen.budget_reached(state, model.config)[:n])
-    budgets = settings.budgets(n)
-    warn_budget_reached(cut.tolist(), lengths[cut].tolist(), n, [budgets[b] for b in cut],
-                        stacklevel=4)
-    return [codes[b, :lengths[b]] for b in range(n)]
+    return [codes[b, :lengths[b]] for b in range(n)], (cut.tolist(), lengths[cut].tolist())
 
 
 def warmup(model, items: list[prompts.Prompt], batch_sizes, settings: GenerationSettings) -> float:

@@ -148,6 +148,14 @@ class GenerationSettings:
         """Utterance `i`'s settings (of `n`): its own budget, the other values as they are."""
         return dataclasses.replace(self, max_new_tokens=self.budgets(n)[i])
 
+    def rows(self, start: int, stop: int, n: int) -> "GenerationSettings":
+        """Utterances `start`..`stop - 1`'s settings (of `n`): their budgets and, for a seed per
+        utterance, their seeds (an int seed stays: `keys(..., first_row=start)` continues it)."""
+        seed = self.seed
+        if isinstance(seed, (list, tuple)):
+            seed = as_list(seed, n, "seed")[start:stop]
+        return dataclasses.replace(self, max_new_tokens=self.budgets(n)[start:stop], seed=seed)
+
 
 def as_list(x, n: int, name: str) -> list:
     """A scalar for every item, or one value per item (the official broadcasting rules)."""
@@ -172,10 +180,11 @@ def _threefry2x32(k1, k2, x0, x1):
     return x
 
 
-def keys(seed, n: int, B: int) -> jax.Array:
+def keys(seed, n: int, B: int, first_row: int = 0) -> jax.Array:
     """Per-row PRNG keys (B, 2) of n requests padded to B rows: `seed` an int (row b gets
-    fold_in(key(seed), b)), a list of ints (one per row: a row then samples the same whatever else
-    is in the batch), or None (fresh random). With JAX's default raw threefry keys they are
+    fold_in(key(seed), first_row + b): `first_row` > 0 continues a call run in groups of rows), a
+    list of ints (one per row: a row then samples the same whatever else is in the batch), or
+    None (fresh random). With JAX's default raw threefry keys they are
     computed on the host (`PRNGKey(s)` is [0, s] for s < 2**31, `fold_in(k, b)` is
     threefry2x32(k, [0, b])): the same keys without compiling three small programs per process."""
     if jax.config.jax_default_prng_impl == "threefry2x32" and not jax.config.jax_enable_custom_prng:
@@ -185,13 +194,13 @@ def keys(seed, n: int, B: int) -> jax.Array:
         else:
             s = np.uint32(secrets.randbits(31) if seed is None else check_seed(seed))
             ks = np.stack(_threefry2x32(np.uint32(0), s, np.zeros(n, np.uint32),
-                                        np.arange(n, dtype=np.uint32)), -1)
+                                        np.arange(first_row, first_row + n, dtype=np.uint32)), -1)
         return jnp.asarray(np.concatenate([ks, np.repeat(ks[:1], B - n, 0)]))
     if isinstance(seed, (list, tuple)):
         ks = [jax.random.PRNGKey(check_seed(s)) for s in as_list(seed, n, "seed")]
     else:
         base = jax.random.PRNGKey(secrets.randbits(31) if seed is None else check_seed(seed))
-        ks = [jax.random.fold_in(base, b) for b in range(n)]
+        ks = [jax.random.fold_in(base, first_row + b) for b in range(n)]
     ks += [ks[0]] * (B - n)
     return jnp.stack(ks)
 

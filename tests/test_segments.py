@@ -161,3 +161,28 @@ def test_streaming_segments_need_the_whole_text(cv):
                                            segment_chars=50)
     with pytest.raises(ValueError, match="segment_chars must be"):
         cv.generate_custom_voice_streaming(LONG, speaker="ryan", segment_chars=-3)
+
+
+def test_a_call_runs_in_groups_of_max_batch_rows(cv):
+    """More texts than `max_batch_rows` run as batches of that many in turn: every row keeps its
+    key (an int seed's fold_in by the row's place in the whole call) and its own budget, so the
+    codes are the one-batch codes; the cut rows are told by their place in the call."""
+    import warnings
+
+    from qwen3_tts_jax import BudgetReached
+
+    texts = ["One.", "Two words.", "Three words here.", "Four.", "Five, and the last."]
+    kw = dict(speaker="ryan", do_sample=True, subtalker_dosample=True, seed=3,
+              max_new_tokens=[6, 7, 8, 9, 10])
+    runs = {}
+    for rows in (64, 2):
+        cv.max_batch_rows = rows
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BudgetReached)
+            codes = cv.generate_custom_voice_codes(texts, **kw)
+        told = [w.message for w in caught if isinstance(w.message, BudgetReached)]
+        runs[rows] = codes, [(m.rows, m.frames) for m in told]
+    cv.max_batch_rows = 64
+    for a, b in zip(runs[64][0], runs[2][0]):
+        np.testing.assert_array_equal(a, b)
+    assert runs[64][1] == runs[2][1] and len(runs[2][1]) == 1     # one warning, every cut row
