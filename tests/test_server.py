@@ -114,6 +114,21 @@ def get(url):
         return json.loads(r.read())
 
 
+def tiny_server(tts, **options) -> Running:
+    """A server of `tts` named "tiny", one batch and prompt bucket (SHAPES), a cap of 64 new
+    tokens and a 20 ms batch window, unless `options` say otherwise."""
+    return Running(create_app(tts, ServerOptions(**{"model_name": "tiny", "max_new_tokens": 64,
+                                                    "batch_window_ms": 20, **SHAPES,
+                                                    **options})))
+
+
+def serving(tts, **options):
+    """A module fixture's body: `yield from serving(tts, ...)` (`tiny_server`, stopped after)."""
+    s = tiny_server(tts, **options)
+    yield s
+    s.stop()
+
+
 def parse_wav(data: bytes) -> np.ndarray:
     """A streamed WAV (sizes 0xFFFFFFFF): check the header by hand, samples as float."""
     assert data[:4] == b"RIFF" and data[8:12] == b"WAVE" and data[36:40] == b"data"
@@ -129,10 +144,7 @@ def tts(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tts):
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
-                                              max_input_chars=200, batch_window_ms=20, **SHAPES)))
-    yield s
-    s.stop()
+    yield from serving(tts, max_input_chars=200)
 
 
 def speech(**kw):
@@ -268,8 +280,7 @@ def test_metrics_without_prometheus_client(tts, monkeypatch):
     from qwen3_tts_jax.server import metrics as metrics_mod
 
     monkeypatch.setattr(metrics_mod, "prometheus_client", None)
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
-                                              batch_window_ms=20, **SHAPES)))
+    s = tiny_server(tts)
     try:
         code, _, data = post(s.url + "/v1/audio/speech", speech(response_format="pcm", seed=1,
                                                                 **GEN))
@@ -826,8 +837,7 @@ def test_api_key(tts):
     """With an API key, /v1/... needs `Authorization: Bearer <key>` (401 in OpenAI's shape, which
     the official client raises as AuthenticationError), a WebSocket may pass `?api_key=`, and
     /health stays open."""
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", api_key="s3cret",
-                                              max_new_tokens=64, batch_window_ms=20, **SHAPES)))
+    s = tiny_server(tts, api_key="s3cret")
     try:
         code, headers, data = post(s.url + "/v1/audio/speech", speech(**GEN))
         err = json.loads(data)["error"]

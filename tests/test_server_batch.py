@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 from qwen3_tts_jax import Qwen3TTS  # noqa: E402
 from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
 from qwen3_tts_jax.server.wire import wav_header  # noqa: E402
-from test_server import GEN, SHAPES, Running, get, post, speech  # noqa: E402
+from test_server import GEN, SHAPES, Running, get, post, serving, speech  # noqa: E402
 from test_server_faults import slow_chunks, wait_for  # noqa: E402
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}
@@ -34,10 +34,7 @@ def tts(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tts):
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
-                                              max_batch_items=4, batch_window_ms=20, **SHAPES)))
-    yield s
-    s.stop()
+    yield from serving(tts, max_batch_items=4)
 
 
 def batch(server, body, **kw):

@@ -29,7 +29,7 @@ from qwen3_tts_jax.server import guards  # noqa: E402
 from qwen3_tts_jax.server.app import Server, ServerOptions, create_app  # noqa: E402
 from qwen3_tts_jax.server.guards import RedactApiKey  # noqa: E402
 from qwen3_tts_jax.voice import VoiceClonePromptItem  # noqa: E402
-from test_server import GEN, SHAPES, Running, get, multipart, post, speech  # noqa: E402
+from test_server import GEN, SHAPES, Running, get, multipart, post, serving, speech  # noqa: E402
 
 LIMIT = 200                        # --max-input-chars of these servers
 
@@ -41,11 +41,7 @@ def tts(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tts):
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
-                                              max_input_chars=LIMIT, batch_window_ms=20,
-                                              **SHAPES)))
-    yield s
-    s.stop()
+    yield from serving(tts, max_input_chars=LIMIT)
 
 
 @pytest.fixture(scope="module")

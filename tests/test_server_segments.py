@@ -14,8 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from qwen3_tts_jax import Qwen3TTS, segments  # noqa: E402
-from qwen3_tts_jax.server.app import ServerOptions, create_app  # noqa: E402
-from test_server import GEN, SHAPES, Running, metric, post, scrape  # noqa: E402
+from test_server import GEN, metric, post, scrape, serving, tiny_server  # noqa: E402
 from test_server_faults import slow_chunks, start_request, wait_for  # noqa: E402
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}
@@ -30,11 +29,7 @@ def tts(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tts):
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64,
-                                              batch_window_ms=20, segment_chars=20,
-                                              segment_pause=PAUSE, **SHAPES)))
-    yield s
-    s.stop()
+    yield from serving(tts, segment_chars=20, segment_pause=PAUSE)
 
 
 def body(**kw):
@@ -106,8 +101,7 @@ def test_bad_segment_fields_are_named(server, field, value):
 
 
 def test_segments_that_do_not_fit_the_queue_are_refused_whole(tts):
-    s = Running(create_app(tts, ServerOptions(model_name="tiny", max_new_tokens=64, max_queue=2,
-                                              segment_chars=20, **SHAPES)))
+    s = tiny_server(tts, max_queue=2, segment_chars=20)
     try:
         engine = s.server_state.engine
         status, headers, data = post(s.url + "/v1/audio/speech", body(**GREEDY))
