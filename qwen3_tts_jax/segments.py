@@ -57,7 +57,8 @@ def _ends_sentence(text: str, at: int) -> bool:
     """Whether the mark at `at` ends a sentence: not the period of an abbreviation or initial."""
     if text[at] != ".":
         return True
-    word = text[:at].rsplit(None, 1)[-1] if text[:at].strip() else ""
+    before = text[max(0, at - 16):at]          # the word before: an abbreviation is short
+    word = before.rsplit(None, 1)[-1] if before.strip() else ""
     word = word.lstrip("\"'(\u201c\u2018[").lower()
     return not (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()))
 
