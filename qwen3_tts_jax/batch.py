@@ -4,7 +4,8 @@
     qwen3-tts-jax batch lines.txt --out-dir wavs --model ... --speaker ryan --language english
 
 Input: JSONL, one request per line: {"text": ..., "name": "out-name", and per mode "speaker",
-"instruct", "voice" (a voice file) or "ref_audio" with "ref_text" (or "x_vector_only_mode": true),
+"instruct", "voice" (a voice file) or "ref_audio" with "ref_text" (or "x_vector_only_mode": true;
+optionally "ref_tail_silence", seconds),
 "language", "seed"} (the mode is the checkpoint's; each distinct reference is encoded once); or a plain
 text file, one utterance per line, named line-00001... with the voice from the command line. A line
 that cannot be used (bad JSON, no text, unknown speaker, ...) is reported with its number and
@@ -112,6 +113,7 @@ class Request:
     ref_audio: str | None = None          # Base: a reference (path, URL, base64) instead of a voice
     ref_text: str | None = None           # its transcript (ICL), or
     x_vector_only_mode: bool | None = None  # the speaker embedding only
+    ref_tail_silence: float | None = None   # seconds of silence after the reference (ICL)
     seed: int | None = None
 
 
@@ -157,8 +159,13 @@ def _check_reference(d: dict) -> None:
     x_only = d.get("x_vector_only_mode")
     if x_only is not None and not isinstance(x_only, bool):
         raise ValueError(f"x_vector_only_mode must be true or false, got {x_only!r}")
+    silence = d.get("ref_tail_silence")
+    if silence is not None and (isinstance(silence, bool) or not isinstance(silence, (int, float))
+                                or not 0 <= silence <= 5):
+        raise ValueError(f"ref_tail_silence must be seconds in [0, 5], got {silence!r}")
     if d.get("ref_audio") is None:
-        extra = [k for k in ("ref_text", "x_vector_only_mode") if d.get(k) is not None]
+        extra = [k for k in ("ref_text", "x_vector_only_mode", "ref_tail_silence")
+                 if d.get(k) is not None]
         if extra:
             raise ValueError(f"{extra[0]} goes with ref_audio (a reference to clone)")
         return
@@ -184,7 +191,8 @@ class _Voices:
         if r.voice:
             key = ("file", r.voice)
         elif r.ref_audio:
-            key = ("ref", r.ref_audio, (r.ref_text or "").strip(), bool(r.x_vector_only_mode))
+            key = ("ref", r.ref_audio, (r.ref_text or "").strip(), bool(r.x_vector_only_mode),
+                   float(r.ref_tail_silence or 0.0))
         else:
             raise ValueError("a Base checkpoint needs a \"voice\" file or a \"ref_audio\" for "
                              "every request")
@@ -193,7 +201,8 @@ class _Voices:
                 self.items.pop(next(iter(self.items)))
             self.items[key] = load_voice(r.voice)[0] if r.voice else \
                 self.tts.create_voice_clone_prompt(r.ref_audio, ref_text=key[2] or None,
-                                                   x_vector_only_mode=key[3])[0]
+                                                   x_vector_only_mode=key[3],
+                                                   ref_tail_silence=key[4])[0]
         return self.items[key]
 
 

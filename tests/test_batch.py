@@ -650,17 +650,22 @@ def test_base_lines_give_a_voice_file_or_a_reference(tmp_path, make_checkpoint, 
               "x_vector_only_mode": True},
              {"text": "The same reference again.", "name": "icl2", "ref_audio": ref,
               "ref_text": "Hello world."},
+             {"text": "With silence after it.", "name": "tail", "ref_audio": ref,
+              "ref_text": "Hello world.", "ref_tail_silence": 0.5},
              {"text": "Both.", "voice": str(tmp_path / "me.voice"), "ref_audio": ref},
              {"text": "No transcript.", "ref_audio": ref},
              {"text": "A stray transcript.", "ref_text": "Hello."},
-             {"text": "Not a bool.", "ref_audio": ref, "x_vector_only_mode": "yes"}]
+             {"text": "Not a bool.", "ref_audio": ref, "x_vector_only_mode": "yes"},
+             {"text": "Too much.", "ref_audio": ref, "ref_text": "Hi.", "ref_tail_silence": 9}]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     reqs, problems = batch.read_requests(str(path), {})
-    assert [r.name for r in reqs] == ["file", "icl", "xvec", "icl2"]
-    assert [p.split(":")[0] for p in problems] == ["line 5", "line 6", "line 7", "line 8"]
+    assert [r.name for r in reqs] == ["file", "icl", "xvec", "icl2", "tail"]
+    assert [p.split(":")[0] for p in problems] == ["line 6", "line 7", "line 8", "line 9",
+                                                   "line 10"]
     for words, p in zip(("not both", "needs its transcript", "ref_text goes with ref_audio",
-                         "true or false"), problems):
+                         "true or false", "ref_tail_silence must be seconds in [0, 5]"),
+                        problems):
         assert words in p, p
     encoded = []
     original = tts.create_voice_clone_prompt
@@ -674,10 +679,11 @@ def test_base_lines_give_a_voice_file_or_a_reference(tmp_path, make_checkpoint, 
     summary = batch.run(tts, reqs, str(out), batch_size=4, progress=False, continuous=continuous,
                         gen={"max_new_tokens": 12, "do_sample": False,
                              "subtalker_dosample": False})
-    assert summary["done"] == 4 and not summary["failed"], summary
-    assert sorted(encoded) == [False, True]          # icl and icl2 share one encoding
+    assert summary["done"] == 5 and not summary["failed"], summary
+    assert sorted(encoded) == [False, False, True]   # icl and icl2 share one encoding
     voices = {"file": icl, "icl": icl, "icl2": icl,
-              "xvec": original(ref, x_vector_only_mode=True)}
+              "xvec": original(ref, x_vector_only_mode=True),
+              "tail": original(ref, ref_text="Hello world.", ref_tail_silence=0.5)}
     for r in reqs:
         wave, _ = sf.read(str(out / f"{r.name}.wav"), dtype="float32")
         want = tts.generate_voice_clone(r.text, voice_clone_prompt=voices[r.name], seed=[r.line],

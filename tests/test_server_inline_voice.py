@@ -44,7 +44,8 @@ def server(base, ref, tmp_path_factory):
     s = Running(create_app(base, ServerOptions(
         model_name="tiny", voices_dir=str(tmp_path_factory.mktemp("voices")),
         max_new_tokens=TOKENS, min_prompt_bucket=64, batch_buckets=(4,), max_batch_size=4)))
-    for name, fields in (("me", {"transcript": TRANSCRIPT}), ("xvec", {})):
+    for name, fields in (("me", {"transcript": TRANSCRIPT}), ("xvec", {}),
+                         ("tail", {"transcript": TRANSCRIPT, "ref_tail_silence": "0.5"})):
         code, out = multipart(s.url + "/v1/audio/voices", {"name": name, **fields},
                               {"audio_sample": ("ref.wav", ref)})
         assert code == 200, out
@@ -73,6 +74,11 @@ def test_a_voice_in_the_request_speaks_as_the_registered_one(server, ref):
         # encoded once: the second request (the data URL of the same bytes) reused it
         assert after["inline_voices_encoded"] == stats["inline_voices_encoded"] + 1
         assert after["inline_voices_reused"] == stats["inline_voices_reused"] + 1
+    # silence after the reference, as at registration: another voice (its codes are longer)
+    code, _, want = speak(server, voice="tail")
+    code, _, got = speak(server, ref_audio=b64, ref_text=TRANSCRIPT, ref_tail_silence=0.5)
+    assert code == 200 and got == want
+    assert got != speak(server, voice="me")[2]
 
 
 def test_a_bad_inline_voice_is_named(server, ref, tmp_path):
@@ -96,6 +102,13 @@ def test_a_bad_inline_voice_is_named(server, ref, tmp_path):
          400, "ref_audio", "send WAV, FLAC, OGG or MP3"),
         (dict(ref_audio=long, x_vector_only_mode=True), 413, "ref_audio", "the limit is 60 s"),
         (dict(ref_audio=b64, ref_text="x" * 5000), 413, "ref_text", "characters"),
+        (dict(ref_tail_silence=0.5), 400, "ref_tail_silence", "goes with `ref_audio`"),
+        (dict(ref_audio=b64, ref_text=TRANSCRIPT, ref_tail_silence=6), 400, "ref_tail_silence",
+         "seconds in [0, 5]"),
+        (dict(ref_audio=b64, ref_text=TRANSCRIPT, ref_tail_silence="0.5"), 400,
+         "ref_tail_silence", "seconds in [0, 5]"),
+        (dict(ref_audio=b64, ref_text=TRANSCRIPT, ref_tail_silence=True), 400,
+         "ref_tail_silence", "seconds in [0, 5]"),
     ]
     for fields, status, param, words in cases:
         code, _, data = speak(server, **fields)
@@ -148,7 +161,7 @@ def test_registered_voices_are_bounded(server, ref):
     state = server.server_state
     limit, have = state.options.max_voices, len(state.voices.voices)
     health = get(server.url + "/health")
-    assert (health["voices"], health["max_voices"]) == (have, limit) == (2, 1000)
+    assert (health["voices"], health["max_voices"]) == (have, limit) == (3, 1000)
     try:
         state.options.max_voices = have
         code, out = multipart(server.url + "/v1/audio/voices", {"name": "one_more"},

@@ -364,9 +364,10 @@ class Server:
             raise ApiError(400, f"`{field}` clones a voice, which needs a Base checkpoint; this "
                                 f"server runs a {self.kind} model", field)
 
-        def encode(audio, ref_text, x_vector_only):
+        def encode(audio, ref_text, x_vector_only, tail_silence):
             return self.engine.call(lambda: self.tts.create_voice_clone_prompt(
-                audio, ref_text=ref_text, x_vector_only_mode=x_vector_only))
+                audio, ref_text=ref_text, x_vector_only_mode=x_vector_only,
+                ref_tail_silence=tail_silence))
 
         return await self.inline.get(data, encode, self._check_chars)
 

@@ -135,7 +135,7 @@ async def read_upload(request: Request, limit: int, taken, check_chars: Callable
     return Upload(name, wave, sr, transcript, silence)
 
 
-INLINE_FIELDS = ("ref_audio", "ref_text", "x_vector_only_mode")
+INLINE_FIELDS = ("ref_audio", "ref_text", "x_vector_only_mode", "ref_tail_silence")
 
 
 class EncodeSlots:
@@ -163,7 +163,8 @@ class InlineVoices:
     """Voices given in a speech request itself (vLLM-Omni's fields, Base checkpoints):
     `ref_audio` (the reference's file bytes in base64, bare or as a data URL: never a path or a
     URL, the server reads no file and fetches nothing for a client), `ref_text` (its transcript:
-    ICL cloning) or `x_vector_only_mode: true` (the speaker embedding only). The reference is
+    ICL cloning) or `x_vector_only_mode: true` (the speaker embedding only), and optionally
+    `ref_tail_silence` (seconds of silence after an ICL reference, as at registration). The reference is
     decoded off the event loop and encoded on the engine's thread; the last `size` voices are
     kept by content, so that a client sending the same reference again pays once and finds the
     voice's caches (its prompt-prefix KV, the codec's state after its reference) filled. New
@@ -177,7 +178,8 @@ class InlineVoices:
     async def get(self, data: dict, encode: Callable, check_chars: Callable[[str, str], None]
                   ) -> list | None:
         """The request's voice items, or None when it names no `ref_audio`. `encode(audio,
-        ref_text, x_vector_only)` returns a Future of the items (the engine runs it)."""
+        ref_text, x_vector_only, tail_silence)` returns a Future of the items (the engine runs
+        it)."""
         audio = data.get("ref_audio")
         if audio is None:
             for k in INLINE_FIELDS[1:]:
@@ -206,11 +208,18 @@ class InlineVoices:
             raise ApiError(400, "`ref_text` (the reference's transcript, for ICL cloning) is "
                                 "required, or set `x_vector_only_mode: true` to clone from the "
                                 "speaker embedding alone", "ref_text")
+        silence = data.get("ref_tail_silence")
+        silence = 0.0 if silence is None else silence
+        if isinstance(silence, bool) or not isinstance(silence, (int, float)) \
+                or not 0 <= silence <= 5:
+            raise ApiError(400, f"`ref_tail_silence` must be seconds in [0, 5], got "
+                                f"{str(silence)[:40]}", "ref_tail_silence")
         try:
             raw = inline_bytes(audio, "`ref_audio`")
         except AudioError as e:
             raise ApiError(400, str(e), "ref_audio") from None
-        key = (hashlib.sha256(raw).hexdigest(), "" if x_only else text, bool(x_only))
+        key = (hashlib.sha256(raw).hexdigest(), "" if x_only else text, bool(x_only),
+               0.0 if x_only else float(silence))     # the silence only changes ICL codes
         if key in self.items:
             self.hits += 1
             self.items.move_to_end(key)
@@ -237,6 +246,6 @@ class InlineVoices:
         except AudioError as e:
             raise ApiError(400, f"{e}; send WAV, FLAC, OGG or MP3", "ref_audio") from None
         try:
-            return await asyncio.wrap_future(encode((wave, sr), key[1] or None, key[2]))
+            return await asyncio.wrap_future(encode((wave, sr), key[1] or None, key[2], key[3]))
         except (ValueError, TypeError) as e:
             raise ApiError(400, f"cannot use this reference audio: {e}", "ref_audio") from None
