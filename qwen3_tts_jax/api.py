@@ -30,7 +30,9 @@ from .settings import GEN_KWARGS, GenerationSettings, SettingError, as_list, key
 from .voice import VoiceClonePromptItem, as_items
 
 
-MAX_BATCH_ROWS = 64
+# The most rows of one padded batch of a call, per device (`Qwen3TTS.max_batch_rows`); fewer on
+# a CPU, whose host memory the KV caches of many rows share with everything else.
+MAX_BATCH_ROWS = {"cpu": 16}
 
 
 def _single(items: list) -> "prompts.Prompt":
@@ -84,7 +86,7 @@ class Qwen3TTS:
         self.executables = None
         # a call with more texts (or segments) runs them as batches of this many rows per device
         # in turn (`runner.run`: the same codes; the KV caches of this many rows at once)
-        self.max_batch_rows = MAX_BATCH_ROWS
+        self.max_batch_rows = MAX_BATCH_ROWS.get(jax.default_backend(), 64)
 
     # ------------------------------------------------------------------ loading
     @classmethod
