@@ -200,3 +200,19 @@ def test_other_checkpoints_refuse_it(make_checkpoint, ref):
     with pytest.raises(ApiError, match="needs a Base checkpoint") as e:
         asyncio.run(cv.inline_voice({"ref_audio": b64, "ref_text": TRANSCRIPT}))
     assert e.value.param == "ref_audio"
+
+
+def test_a_cloned_voice_in_segments(server, base, ref):
+    """A Base request in segments (`segment_chars`): every segment in the voice (ICL: the
+    reference's codes before each), the API's `generate_voice_clone(..., segment_chars=)`."""
+    text = "One sentence here. Another one there. And a third."
+    voice = server.server_state.voices.voices["me"]
+    (want,), _ = base.generate_voice_clone(text, voice_clone_prompt=voice, segment_chars=20,
+                                           **GREEDY)
+    for fields in ({"voice": "me"},
+                   {"ref_audio": base64.b64encode(ref).decode(), "ref_text": TRANSCRIPT}):
+        code, _, data = speak(server, input=text, segment_chars=20, **fields)
+        assert code == 200, data
+        got = np.frombuffer(data, "<i2").astype(np.float32) / 32767
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, np.clip(want, -1, 1), atol=3 / 32767)
