@@ -100,6 +100,20 @@ def test_bad_segment_fields_are_named(server, field, value):
     assert status == 400 and json.loads(data)["error"]["param"] == field
 
 
+def test_more_segments_than_the_queue_takes_is_413_before_any_is_built(server, monkeypatch):
+    from qwen3_tts_jax import prompts
+
+    built = []
+    real = prompts.for_mode
+    monkeypatch.setattr(prompts, "for_mode", lambda *a, **k: built.append(1) or real(*a, **k))
+    status, _, data = post(server.url + "/v1/audio/speech",
+                           body(input="word " * 100, segment_chars=5))
+    error = json.loads(data)["error"]
+    assert status == 413 and error["param"] == "segment_chars" and "100 segments" in \
+        error["message"], error
+    assert not built
+
+
 def test_segments_that_do_not_fit_the_queue_are_refused_whole(tts):
     s = tiny_server(tts, max_queue=2, segment_chars=20)
     try:

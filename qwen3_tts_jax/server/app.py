@@ -502,6 +502,10 @@ class Server:
         except ValueError as e:
             raise ApiError(400, str(e), "segment_pause") from None
         parts = segments.split(text, n) if n else [text]
+        if len(parts) > self.options.max_queue:     # each a job: checked before any is built
+            raise ApiError(413, f"segment_chars {n} cuts `input` into {len(parts)} segments; "
+                                f"this server queues at most {self.options.max_queue} "
+                                "(--max-queue): give a larger segment_chars", "segment_chars")
         return parts or [text], round(pause * self.tts.speech_tokenizer.sample_rate)
 
     def _check_chars(self, field: str, text: str) -> None:
