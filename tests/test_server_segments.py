@@ -115,14 +115,18 @@ def test_more_segments_than_the_queue_takes_is_413_before_any_is_built(server, m
 
 
 def test_segments_that_do_not_fit_the_queue_are_refused_whole(tts):
-    s = tiny_server(tts, max_queue=2, segment_chars=20)
+    """Two requests already wait (planted) in a queue of 4: a request of 3 segments is a 429 and
+    queues none of them; once the queue is empty it runs."""
+    s = tiny_server(tts, max_queue=4, segment_chars=20)
     try:
         engine = s.server_state.engine
+        engine._waiting = 2
         status, headers, data = post(s.url + "/v1/audio/speech", body(**GREEDY))
         assert status == 429 and headers["Retry-After"] == "1", data
-        assert engine.stats["requests"] == 0 and engine.waiting == 0
-        status, _, _ = post(s.url + "/v1/audio/speech", body(segment_chars=40, **GREEDY))
-        assert status == 200                          # two segments fit
+        assert engine.stats["requests"] == 0 and engine.waiting == 2
+        engine._waiting = 0
+        status, _, _ = post(s.url + "/v1/audio/speech", body(**GREEDY))
+        assert status == 200 and engine.stats["requests"] == 3
     finally:
         s.stop()
 
