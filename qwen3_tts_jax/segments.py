@@ -41,16 +41,13 @@ def check_max_chars(max_chars) -> int:
     return int(max_chars)
 
 
-def _cut(text: str, pattern: re.Pattern, keep=lambda text, end: True) -> list[str]:
-    """`text` in pieces ending where `pattern` matches (the match stays with the piece before),
-    skipping matches `keep` refuses. The pieces concatenate to `text`."""
-    pieces, start = [], 0
-    for m in pattern.finditer(text):
-        if m.end() < len(text) and keep(text, m.start()):
-            pieces.append(text[start:m.end()])
-            start = m.end()
-    pieces.append(text[start:])
-    return [p for p in pieces if p]
+def _strip(text: str, a: int, b: int) -> tuple[int, int]:
+    """The span text[a:b] less its leading and trailing whitespace."""
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
 
 
 def _ends_sentence(text: str, at: int) -> bool:
@@ -63,33 +60,129 @@ def _ends_sentence(text: str, at: int) -> bool:
     return not (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()))
 
 
-def _pack(pieces: list[str], max_chars: int, finer) -> list[str]:
-    """Consecutive pieces joined while they fit `max_chars` (stripped); a piece longer than that
-    is cut by `finer` first."""
-    out, current = [], ""
-    for piece in pieces:
-        if len(piece.strip()) > max_chars:
-            if current.strip():
-                out.append(current.strip())
-            current = ""
-            parts = finer(piece.strip())
-            out.extend(parts[:-1])
+# The levels a text is cut at, coarsest first: (where a piece ends, which of those count); past
+# the last, every max_chars characters.
+_LEVELS = ((_SENTENCE, _ends_sentence), (_CLAUSE, None), (_WORD, None))
+
+
+class _Region:
+    """What is known of one span of the text at one level (`Stream._pack`): how far it was
+    scanned, where its complete pieces end, and the packing of those pieces."""
+    __slots__ = ("scan", "cuts", "packed", "state")
+
+    def __init__(self, a: int):
+        self.scan, self.cuts, self.packed = a, [], 0
+        self.state = ([], None, None, None)
+
+
+class Stream:
+    """`split` for text that arrives in pieces (a text session's): the segments `split` gives
+    the whole text, each one's text handed out as soon as it is certain to be in it, so a
+    segment can be said while the text goes on.
+
+    `push(piece, final)` returns [(segment index, text to add to it, whether that ends it)].
+    The rule that makes it `split`: a piece (sentence, clause, word) counts once the text after
+    it shows it has ended; a segment takes whole pieces while they fit. So the text of a sentence
+    that may still join the open segment is held until it ends or outgrows the room left (then
+    the segment ends before it); the first sentence of a segment is handed out word by word (it
+    is in that segment whatever follows, down to the first `max_chars` characters). Each push
+    costs the work of its own text: the pieces found and the packing of the complete ones are
+    kept (`_Region`), from the sentence the open segment starts in, and only the text from there
+    on (offsets count from it)."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = check_max_chars(max_chars)
+        self.text = ""       # from a little before the sentence the open segment starts in
+        self.final = False
+        self.index = 0       # the open segment; the count of segments ended
+        self._given = 0      # characters of the open segment handed out
+        self._start = 0      # where the open segment starts (all before it is handed out)
+        self._anchor = 0     # where the sentence it starts in starts
+        self._regions: dict[tuple[int, int], _Region] = {}
+
+    def push(self, piece: str, final: bool = False) -> list[tuple[int, str, bool]]:
+        if self.final:
+            raise ValueError("the text was already ended")
+        self.text += piece
+        self.final = final
+        text = self.text
+        closed, current, anchor, certain = self._pack(0, self._anchor, len(text), not final,
+                                                      self._start)
+        if final and current is not None:
+            closed, current = closed + [current], None
+        out = []
+        for a, b in closed:
+            segment = text[a:b].strip()
+            out.append((self.index, segment[self._given:], True))
+            self.index, self._given, self._start = self.index + 1, 0, b
+        if current is not None:
+            a = _strip(text, *current)[0] + self._given
+            if certain > a:
+                out.append((self.index, text[a:certain], False))
+                self._given += certain - a
+            if closed:    # a new open segment: planned from its own sentence, text kept from
+                self._regions.clear()       # there (and the words before: `_ends_sentence`)
+                drop = max(0, anchor - 16)
+                self.text, self._start, self._anchor = text[drop:], self._start - drop, \
+                    anchor - drop
+        if final and not out and self.index == 0:
+            out.append((0, "", True))            # no text at all: the only segment ends empty
+        return out
+
+    def _pack(self, level: int, a: int, z: int, growing: bool, start: int = 0):
+        """`split`'s packing of text[a:z] at `level` (the last piece still growing while
+        `growing`), from `start` (the open segment's start): (the spans of the segments it
+        ends, the open one's span or None, where the piece that one starts in starts, how far
+        its text is certain while growing)."""
+        text, n = self.text, self.max_chars
+        if level == len(_LEVELS):                       # every max_chars characters
+            cuts = list(range(a, z, n)) or [a]
+            return [(c, c + n) for c in cuts[:-1]], (cuts[-1], z), a, z
+        region = self._regions.get((level, a))
+        if region is None:
+            region = self._regions[(level, a)] = _Region(a)
+        pattern, keep = _LEVELS[level]
+        for m in pattern.finditer(text, region.scan, z):
+            if m.end() >= z:                  # the text may go on: not an end yet
+                break
+            region.scan = m.end()
+            if keep is None or keep(text, m.start()):
+                region.cuts.append(m.end())
+        while region.packed < len(region.cuts):
+            i = region.packed
+            piece = (region.cuts[i - 1] if i else a, region.cuts[i])
+            region.state = self._add(region.state, level, piece, False, start)
+            region.packed += 1
+        state, last = region.state, region.cuts[-1] if region.cuts else a
+        if last < z:
+            state = self._add(state, level, (last, z), growing, start)
+        closed, current, anchor, certain = state
+        return closed, current, anchor, a if certain is None else certain
+
+    def _add(self, state, level: int, piece: tuple[int, int], growing: bool, start: int):
+        """The packing `state` with one more piece (`_pack`); a new state, `state` unchanged."""
+        closed, current, anchor, certain = state
+        text, n = self.text, self.max_chars
+        a0, b = piece
+        if b <= start:                          # handed out already
+            return state
+        a = max(a0, start)
+        sa, sb = _strip(text, a, b)
+        ca, cb = _strip(text, *current) if current is not None else (a, a)
+        if sb - sa > n:               # too long alone: its own segments, cut at the next level
+            parts, tail, _, certain = self._pack(level + 1, sa, sb, growing)
             # the last part goes on with the next piece, after the space that ended this one
-            current = parts[-1] + piece[len(piece.rstrip()):] if parts else ""
-            continue
-        if len((current + piece).strip()) <= max_chars:
-            current += piece
-        else:
-            if current.strip():
-                out.append(current.strip())
-            current = piece
-    if current.strip():
-        out.append(current.strip())
-    return out
-
-
-def _hard(text: str, max_chars: int) -> list[str]:
-    return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+            return (closed + ([current] if cb > ca else []) + parts, (tail[0], b), a0,
+                    certain)
+        lo, hi = _strip(text, current[0], b) if current is not None else (a, a)
+        if current is None or hi - lo <= n:
+            if growing:               # held while it may outgrow the room; a segment's first
+                certain = cb if cb > ca else self._pack(level + 1, sa, sb, True)[3]
+            return (closed, (a, b), a0, certain) if current is None else \
+                (closed, (current[0], b), anchor, certain)
+        if growing:
+            certain = self._pack(level + 1, sa, sb, True)[3]
+        return closed + ([current] if cb > ca else []), (a, b), a0, certain
 
 
 def split(text: str, max_chars: int) -> list[str]:
@@ -100,14 +193,7 @@ def split(text: str, max_chars: int) -> list[str]:
     max_chars = check_max_chars(max_chars)
     if len(text.strip()) <= max_chars:
         return [text.strip()] if text.strip() else []
-
-    def words(s):
-        return _pack(_cut(s, _WORD), max_chars, lambda w: _hard(w, max_chars))
-
-    def clauses(s):
-        return _pack(_cut(s, _CLAUSE), max_chars, words)
-
-    return _pack(_cut(text, _SENTENCE, _ends_sentence), max_chars, clauses)
+    return [part for _, part, _ in Stream(max_chars).push(text, final=True) if part]
 
 
 def expand(texts: Sequence[str], max_chars: int | None) -> tuple[list[str], list[int]]:
@@ -134,10 +220,13 @@ def seeds(seed, owners: list[int], n: int):
     out, index = [], {}
     for i in owners:
         j = index[i] = index.get(i, -1) + 1
-        s = per_text[i]
-        out.append(s if j == 0 else
-                   int(np.random.SeedSequence([s, j]).generate_state(1)[0]) % 2 ** 31)
+        out.append(segment_seed(per_text[i], j))
     return out
+
+
+def segment_seed(seed: int, j: int) -> int:
+    """The seed of segment `j` of a text whose seed is `seed` (`seeds`)."""
+    return seed if j == 0 else int(np.random.SeedSequence([seed, j]).generate_state(1)[0]) % 2 ** 31
 
 
 def join(waves: Sequence[np.ndarray], owners: list[int], n: int, pause: int) -> list[np.ndarray]:

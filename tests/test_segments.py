@@ -61,6 +61,58 @@ def test_split_keeps_every_character_in_order_within_the_limit():
             at = text.index(part, at) + len(part)
 
 
+def _streamed(text: str, limit: int, sizes) -> list[list[tuple[str, bool]]]:
+    """`segments.Stream(limit)` fed `text` in pieces of the given sizes, then ended: what each
+    segment was handed, in order."""
+    stream, out, at = segments.Stream(limit), [], 0
+    for size in sizes:
+        if at >= len(text):
+            break
+        events = stream.push(text[at:at + size])
+        at += size
+        for j, piece, ends in events:
+            assert j == len(out) - 1 or j == len(out), (text, limit, events)
+            if j == len(out):
+                out.append([])
+            assert not (out[j] and out[j][-1][1]), "text after the segment ended"
+            out[j].append((piece, ends))
+    for j, piece, ends in stream.push(text[at:], final=True):
+        if j == len(out):
+            out.append([])
+        out[j].append((piece, ends))
+    return out
+
+
+def test_stream_cuts_text_in_pieces_where_split_cuts_it_whole():
+    rng = random.Random(1)
+    alphabet = list("abcde fgh") + [". ", "! ", "? ", ", ", "; ", "\n", "。", "，", "Dr. ", "3.5",
+                                    "\n\n", "\"", "...", "」", "a. ", "  "]
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 200)))
+        limit = rng.randrange(1, 40)
+        got = _streamed(text, limit, iter(lambda: rng.choice([1, 1, 2, 3, 7, 30]), None))
+        want = segments.split(text, limit)
+        assert ["".join(p for p, _ in seg) for seg in got if seg != [("", True)]] == want, \
+            (text, limit, got)
+        assert all(seg[-1][1] for seg in got), (text, limit, got)    # each ended, once
+
+
+def test_stream_hands_out_text_once_it_is_certain():
+    """A segment's first sentence goes out word by word; a later sentence is held while it may
+    still fit, and starts the next segment once it cannot; text is kept from the open segment's
+    sentence on, not from the start."""
+    s = segments.Stream(30)
+    assert s.push("Hello there") == [(0, "Hello", False)]            # "there" may go on
+    assert s.push(" friend. And") == [(0, " there friend.", False)]   # "And ..." may fit
+    assert s.push(" then some more words") == [(0, "", True), (1, "And then some more", False)]
+    assert s.push(".", final=True) == [(1, " words.", True)]
+    s = segments.Stream(30)
+    for i in range(300):
+        s.push(f"Sentence number {i} is here. ")
+    assert len(s.text) < 100
+    assert segments.Stream(5).push("  ", final=True) == [(0, "", True)]
+
+
 def test_expand_seeds_and_join():
     parts, owners = segments.expand(["One. Two.", "Three."], 6)
     assert (parts, owners) == (["One.", "Two.", "Three."], [0, 0, 1])

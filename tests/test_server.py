@@ -637,7 +637,8 @@ def test_text_session_equals_offline_streaming_mode(server, tts):
     ({"voice": "ryan"}, [("shout", "x")], "unknown message"),
     ({"voice": "ryan", **GEN}, [("end", "")], "without any text"),
     ({"voice": "ryan", **GEN}, [("text", "x" * 201)], "at most 200"),
-    ({"voice": "ryan", "segment_chars": 50}, [], "segment_chars does not apply to a text session"),
+    ({"voice": "ryan", "segment_chars": -1}, [], "segment_chars must be an integer >= 0"),
+    ({"voice": "ryan", "stream_format": "sse"}, [], "stream_format does not apply"),
 ])
 def test_text_session_errors(server, first, pieces, needle):
     pytest.importorskip("websockets")

@@ -2,7 +2,8 @@
 its segments run as rows at once and play in order with the pause between them; the audio is the
 API's `generate_custom_voice(..., segment_chars=...)` for the same seed, streamed or whole, in the
 batch route too; usage counts every segment; bad values are a 400 naming the field; a request
-whose segments do not all fit the queue is refused whole (429) with nothing queued."""
+whose segments do not all fit the queue is refused whole (429) with nothing queued. A text
+session's text, arriving in pieces, is said in the segments of the whole text."""
 import base64
 import json
 import urllib.request
@@ -14,7 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from qwen3_tts_jax import Qwen3TTS, segments  # noqa: E402
-from test_server import GEN, metric, post, scrape, serving, tiny_server  # noqa: E402
+from test_server import GEN, metric, post, scrape, serving, tiny_server, ws_session  # noqa: E402
 from test_server_faults import slow_chunks, start_request, wait_for  # noqa: E402
 
 GREEDY = {"do_sample": False, "subtalker_dosample": False}
@@ -155,3 +156,26 @@ def test_a_client_that_leaves_cancels_every_segment(server, monkeypatch):
     monkeypatch.undo()
     status, _, _ = post(server.url + "/v1/audio/speech", body(**GREEDY))
     assert status == 200
+
+
+def test_a_text_session_is_said_in_the_segments_of_its_whole_text(server, tts):
+    """Text sent in pieces over the WebSocket (cut mid-word and mid-sentence) is cut where
+    `segments.split` cuts the whole text: the audio is the API's for the whole text in segments
+    (streaming text mode, same seed), pauses included; `done` counts every segment's text
+    tokens and frames; the first message's `segment_chars: 0` says it in one pass."""
+    pytest.importorskip("websockets")
+    from qwen3_tts_jax import prompts
+
+    pieces = [("text", TEXT[:7]), ("text", TEXT[7:23]), ("text", TEXT[23:40]),
+              ("end", TEXT[40:])]
+    first = {"voice": "ryan", "seed": 9, "do_sample": True, **GEN}
+    audio, done = ws_session(server, first, pieces)
+    parts = segments.split(TEXT, 20)
+    assert done == {"type": "done", "frames": 45, "segments": 3, "finish_reason": "length",
+                    "input_tokens": sum(len(prompts.input_ids(tts.tokenizer, p)) - 8
+                                        for p in parts)}, done
+    want = api(tts, seed=[9], do_sample=True, non_streaming_mode=False)
+    assert pcm(audio).shape == want.shape
+    np.testing.assert_allclose(pcm(audio), np.clip(want, -1, 1), atol=3 / 32767)
+    audio, done = ws_session(server, {**first, "segment_chars": 0}, pieces, pause=0)
+    assert (done["segments"], done["frames"]) == (1, 15), done

@@ -486,8 +486,18 @@ class Server:
         return SpeechRequest(jobs, fmt, stream_format == "sse", pause)
 
     def _segments(self, data: dict, text: str) -> tuple[list[str], int]:
-        """(the input's segments, samples of silence between them): `segment_chars` (the
-        request's, else --segment-chars; 0 or none: one pass) and `segment_pause`."""
+        """(the input's segments, samples of silence between them): `segment_options`."""
+        n, pause = self.segment_options(data)
+        parts = segments.split(text, n) if n else [text]
+        if len(parts) > self.options.max_queue:     # each a job: checked before any is built
+            raise ApiError(413, f"segment_chars {n} cuts `input` into {len(parts)} segments; "
+                                f"this server queues at most {self.options.max_queue} "
+                                "(--max-queue): give a larger segment_chars", "segment_chars")
+        return parts or [text], pause
+
+    def segment_options(self, data: dict) -> tuple[int, int]:
+        """(`segment_chars`, samples of silence between segments): the request's, else
+        --segment-chars (0 or none: one pass) and --segment-pause; a 400 naming a bad one."""
         n = data.get("segment_chars")
         if n is None:
             n = self.options.segment_chars
@@ -501,12 +511,7 @@ class Server:
             pause = segments.check_pause(pause)
         except ValueError as e:
             raise ApiError(400, str(e), "segment_pause") from None
-        parts = segments.split(text, n) if n else [text]
-        if len(parts) > self.options.max_queue:     # each a job: checked before any is built
-            raise ApiError(413, f"segment_chars {n} cuts `input` into {len(parts)} segments; "
-                                f"this server queues at most {self.options.max_queue} "
-                                "(--max-queue): give a larger segment_chars", "segment_chars")
-        return parts or [text], round(pause * self.tts.speech_tokenizer.sample_rate)
+        return n or 0, round(pause * self.tts.speech_tokenizer.sample_rate)
 
     def _check_chars(self, field: str, text: str) -> None:
         """`--max-input-chars` holds for each text field (`input`, `instructions`, a voice's

@@ -1,23 +1,88 @@
 """WS /v1/audio/speech/stream: a text session. The client sends its text in pieces (from an LLM,
 say) and gets pcm audio as it is generated; the engine runs the session as one row of a batch
-whose prompt grows (`TextFeed`, the official streaming text mode). At most --max-sessions open
-at once; a session idle past --session-idle-timeout is closed (408), so none holds a place forever.
-The functions take the app's `Server` (its options, engine, voices and request checks).
+whose prompt grows (`TextFeed`, the official streaming text mode). With `segment_chars` (the
+first message's, or --segment-chars) the text is said in segments, cut as it arrives where
+`segments.split` cuts the whole text (`segments.Stream`): each segment a row of its own, started
+when the one before has ended, with `segment_pause` seconds of silence between them. At most
+--max-sessions open at once; a session idle past --session-idle-timeout is closed (408), so none
+holds a place forever. The functions take the app's `Server` (its options, engine, voices and
+request checks).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 
+import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
+from .. import prompts, segments
 from ..engine import DeadlineExceeded, EngineUnavailable, Job, QueueFull
 from ..text_feed import TextFeed
 from .errors import ApiError
 from .wire import check_unicode, loads, pcm16
 
 
-def parse_session(server, data, inline: list | None = None) -> Job:
+@dataclasses.dataclass(eq=False)
+class Session:
+    """A text session: its jobs, one per segment of its text (one without `segment_chars`),
+    each made from `template` with a feed of its own; the text goes to them as `cut` hands it
+    out."""
+    template: Job                   # settings, budget, deadline, voice: each segment's
+    prompt: prompts.PiecesPrompt
+    tokenizer: object
+    base_tokens: int                # the prompt's tokens besides the text
+    cut: segments.Stream | None     # None: one pass
+    pause: int = 0                  # samples of silence between segments
+    jobs: list[Job] = dataclasses.field(default_factory=list)
+    chars: int = 0                  # characters received
+    final: bool = False             # the text has ended
+
+    @property
+    def feed(self) -> TextFeed:
+        return self.job(0).feed
+
+    def job(self, j: int) -> Job:
+        """Segment j's job, made on first use."""
+        while len(self.jobs) <= j:
+            k, t = len(self.jobs), self.template
+            self.jobs.append(dataclasses.replace(
+                t, feed=TextFeed.of(self.tokenizer, self.prompt), submitted=time.monotonic(),
+                seed=None if t.seed is None else segments.segment_seed(t.seed, k)))
+        return self.jobs[j]
+
+    def push(self, text: str, final: bool) -> list[Job]:
+        """Hand `text` to the segments it belongs to; returns the jobs whose text grew."""
+        self.chars += len(text)
+        self.final = final
+        if self.cut is None:
+            self.feed.push(text, final)
+            return [self.job(0)]
+        grown = []
+        for j, piece, ends in self.cut.push(text, final):
+            job = self.job(j)
+            job.feed.push(piece, ends)
+            grown.append(job)
+        return grown
+
+    def follows(self, j: int) -> bool:
+        """Whether a segment follows segment j, which has ended: one the text was cut into, or
+        the open one while the text goes on (not when j is the open one: it ended early)."""
+        count = self.cut.index if self.cut is not None else 1    # segments cut off
+        return j + 1 < count or (j + 1 == count and not self.final and self.cut is not None)
+
+    def finish_reason(self) -> str | None:
+        reasons = [job.finish_reason for job in self.jobs]
+        return "length" if "length" in reasons else reasons[-1]
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True
+
+
+def parse_session(server, data, inline: list | None = None) -> Session:
     """A text session's first message: the speech fields without `input` (or with the first
     piece of text in it); the text mode is the official streaming one; the audio is pcm.
     `inline`: the voice the message gives itself (`ref_audio`: `Server.inline_voice`)."""
@@ -28,9 +93,9 @@ def parse_session(server, data, inline: list | None = None) -> Job:
         raise ApiError(400, "a text session uses the streaming text mode and sends pcm "
                             "(s16le, 24 kHz, mono): leave non_streaming_mode and "
                             "response_format out", "response_format")
-    for field in ("stream_format", "segment_chars", "segment_pause"):
-        if data.get(field) is not None:
-            raise ApiError(400, f"{field} does not apply to a text session", field)
+    if data.get("stream_format") is not None:
+        raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
+    n, pause = server.segment_options(data)
     # the budget: the request's, else the cap until the text has ended, then at most its
     # `text_budget` (the engine's `Job.frames_per_token`)
     own = data.get("max_new_tokens")
@@ -39,25 +104,26 @@ def parse_session(server, data, inline: list | None = None) -> Job:
                  max_new_tokens=server.max_new_tokens if own is None else own, segment_chars=0)
     job = server.parse_speech(probe, inline).job   # validates voice, settings, instructions
     job.frames_per_token = server.options.frames_per_token if own is None else 0.0
-    job.base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
+    base_tokens = len(job.prompt) + len(job.prompt.trailing) - 1   # less the "x"
     language = data.get("language") or server.options.language or "auto"
     speaker = server.voice_for(data) if inline is None else None
     voice = None
     if server.kind == "base":          # a cloned voice: x-vector, or ICL with its reference
         voice, speaker = (server.voices.voices[speaker] if inline is None else inline)[0], None
     job.prompt = None
-    job.feed = TextFeed.of(server.tts.tokenizer, server.tts.text_prompt(
-        language, speaker=speaker, instruct=data.get("instructions") or None, voice=voice))
-    return job
+    prompt = server.tts.text_prompt(language, speaker=speaker,
+                                    instruct=data.get("instructions") or None, voice=voice)
+    return Session(job, prompt, server.tts.tokenizer, base_tokens,
+                   segments.Stream(n) if n else None, pause)
 
 
 async def run_session(server, ws: WebSocket) -> None:
     """WS /v1/audio/speech/stream. Client: first a JSON object with the speech fields (voice,
-    instructions, language, settings; optionally `input`, the first text); then
-    {"type": "text", "text": "..."} pieces and finally {"type": "end"} (which may carry a
-    last "text"). Server: binary messages of pcm audio as it is generated, then
-    {"type": "done", "frames", "input_tokens", "finish_reason"}; or {"type": "error",
-    "status", "message"}."""
+    instructions, language, settings, `segment_chars` / `segment_pause`; optionally `input`,
+    the first text); then {"type": "text", "text": "..."} pieces and finally {"type": "end"}
+    (which may carry a last "text"). Server: binary messages of pcm audio as it is generated,
+    then {"type": "done", "frames", "input_tokens", "segments", "finish_reason"}; or
+    {"type": "error", "status", "message"}."""
     await ws.accept()
 
     async def error(status: int, message: str, param=None):
@@ -83,35 +149,43 @@ async def run_session(server, ws: WebSocket) -> None:
 
     try:
         data = loads(await receive_text(), "the first message")
-        job = parse_session(server, data, await server.inline_voice(data))
+        session = parse_session(server, data, await server.inline_voice(data))
     except WebSocketDisconnect:
         return
     except ApiError as e:
         return await error(e.status, e.message, e.param)
     loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue = asyncio.Queue()
-    job.emit = server.metrics.watch(
-        job, "session", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item))
-    feed, limit = job.feed, server.options.max_input_chars
+    chunks: asyncio.Queue = asyncio.Queue()     # (segment, item); (None, error) from the reader
+    limit = server.options.max_input_chars
+
+    def start(j: int) -> None:
+        """Segment j's job to the engine, its chunks into `chunks` (the latencies of the
+        first only: a later segment's first audio is not the client's)."""
+        job = session.job(j)
+        job.emit = server.metrics.watch(
+            job, "session", lambda item: loop.call_soon_threadsafe(chunks.put_nowait, (j, item)),
+            latencies=j == 0)
+        server.engine.submit(job)
 
     def push(text, final: bool):
         if not isinstance(text, str):
             raise ApiError(400, "`text` must be a string", "text")
         check_unicode(text, "text")
-        if feed.chars + len(text) > limit:
-            raise ApiError(413, f"the session's text would be {feed.chars + len(text)} "
+        if session.chars + len(text) > limit:
+            raise ApiError(413, f"the session's text would be {session.chars + len(text)} "
                                 f"characters; at most {limit}", "text")
-        feed.push(text, final)
-        if job.base_tokens + len(feed.tokens) > server.max_prompt_tokens:
-            raise ApiError(413, f"the session's prompt would be "
-                                f"{job.base_tokens + len(feed.tokens)} tokens; at most "
-                                f"{server.max_prompt_tokens} (max_prompt_tokens)", "text")
+        for job in session.push(text, final):
+            tokens = session.base_tokens + len(job.feed.tokens)
+            if tokens > server.max_prompt_tokens:
+                raise ApiError(413, f"the session's prompt would be {tokens} tokens; at most "
+                                    f"{server.max_prompt_tokens} (max_prompt_tokens)"
+                                    + (" (a segment's)" if session.cut else ""), "text")
         server.engine.wake()
 
     try:
         if data.get("input"):
             push(data["input"], False)
-        server.engine.submit(job)
+        start(0)
     except ApiError as e:
         return await error(e.status, e.message, e.param)
     except QueueFull as e:
@@ -119,7 +193,7 @@ async def run_session(server, ws: WebSocket) -> None:
 
     async def receive():
         try:
-            while not feed.final:
+            while not session.final:
                 msg = loads(await receive_text(), "the message")
                 kind = msg.get("type") if isinstance(msg, dict) else None
                 if kind not in ("text", "end"):
@@ -127,17 +201,28 @@ async def run_session(server, ws: WebSocket) -> None:
                                         '{"type": "text", "text": ...} or {"type": "end"}')
                 push(msg.get("text", ""), kind == "end")
         except Exception as e:  # noqa: BLE001 - ends the session: the sender reports it
-            job.cancelled = True
-            chunks.put_nowait(e)
+            session.cancel()
+            chunks.put_nowait((None, e))
 
     reader = asyncio.create_task(receive())
     try:
         while True:
-            item = await chunks.get()
+            j, item = await chunks.get()
+            if item is None and session.follows(j):      # the next segment
+                if session.pause:
+                    await ws.send_bytes(pcm16(np.zeros(session.pause, np.float32)))
+                try:
+                    start(j + 1)
+                except EngineUnavailable as e:
+                    return await error(503, str(e))
+                continue
             if item is None:
-                await ws.send_json({"type": "done", "frames": job.frames,
-                                    "input_tokens": len(feed.tokens),
-                                    "finish_reason": job.finish_reason})
+                await ws.send_json({"type": "done",
+                                    "frames": sum(job.frames for job in session.jobs),
+                                    "input_tokens": sum(len(job.feed.tokens)
+                                                        for job in session.jobs),
+                                    "segments": len(session.jobs),
+                                    "finish_reason": session.finish_reason()})
                 await ws.close()
                 return
             if isinstance(item, WebSocketDisconnect):
@@ -153,7 +238,7 @@ async def run_session(server, ws: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     finally:
-        job.cancelled = True
+        session.cancel()
         reader.cancel()
 
 
