@@ -564,25 +564,34 @@ class Qwen3TTS:
         next()."""
         runner.check_chunks(chunk_frames, first_chunk_frames)
         pause = segments.check_pause(segment_pause)
-        if segment_chars is not None:
-            if _is_pieces(text):
-                raise ValueError("segment_chars needs the whole text (a str); text in pieces is "
-                                 "said as it arrives, in one pass")
+        if segment_chars is not None and not _is_pieces(text):
             return self._stream_segments(text, build, settings, segment_chars, pause, auto,
                                          chunk_frames, first_chunk_frames, ref_code)
         if not _is_pieces(text):
             return runner.stream(self, _single(build(text)), settings, chunk_frames,
                                  first_chunk_frames, ref_code)
-        from . import engine, text_feed
+        from . import engine, text_feed, text_session
 
         if non_streaming_mode:
             raise ValueError("text in pieces is read in the official streaming text mode; "
                              "non_streaming_mode=True needs the whole text (a str)")
-        feed = text_feed.TextFeed.of(self.tokenizer, pieces_prompt())
-        key = keys(settings.seed, 1, 1)[0]     # as the same seed for a str text
-        return engine.stream_pieces(self, text, feed, settings, key, chunk_frames,
-                                    first_chunk_frames, ref_code,
-                                    frames_per_token=FRAMES_PER_TOKEN if auto else 0.0)
+        cut = None if segment_chars is None else segments.Stream(segment_chars)
+        prompt, row = pieces_prompt(), settings.row(0, 1)
+        seed = settings.seed[0] if isinstance(settings.seed, (list, tuple)) else settings.seed
+
+        def make(j: int) -> engine.Job:
+            """Segment j's job, keyed as row j of the offline call in segments (an int seed)
+            or with the seed drawn for it (a list: `segments.seeds`); the first, as the same
+            seed for a str text."""
+            key = (keys([segments.segment_seed(seed, j)], 1, 1) if isinstance(
+                settings.seed, (list, tuple)) else keys(seed, 1, 1, first_row=j))[0]
+            return engine.Job(None, row, emit=None, key=key, ref_code=ref_code,
+                              feed=text_feed.TextFeed.of(self.tokenizer, prompt),
+                              frames_per_token=FRAMES_PER_TOKEN if auto else 0.0)
+
+        session = text_session.TextSession(
+            make, cut, round(pause * self.speech_tokenizer.sample_rate))
+        return engine.stream_pieces(self, text, session, chunk_frames, first_chunk_frames)
 
     def _stream_segments(self, text, build, settings, segment_chars, pause, auto, chunk_frames,
                          first_chunk_frames, ref_code):
@@ -625,8 +634,10 @@ class Qwen3TTS:
         reads text that has not arrived; the audio is the offline streaming-mode audio of the
         whole text (`engine.stream_pieces`).
 
-        `segment_chars` / `segment_pause` (a whole text only): a long text streamed segment after
-        segment, the chunks of the offline call with the same arguments (`_stream_segments`)."""
+        `segment_chars` / `segment_pause`: a long text streamed segment after segment, the
+        chunks of the offline call with the same arguments (`_stream_segments`); text in pieces
+        is cut as it arrives where the whole text would be (`segments.Stream`), each segment
+        read in the streaming text mode."""
         self._require("custom_voice", "generate_custom_voice")
         return self._stream(
             text, lambda t: self.custom_voice_prompts(t, speaker, language, instruct,

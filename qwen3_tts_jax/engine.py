@@ -40,11 +40,12 @@ from .budget import warn_budget_reached
 from .buckets import batch_rows, ladder
 from .cohort import Cohort, DeadlineExceeded, Job, prefix_computes  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, batch_prefix
-from .settings import GenerationSettings, traced
+from .settings import traced
 from .codec import StreamDecoder, bucketed_decode
 from .codec import decoder as codec_decoder
 from .codec.tokenizer import CHUNK_SIZE, LEFT_CONTEXT, frame_bucket
 from .text_feed import TextFeed, commit_point  # noqa: F401 - re-exported
+from .text_session import TextSession
 
 log = logging.getLogger("qwen3_tts_jax.server")  # the server logs it
 
@@ -698,64 +699,77 @@ class BatchEngine:
                 for i, (k, c, x) in enumerate(zip(cut, histories, new))]
 
 
-def stream_pieces(model, pieces, feed: TextFeed, settings: GenerationSettings, key,
-                  chunk_frames: int, first_chunk_frames: int, ref_code=None,
-                  frames_per_token: float = 0.0):
+def stream_pieces(model, pieces, session: TextSession, chunk_frames: int,
+                  first_chunk_frames: int):
     """Audio chunks of one utterance whose text comes from the iterator `pieces`, on a one-row
     engine of its own (what the server's WebSocket text sessions run): a thread reads the pieces
-    into `feed` while the engine's thread generates, extending the frame loop's trailing text
-    between chunks and never running a frame past the tokens received until the iterator ends.
-    Tokens are committed where a word ends whatever follows (`commit_point`), so the codes are
-    those of the offline streaming-mode generation of the whole text with the same key. Closing
-    the generator early (or an exception from `pieces`) stops the generation. Reading stops once
-    the text holds more tokens than `max_new_tokens` frames can read (an endless iterator ends
-    the utterance at its budget, as the whole text would). `frames_per_token` > 0: once the
-    text has ended, the budget is at most its `budget.text_budget`."""
+    into `session` (its segments' feeds: `TextSession`) while the engine's thread generates,
+    extending the frame loop's trailing text between chunks and never running a frame past the
+    tokens received until the iterator ends. Tokens are committed where a word ends whatever
+    follows (`commit_point`), so the codes are those of the offline streaming-mode generation of
+    the whole text (of each segment) with the same key. Segments play one after another with
+    the session's pause between. Closing the generator early (or an exception from `pieces`)
+    stops the generation. In one pass, reading stops once the text holds more tokens than
+    `max_new_tokens` frames can read (an endless iterator ends the utterance at its budget, as
+    the whole text would); in segments the text goes on as long as the iterator does."""
     out: queue.Queue = queue.Queue()
-    settings = settings.row(0, 1)
-    job = Job(None, settings, emit=out.put, key=key, ref_code=ref_code, feed=feed,
-              frames_per_token=frames_per_token)
     engine = BatchEngine(model, max_batch_size=1, batch_window=0.0, max_queue=1,
                          chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames)
+    first = session.job(0)
     # Text tokens the frames can read (`TextFeed.trailing`): past them, reading stops (an endless
     # iterator too); so does a text with no place to commit tokens, past 32 chars a token.
-    readable = feed.room - len(feed.prefix) + settings.max_new_tokens
+    readable = first.feed.room - len(first.feed.prefix) + first.settings.max_new_tokens
     max_chars = 32 * readable + 4096
 
     def read() -> None:
+        said = False
         try:
             for i, piece in enumerate(pieces):
-                if job.cancelled:
+                if first.cancelled:
                     return
                 if not isinstance(piece, str):
                     raise TypeError(f"text piece {i} is a {type(piece).__name__}, not a str")
-                feed.push(piece)
+                said = said or bool(piece.strip())
+                session.push(piece)
                 engine.wake()
-                if len(feed.tokens) >= readable or feed.chars > max_chars:
+                if session.cut is None and (len(first.feed.tokens) >= readable
+                                            or first.feed.chars > max_chars):
                     break         # the rest could not be spoken within max_new_tokens
-            if not feed.snapshot()[0] and not feed.text.strip():
+            if not said:
                 raise ValueError("the text pieces ended without any text")
-            feed.push("", final=True)
+            session.push("", final=True)
             engine.wake()
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
-            job.cancelled = True
-            out.put(e)
+            session.cancel()
+            out.put((None, e))
+
+    def start(j: int) -> None:
+        job = session.job(j)
+        job.emit = lambda item: out.put((j, item))
+        engine.submit(job)
 
     engine.start()
     try:
-        engine.submit(job)
+        start(0)
         threading.Thread(target=read, name="qwen3-tts-text", daemon=True).start()
         while True:
-            item = out.get()
-            if item is None:
-                if job.finish_reason == "length":
-                    warn_budget_reached([0], [job.frames], 1, job.settings.max_new_tokens)
-                return
+            j, item = out.get()
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            if item is not None:
+                yield item
+                continue
+            job = session.jobs[j]
+            if job.finish_reason == "length":
+                warn_budget_reached([j], [job.frames], max(len(session.jobs), j + 1),
+                                    job.settings.max_new_tokens)
+            if not session.follows(j):
+                return
+            if session.pause:
+                yield np.zeros(session.pause, np.float32)
+            start(j + 1)
     finally:
-        job.cancelled = True
+        session.cancel()
         engine.stop()
 
 

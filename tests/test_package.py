@@ -20,7 +20,7 @@ LAYERS = {
     1: {"text", "prompts", "settings", "budget", "voice", "audio", "text_feed",
         "segments"},   # requests
     2: {"checkpoint", "runner", "engine", "cohort", "sharding", "compilation_cache",  # runtime
-        "codec", "codec.tokenizer", "lora", "prefix_cache"},
+        "codec", "codec.tokenizer", "lora", "prefix_cache", "text_session"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine", "server.metrics", "server.errors",
         "server.guards", "server.sessions", "server.voices", "server.wire",

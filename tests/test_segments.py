@@ -207,12 +207,22 @@ def test_bad_segment_arguments_are_named(cv, kw, needle):
         cv.generate_custom_voice(**kw)
 
 
-def test_streaming_segments_need_the_whole_text(cv):
-    with pytest.raises(ValueError, match="segment_chars needs the whole text"):
-        cv.generate_custom_voice_streaming(iter(["Hello ", "there."]), speaker="ryan",
-                                           segment_chars=50)
-    with pytest.raises(ValueError, match="segment_chars must be"):
-        cv.generate_custom_voice_streaming(LONG, speaker="ryan", segment_chars=-3)
+def test_text_in_pieces_is_said_in_the_segments_of_the_whole_text(cv):
+    """An iterator of pieces with segment_chars is cut as it arrives where `split` cuts the whole
+    text: each segment read in the streaming text mode with the key its row has in the offline
+    call (an int seed, a list), the pause between them."""
+    kw = dict(speaker="ryan", max_new_tokens=16, do_sample=True, subtalker_dosample=True)
+    for seed in (5, [6]):
+        (want,), sr = cv.generate_custom_voice(LONG, segment_chars=50, non_streaming_mode=False,
+                                               seed=seed, **kw)
+        pieces = (LONG[i:i + 7] for i in range(0, len(LONG), 7))
+        chunks = list(cv.generate_custom_voice_streaming(pieces, segment_chars=50, seed=seed,
+                                                         chunk_frames=4, **kw))
+        _close(np.concatenate(chunks), want)
+        assert sum(1 for c in chunks if len(c) == round(PAUSE * sr) and not c.any()) == 2
+    for text in (LONG, iter(["Hello ", "there."])):
+        with pytest.raises(ValueError, match="segment_chars must be"):
+            cv.generate_custom_voice_streaming(text, speaker="ryan", segment_chars=-3)
 
 
 def test_a_call_runs_in_groups_of_max_batch_rows(cv):

@@ -2,8 +2,9 @@
 say) and gets pcm audio as it is generated; the engine runs the session as one row of a batch
 whose prompt grows (`TextFeed`, the official streaming text mode). With `segment_chars` (the
 first message's, or --segment-chars) the text is said in segments, cut as it arrives where
-`segments.split` cuts the whole text (`segments.Stream`): each segment a row of its own, started
-when the one before has ended, with `segment_pause` seconds of silence between them. At most
+`segments.split` cuts the whole text: each segment a row of its own, started when the one before
+has ended, with `segment_pause` seconds of silence between them (`text_session.TextSession`). At
+most
 --max-sessions open at once; a session idle past --session-idle-timeout is closed (408), so none
 holds a place forever. The functions take the app's `Server` (its options, engine, voices and
 request checks).
@@ -18,71 +19,15 @@ import time
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
-from .. import prompts, segments
-from ..engine import DeadlineExceeded, EngineUnavailable, Job, QueueFull
+from .. import segments
+from ..engine import DeadlineExceeded, EngineUnavailable, QueueFull
 from ..text_feed import TextFeed
+from ..text_session import TextSession
 from .errors import ApiError
 from .wire import check_unicode, loads, pcm16
 
 
-@dataclasses.dataclass(eq=False)
-class Session:
-    """A text session: its jobs, one per segment of its text (one without `segment_chars`),
-    each made from `template` with a feed of its own; the text goes to them as `cut` hands it
-    out."""
-    template: Job                   # settings, budget, deadline, voice: each segment's
-    prompt: prompts.PiecesPrompt
-    tokenizer: object
-    base_tokens: int                # the prompt's tokens besides the text
-    cut: segments.Stream | None     # None: one pass
-    pause: int = 0                  # samples of silence between segments
-    jobs: list[Job] = dataclasses.field(default_factory=list)
-    chars: int = 0                  # characters received
-    final: bool = False             # the text has ended
-
-    @property
-    def feed(self) -> TextFeed:
-        return self.job(0).feed
-
-    def job(self, j: int) -> Job:
-        """Segment j's job, made on first use."""
-        while len(self.jobs) <= j:
-            k, t = len(self.jobs), self.template
-            self.jobs.append(dataclasses.replace(
-                t, feed=TextFeed.of(self.tokenizer, self.prompt), submitted=time.monotonic(),
-                seed=None if t.seed is None else segments.segment_seed(t.seed, k)))
-        return self.jobs[j]
-
-    def push(self, text: str, final: bool) -> list[Job]:
-        """Hand `text` to the segments it belongs to; returns the jobs whose text grew."""
-        self.chars += len(text)
-        self.final = final
-        if self.cut is None:
-            self.feed.push(text, final)
-            return [self.job(0)]
-        grown = []
-        for j, piece, ends in self.cut.push(text, final):
-            job = self.job(j)
-            job.feed.push(piece, ends)
-            grown.append(job)
-        return grown
-
-    def follows(self, j: int) -> bool:
-        """Whether a segment follows segment j, which has ended: one the text was cut into, or
-        the open one while the text goes on (not when j is the open one: it ended early)."""
-        count = self.cut.index if self.cut is not None else 1    # segments cut off
-        return j + 1 < count or (j + 1 == count and not self.final and self.cut is not None)
-
-    def finish_reason(self) -> str | None:
-        reasons = [job.finish_reason for job in self.jobs]
-        return "length" if "length" in reasons else reasons[-1]
-
-    def cancel(self) -> None:
-        for job in self.jobs:
-            job.cancelled = True
-
-
-def parse_session(server, data, inline: list | None = None) -> Session:
+def parse_session(server, data, inline: list | None = None) -> TextSession:
     """A text session's first message: the speech fields without `input` (or with the first
     piece of text in it); the text mode is the official streaming one; the audio is pcm.
     `inline`: the voice the message gives itself (`ref_audio`: `Server.inline_voice`)."""
@@ -113,8 +58,15 @@ def parse_session(server, data, inline: list | None = None) -> Session:
     job.prompt = None
     prompt = server.tts.text_prompt(language, speaker=speaker,
                                     instruct=data.get("instructions") or None, voice=voice)
-    return Session(job, prompt, server.tts.tokenizer, base_tokens,
-                   segments.Stream(n) if n else None, pause)
+
+    def make(j: int):
+        """Segment j's job: the first message's settings, budget, deadline and voice, a feed of
+        its own, and the seed a request's segment j gets (`segments.seeds`)."""
+        return dataclasses.replace(
+            job, feed=TextFeed.of(server.tts.tokenizer, prompt), submitted=time.monotonic(),
+            seed=None if job.seed is None else segments.segment_seed(job.seed, j))
+
+    return TextSession(make, segments.Stream(n) if n else None, pause, base_tokens)
 
 
 async def run_session(server, ws: WebSocket) -> None:
@@ -217,12 +169,10 @@ async def run_session(server, ws: WebSocket) -> None:
                     return await error(503, str(e))
                 continue
             if item is None:
-                await ws.send_json({"type": "done",
-                                    "frames": sum(job.frames for job in session.jobs),
-                                    "input_tokens": sum(len(job.feed.tokens)
-                                                        for job in session.jobs),
+                await ws.send_json({"type": "done", "frames": session.frames,
+                                    "input_tokens": session.input_tokens,
                                     "segments": len(session.jobs),
-                                    "finish_reason": session.finish_reason()})
+                                    "finish_reason": session.finish_reason})
                 await ws.close()
                 return
             if isinstance(item, WebSocketDisconnect):
