@@ -328,6 +328,32 @@ def test_text_streaming_over_the_websocket(browser, custom_voice):
         "non_streaming_mode": False})
 
 
+def test_a_text_session_in_segments(browser, custom_voice):
+    """segment_chars from the settings reaches the text session: the text typed in pieces is
+    said in the segments of the whole text, the audio of the same request over HTTP."""
+    open_page(browser, custom_voice)
+    browser.set_script_timeout(60)
+    browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=ws]").click()
+    Select(by_id(browser, "voice")).select_by_value("ryan")
+    by_id(browser, "settings").find_element(By.TAG_NAME, "summary").click()
+    for field, value in (("seed", "5"), ("segment_chars", "20"), ("segment_pause", "0.1")):
+        by_id(browser, f"set-{field}").clear()
+        by_id(browser, f"set-{field}").send_keys(value)
+    text = by_id(browser, "text")
+    text.clear()
+    text.send_keys("One sentence here.")
+    by_id(browser, "speak").click()
+    wait_for(browser, "s.sentText === 'One sentence here.'", 60)
+    text.send_keys(" And another one.")
+    wait_for(browser, "s.sentText === 'One sentence here. And another one.'", 30)
+    by_id(browser, "end").click()
+    wait_for(browser, "s.status === 'done'", server=custom_voice)
+    assert state(browser)["error"] is None
+    assert page_wav(browser)[44:] == speech(custom_voice, {
+        "input": "One sentence here. And another one.", "voice": "ryan", "seed": 5,
+        "non_streaming_mode": False, "segment_chars": 20, "segment_pause": 0.1})
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     server = Serve("base", tmp_path_factory.mktemp("base"))
