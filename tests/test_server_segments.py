@@ -6,6 +6,7 @@ whose segments do not all fit the queue is refused whole (429) with nothing queu
 session's text, arriving in pieces, is said in the segments of the whole text."""
 import base64
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -179,3 +180,66 @@ def test_a_text_session_is_said_in_the_segments_of_its_whole_text(server, tts):
     np.testing.assert_allclose(pcm(audio), np.clip(want, -1, 1), atol=3 / 32767)
     audio, done = ws_session(server, {**first, "segment_chars": 0}, pieces, pause=0)
     assert (done["segments"], done["frames"]) == (1, 15), done
+
+
+def _session(server, first: dict, text: str):
+    from websockets.sync.client import connect
+
+    ws = connect(server.url.replace("http", "ws") + "/v1/audio/speech/stream")
+    ws.send(json.dumps(first))
+    ws.send(json.dumps({"type": "end", "text": text}))
+    return ws
+
+
+def test_a_failing_segment_ends_the_session_with_its_error(server, monkeypatch):
+    """A failure planted in a text session's second segment: the client has the first
+    segment's audio and the pause, then an error message (500) naming it; the third segment
+    never starts, no row is left running, and the next session is served."""
+    pytest.importorskip("websockets")
+    from qwen3_tts_jax import engine as engine_mod
+
+    real = engine_mod.Cohort.step
+
+    def step(self):
+        if any(job is not None and job.feed is not None and "Another" in job.feed.text
+               for job in self.rows):
+            raise RuntimeError("planted failure")
+        return real(self)
+
+    monkeypatch.setattr(engine_mod.Cohort, "step", step)
+    engine = server.server_state.engine
+    before = engine.stats["requests"]
+    audio, msg = b"", None
+    with _session(server, {"voice": "ryan", "seed": 1, **GEN, **GREEDY}, TEXT) as ws:
+        while msg is None:
+            data = ws.recv(timeout=120)
+            audio, msg = (audio + data, None) if isinstance(data, bytes) else (audio,
+                                                                               json.loads(data))
+    assert msg["type"] == "error" and msg["status"] == 500 and "planted failure" in \
+        msg["message"], msg
+    assert len(audio) == 2 * (15 * 1920 + round(PAUSE * 24000))      # segment 0 and the pause
+    wait_for(lambda: engine.active == 0 and server.server_state.sessions_open == 0, 60,
+             "the session's end")
+    assert engine.stats["requests"] == before + 2                   # the third never started
+    monkeypatch.undo()
+    audio, done = ws_session(server, {"voice": "ryan", **GEN, **GREEDY}, [("end", TEXT)])
+    assert done["type"] == "done" and done["segments"] == 3, done
+
+
+@pytest.mark.parametrize("segment_chars", [20, 0])
+def test_a_client_that_leaves_after_the_end_stops_the_session(server, monkeypatch,
+                                                               segment_chars):
+    """A client that sent all its text and goes away during the first segment (each chunk made
+    slow): the server, still listening, cancels that segment's row, and the later ones (in
+    segments) never start."""
+    pytest.importorskip("websockets")
+    slow_chunks(monkeypatch, 0.5)
+    engine = server.server_state.engine
+    before, cancelled = engine.stats["requests"], engine.stats["cancelled"]
+    first = {"voice": "ryan", "segment_chars": segment_chars, **GEN, **GREEDY}
+    with _session(server, first, TEXT) as ws:
+        assert isinstance(ws.recv(timeout=120), bytes)           # the first audio
+    wait_for(lambda: engine.stats["cancelled"] > cancelled and engine.active == 0
+             and server.server_state.sessions_open == 0, 60, "the cancellation")
+    time.sleep(1.0)
+    assert engine.stats["requests"] == before + 1

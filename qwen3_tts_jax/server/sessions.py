@@ -152,6 +152,12 @@ async def run_session(server, ws: WebSocket) -> None:
                     raise ApiError(400, f"unknown message {str(msg)[:80]!r}: send "
                                         '{"type": "text", "text": ...} or {"type": "end"}')
                 push(msg.get("text", ""), kind == "end")
+            while True:       # the text has ended: still listening, so that a client who
+                msg = await ws.receive()            # leaves stops the rows (no idle limit)
+                if msg["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect(msg.get("code", 1000))
+                raise ApiError(400, 'the text has ended: no message is taken after '
+                                    '{"type": "end"}')
         except Exception as e:  # noqa: BLE001 - ends the session: the sender reports it
             session.cancel()
             chunks.put_nowait((None, e))
