@@ -23,7 +23,7 @@ LAYERS = {
         "codec", "codec.tokenizer", "lora", "prefix_cache", "text_session"},
     3: {"api", "cli", "batch", "convert", "demo",                                  # front doors
         "server", "server.app", "server.engine", "server.metrics", "server.errors",
-        "server.guards", "server.sessions", "server.voices", "server.wire",
+        "server.guards", "server.sessions", "server.speech", "server.voices", "server.wire",
         "finetune", "finetune.cli", "finetune.data", "finetune.export", "finetune.train",
         "finetune.plot"},
 }

@@ -6,10 +6,11 @@
         -d '{"model": "qwen3-tts", "input": "Hello.", "voice": "ryan", "response_format": "wav"}' \\
         -o hello.wav
 
-Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, speech
-requests), `sessions` (the WebSocket text sessions), `voices` (cloned voices: the store, the
-upload), `wire` (audio formats, bodies read with limits), `guards` (API key, browser origins,
-CORS), `errors` (OpenAI's error shape), `metrics` (GET /metrics, Prometheus' format). FastAPI,
+Modules: `engine` (the batching worker, no web framework), `app` (FastAPI routes, streams,
+batches), `speech` (a speech request checked and its jobs built), `sessions` (the WebSocket text
+sessions), `voices` (cloned voices: the store, the upload), `wire` (audio formats, bodies read
+with limits), `guards` (API key, browser origins, CORS), `errors` (OpenAI's error shape),
+`metrics` (GET /metrics, Prometheus' format). FastAPI,
 uvicorn, python-multipart, websockets and prometheus-client are the optional extra
 `pip install "qwen3-tts-jax[serve]"`; nothing else in the package imports them. Details and
 measurements: docs/serving.md.

@@ -7,7 +7,7 @@ has ended, with `segment_pause` seconds of silence between them (`text_session.T
 most
 --max-sessions open at once; a session idle past --session-idle-timeout is closed (408), so none
 holds a place forever. The functions take the app's `Server` (its options, engine, voices and
-request checks).
+request checks: `speech.py`).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from ..engine import DeadlineExceeded, EngineUnavailable, QueueFull
 from ..text_feed import TextFeed
 from ..text_session import TextSession
 from .errors import ApiError
+from .speech import segment_options
 from .wire import check_unicode, loads, pcm16
 
 
@@ -40,7 +41,7 @@ def parse_session(server, data, inline: list | None = None) -> TextSession:
                             "response_format out", "response_format")
     if data.get("stream_format") is not None:
         raise ApiError(400, "stream_format does not apply to a text session", "stream_format")
-    n, pause = server.segment_options(data)
+    n, pause = segment_options(server, data)
     # the budget: the request's, else the cap until the text has ended, then at most its
     # `text_budget` (the engine's `Job.frames_per_token`)
     own = data.get("max_new_tokens")
