@@ -189,6 +189,13 @@ def test_cloned_voice_in_segments(make_checkpoint):
     chunks = base.generate_voice_clone_streaming(LONG, voice_clone_prompt=voice, segment_chars=60,
                                                  **kw)
     _close(np.concatenate(list(chunks)), got)
+    # text in pieces: each segment in the streaming text mode with the ICL reference
+    (want,), _ = base.generate_voice_clone(LONG, voice_clone_prompt=voice, segment_chars=60,
+                                           non_streaming_mode=False, **kw)
+    pieces = (LONG[i:i + 5] for i in range(0, len(LONG), 5))
+    chunks = base.generate_voice_clone_streaming(pieces, voice_clone_prompt=voice,
+                                                 segment_chars=60, **kw)
+    _close(np.concatenate(list(chunks)), want)
 
 
 @pytest.mark.parametrize("kw,needle", [
