@@ -60,9 +60,12 @@ def _ends_sentence(text: str, at: int) -> bool:
     return not (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()))
 
 
-# The levels a text is cut at, coarsest first: (where a piece ends, which of those count); past
-# the last, every max_chars characters.
-_LEVELS = ((_SENTENCE, _ends_sentence), (_CLAUSE, None), (_WORD, None))
+# The levels a text is cut at, coarsest first: (where a piece ends, which of those count, the
+# characters such an end is made of besides whitespace); past the last, every max_chars characters.
+_LEVELS = ((_SENTENCE, _ends_sentence,
+            frozenset(".!?\u2026\"'\u201d\u2019)]\u3002\uff01\uff1f\uff0e\u300d\u300f\uff09\u3011")),
+           (_CLAUSE, None, frozenset(",;:\u2014\u2013\uff0c\u3001\uff1b\uff1a")),
+           (_WORD, None, frozenset()))
 
 
 class _Region:
@@ -141,13 +144,19 @@ class Stream:
         region = self._regions.get((level, a))
         if region is None:
             region = self._regions[(level, a)] = _Region(a)
-        pattern, keep = _LEVELS[level]
+        pattern, keep, marks = _LEVELS[level]
         for m in pattern.finditer(text, region.scan, z):
             if m.end() >= z:                  # the text may go on: not an end yet
                 break
             region.scan = m.end()
             if keep is None or keep(text, m.start()):
                 region.cuts.append(m.end())
+        # No end spans a character it cannot be made of, and those before the last such one
+        # were all found: the next scan starts after it (a long sentence is not rescanned).
+        i = z
+        while i > region.scan and (text[i - 1] in marks or text[i - 1].isspace()):
+            i -= 1
+        region.scan = max(region.scan, i)
         while region.packed < len(region.cuts):
             i = region.packed
             piece = (region.cuts[i - 1] if i else a, region.cuts[i])
